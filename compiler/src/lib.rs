@@ -10,6 +10,7 @@ pub mod expand;
 pub mod graph;
 pub mod lower;
 pub mod print;
+pub mod rng;
 
 pub use ast::Span;
 
