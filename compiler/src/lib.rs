@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod ast;
+pub mod dump;
 pub mod expand;
 pub mod graph;
 pub mod lower;
