@@ -1,0 +1,2 @@
+//! Placeholder; the WRN-16-4 training-step benchmark lands here.
+fn main() {}
