@@ -49,10 +49,15 @@ pub struct Diagnostic {
     pub help: Option<String>,
     /// Further facts (e.g. where a duplicated setting was first set), one line each.
     pub notes: Vec<String>,
-    /// The text of line `line`, with control characters made visible (see [`clean_line`]).
+    /// The text of line `line`, with control characters made visible (see [`clean_line`]);
+    /// a line longer than [`MAX_SNIPPET_CHARS`] is cut to a window around `col`, marked with
+    /// `...`.
     pub snippet: String,
-    /// Number of carets under the snippet: the characters of the span on line `line`, at
-    /// least 1.
+    /// 0-based character offset of the first caret in `snippet` (`col - 1` unless the line
+    /// was cut).
+    pub caret: usize,
+    /// Number of carets under the snippet: the characters of the span on line `line` (within
+    /// the snippet), at least 1.
     pub underline: usize,
 }
 
@@ -68,6 +73,8 @@ impl Diagnostic {
         let line = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
         let col = text[line_start..start].chars().count() + 1;
         let underline = text[start..end.min(line_end)].chars().count().max(1);
+        let (snippet, caret, underline) =
+            window(&clean_line(&text[line_start..line_end]), col - 1, underline);
         Diagnostic {
             file: src.name.clone(),
             line,
@@ -76,7 +83,8 @@ impl Diagnostic {
             message: message.into(),
             help: None,
             notes: Vec::new(),
-            snippet: clean_line(&text[line_start..line_end]),
+            snippet,
+            caret,
             underline,
         }
     }
@@ -125,7 +133,7 @@ impl Diagnostic {
         }
         out += &format!(
             "{gutter} | {}{}\n",
-            " ".repeat(self.col - 1),
+            " ".repeat(self.caret),
             "^".repeat(self.underline)
         );
         for note in &self.notes {
@@ -145,6 +153,33 @@ impl std::fmt::Display for Diagnostic {
 }
 
 impl std::error::Error for Diagnostic {}
+
+/// Longest snippet shown, in characters; longer lines are cut around the error.
+pub const MAX_SNIPPET_CHARS: usize = 100;
+
+/// Cuts `line` to at most [`MAX_SNIPPET_CHARS`] (plus `...` markers) around character `caret`;
+/// returns the shown text and the caret offset and length within it.
+fn window(line: &str, caret: usize, underline: usize) -> (String, usize, usize) {
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= MAX_SNIPPET_CHARS {
+        return (line.to_string(), caret, underline);
+    }
+    let before = MAX_SNIPPET_CHARS / 3;
+    let start = caret.saturating_sub(before).min(chars.len());
+    let end = (start + MAX_SNIPPET_CHARS).min(chars.len());
+    let mut shown = String::new();
+    let mut caret = caret - start;
+    if start > 0 {
+        shown += "...";
+        caret += 3;
+    }
+    shown.extend(&chars[start..end]);
+    if end < chars.len() {
+        shown += "...";
+    }
+    let room = (end - start).saturating_sub(caret.saturating_sub(if start > 0 { 3 } else { 0 }));
+    (shown, caret, underline.min(room).max(1))
+}
 
 /// The largest character boundary `<= i` (`i <= text.len()`).
 fn floor_boundary(text: &str, mut i: usize) -> usize {

@@ -267,6 +267,14 @@ pub(crate) fn from_pest(src: &Source, e: &Error<Rule>) -> Diagnostic {
             "family expressions (`WRN-28-10-B(3,3)`), kernel sizes (`3x3`) and shapes (`3x32x32`) are written without spaces",
         );
     }
+    if found == "end of file" && names.contains(&"`}`") {
+        if let Some(open) = crate::nesting::unclosed_brace(text) {
+            let at = Diagnostic::new(src, Span::new(open, open + 1), "");
+            return d
+                .with_note(format!("unclosed `{{` at {}", at.location()))
+                .with_help("add the missing `}`");
+        }
+    }
     if names == ["end of file"] {
         return d.with_help(
             "a family expression alone is a whole file; to add settings, write `network` before it: `network WRN-28-10`",
