@@ -388,7 +388,9 @@ impl<T: Float> Model<T> {
     pub fn check_state(&self) -> Result<(), Error> {
         for (name, spec) in self.graph.params() {
             match self.params.get(&name) {
-                Some(t) if t.shape == spec.shape && t.data.len() == t.shape.iter().product() => {}
+                Some(t)
+                    if t.shape == spec.shape
+                        && t.data.len() == t.shape.iter().product::<usize>() => {}
                 Some(t) => {
                     return Err(Error::State(format!(
                         "`{name}` has shape {:?}, expected {:?}",
