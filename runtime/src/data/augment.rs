@@ -11,7 +11,7 @@ use super::{Dataset, DatasetKind};
 use crate::Tensor;
 
 /// Zero padding on each side before the random crop.
-pub const PAD: usize = 4;
+pub const PAD_PIXELS: usize = 4;
 
 /// Per-channel normalisation `(x / 255 - mean[c]) / std[c]`.
 ///
@@ -54,7 +54,7 @@ impl Normalization {
     }
 
     /// Mean and standard deviation per channel measured on `ds` (in `[0, 1]` units). A
-    /// channel with zero spread gets std 1.
+    /// channel with no spread (std below 1e-6) gets std 1.
     pub fn from_data(ds: &Dataset) -> Normalization {
         let plane = ds.h * ds.w;
         let mut mean = Vec::with_capacity(ds.c);
@@ -76,7 +76,9 @@ impl Normalization {
                 0.0
             };
             mean.push(m as f32);
-            std.push(if var > 0.0 { var.sqrt() as f32 } else { 1.0 });
+            // Below 1e-6 (a fraction of one grey level) the spread is rounding noise.
+            let sd = var.sqrt();
+            std.push(if sd > 1e-6 { sd as f32 } else { 1.0 });
         }
         Normalization { mean, std }
     }
@@ -90,7 +92,7 @@ pub fn augment_seed(run_seed: u32, epoch: u32) -> u64 {
 
 /// Builds a batch: `(N x C x H x W f32, labels)` for the images `indices` of `ds`.
 ///
-/// With `augment`, each image is zero-padded by [`PAD`] pixels on every side (pixel value 0,
+/// With `augment`, each image is zero-padded by [`PAD_PIXELS`] pixels on every side (pixel value 0,
 /// before normalisation, as torchvision's `RandomCrop(32, padding=4)`), cropped back to
 /// `H x W` at a random offset, and flipped horizontally with probability 1/2. Then every pixel
 /// becomes `(x / 255 - mean[c]) / std[c]`.
@@ -139,9 +141,9 @@ pub fn make_batch(
             let img = ds.image(idx);
             let (dy, dx, flip) = if augment {
                 let r = rng::bits(seed, stream, step, idx as u32);
-                let span = (2 * PAD + 1) as u32;
-                let dy = (r % span) as isize - PAD as isize;
-                let dx = ((r / span) % span) as isize - PAD as isize;
+                let span = (2 * PAD_PIXELS + 1) as u32;
+                let dy = (r % span) as isize - PAD_PIXELS as isize;
+                let dx = ((r / span) % span) as isize - PAD_PIXELS as isize;
                 (dy, dx, (r >> 31) & 1 == 1)
             } else {
                 (0, 0, false)

@@ -20,7 +20,7 @@ mod folder;
 
 use std::path::{Path, PathBuf};
 
-pub use augment::{augment_seed, make_batch, shuffle, Normalization};
+pub use augment::{augment_seed, make_batch, shuffle, Normalization, PAD_PIXELS};
 pub use wrnc_compiler::ast::Dataset as DatasetKind;
 
 /// An in-memory data set of small images (see the module docs for the invariants).
