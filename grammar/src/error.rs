@@ -158,7 +158,16 @@ pub(crate) fn from_pest(src: &Source, e: &Error<Rule>) -> Diagnostic {
             })
             .map(|t| format!("`{t}`"))
             .collect();
-        if attempts.max_position > pos && !punct.is_empty() && attempts.max_position <= text.len() {
+        // A word glued to the end of a token (`12abc`) is better reported from the start of
+        // the token, by the rules.
+        let glued = attempts.max_position <= text.len()
+            && text[..attempts.max_position].ends_with(|c: char| c.is_alphanumeric() || c == '_')
+            && text[attempts.max_position..].starts_with(|c: char| c.is_alphanumeric() || c == '_');
+        if attempts.max_position > pos
+            && !punct.is_empty()
+            && !glued
+            && attempts.max_position <= text.len()
+        {
             pos = attempts.max_position;
             rules.clear();
             tokens = punct;
@@ -191,6 +200,13 @@ pub(crate) fn from_pest(src: &Source, e: &Error<Rule>) -> Diagnostic {
         }
     }
     tokens.sort();
+    // The first characters of a number or a string are already said by naming it.
+    if names.contains(&"a number") {
+        tokens.retain(|t| t != "`-`" && t != "`.`");
+    }
+    if names.contains(&"a quoted name") {
+        tokens.retain(|t| t != "`\"`");
+    }
     for t in &tokens {
         if !names.contains(&t.as_str()) {
             names.push(t);
@@ -208,12 +224,10 @@ pub(crate) fn from_pest(src: &Source, e: &Error<Rule>) -> Diagnostic {
     let setting_expected = names.contains(&"`epochs`") && names.contains(&"`lr`");
     let found_word = &text[pos..pos + len];
     const SECTIONS: [&str; 5] = ["pre", "body", "shortcut", "post", "survival"];
-    if word
-        && SECTIONS.contains(&found_word)
-        && names
-            .iter()
-            .any(|n| SECTIONS.iter().any(|s| n.trim_matches('`') == *s))
-    {
+    let section_expected = names
+        .iter()
+        .any(|n| ["pre", "body", "post", "survival"].contains(&n.trim_matches('`')));
+    if word && section_expected && (SECTIONS.contains(&found_word) || !layer_expected) {
         return Diagnostic::new(src, sp, format!("expected {expected}, found {found}"))
             .with_help("the sections of `residual { .. }` come in the order pre, body, shortcut, post, survival, each at most once");
     }
@@ -260,6 +274,9 @@ pub(crate) fn from_pest(src: &Source, e: &Error<Rule>) -> Diagnostic {
         let d = Diagnostic::new(src, sp, format!("unknown setting {found}"))
             .with_help(format!("expected {expected}"));
         return d;
+    }
+    if found == "`}`" && !names.contains(&"`}`") {
+        return Diagnostic::new(src, sp, "unmatched `}`").with_help(format!("expected {expected}"));
     }
     let d = Diagnostic::new(src, sp, format!("expected {expected}, found {found}"));
     if found == "whitespace" && inside_token(text, pos) {
