@@ -324,6 +324,7 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
     if let Some(p_last) = o.stochastic_depth {
         apply_stochastic_depth(&mut body, p_last);
     }
+    let body = compress_repeats(body);
     let [c, h, w] = dataset.input();
     Ok(Structural {
         name: Some(family_name(f)),
@@ -458,6 +459,30 @@ fn imagenet_blocks(depth: Spanned<u64>, allowed: &[u64]) -> Result<[u64; 4]> {
         .help(format!("valid depths are {}", v.join(", "))));
     }
     Ok(b)
+}
+
+/// Runs of two or more identical residual blocks become `repeat N { block }`: the same graph
+/// (repeat unrolls with the same numbering), and an expanded form a person can read.
+fn compress_repeats(body: Vec<Layer>) -> Vec<Layer> {
+    let mut out: Vec<Layer> = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        let mut j = i + 1;
+        while j < body.len() && body[j] == body[i] && matches!(body[i].kind, LayerKind::Residual(_)) {
+            j += 1;
+        }
+        if j - i >= 2 {
+            let span = body[i].span;
+            out.push(Layer {
+                kind: LayerKind::Repeat { count: Spanned::new((j - i) as u64, span), body: vec![body[i].clone()] },
+                span,
+            });
+        } else {
+            out.push(body[i].clone());
+        }
+        i = j;
+    }
+    out
 }
 
 /// Linear decay rule: block l of L (1-based) survives with `1 - l/L * (1 - p_L)`.
@@ -871,4 +896,19 @@ impl Builder<'_> {
         self.head(true);
         Ok(())
     }
+}
+
+/// The whole file in structural form: the network expanded, and the settings that expansion
+/// consumed (`dropout`, `shortcut`, `stochastic_depth`, `classes`) removed. Printing it gives
+/// text that parses back to the same graph.
+pub fn expand_file(file: &NetFile) -> Result<NetFile> {
+    let net = expand(file)?;
+    let settings = Settings {
+        dropout: None,
+        shortcut: None,
+        stochastic_depth: None,
+        classes: None,
+        ..file.settings.clone()
+    };
+    Ok(NetFile { network: NetworkSpec::Structural(net), settings })
 }
