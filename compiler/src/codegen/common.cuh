@@ -1,0 +1,46 @@
+// wrnc common device helpers (included verbatim by the generator).
+// Only the CUDA subset emu/cuda_emu.h emulates: no system headers, no dynamic shared memory.
+
+#ifdef WRNC_BF16
+typedef unsigned short act_t;
+// bf16 storage, fp32 arithmetic: round to nearest even on store.
+__device__ __forceinline__ float wrnc_ld(const act_t* p, int i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) {
+    unsigned int u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[i] = (unsigned short)(u >> 16);
+}
+#else
+typedef float act_t;
+__device__ __forceinline__ float wrnc_ld(const act_t* p, int i) { return p[i]; }
+__device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) { p[i] = v; }
+#endif
+
+// Sum over a warp; every lane of the warp must call it. Lane 0 holds the result.
+__device__ __forceinline__ float wrnc_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over a block (blockDim.x a multiple of 32, at most 1024, blockDim.y == 1); every thread
+// must call it. Thread 0 holds the result. `sh` is a 32-float __shared__ array.
+__device__ __forceinline__ float wrnc_block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = wrnc_warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    v = (int)threadIdx.x < nw ? sh[lane] : 0.0f;
+    if (wid == 0) v = wrnc_warp_sum(v);
+    return v;
+}
+
+// Inverted dropout of one element: kept with probability 1 - p, scaled by 1 / (1 - p).
+__device__ __forceinline__ float wrnc_drop(float v, unsigned int seed, unsigned int stream,
+                                           unsigned int step, unsigned int index, float p) {
+    float keep = 1.0f - p;
+    return wrnc_keep(seed, stream, step, index, keep) ? v / keep : 0.0f;
+}

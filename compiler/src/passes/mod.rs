@@ -1,0 +1,729 @@
+//! Fusion passes over the [`Plan`]: the op graph annotated with where each op's work happens.
+//!
+//! A [`Plan`] has one [`PNode`] per graph node, in the graph's topological order. Passes never
+//! add or remove nodes; they only move work between kernels by setting [`Fuse`] fields. The
+//! schedule builder ([`crate::schedule`]) then emits kernels and launches from the annotated
+//! plan, forward and backward, so every pass is automatically differentiated.
+//!
+//! Every pass is a plain `fn(&mut Plan) -> bool` (true when it changed something), listed once
+//! in [`PIPELINE`], so `--no-fuse PASS`, `--unfused` (no pass at all: one kernel per op, the
+//! benchmark baseline) and `--dump-after PASS` need nothing but this table.
+//!
+//! Invariants kept by every pass (checked by [`Plan::verify`]):
+//! - a node that some kernel reads through [`Plan::value_node`] is materialised (has a buffer);
+//! - a conv has at most one prologue, one residual epilogue, one stats epilogue, one folded BN;
+//! - inlined / removed nodes have no kernel of their own in the direction they were fused.
+
+use crate::graph::{Graph, Op, Shape};
+use serde::Serialize;
+use std::fmt;
+
+/// What the schedule computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Forward in eval mode (BN running statistics, dropout off).
+    Infer,
+    /// A whole training step: forward (train mode), loss, backward, optimizer update.
+    Train,
+}
+
+/// A conv's input transform, applied as each input element is loaded (never stored):
+/// `x -> drop(relu(x * scale[c] + shift[c]))`, zero padding applied after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProloguePlan {
+    /// The materialised tensor actually read (the BN's input, or the dropout's input).
+    pub src: usize,
+    /// BN whose scale/shift is applied.
+    pub bn: Option<usize>,
+    /// The ReLU node applied after the BN (if any).
+    pub relu: Option<usize>,
+    /// The dropout node applied last (train mode only).
+    pub dropout: Option<usize>,
+}
+
+/// Fusion annotations. `Default` = unfused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Fuse {
+    /// The output is never written: every user recomputes it in its prologue
+    /// (BN apply, ReLU, dropout of a prologue chain).
+    pub inlined: bool,
+    /// Identity in this mode, removed: the output *is* the input buffer (inference dropout).
+    pub removed: bool,
+    /// Conv: input transform applied on load.
+    pub prologue: Option<ProloguePlan>,
+    /// Conv: writes `conv + other` straight into this Add node's output
+    /// (`(add, other operand)`); the conv's own output is never written.
+    pub residual: Option<(usize, usize)>,
+    /// Add: computed by this conv's epilogue.
+    pub computed_by: Option<usize>,
+    /// Conv: its epilogue accumulates per-channel sum / sum of squares of the value it writes
+    /// for this BN (atomics into the BN's stats slot).
+    pub stats_for: Option<usize>,
+    /// BN: batch statistics come from this conv's epilogue (no statistics kernel).
+    pub stats_from: Option<usize>,
+    /// Conv (inference): this BN is folded into the weights/bias; the conv writes the BN's output.
+    pub folded_bn: Option<usize>,
+    /// BN (inference): folded into this conv.
+    pub folded_into: Option<usize>,
+    /// BN chain (train): its backward reduction (sum dy, sum dy * xhat) and the dReLU/dropout
+    /// masks happen in the epilogue of this conv's data-gradient kernel.
+    pub bwd_from: Option<usize>,
+    /// Conv: its data-gradient epilogue applies this BN chain's masks and reductions.
+    pub bwd_for: Option<usize>,
+}
+
+/// One graph node with its fusion annotations.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PNode {
+    pub name: String,
+    pub op: Op,
+    pub shape: Shape,
+    /// Operand plan indices, in slot order.
+    pub inputs: Vec<usize>,
+    /// Consumer plan indices, sorted, deduplicated.
+    pub users: Vec<usize>,
+    pub fuse: Fuse,
+}
+
+/// The graph in topological order with fusion annotations (see module docs).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub mode: Mode,
+    pub nodes: Vec<PNode>,
+    /// Index of the logits node.
+    pub output: usize,
+    pub classes: u32,
+}
+
+impl Plan {
+    /// An unfused plan of `graph`.
+    pub fn new(graph: &Graph, mode: Mode) -> Plan {
+        let mut index = std::collections::HashMap::new();
+        for (i, &n) in graph.order.iter().enumerate() {
+            index.insert(n, i);
+        }
+        let nodes = graph
+            .order
+            .iter()
+            .map(|&n| {
+                let node = graph.node(n);
+                PNode {
+                    name: node.name.clone(),
+                    op: node.op.clone(),
+                    shape: node.shape,
+                    inputs: graph.inputs(n).iter().map(|i| index[i]).collect(),
+                    users: {
+                        let mut u: Vec<usize> = graph.users(n).iter().map(|i| index[i]).collect();
+                        u.sort();
+                        u
+                    },
+                    fuse: Fuse::default(),
+                }
+            })
+            .collect();
+        Plan {
+            name: graph.name.clone(),
+            mode,
+            nodes,
+            output: index[&graph.output],
+            classes: graph.classes,
+        }
+    }
+
+    /// The node whose buffer holds node `i`'s value, or `None` when the value is never
+    /// materialised (inlined into prologues, or a conv that writes elsewhere).
+    pub fn value_node(&self, i: usize) -> Option<usize> {
+        let n = &self.nodes[i];
+        if n.fuse.removed {
+            return self.value_node(n.inputs[0]);
+        }
+        if n.fuse.inlined || n.fuse.residual.is_some() || n.fuse.folded_bn.is_some() {
+            return None;
+        }
+        Some(i)
+    }
+
+    /// The node whose kernel writes node `i`'s buffer (the conv for a fused Add or folded BN).
+    pub fn writer(&self, i: usize) -> usize {
+        let f = &self.nodes[i].fuse;
+        f.computed_by.or(f.folded_into).unwrap_or(i)
+    }
+
+    fn is_conv(&self, i: usize) -> bool {
+        matches!(self.nodes[i].op, Op::Conv2d(_))
+    }
+
+    /// Checks the module invariants; returns the first violation.
+    pub fn verify(&self) -> Result<(), String> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(p) = n.fuse.prologue {
+                if self.value_node(p.src) != Some(p.src) {
+                    return Err(format!(
+                        "{}: prologue source {} is not materialised",
+                        n.name, self.nodes[p.src].name
+                    ));
+                }
+            }
+            if let Some((_, other)) = n.fuse.residual {
+                if self.value_node(other).is_none() || other >= i {
+                    return Err(format!("{}: residual operand not available", n.name));
+                }
+            }
+            for &u in &n.users {
+                let un = &self.nodes[u];
+                let reads_via_prologue = un.fuse.prologue.is_some();
+                if !reads_via_prologue
+                    && !n.fuse.inlined
+                    && self.value_node(i).is_none()
+                    && n.fuse.residual.is_none()
+                    && n.fuse.folded_bn.is_none()
+                {
+                    return Err(format!(
+                        "{} read by {} but not materialised",
+                        n.name, un.name
+                    ));
+                }
+                if n.fuse.inlined
+                    && !(self.nodes[u].fuse.inlined
+                        || self.nodes[u].fuse.removed
+                        || reads_via_prologue
+                        || matches!(self.nodes[u].op, Op::Relu | Op::Dropout { .. }))
+                {
+                    return Err(format!(
+                        "{} is inlined but {} reads it directly",
+                        n.name, un.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "plan {} ({:?})", self.name, self.mode)?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let ins: Vec<String> = n.inputs.iter().map(|x| format!("%{x}")).collect();
+            write!(
+                f,
+                "  %{i} = {}({}) {} [{}]",
+                n.op.mnemonic(),
+                ins.join(", "),
+                n.shape,
+                n.name
+            )?;
+            let u = &n.fuse;
+            if u.inlined {
+                write!(f, " inlined")?;
+            }
+            if u.removed {
+                write!(f, " removed")?;
+            }
+            if let Some(p) = u.prologue {
+                write!(f, " prologue(src=%{}", p.src)?;
+                if let Some(b) = p.bn {
+                    write!(f, " bn=%{b}")?;
+                }
+                if let Some(r) = p.relu {
+                    write!(f, " relu=%{r}")?;
+                }
+                if let Some(d) = p.dropout {
+                    write!(f, " dropout=%{d}")?;
+                }
+                write!(f, ")")?;
+            }
+            if let Some((a, o)) = u.residual {
+                write!(f, " residual(add=%{a} other=%{o})")?;
+            }
+            if let Some(c) = u.computed_by {
+                write!(f, " computed_by=%{c}")?;
+            }
+            if let Some(b) = u.stats_for {
+                write!(f, " stats_for=%{b}")?;
+            }
+            if let Some(c) = u.stats_from {
+                write!(f, " stats_from=%{c}")?;
+            }
+            if let Some(b) = u.folded_bn {
+                write!(f, " folded_bn=%{b}")?;
+            }
+            if let Some(c) = u.folded_into {
+                write!(f, " folded_into=%{c}")?;
+            }
+            if let Some(c) = u.bwd_from {
+                write!(f, " bwd_from=%{c}")?;
+            }
+            if let Some(b) = u.bwd_for {
+                write!(f, " bwd_for=%{b}")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+/// A fusion pass: rewrites the plan in place, returns true when it changed something.
+pub type Pass = fn(&mut Plan) -> bool;
+
+/// Every pass, in the order they run. `--no-fuse NAME` skips one; `--unfused` skips all.
+pub const PIPELINE: &[(&str, Pass)] = &[
+    ("inference", fuse_inference),
+    ("bn_relu_prologue", fuse_bn_relu_prologue),
+    ("dropout_epilogue", fuse_dropout_epilogue),
+    ("residual_add_epilogue", fuse_residual_add_epilogue),
+    ("bn_stats_epilogue", fuse_bn_stats_epilogue),
+    ("backward", fuse_backward),
+];
+
+/// Names of every pass, in pipeline order.
+pub fn pass_names() -> Vec<&'static str> {
+    PIPELINE.iter().map(|(n, _)| *n).collect()
+}
+
+/// Which passes run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Fusion {
+    /// No pass at all (one kernel per op).
+    pub unfused: bool,
+    /// Passes skipped by name.
+    pub disabled: Vec<String>,
+}
+
+impl Fusion {
+    /// Checks that every disabled name is a pass.
+    pub fn validate(&self) -> Result<(), String> {
+        for d in &self.disabled {
+            if !PIPELINE.iter().any(|(n, _)| n == d) {
+                return Err(format!(
+                    "unknown pass `{d}`; passes are: {}",
+                    pass_names().join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+    pub fn enabled(&self, name: &str) -> bool {
+        !self.unfused && !self.disabled.iter().any(|d| d == name)
+    }
+}
+
+/// Runs the enabled passes in pipeline order, calling `after(name, plan)` after each pass that
+/// ran (for `--dump-after`). Returns the names of the passes that changed the plan.
+pub fn run(
+    plan: &mut Plan,
+    fusion: &Fusion,
+    mut after: impl FnMut(&str, &Plan),
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    for (name, pass) in PIPELINE {
+        if fusion.enabled(name) {
+            if pass(plan) {
+                changed.push(*name);
+            }
+            debug_assert_eq!(plan.verify(), Ok(()), "after pass {name}");
+            after(name, plan);
+        }
+    }
+    changed
+}
+
+// inference (eval mode only):
+//   bn(conv(x, W, b)) = conv(x, W * s[o], (b - mean) * s + beta),  s = gamma / sqrt(var + eps)
+//     when the conv's only user is the BN (the folded weights are computed once, in setup);
+//   dropout(x) = x,  droppath(x) = x  (removed: the output aliases the input).
+// A BN that precedes a conv becomes a prologue in `bn_relu_prologue`.
+fn fuse_inference(p: &mut Plan) -> bool {
+    if p.mode != Mode::Infer {
+        return false;
+    }
+    let mut changed = false;
+    for i in 0..p.nodes.len() {
+        match p.nodes[i].op {
+            Op::Dropout { .. } | Op::DropPath { .. } if i != p.output => {
+                p.nodes[i].fuse.removed = true;
+                changed = true;
+            }
+            Op::BatchNorm { .. } => {
+                let c = p.nodes[i].inputs[0];
+                if p.is_conv(c)
+                    && p.nodes[c].users == [i]
+                    && p.nodes[c].fuse == Fuse::default()
+                    && p.nodes[i].fuse == Fuse::default()
+                {
+                    p.nodes[c].fuse.folded_bn = Some(i);
+                    p.nodes[i].fuse.folded_into = Some(c);
+                    changed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    changed
+}
+
+// bn_relu_prologue:
+//   conv(drop(relu(bn(x))), W) = conv'(x, W)   where conv' loads  drop(relu(x * s[c] + t[c]))
+//   s = gamma * rstd, t = beta - mean * s  (batch statistics in training, running in eval).
+// Applies when the BN feeds only the ReLU, the ReLU only the (optional, train-mode) dropout, and
+// the last of them only convolutions: the activated tensor is never written. In training its
+// backward recomputes the activation from x (see `backward`).
+fn fuse_bn_relu_prologue(p: &mut Plan) -> bool {
+    let mut changed = false;
+    for b in 0..p.nodes.len() {
+        if !matches!(p.nodes[b].op, Op::BatchNorm { .. }) || p.nodes[b].fuse != Fuse::default() {
+            continue;
+        }
+        let x = p.nodes[b].inputs[0];
+        if p.value_node(x) != Some(x) {
+            continue;
+        }
+        let Some(&r) = p.nodes[b].users.first() else {
+            continue;
+        };
+        if p.nodes[b].users.len() != 1
+            || !matches!(p.nodes[r].op, Op::Relu)
+            || p.nodes[r].fuse != Fuse::default()
+        {
+            continue;
+        }
+        let mut last = r;
+        let mut dropout = None;
+        let mut removed = vec![];
+        // follow the chain through dropouts (train: part of the prologue; eval: removed aliases)
+        loop {
+            let users = &p.nodes[last].users;
+            if users.len() == 1 {
+                let d = users[0];
+                if let Op::Dropout { .. } = p.nodes[d].op {
+                    if p.nodes[d].fuse.removed {
+                        removed.push(d);
+                        last = d;
+                        continue;
+                    }
+                    if p.mode == Mode::Train
+                        && dropout.is_none()
+                        && p.nodes[d].fuse == Fuse::default()
+                    {
+                        dropout = Some(d);
+                        last = d;
+                        continue;
+                    }
+                }
+            }
+            break;
+        }
+        let users = p.nodes[last].users.clone();
+        if users.is_empty() || last == p.output || p.output == r {
+            continue;
+        }
+        if !users.iter().all(|&u| {
+            p.is_conv(u) && p.nodes[u].fuse.prologue.is_none() && p.nodes[u].inputs[0] == last
+        }) {
+            continue;
+        }
+        for &u in &users {
+            p.nodes[u].fuse.prologue = Some(ProloguePlan {
+                src: x,
+                bn: Some(b),
+                relu: Some(r),
+                dropout,
+            });
+        }
+        p.nodes[b].fuse.inlined = true;
+        p.nodes[r].fuse.inlined = true;
+        if let Some(d) = dropout {
+            p.nodes[d].fuse.inlined = true;
+        }
+        changed = true;
+    }
+    changed
+}
+
+// dropout_epilogue (train mode; the consumer-prologue form):
+//   conv(drop(x), W) = conv'(x, W)   where conv' loads  x * m / (1 - p),  m regenerated from the
+//   counter-based RNG (seed, stream(dropout), step, element index): the mask is never stored,
+//   and the backward regenerates it.
+// Applies to a dropout not already in a BN-ReLU prologue whose users are all convolutions.
+fn fuse_dropout_epilogue(p: &mut Plan) -> bool {
+    if p.mode != Mode::Train {
+        return false;
+    }
+    let mut changed = false;
+    for d in 0..p.nodes.len() {
+        if !matches!(p.nodes[d].op, Op::Dropout { .. })
+            || p.nodes[d].fuse != Fuse::default()
+            || d == p.output
+        {
+            continue;
+        }
+        let x = p.nodes[d].inputs[0];
+        if p.value_node(x) != Some(x) {
+            continue;
+        }
+        let users = p.nodes[d].users.clone();
+        if users.is_empty()
+            || !users
+                .iter()
+                .all(|&u| p.is_conv(u) && p.nodes[u].fuse.prologue.is_none())
+        {
+            continue;
+        }
+        for &u in &users {
+            p.nodes[u].fuse.prologue = Some(ProloguePlan {
+                src: x,
+                bn: None,
+                relu: None,
+                dropout: Some(d),
+            });
+        }
+        p.nodes[d].fuse.inlined = true;
+        changed = true;
+    }
+    changed
+}
+
+// residual_add_epilogue:
+//   add(conv(x, W), r) = conv'(x, W)  with epilogue  y = acc + r   (and add(r, conv(..)) alike)
+// when the conv's only user is the add and `r` is computed before the conv. Backward: the conv's
+// output gradient *is* the add's (aliased), only `r` gets a copy-accumulate.
+fn fuse_residual_add_epilogue(p: &mut Plan) -> bool {
+    let mut changed = false;
+    for a in 0..p.nodes.len() {
+        if !matches!(p.nodes[a].op, Op::Add) || p.nodes[a].fuse != Fuse::default() {
+            continue;
+        }
+        let ins = p.nodes[a].inputs.clone();
+        if ins[0] == ins[1] {
+            continue;
+        }
+        // prefer the later conv (the block's last conv), so the other operand already exists
+        for (ci, oi) in [(1usize, 0usize), (0, 1)] {
+            let (c, o) = (ins[ci], ins[oi]);
+            if p.is_conv(c)
+                && p.nodes[c].users == [a]
+                && p.nodes[c].fuse.residual.is_none()
+                && p.nodes[c].fuse.folded_bn.is_none()
+                && p.nodes[c].fuse.stats_for.is_none()
+                && o < c
+                && p.value_node(o).is_some()
+            {
+                p.nodes[c].fuse.residual = Some((a, o));
+                p.nodes[a].fuse.computed_by = Some(c);
+                changed = true;
+                break;
+            }
+        }
+    }
+    changed
+}
+
+// bn_stats_epilogue (train mode):
+//   sum_{n,h,w} y[n,c,h,w] and sum y^2, for y = conv'(..) feeding a BN, are accumulated in the
+//   conv's epilogue (a shared-memory column sum per block, then one atomicAdd per channel),
+//   replacing the BN's statistics kernel (a full re-read of y).
+// The producer is the conv writing the BN's input (directly, or through a fused residual add).
+fn fuse_bn_stats_epilogue(p: &mut Plan) -> bool {
+    if p.mode != Mode::Train {
+        return false;
+    }
+    let mut changed = false;
+    for b in 0..p.nodes.len() {
+        if !matches!(p.nodes[b].op, Op::BatchNorm { .. }) || p.nodes[b].fuse.stats_from.is_some() {
+            continue;
+        }
+        let x = p.nodes[b].inputs[0];
+        if p.value_node(x) != Some(x) {
+            continue;
+        }
+        let c = p.writer(x);
+        if p.is_conv(c) && p.nodes[c].fuse.stats_for.is_none() {
+            p.nodes[c].fuse.stats_for = Some(b);
+            p.nodes[b].fuse.stats_from = Some(c);
+            changed = true;
+        }
+    }
+    changed
+}
+
+// backward (train mode): with a BN-ReLU(-dropout) prologue chain feeding exactly one conv,
+//   dx_act = conv_data_grad(dy, W)                      (the activation gradient)
+//   g      = dx_act * [x*s + t > 0] * m / (1 - p)       (dReLU, dropout, recomputed from x)
+//   sum g, sum g * xhat                                 (dBN's reductions)
+// all happen in the data-gradient conv's epilogue (atomics per channel); only dBN's elementwise
+// apply remains. The activated tensor is never stored in any case: the weight-gradient kernel
+// recomputes BN-ReLU-dropout from the stored pre-activation input (the conv's prologue).
+fn fuse_backward(p: &mut Plan) -> bool {
+    if p.mode != Mode::Train {
+        return false;
+    }
+    let mut changed = false;
+    for b in 0..p.nodes.len() {
+        if !matches!(p.nodes[b].op, Op::BatchNorm { .. })
+            || !p.nodes[b].fuse.inlined
+            || p.nodes[b].fuse.bwd_from.is_some()
+        {
+            continue;
+        }
+        // the chain's consumers
+        let convs: Vec<usize> = (0..p.nodes.len())
+            .filter(|&u| p.nodes[u].fuse.prologue.map(|q| q.bn) == Some(Some(b)))
+            .collect();
+        if convs.len() != 1 {
+            continue;
+        }
+        let c = convs[0];
+        if p.nodes[c].fuse.bwd_for.is_some() {
+            continue;
+        }
+        p.nodes[c].fuse.bwd_for = Some(b);
+        p.nodes[b].fuse.bwd_from = Some(c);
+        changed = true;
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{Conv2d, Node};
+
+    fn conv(c: u32, o: u32) -> Op {
+        Op::Conv2d(Conv2d {
+            in_c: c,
+            out_c: o,
+            k: 3,
+            stride: 1,
+            pad: 1,
+            groups: 1,
+            bias: false,
+        })
+    }
+
+    /// A pre-activation block: x -> conv0 -> bn -> relu -> drop -> conv1 -> add(conv0) -> gap -> fc.
+    fn block() -> Graph {
+        let mut g = Graph::new("t", Shape::new(3, 8, 8));
+        let s = Shape::new(4, 8, 8);
+        let push = |g: &mut Graph, name: &str, op: Op, shape: Shape, ins: &[_]| {
+            g.push(
+                Node {
+                    op,
+                    name: name.into(),
+                    shape,
+                },
+                ins,
+            )
+        };
+        let i = g.input;
+        let c0 = push(&mut g, "0", conv(3, 4), s, &[i]);
+        let b = push(
+            &mut g,
+            "1",
+            Op::BatchNorm {
+                c: 4,
+                eps: 1e-5,
+                momentum: 0.1,
+            },
+            s,
+            &[c0],
+        );
+        let r = push(&mut g, "2", Op::Relu, s, &[b]);
+        let d = push(&mut g, "3", Op::Dropout { p: 0.3 }, s, &[r]);
+        let c1 = push(&mut g, "4", conv(4, 4), s, &[d]);
+        let a = push(&mut g, "5", Op::Add, s, &[c0, c1]);
+        let gp = push(&mut g, "6", Op::GlobalAvgPool, Shape::new(4, 1, 1), &[a]);
+        let f = push(
+            &mut g,
+            "7",
+            Op::Linear { in_f: 4, out_f: 10 },
+            Shape::new(10, 1, 1),
+            &[gp],
+        );
+        g.output = f;
+        g.classes = 10;
+        g
+    }
+
+    fn check(mode: Mode, disabled: &[&str], expect: &str) {
+        let mut p = Plan::new(&block(), mode);
+        let fusion = Fusion {
+            unfused: false,
+            disabled: disabled.iter().map(|s| s.to_string()).collect(),
+        };
+        run(&mut p, &fusion, |_, _| {});
+        p.verify().unwrap();
+        let got = p.to_string();
+        assert_eq!(got.trim(), expect.trim(), "\n{got}");
+    }
+
+    #[test]
+    fn train_all_passes() {
+        check(
+            Mode::Train,
+            &[],
+            "
+plan t (Train)
+  %0 = input() 3x8x8 [input]
+  %1 = conv(%0) 4x8x8 [0] stats_for=%2
+  %2 = bn(%1) 4x8x8 [1] inlined stats_from=%1 bwd_from=%5
+  %3 = relu(%2) 4x8x8 [2] inlined
+  %4 = dropout(%3) 4x8x8 [3] inlined
+  %5 = conv(%4) 4x8x8 [4] prologue(src=%1 bn=%2 relu=%3 dropout=%4) residual(add=%6 other=%1) bwd_for=%2
+  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5
+  %7 = gap(%6) 4x1x1 [6]
+  %8 = linear(%7) 10x1x1 [7]
+",
+        );
+    }
+
+    #[test]
+    fn train_without_prologue_uses_dropout_prologue() {
+        check(
+            Mode::Train,
+            &["bn_relu_prologue", "bn_stats_epilogue"],
+            "
+plan t (Train)
+  %0 = input() 3x8x8 [input]
+  %1 = conv(%0) 4x8x8 [0]
+  %2 = bn(%1) 4x8x8 [1]
+  %3 = relu(%2) 4x8x8 [2]
+  %4 = dropout(%3) 4x8x8 [3] inlined
+  %5 = conv(%4) 4x8x8 [4] prologue(src=%3 dropout=%4) residual(add=%6 other=%1)
+  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5
+  %7 = gap(%6) 4x1x1 [6]
+  %8 = linear(%7) 10x1x1 [7]
+",
+        );
+    }
+
+    #[test]
+    fn infer_folds_removes_and_inlines() {
+        check(
+            Mode::Infer,
+            &[],
+            "
+plan t (Infer)
+  %0 = input() 3x8x8 [input]
+  %1 = conv(%0) 4x8x8 [0]
+  %2 = bn(%1) 4x8x8 [1] inlined
+  %3 = relu(%2) 4x8x8 [2] inlined
+  %4 = dropout(%3) 4x8x8 [3] removed
+  %5 = conv(%4) 4x8x8 [4] prologue(src=%1 bn=%2 relu=%3) residual(add=%6 other=%1)
+  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5
+  %7 = gap(%6) 4x1x1 [6]
+  %8 = linear(%7) 10x1x1 [7]
+",
+        );
+    }
+
+    #[test]
+    fn unknown_pass_is_an_error() {
+        let f = Fusion {
+            unfused: false,
+            disabled: vec!["nope".into()],
+        };
+        assert!(f.validate().unwrap_err().contains("bn_relu_prologue"));
+    }
+}

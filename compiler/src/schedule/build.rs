@@ -1,0 +1,1322 @@
+//! From an annotated [`Plan`] to a [`Schedule`]: buffers, kernels, launches; forward, loss,
+//! reverse-mode autodiff and the multi-tensor optimizer update.
+
+use super::*;
+use crate::graph::{Graph, Op};
+use crate::passes::{self, Plan};
+use crate::rng;
+use std::collections::HashMap;
+
+fn err(msg: impl Into<String>) -> crate::Error {
+    crate::Error::new(crate::Span::default(), msg)
+}
+
+/// Builds the schedule of `graph`: plan, fusion passes (per `opts.fusion`), lowering.
+pub fn build(graph: &Graph, opts: &Options) -> crate::Result<Schedule> {
+    opts.fusion.validate().map_err(err)?;
+    let mut plan = Plan::new(graph, opts.mode);
+    let changed = passes::run(&mut plan, &opts.fusion, |_, _| {});
+    let mut s = lower(&plan, opts)?;
+    s.passes = changed.into_iter().map(String::from).collect();
+    Ok(s)
+}
+
+const ELEM_BLOCK: u32 = 256;
+const MAX_ELEM_GRID: u64 = 4096;
+const TILE: u32 = 16;
+
+fn ceil_div(a: u64, b: u64) -> u64 {
+    a.div_ceil(b)
+}
+
+struct B<'a> {
+    plan: &'a Plan,
+    n: u32,
+    s: Schedule,
+    kernel_index: HashMap<String, usize>,
+    param_off: HashMap<String, (u64, u64)>,
+    state_off: HashMap<usize, u64>,
+    stats_off: HashMap<usize, u64>,
+    val: Vec<Option<usize>>,
+    grad: Vec<Option<usize>>,
+    written: Vec<bool>,
+    /// For nodes in a BN prologue chain (ReLU, dropout): the BN.
+    chain_bn: Vec<Option<usize>>,
+    /// For a chained BN: the node whose gradient is the chain's activation gradient.
+    chain_last: Vec<Option<usize>>,
+    in_setup: bool,
+}
+
+impl<'a> B<'a> {
+    fn buffer(&mut self, name: String, len: u64, dtype: Dtype, role: Role) -> usize {
+        if let Some(i) = self.s.buffer(&name) {
+            return i;
+        }
+        self.s.buffers.push(Buffer {
+            name,
+            len,
+            dtype,
+            role,
+        });
+        self.written.push(false);
+        self.s.buffers.len() - 1
+    }
+
+    fn kernel(&mut self, spec: KernelSpec) -> usize {
+        let name = spec.name();
+        if let Some(&k) = self.kernel_index.get(&name) {
+            debug_assert_eq!(self.s.kernels[k].spec, spec);
+            return k;
+        }
+        self.s.kernels.push(Kernel {
+            name: name.clone(),
+            spec,
+        });
+        self.kernel_index.insert(name, self.s.kernels.len() - 1);
+        self.s.kernels.len() - 1
+    }
+
+    fn whole(&self, b: usize, access: Access) -> BufArg {
+        BufArg {
+            buffer: b,
+            offset: 0,
+            len: self.s.buffers[b].len,
+            access,
+        }
+    }
+
+    fn param(&self, name: &str, access: Access, arena: usize) -> BufArg {
+        let (offset, len) = self.param_off[name];
+        BufArg {
+            buffer: arena,
+            offset,
+            len,
+            access,
+        }
+    }
+
+    fn launch(
+        &mut self,
+        spec: KernelSpec,
+        grid: [u64; 3],
+        block: [u32; 3],
+        buffers: Vec<BufArg>,
+        scalars: Vec<ScalarArg>,
+        note: String,
+    ) -> crate::Result<()> {
+        let kernel = self.kernel(spec);
+        for (i, g) in grid.iter().enumerate() {
+            let limit = if i == 0 { i32::MAX as u64 } else { 65_535 };
+            if *g == 0 || *g > limit {
+                return Err(err(format!("{note}: grid dimension {g} out of range")));
+            }
+        }
+        for a in &buffers {
+            if matches!(a.access, Access::Write | Access::ReadWrite) {
+                self.written[a.buffer] = true;
+            }
+        }
+        let l = Launch {
+            kernel,
+            grid: grid.map(|g| g as u32),
+            block,
+            shared: 0,
+            buffers,
+            scalars,
+            note,
+        };
+        if self.in_setup {
+            self.s.setup.push(l);
+        } else {
+            self.s.launches.push(l);
+        }
+        Ok(())
+    }
+
+    fn elem_grid(count: u64) -> [u64; 3] {
+        [
+            ceil_div(count, ELEM_BLOCK as u64).clamp(1, MAX_ELEM_GRID),
+            1,
+            1,
+        ]
+    }
+
+    fn numel(&self, i: usize) -> u64 {
+        self.n as u64 * self.plan.nodes[i].shape.numel()
+    }
+
+    fn val(&self, i: usize) -> usize {
+        self.val[i]
+            .unwrap_or_else(|| panic!("value of {} is not materialised", self.plan.nodes[i].name))
+    }
+
+    fn arg(&self, b: usize, access: Access) -> BufArg {
+        self.whole(b, access)
+    }
+
+    fn rng(&self, node: usize, p: f32) -> [ScalarArg; 4] {
+        [
+            ScalarArg::Seed,
+            ScalarArg::U32(rng::stream_id(&self.plan.nodes[node].name)),
+            ScalarArg::Step,
+            ScalarArg::F32(p),
+        ]
+    }
+
+    fn dropout_p(&self, d: usize) -> f32 {
+        match self.plan.nodes[d].op {
+            Op::Dropout { p } => p,
+            _ => unreachable!(),
+        }
+    }
+
+    fn bn_buf(&mut self, b: usize, what: &str, role: Role) -> usize {
+        let c = self.plan.nodes[b].shape.c as u64;
+        let name = format!("bn.{}.{what}", self.plan.nodes[b].name);
+        self.buffer(name, 2 * c, Dtype::F32, role)
+    }
+
+    fn slice(&self, buffer: usize, offset: u64, len: u64, access: Access) -> BufArg {
+        BufArg {
+            buffer,
+            offset,
+            len,
+            access,
+        }
+    }
+}
+
+fn geom(p: &Plan, i: usize) -> ConvGeom {
+    let Op::Conv2d(c) = p.nodes[i].op else {
+        unreachable!()
+    };
+    let ins = p.nodes[p.nodes[i].inputs[0]].shape;
+    let out = p.nodes[i].shape;
+    ConvGeom {
+        in_c: c.in_c,
+        in_h: ins.h,
+        in_w: ins.w,
+        out_c: c.out_c,
+        out_h: out.h,
+        out_w: out.w,
+        k: c.k,
+        stride: c.stride,
+        pad: c.pad,
+        groups: c.groups,
+    }
+}
+
+/// Lowers an annotated plan (see [`crate::passes`]) to a schedule.
+pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
+    let n = opts.batch;
+    if n == 0 {
+        return Err(err("batch size must be at least 1"));
+    }
+    plan.verify().map_err(err)?;
+    let train = plan.mode == Mode::Train;
+    let act = match opts.precision {
+        Precision::F32 => Dtype::F32,
+        Precision::Bf16 => Dtype::Bf16,
+    };
+    let nn = plan.nodes.len();
+    let mut b = B {
+        plan,
+        n,
+        s: Schedule {
+            name: plan.name.clone(),
+            mode: plan.mode,
+            batch: n,
+            precision: opts.precision,
+            classes: plan.classes,
+            passes: vec![],
+            buffers: vec![],
+            kernels: vec![],
+            setup: vec![],
+            launches: vec![],
+            params: vec![],
+            state: vec![],
+            input: 0,
+            labels: None,
+            logits: 0,
+            loss: None,
+        },
+        kernel_index: HashMap::new(),
+        param_off: HashMap::new(),
+        state_off: HashMap::new(),
+        stats_off: HashMap::new(),
+        val: vec![None; nn],
+        grad: vec![None; nn],
+        written: vec![],
+        chain_bn: vec![None; nn],
+        chain_last: vec![None; nn],
+        in_setup: false,
+    };
+
+    // sizes: every element index must fit an i32
+    for node in &plan.nodes {
+        let total = node.shape.numel().checked_mul(n as u64);
+        if total.is_none_or(|t| t > i32::MAX as u64) {
+            return Err(err(format!(
+                "{}: {} x {} elements exceed the 2^31 limit of 32-bit indexing; use a smaller batch",
+                node.name, n, node.shape
+            )));
+        }
+    }
+
+    // parameter arenas and BN state
+    let mut off = 0u64;
+    let mut state = 0u64;
+    let mut stats = 0u64;
+    for (i, node) in plan.nodes.iter().enumerate() {
+        for p in node.op.params() {
+            let len: u64 = p.shape.iter().map(|&d| d as u64).product();
+            let name = format!("{}.{}", node.name, p.suffix);
+            b.param_off.insert(name.clone(), (off, len));
+            b.s.params.push(ParamSlot {
+                name,
+                offset: off,
+                len,
+                kind: p.kind,
+                decay: p.kind == crate::graph::ParamKind::Weight,
+            });
+            off += len;
+        }
+        if let Op::BatchNorm { c, .. } = node.op {
+            b.state_off.insert(i, state);
+            b.s.state.push((node.name.clone(), state, 2 * c as u64));
+            state += 2 * c as u64;
+            b.stats_off.insert(i, stats);
+            stats += 2 * c as u64;
+        }
+    }
+    if off > i32::MAX as u64 {
+        return Err(err(format!(
+            "{off} parameters exceed the 2^31 limit of 32-bit indexing"
+        )));
+    }
+    let params = b.buffer("params".into(), off.max(1), Dtype::F32, Role::Param);
+    let grads = if train {
+        Some(b.buffer("grads".into(), off.max(1), Dtype::F32, Role::Grad))
+    } else {
+        None
+    };
+    let momentum = if train {
+        Some(b.buffer("momentum".into(), off.max(1), Dtype::F32, Role::Momentum))
+    } else {
+        None
+    };
+    let state_buf = b.buffer("state".into(), state.max(1), Dtype::F32, Role::State);
+    let stats_buf = if train && stats > 0 {
+        Some(b.buffer("bn_stats".into(), stats, Dtype::F32, Role::Scratch))
+    } else {
+        None
+    };
+
+    // values
+    for i in 0..nn {
+        let node = &plan.nodes[i];
+        if matches!(node.op, Op::Input) {
+            let len = b.numel(i);
+            let buf = b.buffer("input".into(), len, act, Role::Input);
+            b.val[i] = Some(buf);
+            b.s.input = buf;
+        } else if node.fuse.removed {
+            b.val[i] = b.val[node.inputs[0]];
+        } else if plan.value_node(i) == Some(i) {
+            let len = b.numel(i);
+            b.val[i] = Some(b.buffer(format!("act.{}", node.name), len, act, Role::Activation));
+        }
+    }
+    b.s.logits = b.val[plan.output].ok_or_else(|| err("the output is not materialised"))?;
+
+    // BN prologue chains
+    for i in 0..nn {
+        if let Some(p) = plan.nodes[i].fuse.prologue {
+            if let Some(bn) = p.bn {
+                for x in [p.relu, p.dropout].into_iter().flatten() {
+                    b.chain_bn[x] = Some(bn);
+                }
+                b.chain_last[bn] = Some(plan.nodes[i].inputs[0]);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- inference setup
+    if !train {
+        b.in_setup = true;
+        for i in 0..nn {
+            if let Op::BatchNorm { c, eps, .. } = plan.nodes[i].op {
+                let name = plan.nodes[i].name.clone();
+                let affine = b.bn_buf(i, "affine", Role::Saved);
+                let so = b.state_off[&i];
+                let args = vec![
+                    b.slice(state_buf, so, 2 * c as u64, Access::Read),
+                    b.param(&format!("{name}.weight"), Access::Read, params),
+                    b.param(&format!("{name}.bias"), Access::Read, params),
+                    b.arg(affine, Access::Write),
+                ];
+                b.launch(
+                    KernelSpec::BnFinalizeEval { c },
+                    [ceil_div(c as u64, 256), 1, 1],
+                    [256, 1, 1],
+                    args,
+                    vec![ScalarArg::F32(eps)],
+                    format!("{name} finalize_eval"),
+                )?;
+                if let Some(cv) = plan.nodes[i].fuse.folded_into {
+                    let Op::Conv2d(conv) = plan.nodes[cv].op else {
+                        unreachable!()
+                    };
+                    let cname = plan.nodes[cv].name.clone();
+                    let per = (conv.in_c / conv.groups * conv.k * conv.k) as u64;
+                    let wlen = conv.out_c as u64 * per;
+                    let wb = b.buffer(
+                        format!("fold.{cname}.weight"),
+                        wlen,
+                        Dtype::F32,
+                        Role::Scratch,
+                    );
+                    let bb = b.buffer(
+                        format!("fold.{cname}.bias"),
+                        conv.out_c as u64,
+                        Dtype::F32,
+                        Role::Scratch,
+                    );
+                    let mut args = vec![
+                        b.arg(wb, Access::Write),
+                        b.arg(bb, Access::Write),
+                        b.param(&format!("{cname}.weight"), Access::Read, params),
+                    ];
+                    if conv.bias {
+                        args.push(b.param(&format!("{cname}.bias"), Access::Read, params));
+                    }
+                    args.push(b.arg(affine, Access::Read));
+                    b.launch(
+                        KernelSpec::FoldBn {
+                            out_c: conv.out_c,
+                            per_out: per as u32,
+                            bias: conv.bias,
+                        },
+                        B::elem_grid(wlen),
+                        [ELEM_BLOCK, 1, 1],
+                        args,
+                        vec![],
+                        format!("{cname} fold {name}"),
+                    )?;
+                }
+            }
+        }
+        b.in_setup = false;
+    }
+
+    // ---------------------------------------------------------------- forward
+    if let Some(sb) = stats_buf {
+        if plan.nodes.iter().any(|x| x.fuse.stats_for.is_some()) {
+            let a = b.arg(sb, Access::Write);
+            b.launch(
+                KernelSpec::Zero,
+                B::elem_grid(stats),
+                [ELEM_BLOCK, 1, 1],
+                vec![a],
+                vec![ScalarArg::I32(stats as i32)],
+                "zero bn_stats".into(),
+            )?;
+        }
+    }
+    let ni = n as i32;
+    for i in 0..nn {
+        let node = &plan.nodes[i];
+        let name = node.name.clone();
+        let shape = node.shape;
+        let fu = node.fuse.clone();
+        let count = b.numel(i);
+        match node.op {
+            Op::Input => {}
+            Op::Conv2d(conv) => {
+                let g = geom(plan, i);
+                let pro = fu.prologue;
+                let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
+                let pflags = PrologueFlags {
+                    affine: pro.is_some_and(|p| p.bn.is_some()),
+                    relu: pro.is_some_and(|p| p.relu.is_some()),
+                    dropout: pro.is_some_and(|p| p.dropout.is_some()),
+                };
+                let folded = fu.folded_bn;
+                let epi = EpilogueFlags {
+                    bias: conv.bias || folded.is_some(),
+                    residual: fu.residual.is_some(),
+                    stats: fu.stats_for.is_some(),
+                };
+                let y = if let Some((a, _)) = fu.residual {
+                    b.val(a)
+                } else if let Some(bn) = folded {
+                    b.val(bn)
+                } else {
+                    b.val(i)
+                };
+                let xb = b.val(src);
+                let mut args = vec![b.arg(y, Access::Write), b.arg(xb, Access::Read)];
+                if let Some(bn) = folded {
+                    let w = b.s.buffer(&format!("fold.{name}.weight")).unwrap();
+                    args.push(b.arg(w, Access::Read));
+                    let _ = bn;
+                } else {
+                    args.push(b.param(&format!("{name}.weight"), Access::Read, params));
+                }
+                if pflags.affine {
+                    let bn = pro.unwrap().bn.unwrap();
+                    let aff = b.bn_buf(bn, "affine", Role::Saved);
+                    args.push(b.arg(aff, Access::Read));
+                }
+                if epi.bias {
+                    if folded.is_some() {
+                        let fb = b.s.buffer(&format!("fold.{name}.bias")).unwrap();
+                        args.push(b.arg(fb, Access::Read));
+                    } else {
+                        args.push(b.param(&format!("{name}.bias"), Access::Read, params));
+                    }
+                }
+                if let Some((_, o)) = fu.residual {
+                    let r = b.val(o);
+                    args.push(b.arg(r, Access::Read));
+                }
+                if let Some(bn) = fu.stats_for {
+                    let so = b.stats_off[&bn];
+                    args.push(b.slice(
+                        stats_buf.unwrap(),
+                        so,
+                        2 * conv.out_c as u64,
+                        Access::ReadWrite,
+                    ));
+                }
+                let mut sc = vec![ScalarArg::I32(ni)];
+                if let Some(d) = pro.and_then(|p| p.dropout) {
+                    sc.extend(b.rng(d, b.dropout_p(d)));
+                }
+                let m = n as u64 * (g.out_h * g.out_w) as u64;
+                let grid = [
+                    ceil_div(m, TILE as u64),
+                    ceil_div((g.out_c / g.groups) as u64, TILE as u64),
+                    g.groups as u64,
+                ];
+                b.launch(
+                    KernelSpec::ConvFwd {
+                        g,
+                        pro: pflags,
+                        epi,
+                    },
+                    grid,
+                    [TILE, TILE, 1],
+                    args,
+                    sc,
+                    format!("{name} fwd"),
+                )?;
+            }
+            Op::BatchNorm { c, eps, momentum } => {
+                let x = node.inputs[0];
+                let hw = shape.h * shape.w;
+                if train {
+                    let so = b.stats_off[&i];
+                    let sb = stats_buf.unwrap();
+                    if fu.stats_from.is_none() {
+                        let xb = b.val(x);
+                        let args = vec![
+                            b.slice(sb, so, 2 * c as u64, Access::Write),
+                            b.arg(xb, Access::Read),
+                        ];
+                        b.launch(
+                            KernelSpec::ChannelSums {
+                                c,
+                                hw,
+                                squares: true,
+                            },
+                            [c as u64, 1, 1],
+                            [ELEM_BLOCK, 1, 1],
+                            args,
+                            vec![ScalarArg::I32(ni)],
+                            format!("{name} stats"),
+                        )?;
+                    }
+                    let saved = b.bn_buf(i, "saved", Role::Saved);
+                    let affine = b.bn_buf(i, "affine", Role::Saved);
+                    let st = b.state_off[&i];
+                    let args = vec![
+                        b.slice(sb, so, 2 * c as u64, Access::Read),
+                        b.param(&format!("{name}.weight"), Access::Read, params),
+                        b.param(&format!("{name}.bias"), Access::Read, params),
+                        b.arg(saved, Access::Write),
+                        b.arg(affine, Access::Write),
+                        b.slice(state_buf, st, 2 * c as u64, Access::ReadWrite),
+                    ];
+                    let cnt = (n as u64 * hw as u64) as i32;
+                    b.launch(
+                        KernelSpec::BnFinalizeTrain { c },
+                        [ceil_div(c as u64, 256), 1, 1],
+                        [256, 1, 1],
+                        args,
+                        vec![
+                            ScalarArg::I32(cnt),
+                            ScalarArg::F32(eps),
+                            ScalarArg::F32(momentum),
+                        ],
+                        format!("{name} finalize"),
+                    )?;
+                }
+                if !fu.inlined && fu.folded_into.is_none() {
+                    let affine = b.bn_buf(i, "affine", Role::Saved);
+                    let (xb, yb) = (b.val(x), b.val(i));
+                    let args = vec![
+                        b.arg(yb, Access::Write),
+                        b.arg(xb, Access::Read),
+                        b.arg(affine, Access::Read),
+                    ];
+                    b.launch(
+                        KernelSpec::BnApply { c, hw },
+                        B::elem_grid(count),
+                        [ELEM_BLOCK, 1, 1],
+                        args,
+                        vec![ScalarArg::I32(ni)],
+                        format!("{name} apply"),
+                    )?;
+                }
+            }
+            Op::Relu | Op::Dropout { .. } | Op::DropPath { .. } => {
+                if fu.inlined || fu.removed {
+                    continue;
+                }
+                let (xb, yb) = (b.val(node.inputs[0]), b.val(i));
+                let args = vec![b.arg(yb, Access::Write), b.arg(xb, Access::Read)];
+                let cnt = ScalarArg::I32(count as i32);
+                let (spec, sc) = match node.op {
+                    Op::Relu => (KernelSpec::Relu, vec![cnt]),
+                    Op::Dropout { p } if train => (
+                        KernelSpec::Dropout,
+                        [cnt].into_iter().chain(b.rng(i, p)).collect(),
+                    ),
+                    Op::DropPath { survival } if train => {
+                        let per = ScalarArg::I32(shape.numel() as i32);
+                        (
+                            KernelSpec::DropPath,
+                            [cnt, per]
+                                .into_iter()
+                                .chain(b.rng(i, 1.0 - survival))
+                                .collect(),
+                        )
+                    }
+                    // eval mode, unfused: identity copy
+                    _ => (KernelSpec::Accumulate, vec![cnt, ScalarArg::I32(0)]),
+                };
+                b.launch(
+                    spec,
+                    B::elem_grid(count),
+                    [ELEM_BLOCK, 1, 1],
+                    args,
+                    sc,
+                    format!("{name} fwd"),
+                )?;
+            }
+            Op::Add => {
+                if fu.computed_by.is_some() {
+                    continue;
+                }
+                let (a0, a1, yb) = (b.val(node.inputs[0]), b.val(node.inputs[1]), b.val(i));
+                let args = vec![
+                    b.arg(yb, Access::Write),
+                    b.arg(a0, Access::Read),
+                    b.arg(a1, Access::Read),
+                ];
+                b.launch(
+                    KernelSpec::Add,
+                    B::elem_grid(count),
+                    [ELEM_BLOCK, 1, 1],
+                    args,
+                    vec![ScalarArg::I32(count as i32)],
+                    format!("{name} fwd"),
+                )?;
+            }
+            Op::ZeroPadShortcut { .. }
+            | Op::MaxPool(_)
+            | Op::AvgPool(_)
+            | Op::Concat
+            | Op::GlobalAvgPool => {
+                let spec = fwd_spatial(plan, i);
+                let yb = b.val(i);
+                let mut args = vec![b.arg(yb, Access::Write)];
+                for &x in &node.inputs {
+                    let xb = b.val(x);
+                    args.push(b.arg(xb, Access::Read));
+                }
+                let (grid, sc) = if let KernelSpec::GlobalAvgPool { .. } = spec {
+                    let rows = n as u64 * shape.c as u64;
+                    (B::elem_grid(rows), vec![ScalarArg::I32(rows as i32)])
+                } else {
+                    (B::elem_grid(count), vec![ScalarArg::I32(ni)])
+                };
+                b.launch(
+                    spec,
+                    grid,
+                    [ELEM_BLOCK, 1, 1],
+                    args,
+                    sc,
+                    format!("{name} fwd"),
+                )?;
+            }
+            Op::Linear { in_f, out_f } => {
+                let (xb, yb) = (b.val(node.inputs[0]), b.val(i));
+                let args = vec![
+                    b.arg(yb, Access::Write),
+                    b.arg(xb, Access::Read),
+                    b.param(&format!("{name}.weight"), Access::Read, params),
+                    b.param(&format!("{name}.bias"), Access::Read, params),
+                ];
+                let grid = [
+                    ceil_div(n as u64, TILE as u64),
+                    ceil_div(out_f as u64, TILE as u64),
+                    1,
+                ];
+                b.launch(
+                    KernelSpec::LinearFwd { in_f, out_f },
+                    grid,
+                    [TILE, TILE, 1],
+                    args,
+                    vec![ScalarArg::I32(ni)],
+                    format!("{name} fwd"),
+                )?;
+            }
+        }
+    }
+
+    if !train {
+        return finish(b);
+    }
+
+    // ---------------------------------------------------------------- loss
+    let classes = plan.nodes[plan.output].shape.numel();
+    let labels = b.buffer("labels".into(), n as u64, Dtype::I32, Role::Labels);
+    let loss = b.buffer("loss".into(), n as u64, Dtype::F32, Role::Activation);
+    b.s.labels = Some(labels);
+    b.s.loss = Some(loss);
+    // gradient buffers
+    for i in 0..nn {
+        let node = &plan.nodes[i];
+        if matches!(node.op, Op::Input) {
+            continue;
+        }
+        let own = if node.fuse.residual.is_some() {
+            false
+        } else if let Some(bn) = b.chain_bn[i] {
+            b.chain_last[bn] == Some(i) && plan.nodes[bn].fuse.bwd_from.is_none()
+        } else if matches!(node.op, Op::BatchNorm { .. }) && node.fuse.inlined {
+            node.fuse.bwd_from.is_some()
+        } else {
+            true
+        };
+        if own {
+            let len = b.numel(i);
+            b.grad[i] = Some(b.buffer(
+                format!("grad.{}", node.name),
+                len,
+                act,
+                Role::ActivationGrad,
+            ));
+        }
+    }
+    for i in 0..nn {
+        if let Some((a, _)) = plan.nodes[i].fuse.residual {
+            b.grad[i] = b.grad[a];
+        }
+    }
+    {
+        let (lb, xb) = (b.val(plan.output), b.grad[plan.output].unwrap());
+        let args = vec![
+            b.arg(loss, Access::Write),
+            b.arg(xb, Access::Write),
+            b.arg(lb, Access::Read),
+            b.arg(labels, Access::Read),
+        ];
+        b.launch(
+            KernelSpec::SoftmaxXent {
+                classes: classes as u32,
+            },
+            B::elem_grid(n as u64),
+            [ELEM_BLOCK, 1, 1],
+            args,
+            vec![ScalarArg::I32(ni), ScalarArg::LabelSmoothing],
+            "loss".into(),
+        )?;
+    }
+
+    // ---------------------------------------------------------------- backward
+    let grads = grads.unwrap();
+    if plan.nodes.iter().any(|x| x.fuse.bwd_for.is_some()) {
+        let a = b.arg(grads, Access::Write);
+        b.launch(
+            KernelSpec::Zero,
+            B::elem_grid(off),
+            [ELEM_BLOCK, 1, 1],
+            vec![a],
+            vec![ScalarArg::I32(off as i32)],
+            "zero grads".into(),
+        )?;
+    }
+    for i in (0..nn).rev() {
+        backward_node(&mut b, i, params, grads)?;
+    }
+
+    // ---------------------------------------------------------------- optimizer
+    let table: Vec<u32> =
+        b.s.params
+            .iter()
+            .flat_map(|p| [p.offset as u32, p.len as u32, p.decay as u32])
+            .collect();
+    let nt = b.s.params.len() as u64;
+    if nt > 0 {
+        let tb = b.buffer(
+            "sgd_table".into(),
+            table.len() as u64,
+            Dtype::U32,
+            Role::Table,
+        );
+        let largest = b.s.params.iter().map(|p| p.len).max().unwrap_or(1);
+        let args = vec![
+            b.arg(params, Access::ReadWrite),
+            b.arg(grads, Access::Read),
+            b.arg(momentum.unwrap(), Access::ReadWrite),
+            b.arg(tb, Access::Read),
+        ];
+        if nt > 65_535 {
+            return Err(err("more than 65535 parameter tensors"));
+        }
+        b.launch(
+            KernelSpec::SgdMultiTensor,
+            [ceil_div(largest, ELEM_BLOCK as u64).clamp(1, 256), nt, 1],
+            [ELEM_BLOCK, 1, 1],
+            args,
+            vec![
+                ScalarArg::Lr,
+                ScalarArg::Momentum,
+                ScalarArg::WeightDecay,
+                ScalarArg::Nesterov,
+            ],
+            "sgd".into(),
+        )?;
+    }
+    finish(b)
+}
+
+/// The optimizer's table contents `(start, len, decay)` per parameter, as the `sgd_table`
+/// buffer must be initialised.
+pub fn sgd_table(s: &Schedule) -> Vec<u32> {
+    s.params
+        .iter()
+        .flat_map(|p| [p.offset as u32, p.len as u32, p.decay as u32])
+        .collect()
+}
+
+fn finish(b: B) -> crate::Result<Schedule> {
+    let s = b.s;
+    s.validate().map_err(err)?;
+    Ok(s)
+}
+
+fn fwd_spatial(plan: &Plan, i: usize) -> KernelSpec {
+    let node = &plan.nodes[i];
+    let x = plan.nodes[node.inputs[0]].shape;
+    let y = node.shape;
+    match node.op {
+        Op::ZeroPadShortcut { out_c, stride } => KernelSpec::ZeroPad {
+            in_c: x.c,
+            out_c,
+            in_h: x.h,
+            in_w: x.w,
+            out_h: y.h,
+            out_w: y.w,
+            stride,
+        },
+        Op::MaxPool(pool) => KernelSpec::MaxPool {
+            c: x.c,
+            in_h: x.h,
+            in_w: x.w,
+            out_h: y.h,
+            out_w: y.w,
+            pool,
+        },
+        Op::AvgPool(pool) => KernelSpec::AvgPool {
+            c: x.c,
+            in_h: x.h,
+            in_w: x.w,
+            out_h: y.h,
+            out_w: y.w,
+            pool,
+        },
+        Op::Concat => KernelSpec::Concat {
+            c0: x.c,
+            c1: plan.nodes[node.inputs[1]].shape.c,
+            hw: x.h * x.w,
+        },
+        Op::GlobalAvgPool => KernelSpec::GlobalAvgPool { hw: x.h * x.w },
+        _ => unreachable!(),
+    }
+}
+
+/// Destination of a gradient contribution to node `x`, with the accumulate flag (0 for the
+/// first contribution, 1 after).
+fn grad_dst(b: &B, x: usize) -> Option<(BufArg, ScalarArg)> {
+    if matches!(b.plan.nodes[x].op, Op::Input) {
+        return None;
+    }
+    let g = b.grad[x].unwrap_or_else(|| panic!("no gradient buffer for {}", b.plan.nodes[x].name));
+    let accum = b.written[g] as i32;
+    Some((b.whole(g, Access::ReadWrite), ScalarArg::I32(accum)))
+}
+
+fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Result<()> {
+    let plan = b.plan;
+    let node = &plan.nodes[i];
+    let name = node.name.clone();
+    let fu = node.fuse.clone();
+    let n = b.n;
+    let ni = n as i32;
+    let count = b.numel(i);
+    if matches!(node.op, Op::Input) {
+        return Ok(());
+    }
+    if b.chain_bn[i].is_some() {
+        return Ok(()); // ReLU / dropout of a BN prologue chain: the BN's backward does it
+    }
+    // the gradient flowing into this node (for a chained BN: the chain's activation gradient)
+    let dy_node = match (&node.op, b.chain_last[i]) {
+        (Op::BatchNorm { .. }, Some(last)) if fu.bwd_from.is_none() => last,
+        _ => i,
+    };
+    let dy = b.grad[dy_node]
+        .unwrap_or_else(|| panic!("no gradient buffer for {}", plan.nodes[dy_node].name));
+    if !b.written[dy] {
+        // not reachable from the loss: its gradient is zero
+        let a = b.whole(dy, Access::Write);
+        let len = a.len;
+        b.launch(
+            KernelSpec::Zero,
+            B::elem_grid(len),
+            [ELEM_BLOCK, 1, 1],
+            vec![a],
+            vec![ScalarArg::I32(len as i32)],
+            format!("{name} zero grad"),
+        )?;
+    }
+    let dya = b.whole(dy, Access::Read);
+    let blk = [ELEM_BLOCK, 1, 1];
+    match node.op {
+        Op::Input => {}
+        Op::Conv2d(conv) => {
+            let g = geom(plan, i);
+            let pro = fu.prologue;
+            let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
+            let pflags = PrologueFlags {
+                affine: pro.is_some_and(|p| p.bn.is_some()),
+                relu: pro.is_some_and(|p| p.relu.is_some()),
+                dropout: pro.is_some_and(|p| p.dropout.is_some()),
+            };
+            let rng: Vec<ScalarArg> = pro
+                .and_then(|p| p.dropout)
+                .map(|d| b.rng(d, b.dropout_p(d)).to_vec())
+                .unwrap_or_default();
+            // weight gradient (recomputing the prologue)
+            let xb = b.val(src);
+            let mut args = vec![
+                b.param(&format!("{name}.weight"), Access::Write, grads),
+                dya,
+                b.whole(xb, Access::Read),
+            ];
+            if pflags.affine {
+                let aff = b.bn_buf(pro.unwrap().bn.unwrap(), "affine", Role::Saved);
+                args.push(b.whole(aff, Access::Read));
+            }
+            let ocg = (g.out_c / g.groups) as u64;
+            let kdim = ((g.in_c / g.groups) * g.k * g.k) as u64;
+            let grid = [
+                ceil_div(ocg, TILE as u64),
+                ceil_div(kdim, TILE as u64),
+                g.groups as u64,
+            ];
+            let sc: Vec<ScalarArg> = [ScalarArg::I32(ni)]
+                .into_iter()
+                .chain(rng.iter().copied())
+                .collect();
+            b.launch(
+                KernelSpec::ConvBwdWeight { g, pro: pflags },
+                grid,
+                [TILE, TILE, 1],
+                args,
+                sc,
+                format!("{name} bwd_weight"),
+            )?;
+            if conv.bias {
+                let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
+                b.launch(
+                    KernelSpec::ChannelSums {
+                        c: g.out_c,
+                        hw: g.out_h * g.out_w,
+                        squares: false,
+                    },
+                    [g.out_c as u64, 1, 1],
+                    blk,
+                    args,
+                    vec![ScalarArg::I32(ni)],
+                    format!("{name} bwd_bias"),
+                )?;
+            }
+            // data gradient
+            let x = node.inputs[0];
+            if matches!(plan.nodes[x].op, Op::Input) {
+                return Ok(());
+            }
+            let m = n as u64 * (g.in_h * g.in_w) as u64;
+            let grid = [
+                ceil_div(m, TILE as u64),
+                ceil_div((g.in_c / g.groups) as u64, TILE as u64),
+                g.groups as u64,
+            ];
+            let w = b.param(&format!("{name}.weight"), Access::Read, params);
+            if let Some(bn) = fu.bwd_for {
+                let p = pro.unwrap();
+                let gbuf = b.grad[bn].unwrap();
+                if b.written[gbuf] {
+                    return Err(err(format!(
+                        "{name}: fused BN backward needs to be the only gradient contribution"
+                    )));
+                }
+                let bname = plan.nodes[bn].name.clone();
+                let xpre = b.val(p.src);
+                let aff = b.bn_buf(bn, "affine", Role::Saved);
+                let saved = b.bn_buf(bn, "saved", Role::Saved);
+                let (goff, _) = b.param_off[&format!("{bname}.weight")];
+                let args = vec![
+                    b.whole(gbuf, Access::Write),
+                    dya,
+                    w,
+                    b.whole(xpre, Access::Read),
+                    b.whole(aff, Access::Read),
+                    b.whole(saved, Access::Read),
+                    b.slice(grads, goff, 2 * g.in_c as u64, Access::ReadWrite),
+                ];
+                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni), ScalarArg::I32(0)]
+                    .into_iter()
+                    .chain(rng.iter().copied())
+                    .collect();
+                b.launch(
+                    KernelSpec::ConvBwdData { g, chain: pflags },
+                    grid,
+                    [TILE, TILE, 1],
+                    args,
+                    sc,
+                    format!("{name} bwd_data+{bname} reduce"),
+                )?;
+            } else {
+                let (dst, acc) = grad_dst(b, x).unwrap();
+                b.launch(
+                    KernelSpec::ConvBwdData {
+                        g,
+                        chain: PrologueFlags::default(),
+                    },
+                    grid,
+                    [TILE, TILE, 1],
+                    vec![dst, dya, w],
+                    vec![ScalarArg::I32(ni), acc],
+                    format!("{name} bwd_data"),
+                )?;
+            }
+        }
+        Op::BatchNorm { c, .. } => {
+            let hw = node.shape.h * node.shape.w;
+            let x = node.inputs[0];
+            let chain = if fu.inlined && fu.bwd_from.is_none() {
+                let last = b.chain_last[i].unwrap();
+                let has_drop = matches!(plan.nodes[last].op, Op::Dropout { .. })
+                    && plan.nodes[last].fuse.inlined;
+                PrologueFlags {
+                    affine: true,
+                    relu: true,
+                    dropout: has_drop,
+                }
+            } else {
+                PrologueFlags::default()
+            };
+            let rng: Vec<ScalarArg> = if chain.dropout {
+                let d = b.chain_last[i].unwrap();
+                b.rng(d, b.dropout_p(d)).to_vec()
+            } else {
+                vec![]
+            };
+            let xb = b.val(x);
+            let saved = b.bn_buf(i, "saved", Role::Saved);
+            let aff = b.bn_buf(i, "affine", Role::Saved);
+            let dgamma = b.param(&format!("{name}.weight"), Access::Write, grads);
+            let dbeta = b.param(&format!("{name}.bias"), Access::Write, grads);
+            if fu.bwd_from.is_none() {
+                let mut args = vec![
+                    dgamma,
+                    dbeta,
+                    dya,
+                    b.whole(xb, Access::Read),
+                    b.whole(saved, Access::Read),
+                ];
+                if chain.relu {
+                    args.push(b.whole(aff, Access::Read));
+                }
+                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni)]
+                    .into_iter()
+                    .chain(rng.iter().copied())
+                    .collect();
+                b.launch(
+                    KernelSpec::BnBwdReduce { c, hw, chain },
+                    [c as u64, 1, 1],
+                    blk,
+                    args,
+                    sc,
+                    format!("{name} bwd_reduce"),
+                )?;
+            }
+            if let Some((dst, acc)) = grad_dst(b, x) {
+                let mut args = vec![
+                    dst,
+                    dya,
+                    b.whole(xb, Access::Read),
+                    b.whole(saved, Access::Read),
+                    b.param(&format!("{name}.weight"), Access::Read, params),
+                    BufArg {
+                        access: Access::Read,
+                        ..dgamma
+                    },
+                    BufArg {
+                        access: Access::Read,
+                        ..dbeta
+                    },
+                ];
+                if chain.relu {
+                    args.push(b.whole(aff, Access::Read));
+                }
+                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni), acc]
+                    .into_iter()
+                    .chain(rng.iter().copied())
+                    .collect();
+                b.launch(
+                    KernelSpec::BnBwdApply { c, hw, chain },
+                    B::elem_grid(count),
+                    blk,
+                    args,
+                    sc,
+                    format!("{name} bwd_apply"),
+                )?;
+            }
+        }
+        Op::Relu | Op::Dropout { .. } | Op::DropPath { .. } => {
+            let Some((dst, acc)) = grad_dst(b, node.inputs[0]) else {
+                return Ok(());
+            };
+            let cnt = ScalarArg::I32(count as i32);
+            let (spec, args, sc) = match node.op {
+                Op::Relu => {
+                    let y = b.val(i);
+                    (
+                        KernelSpec::ReluBwd,
+                        vec![dst, dya, b.whole(y, Access::Read)],
+                        vec![cnt, acc],
+                    )
+                }
+                Op::Dropout { p } => (
+                    KernelSpec::DropoutBwd,
+                    vec![dst, dya],
+                    [cnt, acc].into_iter().chain(b.rng(i, p)).collect(),
+                ),
+                Op::DropPath { survival } => {
+                    let per = ScalarArg::I32(node.shape.numel() as i32);
+                    (
+                        KernelSpec::DropPathBwd,
+                        vec![dst, dya],
+                        [cnt, per, acc]
+                            .into_iter()
+                            .chain(b.rng(i, 1.0 - survival))
+                            .collect(),
+                    )
+                }
+                _ => unreachable!(),
+            };
+            b.launch(
+                spec,
+                B::elem_grid(count),
+                blk,
+                args,
+                sc,
+                format!("{name} bwd"),
+            )?;
+        }
+        Op::Add => {
+            for &x in &node.inputs.clone() {
+                if fu.computed_by == Some(x) {
+                    continue; // the conv's output gradient is this one (aliased)
+                }
+                if let Some((dst, acc)) = grad_dst(b, x) {
+                    b.launch(
+                        KernelSpec::Accumulate,
+                        B::elem_grid(count),
+                        blk,
+                        vec![dst, dya],
+                        vec![ScalarArg::I32(count as i32), acc],
+                        format!("{name} bwd"),
+                    )?;
+                }
+            }
+        }
+        Op::ZeroPadShortcut { .. } | Op::MaxPool(_) | Op::AvgPool(_) | Op::GlobalAvgPool => {
+            let x = node.inputs[0];
+            let Some((dst, acc)) = grad_dst(b, x) else {
+                return Ok(());
+            };
+            let xcount = b.numel(x);
+            let spec = match fwd_spatial(plan, i) {
+                KernelSpec::ZeroPad {
+                    in_c,
+                    out_c,
+                    in_h,
+                    in_w,
+                    out_h,
+                    out_w,
+                    stride,
+                } => KernelSpec::ZeroPadBwd {
+                    in_c,
+                    out_c,
+                    in_h,
+                    in_w,
+                    out_h,
+                    out_w,
+                    stride,
+                },
+                KernelSpec::MaxPool {
+                    c,
+                    in_h,
+                    in_w,
+                    out_h,
+                    out_w,
+                    pool,
+                } => KernelSpec::MaxPoolBwd {
+                    c,
+                    in_h,
+                    in_w,
+                    out_h,
+                    out_w,
+                    pool,
+                },
+                KernelSpec::AvgPool {
+                    c,
+                    in_h,
+                    in_w,
+                    out_h,
+                    out_w,
+                    pool,
+                } => KernelSpec::AvgPoolBwd {
+                    c,
+                    in_h,
+                    in_w,
+                    out_h,
+                    out_w,
+                    pool,
+                },
+                KernelSpec::GlobalAvgPool { hw } => KernelSpec::GlobalAvgPoolBwd { hw },
+                _ => unreachable!(),
+            };
+            let mut args = vec![dst, dya];
+            if let KernelSpec::MaxPoolBwd { .. } = spec {
+                let xb = b.val(x);
+                args.push(b.whole(xb, Access::Read));
+            }
+            let sc = if let KernelSpec::GlobalAvgPoolBwd { .. } = spec {
+                vec![ScalarArg::I32((n as u64 * node.shape.c as u64) as i32), acc]
+            } else {
+                vec![ScalarArg::I32(ni), acc]
+            };
+            b.launch(
+                spec,
+                B::elem_grid(xcount),
+                blk,
+                args,
+                sc,
+                format!("{name} bwd"),
+            )?;
+        }
+        Op::Concat => {
+            let KernelSpec::Concat { c0, c1, hw } = fwd_spatial(plan, i) else {
+                unreachable!()
+            };
+            let (x0, x1) = (node.inputs[0], node.inputs[1]);
+            if x0 == x1
+                || matches!(plan.nodes[x0].op, Op::Input)
+                || matches!(plan.nodes[x1].op, Op::Input)
+            {
+                return Err(err(format!("{name}: concatenating the input, or a tensor with itself, is not supported by the CUDA backend yet")));
+            }
+            let (d0, a0) = grad_dst(b, x0).unwrap();
+            let (d1, a1) = grad_dst(b, x1).unwrap();
+            b.launch(
+                KernelSpec::ConcatBwd { c0, c1, hw },
+                B::elem_grid(count),
+                blk,
+                vec![d0, d1, dya],
+                vec![ScalarArg::I32(ni), a0, a1],
+                format!("{name} bwd"),
+            )?;
+        }
+        Op::Linear { in_f, out_f } => {
+            let x = node.inputs[0];
+            let xb = b.val(x);
+            let args = vec![
+                b.param(&format!("{name}.weight"), Access::Write, grads),
+                dya,
+                b.whole(xb, Access::Read),
+            ];
+            let grid = [
+                ceil_div(out_f as u64, TILE as u64),
+                ceil_div(in_f as u64, TILE as u64),
+                1,
+            ];
+            b.launch(
+                KernelSpec::LinearBwdWeight { in_f, out_f },
+                grid,
+                [TILE, TILE, 1],
+                args,
+                vec![ScalarArg::I32(ni)],
+                format!("{name} bwd_weight"),
+            )?;
+            let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
+            b.launch(
+                KernelSpec::ChannelSums {
+                    c: out_f,
+                    hw: 1,
+                    squares: false,
+                },
+                [out_f as u64, 1, 1],
+                blk,
+                args,
+                vec![ScalarArg::I32(ni)],
+                format!("{name} bwd_bias"),
+            )?;
+            if let Some((dst, acc)) = grad_dst(b, x) {
+                let w = b.param(&format!("{name}.weight"), Access::Read, params);
+                let grid = [
+                    ceil_div(n as u64, TILE as u64),
+                    ceil_div(in_f as u64, TILE as u64),
+                    1,
+                ];
+                b.launch(
+                    KernelSpec::LinearBwdData { in_f, out_f },
+                    grid,
+                    [TILE, TILE, 1],
+                    vec![dst, dya, w],
+                    vec![ScalarArg::I32(ni), acc],
+                    format!("{name} bwd_data"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,731 @@
+//! Kernel specifications: everything that decides a kernel's code, and nothing else.
+//!
+//! Shapes (channels, spatial sizes, kernel geometry) are compile-time constants of a kernel;
+//! the batch size and element counts are runtime arguments, so one elementwise kernel serves
+//! every layer and one conv kernel every layer with the same geometry and fusion.
+
+use super::Dtype;
+use crate::graph::Pool;
+use serde::Serialize;
+
+/// How a launch touches a buffer argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+/// Element type of a kernel parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ElemKind {
+    /// Activation storage: `float`, or bf16 bits in `--precision bf16`.
+    Act,
+    F32,
+    I32,
+    U32,
+}
+
+/// Scalar parameter type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScalarKind {
+    I32,
+    U32,
+    F32,
+}
+
+/// A buffer parameter of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufParam {
+    pub name: &'static str,
+    pub access: Access,
+    pub elem: ElemKind,
+}
+
+impl BufParam {
+    pub fn dtype_ok(&self, d: Dtype) -> bool {
+        matches!(
+            (self.elem, d),
+            (ElemKind::Act, Dtype::F32 | Dtype::Bf16)
+                | (ElemKind::F32, Dtype::F32)
+                | (ElemKind::I32, Dtype::I32)
+                | (ElemKind::U32, Dtype::U32)
+        )
+    }
+}
+
+/// Geometry of a convolution (per image; the batch is a runtime argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct ConvGeom {
+    pub in_c: u32,
+    pub in_h: u32,
+    pub in_w: u32,
+    pub out_c: u32,
+    pub out_h: u32,
+    pub out_w: u32,
+    pub k: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub groups: u32,
+}
+
+impl ConvGeom {
+    fn tag(&self) -> String {
+        format!(
+            "i{}x{}x{}_o{}x{}x{}_k{}s{}p{}g{}",
+            self.in_c,
+            self.in_h,
+            self.in_w,
+            self.out_c,
+            self.out_h,
+            self.out_w,
+            self.k,
+            self.stride,
+            self.pad,
+            self.groups
+        )
+    }
+}
+
+/// A conv's input transform on load (see [`crate::passes::ProloguePlan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub struct PrologueFlags {
+    /// `x * scale[c] + shift[c]` (a BN).
+    pub affine: bool,
+    pub relu: bool,
+    /// Inverted dropout, mask from the RNG.
+    pub dropout: bool,
+}
+
+impl PrologueFlags {
+    pub fn any(&self) -> bool {
+        self.affine || self.relu || self.dropout
+    }
+    fn tag(&self) -> String {
+        let mut s = String::new();
+        if self.affine {
+            s.push_str("bn");
+        }
+        if self.relu {
+            s.push_str("relu");
+        }
+        if self.dropout {
+            s.push_str("drop");
+        }
+        s
+    }
+}
+
+/// A conv's output transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub struct EpilogueFlags {
+    /// `+ bias[o]`.
+    pub bias: bool,
+    /// `+ residual[i]` (a fused Add).
+    pub residual: bool,
+    /// Per-channel sum and sum of squares of the result, atomically added into `stats`.
+    pub stats: bool,
+}
+
+impl EpilogueFlags {
+    fn tag(&self) -> String {
+        let mut s = String::new();
+        if self.bias {
+            s.push_str("_bias");
+        }
+        if self.residual {
+            s.push_str("_res");
+        }
+        if self.stats {
+            s.push_str("_stats");
+        }
+        s
+    }
+}
+
+/// Everything that decides a kernel's code. Runtime arguments: `n` (batch) or `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum KernelSpec {
+    /// `y = epi(conv(pro(x), w))`, tiled implicit GEMM (M = n*OH*OW pixels, N = OC/g, K = IC/g*k*k).
+    ConvFwd {
+        g: ConvGeom,
+        pro: PrologueFlags,
+        epi: EpilogueFlags,
+    },
+    /// `dx (+)= conv_transpose(dy, w)`; with `chain`, the epilogue applies a BN chain's
+    /// dReLU / dropout masks (recomputed from the pre-activation `x`) and accumulates dBN's
+    /// reductions (`sum g`, `sum g * xhat`) into `sums`, writing `g` (the BN output gradient).
+    ConvBwdData {
+        g: ConvGeom,
+        chain: PrologueFlags,
+    },
+    /// `dw = sum_{n,oh,ow} dy * pro(x)` (the prologue recomputes the activation).
+    ConvBwdWeight {
+        g: ConvGeom,
+        pro: PrologueFlags,
+    },
+    /// `y = x W^T + b`.
+    LinearFwd {
+        in_f: u32,
+        out_f: u32,
+    },
+    LinearBwdData {
+        in_f: u32,
+        out_f: u32,
+    },
+    LinearBwdWeight {
+        in_f: u32,
+        out_f: u32,
+    },
+    /// `out[ch] = sum_{n,p} x[n,ch,p]` (and `out[c + ch] = sum x^2` with `squares`): BN batch
+    /// statistics and bias gradients. One block per channel, deterministic.
+    ChannelSums {
+        c: u32,
+        hw: u32,
+        squares: bool,
+    },
+    /// From `stats = [sum | sumsq]`: saved `[mean | rstd]`, affine `[scale | shift]`, running
+    /// statistics update.
+    BnFinalizeTrain {
+        c: u32,
+    },
+    /// From running statistics: affine `[scale | shift]`.
+    BnFinalizeEval {
+        c: u32,
+    },
+    /// `y = x * scale[c] + shift[c]`.
+    BnApply {
+        c: u32,
+        hw: u32,
+    },
+    /// dBN reductions `dgamma = sum g * xhat`, `dbeta = sum g`, where `g` is `dy`, or, with a
+    /// chain, `dy` through the recomputed dropout / ReLU masks.
+    BnBwdReduce {
+        c: u32,
+        hw: u32,
+        chain: PrologueFlags,
+    },
+    /// `dx (+)= gamma * rstd * (g - dbeta / m - xhat * dgamma / m)`, `m = n * hw`.
+    BnBwdApply {
+        c: u32,
+        hw: u32,
+        chain: PrologueFlags,
+    },
+    Relu,
+    /// `dx (+)= y > 0 ? dy : 0`.
+    ReluBwd,
+    Dropout,
+    DropoutBwd,
+    /// Stochastic depth, one draw per sample (`per` elements per image at runtime).
+    DropPath,
+    DropPathBwd,
+    /// `y = a + b`.
+    Add,
+    /// `y (+)= x` (gradient pass-through and identity copies).
+    Accumulate,
+    ZeroPad {
+        in_c: u32,
+        out_c: u32,
+        in_h: u32,
+        in_w: u32,
+        out_h: u32,
+        out_w: u32,
+        stride: u32,
+    },
+    ZeroPadBwd {
+        in_c: u32,
+        out_c: u32,
+        in_h: u32,
+        in_w: u32,
+        out_h: u32,
+        out_w: u32,
+        stride: u32,
+    },
+    Concat {
+        c0: u32,
+        c1: u32,
+        hw: u32,
+    },
+    ConcatBwd {
+        c0: u32,
+        c1: u32,
+        hw: u32,
+    },
+    MaxPool {
+        c: u32,
+        in_h: u32,
+        in_w: u32,
+        out_h: u32,
+        out_w: u32,
+        pool: Pool,
+    },
+    MaxPoolBwd {
+        c: u32,
+        in_h: u32,
+        in_w: u32,
+        out_h: u32,
+        out_w: u32,
+        pool: Pool,
+    },
+    AvgPool {
+        c: u32,
+        in_h: u32,
+        in_w: u32,
+        out_h: u32,
+        out_w: u32,
+        pool: Pool,
+    },
+    AvgPoolBwd {
+        c: u32,
+        in_h: u32,
+        in_w: u32,
+        out_h: u32,
+        out_w: u32,
+        pool: Pool,
+    },
+    GlobalAvgPool {
+        hw: u32,
+    },
+    GlobalAvgPoolBwd {
+        hw: u32,
+    },
+    /// Per-sample softmax cross-entropy (with label smoothing): loss and `dlogits / n`.
+    SoftmaxXent {
+        classes: u32,
+    },
+    /// SGD with momentum, Nesterov and weight decay over every parameter tensor in one launch:
+    /// `grid.y` indexes the `(start, len, decay)` table.
+    SgdMultiTensor,
+    /// `y[i] = 0`.
+    Zero,
+    /// Inference BN folding: `w' = w * s[o]`, `b' = (b - mean) * s + beta`.
+    FoldBn {
+        out_c: u32,
+        per_out: u32,
+        bias: bool,
+    },
+}
+
+macro_rules! b {
+    ($n:expr, $a:ident, $e:ident) => {
+        BufParam {
+            name: $n,
+            access: Access::$a,
+            elem: ElemKind::$e,
+        }
+    };
+}
+
+impl KernelSpec {
+    /// C identifier, derived from the spec alone (stable across runs and graphs).
+    pub fn name(&self) -> String {
+        use KernelSpec::*;
+        let pool = |p: &Pool| format!("k{}s{}p{}", p.k, p.stride, p.pad);
+        match self {
+            ConvFwd { g, pro, epi } => {
+                let p = if pro.any() {
+                    format!("_pro_{}", pro.tag())
+                } else {
+                    String::new()
+                };
+                format!("conv_fwd_{}{}{}", g.tag(), p, epi.tag())
+            }
+            ConvBwdData { g, chain } => {
+                let p = if chain.any() {
+                    format!("_chain_{}", chain.tag())
+                } else {
+                    String::new()
+                };
+                format!("conv_bwd_data_{}{}", g.tag(), p)
+            }
+            ConvBwdWeight { g, pro } => {
+                let p = if pro.any() {
+                    format!("_pro_{}", pro.tag())
+                } else {
+                    String::new()
+                };
+                format!("conv_bwd_weight_{}{}", g.tag(), p)
+            }
+            LinearFwd { in_f, out_f } => format!("linear_fwd_{in_f}x{out_f}"),
+            LinearBwdData { in_f, out_f } => format!("linear_bwd_data_{in_f}x{out_f}"),
+            LinearBwdWeight { in_f, out_f } => format!("linear_bwd_weight_{in_f}x{out_f}"),
+            ChannelSums { c, hw, squares } => format!(
+                "channel_sums_c{c}_hw{hw}{}",
+                if *squares { "_sq" } else { "" }
+            ),
+            BnFinalizeTrain { c } => format!("bn_finalize_train_c{c}"),
+            BnFinalizeEval { c } => format!("bn_finalize_eval_c{c}"),
+            BnApply { c, hw } => format!("bn_apply_c{c}_hw{hw}"),
+            BnBwdReduce { c, hw, chain } => {
+                let p = if chain.any() {
+                    format!("_chain_{}", chain.tag())
+                } else {
+                    String::new()
+                };
+                format!("bn_bwd_reduce_c{c}_hw{hw}{p}")
+            }
+            BnBwdApply { c, hw, chain } => {
+                let p = if chain.any() {
+                    format!("_chain_{}", chain.tag())
+                } else {
+                    String::new()
+                };
+                format!("bn_bwd_apply_c{c}_hw{hw}{p}")
+            }
+            Relu => "relu_fwd".into(),
+            ReluBwd => "relu_bwd".into(),
+            Dropout => "dropout_fwd".into(),
+            DropoutBwd => "dropout_bwd".into(),
+            DropPath => "droppath_fwd".into(),
+            DropPathBwd => "droppath_bwd".into(),
+            Add => "add_fwd".into(),
+            Accumulate => "accumulate".into(),
+            ZeroPad {
+                in_c,
+                out_c,
+                in_h,
+                in_w,
+                stride,
+                ..
+            } => format!("zeropad_fwd_c{in_c}to{out_c}_{in_h}x{in_w}_s{stride}"),
+            ZeroPadBwd {
+                in_c,
+                out_c,
+                in_h,
+                in_w,
+                stride,
+                ..
+            } => format!("zeropad_bwd_c{in_c}to{out_c}_{in_h}x{in_w}_s{stride}"),
+            Concat { c0, c1, hw } => format!("concat_fwd_{c0}_{c1}_hw{hw}"),
+            ConcatBwd { c0, c1, hw } => format!("concat_bwd_{c0}_{c1}_hw{hw}"),
+            MaxPool {
+                c,
+                in_h,
+                in_w,
+                pool: p,
+                ..
+            } => format!("maxpool_fwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
+            MaxPoolBwd {
+                c,
+                in_h,
+                in_w,
+                pool: p,
+                ..
+            } => format!("maxpool_bwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
+            AvgPool {
+                c,
+                in_h,
+                in_w,
+                pool: p,
+                ..
+            } => format!("avgpool_fwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
+            AvgPoolBwd {
+                c,
+                in_h,
+                in_w,
+                pool: p,
+                ..
+            } => format!("avgpool_bwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
+            GlobalAvgPool { hw } => format!("gap_fwd_hw{hw}"),
+            GlobalAvgPoolBwd { hw } => format!("gap_bwd_hw{hw}"),
+            SoftmaxXent { classes } => format!("softmax_xent_{classes}"),
+            SgdMultiTensor => "sgd_multi_tensor".into(),
+            Zero => "zero_fill".into(),
+            FoldBn {
+                out_c,
+                per_out,
+                bias,
+            } => format!(
+                "fold_bn_o{out_c}_k{per_out}{}",
+                if *bias { "_bias" } else { "" }
+            ),
+        }
+    }
+
+    /// Buffer and scalar parameters, in argument order. The code generator writes exactly
+    /// these, and the schedule builder passes exactly these.
+    pub fn signature(&self) -> (Vec<BufParam>, Vec<(&'static str, ScalarKind)>) {
+        use KernelSpec::*;
+        use ScalarKind as S;
+        let rng = [
+            ("seed", S::U32),
+            ("stream", S::U32),
+            ("step", S::U32),
+            ("p", S::F32),
+        ];
+        let (mut bufs, mut sc): (Vec<BufParam>, Vec<(&'static str, ScalarKind)>) = match self {
+            ConvFwd { pro, epi, .. } => {
+                let mut v = vec![b!("y", Write, Act), b!("x", Read, Act), b!("w", Read, F32)];
+                if pro.affine {
+                    v.push(b!("affine", Read, F32));
+                }
+                if epi.bias {
+                    v.push(b!("bias", Read, F32));
+                }
+                if epi.residual {
+                    v.push(b!("res", Read, Act));
+                }
+                if epi.stats {
+                    v.push(b!("stats", ReadWrite, F32));
+                }
+                let mut s = vec![("n", S::I32)];
+                if pro.dropout {
+                    s.extend(rng);
+                }
+                (v, s)
+            }
+            ConvBwdData { chain, .. } => {
+                let mut v = vec![
+                    b!("dx", ReadWrite, Act),
+                    b!("dy", Read, Act),
+                    b!("w", Read, F32),
+                ];
+                let mut s = vec![("n", S::I32), ("accum", S::I32)];
+                if chain.any() {
+                    v.extend([
+                        b!("xpre", Read, Act),
+                        b!("affine", Read, F32),
+                        b!("saved", Read, F32),
+                        b!("sums", ReadWrite, F32),
+                    ]);
+                    if chain.dropout {
+                        s.extend(rng);
+                    }
+                }
+                (v, s)
+            }
+            ConvBwdWeight { pro, .. } => {
+                let mut v = vec![
+                    b!("dw", Write, F32),
+                    b!("dy", Read, Act),
+                    b!("x", Read, Act),
+                ];
+                if pro.affine {
+                    v.push(b!("affine", Read, F32));
+                }
+                let mut s = vec![("n", S::I32)];
+                if pro.dropout {
+                    s.extend(rng);
+                }
+                (v, s)
+            }
+            LinearFwd { .. } => (
+                vec![
+                    b!("y", Write, Act),
+                    b!("x", Read, Act),
+                    b!("w", Read, F32),
+                    b!("bias", Read, F32),
+                ],
+                vec![("n", S::I32)],
+            ),
+            LinearBwdData { .. } => (
+                vec![
+                    b!("dx", ReadWrite, Act),
+                    b!("dy", Read, Act),
+                    b!("w", Read, F32),
+                ],
+                vec![("n", S::I32), ("accum", S::I32)],
+            ),
+            LinearBwdWeight { .. } => (
+                vec![
+                    b!("dw", Write, F32),
+                    b!("dy", Read, Act),
+                    b!("x", Read, Act),
+                ],
+                vec![("n", S::I32)],
+            ),
+            ChannelSums { .. } => (
+                vec![b!("out", Write, F32), b!("x", Read, Act)],
+                vec![("n", S::I32)],
+            ),
+            BnFinalizeTrain { .. } => (
+                vec![
+                    b!("stats", Read, F32),
+                    b!("gamma", Read, F32),
+                    b!("beta", Read, F32),
+                    b!("saved", Write, F32),
+                    b!("affine", Write, F32),
+                    b!("running", ReadWrite, F32),
+                ],
+                vec![("count", S::I32), ("eps", S::F32), ("momentum", S::F32)],
+            ),
+            BnFinalizeEval { .. } => (
+                vec![
+                    b!("running", Read, F32),
+                    b!("gamma", Read, F32),
+                    b!("beta", Read, F32),
+                    b!("affine", Write, F32),
+                ],
+                vec![("eps", S::F32)],
+            ),
+            BnApply { .. } => (
+                vec![
+                    b!("y", Write, Act),
+                    b!("x", Read, Act),
+                    b!("affine", Read, F32),
+                ],
+                vec![("n", S::I32)],
+            ),
+            BnBwdReduce { chain, .. } => {
+                let mut v = vec![
+                    b!("dgamma", Write, F32),
+                    b!("dbeta", Write, F32),
+                    b!("dy", Read, Act),
+                    b!("x", Read, Act),
+                    b!("saved", Read, F32),
+                ];
+                if chain.relu {
+                    v.push(b!("affine", Read, F32));
+                }
+                let mut s = vec![("n", S::I32)];
+                if chain.dropout {
+                    s.extend(rng);
+                }
+                (v, s)
+            }
+            BnBwdApply { chain, .. } => {
+                let mut v = vec![
+                    b!("dx", ReadWrite, Act),
+                    b!("dy", Read, Act),
+                    b!("x", Read, Act),
+                    b!("saved", Read, F32),
+                    b!("gamma", Read, F32),
+                    b!("dgamma", Read, F32),
+                    b!("dbeta", Read, F32),
+                ];
+                if chain.relu {
+                    v.push(b!("affine", Read, F32));
+                }
+                let mut s = vec![("n", S::I32), ("accum", S::I32)];
+                if chain.dropout {
+                    s.extend(rng);
+                }
+                (v, s)
+            }
+            Relu => (
+                vec![b!("y", Write, Act), b!("x", Read, Act)],
+                vec![("count", S::I32)],
+            ),
+            ReluBwd => (
+                vec![
+                    b!("dx", ReadWrite, Act),
+                    b!("dy", Read, Act),
+                    b!("y", Read, Act),
+                ],
+                vec![("count", S::I32), ("accum", S::I32)],
+            ),
+            Dropout => (
+                vec![b!("y", Write, Act), b!("x", Read, Act)],
+                [("count", S::I32)].into_iter().chain(rng).collect(),
+            ),
+            DropoutBwd => (
+                vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
+                [("count", S::I32), ("accum", S::I32)]
+                    .into_iter()
+                    .chain(rng)
+                    .collect(),
+            ),
+            DropPath => (
+                vec![b!("y", Write, Act), b!("x", Read, Act)],
+                [("count", S::I32), ("per", S::I32)]
+                    .into_iter()
+                    .chain(rng)
+                    .collect(),
+            ),
+            DropPathBwd => (
+                vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
+                [("count", S::I32), ("per", S::I32), ("accum", S::I32)]
+                    .into_iter()
+                    .chain(rng)
+                    .collect(),
+            ),
+            Add => (
+                vec![b!("y", Write, Act), b!("a", Read, Act), b!("b", Read, Act)],
+                vec![("count", S::I32)],
+            ),
+            Accumulate => (
+                vec![b!("y", ReadWrite, Act), b!("x", Read, Act)],
+                vec![("count", S::I32), ("accum", S::I32)],
+            ),
+            ZeroPad { .. } | MaxPool { .. } | AvgPool { .. } | Concat { .. } => {
+                let mut v = vec![b!("y", Write, Act), b!("x", Read, Act)];
+                if matches!(self, Concat { .. }) {
+                    v.push(b!("x1", Read, Act));
+                }
+                (v, vec![("n", S::I32)])
+            }
+            ZeroPadBwd { .. } | AvgPoolBwd { .. } => (
+                vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
+                vec![("n", S::I32), ("accum", S::I32)],
+            ),
+            MaxPoolBwd { .. } => (
+                vec![
+                    b!("dx", ReadWrite, Act),
+                    b!("dy", Read, Act),
+                    b!("x", Read, Act),
+                ],
+                vec![("n", S::I32), ("accum", S::I32)],
+            ),
+            ConcatBwd { .. } => (
+                vec![
+                    b!("dx0", ReadWrite, Act),
+                    b!("dx1", ReadWrite, Act),
+                    b!("dy", Read, Act),
+                ],
+                vec![("n", S::I32), ("accum0", S::I32), ("accum1", S::I32)],
+            ),
+            GlobalAvgPool { .. } => (
+                vec![b!("y", Write, Act), b!("x", Read, Act)],
+                vec![("rows", S::I32)],
+            ),
+            GlobalAvgPoolBwd { .. } => (
+                vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
+                vec![("rows", S::I32), ("accum", S::I32)],
+            ),
+            SoftmaxXent { .. } => (
+                vec![
+                    b!("loss", Write, F32),
+                    b!("dlogits", Write, Act),
+                    b!("logits", Read, Act),
+                    b!("labels", Read, I32),
+                ],
+                vec![("n", S::I32), ("smoothing", S::F32)],
+            ),
+            SgdMultiTensor => (
+                vec![
+                    b!("params", ReadWrite, F32),
+                    b!("grads", Read, F32),
+                    b!("momentum_buf", ReadWrite, F32),
+                    b!("table", Read, U32),
+                ],
+                vec![
+                    ("lr", S::F32),
+                    ("momentum", S::F32),
+                    ("weight_decay", S::F32),
+                    ("nesterov", S::I32),
+                ],
+            ),
+            Zero => (vec![b!("y", Write, F32)], vec![("count", S::I32)]),
+            FoldBn { bias, .. } => {
+                let mut v = vec![
+                    b!("w_out", Write, F32),
+                    b!("b_out", Write, F32),
+                    b!("w", Read, F32),
+                ];
+                if *bias {
+                    v.push(b!("b", Read, F32));
+                }
+                v.extend([b!("affine", Read, F32)]);
+                (v, vec![])
+            }
+        };
+        // keep the borrow checker quiet about unused mut in some arms
+        bufs.shrink_to_fit();
+        sc.shrink_to_fit();
+        (bufs, sc)
+    }
+}

@@ -1,0 +1,304 @@
+//! The schedule: buffers, kernels and launches of one inference pass or one training step.
+//!
+//! Plain data (serialisable for `--emit schedule`), built from a [`Graph`] by
+//! [`build`]: the graph becomes a [`Plan`], the fusion [`passes`](crate::passes) annotate it,
+//! and [`lower`] emits kernels and launches — forward, loss, backward (reverse-mode autodiff
+//! over the annotated plan) and the optimizer update.
+//!
+//! Invariants (checked by [`Schedule::validate`]):
+//! - every [`Launch::kernel`] indexes `kernels`; its buffer and scalar arguments match the
+//!   kernel's [`KernelSpec::signature`] in number, order and element type;
+//! - every [`BufArg`] lies inside its buffer (`offset + len <= buffer.len`);
+//! - kernels are unique by [`KernelSpec`] (the same spec is one kernel, reused by every layer
+//!   with the same shapes), and kernel names are unique and derived from the spec alone;
+//! - all element indices of every kernel fit in a signed 32-bit int (checked at build time);
+//! - order is deterministic: buffers, kernels and launches appear in first-use order of a walk
+//!   over the plan in topological order.
+
+mod build;
+mod kernel;
+
+pub use build::{build, lower, sgd_table};
+pub use kernel::{
+    Access, BufParam, ConvGeom, ElemKind, EpilogueFlags, KernelSpec, PrologueFlags, ScalarKind,
+};
+
+use crate::ast::Precision;
+use crate::graph::ParamKind;
+use crate::passes::{Fusion, Mode};
+use serde::Serialize;
+
+/// Element type of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    F32,
+    /// bfloat16 storage (activations in `--precision bf16`); arithmetic stays fp32.
+    Bf16,
+    I32,
+    U32,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::Bf16 => 2,
+            _ => 4,
+        }
+    }
+    /// The C type in generated code.
+    pub fn c_type(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float",
+            Dtype::Bf16 => "unsigned short",
+            Dtype::I32 => "int",
+            Dtype::U32 => "unsigned int",
+        }
+    }
+}
+
+/// What a buffer holds; decides its lifetime in the memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The input batch (host-written, persistent).
+    Input,
+    /// Labels of the batch, `i32`, one per sample (host-written, persistent).
+    Labels,
+    /// An op's output (forward), or the loss.
+    Activation,
+    /// The gradient of an activation (backward).
+    ActivationGrad,
+    /// All trainable parameters, one flat arena (persistent).
+    Param,
+    /// Their gradients, same layout (persistent across the step).
+    Grad,
+    /// The optimizer's momentum, same layout (persistent).
+    Momentum,
+    /// BN running statistics (persistent).
+    State,
+    /// Kept from forward for backward (BN mean / rstd, scale / shift).
+    Saved,
+    /// Temporary (statistics accumulated with atomics, folded weights).
+    Scratch,
+    /// The optimizer's multi-tensor table `(start, len, decay)` per parameter (`u32`, persistent).
+    Table,
+}
+
+impl Role {
+    /// Persistent buffers live for the whole run; the others are planned by liveness.
+    pub fn persistent(self) -> bool {
+        matches!(
+            self,
+            Role::Input
+                | Role::Labels
+                | Role::Param
+                | Role::Grad
+                | Role::Momentum
+                | Role::State
+                | Role::Table
+        )
+    }
+}
+
+/// A device buffer. `len` is in elements of `dtype`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Buffer {
+    /// Unique, deterministic (`act.<node>`, `grad.<node>`, `params`, ...).
+    pub name: String,
+    pub len: u64,
+    pub dtype: Dtype,
+    pub role: Role,
+}
+
+/// One compiled kernel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Kernel {
+    /// C identifier derived from the spec (`conv_fwd_i16x32x32_o32_k3s1p1g1_pro_bnrelu`).
+    pub name: String,
+    pub spec: KernelSpec,
+}
+
+/// A buffer argument: `len` elements from `offset` (both in elements) of `buffer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BufArg {
+    pub buffer: usize,
+    pub offset: u64,
+    pub len: u64,
+    pub access: Access,
+}
+
+/// A scalar argument: a constant, or a value the host supplies per step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScalarArg {
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    /// The run's RNG seed (`u32`).
+    Seed,
+    /// The training step counter (`u32`), for the RNG.
+    Step,
+    /// Learning rate of this step (`f32`).
+    Lr,
+    /// SGD momentum (`f32`).
+    Momentum,
+    /// Weight decay (`f32`).
+    WeightDecay,
+    /// 1 for Nesterov momentum (`i32`).
+    Nesterov,
+    /// Label smoothing (`f32`).
+    LabelSmoothing,
+}
+
+impl ScalarArg {
+    pub fn kind(self) -> ScalarKind {
+        match self {
+            ScalarArg::I32(_) | ScalarArg::Nesterov => ScalarKind::I32,
+            ScalarArg::U32(_) | ScalarArg::Seed | ScalarArg::Step => ScalarKind::U32,
+            _ => ScalarKind::F32,
+        }
+    }
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Launch {
+    pub kernel: usize,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    /// Dynamic shared memory bytes (the generated kernels use static shared memory: 0).
+    pub shared: u32,
+    pub buffers: Vec<BufArg>,
+    pub scalars: Vec<ScalarArg>,
+    /// The graph node this launch belongs to, and what part of it (`fwd`, `bwd_data`, ...).
+    pub note: String,
+}
+
+/// A trainable tensor's slot in the `params` / `grads` / `momentum` arenas.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamSlot {
+    /// `<node name>.<suffix>`, as in the graph.
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+    pub kind: ParamKind,
+    /// Weight decay applies (convolution and linear weights only).
+    pub decay: bool,
+}
+
+/// Options of a schedule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Options {
+    pub mode: Mode,
+    /// Images per batch, `>= 1`.
+    pub batch: u32,
+    pub precision: Precision,
+    pub fusion: Fusion,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            mode: Mode::Train,
+            batch: 128,
+            precision: Precision::F32,
+            fusion: Fusion::default(),
+        }
+    }
+}
+
+/// Everything one step launches (see module invariants).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    pub name: String,
+    pub mode: Mode,
+    pub batch: u32,
+    pub precision: Precision,
+    pub classes: u32,
+    /// Passes that changed the plan, in order.
+    pub passes: Vec<String>,
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<Kernel>,
+    /// Run once after the parameters are loaded (inference: BN folding, eval scale/shift).
+    pub setup: Vec<Launch>,
+    /// Run every batch / step, in order.
+    pub launches: Vec<Launch>,
+    /// Trainable parameters in the `params` arena, in graph order.
+    pub params: Vec<ParamSlot>,
+    /// BN running statistics `(name, offset, len)` in the `state` buffer.
+    pub state: Vec<(String, u64, u64)>,
+    /// Buffer indices of the batch input, labels (train), logits, and per-sample loss (train).
+    pub input: usize,
+    pub labels: Option<usize>,
+    pub logits: usize,
+    pub loss: Option<usize>,
+}
+
+impl Schedule {
+    pub fn buffer(&self, name: &str) -> Option<usize> {
+        self.buffers.iter().position(|b| b.name == name)
+    }
+
+    /// Checks the module invariants.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for k in &self.kernels {
+            if !names.insert(&k.name) {
+                return Err(format!("duplicate kernel name {}", k.name));
+            }
+        }
+        for (li, l) in self.setup.iter().chain(&self.launches).enumerate() {
+            let k = self
+                .kernels
+                .get(l.kernel)
+                .ok_or(format!("launch {li}: no kernel {}", l.kernel))?;
+            let (bufs, scalars) = k.spec.signature();
+            if bufs.len() != l.buffers.len() || scalars.len() != l.scalars.len() {
+                return Err(format!(
+                    "launch {li} ({}): {} buffers / {} scalars, kernel {} wants {} / {}",
+                    l.note,
+                    l.buffers.len(),
+                    l.scalars.len(),
+                    k.name,
+                    bufs.len(),
+                    scalars.len()
+                ));
+            }
+            for (a, p) in l.buffers.iter().zip(&bufs) {
+                let b = self
+                    .buffers
+                    .get(a.buffer)
+                    .ok_or(format!("launch {li}: no buffer {}", a.buffer))?;
+                if a.offset + a.len > b.len {
+                    return Err(format!(
+                        "launch {li} ({}): {} out of range of {}",
+                        l.note, p.name, b.name
+                    ));
+                }
+                if !p.dtype_ok(b.dtype) {
+                    return Err(format!(
+                        "launch {li} ({}): {} has dtype {:?}",
+                        l.note, p.name, b.dtype
+                    ));
+                }
+            }
+            for (s, p) in l.scalars.iter().zip(&scalars) {
+                if s.kind() != p.1 {
+                    return Err(format!(
+                        "launch {li} ({}): scalar {} is {:?}",
+                        l.note,
+                        p.0,
+                        s.kind()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The schedule as pretty JSON (`--emit schedule`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("schedule serialises")
+    }
+}
