@@ -12,6 +12,10 @@ pub mod graph;
 pub mod lower;
 pub mod print;
 pub mod rng;
+pub mod passes;
+pub mod schedule;
+pub mod memplan;
+pub mod codegen;
 
 pub use ast::Span;
 
