@@ -31,7 +31,10 @@ fn every_error_file_is_rejected_with_a_diagnostic() {
         .filter(|p| p.extension().is_some_and(|e| e == "net"))
         .collect();
     paths.sort();
-    assert!(paths.len() >= 17, "expected the error corpus, found {paths:?}");
+    assert!(
+        paths.len() >= 17,
+        "expected the error corpus, found {paths:?}"
+    );
     let mut accepted = Vec::new();
     for path in &paths {
         let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
@@ -47,5 +50,8 @@ fn every_error_file_is_rejected_with_a_diagnostic() {
             None => accepted.push(name),
         }
     }
-    assert!(accepted.is_empty(), "these broken files were accepted: {accepted:?}");
+    assert!(
+        accepted.is_empty(),
+        "these broken files were accepted: {accepted:?}"
+    );
 }
