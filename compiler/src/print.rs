@@ -2,8 +2,9 @@
 //!
 //! Invariants:
 //! - The output parses (with `wrnc-grammar`) to an AST equal to the input, spans aside, for
-//!   every AST whose reals are finite. (NaN and infinities have no literal in the language and
-//!   are printed as Rust writes them, which does not parse.)
+//!   every AST the parser can produce. Outside that set: NaN and infinities have no literal in
+//!   the language (they print as Rust writes them, which does not parse), and an empty
+//!   `repeat` body prints but is refused by the parser.
 //! - Reals are printed with Rust's `{}` for `f64`, the shortest text that reads back to the
 //!   same bits.
 //! - The same AST always prints to the same text: layout depends only on the AST.

@@ -357,10 +357,15 @@ impl<'s> Cx<'s> {
             Rule::repeat => {
                 let mut args = self.args(p);
                 let count = self.uint(&self.next(&mut args, "repeat")?)?;
-                LayerKind::Repeat {
-                    count,
-                    body: self.layers(args)?,
+                let body = self.layers(args)?;
+                // An empty body repeats nothing; nested empty repeats would make the compiler
+                // loop `N * M * ...` times for no layer at all.
+                if body.is_empty() {
+                    return Err(self
+                        .err(sp, "empty `repeat` body")
+                        .with_help("write the layers to repeat inside the braces, e.g. `repeat 4 { residual { .. } }`"));
                 }
+                LayerKind::Repeat { count, body }
             }
             Rule::residual => {
                 let mut r = Residual {

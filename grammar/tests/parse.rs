@@ -539,13 +539,22 @@ fn blocks() {
       }
     }
     ");
-    check!("network { repeat 0 { } dense { } }", @"
+    check!("network { repeat 2 { bn } dense { } }", @"
     network {
-      repeat 0 {
+      repeat 2 {
+        bn
       }
       dense {
       }
     }
+    ");
+    check!("network { repeat 0 { } dense { } }", @"
+    error: empty `repeat` body
+     --> <inline>:1:11
+      |
+    1 | network { repeat 0 { } dense { } }
+      |           ^^^^^^^^^^^^
+      = help: write the layers to repeat inside the braces, e.g. `repeat 4 { residual { .. } }`
     ");
 }
 

@@ -90,7 +90,7 @@ train {
   bn relu avgpool(2x2) maxpool(3x3, stride=2, pad=1) gap fc
 }"#,
     r#"network "q\"\\" { residual { pre bn body residual { body dense { conv(1x1, 8, groups=2, bias) } } shortcut zeropad post relu } fc(3) }"#,
-    "network { repeat 2 { repeat 3 { } } dense { } conv(7x7, 64, stride=2, pad=3) maxpool(3x3, stride=2, pad=1) }",
+    "network { repeat 2 { repeat 3 { bn } } dense { } conv(7x7, 64, stride=2, pad=3) maxpool(3x3, stride=2, pad=1) }",
 ];
 
 #[test]
