@@ -1,0 +1,159 @@
+// cuda_emu.h: run the CUDA subset wrnc generates on the host, with g++ -std=c++20 -pthread.
+//
+// Model: a launch runs its blocks one after another; the threads of a block run concurrently,
+// one std::thread each, so __syncthreads is a real std::barrier and the kernel's own code
+// decides the interleaving (races in a kernel show up here as they would on a GPU).
+//
+// Supported: threadIdx / blockIdx / blockDim / gridDim, __global__ / __device__ /
+// __forceinline__ / __launch_bounds__, static __shared__ arrays declared in the kernel body
+// (`__shared__` is `static`: one instance, shared by the block; blocks never overlap),
+// __syncthreads, __syncwarp, __shfl_sync / __shfl_down_sync / __shfl_xor_sync (32-lane warps
+// of consecutive linear thread ids; every lane of the warp that is still running must call
+// them, as on sm_70+ with a full mask), atomicAdd on float / int / unsigned, rsqrtf,
+// __uint_as_float / __float_as_uint / __int_as_float, and
+//   wrnc_emu::launch(kernel, grid, block, shared_bytes, args...).
+// Not supported: dynamic (extern) shared memory, cooperative groups, textures, streams.
+//
+// A thread that returns early leaves the block's and its warp's barriers (arrive_and_drop), so
+// guarded early returns before a __syncthreads that only the other threads reach still work.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <math.h>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+
+namespace wrnc_emu {
+
+struct Block {
+    std::unique_ptr<std::barrier<>> bar;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    std::vector<std::uint64_t> slots;  // one shuffle slot per thread
+    unsigned int nthreads = 0;
+};
+
+inline thread_local dim3 tl_thread_idx;
+inline thread_local dim3 tl_block_idx;
+inline thread_local unsigned int tl_linear = 0;
+inline thread_local Block* tl_block = nullptr;
+inline dim3 g_block_dim;
+inline dim3 g_grid_dim;
+
+template <class T>
+inline T shfl(T v, unsigned int (*src_of)(unsigned int lane, unsigned int arg), unsigned int arg, unsigned int width) {
+    static_assert(sizeof(T) <= 8, "shuffle of values wider than 8 bytes");
+    Block* b = tl_block;
+    const unsigned int lin = tl_linear, w = lin / 32, lane = lin % 32;
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    b->slots[lin] = bits;
+    b->warp_bars[w]->arrive_and_wait();
+    const unsigned int base = lane - lane % width;
+    unsigned int src = src_of(lane % width, arg);
+    T r = v;
+    if (src < width) {
+        unsigned int s = w * 32 + base + src;
+        if (s < b->nthreads) std::memcpy(&r, &b->slots[s], sizeof(T));
+    }
+    b->warp_bars[w]->arrive_and_wait();
+    return r;
+}
+
+inline unsigned int src_down(unsigned int lane, unsigned int d) { return lane + d; }
+inline unsigned int src_xor(unsigned int lane, unsigned int m) { return lane ^ m; }
+inline unsigned int src_idx(unsigned int, unsigned int s) { return s; }
+
+/// Runs `kernel(args...)` over `grid` x `block` threads. `shared` must be 0 (static shared only).
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A... args) {
+    if (shared != 0) {
+        std::fprintf(stderr, "cuda_emu: dynamic shared memory is not supported\n");
+        std::abort();
+    }
+    const unsigned int nt = block.x * block.y * block.z;
+    if (nt == 0 || nt > 1024) {
+        std::fprintf(stderr, "cuda_emu: bad block size %u\n", nt);
+        std::abort();
+    }
+    g_block_dim = block;
+    g_grid_dim = grid;
+    for (unsigned int bz = 0; bz < grid.z; ++bz)
+        for (unsigned int by = 0; by < grid.y; ++by)
+            for (unsigned int bx = 0; bx < grid.x; ++bx) {
+                Block blk;
+                blk.nthreads = nt;
+                blk.bar = std::make_unique<std::barrier<>>(nt);
+                for (unsigned int w = 0; w * 32 < nt; ++w) {
+                    unsigned int lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
+                    blk.warp_bars.push_back(std::make_unique<std::barrier<>>(lanes));
+                }
+                blk.slots.assign(nt, 0);
+                std::vector<std::thread> threads;
+                threads.reserve(nt);
+                for (unsigned int t = 0; t < nt; ++t) {
+                    threads.emplace_back([&, t] {
+                        tl_block = &blk;
+                        tl_linear = t;
+                        tl_block_idx = dim3(bx, by, bz);
+                        tl_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+                        kernel(static_cast<P>(args)...);
+                        blk.warp_bars[t / 32]->arrive_and_drop();
+                        blk.bar->arrive_and_drop();
+                    });
+                }
+                for (auto& th : threads) th.join();
+            }
+}
+
+}  // namespace wrnc_emu
+
+#define threadIdx (wrnc_emu::tl_thread_idx)
+#define blockIdx (wrnc_emu::tl_block_idx)
+#define blockDim (wrnc_emu::g_block_dim)
+#define gridDim (wrnc_emu::g_grid_dim)
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+inline void __syncthreads() { wrnc_emu::tl_block->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) {
+    wrnc_emu::tl_block->warp_bars[wrnc_emu::tl_linear / 32]->arrive_and_wait();
+}
+template <class T>
+inline T __shfl_down_sync(unsigned int, T v, unsigned int delta, int width = 32) {
+    return wrnc_emu::shfl(v, wrnc_emu::src_down, delta, (unsigned int)width);
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned int, T v, int mask, int width = 32) {
+    return wrnc_emu::shfl(v, wrnc_emu::src_xor, (unsigned int)mask, (unsigned int)width);
+}
+template <class T>
+inline T __shfl_sync(unsigned int, T v, int src, int width = 32) {
+    return wrnc_emu::shfl(v, wrnc_emu::src_idx, (unsigned int)src, (unsigned int)width);
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return std::atomic_ref<unsigned int>(*p).fetch_add(v); }
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+// expf, logf, sqrtf: the C library's, from <math.h> via <cmath>.
