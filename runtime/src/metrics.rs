@@ -145,3 +145,64 @@ pub fn read(path: &Path) -> Result<Vec<EpochMetrics>, MetricsError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(epoch: u64, test_acc: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            train_loss: 2.0 / (epoch as f64 + 1.0),
+            train_acc: 0.5,
+            test_loss: 1.0,
+            test_acc,
+            lr: 0.1,
+            seconds: 12.5,
+            images_per_s: 4000.0,
+        }
+    }
+
+    #[test]
+    fn append_and_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("run/metrics.jsonl");
+        let rows = [m(1, 0.6), m(2, f64::NAN), m(3, 0.8)];
+        {
+            let mut w = MetricsWriter::open(&path).unwrap();
+            w.append(&rows[0]).unwrap();
+        }
+        // Reopening appends.
+        let mut w = MetricsWriter::open(&path).unwrap();
+        w.append(&rows[1]).unwrap();
+        w.append(&rows[2]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.lines().nth(1).unwrap().contains("\"test_acc\":null"));
+        let back = read(&path).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[0], rows[0]);
+        assert!(back[1].test_acc.is_nan());
+        assert_eq!(back[2], rows[2]);
+        assert!((back[2].test_error_percent() - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cut_last_line_is_ignored_but_bad_middle_line_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.jsonl");
+        let good = serde_json::to_string(&m(1, 0.5)).unwrap();
+        std::fs::write(&path, format!("{good}\n\n{}", &good[..20])).unwrap();
+        assert_eq!(read(&path).unwrap().len(), 1);
+        std::fs::write(&path, format!("{good}\n{{\"epoch\": 2}}\n{good}\n")).unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("m.jsonl:2:") && err.contains("missing field"),
+            "{err}"
+        );
+        let err = read(&tmp.path().join("none.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none.jsonl"), "{err}");
+    }
+}

@@ -118,12 +118,14 @@ fn panel<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FAMILY, 22))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)?;
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc(title)
         .label_style((FAMILY, 14))
         .draw()?;
@@ -138,4 +140,74 @@ fn panel<DB: DrawingBackend>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::MetricsWriter;
+
+    fn write_metrics(path: &Path, epochs: u64) {
+        let mut w = MetricsWriter::open(path).unwrap();
+        for e in 1..=epochs {
+            w.append(&EpochMetrics {
+                epoch: e,
+                train_loss: 2.3 * (-(e as f64) / 10.0).exp(),
+                train_acc: 1.0 - (-(e as f64) / 8.0).exp(),
+                test_loss: 1.0,
+                // One epoch without a test measurement leaves a gap.
+                test_acc: if e == 5 {
+                    f64::NAN
+                } else {
+                    0.95 - 0.5 * (-(e as f64) / 6.0).exp()
+                },
+                lr: 0.1,
+                seconds: 30.0,
+                images_per_s: 1700.0,
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn png_and_svg_are_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = tmp.path().join("metrics.jsonl");
+        write_metrics(&metrics, 40);
+        for name in ["curves.png", "curves.svg", "CURVES.PNG"] {
+            let out = tmp.path().join(name);
+            plot(&metrics, &out).unwrap();
+            let bytes = std::fs::read(&out).unwrap();
+            assert!(bytes.len() > 1000, "{name}: {} bytes", bytes.len());
+            if name.ends_with(".svg") {
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(text.starts_with("<svg") && text.contains("test error (%)"));
+                assert!(text.contains("<polyline") || text.contains("<path"));
+            } else {
+                assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+                let img = image::load_from_memory(&bytes).unwrap();
+                assert_eq!((img.width(), img.height()), SIZE);
+            }
+        }
+    }
+
+    #[test]
+    fn single_epoch_and_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = tmp.path().join("metrics.jsonl");
+        write_metrics(&metrics, 1);
+        plot(&metrics, &tmp.path().join("one.svg")).unwrap();
+        let err = plot(&metrics, &tmp.path().join("x.gif"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x.gif") && err.contains(".png or .svg"),
+            "{err}"
+        );
+        std::fs::write(&metrics, "").unwrap();
+        let err = plot(&metrics, &tmp.path().join("e.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no metrics"), "{err}");
+    }
 }

@@ -194,7 +194,12 @@ fn read_tar_xz(archive: &Path, split: Split) -> Result<Vec<Item>, DataError> {
         offset: count.get(),
         message: e.to_string(),
     };
-    let mut tar = tar::Archive::new(xz2::read::XzDecoder::new(reader));
+    // Buffer the decoded side too: tar reads 512-byte headers, and each small read straight
+    // from the decoder is slow.
+    let mut tar = tar::Archive::new(std::io::BufReader::with_capacity(
+        1 << 16,
+        xz2::read::XzDecoder::new(reader),
+    ));
     let mut items = Vec::new();
     for entry in tar.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
@@ -280,7 +285,8 @@ fn decode_all(
     })
 }
 
-/// Decodes one PNG or JPEG of exactly `w x h` into `c x h x w` bytes (c is 1 or 3).
+/// Decodes one PNG or JPEG of exactly `w x h` into `c x h x w` bytes: grey for `c == 1`,
+/// RGB planes otherwise (every data set kind has `c == 3`).
 fn decode(path: &Path, bytes: &[u8], c: u32, h: u32, w: u32) -> Result<Vec<u8>, DataError> {
     let err = |e: image::ImageError| DataError::Decode {
         path: path.to_path_buf(),
@@ -309,10 +315,10 @@ fn decode(path: &Path, bytes: &[u8], c: u32, h: u32, w: u32) -> Result<Vec<u8>, 
         1 => out.copy_from_slice(img.to_luma8().as_raw()),
         _ => {
             let rgb = img.to_rgb8();
-            for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
-                for ch in 0..3 {
-                    out[ch * plane + i] = px[ch];
-                }
+            let (r, rest) = out.split_at_mut(plane);
+            let (g, b) = rest.split_at_mut(plane);
+            for (((px, r), g), b) in rgb.as_raw().chunks_exact(3).zip(r).zip(g).zip(b) {
+                (*r, *g, *b) = (px[0], px[1], px[2]);
             }
         }
     }
