@@ -5,6 +5,7 @@
 //! printed instead of the AST.
 //!
 //! cargo run -p wrnc-grammar --example parse -- -e 'WRN-28-10' examples/wrn.net
+#![allow(clippy::result_large_err)]
 use wrnc_grammar::{parse, source_from_bytes, Diagnostic, Source};
 
 fn main() {

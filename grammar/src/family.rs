@@ -249,12 +249,11 @@ impl Form<'_, '_> {
     }
 }
 
+/// Cardinality and width of a ResNeXt, with their spans.
+type CxW = (Spanned<u64>, Spanned<u64>);
+
 /// `8x64d` -> (8, 64) with the spans of each number; `None` if the word is not of that form.
-fn cxwd(
-    src: &Source,
-    w: &str,
-    sp: Span,
-) -> Option<Result<(Spanned<u64>, Spanned<u64>), Diagnostic>> {
+fn cxwd(src: &Source, w: &str, sp: Span) -> Option<Result<CxW, Diagnostic>> {
     let body = w.strip_suffix('d')?;
     let (c, d) = body.split_once('x')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
