@@ -213,7 +213,8 @@ fn check_against_names_the_first_mismatch() {
         }
         v
     };
-    let cases: Vec<(&str, Vec<(String, Vec<usize>)>, Option<&str>)> = vec![
+    type Spec = Vec<(String, Vec<usize>)>;
+    let cases: Vec<(&str, Spec, Option<&str>)> = vec![
         ("exact", spec(&[]), None),
         (
             "missing",

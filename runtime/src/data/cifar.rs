@@ -127,7 +127,7 @@ pub(crate) fn load(kind: DatasetKind, source: &Source, split: Split) -> Result<D
         .ok_or_else(|| DataError::Unsupported(format!("{} has no binary release", kind.name())))?;
     let wanted = rel.members(split);
     // (path for messages, bytes) of each wanted member in order, and the meta file if any.
-    let (files, meta): (Vec<(PathBuf, Vec<u8>)>, Option<(PathBuf, Vec<u8>)>) = match source {
+    let (files, meta): Members = match source {
         Source::Dir(dir) => {
             let mut files = Vec::new();
             for m in wanted {

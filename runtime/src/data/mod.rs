@@ -17,6 +17,7 @@ pub mod augment;
 mod cifar;
 pub mod download;
 mod folder;
+mod svhn;
 
 use std::path::{Path, PathBuf};
 
@@ -221,7 +222,19 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
 ///   `DIR/test/<class>/*`, classes sorted by name (CIFAR-10's official order when the folders
 ///   are exactly its class names); or `DIR/train.tar.xz`/`DIR/test.tar.xz` holding that layout,
 ///   read without unpacking. Every image must have the data set's input size.
+/// - SVHN: `train_32x32.mat` (followed by `extra_32x32.mat` when present) and
+///   `test_32x32.mat` of the cropped-digits release, as their folder or one `.mat` file
+///   (which is then the split, whichever is asked); label `d` is the digit `d`.
 pub fn load(kind: DatasetKind, path: &Path, split: Split) -> Result<Dataset, DataError> {
+    let svhn = match kind {
+        DatasetKind::Svhn => svhn::find(path, split),
+        _ => None,
+    };
+    if let Some(files) = svhn {
+        let ds = svhn::load(&files)?;
+        debug_assert_eq!(ds.check(), Ok(()));
+        return Ok(ds);
+    }
     let ds = match cifar::find(kind, path, split)? {
         Some(source) => cifar::load(kind, &source, split)?,
         None => match folder::find(path, split)? {
@@ -253,7 +266,10 @@ pub fn layouts(kind: DatasetKind) -> String {
                 .push("  cifar-100-binary/ with train.bin and test.bin (the folder or its parent)");
             lines.push("  cifar-100-binary.tar.gz (the file or its folder)");
         }
-        DatasetKind::Svhn | DatasetKind::Imagenet => {}
+        DatasetKind::Svhn => {
+            lines.push("  train_32x32.mat (+ extra_32x32.mat, added to train when present) and test_32x32.mat: SVHN format 2, MATLAB v5 (the folder, or one .mat file)");
+        }
+        DatasetKind::Imagenet => {}
     }
     lines.push("  DIR/train/<class>/*.png|jpg|jpeg and DIR/test/<class>/* (image folders)");
     lines.push("  DIR/train.tar.xz and DIR/test.tar.xz holding train/<class>/* and test/<class>/*");
