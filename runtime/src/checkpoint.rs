@@ -312,6 +312,23 @@ fn read(path: &Path, with_momentum: bool) -> Result<Checkpoint, CheckpointError>
     from_safetensors(&file, &bytes, with_momentum)
 }
 
+/// The tensors a checkpoint of `graph` holds, as `(name, shape)` for [`check_against`]: every
+/// parameter, then every buffer (BN running statistics), in the graph's topological order.
+pub fn expected_tensors(graph: &wrnc_compiler::graph::Graph) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = graph
+        .params()
+        .into_iter()
+        .map(|(name, p)| (name, p.shape))
+        .collect();
+    v.extend(
+        graph
+            .buffers()
+            .into_iter()
+            .map(|(name, len)| (name, vec![len])),
+    );
+    v
+}
+
 /// Checks that `weights` holds exactly the tensors `expected` (name, shape), in the order
 /// given; the error names the first tensor missing or of the wrong shape, then the first
 /// (by name) that the network does not have.

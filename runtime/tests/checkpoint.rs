@@ -244,3 +244,64 @@ fn check_against_names_the_first_mismatch() {
         assert_eq!(got.as_deref(), want, "{what}");
     }
 }
+
+fn graph(text: &str) -> wrnc_compiler::graph::Graph {
+    use wrnc_grammar::{build, Source};
+    build(&Source::inline(text)).unwrap_or_else(|d| panic!("{text}\n{d:?}"))
+}
+
+#[test]
+fn expected_tensors_of_a_real_network() {
+    let g = graph("WRN-16-1@cifar10");
+    let expected = checkpoint::expected_tensors(&g);
+    let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let shapes: Vec<&[usize]> = expected.iter().map(|(_, s)| s.as_slice()).collect();
+    // The stem convolution and the classifier, whatever the nodes are called.
+    assert!(
+        shapes.contains(&[16usize, 3, 3, 3].as_slice()),
+        "{expected:?}"
+    );
+    assert!(shapes.contains(&[10usize, 64].as_slice()), "{expected:?}");
+    // Every BN has its four tensors, each of its channel count.
+    for (n, s) in &expected {
+        if let Some(node) = n.strip_suffix(".running_mean") {
+            for suffix in ["weight", "bias", "running_var"] {
+                let i = names.iter().position(|m| *m == format!("{node}.{suffix}"));
+                let i = i.unwrap_or_else(|| panic!("{node}.{suffix} missing"));
+                assert_eq!(shapes[i], s.as_slice());
+            }
+        }
+    }
+    let params: usize = g
+        .params()
+        .iter()
+        .map(|(_, p)| p.shape.iter().product::<usize>())
+        .sum();
+    assert_eq!(params, 175_066, "WRN-16-1 has 0.175M parameters");
+    // A checkpoint of this graph round-trips and matches; WRN-16-2's does not.
+    let ck = Checkpoint {
+        tensors: expected
+            .iter()
+            .map(|(n, s)| (n.clone(), Tensor::zeros(s)))
+            .collect(),
+        ..Checkpoint::default()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    checkpoint::save(tmp.path(), &ck).unwrap();
+    let w = checkpoint::load_weights(tmp.path()).unwrap();
+    checkpoint::check_against(&w, &expected).unwrap();
+    // CIFAR-100's classifier has another shape; WRN-16-2's first block has a shared
+    // pre-activation that WRN-16-1's lacks.
+    for (other, want) in [
+        (
+            "WRN-16-1@cifar100",
+            "has shape [10, 64] in the checkpoint, the network expects [100, 64]",
+        ),
+        ("WRN-16-2@cifar10", "tensor 1.pre.0.weight is missing"),
+    ] {
+        let err = checkpoint::check_against(&w, &checkpoint::expected_tensors(&graph(other)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{other}: {err}");
+    }
+}
