@@ -50,7 +50,10 @@ pub fn compile(dir: &Path, main: &str) -> PathBuf {
 
 /// Runs a compiled program with arguments; returns stdout; panics on failure.
 pub fn run(prog: &Path, args: &[&str]) -> String {
-    let r = Command::new(prog).args(args).output().expect("run emulated program");
+    let r = Command::new(prog)
+        .args(args)
+        .output()
+        .expect("run emulated program");
     assert!(
         r.status.success(),
         "{} failed ({}):\n{}\n{}",
@@ -60,4 +63,94 @@ pub fn run(prog: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&r.stderr)
     );
     String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+/// Host-side values a step needs (the driver's `hyper.txt`).
+#[derive(Debug, Clone, Copy)]
+pub struct Hyper {
+    pub seed: u32,
+    pub step: u32,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub nesterov: bool,
+    pub smoothing: f32,
+}
+
+/// Writes the schedule's CUDA and driver into a fresh directory, compiles them against the
+/// emulation, loads `inputs` (buffer name -> raw bytes), runs the setup and step launches and
+/// returns every buffer's final bytes by name.
+pub fn run_schedule(
+    name: &str,
+    s: &wrnc_compiler::schedule::Schedule,
+    inputs: &[(String, Vec<u8>)],
+    hyper: Hyper,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use wrnc_compiler::codegen;
+    let dir = temp_dir(name);
+    let opts = wrnc_compiler::schedule::Options {
+        mode: s.mode,
+        batch: s.batch,
+        precision: s.precision,
+        fusion: Default::default(),
+    };
+    std::fs::write(
+        dir.join("kernels.cu"),
+        codegen::cuda::write(s, &opts).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("driver.cpp"), codegen::emu::driver(s)).unwrap();
+    std::fs::create_dir_all(dir.join("in")).unwrap();
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    for (n, bytes) in inputs {
+        std::fs::write(dir.join("in").join(format!("{n}.bin")), bytes).unwrap();
+    }
+    std::fs::write(
+        dir.join("hyper.txt"),
+        format!(
+            "{} {} {:?} {:?} {:?} {} {:?}\n",
+            hyper.seed,
+            hyper.step,
+            hyper.lr,
+            hyper.momentum,
+            hyper.weight_decay,
+            hyper.nesterov as i32,
+            hyper.smoothing
+        ),
+    )
+    .unwrap();
+    let prog = compile(&dir, "driver.cpp");
+    run(&prog, &[dir.to_str().unwrap()]);
+    let mut out = std::collections::BTreeMap::new();
+    for b in &s.buffers {
+        out.insert(
+            b.name.clone(),
+            std::fs::read(dir.join("out").join(format!("{}.bin", b.name))).unwrap(),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// `max |a - b| / max(max |b|, floor)`: the relative error of a whole tensor. `floor` keeps
+/// tensors that are mathematically zero (a bias feeding a BN) from dividing rounding noise by
+/// zero.
+pub fn rel_err(a: &[f32], b: &[f64], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(floor.max(1e-30), |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+    diff / scale
 }

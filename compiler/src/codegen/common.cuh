@@ -42,5 +42,5 @@ __device__ __forceinline__ float wrnc_block_sum(float v, float* sh) {
 __device__ __forceinline__ float wrnc_drop(float v, unsigned int seed, unsigned int stream,
                                            unsigned int step, unsigned int index, float p) {
     float keep = 1.0f - p;
-    return wrnc_keep(seed, stream, step, index, keep) ? v / keep : 0.0f;
+    return wrnc_keep(seed, stream, step, index, keep) ? v * (1.0f / keep) : 0.0f;
 }

@@ -348,35 +348,46 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             r#"{} {{
     const int C = {c}, HW = {hw};
     __shared__ float sh[32];
+    __shared__ float mean_;
     const int ch = blockIdx.x;
     const int total = n * HW;
-    float s = 0.0f, q = 0.0f;
+    float s = 0.0f;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
-        const float v = wrnc_ld(x, (ni * C + ch) * HW + p_);
-        s += v;
-        q += v * v;
+        s += wrnc_ld(x, (ni * C + ch) * HW + p_);
     }}
     s = wrnc_block_sum(s, sh);
-    {}
     if (threadIdx.x == 0) {{
         out[ch] = s;
-        {}
+        mean_ = s / (float)total;
     }}
-}}
+{}}}
 "#,
             header(name, spec),
-            if squares { "q = wrnc_block_sum(q, sh);" } else { "(void)q;" },
-            if squares { "out[C + ch] = q;" } else { "" }
+            if squares {
+                r#"    __syncthreads();
+    const float mean = mean_;
+    float q = 0.0f;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int ni = i / HW, p_ = i - ni * HW;
+        const float d = wrnc_ld(x, (ni * C + ch) * HW + p_) - mean;
+        q += d * d;
+    }
+    q = wrnc_block_sum(q, sh);
+    if (threadIdx.x == 0) out[C + ch] = q;
+"#
+            } else {
+                ""
+            }
         ),
-        BnFinalizeTrain { c } => format!(
+        BnFinalizeTrain { c, centered } => format!(
             r#"{} {{
     const int C = {c};
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
     const float inv = 1.0f / (float)count;
     const float mean = stats[ch] * inv;
-    float var = stats[C + ch] * inv - mean * mean;
+    float var = {};
     var = var > 0.0f ? var : 0.0f;
     const float rstd = rsqrtf(var + eps);
     saved[ch] = mean;
@@ -389,7 +400,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     running[C + ch] = (1.0f - momentum) * running[C + ch] + momentum * unbiased;
 }}
 "#,
-            header(name, spec)
+            header(name, spec),
+            if centered { "stats[C + ch] * inv" } else { "stats[C + ch] * inv - mean * mean" }
         ),
         BnFinalizeEval { c } => format!(
             r#"{} {{

@@ -277,7 +277,8 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 offset: off,
                 len,
                 kind: p.kind,
-                decay: p.kind == crate::graph::ParamKind::Weight,
+                // as the CPU reference (and the WRN authors' code): every parameter is decayed
+                decay: true,
             });
             off += len;
         }
@@ -550,7 +551,10 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     ];
                     let cnt = (n as u64 * hw as u64) as i32;
                     b.launch(
-                        KernelSpec::BnFinalizeTrain { c },
+                        KernelSpec::BnFinalizeTrain {
+                            c,
+                            centered: fu.stats_from.is_none(),
+                        },
                         [ceil_div(c as u64, 256), 1, 1],
                         [256, 1, 1],
                         args,

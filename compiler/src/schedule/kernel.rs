@@ -181,17 +181,19 @@ pub enum KernelSpec {
         in_f: u32,
         out_f: u32,
     },
-    /// `out[ch] = sum_{n,p} x[n,ch,p]` (and `out[c + ch] = sum x^2` with `squares`): BN batch
-    /// statistics and bias gradients. One block per channel, deterministic.
+    /// `out[ch] = sum_{n,p} x[n,ch,p]` (and, with `squares`, the centred second moment
+    /// `out[c + ch] = sum (x - mean)^2`, two passes): BN batch statistics and bias gradients.
+    /// One block per channel, deterministic.
     ChannelSums {
         c: u32,
         hw: u32,
         squares: bool,
     },
-    /// From `stats = [sum | sumsq]`: saved `[mean | rstd]`, affine `[scale | shift]`, running
-    /// statistics update.
+    /// From `stats = [sum | sumsq]` (or `[sum | sum (x - mean)^2]` when `centered`): saved
+    /// `[mean | rstd]`, affine `[scale | shift]`, running statistics update.
     BnFinalizeTrain {
         c: u32,
+        centered: bool,
     },
     /// From running statistics: affine `[scale | shift]`.
     BnFinalizeEval {
@@ -357,7 +359,10 @@ impl KernelSpec {
                 "channel_sums_c{c}_hw{hw}{}",
                 if *squares { "_sq" } else { "" }
             ),
-            BnFinalizeTrain { c } => format!("bn_finalize_train_c{c}"),
+            BnFinalizeTrain { c, centered } => format!(
+                "bn_finalize_train_c{c}{}",
+                if *centered { "_centered" } else { "" }
+            ),
             BnFinalizeEval { c } => format!("bn_finalize_eval_c{c}"),
             BnApply { c, hw } => format!("bn_apply_c{c}_hw{hw}"),
             BnBwdReduce { c, hw, chain } => {

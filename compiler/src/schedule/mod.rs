@@ -183,7 +183,7 @@ pub struct ParamSlot {
     pub offset: u64,
     pub len: u64,
     pub kind: ParamKind,
-    /// Weight decay applies (convolution and linear weights only).
+    /// Weight decay applies (every parameter, as the CPU reference and the WRN code do).
     pub decay: bool,
 }
 
