@@ -129,7 +129,7 @@ pub fn infer_shape(op: &Op, ins: &[Shape]) -> Result<Shape, String> {
             if ins[0].c != c {
                 return Err(format!("bn over {c} channels gets {}", ins[0].c));
             }
-            if !(eps > 0.0 && eps.is_finite()) || !(0.0..=1.0).contains(&momentum) {
+            if eps <= 0.0 || !eps.is_finite() || !(0.0..=1.0).contains(&momentum) {
                 return Err(format!("bn eps {eps} / momentum {momentum} out of range"));
             }
             same(ins[0])
@@ -333,7 +333,10 @@ pub struct Model<T: Float = f32> {
     pub buffers: BTreeMap<String, Tensor<T>>,
 }
 
+/// New running `(mean, var)` of a BN node after a training forward.
 type BnUpdate<T> = Option<(Vec<T>, Vec<T>)>;
+/// One node's forward result: output, BN statistics for backward, running-stat update.
+type NodeOut<T> = (Tensor<T>, Option<norm::BnSaved<T>>, BnUpdate<T>);
 
 impl<T: Float> Model<T> {
     /// Validates `graph` and initialises its state deterministically from `seed` (see
@@ -533,7 +536,7 @@ impl<T: Float> Model<T> {
         ins: &[&Tensor<T>],
         mode: Mode,
         n: usize,
-    ) -> Result<(Tensor<T>, Option<norm::BnSaved<T>>, BnUpdate<T>), Error> {
+    ) -> Result<NodeOut<T>, Error> {
         let node = &self.graph.g[p.id];
         let x = ins[0];
         let key = |seed, step| ew::MaskKey {

@@ -30,7 +30,7 @@ pub fn softmax_cross_entropy<T: Float>(
     smoothing: f64,
 ) -> Result<LossOutput<T>, Error> {
     let n = logits.shape.first().copied().unwrap_or(0);
-    if n == 0 || logits.data.len() % n != 0 || labels.len() != n {
+    if n == 0 || !logits.data.len().is_multiple_of(n) || labels.len() != n {
         return Err(Error::Loss(format!(
             "{} labels for logits of shape {:?}",
             labels.len(),
@@ -69,8 +69,8 @@ pub fn softmax_cross_entropy<T: Float>(
         let max = z[best];
         let lse = max + z.iter().map(|&v| (v - max).exp()).sum::<f64>().ln();
         let mut loss = 0.0;
-        for j in 0..k {
-            let logp = z[j] - lse;
+        for (j, &zj) in z.iter().enumerate() {
+            let logp = zj - lse;
             let q = off + if j == label { 1.0 - smoothing } else { 0.0 };
             loss -= q * logp;
             dlogits.data[i * k + j] = T::from_f64((logp.exp() - q) * inv_n);

@@ -118,7 +118,7 @@ fn cross_entropy_hand_computed() {
     let logits = Tensor::from_vec(&[2, 3], vec![1.0f64, 2.0, 3.0, 1.0, 2.0, 3.0]);
     let out = softmax_cross_entropy(&logits, &[2, 0], 0.0).unwrap();
     // -log softmax: [2.40760596, 1.40760596, 0.40760596]; mean of samples 2 and 0.
-    assert!((out.loss - (0.40760596444438013 + 2.40760596444438013) / 2.0).abs() < 1e-12);
+    assert!((out.loss - (0.407_605_964_444_380_1 + 2.407_605_964_444_38) / 2.0).abs() < 1e-12);
     assert_eq!(out.correct, 1);
     let p = [0.09003057317038046, 0.24472847105479764, 0.6652409557748219];
     let want = [

@@ -34,7 +34,9 @@ impl Geom {
         let [n, c, h, w] = x;
         assert_eq!(c, p.in_c as usize, "conv: input channels");
         let groups = p.groups as usize;
-        assert!(groups >= 1 && c % groups == 0 && p.out_c as usize % groups == 0);
+        assert!(
+            groups >= 1 && c.is_multiple_of(groups) && (p.out_c as usize).is_multiple_of(groups)
+        );
         let (k, stride, pad) = (p.k as usize, p.stride as usize, p.pad as usize);
         let oh = window_out(h, k, stride, pad).expect("conv: window does not fit");
         let ow = window_out(w, k, stride, pad).expect("conv: window does not fit");

@@ -10,6 +10,7 @@ use wrnc_runtime::cpu::{Mode, Model};
 use wrnc_runtime::init::SplitMix64;
 use wrnc_runtime::Tensor;
 
+#[allow(unused_imports)]
 pub use nets::B;
 
 /// Normal samples from a fixed stream.
