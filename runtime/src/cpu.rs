@@ -274,6 +274,17 @@ pub fn validate(graph: &Graph) -> Result<(), Error> {
             if inferred != s {
                 return Err(bad(n, format!("shape is {s} but the op gives {inferred}")));
             }
+            if let Op::Conv2d(c) = node.op {
+                // The per-image im2col buffer: (in_c / groups) * k * k rows, one column per
+                // output pixel.
+                let col = (c.in_c / c.groups) as u64 * c.k as u64 * c.k as u64;
+                if col.saturating_mul(s.h as u64 * s.w as u64) > MAX_TENSOR_ELEMENTS {
+                    return Err(Error::TooLarge(format!(
+                        "the column buffer of convolution `{}`",
+                        node.name
+                    )));
+                }
+            }
         }
         seen[n.index()] = true;
     }

@@ -360,6 +360,13 @@ fn errors_not_panics() {
     let conv = huge.order[1];
     huge.g[conv].shape = wrnc_compiler::graph::Shape::new(1 << 20, 1 << 20, 1 << 20);
     assert!(Model::<f32>::new(huge, 0).is_err());
+    // A giant kernel whose output and weight fit but whose im2col buffer would not.
+    let (mut b, x) = B::new(3, 8, 8);
+    let y = b.conv_full(x, 4, 4000, 1, 2000, 1, false);
+    assert!(matches!(
+        Model::<f32>::new(b.finish(y), 0),
+        Err(Error::TooLarge(_))
+    ));
 }
 
 #[test]
