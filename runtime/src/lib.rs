@@ -7,6 +7,7 @@ pub mod data;
 pub mod init;
 pub mod loss;
 pub mod metrics;
+pub mod nvrtc;
 pub mod ops;
 pub mod optim;
 pub mod plot;

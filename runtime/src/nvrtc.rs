@@ -1,0 +1,317 @@
+//! NVRTC, loaded at run time: CUDA C source -> PTX, with no CUDA toolkit at build time.
+//!
+//! The library is searched in this order (the first that loads wins):
+//! 1. the path in the `WRNC_NVRTC` environment variable (a file), when set;
+//! 2. `libnvrtc.so.13`, then `libnvrtc.so.12`, then `libnvrtc.so`, by the dynamic loader's
+//!    own search (`LD_LIBRARY_PATH`, the `ldconfig` cache, the system directories);
+//! 3. the pip package `nvidia-cuda-nvrtc`: the folders `nvidia/cu13/lib` (13.x wheels) and
+//!    `nvidia/cuda_nvrtc/lib` (12.x wheels) beside the `nvidia` package that
+//!    `python3 -c "import nvidia"` finds;
+//! 4. `/usr/local/cuda/lib64`.
+//!
+//! For a candidate given as a path, `libnvrtc-builtins.so.*` from the same folder is loaded
+//! first (globally), because NVRTC looks for it only on the loader's path.
+//!
+//! When none loads, [`compile_ptx`] returns [`NvrtcError::NotFound`], whose message says how to
+//! install it. Nothing here panics.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The pip package that provides NVRTC, pinned.
+pub const PIP_PACKAGE: &str = "nvidia-cuda-nvrtc==13.0.88";
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NvrtcError {
+    #[error(
+        "NVRTC (libnvrtc.so.13 or .12) was not found; tried: {tried}.\n\
+         Install it with `pip install {PIP_PACKAGE}` (it lands in \
+         <site-packages>/nvidia/cu13/lib, which wrnc finds through `python3 -c \"import nvidia\"`), \
+         or point WRNC_NVRTC at a libnvrtc.so file"
+    )]
+    NotFound { tried: String },
+    #[error("NVRTC library {path} is missing symbol {symbol}")]
+    Symbol { path: String, symbol: String },
+    #[error("unsupported architecture `{0}` (expected sm_XY or compute_XY, e.g. sm_80, sm_90)")]
+    Arch(String),
+    #[error("the CUDA source contains a NUL byte")]
+    Nul,
+    #[error("NVRTC {call} failed: {message}")]
+    Call { call: &'static str, message: String },
+    #[error("NVRTC compilation failed for {arch}:\n{log}")]
+    Compile { arch: String, log: String },
+}
+
+type Prog = *mut c_void;
+type R = c_int;
+
+struct Api {
+    _lib: libloading::Library,
+    /// `libnvrtc-builtins` from the same folder, loaded first (RTLD_GLOBAL) so NVRTC finds it
+    /// even when that folder is not on the loader's path (pip wheels).
+    _builtins: Option<libloading::os::unix::Library>,
+    path: String,
+    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> R,
+    create: unsafe extern "C" fn(
+        *mut Prog,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> R,
+    compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> R,
+    log_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
+    log: unsafe extern "C" fn(Prog, *mut c_char) -> R,
+    ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
+    ptx: unsafe extern "C" fn(Prog, *mut c_char) -> R,
+    destroy: unsafe extern "C" fn(*mut Prog) -> R,
+    error_string: unsafe extern "C" fn(R) -> *const c_char,
+}
+
+/// Candidate paths, in search order (see module docs).
+pub fn candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(p) = std::env::var_os("WRNC_NVRTC") {
+        v.push(PathBuf::from(p));
+    }
+    for n in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
+        v.push(PathBuf::from(n));
+    }
+    if let Ok(out) = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import nvidia, os; print('\\n'.join(nvidia.__path__))",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        for dir in String::from_utf8_lossy(&out.stdout).lines() {
+            let dir = PathBuf::from(dir.trim());
+            for sub in [
+                "cu13/lib/libnvrtc.so.13",
+                "cuda_nvrtc/lib/libnvrtc.so.12",
+                "cuda_nvrtc/lib/libnvrtc.so.13",
+            ] {
+                v.push(dir.join(sub));
+            }
+        }
+    }
+    v.push(PathBuf::from("/usr/local/cuda/lib64/libnvrtc.so"));
+    v
+}
+
+fn load() -> Result<Api, NvrtcError> {
+    let mut tried = Vec::new();
+    for c in candidates() {
+        let builtins = preload_builtins(&c);
+        // SAFETY: loading NVRTC runs its (trusted, vendor) initialisers only.
+        let lib = match unsafe { libloading::Library::new(&c) } {
+            Ok(l) => l,
+            Err(_) => {
+                tried.push(c.display().to_string());
+                continue;
+            }
+        };
+        let path = c.display().to_string();
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the signature is NVRTC's documented C API.
+                *unsafe { lib.get($name) }.map_err(|_| NvrtcError::Symbol {
+                    path: path.clone(),
+                    symbol: String::from_utf8_lossy(&$name[..$name.len() - 1]).into_owned(),
+                })?
+            };
+        }
+        let api = Api {
+            version: sym!(b"nvrtcVersion\0"),
+            create: sym!(b"nvrtcCreateProgram\0"),
+            compile: sym!(b"nvrtcCompileProgram\0"),
+            log_size: sym!(b"nvrtcGetProgramLogSize\0"),
+            log: sym!(b"nvrtcGetProgramLog\0"),
+            ptx_size: sym!(b"nvrtcGetPTXSize\0"),
+            ptx: sym!(b"nvrtcGetPTX\0"),
+            destroy: sym!(b"nvrtcDestroyProgram\0"),
+            error_string: sym!(b"nvrtcGetErrorString\0"),
+            path,
+            _lib: lib,
+            _builtins: builtins,
+        };
+        return Ok(api);
+    }
+    Err(NvrtcError::NotFound {
+        tried: tried.join(", "),
+    })
+}
+
+/// Loads `libnvrtc-builtins.so.*` from `lib`'s folder (when `lib` is a path) with RTLD_GLOBAL.
+fn preload_builtins(lib: &std::path::Path) -> Option<libloading::os::unix::Library> {
+    let dir = lib.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().find_map(|p| {
+        // SAFETY: the vendor's builtins library; its initialisers only.
+        unsafe {
+            libloading::os::unix::Library::open(
+                Some(&p),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+            )
+        }
+        .ok()
+    })
+}
+
+fn api() -> Result<&'static Api, NvrtcError> {
+    static API: OnceLock<Result<Api, NvrtcError>> = OnceLock::new();
+    API.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+/// Whether NVRTC can be loaded, and from where.
+pub fn library() -> Result<String, NvrtcError> {
+    api().map(|a| a.path.clone())
+}
+
+/// NVRTC's version `(major, minor)`.
+pub fn version() -> Result<(i32, i32), NvrtcError> {
+    let a = api()?;
+    let (mut ma, mut mi) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    let r = unsafe { (a.version)(&mut ma, &mut mi) };
+    check(a, r, "nvrtcVersion")?;
+    Ok((ma, mi))
+}
+
+fn check(a: &Api, r: R, call: &'static str) -> Result<(), NvrtcError> {
+    if r == 0 {
+        return Ok(());
+    }
+    // SAFETY: nvrtcGetErrorString returns a static C string for any code.
+    let p = unsafe { (a.error_string)(r) };
+    let message = if p.is_null() {
+        format!("error {r}")
+    } else {
+        // SAFETY: non-null, NUL-terminated, static.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    };
+    Err(NvrtcError::Call { call, message })
+}
+
+/// `sm_80` / `compute_80` -> `compute_80` (PTX targets a virtual architecture).
+fn virtual_arch(arch: &str) -> Result<String, NvrtcError> {
+    let num = arch
+        .strip_prefix("sm_")
+        .or_else(|| arch.strip_prefix("compute_"))
+        .filter(|n| {
+            (2..=4).contains(&n.len())
+                && n.chars().all(|c| c.is_ascii_alphanumeric())
+                && n.chars().next().is_some_and(|c| c.is_ascii_digit())
+        })
+        .ok_or_else(|| NvrtcError::Arch(arch.to_string()))?;
+    Ok(format!("compute_{num}"))
+}
+
+/// Compiles CUDA C `src` (one translation unit, no system headers) to PTX for `arch`
+/// (`sm_80`, `sm_90`, ...). On a compile error the message carries NVRTC's program log.
+pub fn compile_ptx(src: &str, arch: &str) -> Result<String, NvrtcError> {
+    let varch = virtual_arch(arch)?;
+    let a = api()?;
+    let csrc = CString::new(src).map_err(|_| NvrtcError::Nul)?;
+    let name = CString::new("wrnc.cu").expect("no NUL");
+    let opts: Vec<CString> = [
+        format!("--gpu-architecture={varch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+    ]
+    .into_iter()
+    .map(|o| CString::new(o).expect("no NUL"))
+    .collect();
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let mut prog: Prog = std::ptr::null_mut();
+    // SAFETY: valid C strings; zero headers.
+    let r = unsafe {
+        (a.create)(
+            &mut prog,
+            csrc.as_ptr(),
+            name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    check(a, r, "nvrtcCreateProgram")?;
+    struct Guard<'a>(&'a Api, Prog);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            // SAFETY: the program was created and is destroyed once.
+            unsafe { (self.0.destroy)(&mut self.1) };
+        }
+    }
+    let guard = Guard(a, prog);
+    // SAFETY: the program is live; options are valid C strings.
+    let r = unsafe { (a.compile)(guard.1, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+    if r != 0 {
+        let mut n = 0usize;
+        // SAFETY: live program, valid out-pointer; the buffer has the size NVRTC reported.
+        let log = unsafe {
+            if (a.log_size)(guard.1, &mut n) == 0 && n > 0 {
+                let mut buf = vec![0u8; n];
+                (a.log)(guard.1, buf.as_mut_ptr() as *mut c_char);
+                String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned()
+            } else {
+                String::new()
+            }
+        };
+        check(a, r, "nvrtcCompileProgram").map_err(|e| NvrtcError::Compile {
+            arch: arch.to_string(),
+            log: format!("{e}\n{log}"),
+        })?;
+    }
+    let mut n = 0usize;
+    // SAFETY: live, compiled program; the buffer has the size NVRTC reported.
+    let ptx = unsafe {
+        check(a, (a.ptx_size)(guard.1, &mut n), "nvrtcGetPTXSize")?;
+        let mut buf = vec![0u8; n];
+        check(
+            a,
+            (a.ptx)(guard.1, buf.as_mut_ptr() as *mut c_char),
+            "nvrtcGetPTX",
+        )?;
+        String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned()
+    };
+    Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architectures() {
+        assert_eq!(virtual_arch("sm_90").unwrap(), "compute_90");
+        assert_eq!(virtual_arch("compute_80").unwrap(), "compute_80");
+        assert_eq!(virtual_arch("sm_90a").unwrap(), "compute_90a");
+        for bad in ["sm90", "sm_", "x", "sm_9-0", "sm_a0"] {
+            assert!(
+                matches!(virtual_arch(bad), Err(NvrtcError::Arch(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_library_message_says_how_to_install() {
+        let e = NvrtcError::NotFound { tried: "x".into() };
+        assert!(e
+            .to_string()
+            .contains("pip install nvidia-cuda-nvrtc==13.0.88"));
+    }
+}
