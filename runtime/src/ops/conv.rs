@@ -73,6 +73,24 @@ impl Geom {
     }
 }
 
+/// The output columns `ox` whose input column `ox * s + kx - pad` lies inside `0..w`, and the
+/// input column of the first of them.
+#[inline]
+fn valid_cols(g: &Geom, kx: usize) -> (usize, usize, usize) {
+    let (s, pad) = (g.stride, g.pad);
+    // first ox with ox * s + kx >= pad
+    let lo = if kx >= pad { 0 } else { (pad - kx).div_ceil(s) };
+    // one past the last ox with ox * s + kx < w + pad
+    let hi = if g.w + pad > kx {
+        (g.w + pad - kx).div_ceil(s)
+    } else {
+        0
+    };
+    let (lo, hi) = (lo.min(g.ow), hi.min(g.ow));
+    let hi = hi.max(lo);
+    (lo, hi, (lo * s + kx).saturating_sub(pad))
+}
+
 /// Writes the column matrix `[cg*k*k, oh*ow]` of channels `c0..c0+cg` of one image.
 fn im2col<T: Float>(g: &Geom, img: &[T], c0: usize, col: &mut [T]) {
     let (k, s, pad, oh, ow) = (g.k, g.stride, g.pad, g.oh, g.ow);
@@ -81,6 +99,7 @@ fn im2col<T: Float>(g: &Geom, img: &[T], c0: usize, col: &mut [T]) {
         let plane = &img[(c0 + ci) * g.h * g.w..(c0 + ci + 1) * g.h * g.w];
         for ky in 0..k {
             for kx in 0..k {
+                let (lo, hi, ix0) = valid_cols(g, kx);
                 let row = &mut col[r * oh * ow..(r + 1) * oh * ow];
                 for oy in 0..oh {
                     let out = &mut row[oy * ow..(oy + 1) * ow];
@@ -90,13 +109,15 @@ fn im2col<T: Float>(g: &Geom, img: &[T], c0: usize, col: &mut [T]) {
                         continue;
                     }
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * s + kx) as isize - pad as isize;
-                        *o = if ix < 0 || ix >= g.w as isize {
-                            T::ZERO
-                        } else {
-                            src[ix as usize]
-                        };
+                    out[..lo].fill(T::ZERO);
+                    out[hi..].fill(T::ZERO);
+                    let n = hi - lo;
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&src[ix0..ix0 + n]);
+                    } else {
+                        for (o, &v) in out[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                            *o = v;
+                        }
                     }
                 }
                 r += 1;
@@ -114,6 +135,7 @@ fn col2im<T: Float>(g: &Geom, col: &[T], c0: usize, img: &mut [T]) {
         let plane = &mut img[(c0 + ci) * g.h * g.w..(c0 + ci + 1) * g.h * g.w];
         for ky in 0..k {
             for kx in 0..k {
+                let (lo, hi, ix0) = valid_cols(g, kx);
                 let row = &col[r * oh * ow..(r + 1) * oh * ow];
                 for oy in 0..oh {
                     let iy = (oy * s + ky) as isize - pad as isize;
@@ -121,10 +143,12 @@ fn col2im<T: Float>(g: &Geom, col: &[T], c0: usize, img: &mut [T]) {
                         continue;
                     }
                     let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for (ox, &v) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
-                        let ix = (ox * s + kx) as isize - pad as isize;
-                        if ix >= 0 && ix < g.w as isize {
-                            dst[ix as usize] += v;
+                    let src = &row[oy * ow + lo..oy * ow + hi];
+                    if s == 1 {
+                        super::add_assign(&mut dst[ix0..ix0 + src.len()], src);
+                    } else {
+                        for (d, &v) in dst[ix0..].iter_mut().step_by(s).zip(src) {
+                            *d += v;
                         }
                     }
                 }
