@@ -4,6 +4,7 @@
 //! 2 bad input (network, file, flag).
 
 mod net;
+mod train_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use net::UserError;
@@ -46,6 +47,35 @@ enum Cmd {
         /// Output directory (default: print to standard output).
         #[arg(short, long)]
         o: Option<PathBuf>,
+    },
+    /// Train or evaluate a network (CPU reference backend).
+    Run {
+        net: String,
+        #[command(flatten)]
+        args: train_cmd::RunArgs,
+    },
+    /// Draw training loss and test error per epoch from a metrics file (.png or .svg).
+    Plot {
+        /// A metrics file written by `wrnc run --metrics`.
+        file: PathBuf,
+        #[arg(short, long)]
+        o: PathBuf,
+    },
+    /// Data sets.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Fetch the official binary release, check its checksum and unpack it.
+    Download {
+        /// cifar10 or cifar100.
+        dataset: String,
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -155,6 +185,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        Cmd::Run { net, args } => {
+            let l = net::load(&net)?;
+            train_cmd::run(l, args)?;
+        }
+        Cmd::Plot { file, o } => {
+            wrnc_runtime::plot::plot(&file, &o).map_err(|e| UserError(format!("error: {e}")))?;
+            eprintln!("wrote {}", o.display());
+        }
+        Cmd::Data {
+            cmd: DataCmd::Download { dataset, to },
+        } => {
+            let kind = match dataset.as_str() {
+                "cifar10" => wrnc_compiler::ast::Dataset::Cifar10,
+                "cifar100" => wrnc_compiler::ast::Dataset::Cifar100,
+                _ => return Err(UserError(format!("error: cannot download `{dataset}`\n  = help: valid choices are cifar10, cifar100")).into()),
+            };
+            let p = wrnc_runtime::data::download::download(kind, &to)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            eprintln!("data in {}", p.display());
         }
     }
     Ok(())

@@ -20,6 +20,7 @@ pub const MAX_FACTOR: u64 = 4096;
 /// Resolves a file into a structural network with `input` and `classes` set.
 pub fn expand(file: &NetFile) -> Result<Structural> {
     let s = &file.settings;
+    check_settings(s)?;
     match &file.network {
         NetworkSpec::Structural(net) => {
             for (name, span) in [
@@ -57,6 +58,78 @@ pub fn expand(file: &NetFile) -> Result<Structural> {
         }
         NetworkSpec::Family(f) => expand_family(f, s),
     }
+}
+
+/// Range checks of the training settings (the parser only reads them).
+fn check_settings(s: &Settings) -> Result<()> {
+    fn real(
+        v: Option<Spanned<f64>>,
+        what: &str,
+        ok: impl Fn(f64) -> bool,
+        range: &str,
+    ) -> Result<()> {
+        match v {
+            Some(v) if !(v.value.is_finite() && ok(v.value)) => Err(Error::new(
+                v.span,
+                format!("{what} {} is out of range", v.value),
+            )
+            .help(format!("{what} must be {range}"))),
+            _ => Ok(()),
+        }
+    }
+    fn int(v: Option<Spanned<u64>>, what: &str, lo: u64, hi: u64) -> Result<()> {
+        match v {
+            Some(v) if v.value < lo || v.value > hi => Err(Error::new(
+                v.span,
+                format!("{what} {} is out of range", v.value),
+            )
+            .help(format!("{what} must be from {lo} to {hi}"))),
+            _ => Ok(()),
+        }
+    }
+    real(
+        s.lr,
+        "lr",
+        |x| x > 0.0 && x <= 100.0,
+        "positive (at most 100)",
+    )?;
+    real(
+        s.momentum,
+        "momentum",
+        |x| (0.0..1.0).contains(&x),
+        "in [0, 1)",
+    )?;
+    real(
+        s.weight_decay,
+        "weight_decay",
+        |x| (0.0..=1.0).contains(&x),
+        "in [0, 1]",
+    )?;
+    real(
+        s.label_smoothing,
+        "label_smoothing",
+        |x| (0.0..1.0).contains(&x),
+        "in [0, 1)",
+    )?;
+    int(s.epochs, "epochs", 1, 100_000)?;
+    int(s.batch, "batch", 1, 1 << 20)?;
+    int(s.seed, "seed", 0, u32::MAX as u64)?;
+    if let Some(sch) = &s.schedule {
+        if let Schedule::Step { at, gamma } = &sch.value {
+            let sorted = at.windows(2).all(|w| w[0] < w[1]);
+            if !sorted || at.iter().any(|&f| !(f > 0.0 && f <= 1.0)) {
+                return Err(Error::new(sch.span, "step fractions must increase and lie in (0, 1]")
+                    .help("e.g. step(0.3, 0.6, 0.8; gamma 0.2): multiply by 0.2 at 30%, 60% and 80% of the epochs"));
+            }
+            if !(gamma.is_finite() && *gamma > 0.0) {
+                return Err(Error::new(
+                    sch.span,
+                    format!("gamma {gamma} must be positive"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The options a family expansion reads.
@@ -468,13 +541,17 @@ fn compress_repeats(body: Vec<Layer>) -> Vec<Layer> {
     let mut i = 0;
     while i < body.len() {
         let mut j = i + 1;
-        while j < body.len() && body[j] == body[i] && matches!(body[i].kind, LayerKind::Residual(_)) {
+        while j < body.len() && body[j] == body[i] && matches!(body[i].kind, LayerKind::Residual(_))
+        {
             j += 1;
         }
         if j - i >= 2 {
             let span = body[i].span;
             out.push(Layer {
-                kind: LayerKind::Repeat { count: Spanned::new((j - i) as u64, span), body: vec![body[i].clone()] },
+                kind: LayerKind::Repeat {
+                    count: Spanned::new((j - i) as u64, span),
+                    body: vec![body[i].clone()],
+                },
                 span,
             });
         } else {
@@ -910,5 +987,8 @@ pub fn expand_file(file: &NetFile) -> Result<NetFile> {
         classes: None,
         ..file.settings.clone()
     };
-    Ok(NetFile { network: NetworkSpec::Structural(net), settings })
+    Ok(NetFile {
+        network: NetworkSpec::Structural(net),
+        settings,
+    })
 }

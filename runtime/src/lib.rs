@@ -12,5 +12,6 @@ pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod tensor;
+pub mod train;
 
 pub use tensor::Tensor;

@@ -1,0 +1,328 @@
+//! `wrnc run`: training and evaluation on the CPU reference backend.
+
+use crate::net::{Loaded, UserError};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use wrnc_compiler::ast::{Dataset as Kind, Schedule};
+use wrnc_runtime::cpu::Model;
+use wrnc_runtime::data::{self, Dataset, Normalization, Split};
+use wrnc_runtime::train::{self, Event, TrainConfig};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Train on this data set: cifar10, cifar100 or svhn.
+    #[arg(long, value_name = "DATASET", conflicts_with = "eval")]
+    pub train: Option<String>,
+    /// Evaluate trained weights (--weights) on this data set's test split.
+    #[arg(long, value_name = "DATASET", requires = "weights")]
+    pub eval: Option<String>,
+    /// Weights to evaluate: a checkpoint file or folder.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// The data: the official binary release (folder or .tar.gz), or an image folder
+    /// (DIR/train/<class>/*, DIR/test/<class>/*), or the folder holding train.tar.xz/test.tar.xz.
+    /// Default: $WRNC_DATA, else ./data/<dataset>.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// cpu or cuda. Default: cuda where a GPU is usable, else cpu.
+    #[arg(long)]
+    pub device: Option<Device>,
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub subset: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_subset: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write one JSON object per epoch to this file.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Write a checkpoint to this folder after every epoch (atomically).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint in --checkpoint.
+    #[arg(long, requires = "checkpoint")]
+    pub resume: bool,
+    /// Stop after this many optimiser steps in total (the checkpoint lets --resume go on).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Turn off pad-crop-flip augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Print a JSON summary at the end instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+fn kind(name: &str) -> Result<Kind, UserError> {
+    match Kind::from_name(name) {
+        Some(Kind::Imagenet) => Err(UserError("error: training on ImageNet is not supported by `wrnc run` (CIFAR-10, CIFAR-100, SVHN are)".into())),
+        Some(k) => Ok(k),
+        None => Err(UserError(format!("error: unknown data set `{name}`\n  = help: valid data sets are cifar10, cifar100, svhn"))),
+    }
+}
+
+fn data_dir(args: &RunArgs, k: Kind) -> PathBuf {
+    args.data
+        .clone()
+        .unwrap_or_else(|| match std::env::var_os("WRNC_DATA") {
+            Some(d) => PathBuf::from(d),
+            None => Path::new("data").join(k.name()),
+        })
+}
+
+fn load_split(
+    k: Kind,
+    dir: &Path,
+    split: Split,
+    limit: Option<usize>,
+) -> Result<Dataset, UserError> {
+    let mut ds = data::load(k, dir, split).map_err(|e| UserError(format!("error: {e}")))?;
+    if let Some(n) = limit {
+        if n == 0 {
+            return Err(UserError(
+                "error: a subset must hold at least 1 image".into(),
+            ));
+        }
+        let n = n.min(ds.n);
+        ds.images.truncate(n * ds.image_len());
+        ds.labels.truncate(n);
+        ds.n = n;
+    }
+    Ok(ds)
+}
+
+/// `--device`: the CUDA backend is not part of this build yet, so `cuda` is refused with a
+/// reason and the default is the CPU, said aloud.
+fn pick_device(d: Option<Device>, quiet: bool) -> Result<(), UserError> {
+    match d {
+        Some(Device::Cuda) => Err(UserError(
+            "error: the CUDA runtime is not in this build of wrnc yet; use --device cpu (generated CUDA can be inspected with `wrnc compile NET --emit cuda,ptx`)".into(),
+        )),
+        Some(Device::Cpu) => Ok(()),
+        None => {
+            if !quiet {
+                eprintln!("device: cpu (the CUDA runtime is not in this build)");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
+    pick_device(args.device, args.quiet || args.json)?;
+    let s = &l.file.settings;
+    let seed = args.seed.or(s.seed.map(|v| v.value)).unwrap_or(1);
+    if let Some(ds_name) = &args.eval {
+        let k = kind(ds_name)?;
+        let weights = args
+            .weights
+            .as_ref()
+            .expect("clap: --eval requires --weights");
+        let tensors = wrnc_runtime::checkpoint::load_weights(weights)
+            .map_err(|e| UserError(format!("error: {e}")))?;
+        let g = &l.graph;
+        let expected: Vec<(String, Vec<usize>)> = g
+            .params()
+            .into_iter()
+            .map(|(n, p)| (n, p.shape))
+            .chain(g.buffers().into_iter().map(|(n, len)| (n, vec![len])))
+            .collect();
+        wrnc_runtime::checkpoint::check_against(&tensors, &expected).map_err(|e| {
+            UserError(format!(
+                "error: {} does not fit {}: {e}",
+                weights.display(),
+                g.name
+            ))
+        })?;
+        let (mut params, mut buffers) = (
+            std::collections::BTreeMap::new(),
+            std::collections::BTreeMap::new(),
+        );
+        let buffer_names: std::collections::BTreeSet<String> =
+            g.buffers().into_iter().map(|(n, _)| n).collect();
+        for (n, t) in tensors {
+            if buffer_names.contains(&n) {
+                buffers.insert(n, t);
+            } else {
+                params.insert(n, t);
+            }
+        }
+        let model = Model::with_state(l.graph.clone(), params, buffers)?;
+        let test = load_split(k, &data_dir(&args, k), Split::Test, args.test_subset)?;
+        let pb = bar(args.quiet || args.json);
+        pb.set_prefix("eval");
+        let (loss, acc) = train::evaluate(
+            &model,
+            &test,
+            &Normalization::for_dataset(k),
+            256,
+            &mut |e| {
+                if let Event::EvalStart { batches } = e {
+                    pb.set_length(batches);
+                } else if let Event::EvalBatch { batch } = e {
+                    pb.set_position(batch);
+                }
+            },
+        )?;
+        pb.finish_and_clear();
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"net": g.name, "dataset": k.name(), "images": test.n, "test_loss": loss, "test_acc": acc})
+            );
+        } else {
+            println!(
+                "{}: test loss {loss:.4}, test accuracy {acc:.4} on {} images",
+                g.name, test.n
+            );
+        }
+        return Ok(());
+    }
+    let Some(ds_name) = &args.train else {
+        return Err(UserError(
+            "error: say what to do: --train DATASET, or --eval DATASET --weights FILE".into(),
+        )
+        .into());
+    };
+    let k = kind(ds_name)?;
+    let dir = data_dir(&args, k);
+    let train_ds = load_split(k, &dir, Split::Train, args.subset)?;
+    let test_ds = load_split(k, &dir, Split::Test, args.test_subset)?;
+    let cfg = TrainConfig {
+        net: l.graph.name.clone(),
+        epochs: args.epochs.or(s.epochs.map(|v| v.value)).unwrap_or(200),
+        batch: args
+            .batch_size
+            .or(s.batch.map(|v| v.value as usize))
+            .unwrap_or(128),
+        lr: args.lr.or(s.lr.map(|v| v.value)).unwrap_or(0.1),
+        schedule: s
+            .schedule
+            .as_ref()
+            .map(|v| v.value.clone())
+            .unwrap_or(Schedule::Step {
+                at: vec![0.3, 0.6, 0.8],
+                gamma: 0.2,
+            }),
+        momentum: s.momentum.map(|v| v.value).unwrap_or(0.9),
+        nesterov: s.nesterov.map(|v| v.value).unwrap_or(true),
+        weight_decay: s.weight_decay.map(|v| v.value).unwrap_or(5e-4),
+        label_smoothing: s.label_smoothing.map(|v| v.value).unwrap_or(0.0),
+        seed,
+        augment: !args.no_augment,
+        normalization: Normalization::for_dataset(k),
+        checkpoint: args.checkpoint.clone(),
+        resume: args.resume,
+        metrics: args.metrics.clone(),
+        max_steps: args.max_steps,
+        eval_batch: 256,
+    };
+    let mut model: Model = Model::new(l.graph.clone(), seed)?;
+    let quiet = args.quiet || args.json;
+    if !quiet {
+        eprintln!(
+            "training {} on {} ({} train, {} test images) for {} epochs, batch {}, lr {}",
+            l.graph.name,
+            k.name(),
+            train_ds.n,
+            test_ds.n,
+            cfg.epochs,
+            cfg.batch,
+            cfg.lr
+        );
+    }
+    let pb = bar(quiet);
+    let report = train::train(
+        &mut model,
+        &train_ds,
+        Some(&test_ds),
+        &cfg,
+        &mut |e| match e {
+            Event::EpochStart {
+                epoch,
+                epochs,
+                batches,
+            } => {
+                pb.reset();
+                pb.set_length(batches);
+                pb.set_prefix(format!("epoch {epoch}/{epochs}"));
+            }
+            Event::Batch {
+                batch,
+                loss,
+                acc,
+                images_per_s,
+            } => {
+                pb.set_position(batch);
+                pb.set_message(format!(
+                    "loss {loss:.3} acc {acc:.3} {images_per_s:.0} img/s"
+                ));
+            }
+            Event::EvalStart { batches } => {
+                pb.reset();
+                pb.set_length(batches);
+                pb.set_prefix("eval");
+            }
+            Event::EvalBatch { batch } => pb.set_position(batch),
+            Event::EpochEnd => pb.finish_and_clear(),
+        },
+    );
+    pb.finish_and_clear();
+    let report = report.map_err(|e| match e {
+        train::TrainError::Config(m) => anyhow::Error::from(UserError(format!("error: {m}"))),
+        e => anyhow::Error::from(e),
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "net": l.graph.name, "dataset": k.name(), "steps": report.steps, "stopped_early": report.stopped_early,
+                "checkpoint": report.checkpoint, "epochs": report.epochs,
+            })
+        );
+    } else {
+        for m in &report.epochs {
+            println!(
+                "epoch {:>3}  train loss {:.4} acc {:.4}  test loss {:.4} acc {:.4}  lr {:.4}  {:.1}s  {:.0} img/s",
+                m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.lr, m.seconds, m.images_per_s
+            );
+        }
+        if report.stopped_early {
+            println!("stopped after {} steps (--max-steps)", report.steps);
+        }
+        if let Some(p) = &report.checkpoint {
+            println!("checkpoint: {}", p.display());
+        }
+    }
+    Ok(())
+}
