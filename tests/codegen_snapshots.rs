@@ -1,0 +1,71 @@
+//! Snapshots of the generated CUDA, the fused schedule JSON, the plan after each pass for a
+//! small WRN-style network, and WRN-28-10's launch / traffic / memory summary.
+
+use wrnc_compiler::codegen::cuda;
+use wrnc_compiler::passes::{self, Fusion, Mode, Plan};
+use wrnc_compiler::schedule::{self, Options};
+
+const NET: &str = "network \"tiny-wrn\" { input 3x8x8 classes 10
+    conv(3x3, 4)
+    residual { pre bn relu body conv(3x3, 8, stride=2) bn relu dropout(0.3) conv(3x3, 8) shortcut proj }
+    bn relu gap fc }";
+
+fn graph(text: &str) -> wrnc_compiler::graph::Graph {
+    wrnc_grammar::build(&wrnc_grammar::Source::inline(text)).unwrap_or_else(|d| panic!("{d:?}"))
+}
+
+fn opts(mode: Mode) -> Options {
+    Options {
+        mode,
+        batch: 4,
+        ..Options::default()
+    }
+}
+
+#[test]
+fn tiny_wrn_cuda_train_fused() {
+    let o = opts(Mode::Train);
+    let s = schedule::build(&graph(NET), &o).unwrap();
+    insta::assert_snapshot!("tiny_wrn_train_fused_cu", cuda::write(&s, &o).unwrap());
+}
+
+#[test]
+fn tiny_wrn_schedule_json() {
+    let s = schedule::build(&graph(NET), &opts(Mode::Train)).unwrap();
+    insta::assert_snapshot!("tiny_wrn_train_fused_schedule", s.to_json());
+    let s = schedule::build(&graph(NET), &opts(Mode::Infer)).unwrap();
+    insta::assert_snapshot!("tiny_wrn_infer_fused_schedule", s.to_json());
+}
+
+#[test]
+fn tiny_wrn_plan_after_each_pass() {
+    let mut out = String::new();
+    for mode in [Mode::Train, Mode::Infer] {
+        let mut plan = Plan::new(&graph(NET), mode);
+        passes::run(&mut plan, &Fusion::default(), |name, p| {
+            out.push_str(&format!("--- after {name}\n{p}"));
+        });
+    }
+    insta::assert_snapshot!("tiny_wrn_plan_after_each_pass", out);
+}
+
+#[test]
+fn output_is_deterministic() {
+    let o = opts(Mode::Train);
+    let a = cuda::write(&schedule::build(&graph(NET), &o).unwrap(), &o).unwrap();
+    let b = cuda::write(&schedule::build(&graph(NET), &o).unwrap(), &o).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn wrn_28_10_summary() {
+    let g = graph("network WRN-28-10\ndropout 0.3");
+    let s = wrnc_compiler::memplan::summarize(&g, 128, Default::default()).unwrap();
+    assert!(s.launches.train_fused < s.launches.train_unfused);
+    assert!(s.dram_bytes.fused < s.dram_bytes.unfused);
+    assert!(s.peak_bytes.fused < s.peak_bytes.unfused);
+    insta::assert_snapshot!(
+        "wrn_28_10_summary_batch128",
+        serde_json::to_string_pretty(&s).unwrap()
+    );
+}
