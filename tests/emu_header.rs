@@ -8,12 +8,20 @@ mod support;
 fn emulation_selftest() {
     let dir = support::temp_dir("emu-selftest");
     std::fs::write(dir.join("rng_source.cuh"), wrnc_compiler::rng::CUDA_SOURCE).unwrap();
-    std::fs::copy(support::root().join("emu/tests/selftest.cpp"), dir.join("selftest.cpp")).unwrap();
+    std::fs::copy(
+        support::root().join("emu/tests/selftest.cpp"),
+        dir.join("selftest.cpp"),
+    )
+    .unwrap();
     // selftest.cpp includes "../cuda_emu.h": give it that layout
     std::fs::create_dir_all(dir.join("t")).unwrap();
     std::fs::rename(dir.join("selftest.cpp"), dir.join("t/selftest.cpp")).unwrap();
     std::fs::rename(dir.join("rng_source.cuh"), dir.join("t/rng_source.cuh")).unwrap();
-    std::fs::copy(support::root().join("emu/cuda_emu.h"), dir.join("cuda_emu.h")).unwrap();
+    std::fs::copy(
+        support::root().join("emu/cuda_emu.h"),
+        dir.join("cuda_emu.h"),
+    )
+    .unwrap();
     let prog = support::compile(&dir.join("t"), "selftest.cpp");
     let out = support::run(&prog, &[]);
     for name in [
@@ -30,6 +38,11 @@ fn emulation_selftest() {
         .filter_map(|l| l.strip_prefix("rng "))
         .map(|v| v.parse().unwrap())
         .collect();
-    let want: Vec<u32> = (0..8).map(|i| wrnc_compiler::rng::bits(7, 0x1234, 3, i)).collect();
-    assert_eq!(bits, want, "CUDA RNG twin disagrees with the Rust generator");
+    let want: Vec<u32> = (0..8)
+        .map(|i| wrnc_compiler::rng::bits(7, 0x1234, 3, i))
+        .collect();
+    assert_eq!(
+        bits, want,
+        "CUDA RNG twin disagrees with the Rust generator"
+    );
 }
