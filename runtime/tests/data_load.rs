@@ -318,6 +318,8 @@ fn expected_folder(order: &[&str], written: &[&str]) -> Vec<(u16, usize, usize)>
             out.push((label as u16, j, i));
         }
     }
+    // Round robin over the classes: the i-th file of every class, in label order.
+    out.sort_by_key(|&(label, _, i)| (i, label));
     out
 }
 

@@ -8,7 +8,8 @@
 //! - `labels.len() == n` and every label is `< classes`.
 //! - `class_names.len() == classes`; label `i` is the class named `class_names[i]`.
 //! - The order of the images is deterministic: the record order of the binary files, or
-//!   (image folders) class by class in label order, files sorted by name within a class.
+//!   (image folders) round robin over the classes in label order, files sorted by name within
+//!   a class, so that the first N images are balanced across classes.
 //!
 //! Nothing here panics on a bad file and no allocation is sized by a number read from a file
 //! header: buffers grow only with bytes that were actually read.
