@@ -368,3 +368,42 @@ fn imagenet_stem_maxpool_step_and_infer() {
     let _ = check_step("stem", body);
     check_infer("stem", body);
 }
+
+/// `--no-fuse PASS` for every pass in turn: still the reference's step.
+#[test]
+fn wrn_step_with_each_pass_disabled() {
+    let g = graph(WRN);
+    let r = reference(&g, Mode::Train);
+    for pass in wrnc_compiler::passes::pass_names() {
+        let opts = Options {
+            mode: Mode::Train,
+            batch: BATCH as u32,
+            precision: Default::default(),
+            fusion: Fusion {
+                unfused: false,
+                disabled: vec![pass.to_string()],
+            },
+        };
+        let s = schedule::build(&g, &opts).unwrap();
+        let out = emulate(&format!("wrn-no-{pass}"), &s, &r);
+        let f = |b: &str| bytes_f32(&out[b]);
+        close(
+            &format!("no {pass}: logits"),
+            &f(&s.buffers[s.logits].name),
+            &r.logits,
+            1e-4,
+        );
+        let gmax = r.grads.values().flatten().fold(0f64, |m, v| m.max(v.abs()));
+        let grads = f("grads");
+        for p in &s.params {
+            let range = p.offset as usize..(p.offset + p.len) as usize;
+            close_floor(
+                &format!("no {pass}: grad {}", p.name),
+                &grads[range],
+                &r.grads[&p.name],
+                1e-4,
+                1e-2 * gmax,
+            );
+        }
+    }
+}
