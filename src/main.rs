@@ -41,12 +41,39 @@ enum Cmd {
     /// Write the compiler's outputs for a network.
     Compile {
         net: String,
-        /// Comma-separated: expanded, graph, dot.
+        /// Comma-separated: expanded, graph, dot, cuda, ptx, schedule.
         #[arg(long, value_delimiter = ',', default_value = "expanded")]
         emit: Vec<Emit>,
         /// Output directory (default: print to standard output).
         #[arg(short, long)]
         o: Option<PathBuf>,
+        /// Compile a whole training step (the default).
+        #[arg(long, conflicts_with = "infer")]
+        train: bool,
+        /// Compile inference.
+        #[arg(long)]
+        infer: bool,
+        /// No fusion: one kernel per op (the baseline of `wrnc bench`).
+        #[arg(long)]
+        unfused: bool,
+        /// Switch one fusion pass off (repeatable); see `--list-passes`.
+        #[arg(long = "no-fuse", value_name = "PASS")]
+        no_fuse: Vec<String>,
+        /// Print the fusion plan after this pass.
+        #[arg(long, value_name = "PASS")]
+        dump_after: Option<String>,
+        /// Print the fusion passes, in pipeline order, and exit.
+        #[arg(long)]
+        list_passes: bool,
+        /// Batch size the schedule is built for (default: the file's `batch`, else 128).
+        #[arg(long)]
+        batch: Option<u32>,
+        /// f32, or bf16 storage with fp32 accumulation (default: the file's `precision`).
+        #[arg(long)]
+        precision: Option<PrecisionArg>,
+        /// GPU architecture for --emit ptx.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
     },
     /// Train or evaluate a network (CPU reference backend).
     Run {
@@ -87,6 +114,18 @@ enum Emit {
     Graph,
     /// The op graph as Graphviz DOT.
     Dot,
+    /// The generated CUDA C of the schedule (one module).
+    Cuda,
+    /// PTX from NVRTC (needs libnvrtc: `pip install nvidia-cuda-nvrtc==13.0.88`).
+    Ptx,
+    /// The schedule: buffers, kernels, launches (grid, block, arguments), as JSON.
+    Schedule,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
 }
 
 fn main() -> ExitCode {
@@ -112,6 +151,19 @@ fn main() -> ExitCode {
     }
 }
 
+fn batch_or(batch: Option<u32>, l: &net::Loaded) -> Result<u32, UserError> {
+    let b = batch
+        .or(l.file.settings.batch.map(|b| b.value as u32))
+        .unwrap_or(128);
+    if b == 0 || b > 1 << 16 {
+        return Err(UserError(format!(
+            "error: batch {b} is out of range (1 to {})",
+            1 << 16
+        )));
+    }
+    Ok(b)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Info { net, json, batch } => {
@@ -127,8 +179,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
             let i = wrnc_compiler::analysis::info(&l.graph, batch);
+            let precision = l
+                .file
+                .settings
+                .precision
+                .map(|p| p.value)
+                .unwrap_or_default();
+            // The compiled step: launches, DRAM traffic and peak memory, fused and unfused.
+            let compiled = wrnc_compiler::memplan::summarize(&l.graph, batch, precision);
             if json {
-                println!("{}", serde_json::to_string_pretty(&i)?);
+                let mut v = serde_json::to_value(&i)?;
+                match &compiled {
+                    Ok(c) => {
+                        let c = serde_json::to_value(c)?;
+                        for k in ["launches", "dram_bytes", "peak_bytes"] {
+                            v[k] = c[k].clone();
+                        }
+                    }
+                    Err(e) => v["compile_error"] = e.message.clone().into(),
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("network      {}", i.name);
                 println!("input        {}x{}x{}", i.input[0], i.input[1], i.input[2]);
@@ -144,28 +214,159 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     human_bytes(i.activation_bytes),
                     i.batch
                 );
+                match &compiled {
+                    Ok(c) => {
+                        println!("launches     training step {} fused, {} unfused; inference {} fused, {} unfused",
+                            c.launches.train_fused, c.launches.train_unfused, c.launches.infer_fused, c.launches.infer_unfused);
+                        println!(
+                            "DRAM/step    {} fused, {} unfused (estimate, batch {})",
+                            human_bytes(c.dram_bytes.fused),
+                            human_bytes(c.dram_bytes.unfused),
+                            i.batch
+                        );
+                        println!(
+                            "peak memory  {} fused, {} unfused (training step, {})",
+                            human_bytes(c.peak_bytes.fused),
+                            human_bytes(c.peak_bytes.unfused),
+                            precision.name()
+                        );
+                    }
+                    Err(e) => println!("compiled     not available: {}", e.message),
+                }
             }
         }
         Cmd::Check { net } => {
             let l = net::load(&net)?;
             eprintln!("ok: {} ({} nodes)", l.graph.name, l.graph.order.len());
         }
-        Cmd::Compile { net, emit, o } => {
+        Cmd::Compile {
+            net,
+            emit,
+            o,
+            train: _,
+            infer,
+            unfused,
+            no_fuse,
+            dump_after,
+            list_passes,
+            batch,
+            precision,
+            arch,
+        } => {
+            if list_passes {
+                for (name, _) in wrnc_compiler::passes::PIPELINE {
+                    println!("{name}");
+                }
+                return Ok(());
+            }
             let l = net::load(&net)?;
+            let diag = |e: wrnc_compiler::Error| {
+                UserError(wrnc_grammar::Diagnostic::from_error(&l.source, &e).render())
+            };
             let mut outputs: Vec<(&str, String)> = vec![];
+            let needs_schedule = emit
+                .iter()
+                .any(|e| matches!(e, Emit::Cuda | Emit::Ptx | Emit::Schedule))
+                || dump_after.is_some();
+            let opts = wrnc_compiler::schedule::Options {
+                mode: if infer {
+                    wrnc_compiler::passes::Mode::Infer
+                } else {
+                    wrnc_compiler::passes::Mode::Train
+                },
+                batch: batch_or(batch, &l)?,
+                precision: match precision {
+                    Some(PrecisionArg::F32) => wrnc_compiler::ast::Precision::F32,
+                    Some(PrecisionArg::Bf16) => wrnc_compiler::ast::Precision::Bf16,
+                    None => l
+                        .file
+                        .settings
+                        .precision
+                        .map(|p| p.value)
+                        .unwrap_or_default(),
+                },
+                fusion: wrnc_compiler::passes::Fusion {
+                    unfused,
+                    disabled: no_fuse,
+                },
+            };
+            opts.fusion
+                .validate()
+                .map_err(|m| UserError(format!("error: {m}")))?;
+            if let Some(p) = &dump_after {
+                if !wrnc_compiler::passes::pass_names().contains(&p.as_str()) {
+                    return Err(UserError(format!(
+                        "error: unknown pass `{p}`; passes are: {}",
+                        wrnc_compiler::passes::pass_names().join(", ")
+                    ))
+                    .into());
+                }
+            }
+            let mut timing = vec![];
+            let schedule = if needs_schedule {
+                let t = std::time::Instant::now();
+                let mut plan = wrnc_compiler::passes::Plan::new(&l.graph, opts.mode);
+                let mut dump = String::new();
+                wrnc_compiler::passes::run(&mut plan, &opts.fusion, |name, plan| {
+                    if dump_after.as_deref() == Some(name) {
+                        dump = format!("{plan}");
+                    }
+                });
+                if dump_after.is_some() {
+                    outputs.push(("plan.txt", dump));
+                }
+                let s = wrnc_compiler::schedule::lower(&plan, &opts).map_err(diag)?;
+                timing.push(("schedule", t.elapsed().as_secs_f64()));
+                Some(s)
+            } else {
+                None
+            };
             for e in &emit {
                 match e {
                     Emit::Expanded => {
-                        let f = wrnc_compiler::expand::expand_file(&l.file).map_err(|e| {
-                            UserError(wrnc_grammar::Diagnostic::from_error(&l.source, &e).render())
-                        })?;
+                        let f = wrnc_compiler::expand::expand_file(&l.file).map_err(diag)?;
                         outputs.push(("expanded.net", wrnc_compiler::print::print_file(&f)));
                     }
                     Emit::Graph => {
                         outputs.push(("graph.txt", wrnc_compiler::dump::graph_text(&l.graph)))
                     }
                     Emit::Dot => outputs.push(("graph.dot", wrnc_compiler::dump::dot(&l.graph))),
+                    Emit::Schedule => {
+                        outputs.push(("schedule.json", schedule.as_ref().expect("built").to_json()))
+                    }
+                    Emit::Cuda | Emit::Ptx => {}
                 }
+            }
+            if emit.iter().any(|e| matches!(e, Emit::Cuda | Emit::Ptx)) {
+                let s = schedule.as_ref().expect("built");
+                let t = std::time::Instant::now();
+                let cuda = wrnc_compiler::codegen::cuda::write(s, &opts).map_err(diag)?;
+                timing.push(("cuda", t.elapsed().as_secs_f64()));
+                if emit.contains(&Emit::Ptx) {
+                    let t = std::time::Instant::now();
+                    let ptx = wrnc_runtime::nvrtc::compile_ptx(&cuda, &arch)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    timing.push(("nvrtc", t.elapsed().as_secs_f64()));
+                    outputs.push(("kernels.ptx", ptx));
+                }
+                if emit.contains(&Emit::Cuda) {
+                    outputs.push(("kernels.cu", cuda));
+                }
+            }
+            if let Some(s) = &schedule {
+                let total: f64 = timing.iter().map(|t| t.1).sum();
+                let parts: Vec<String> =
+                    timing.iter().map(|(n, t)| format!("{n} {t:.2}s")).collect();
+                eprintln!(
+                    "{}: {} {} schedule, {} kernels, {} launches per {}; compiled in {total:.2}s ({})",
+                    l.graph.name,
+                    if opts.fusion.unfused { "unfused" } else { "fused" },
+                    if infer { "inference" } else { "training" },
+                    s.kernels.len(),
+                    s.launches.len(),
+                    if infer { "batch" } else { "step" },
+                    parts.join(", ")
+                );
             }
             match o {
                 Some(dir) => {
