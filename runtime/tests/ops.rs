@@ -424,3 +424,26 @@ fn f32_and_f64_agree() {
         }
     }
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let g = nets::wrn(10, 1, 3, 8, Some(0.3));
+    let mut r = SplitMix64(8);
+    let x = randn(&mut r, &[11, 3, 8, 8], 1.0);
+    let x = Tensor::from_vec(&x.shape, x.data.iter().map(|&v| v as f32).collect());
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut m = Model::<f32>::new(g.clone(), 2).unwrap();
+            let (y, tape) = m.forward(&x, Mode::Train { seed: 3, step: 4 }).unwrap();
+            let grads = m.backward(tape, &y).unwrap();
+            (y, grads, m.buffers)
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(3));
+    assert_eq!(one, run(8));
+}
