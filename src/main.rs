@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running (I/O, training diverged, ...),
 //! 2 bad input (network, file, flag).
 
+mod export_cmd;
 mod net;
 mod train_cmd;
 
@@ -80,6 +81,13 @@ enum Cmd {
         net: String,
         #[command(flatten)]
         args: train_cmd::RunArgs,
+    },
+    /// Export the inference graph as ONNX (opset 17) with trained or fresh weights; write the
+    /// CPU backend's logits for an input, or the weights as a checkpoint (docs/interop.md).
+    Export {
+        net: String,
+        #[command(flatten)]
+        args: export_cmd::ExportArgs,
     },
     /// Draw training loss and test error per epoch from a metrics file (.png or .svg).
     Plot {
@@ -391,6 +399,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let l = net::load(&net)?;
             train_cmd::run(l, args)?;
         }
+        Cmd::Export { net, args } => export_cmd::run(net::load(&net)?, args)?,
         Cmd::Plot { file, o } => {
             wrnc_runtime::plot::plot(&file, &o).map_err(|e| UserError(format!("error: {e}")))?;
             eprintln!("wrote {}", o.display());

@@ -8,6 +8,7 @@ pub mod init;
 pub mod loss;
 pub mod metrics;
 pub mod nvrtc;
+pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod plot;
