@@ -1,0 +1,571 @@
+//! Context, stream, device memory, modules, events and CUDA graphs: thin RAII wrappers over
+//! [`super::driver`].
+//!
+//! One [`Gpu`] holds the device's primary context and one non-blocking stream; everything
+//! runs on that stream in order. Host copies are synchronous: they first wait for the
+//! stream, so a download sees every launch before it and an upload is complete before the
+//! next launch. Objects keep the context alive (`Rc`) and free their resource when dropped.
+//! None of these types is `Send`: one thread drives one GPU.
+//!
+//! With `WRNC_CUDA_SYNC=1` in the environment, every launch is followed by a stream
+//! synchronisation, so an asynchronous fault is reported with the kernel that caused it.
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::rc::Rc;
+
+use super::driver::{self, attr, Api, CuDevice, Handle};
+use super::layout::ArgValue;
+use super::{CudaError, DeviceInfo};
+
+pub(crate) struct Ctx {
+    pub api: &'static Api,
+    dev: CuDevice,
+    ctx: Handle,
+}
+
+impl Ctx {
+    /// Makes the context current on the calling thread.
+    fn bind(&self) -> Result<(), CudaError> {
+        // SAFETY: a retained primary context.
+        let r = unsafe { (self.api.ctx_set_current)(self.ctx) };
+        self.api.check(r, "cuCtxSetCurrent")
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // SAFETY: retained once in `Gpu::open`, released once here.
+        unsafe { (self.api.primary_ctx_release)(self.dev) };
+    }
+}
+
+/// One GPU: primary context, one stream, device properties.
+pub struct Gpu {
+    ctx: Rc<Ctx>,
+    stream: Handle,
+    info: DeviceInfo,
+    sync_each: bool,
+    capturing: Cell<bool>,
+}
+
+/// Device memory, freed on drop.
+pub struct DeviceBuffer {
+    ctx: Rc<Ctx>,
+    ptr: u64,
+    bytes: u64,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 && self.ctx.bind().is_ok() {
+            // SAFETY: allocated by cuMemAlloc in this context, freed once.
+            unsafe { (self.ctx.api.mem_free)(self.ptr) };
+        }
+    }
+}
+
+/// A loaded module and the functions looked up in it, in the order asked for.
+pub struct Module {
+    ctx: Rc<Ctx>,
+    module: Handle,
+    pub functions: Vec<Handle>,
+    pub names: Vec<String>,
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: loaded once, unloaded once.
+            unsafe { (self.ctx.api.module_unload)(self.module) };
+        }
+    }
+}
+
+/// A CUDA event (timing enabled).
+pub struct Event {
+    ctx: Rc<Ctx>,
+    ev: Handle,
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created once, destroyed once.
+        unsafe { (self.ctx.api.event_destroy)(self.ev) };
+    }
+}
+
+/// An instantiated CUDA graph.
+pub struct GraphExec {
+    ctx: Rc<Ctx>,
+    graph: Handle,
+    exec: Handle,
+}
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: created once each, destroyed once each.
+        unsafe {
+            (self.ctx.api.graph_exec_destroy)(self.exec);
+            (self.ctx.api.graph_destroy)(self.graph);
+        }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: created once, destroyed once; pending work is waited for first.
+            unsafe {
+                (self.ctx.api.stream_synchronize)(self.stream);
+                (self.ctx.api.stream_destroy)(self.stream);
+            }
+        }
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: loads the driver, retains the primary context, creates a stream.
+    pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        let api = driver::api()?;
+        let mut count: c_int = 0;
+        // SAFETY: valid out-pointer.
+        api.check(
+            unsafe { (api.device_count)(&mut count) },
+            "cuDeviceGetCount",
+        )?;
+        if count <= 0 {
+            return Err(CudaError::NoDevice(format!(
+                "the CUDA driver ({}) sees no GPU",
+                api.path
+            )));
+        }
+        if ordinal >= count as usize {
+            return Err(CudaError::BadDevice {
+                ordinal,
+                count: count as usize,
+            });
+        }
+        let mut dev: CuDevice = 0;
+        // SAFETY: valid out-pointer, ordinal in range.
+        api.check(
+            unsafe { (api.device_get)(&mut dev, ordinal as c_int) },
+            "cuDeviceGet",
+        )?;
+        let mut name = [0 as c_char; 256];
+        // SAFETY: the buffer holds 256 bytes, as passed.
+        api.check(
+            unsafe { (api.device_name)(name.as_mut_ptr(), name.len() as c_int, dev) },
+            "cuDeviceGetName",
+        )?;
+        let name: String = {
+            let bytes: Vec<u8> = name
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        let get_attr = |a: c_int, what: &str| -> Result<i32, CudaError> {
+            let mut v: c_int = 0;
+            // SAFETY: valid out-pointer and device.
+            api.check(
+                unsafe { (api.device_attribute)(&mut v, a, dev) },
+                &format!("cuDeviceGetAttribute({what})"),
+            )?;
+            Ok(v)
+        };
+        let cc = (
+            get_attr(attr::COMPUTE_CAPABILITY_MAJOR, "compute capability major")?,
+            get_attr(attr::COMPUTE_CAPABILITY_MINOR, "compute capability minor")?,
+        );
+        let sms = get_attr(attr::MULTIPROCESSOR_COUNT, "multiprocessor count")?;
+        let mut total: usize = 0;
+        // SAFETY: valid out-pointer.
+        api.check(
+            unsafe { (api.device_total_mem)(&mut total, dev) },
+            "cuDeviceTotalMem",
+        )?;
+        let mut version: c_int = 0;
+        // SAFETY: valid out-pointer.
+        api.check(
+            unsafe { (api.driver_version)(&mut version) },
+            "cuDriverGetVersion",
+        )?;
+        let mut ctx: Handle = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and device.
+        api.check(
+            unsafe { (api.primary_ctx_retain)(&mut ctx, dev) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        let ctx = Rc::new(Ctx { api, dev, ctx });
+        ctx.bind()?;
+        let mut stream: Handle = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; current context set.
+        api.check(
+            unsafe { (api.stream_create)(&mut stream, driver::STREAM_NON_BLOCKING) },
+            "cuStreamCreate",
+        )?;
+        let mut gpu = Gpu {
+            ctx,
+            stream,
+            info: DeviceInfo {
+                ordinal,
+                name,
+                compute_capability: cc,
+                multiprocessors: sms,
+                total_bytes: total as u64,
+                free_bytes: 0,
+                driver_version: version,
+                driver_library: api.path.clone(),
+                nvrtc: crate::nvrtc::library().map_err(|e| e.to_string()),
+            },
+            sync_each: env_flag("WRNC_CUDA_SYNC"),
+            capturing: Cell::new(false),
+        };
+        gpu.info.free_bytes = gpu.mem_info()?.0;
+        Ok(gpu)
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Synchronise after every launch (names the kernel of an asynchronous fault).
+    pub fn set_sync_each(&mut self, on: bool) {
+        self.sync_each = on;
+    }
+
+    fn api(&self) -> &'static Api {
+        self.ctx.api
+    }
+
+    /// `(free, total)` device bytes.
+    pub fn mem_info(&self) -> Result<(u64, u64), CudaError> {
+        self.ctx.bind()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: valid out-pointers.
+        self.api().check(
+            unsafe { (self.api().mem_get_info)(&mut free, &mut total) },
+            "cuMemGetInfo",
+        )?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// Allocates `bytes` (at least 1), zero-filled. Out of memory is reported with `what` and
+    /// `batch`, and the bytes needed.
+    pub fn alloc(&self, bytes: u64, what: &str, batch: u32) -> Result<DeviceBuffer, CudaError> {
+        self.ctx.bind()?;
+        let (free, total) = self.mem_info()?;
+        let oom = || CudaError::OutOfMemory {
+            what: what.to_string(),
+            batch,
+            need: bytes,
+            free,
+            total,
+        };
+        if bytes > free {
+            return Err(oom());
+        }
+        let size = usize::try_from(bytes.max(1)).map_err(|_| oom())?;
+        let mut ptr = 0u64;
+        // SAFETY: valid out-pointer; current context set.
+        let r = unsafe { (self.api().mem_alloc)(&mut ptr, size) };
+        if r == driver::ERROR_OUT_OF_MEMORY {
+            return Err(oom());
+        }
+        self.api().check(r, "cuMemAlloc")?;
+        let b = DeviceBuffer {
+            ctx: self.ctx.clone(),
+            ptr,
+            bytes,
+        };
+        self.memset(ptr, bytes)?;
+        Ok(b)
+    }
+
+    /// Zeroes `bytes` at `ptr` (synchronously).
+    pub fn memset(&self, ptr: u64, bytes: u64) -> Result<(), CudaError> {
+        self.ctx.bind()?;
+        self.synchronize("memset")?;
+        // SAFETY: the range lies in an allocation of this context (callers pass their own).
+        self.api().check(
+            unsafe { (self.api().memset_d8)(ptr, 0, bytes as usize) },
+            "cuMemsetD8",
+        )
+    }
+
+    /// Copies host bytes to `ptr`, after the stream's pending work.
+    ///
+    /// Callers guarantee that `[ptr, ptr + data.len())` lies inside one of their allocations
+    /// (the executor checks ranges against its layout).
+    pub fn upload(&self, ptr: u64, data: &[u8]) -> Result<(), CudaError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        self.synchronize("upload")?;
+        // SAFETY: valid host slice; device range per the contract above.
+        self.api().check(
+            unsafe { (self.api().memcpy_htod)(ptr, data.as_ptr() as *const c_void, data.len()) },
+            "cuMemcpyHtoD",
+        )
+    }
+
+    /// Copies device bytes at `ptr` into `out`, after the stream's pending work.
+    pub fn download(&self, ptr: u64, out: &mut [u8]) -> Result<(), CudaError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        self.synchronize("download")?;
+        // SAFETY: valid host slice; device range per `upload`'s contract.
+        self.api().check(
+            unsafe { (self.api().memcpy_dtoh)(out.as_mut_ptr() as *mut c_void, ptr, out.len()) },
+            "cuMemcpyDtoH",
+        )
+    }
+
+    /// Device-to-device copy, after the stream's pending work.
+    pub fn copy(&self, dst: u64, src: u64, bytes: u64) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        self.synchronize("copy")?;
+        // SAFETY: both ranges lie in allocations of this context (callers' contract).
+        self.api().check(
+            unsafe { (self.api().memcpy_dtod)(dst, src, bytes as usize) },
+            "cuMemcpyDtoD",
+        )
+    }
+
+    /// Waits for the stream. A failure is an asynchronous fault of an earlier launch.
+    pub fn synchronize(&self, during: &str) -> Result<(), CudaError> {
+        self.ctx.bind()?;
+        // SAFETY: our stream.
+        let r = unsafe { (self.api().stream_synchronize)(self.stream) };
+        self.api()
+            .check(r, "cuStreamSynchronize")
+            .map_err(|e| CudaError::Fault {
+                during: during.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// JIT-loads `ptx` and looks up `names`.
+    pub fn load_module(&self, ptx: &str, names: &[String]) -> Result<Module, CudaError> {
+        self.ctx.bind()?;
+        let image = CString::new(ptx).map_err(|_| CudaError::Module {
+            detail: "the PTX contains a NUL byte".into(),
+        })?;
+        let mut log = vec![0u8; 16 * 1024];
+        let mut opts: [c_int; 2] = [
+            driver::JIT_ERROR_LOG_BUFFER,
+            driver::JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+        ];
+        let mut vals: [*mut c_void; 2] = [
+            log.as_mut_ptr() as *mut c_void,
+            log.len() as usize as *mut c_void,
+        ];
+        let mut module: Handle = std::ptr::null_mut();
+        // SAFETY: NUL-terminated image; option arrays of 2 with a log buffer of the given size.
+        let r = unsafe {
+            (self.api().module_load_data_ex)(
+                &mut module,
+                image.as_ptr() as *const c_void,
+                opts.len() as c_uint,
+                opts.as_mut_ptr(),
+                vals.as_mut_ptr(),
+            )
+        };
+        if r != driver::SUCCESS {
+            let (name, msg) = self.api().describe(r);
+            let jit: String = String::from_utf8_lossy(&log)
+                .trim_end_matches('\0')
+                .trim()
+                .to_string();
+            let hint = if r == driver::ERROR_UNSUPPORTED_PTX_VERSION {
+                format!(
+                    "; the PTX comes from an NVRTC newer than the driver (CUDA {}.{}): install the NVRTC of the driver's CUDA version (see WRNC_NVRTC)",
+                    self.info.driver_version / 1000,
+                    self.info.driver_version % 1000 / 10
+                )
+            } else {
+                String::new()
+            };
+            return Err(CudaError::Module {
+                detail: format!("cuModuleLoadDataEx: {name}: {msg}{hint}\n{jit}"),
+            });
+        }
+        let mut m = Module {
+            ctx: self.ctx.clone(),
+            module,
+            functions: vec![],
+            names: names.to_vec(),
+        };
+        for n in names {
+            let c = CString::new(n.as_str()).map_err(|_| CudaError::Module {
+                detail: format!("kernel name {n:?} contains a NUL byte"),
+            })?;
+            let mut f: Handle = std::ptr::null_mut();
+            // SAFETY: loaded module, NUL-terminated name, valid out-pointer.
+            self.api().check(
+                unsafe { (self.api().module_get_function)(&mut f, m.module, c.as_ptr()) },
+                &format!("cuModuleGetFunction({n})"),
+            )?;
+            m.functions.push(f);
+        }
+        Ok(m)
+    }
+
+    /// Launches `f` on the stream with `args` (packed per [`super::layout::pack`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch(
+        &self,
+        f: Handle,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared: u32,
+        args: &[ArgValue],
+        kernel: &str,
+        note: &str,
+    ) -> Result<(), CudaError> {
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        let fail = |e: CudaError| CudaError::Launch {
+            kernel: kernel.to_string(),
+            note: note.to_string(),
+            detail: e.to_string(),
+        };
+        // SAFETY: `f` comes from a loaded module; `ptrs` holds one pointer per kernel
+        // parameter (the schedule was validated against the kernel's signature), each to an
+        // 8-byte slot that outlives the call (the driver copies the values).
+        let r = unsafe {
+            (self.api().launch_kernel)(
+                f,
+                grid[0],
+                grid[1],
+                grid[2],
+                block[0],
+                block[1],
+                block[2],
+                shared,
+                self.stream,
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        self.api().check(r, "cuLaunchKernel").map_err(fail)?;
+        if self.sync_each && !self.capturing.get() {
+            // SAFETY: our stream.
+            let r = unsafe { (self.api().stream_synchronize)(self.stream) };
+            self.api().check(r, "cuStreamSynchronize").map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    pub fn event(&self) -> Result<Event, CudaError> {
+        self.ctx.bind()?;
+        let mut ev: Handle = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; flags 0 (timing enabled).
+        self.api().check(
+            unsafe { (self.api().event_create)(&mut ev, 0) },
+            "cuEventCreate",
+        )?;
+        Ok(Event {
+            ctx: self.ctx.clone(),
+            ev,
+        })
+    }
+
+    pub fn record(&self, e: &Event) -> Result<(), CudaError> {
+        // SAFETY: our event and stream.
+        self.api().check(
+            unsafe { (self.api().event_record)(e.ev, self.stream) },
+            "cuEventRecord",
+        )
+    }
+
+    /// Milliseconds between two recorded events (waits for `end`).
+    pub fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32, CudaError> {
+        // SAFETY: recorded events.
+        let r = unsafe { (self.api().event_synchronize)(end.ev) };
+        self.api()
+            .check(r, "cuEventSynchronize")
+            .map_err(|e| CudaError::Fault {
+                during: "a timed run".into(),
+                detail: e.to_string(),
+            })?;
+        let mut ms = 0f32;
+        // SAFETY: valid out-pointer, recorded events.
+        self.api().check(
+            unsafe { (self.api().event_elapsed)(&mut ms, start.ev, end.ev) },
+            "cuEventElapsedTime",
+        )?;
+        Ok(ms)
+    }
+
+    /// Records everything `body` launches on the stream into a CUDA graph instead of running
+    /// it, and instantiates the graph.
+    pub fn capture(
+        &self,
+        body: impl FnOnce() -> Result<(), CudaError>,
+    ) -> Result<GraphExec, CudaError> {
+        self.ctx.bind()?;
+        self.synchronize("capture")?;
+        // SAFETY: our stream, thread-local capture mode.
+        self.api().check(
+            unsafe {
+                (self.api().stream_begin_capture)(self.stream, driver::CAPTURE_MODE_THREAD_LOCAL)
+            },
+            "cuStreamBeginCapture",
+        )?;
+        self.capturing.set(true);
+        let res = body();
+        self.capturing.set(false);
+        let mut graph: Handle = std::ptr::null_mut();
+        // SAFETY: ends the capture begun above (also after a failed body).
+        let r = unsafe { (self.api().stream_end_capture)(self.stream, &mut graph) };
+        res?;
+        self.api().check(r, "cuStreamEndCapture")?;
+        let mut exec: Handle = std::ptr::null_mut();
+        // SAFETY: a captured graph, valid out-pointer.
+        let r = unsafe { (self.api().graph_instantiate)(&mut exec, graph, 0) };
+        if let Err(e) = self.api().check(r, "cuGraphInstantiate") {
+            // SAFETY: the graph was created by the capture and is destroyed once.
+            unsafe { (self.api().graph_destroy)(graph) };
+            return Err(e);
+        }
+        Ok(GraphExec {
+            ctx: self.ctx.clone(),
+            graph,
+            exec,
+        })
+    }
+
+    /// Launches an instantiated graph on the stream.
+    pub fn replay(&self, g: &GraphExec) -> Result<(), CudaError> {
+        // SAFETY: an instantiated graph; our stream.
+        self.api().check(
+            unsafe { (self.api().graph_launch)(g.exec, self.stream) },
+            "cuGraphLaunch",
+        )
+    }
+}

@@ -1,0 +1,476 @@
+//! An [`Executor`]: one schedule compiled, loaded and laid out on a GPU, with the host-side
+//! operations around it (upload, launch, download, graph capture).
+//!
+//! Several executors of one model share its parameters, gradients, momentum, BN state and
+//! optimizer table through a [`Shared`] set (see [`super::layout`]): e.g. the training step at
+//! the full batch, the step of the last partial batch, and inference.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use wrnc_compiler::codegen;
+use wrnc_compiler::passes::{Fusion, Mode};
+use wrnc_compiler::schedule::{self, Dtype, KernelSpec, Options, Schedule};
+
+use super::cache::PtxCache;
+use super::device::{DeviceBuffer, Gpu, GraphExec, Module};
+use super::layout::{self, Hyper, Layout, Place};
+use super::CudaError;
+use crate::Tensor;
+
+/// Model-wide device buffers bound by name (see [`super::layout::SHARED`]).
+#[derive(Default)]
+pub struct Shared {
+    bufs: BTreeMap<String, Rc<DeviceBuffer>>,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared::default()
+    }
+    pub fn ptr(&self, name: &str) -> Option<u64> {
+        self.bufs.get(name).map(|b| b.ptr())
+    }
+    /// Bytes allocated so far.
+    pub fn bytes(&self) -> u64 {
+        self.bufs.values().map(|b| b.bytes()).sum()
+    }
+}
+
+/// `f32` -> bf16 bits, round to nearest even (the generated code's `wrnc_st`).
+pub fn f32_to_bf16(v: f32) -> u16 {
+    let u = v.to_bits();
+    let u = u.wrapping_add(0x7fff + ((u >> 16) & 1));
+    (u >> 16) as u16
+}
+
+/// bf16 bits -> `f32` (exact).
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Host values as the bytes of a buffer of `dtype` (activations may be bf16).
+pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::Bf16 => values
+            .iter()
+            .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// The inverse of [`encode`] for `F32` and `Bf16` buffers.
+pub fn decode(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}
+
+/// One schedule on one GPU.
+pub struct Executor {
+    pub schedule: Schedule,
+    pub layout: Layout,
+    module: Module,
+    own: DeviceBuffer,
+    shared: BTreeMap<String, Rc<DeviceBuffer>>,
+    addr: Vec<Option<u64>>,
+    /// Whether the PTX came from the on-disk cache.
+    pub cache_hit: bool,
+}
+
+fn describe(s: &Schedule, fusion: &Fusion) -> String {
+    format!(
+        "the {} {} schedule of {}",
+        if fusion.unfused { "unfused" } else { "fused" },
+        match s.mode {
+            Mode::Train => "training",
+            Mode::Infer => "inference",
+        },
+        s.name
+    )
+}
+
+impl Executor {
+    /// Compiles (through the PTX cache), loads and lays out `s`, binding its shared buffers
+    /// in `shared` (allocating those not there yet, zero-filled). The optimizer table is
+    /// uploaded; everything else starts zero.
+    pub fn new(
+        gpu: &Gpu,
+        s: Schedule,
+        fusion: &Fusion,
+        shared: &mut Shared,
+        cache: &PtxCache,
+    ) -> Result<Executor, CudaError> {
+        s.validate().map_err(CudaError::Plan)?;
+        let what = describe(&s, fusion);
+        let layout = Layout::new(&s);
+        // memory check before anything is allocated
+        let mut need = layout.own_bytes;
+        for p in &layout.places {
+            if let Place::Shared { name, bytes } = p {
+                match shared.bufs.get(name) {
+                    Some(b) if b.bytes() != *bytes => {
+                        return Err(CudaError::Plan(format!(
+                            "shared buffer `{name}` is {} bytes, {what} wants {bytes}",
+                            b.bytes()
+                        )))
+                    }
+                    Some(_) => {}
+                    None => need += bytes,
+                }
+            }
+        }
+        let (free, total) = gpu.mem_info()?;
+        if need > free {
+            return Err(CudaError::OutOfMemory {
+                what,
+                batch: s.batch,
+                need,
+                free,
+                total,
+            });
+        }
+        let opts = Options {
+            mode: s.mode,
+            batch: s.batch,
+            precision: s.precision,
+            fusion: fusion.clone(),
+        };
+        let source = codegen::cuda::write(&s, &opts).map_err(|e| CudaError::Plan(e.message))?;
+        let names: Vec<String> = s.kernels.iter().map(|k| k.name.clone()).collect();
+        let (module, cache_hit) = load_cached(gpu, cache, &source, &names)?;
+        let own = gpu.alloc(layout.own_bytes, &what, s.batch)?;
+        let mut mine = BTreeMap::new();
+        for p in &layout.places {
+            if let Place::Shared { name, bytes } = p {
+                let b = match shared.bufs.get(name) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = Rc::new(gpu.alloc(*bytes, &what, s.batch)?);
+                        shared.bufs.insert(name.clone(), b.clone());
+                        b
+                    }
+                };
+                mine.insert(name.clone(), b);
+            }
+        }
+        let addr = layout.addresses(own.ptr(), &|n| mine.get(n).map(|b| b.ptr()))?;
+        let ex = Executor {
+            schedule: s,
+            layout,
+            module,
+            own,
+            shared: mine,
+            addr,
+            cache_hit,
+        };
+        if let Some(t) = ex.schedule.buffer("sgd_table") {
+            let table: Vec<u8> = schedule::sgd_table(&ex.schedule)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            ex.write_bytes(gpu, t, &table)?;
+        }
+        Ok(ex)
+    }
+
+    /// Device bytes this executor allocated itself (shared buffers not counted).
+    pub fn own_bytes(&self) -> u64 {
+        self.own.bytes()
+    }
+
+    /// Device bytes of the shared buffers it uses.
+    pub fn shared_bytes(&self) -> u64 {
+        self.shared.values().map(|b| b.bytes()).sum()
+    }
+
+    fn buffer_addr(&self, i: usize) -> Result<u64, CudaError> {
+        self.addr.get(i).copied().flatten().ok_or_else(|| {
+            CudaError::Plan(format!(
+                "buffer {} has no device storage in {}",
+                self.schedule
+                    .buffers
+                    .get(i)
+                    .map(|b| b.name.as_str())
+                    .unwrap_or("?"),
+                self.schedule.name
+            ))
+        })
+    }
+
+    /// Writes a whole buffer's bytes (the length must match exactly).
+    pub fn write_bytes(&self, gpu: &Gpu, i: usize, bytes: &[u8]) -> Result<(), CudaError> {
+        let want = layout::buffer_bytes(&self.schedule, i);
+        if bytes.len() as u64 != want {
+            return Err(CudaError::Input(format!(
+                "{}: {} bytes given, the buffer holds {want}",
+                self.schedule.buffers[i].name,
+                bytes.len()
+            )));
+        }
+        gpu.upload(self.buffer_addr(i)?, bytes)
+    }
+
+    /// Reads a whole buffer's bytes.
+    pub fn read_bytes(&self, gpu: &Gpu, i: usize) -> Result<Vec<u8>, CudaError> {
+        let mut out = vec![0u8; layout::buffer_bytes(&self.schedule, i) as usize];
+        gpu.download(self.buffer_addr(i)?, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes `values` into an `F32` or `Bf16` buffer (converted to its element type).
+    pub fn write_f32(&self, gpu: &Gpu, i: usize, values: &[f32]) -> Result<(), CudaError> {
+        self.write_bytes(gpu, i, &encode(values, self.schedule.buffers[i].dtype))
+    }
+
+    /// Reads an `F32` or `Bf16` buffer as `f32`.
+    pub fn read_f32(&self, gpu: &Gpu, i: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(decode(
+            &self.read_bytes(gpu, i)?,
+            self.schedule.buffers[i].dtype,
+        ))
+    }
+
+    /// The device address of buffer `i` (for kernels of the caller's own, e.g. augmentation).
+    pub fn address(&self, i: usize) -> Result<u64, CudaError> {
+        self.buffer_addr(i)
+    }
+
+    fn launch_all(
+        &self,
+        gpu: &Gpu,
+        launches: &[schedule::Launch],
+        h: &Hyper,
+    ) -> Result<(), CudaError> {
+        for l in launches {
+            let args = layout::pack(&self.schedule, l, &self.addr, h)?;
+            let k = &self.schedule.kernels[l.kernel];
+            gpu.launch(
+                self.module.functions[l.kernel],
+                l.grid,
+                l.block,
+                l.shared,
+                &args,
+                &k.name,
+                &l.note,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs the setup launches (inference: BN folding), once after the parameters change.
+    pub fn run_setup(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
+        self.launch_all(gpu, &self.schedule.setup, h)
+    }
+
+    /// Enqueues the step's launches `range` (all of them: `0..launches.len()`).
+    pub fn run_range(
+        &self,
+        gpu: &Gpu,
+        h: &Hyper,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        let ls = self
+            .schedule
+            .launches
+            .get(range.clone())
+            .ok_or_else(|| CudaError::Plan(format!("launch range {range:?} out of bounds")))?;
+        self.launch_all(gpu, ls, h)
+    }
+
+    /// Enqueues one whole step / batch.
+    pub fn run(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
+        self.run_range(gpu, h, 0..self.schedule.launches.len())
+    }
+
+    /// Index of the optimizer launch (training), so a step can stop before the update.
+    pub fn optimizer_launch(&self) -> Option<usize> {
+        self.schedule
+            .launches
+            .iter()
+            .position(|l| self.schedule.kernels[l.kernel].spec == KernelSpec::SgdMultiTensor)
+    }
+
+    /// Captures one whole step with fixed `h` into a CUDA graph.
+    pub fn capture(&self, gpu: &Gpu, h: &Hyper) -> Result<GraphExec, CudaError> {
+        gpu.capture(|| self.run(gpu, h))
+    }
+
+    fn f32_buffer(&self, name: &str) -> Result<usize, CudaError> {
+        self.schedule
+            .buffer(name)
+            .ok_or_else(|| CudaError::Plan(format!("the schedule has no `{name}` buffer")))
+    }
+
+    /// Uploads parameters (by the graph's names) into the `params` arena, and BN running
+    /// statistics (`<bn>.running_mean` / `.running_var`) into `state`. Every tensor of the
+    /// schedule must be present with the right length.
+    pub fn load_state(
+        &self,
+        gpu: &Gpu,
+        params: &BTreeMap<String, Tensor>,
+        buffers: &BTreeMap<String, Tensor>,
+    ) -> Result<(), CudaError> {
+        let s = &self.schedule;
+        let pb = self.f32_buffer("params")?;
+        let mut arena = vec![0f32; s.buffers[pb].len as usize];
+        for p in &s.params {
+            let t = params
+                .get(&p.name)
+                .ok_or_else(|| CudaError::Input(format!("parameter {} is missing", p.name)))?;
+            if t.data.len() as u64 != p.len {
+                return Err(CudaError::Input(format!(
+                    "parameter {} has {} values, the network {}",
+                    p.name,
+                    t.data.len(),
+                    p.len
+                )));
+            }
+            arena[p.offset as usize..(p.offset + p.len) as usize].copy_from_slice(&t.data);
+        }
+        self.write_f32(gpu, pb, &arena)?;
+        let sb = self.f32_buffer("state")?;
+        let mut state = vec![0f32; s.buffers[sb].len as usize];
+        for (bn, off, len) in &s.state {
+            let c = (*len / 2) as usize;
+            for (k, what) in ["running_mean", "running_var"].iter().enumerate() {
+                let name = format!("{bn}.{what}");
+                let t = buffers
+                    .get(&name)
+                    .ok_or_else(|| CudaError::Input(format!("buffer {name} is missing")))?;
+                if t.data.len() != c {
+                    return Err(CudaError::Input(format!(
+                        "buffer {name} has {} values, the network {c}",
+                        t.data.len()
+                    )));
+                }
+                let o = *off as usize + k * c;
+                state[o..o + c].copy_from_slice(&t.data);
+            }
+        }
+        self.write_f32(gpu, sb, &state)
+    }
+
+    /// Downloads parameters and BN running statistics, with the graph's names and shapes.
+    #[allow(clippy::type_complexity)]
+    pub fn save_state(
+        &self,
+        gpu: &Gpu,
+        shapes: &BTreeMap<String, Vec<usize>>,
+    ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>), CudaError> {
+        let s = &self.schedule;
+        let arena = self.read_f32(gpu, self.f32_buffer("params")?)?;
+        let params = self.split_arena(&arena, shapes)?;
+        let state = self.read_f32(gpu, self.f32_buffer("state")?)?;
+        let mut buffers = BTreeMap::new();
+        for (bn, off, len) in &s.state {
+            let c = (*len / 2) as usize;
+            let o = *off as usize;
+            buffers.insert(
+                format!("{bn}.running_mean"),
+                Tensor::from_vec(&[c], state[o..o + c].to_vec()),
+            );
+            buffers.insert(
+                format!("{bn}.running_var"),
+                Tensor::from_vec(&[c], state[o + c..o + 2 * c].to_vec()),
+            );
+        }
+        Ok((params, buffers))
+    }
+
+    /// Cuts a parameter-shaped arena (params, grads, momentum) into named tensors.
+    pub fn split_arena(
+        &self,
+        arena: &[f32],
+        shapes: &BTreeMap<String, Vec<usize>>,
+    ) -> Result<BTreeMap<String, Tensor>, CudaError> {
+        let mut out = BTreeMap::new();
+        for p in &self.schedule.params {
+            let shape = shapes.get(&p.name).cloned().unwrap_or(vec![p.len as usize]);
+            if shape.iter().product::<usize>() as u64 != p.len
+                || (p.offset + p.len) as usize > arena.len()
+            {
+                return Err(CudaError::Plan(format!(
+                    "parameter {} does not fit",
+                    p.name
+                )));
+            }
+            out.insert(
+                p.name.clone(),
+                Tensor::from_vec(
+                    &shape,
+                    arena[p.offset as usize..(p.offset + p.len) as usize].to_vec(),
+                ),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Builds a parameter-shaped arena from named tensors (missing ones are zero).
+    pub fn join_arena(&self, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<f32>, CudaError> {
+        let pb = self.f32_buffer("params")?;
+        let mut arena = vec![0f32; self.schedule.buffers[pb].len as usize];
+        for p in &self.schedule.params {
+            if let Some(t) = tensors.get(&p.name) {
+                if t.data.len() as u64 != p.len {
+                    return Err(CudaError::Input(format!(
+                        "{} has {} values, the network {}",
+                        p.name,
+                        t.data.len(),
+                        p.len
+                    )));
+                }
+                arena[p.offset as usize..(p.offset + p.len) as usize].copy_from_slice(&t.data);
+            }
+        }
+        Ok(arena)
+    }
+}
+
+/// Compiles `source` through the cache and loads it; a cached entry that fails to load is
+/// dropped and compiled afresh once.
+fn load_cached(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    source: &str,
+    names: &[String],
+) -> Result<(Module, bool), CudaError> {
+    let arch = gpu.info().arch();
+    let version = crate::nvrtc::version()?;
+    let c = cache.get_or_compile(source, &arch, version, crate::nvrtc::compile_ptx)?;
+    if let Some(w) = &c.warning {
+        eprintln!("warning: {w}");
+    }
+    match gpu.load_module(&c.ptx, names) {
+        Ok(m) => Ok((m, c.hit)),
+        Err(e) if c.hit => {
+            cache.remove(&c.key);
+            let ptx = crate::nvrtc::compile_ptx(source, &arch)?;
+            let _ = cache.put(&c.key, &ptx);
+            gpu.load_module(&ptx, names)
+                .map(|m| (m, false))
+                .map_err(|e2| CudaError::Module {
+                    detail: format!("{e2} (the cached copy failed too: {e})"),
+                })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Compiles and loads a standalone CUDA source of wrnc's own (e.g. the augmentation kernel).
+pub fn load_source(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    source: &str,
+    names: &[String],
+) -> Result<Module, CudaError> {
+    load_cached(gpu, cache, source, names).map(|(m, _)| m)
+}

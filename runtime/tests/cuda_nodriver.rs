@@ -1,0 +1,28 @@
+//! Without a CUDA driver (here: `WRNC_LIBCUDA` points at a file that does not exist), the GPU
+//! path reports an error that says what to install, and never panics. One test per process:
+//! the driver is loaded once per process.
+
+use wrnc_runtime::cuda::{self, CudaError};
+
+#[test]
+fn missing_driver_is_an_error_that_says_what_to_install() {
+    std::env::set_var("WRNC_LIBCUDA", "/nonexistent/libcuda.so.1");
+    let e = cuda::is_available().expect_err("a bogus driver path cannot give a GPU");
+    assert!(matches!(e, CudaError::NoDriver { .. }), "{e:?}");
+    let msg = e.to_string();
+    for needle in [
+        "/nonexistent/libcuda.so.1",
+        "Install the NVIDIA driver",
+        "WRNC_LIBCUDA",
+        "--device cpu",
+    ] {
+        assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+    }
+    // asking again gives the same answer (cached), still without panicking
+    assert_eq!(cuda::is_available().unwrap_err(), e);
+    // opening a trainer's GPU fails the same way
+    assert!(matches!(
+        cuda::device::Gpu::open(0),
+        Err(CudaError::NoDriver { .. })
+    ));
+}
