@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod init;
 pub mod loss;
