@@ -113,7 +113,10 @@ fn panel<DB: DrawingBackend>(
     points: &[(f64, f64)],
     color: &RGBColor,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    let (x0, x1) = range(points.iter().map(|p| p.0), 0.0);
+    // Epochs from 0, like the paper's figures; integer ticks only.
+    let last = points.iter().map(|p| p.0).fold(1.0f64, f64::max).ceil();
+    let (x0, x1) = (0.0, last);
+    let ticks = (last as usize).min(10) + 1;
     let (y0, y1) = range(points.iter().map(|p| p.1), 0.05);
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FAMILY, 22))
@@ -125,7 +128,14 @@ fn panel<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("epoch")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(ticks)
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
         .y_desc(title)
         .label_style((FAMILY, 14))
         .draw()?;

@@ -1,0 +1,251 @@
+//! The `wrnc` binary as a user runs it: outputs, exit codes, and end-to-end training on a
+//! tiny data set the test writes (the official CIFAR-10 binary format).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn wrnc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wrnc"))
+        .args(args)
+        .output()
+        .expect("run wrnc")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `check(args, exit code, text the output must contain)`: one line per behaviour.
+fn check(args: &[&str], code: i32, contains: &str) {
+    let o = wrnc(args);
+    let t = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "wrnc {args:?} exited {:?}:\n{t}",
+        o.status.code()
+    );
+    assert!(
+        t.contains(contains),
+        "wrnc {args:?} output lacks {contains:?}:\n{t}"
+    );
+    assert!(!t.contains("panicked"), "wrnc {args:?} panicked:\n{t}");
+}
+
+#[test]
+fn commands_and_exit_codes() {
+    check(&["info", "WRN-28-10"], 0, "parameters   36.5M (36479194)");
+    check(&["info", "WRN-28-10"], 0, "MACs/image   5.24G");
+    check(&["info", "--json", "WRN-40-4"], 0, "\"params\": 8949210");
+    check(&["info", "--json", "WRN-16-4"], 0, "\"train_fused\"");
+    check(&["check", "examples/custom.net"], 0, "ok: custom-preact");
+    check(&["info", "WRN-27-10"], 2, "<inline>:1:5");
+    check(&["info", "WRN-28-0"], 2, "must be at least 1");
+    check(
+        &["info", "nonexistent.net"],
+        2,
+        "cannot read `nonexistent.net`",
+    );
+    check(
+        &["info", "--batch", "0", "WRN-16-4"],
+        2,
+        "batch 0 is out of range",
+    );
+    check(&["info", "--bogus", "WRN-16-4"], 2, "unexpected argument");
+    check(
+        &["compile", "WRN-16-4", "--no-fuse", "nope", "--emit", "cuda"],
+        2,
+        "unknown pass `nope`",
+    );
+    check(
+        &["compile", "WRN-16-4", "--emit", "expanded"],
+        0,
+        "shortcut proj",
+    );
+    check(
+        &["compile", "WRN-16-4", "--emit", "graph"],
+        0,
+        "conv 3x3 16->64",
+    );
+    check(
+        &[
+            "compile", "WRN-16-4", "--emit", "schedule", "--infer", "--batch", "2",
+        ],
+        0,
+        "\"launches\"",
+    );
+    check(
+        &[
+            "run",
+            "WRN-10-1",
+            "--train",
+            "cifar10",
+            "--device",
+            "cuda",
+            "--data",
+            "/nonexistent",
+        ],
+        2,
+        "CUDA runtime is not in this build",
+    );
+    check(
+        &["run", "WRN-10-1", "--train", "imagenet2"],
+        2,
+        "unknown data set `imagenet2`",
+    );
+    check(
+        &[
+            "run",
+            "WRN-10-1",
+            "--train",
+            "cifar10",
+            "--data",
+            "/nonexistent/dir",
+            "--device",
+            "cpu",
+        ],
+        2,
+        "/nonexistent/dir",
+    );
+}
+
+/// A CIFAR-10 binary release with `n` records per batch file, learnable: the class is the
+/// brightest of ten fixed patterns.
+fn write_cifar10(dir: &Path, n: usize) {
+    let d = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&d).unwrap();
+    let record = |i: usize| {
+        let label = (i * 7) % 10;
+        let mut r = vec![label as u8];
+        for ch in 0..3 {
+            for p in 0..1024 {
+                let on = (p / 32 + ch * 3) % 10 == label;
+                r.push(if on { 200 } else { 40 } + ((i * 13 + p) % 30) as u8);
+            }
+        }
+        r
+    };
+    for b in 1..=5 {
+        let bytes: Vec<u8> = (0..n).flat_map(|i| record(i + b * 1000)).collect();
+        std::fs::write(d.join(format!("data_batch_{b}.bin")), bytes).unwrap();
+    }
+    let test: Vec<u8> = (0..n).flat_map(record).collect();
+    std::fs::write(d.join("test_batch.bin"), test).unwrap();
+}
+
+#[test]
+fn train_checkpoint_resume_eval_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_cifar10(&data, 8);
+    let net = tmp.path().join("tiny.net");
+    std::fs::write(
+        &net,
+        "network \"tiny\" { conv(3x3, 4, stride=4) residual { body bn relu conv(3x3, 4) } bn relu gap fc }\nbatch 8\nlr 0.05\n",
+    )
+    .unwrap();
+    let (net, data) = (net.to_str().unwrap(), data.to_str().unwrap());
+    let ck = tmp.path().join("ck");
+    let metrics = tmp.path().join("m.jsonl");
+    let (ck_s, metrics_s) = (ck.to_str().unwrap(), metrics.to_str().unwrap());
+    let base = [
+        "run",
+        net,
+        "--train",
+        "cifar10",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--checkpoint",
+        ck_s,
+        "--metrics",
+        metrics_s,
+        "--quiet",
+    ];
+    // Two epochs, interrupted after 3 steps (5 a epoch), then resumed.
+    let mut a = base.to_vec();
+    a.extend(["--epochs", "2", "--max-steps", "3"]);
+    check(&a, 0, "stopped after 3 steps");
+    let mut b = base.to_vec();
+    b.extend(["--epochs", "2", "--resume"]);
+    check(&b, 0, "epoch   2");
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    for key in [
+        "\"epoch\"",
+        "\"train_loss\"",
+        "\"train_acc\"",
+        "\"test_loss\"",
+        "\"test_acc\"",
+        "\"lr\"",
+        "\"seconds\"",
+        "\"images_per_s\"",
+    ] {
+        assert!(
+            lines.lines().all(|l| l.contains(key)),
+            "{key} missing: {lines}"
+        );
+    }
+    // Evaluate the checkpoint; a checkpoint of another network is refused by name.
+    check(
+        &[
+            "run",
+            net,
+            "--eval",
+            "cifar10",
+            "--weights",
+            ck_s,
+            "--data",
+            data,
+            "--json",
+        ],
+        0,
+        "\"test_acc\"",
+    );
+    check(
+        &[
+            "run",
+            "WRN-10-1",
+            "--eval",
+            "cifar10",
+            "--weights",
+            ck_s,
+            "--data",
+            data,
+        ],
+        2,
+        "does not fit WRN-10-1",
+    );
+    // A truncated batch file names the file.
+    std::fs::write(
+        Path::new(data).join("cifar-10-batches-bin/test_batch.bin"),
+        [1u8; 100],
+    )
+    .unwrap();
+    check(
+        &[
+            "run",
+            net,
+            "--eval",
+            "cifar10",
+            "--weights",
+            ck_s,
+            "--data",
+            data,
+        ],
+        2,
+        "test_batch.bin",
+    );
+    let png = tmp.path().join("curves.png");
+    check(
+        &["plot", metrics_s, "-o", png.to_str().unwrap()],
+        0,
+        "wrote",
+    );
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+}
