@@ -4,6 +4,7 @@
 //! 2 bad input (network, file, flag).
 
 mod export_cmd;
+mod gpu_cmd;
 mod net;
 mod train_cmd;
 
@@ -81,6 +82,19 @@ enum Cmd {
         net: String,
         #[command(flatten)]
         args: train_cmd::RunArgs,
+    },
+    /// Time a network on the GPU: training step and inference, fused and unfused (CUDA
+    /// events, median after warm-up), and peak device memory.
+    Bench {
+        net: String,
+        #[command(flatten)]
+        args: gpu_cmd::BenchArgs,
+    },
+    /// Check the GPU backend against the CPU reference on every example network (fused and
+    /// unfused, f32 and bf16, inference and whole training steps).
+    Selftest {
+        #[command(flatten)]
+        args: gpu_cmd::SelftestArgs,
     },
     /// Export the inference graph as ONNX (opset 17) with trained or fresh weights; write the
     /// CPU backend's logits for an input, or the weights as a checkpoint (docs/interop.md).
@@ -399,6 +413,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let l = net::load(&net)?;
             train_cmd::run(l, args)?;
         }
+        Cmd::Bench { net, args } => gpu_cmd::bench(net::load(&net)?, args)?,
+        Cmd::Selftest { args } => gpu_cmd::selftest(args)?,
         Cmd::Export { net, args } => export_cmd::run(net::load(&net)?, args)?,
         Cmd::Plot { file, o } => {
             wrnc_runtime::plot::plot(&file, &o).map_err(|e| UserError(format!("error: {e}")))?;

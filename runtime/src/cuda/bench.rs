@@ -1,1 +1,191 @@
-//! stub
+//! Timings of a network's schedules on the GPU (`wrnc bench`): training step and inference,
+//! fused and unfused, measured with CUDA events after warm-up, as the median of many runs,
+//! both as plain stream launches and as one replayed CUDA graph.
+
+use wrnc_compiler::ast::Precision;
+use wrnc_compiler::graph::Graph;
+use wrnc_compiler::passes::{Fusion, Mode};
+use wrnc_compiler::schedule::{self, Options};
+
+use super::cache::PtxCache;
+use super::device::Gpu;
+use super::exec::{Executor, Shared};
+use super::layout::Hyper;
+use super::CudaError;
+use crate::init::SplitMix64;
+
+/// Summary of repeated measurements, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub p90_ms: f64,
+    pub runs: usize,
+}
+
+impl Timing {
+    /// From samples (at least one).
+    pub fn from_samples(mut v: Vec<f64>) -> Timing {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return Timing {
+                median_ms: f64::NAN,
+                min_ms: f64::NAN,
+                p90_ms: f64::NAN,
+                runs: 0,
+            };
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Timing {
+            median_ms: median,
+            min_ms: v[0],
+            p90_ms: v[((n - 1) * 9) / 10],
+            runs: n,
+        }
+    }
+}
+
+/// One schedule's measurements.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScheduleBench {
+    pub mode: String,
+    pub fused: bool,
+    pub batch: u32,
+    pub kernels: usize,
+    pub launches: usize,
+    /// Per step / batch, launches enqueued one by one.
+    pub stream: Timing,
+    /// Per step / batch, the whole step replayed as one CUDA graph.
+    pub graph: Option<Timing>,
+    /// Images per second at the graph's (else the stream's) median.
+    pub images_per_s: f64,
+    /// Device bytes the schedule allocated (its own allocation + weights, gradients,
+    /// momentum, BN state): the memory plan's peak.
+    pub planned_bytes: u64,
+    /// Device memory in use measured with `cuMemGetInfo` after the runs, minus before
+    /// building the executor (includes the module and the driver's own allocations).
+    pub measured_bytes: u64,
+    /// Seconds to compile (or load from the cache) and load the kernels.
+    pub setup_s: f64,
+    pub cache_hit: bool,
+}
+
+/// Measures one schedule of `graph`: `warmup` runs, then `iters` timed runs, with and
+/// without a CUDA graph.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_schedule(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    graph: &Graph,
+    mode: Mode,
+    batch: u32,
+    precision: Precision,
+    unfused: bool,
+    warmup: usize,
+    iters: usize,
+) -> Result<ScheduleBench, CudaError> {
+    let fusion = Fusion {
+        unfused,
+        disabled: vec![],
+    };
+    let s = schedule::build(
+        graph,
+        &Options {
+            mode,
+            batch,
+            precision,
+            fusion: fusion.clone(),
+        },
+    )
+    .map_err(|e| CudaError::Plan(e.message))?;
+    gpu.synchronize("bench setup")?;
+    let before = gpu.mem_info()?;
+    let t0 = std::time::Instant::now();
+    let mut shared = Shared::new();
+    let ex = Executor::new(gpu, s, &fusion, &mut shared, cache)?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    // weights as Model::new; random normal input; labels 0..classes
+    let params = crate::init::init_params::<f32>(graph, 1);
+    let buffers = crate::init::init_buffers::<f32>(graph);
+    ex.load_state(gpu, &params, &buffers)?;
+    let mut r = SplitMix64(1);
+    let n_in = ex.schedule.buffers[ex.schedule.input].len as usize;
+    let x: Vec<f32> = (0..n_in).map(|_| r.normal() as f32).collect();
+    ex.write_f32(gpu, ex.schedule.input, &x)?;
+    if let Some(lb) = ex.schedule.labels {
+        let lab: Vec<u8> = (0..batch)
+            .flat_map(|i| ((i % graph.classes) as i32).to_le_bytes())
+            .collect();
+        ex.write_bytes(gpu, lb, &lab)?;
+    }
+    let h = |step: u32| Hyper {
+        seed: 1,
+        step,
+        lr: 1e-3,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: true,
+        label_smoothing: 0.0,
+    };
+    ex.run_setup(gpu, &h(0))?;
+    let what = format!("{} bench", ex.schedule.name);
+    for i in 0..warmup {
+        ex.run(gpu, &h(i as u32))?;
+    }
+    gpu.synchronize(&what)?;
+    let (start, end) = (gpu.event()?, gpu.event()?);
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters {
+        gpu.record(&start)?;
+        ex.run(gpu, &h((warmup + i) as u32))?;
+        gpu.record(&end)?;
+        samples.push(gpu.elapsed_ms(&start, &end)? as f64);
+    }
+    let stream = Timing::from_samples(samples);
+    let graph_t = match ex.capture(gpu, &h(0)) {
+        Ok(g) => {
+            for _ in 0..warmup.max(1) {
+                gpu.replay(&g)?;
+            }
+            gpu.synchronize(&what)?;
+            let mut samples = Vec::with_capacity(iters);
+            for _ in 0..iters {
+                gpu.record(&start)?;
+                gpu.replay(&g)?;
+                gpu.record(&end)?;
+                samples.push(gpu.elapsed_ms(&start, &end)? as f64);
+            }
+            Some(Timing::from_samples(samples))
+        }
+        Err(e) => {
+            eprintln!("warning: CUDA graph capture failed, stream timings only: {e}");
+            None
+        }
+    };
+    gpu.synchronize(&what)?;
+    let after = gpu.mem_info()?;
+    let best = graph_t.map(|g| g.median_ms).unwrap_or(stream.median_ms);
+    Ok(ScheduleBench {
+        mode: match mode {
+            Mode::Train => "train".into(),
+            Mode::Infer => "infer".into(),
+        },
+        fused: !unfused,
+        batch,
+        kernels: ex.schedule.kernels.len(),
+        launches: ex.schedule.launches.len(),
+        stream,
+        graph: graph_t,
+        images_per_s: batch as f64 / (best / 1000.0),
+        planned_bytes: ex.own_bytes() + ex.shared_bytes(),
+        measured_bytes: before.0.saturating_sub(after.0),
+        setup_s,
+        cache_hit: ex.cache_hit,
+    })
+}

@@ -1,1 +1,345 @@
-//! stub
+//! GPU-vs-CPU comparisons: the core of `wrnc selftest`.
+//!
+//! A schedule run on the GPU is compared with the CPU reference backend in `f64`, starting
+//! from the same `f32` weights, non-trivial BN running statistics, inputs and labels (the
+//! method of the emulation tests, `tests/codegen_emu.rs`):
+//! - training: step 1's logits, loss and every parameter gradient; then a second step (a new
+//!   step counter: new dropout masks; momentum now non-zero) and the parameters and BN
+//!   running statistics after it -- this also catches state a step leaves behind;
+//! - inference: the logits (after the setup launches, e.g. BN folding).
+//!
+//! Errors are relative to the largest magnitude of the reference tensor, with floors as in the
+//! emulation tests (gradients: 1% of the network's largest gradient; updated parameters:
+//! 0.1% of the largest parameter) so that values that are zero in exact arithmetic do not
+//! divide rounding noise by zero.
+
+use std::collections::BTreeMap;
+
+use wrnc_compiler::ast::Precision;
+use wrnc_compiler::graph::Graph;
+use wrnc_compiler::passes::{Fusion, Mode};
+use wrnc_compiler::schedule::{self, Options};
+
+use super::augment::{Augmenter, DeviceDataset};
+use super::cache::PtxCache;
+use super::device::Gpu;
+use super::exec::{Executor, Shared};
+use super::layout::Hyper;
+use super::CudaError;
+use crate::cpu::{Mode as CpuMode, Model};
+use crate::data::{make_batch, Dataset, Normalization};
+use crate::init::SplitMix64;
+use crate::loss::softmax_cross_entropy;
+use crate::optim::Sgd;
+use crate::Tensor;
+
+/// The outcome of one comparison.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckResult {
+    /// `WRN-16-4 train fused f32`.
+    pub what: String,
+    pub max_rel_err: f64,
+    pub tol: f64,
+    /// The tensor with the largest error.
+    pub worst: String,
+    pub passed: bool,
+}
+
+/// `max |a - b| / max(max |b|, floor)`.
+pub fn rel_err(a: &[f32], b: &[f64], floor: f64) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let scale = b.iter().fold(floor.max(1e-30), |m, v| m.max(v.abs()));
+    let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| {
+        let d = (*x as f64 - y).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    diff / scale
+}
+
+/// The tolerance of a precision: 1e-4 in `f32`, 1e-2 with bf16 activations.
+pub fn tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::F32 => 1e-4,
+        Precision::Bf16 => 1e-2,
+    }
+}
+
+const SEED: u32 = 5;
+const LR: f64 = 0.1;
+const MOMENTUM: f64 = 0.9;
+const WD: f64 = 5e-4;
+const SMOOTHING: f64 = 0.1;
+
+struct Worst {
+    err: f64,
+    name: String,
+}
+
+impl Worst {
+    fn add(&mut self, name: &str, e: f64) {
+        let e = if e.is_nan() { f64::INFINITY } else { e };
+        if e > self.err || self.name.is_empty() {
+            self.err = e;
+            self.name = name.to_string();
+        }
+    }
+}
+
+type Map64 = BTreeMap<String, Tensor<f64>>;
+
+fn to64(m: &BTreeMap<String, Tensor<f32>>) -> Map64 {
+    m.iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                Tensor::from_vec(&t.shape, t.data.iter().map(|&v| v as f64).collect()),
+            )
+        })
+        .collect()
+}
+
+/// Compares `graph`'s training step (`Mode::Train`) or inference at `batch` on the GPU with
+/// the CPU reference.
+#[allow(clippy::too_many_arguments)]
+pub fn check_graph(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    label: &str,
+    graph: &Graph,
+    mode: Mode,
+    batch: usize,
+    precision: Precision,
+    unfused: bool,
+) -> Result<CheckResult, CudaError> {
+    let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
+    let m32 = Model::<f32>::new(graph.clone(), 11).map_err(plan_err)?;
+    let mut r = SplitMix64(9);
+    let buffers0: BTreeMap<String, Tensor<f32>> = m32
+        .buffers
+        .iter()
+        .map(|(k, t)| {
+            let v = if k.ends_with("running_var") {
+                t.data.iter().map(|_| 0.5 + r.uniform() as f32).collect()
+            } else {
+                t.data.iter().map(|_| 0.2 * r.normal() as f32).collect()
+            };
+            (k.clone(), Tensor::from_vec(&t.shape, v))
+        })
+        .collect();
+    let mut cpu = Model::<f64>::with_state(graph.clone(), to64(&m32.params), to64(&buffers0))
+        .map_err(plan_err)?;
+    let s = graph.input_shape();
+    let per = s.numel() as usize;
+    let x: Vec<f32> = (0..batch * per).map(|_| r.normal() as f32).collect();
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % graph.classes).collect();
+    let xt = Tensor::from_vec(
+        &[batch, s.c as usize, s.h as usize, s.w as usize],
+        x.iter().map(|&v| v as f64).collect(),
+    );
+
+    let fusion = Fusion {
+        unfused,
+        disabled: vec![],
+    };
+    let sched = schedule::build(
+        graph,
+        &Options {
+            mode,
+            batch: batch as u32,
+            precision,
+            fusion: fusion.clone(),
+        },
+    )
+    .map_err(|e| CudaError::Plan(e.message))?;
+    let mut shared = Shared::new();
+    let ex = Executor::new(gpu, sched, &fusion, &mut shared, cache)?;
+    ex.load_state(gpu, &m32.params, &buffers0)?;
+    ex.write_f32(gpu, ex.schedule.input, &x)?;
+    let tol = tolerance(precision);
+    let mut worst = Worst {
+        err: 0.0,
+        name: String::new(),
+    };
+    let what = format!(
+        "{label} {} {} {}",
+        match mode {
+            Mode::Train => "train",
+            Mode::Infer => "infer",
+        },
+        if unfused { "unfused" } else { "fused" },
+        precision.name()
+    );
+    let h = |step: u32| Hyper {
+        seed: SEED,
+        step,
+        lr: LR as f32,
+        momentum: MOMENTUM as f32,
+        weight_decay: WD as f32,
+        nesterov: true,
+        label_smoothing: SMOOTHING as f32,
+    };
+    match mode {
+        Mode::Infer => {
+            let want = cpu.infer(&xt).map_err(plan_err)?;
+            ex.run_setup(gpu, &h(0))?;
+            ex.run(gpu, &h(0))?;
+            gpu.synchronize(&what)?;
+            let got = ex.read_f32(gpu, ex.schedule.logits)?;
+            worst.add("logits", rel_err(&got, &want.data, 1e-6));
+        }
+        Mode::Train => {
+            let lb = ex
+                .schedule
+                .labels
+                .ok_or_else(|| CudaError::Plan("no labels buffer".into()))?;
+            let lab: Vec<u8> = labels
+                .iter()
+                .flat_map(|&l| (l as i32).to_le_bytes())
+                .collect();
+            ex.write_bytes(gpu, lb, &lab)?;
+            let mut sgd = Sgd::<f64>::new(MOMENTUM, true, WD);
+            for step in 0..2u32 {
+                let (logits, tape) = cpu
+                    .forward(&xt, CpuMode::Train { seed: SEED, step })
+                    .map_err(plan_err)?;
+                let l = softmax_cross_entropy(&logits, &labels, SMOOTHING).map_err(plan_err)?;
+                let grads = cpu.backward(tape, &l.dlogits).map_err(plan_err)?;
+                sgd.step(&mut cpu.params, &grads, LR).map_err(plan_err)?;
+                ex.run(gpu, &h(step))?;
+                gpu.synchronize(&what)?;
+                if step == 0 {
+                    let got = ex.read_f32(gpu, ex.schedule.logits)?;
+                    worst.add("logits", rel_err(&got, &logits.data, 1e-6));
+                    let loss = ex.read_f32(gpu, ex.schedule.loss.expect("train has loss"))?;
+                    let mean = loss.iter().map(|&v| v as f64).sum::<f64>() / loss.len() as f64;
+                    worst.add("loss", (mean - l.loss).abs() / l.loss.abs().max(1.0));
+                    let gb = ex
+                        .schedule
+                        .buffer("grads")
+                        .ok_or_else(|| CudaError::Plan("no grads".into()))?;
+                    let g = ex.read_f32(gpu, gb)?;
+                    let gmax = grads
+                        .values()
+                        .flat_map(|t| &t.data)
+                        .fold(0f64, |m, v| m.max(v.abs()));
+                    for p in &ex.schedule.params {
+                        let range = p.offset as usize..(p.offset + p.len) as usize;
+                        if let Some(want) = grads.get(&p.name) {
+                            worst.add(
+                                &format!("grad {}", p.name),
+                                rel_err(&g[range], &want.data, 1e-2 * gmax),
+                            );
+                        }
+                    }
+                }
+            }
+            let shapes: BTreeMap<String, Vec<usize>> = graph
+                .params()
+                .into_iter()
+                .map(|(n, p)| (n, p.shape))
+                .collect();
+            let (params, buffers) = ex.save_state(gpu, &shapes)?;
+            let pmax = cpu
+                .params
+                .values()
+                .flat_map(|t| &t.data)
+                .fold(0f64, |m, v| m.max(v.abs()));
+            for (n, want) in &cpu.params {
+                let got = params.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
+                worst.add(
+                    &format!("step 2 {n}"),
+                    rel_err(got, &want.data, 1e-3 * pmax),
+                );
+            }
+            for (n, want) in &cpu.buffers {
+                let got = buffers.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
+                worst.add(&format!("step 2 {n}"), rel_err(got, &want.data, 1e-6));
+            }
+        }
+    }
+    Ok(CheckResult {
+        passed: worst.err <= tol,
+        what,
+        max_rel_err: worst.err,
+        tol,
+        worst: worst.name,
+    })
+}
+
+/// The augmentation kernel against [`make_batch`], bit for bit (f32), on a small synthetic
+/// data set, with and without augmentation.
+pub fn check_augment(gpu: &Gpu, cache: &PtxCache) -> Result<CheckResult, CudaError> {
+    let (n, c, h, w) = (37usize, 3usize, 11usize, 9usize);
+    let mut r = SplitMix64(3);
+    let ds = Dataset {
+        images: (0..n * c * h * w)
+            .map(|_| (r.next_u64() & 255) as u8)
+            .collect(),
+        labels: (0..n).map(|i| (i % 10) as u16).collect(),
+        n,
+        c,
+        h,
+        w,
+        classes: 10,
+        class_names: vec![],
+    };
+    let norm = Normalization {
+        mean: vec![0.4, 0.5, 0.6],
+        std: vec![0.2, 0.25, 0.3],
+    };
+    let batch = 13;
+    let aug = Augmenter::new(gpu, Precision::F32, batch, cache)?;
+    let dev = DeviceDataset::upload(gpu, &ds, &norm)?;
+    let out = gpu.alloc((batch * c * h * w * 4) as u64, "augmentation check", 0)?;
+    let lab = gpu.alloc((batch * 4) as u64, "augmentation check", 0)?;
+    let indices: Vec<usize> = (0..batch).map(|i| (i * 7 + 3) % n).collect();
+    let mut mismatches = 0usize;
+    for (augment, seed) in [(false, 0u64), (true, (5u64 << 32) | 17)] {
+        aug.run(
+            gpu,
+            &dev,
+            &indices,
+            batch,
+            augment,
+            seed,
+            out.ptr(),
+            lab.ptr(),
+        )?;
+        let mut bytes = vec![0u8; batch * c * h * w * 4];
+        gpu.download(out.ptr(), &mut bytes)?;
+        let mut lb = vec![0u8; batch * 4];
+        gpu.download(lab.ptr(), &mut lb)?;
+        let (want, want_labels) = make_batch(&ds, &indices, augment, seed, &norm);
+        let got: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        mismatches += got
+            .iter()
+            .zip(&want.data)
+            .filter(|(g, w)| **g != w.to_bits())
+            .count();
+        let got_labels: Vec<i32> = lb
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        mismatches += got_labels
+            .iter()
+            .zip(&want_labels)
+            .filter(|(g, w)| **g != **w as i32)
+            .count();
+    }
+    Ok(CheckResult {
+        what: "augmentation kernel vs make_batch (bit-exact)".into(),
+        max_rel_err: mismatches as f64,
+        tol: 0.0,
+        worst: format!("{mismatches} elements differ"),
+        passed: mismatches == 0,
+    })
+}

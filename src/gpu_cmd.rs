@@ -1,0 +1,421 @@
+//! `wrnc bench` and `wrnc selftest`: the GPU backend's timings and its check against the CPU
+//! reference. Without a usable GPU both say why and fail (exit 1), except
+//! `selftest --device cpu`, which runs the host-side checks only.
+
+use crate::net::{Loaded, UserError};
+use std::path::{Path, PathBuf};
+use wrnc_compiler::ast::{NetFile, NetworkSpec, Precision, Spanned};
+use wrnc_compiler::graph::Graph;
+use wrnc_compiler::passes::{Fusion, Mode};
+use wrnc_compiler::schedule::{self, Options};
+use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, layout};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl PrecisionArg {
+    fn get(self) -> Precision {
+        match self {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Images per training step / inference batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch: u32,
+    /// f32, or bf16 activation storage with fp32 arithmetic.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
+    /// Untimed runs before measuring.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 50)]
+    pub iters: usize,
+    /// Only the fused schedules (skip the unfused baseline).
+    #[arg(long)]
+    pub fused_only: bool,
+    /// Skip inference (training step only).
+    #[arg(long)]
+    pub no_infer: bool,
+    /// Which GPU.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Machine-readable output (one JSON object).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SelftestArgs {
+    /// cuda: compare the GPU with the CPU reference; cpu: host-side checks only.
+    #[arg(long, value_enum, default_value = "cuda")]
+    pub device: DeviceArg,
+    /// Folder of example networks (every `.net` file is checked).
+    #[arg(long, default_value = "examples")]
+    pub examples: PathBuf,
+    /// Images per batch of each check.
+    #[arg(long, default_value_t = 2)]
+    pub batch: u32,
+    /// Only the small built-in networks, not the examples.
+    #[arg(long)]
+    pub quick: bool,
+    /// Which GPU.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Machine-readable output (one JSON object).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn check_range(batch: u32, what: &str, max: u32) -> Result<(), UserError> {
+    if batch == 0 || batch > max {
+        return Err(UserError(format!(
+            "error: {what} {batch} is out of range (1 to {max})"
+        )));
+    }
+    Ok(())
+}
+
+fn open_gpu(ordinal: usize) -> anyhow::Result<Gpu> {
+    Gpu::open(ordinal).map_err(|e| anyhow::anyhow!("no usable GPU: {e}"))
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
+    check_range(a.batch, "batch", 1 << 16)?;
+    if a.iters == 0 || a.iters > 100_000 || a.warmup > 100_000 {
+        return Err(UserError(
+            "error: --iters must lie in 1..=100000 and --warmup in 0..=100000".into(),
+        )
+        .into());
+    }
+    let precision = a.precision.get();
+    let gpu = open_gpu(a.gpu)?;
+    let cache = PtxCache::default_location();
+    if !a.json {
+        eprintln!("{}", gpu.info());
+    }
+    let mut runs = vec![];
+    let variants: &[bool] = if a.fused_only {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    let modes: &[Mode] = if a.no_infer {
+        &[Mode::Train]
+    } else {
+        &[Mode::Train, Mode::Infer]
+    };
+    for &mode in modes {
+        for &unfused in variants {
+            let r = bench::bench_schedule(
+                &gpu, &cache, &l.graph, mode, a.batch, precision, unfused, a.warmup, a.iters,
+            )?;
+            if !a.json {
+                print_run(&r);
+            }
+            runs.push(r);
+        }
+    }
+    let mut latency = vec![];
+    if !a.no_infer {
+        for &unfused in variants {
+            let r = bench::bench_schedule(
+                &gpu,
+                &cache,
+                &l.graph,
+                Mode::Infer,
+                1,
+                precision,
+                unfused,
+                a.warmup,
+                a.iters,
+            )?;
+            if !a.json {
+                print_run(&r);
+            }
+            latency.push(r);
+        }
+    }
+    let pick = |v: &[bench::ScheduleBench], mode: &str, fused: bool| {
+        v.iter()
+            .find(|r| r.mode == mode && r.fused == fused)
+            .map(|r| r.graph.map(|g| g.median_ms).unwrap_or(r.stream.median_ms))
+    };
+    let peak = |fused: bool| {
+        runs.iter()
+            .find(|r| r.mode == "train" && r.fused == fused)
+            .map(|r| mb(r.planned_bytes))
+    };
+    let out = serde_json::json!({
+        "device": gpu.info(),
+        "net": l.graph.name,
+        "batch": a.batch,
+        "precision": precision.name(),
+        "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
+        "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},
+        "latency_b1_ms": {"fused": pick(&latency, "infer", true), "unfused": pick(&latency, "infer", false)},
+        "peak_mem_mb": {"fused": peak(true), "unfused": peak(false)},
+        "runs": runs,
+        "latency_runs": latency,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+fn print_run(r: &bench::ScheduleBench) {
+    let g = r
+        .graph
+        .map(|g| format!("{:.3} ms graph", g.median_ms))
+        .unwrap_or_else(|| "no graph".into());
+    println!(
+        "{:<5} {:<7} batch {:>4}: {:.3} ms stream, {g} (median of {}), {:.0} img/s, {} launches, {:.1} MiB planned, {:.1} MiB measured{}",
+        r.mode,
+        if r.fused { "fused" } else { "unfused" },
+        r.batch,
+        r.stream.median_ms,
+        r.stream.runs,
+        r.images_per_s,
+        r.launches,
+        mb(r.planned_bytes),
+        mb(r.measured_bytes),
+        if r.cache_hit { ", kernels from cache" } else { "" }
+    );
+}
+
+/// Small networks of every family, written inline (tiny inputs): always checked.
+const BUILTIN: &[(&str, &str)] = &[
+    ("wrn", "conv(3x3, 4) residual { pre bn relu body conv(3x3, 6, stride=2) bn relu dropout(0.3) conv(3x3, 6) shortcut proj } residual { body bn relu conv(3x3, 6) bn relu dropout(0.3) conv(3x3, 6) } bn relu gap fc"),
+    ("resnet-zeropad", "conv(3x3, 4) bn relu residual { body conv(3x3, 4) bn relu conv(3x3, 4) bn post relu } residual { body conv(3x3, 6, stride=2) bn relu conv(3x3, 6) bn shortcut zeropad post relu } gap fc"),
+    ("resnext", "conv(3x3, 4) bn relu residual { body conv(1x1, 4) bn relu conv(3x3, 4, groups=2) bn relu conv(1x1, 8) bn shortcut projbn post relu } gap fc"),
+    ("densenet", "conv(3x3, 4) dense { bn relu conv(1x1, 4) bn relu conv(3x3, 2) } dense { bn relu conv(3x3, 2) } bn relu conv(1x1, 4) avgpool(2x2) bn relu gap fc"),
+    ("pyramidnet", "conv(3x3, 4) bn residual { body bn conv(3x3, 5) bn relu conv(3x3, 5) bn shortcut zeropad survival 0.5 } residual { body bn conv(3x3, 6, stride=2) bn relu conv(3x3, 6) bn shortcut zeropad survival 0.5 } bn relu gap fc"),
+    ("stem-maxpool", "conv(3x3, 4, stride=2, bias) bn relu maxpool(3x3, stride=2, pad=1) bn relu gap fc"),
+];
+
+fn builtin(body: &str) -> anyhow::Result<Graph> {
+    let text = format!("network \"t\" {{ input 3x8x8 classes 3 {body} }}");
+    wrnc_grammar::build(&wrnc_grammar::Source::inline(text.as_str()))
+        .map_err(|d| anyhow::anyhow!("built-in network does not build: {}", d.render()))
+}
+
+/// The network of `file` with a smaller input where it still builds (the CPU reference in
+/// f64 is slow at full size): the first of 8x8, 16x16, 32x32 that lowers, else the original.
+fn shrink(file: &NetFile, original: &Graph) -> Graph {
+    let Ok(mut f) = wrnc_compiler::expand::expand_file(file) else {
+        return original.clone();
+    };
+    let s = original.input_shape();
+    for side in [8u64, 16, 32] {
+        if side >= s.h as u64 {
+            break;
+        }
+        if let NetworkSpec::Structural(st) = &mut f.network {
+            let span = st.input.map(|i| i.span).unwrap_or_default();
+            st.input = Some(Spanned::new([s.c as u64, side, side], span));
+        }
+        if let Ok(g) = wrnc_compiler::build(&f) {
+            return g;
+        }
+    }
+    original.clone()
+}
+
+fn examples(dir: &Path) -> anyhow::Result<Vec<(String, Graph)>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        UserError(format!(
+            "error: cannot read the examples folder `{}`: {e} (run from the repository root, pass --examples DIR, or --quick)",
+            dir.display()
+        ))
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "net"))
+        .collect();
+    files.sort();
+    let mut v = vec![];
+    for f in files {
+        let l = crate::net::load(&f.display().to_string())?;
+        let name = f
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        v.push((name, shrink(&l.file, &l.graph)));
+    }
+    Ok(v)
+}
+
+pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
+    check_range(a.batch, "batch", 64)?;
+    let mut nets: Vec<(String, Graph)> = vec![];
+    for (n, body) in BUILTIN {
+        nets.push((n.to_string(), builtin(body)?));
+    }
+    if !a.quick {
+        nets.extend(examples(&a.examples)?);
+    }
+    // host-side checks: every schedule builds, validates, and reads nothing unwritten
+    let mut host_failures = vec![];
+    for (name, g) in &nets {
+        for mode in [Mode::Train, Mode::Infer] {
+            for unfused in [false, true] {
+                for precision in [Precision::F32, Precision::Bf16] {
+                    let opts = Options {
+                        mode,
+                        batch: a.batch,
+                        precision,
+                        fusion: Fusion {
+                            unfused,
+                            disabled: vec![],
+                        },
+                    };
+                    let r = schedule::build(g, &opts)
+                        .map_err(|e| e.message)
+                        .and_then(|s| s.validate().map(|_| s))
+                        .and_then(|s| layout::check_written_before_read(&s));
+                    if let Err(e) = r {
+                        host_failures.push(format!(
+                            "{name} {mode:?} unfused={unfused} {}: {e}",
+                            precision.name()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if a.device == DeviceArg::Cpu {
+        for f in &host_failures {
+            println!("FAIL {f}");
+        }
+        println!(
+            "host-side checks of {} networks: {}; the GPU comparison was not run (--device cpu)",
+            nets.len(),
+            if host_failures.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+        if !host_failures.is_empty() {
+            anyhow::bail!("{} host-side checks failed", host_failures.len());
+        }
+        return Ok(());
+    }
+    let gpu = match Gpu::open(a.gpu) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("selftest: cannot run on the GPU: {e}");
+            anyhow::bail!(
+                "selftest needs a usable CUDA GPU (use `wrnc selftest --device cpu` for the host-side checks only)"
+            );
+        }
+    };
+    let mut gpu = gpu;
+    // name the failing kernel on a fault
+    gpu.set_sync_each(true);
+    let cache = PtxCache::default_location();
+    if !a.json {
+        eprintln!("{}", gpu.info());
+    }
+    let mut results: Vec<check::CheckResult> = vec![];
+    let mut errors: Vec<String> = host_failures.clone();
+    let mut report = |r: Result<check::CheckResult, cuda::CudaError>, what: &str| match r {
+        Ok(r) => {
+            if !a.json {
+                println!(
+                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}",
+                    if r.passed { "ok  " } else { "FAIL" },
+                    r.what,
+                    r.max_rel_err,
+                    r.tol,
+                    r.worst
+                );
+            }
+            results.push(r);
+        }
+        Err(e) => {
+            if !a.json {
+                println!("ERR  {what}: {e}");
+            }
+            errors.push(format!("{what}: {e}"));
+        }
+    };
+    report(check::check_augment(&gpu, &cache), "augmentation");
+    for (name, g) in &nets {
+        for precision in [Precision::F32, Precision::Bf16] {
+            for mode in [Mode::Train, Mode::Infer] {
+                for unfused in [false, true] {
+                    let what = format!("{name} {mode:?} unfused={unfused} {}", precision.name());
+                    report(
+                        check::check_graph(
+                            &gpu,
+                            &cache,
+                            name,
+                            g,
+                            mode,
+                            a.batch as usize,
+                            precision,
+                            unfused,
+                        ),
+                        &what,
+                    );
+                }
+            }
+        }
+    }
+    let failed = results.iter().filter(|r| !r.passed).count();
+    let max_f32 = results
+        .iter()
+        .filter(|r| r.what.ends_with("f32"))
+        .map(|r| r.max_rel_err)
+        .fold(0f64, f64::max);
+    let max_bf16 = results
+        .iter()
+        .filter(|r| r.what.ends_with("bf16"))
+        .map(|r| r.max_rel_err)
+        .fold(0f64, f64::max);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "device": gpu.info(),
+                "checks": results,
+                "errors": errors,
+                "failed": failed,
+                "max_rel_err_vs_cpu": {"f32": max_f32, "bf16": max_bf16},
+            }))?
+        );
+    } else {
+        println!(
+            "{} checks, {failed} failed, {} errors; max rel err vs CPU: f32 {max_f32:.2e}, bf16 {max_bf16:.2e}",
+            results.len(),
+            errors.len()
+        );
+    }
+    if failed > 0 || !errors.is_empty() {
+        anyhow::bail!(
+            "selftest failed: {failed} comparisons out of tolerance, {} errors",
+            errors.len()
+        );
+    }
+    Ok(())
+}
