@@ -320,3 +320,14 @@ fn cache_compiles_once_then_hits_and_ignores_garbage() {
         .unwrap_err();
     assert_eq!(err, wrnc_runtime::nvrtc::NvrtcError::Nul);
 }
+
+#[test]
+fn timing_summaries() {
+    use wrnc_runtime::cuda::bench::Timing;
+    let t = Timing::from_samples(vec![5.0, 1.0, 3.0, f64::NAN, 2.0, 4.0]);
+    assert_eq!((t.median_ms, t.min_ms, t.runs), (3.0, 1.0, 5));
+    assert_eq!(t.p90_ms, 4.0);
+    let e = Timing::from_samples(vec![2.0, 1.0]);
+    assert_eq!(e.median_ms, 1.5);
+    assert_eq!(Timing::from_samples(vec![]).runs, 0);
+}
