@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# THE script for a lent GPU machine. Run from the repository root:
+#
+#   bench/run_gpu.sh [STAGE...]      stages: info selftest bench train assemble   (default: all)
+#
+# Inputs (carried with the working tree):
+#   $WRNC            the prebuilt release binary (default gpu-carry/wrnc)
+#   $WRNC_DATA_DIR   CIFAR-10 as an image folder (default gpu-carry/cifar10-jpeg: train/<class>/*, test/<class>/*)
+# Outputs: everything under $OUT (default ./gpu-out), one log / JSON per stage, plus a copy in
+# bench/results/raw/ so a later call on the same (still warm) machine can assemble them;
+# `assemble` writes bench/results/<date>-<gpu>.json (and into $OUT).
+#
+# Budget: each stage is sized for one 10-minute call, every command under `timeout`:
+#   call 1: bench/run_gpu.sh info selftest          (~3-6 min)
+#   call 2: bench/run_gpu.sh info bench assemble    (~6-9 min: wrnc bench f32+bf16 + PyTorch, same call)
+#   call 3: bench/run_gpu.sh info train assemble    (~6 min: WRN-16-4 on CIFAR-10 for ~5 min)
+# `assemble` also runs on any machine with python3, over the raw folders fetched back:
+#   bench/run_gpu.sh assemble            (reads $OUT and bench/results/raw)
+set -u
+cd "$(dirname "$0")/.."
+WRNC=${WRNC:-gpu-carry/wrnc}
+DATA=${WRNC_DATA_DIR:-gpu-carry/cifar10-jpeg}
+OUT=${OUT:-$PWD/gpu-out}
+RAW=bench/results/raw
+NET=${BENCH_NET:-WRN-28-10}
+BATCH=${BENCH_BATCH:-128}
+TRAIN_NET=${TRAIN_NET:-WRN-16-4}
+TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+mkdir -p "$OUT" "$RAW"
+export WRNC_CACHE_DIR=${WRNC_CACHE_DIR:-$PWD/gpu-carry/cache}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(info selftest bench train assemble)
+
+log() { echo "[run_gpu $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/run_gpu.log"; }
+keep() { cp -f "$@" "$RAW/" 2>/dev/null || true; }
+# run NAME TIMEOUT CMD...: stdout -> $OUT/NAME.out, stderr -> $OUT/NAME.err, rc -> $OUT/NAME.rc
+run() {
+    local name=$1 t=$2; shift 2
+    log "$name: $* (timeout ${t}s)"
+    local t0=$SECONDS
+    timeout "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+    local rc=$?
+    echo "$rc" >"$OUT/$name.rc"
+    log "$name: rc=$rc in $((SECONDS - t0))s"
+    tail -n 25 "$OUT/$name.err" | sed "s/^/  [$name] /"
+    tail -n 40 "$OUT/$name.out" | sed "s/^/  [$name] /"
+    keep "$OUT/$name.out" "$OUT/$name.err" "$OUT/$name.rc"
+    return $rc
+}
+
+find_nvrtc() {
+    # the driver's CUDA version decides which NVRTC is safe (PTX newer than the driver fails)
+    if [ -z "${WRNC_NVRTC:-}" ]; then
+        for c in /usr/local/cuda/lib64/libnvrtc.so.13 /usr/local/cuda-13*/lib64/libnvrtc.so.13 \
+                 /usr/local/cuda/lib64/libnvrtc.so; do
+            if [ -e "$c" ]; then export WRNC_NVRTC=$c; break; fi
+        done
+    fi
+    log "WRNC_NVRTC=${WRNC_NVRTC:-<unset: wrnc searches itself, see runtime/src/nvrtc.rs>}"
+}
+
+stage_info() {
+    {
+        echo "== date"; date -u
+        echo "== commit"; git rev-parse HEAD 2>/dev/null || cat gpu-carry/COMMIT 2>/dev/null
+        echo "== nvidia-smi"; nvidia-smi 2>&1
+        echo "== libcuda"; ldconfig -p 2>/dev/null | grep -E "libcuda\.so" ; ls -l /usr/lib/x86_64-linux-gnu/libcuda.so* 2>&1
+        echo "== libnvrtc"; ldconfig -p 2>/dev/null | grep -E "libnvrtc"; ls -l /usr/local/cuda*/lib64/libnvrtc.so* 2>&1
+        python3 - <<'PY' 2>&1
+import glob, os
+try:
+    import nvidia
+    for d in nvidia.__path__:
+        for f in sorted(glob.glob(os.path.join(d, "*", "lib", "libnvrtc*"))):
+            print("pip:", f)
+except Exception as e:
+    print("no pip nvidia package:", e)
+PY
+        echo "== nvcc"; nvcc --version 2>&1 | tail -2
+        echo "== torch"; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1
+        echo "== wrnc"; ls -l "$WRNC"; "$WRNC" --version
+        echo "== data"; ls "$DATA" 2>&1 | head; ls "$DATA/train" 2>&1 | head -3
+    } >"$OUT/info.txt" 2>&1
+    cat "$OUT/info.txt"
+    keep "$OUT/info.txt"
+    find_nvrtc
+}
+
+stage_selftest() {
+    find_nvrtc
+    # built-in small networks of every family first (fast, JSON), then every example
+    # (human-readable lines, streamed, so a timeout still leaves the checks done so far)
+    run selftest_quick 150 "$WRNC" selftest --device cuda --quick --json
+    run selftest 420 "$WRNC" selftest --device cuda
+}
+
+stage_bench() {
+    find_nvrtc
+    for p in f32 bf16; do
+        run "bench_wrnc_$p" 200 "$WRNC" bench "$NET" --batch "$BATCH" --precision "$p" --warmup 3 --iters 10 --json
+    done
+    "$WRNC" compile "$NET" --emit graph >"$OUT/graph.txt" 2>/dev/null
+    keep "$OUT/graph.txt"
+    run bench_pytorch 240 python3 bench/pytorch_reference.py --graph "$OUT/graph.txt" \
+        --batch "$BATCH" --precision both --variants eager,compile --warmup 5 --iters 20 \
+        --out "$OUT/bench_pytorch.json"
+    keep "$OUT/bench_pytorch.json"
+}
+
+stage_train() {
+    find_nvrtc
+    rm -rf "$OUT/train_ckpt"
+    # as many epochs as TRAIN_SECONDS allow: metrics and the checkpoint are written per epoch
+    run train "$TRAIN_SECONDS" "$WRNC" run "$TRAIN_NET" --train cifar10 --data "$DATA" --device cuda \
+        --epochs 10 --metrics "$OUT/train_metrics.jsonl" --checkpoint "$OUT/train_ckpt" --quiet
+    keep "$OUT/train_metrics.jsonl"
+}
+
+stage_assemble() {
+    python3 - "$OUT" "$RAW" <<'PY'
+import json, os, sys, datetime, re, subprocess
+dirs = sys.argv[1:]
+def load(name):
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.path.exists(p):
+            try:
+                return json.load(open(p))
+            except Exception:
+                return None
+    return None
+def text(name):
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.path.exists(p):
+            return open(p, errors="replace").read()
+    return ""
+f32, bf16 = load("bench_wrnc_f32.out"), load("bench_wrnc_bf16.out")
+pt = load("bench_pytorch.json") or {}
+st = load("selftest_quick.out") or {}
+full = text("selftest.out")
+m = re.search(r"(\d+) checks, (\d+) failed, (\d+) errors; max rel err vs CPU: f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)", full)
+full_summary = None
+if m:
+    full_summary = {"checks": int(m.group(1)), "failed": int(m.group(2)), "errors": int(m.group(3)),
+                    "max_rel_err_vs_cpu": {"f32": float(m.group(4)), "bf16": float(m.group(5))}}
+device = (f32 or bf16 or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
+try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except Exception:
+    commit = ""
+def wr(b, key, which):
+    return None if not b else (b.get(key) or {}).get(which)
+def ptv(prec, variant, key):
+    return ((pt.get("results") or {}).get(prec) or {}).get(variant, {}).get(key)
+out = {"device": device, "commit": commit, "date": datetime.date.today().isoformat()}
+for prec, b in [("f32", f32), ("bf16", bf16)]:
+    out[prec] = {
+        "net": (b or {}).get("net") or pt.get("net"), "batch": (b or {}).get("batch") or pt.get("batch"),
+        "precision": prec,
+        "train_step_ms": {"wrnc_fused": wr(b, "train_step_ms", "fused"), "wrnc_unfused": wr(b, "train_step_ms", "unfused"),
+                          "pytorch_eager": ptv(prec, "eager", "train_step_ms"), "pytorch_compile": ptv(prec, "compile", "train_step_ms")},
+        "infer_ms": {"wrnc_fused": wr(b, "infer_ms", "fused"), "wrnc_unfused": wr(b, "infer_ms", "unfused"),
+                     "pytorch_eager": ptv(prec, "eager", "infer_ms"), "pytorch_compile": ptv(prec, "compile", "infer_ms")},
+        "peak_mem_mb": {"wrnc_fused": wr(b, "peak_mem_mb", "fused"), "wrnc_unfused": wr(b, "peak_mem_mb", "unfused"),
+                        "pytorch_eager": ptv(prec, "eager", "peak_mem_mb"), "pytorch_compile": ptv(prec, "compile", "peak_mem_mb")},
+        "latency_b1_ms": (b or {}).get("latency_b1_ms"),
+    }
+# top-level keys for the f32 run, as the results format asks
+out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_ms", "infer_ms", "peak_mem_mb"]})
+out["max_rel_err_vs_cpu"] = (full_summary or {}).get("max_rel_err_vs_cpu") or st.get("max_rel_err_vs_cpu")
+out["selftest_quick"] = {"failed": st.get("failed"), "errors": st.get("errors"), "checks": len(st.get("checks") or [])} if st else None
+out["selftest_examples"] = full_summary or ({"incomplete": full.count("\n")} if full else None)
+metrics = [json.loads(l) for l in text("train_metrics.jsonl").splitlines() if l.strip()]
+out["training"] = {"net": os.environ.get("TRAIN_NET", "WRN-16-4"), "epochs": metrics} if metrics else None
+out["raw"] = sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)))
+slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+path = os.path.join("bench", "results", f"{out['date']}-{slug}.json")
+s = json.dumps(out, indent=2)
+open(path, "w").write(s + "\n")
+open(os.path.join(dirs[0], os.path.basename(path)), "w").write(s + "\n")
+print(s)
+print("wrote", path, file=sys.stderr)
+PY
+}
+
+for s in "${stages[@]}"; do
+    case "$s" in
+        info|selftest|bench|train|assemble) "stage_$s" ;;
+        all) stage_info; stage_selftest; stage_bench; stage_train; stage_assemble ;;
+        *) echo "unknown stage $s (info selftest bench train assemble all)" >&2; exit 2 ;;
+    esac
+done
+log "done: ${stages[*]}"
