@@ -25,4 +25,40 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         cuda::device::Gpu::open(0),
         Err(CudaError::NoDriver { .. })
     ));
+    // and so does the GPU trainer, before compiling anything
+    let g = wrnc_grammar::build(&wrnc_grammar::Source::inline(
+        "network \"t\" { input 3x8x8 classes 3 conv(3x3, 4) bn relu gap fc }",
+    ))
+    .unwrap();
+    let e = cuda::trainer::GpuTrainer::new(
+        0,
+        &g,
+        4,
+        4,
+        wrnc_compiler::ast::Precision::F32,
+        Default::default(),
+        1,
+    )
+    .err()
+    .expect("no GPU trainer without a driver");
+    assert!(
+        matches!(
+            e,
+            cuda::trainer::GpuTrainError::Cuda(CudaError::NoDriver { .. })
+        ),
+        "{e:?}"
+    );
+    // bad batch sizes are refused as configuration errors first
+    let e = cuda::trainer::GpuTrainer::new(
+        0,
+        &g,
+        0,
+        4,
+        wrnc_compiler::ast::Precision::F32,
+        Default::default(),
+        1,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("batch sizes"), "{e}");
 }

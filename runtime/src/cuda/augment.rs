@@ -206,7 +206,8 @@ impl Augmenter {
             ArgValue::I32(PAD_PIXELS as i32),
         ];
         gpu.launch(
-            self.module.functions[0],
+            &self.module,
+            0,
             [blocks, 1, 1],
             [256, 1, 1],
             0,

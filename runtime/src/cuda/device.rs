@@ -78,7 +78,7 @@ impl Drop for DeviceBuffer {
 pub struct Module {
     ctx: Rc<Ctx>,
     module: Handle,
-    pub functions: Vec<Handle>,
+    pub(crate) functions: Vec<Handle>,
     pub names: Vec<String>,
 }
 
@@ -432,11 +432,12 @@ impl Gpu {
         Ok(m)
     }
 
-    /// Launches `f` on the stream with `args` (packed per [`super::layout::pack`]).
+    /// Launches function `index` of `module` on the stream with `args` (packed per [`super::layout::pack`]).
     #[allow(clippy::too_many_arguments)]
     pub fn launch(
         &self,
-        f: Handle,
+        module: &Module,
+        index: usize,
         grid: [u32; 3],
         block: [u32; 3],
         shared: u32,
@@ -444,6 +445,14 @@ impl Gpu {
         kernel: &str,
         note: &str,
     ) -> Result<(), CudaError> {
+        let f = *module
+            .functions
+            .get(index)
+            .ok_or_else(|| CudaError::Launch {
+                kernel: kernel.to_string(),
+                note: note.to_string(),
+                detail: format!("no function {index} in the module"),
+            })?;
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         let mut ptrs: Vec<*mut c_void> = slots
             .iter_mut()
@@ -454,7 +463,7 @@ impl Gpu {
             note: note.to_string(),
             detail: e.to_string(),
         };
-        // SAFETY: `f` comes from a loaded module; `ptrs` holds one pointer per kernel
+        // SAFETY: `f` comes from a loaded module (kept alive by `module`); `ptrs` holds one pointer per kernel
         // parameter (the schedule was validated against the kernel's signature), each to an
         // 8-byte slot that outlives the call (the driver copies the values).
         let r = unsafe {

@@ -254,7 +254,8 @@ impl Executor {
             let args = layout::pack(&self.schedule, l, &self.addr, h)?;
             let k = &self.schedule.kernels[l.kernel];
             gpu.launch(
-                self.module.functions[l.kernel],
+                &self.module,
+                l.kernel,
                 l.grid,
                 l.block,
                 l.shared,
