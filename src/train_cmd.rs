@@ -108,20 +108,58 @@ fn load_split(
     Ok(ds)
 }
 
-/// `--device`: the CUDA backend is not part of this build yet, so `cuda` is refused with a
-/// reason and the default is the CPU, said aloud.
-fn pick_device(d: Option<Device>, quiet: bool) -> Result<(), UserError> {
+/// Where a run goes.
+enum Backend {
+    Cpu,
+    Cuda,
+}
+
+/// `--device cuda` needs a usable GPU (or says why not); without `--device`, cuda where a GPU
+/// is usable, else cpu, said aloud.
+fn pick_device(d: Option<Device>, quiet: bool) -> anyhow::Result<Backend> {
+    let probe = || wrnc_runtime::cuda::is_available();
     match d {
-        Some(Device::Cuda) => Err(UserError(
-            "error: the CUDA runtime is not in this build of wrnc yet; use --device cpu (generated CUDA can be inspected with `wrnc compile NET --emit cuda,ptx`)".into(),
-        )),
-        Some(Device::Cpu) => Ok(()),
-        None => {
-            if !quiet {
-                eprintln!("device: cpu (the CUDA runtime is not in this build)");
+        Some(Device::Cpu) => Ok(Backend::Cpu),
+        Some(Device::Cuda) => match probe() {
+            Ok(info) => {
+                if !quiet {
+                    eprintln!("device: cuda ({}, {})", info.name, info.arch());
+                }
+                Ok(Backend::Cuda)
             }
-            Ok(())
+            Err(e) => Err(anyhow::anyhow!("--device cuda: {e}")),
+        },
+        None => match probe() {
+            Ok(info) => {
+                if !quiet {
+                    eprintln!(
+                        "device: cuda ({}, {}); --device cpu for the CPU",
+                        info.name,
+                        info.arch()
+                    );
+                }
+                Ok(Backend::Cuda)
+            }
+            Err(e) => {
+                if !quiet {
+                    let why = e.to_string();
+                    eprintln!(
+                        "device: cpu (no usable GPU: {})",
+                        why.lines().next().unwrap_or("")
+                    );
+                }
+                Ok(Backend::Cpu)
+            }
+        },
+    }
+}
+
+fn gpu_err(e: wrnc_runtime::cuda::trainer::GpuTrainError) -> anyhow::Error {
+    match e {
+        wrnc_runtime::cuda::trainer::GpuTrainError::Train(train::TrainError::Config(m)) => {
+            UserError(format!("error: {m}")).into()
         }
+        e => anyhow::Error::from(e),
     }
 }
 
@@ -139,7 +177,13 @@ fn bar(quiet: bool) -> ProgressBar {
 }
 
 pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
-    pick_device(args.device, args.quiet || args.json)?;
+    let backend = pick_device(args.device, args.quiet || args.json)?;
+    let precision = l
+        .file
+        .settings
+        .precision
+        .map(|p| p.value)
+        .unwrap_or_default();
     let s = &l.file.settings;
     let seed = args.seed.or(s.seed.map(|v| v.value)).unwrap_or(1);
     if let Some(ds_name) = &args.eval {
@@ -177,23 +221,38 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 params.insert(n, t);
             }
         }
-        let model = Model::with_state(l.graph.clone(), params, buffers)?;
         let test = load_split(k, &data_dir(&args, k), Split::Test, args.test_subset)?;
         let pb = bar(args.quiet || args.json);
         pb.set_prefix("eval");
-        let (loss, acc) = train::evaluate(
-            &model,
-            &test,
-            &Normalization::for_dataset(k),
-            256,
-            &mut |e| {
-                if let Event::EvalStart { batches } = e {
-                    pb.set_length(batches);
-                } else if let Event::EvalBatch { batch } = e {
-                    pb.set_position(batch);
-                }
-            },
-        )?;
+        let mut on_event = |e| {
+            if let Event::EvalStart { batches } = e {
+                pb.set_length(batches);
+            } else if let Event::EvalBatch { batch } = e {
+                pb.set_position(batch);
+            }
+        };
+        let norm = Normalization::for_dataset(k);
+        let (loss, acc) = match backend {
+            Backend::Cpu => {
+                let model = Model::with_state(l.graph.clone(), params, buffers)?;
+                train::evaluate(&model, &test, &norm, 256, &mut on_event)?
+            }
+            Backend::Cuda => {
+                let mut t = wrnc_runtime::cuda::trainer::GpuTrainer::new(
+                    0,
+                    g,
+                    256,
+                    256,
+                    precision,
+                    Default::default(),
+                    seed,
+                )
+                .map_err(gpu_err)?;
+                t.load(&params, &buffers, &Default::default())
+                    .map_err(gpu_err)?;
+                t.evaluate(&test, &norm, &mut on_event).map_err(gpu_err)?
+            }
+        };
         pb.finish_and_clear();
         if args.json {
             println!(
@@ -247,7 +306,6 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         max_steps: args.max_steps,
         eval_batch: 256,
     };
-    let mut model: Model = Model::new(l.graph.clone(), seed)?;
     let quiet = args.quiet || args.json;
     if !quiet {
         eprintln!(
@@ -262,41 +320,64 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let pb = bar(quiet);
-    let report = train::train(
-        &mut model,
-        &train_ds,
-        Some(&test_ds),
-        &cfg,
-        &mut |e| match e {
-            Event::EpochStart {
-                epoch,
-                epochs,
-                batches,
-            } => {
-                pb.reset();
-                pb.set_length(batches);
-                pb.set_prefix(format!("epoch {epoch}/{epochs}"));
+    let mut on_event = |e| match e {
+        Event::EpochStart {
+            epoch,
+            epochs,
+            batches,
+        } => {
+            pb.reset();
+            pb.set_length(batches);
+            pb.set_prefix(format!("epoch {epoch}/{epochs}"));
+        }
+        Event::Batch {
+            batch,
+            loss,
+            acc,
+            images_per_s,
+        } => {
+            pb.set_position(batch);
+            pb.set_message(format!(
+                "loss {loss:.3} acc {acc:.3} {images_per_s:.0} img/s"
+            ));
+        }
+        Event::EvalStart { batches } => {
+            pb.reset();
+            pb.set_length(batches);
+            pb.set_prefix("eval");
+        }
+        Event::EvalBatch { batch } => pb.set_position(batch),
+        Event::EpochEnd => pb.finish_and_clear(),
+    };
+    let report = match backend {
+        Backend::Cpu => {
+            if precision != wrnc_compiler::ast::Precision::F32 && !quiet {
+                eprintln!(
+                    "note: the CPU backend computes in f32 (precision {} applies on the GPU)",
+                    precision.name()
+                );
             }
-            Event::Batch {
-                batch,
-                loss,
-                acc,
-                images_per_s,
-            } => {
-                pb.set_position(batch);
-                pb.set_message(format!(
-                    "loss {loss:.3} acc {acc:.3} {images_per_s:.0} img/s"
-                ));
+            let mut model: Model = Model::new(l.graph.clone(), seed)?;
+            train::train(&mut model, &train_ds, Some(&test_ds), &cfg, &mut on_event)
+        }
+        Backend::Cuda => {
+            let mut t = wrnc_runtime::cuda::trainer::GpuTrainer::new(
+                0,
+                &l.graph,
+                cfg.batch,
+                cfg.eval_batch,
+                precision,
+                Default::default(),
+                seed,
+            )
+            .map_err(gpu_err)?;
+            match t.train(&train_ds, Some(&test_ds), &cfg, &mut on_event) {
+                Ok(r) => Ok(r),
+                Err(wrnc_runtime::cuda::trainer::GpuTrainError::Train(e)) => Err(e),
+                Err(e) => return Err(gpu_err(e)),
             }
-            Event::EvalStart { batches } => {
-                pb.reset();
-                pb.set_length(batches);
-                pb.set_prefix("eval");
-            }
-            Event::EvalBatch { batch } => pb.set_position(batch),
-            Event::EpochEnd => pb.finish_and_clear(),
-        },
-    );
+        }
+    };
     pb.finish_and_clear();
     let report = report.map_err(|e| match e {
         train::TrainError::Config(m) => anyhow::Error::from(UserError(format!("error: {m}"))),

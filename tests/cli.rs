@@ -90,7 +90,7 @@ fn commands_and_exit_codes() {
             "/nonexistent",
         ],
         2,
-        "CUDA runtime is not in this build",
+        "--device cuda: ",
     );
     check(
         &["run", "WRN-10-1", "--train", "imagenet2"],
