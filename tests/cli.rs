@@ -89,8 +89,8 @@ fn commands_and_exit_codes() {
             "--data",
             "/nonexistent",
         ],
-        2,
-        "--device cuda: ",
+        1,
+        "use --device cpu",
     );
     check(
         &["run", "WRN-10-1", "--train", "imagenet2"],
