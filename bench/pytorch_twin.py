@@ -9,7 +9,7 @@ wrnc checkpoint with safetensors.torch, compared with wrnc's logits.
 2. Modules are registered under the wrnc node names (`3.body.2` is `twin._modules['3']
    ._modules['body']._modules['2']`), so the twin's state_dict keys ARE wrnc's tensor names
    (`<node>.weight|bias|running_mean|running_var`; BatchNorm's `num_batches_tracked` is
-   removed). The key sets are compared before loading (strict).
+   removed). The key sets are compared exactly before loading.
 3. Weights: --weights (a wrnc checkpoint; `momentum.*` keys are skipped), else fresh ones from
    `wrnc export NET --seed S --save-weights` (optionally --perturb-bn for non-default BN state).
 4. wrnc's logits: `wrnc export NET --weights W --input x.bin --logits y.bin` (the CPU reference
@@ -390,8 +390,8 @@ def main():
         try:
             import torch
             from safetensors.torch import load_file
-        except ImportError as e:
-            print(f"pytorch_twin: torch is not installed ({e}); try --backend numpy", file=sys.stderr)
+        except Exception as e:  # ImportError, or a broken install (missing CUDA libraries)
+            print(f"pytorch_twin: torch is not usable ({e!r}); try --backend numpy", file=sys.stderr)
             return 3
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -402,7 +402,14 @@ def main():
             print(f"pytorch_twin: state_dict keys differ: only in torch {sorted(keys - set(state))[:5]}, "
                   f"only in the checkpoint {sorted(set(state) - keys)[:5]}", file=sys.stderr)
             return 1
-        twin.load_state_dict(state, strict=True)
+        # strict=False only because BatchNorm's loader adds `num_batches_tracked` to state dicts
+        # without version metadata; the key sets were compared exactly just above, and here.
+        res = twin.load_state_dict(state, strict=False)
+        extra = [k for k in res.unexpected_keys if not k.endswith(".num_batches_tracked")]
+        if res.missing_keys or extra:
+            print(f"pytorch_twin: load_state_dict: missing {res.missing_keys[:5]}, unexpected {extra[:5]}",
+                  file=sys.stderr)
+            return 1
         twin = twin.to(args.device).eval()
         with torch.no_grad():
             results[f"pytorch ({args.device})"] = twin(torch.from_numpy(x).to(args.device)).cpu().numpy()
