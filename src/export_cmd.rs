@@ -3,7 +3,7 @@
 //! input and the weights as a checkpoint. See docs/interop.md.
 
 use crate::net::{Loaded, UserError};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use wrnc_compiler::graph::Graph;
 use wrnc_runtime::checkpoint::{self, Checkpoint};
@@ -43,22 +43,13 @@ fn user(m: String) -> anyhow::Error {
 /// the graph's tensors (the error names the first that does not fit).
 fn model_from_checkpoint(graph: &Graph, path: &Path) -> anyhow::Result<Model> {
     let tensors = checkpoint::load_weights(path).map_err(|e| user(format!("error: {e}")))?;
-    checkpoint::check_against(&tensors, &checkpoint::expected_tensors(graph)).map_err(|e| {
+    let (params, buffers) = checkpoint::state_for(graph, tensors).map_err(|e| {
         user(format!(
             "error: {} does not fit {}: {e}",
             path.display(),
             graph.name
         ))
     })?;
-    let buffer_names: BTreeSet<String> = graph.buffers().into_iter().map(|(n, _)| n).collect();
-    let (mut params, mut buffers) = (BTreeMap::new(), BTreeMap::new());
-    for (n, t) in tensors {
-        if buffer_names.contains(&n) {
-            buffers.insert(n, t);
-        } else {
-            params.insert(n, t);
-        }
-    }
     Ok(Model::with_state(graph.clone(), params, buffers)?)
 }
 

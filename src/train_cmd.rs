@@ -195,32 +195,13 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         let tensors = wrnc_runtime::checkpoint::load_weights(weights)
             .map_err(|e| UserError(format!("error: {e}")))?;
         let g = &l.graph;
-        let expected: Vec<(String, Vec<usize>)> = g
-            .params()
-            .into_iter()
-            .map(|(n, p)| (n, p.shape))
-            .chain(g.buffers().into_iter().map(|(n, len)| (n, vec![len])))
-            .collect();
-        wrnc_runtime::checkpoint::check_against(&tensors, &expected).map_err(|e| {
+        let (params, buffers) = wrnc_runtime::checkpoint::state_for(g, tensors).map_err(|e| {
             UserError(format!(
                 "error: {} does not fit {}: {e}",
                 weights.display(),
                 g.name
             ))
         })?;
-        let (mut params, mut buffers) = (
-            std::collections::BTreeMap::new(),
-            std::collections::BTreeMap::new(),
-        );
-        let buffer_names: std::collections::BTreeSet<String> =
-            g.buffers().into_iter().map(|(n, _)| n).collect();
-        for (n, t) in tensors {
-            if buffer_names.contains(&n) {
-                buffers.insert(n, t);
-            } else {
-                params.insert(n, t);
-            }
-        }
         let test = load_split(k, &data_dir(&args, k), Split::Test, args.test_subset)?;
         let pb = bar(args.quiet || args.json);
         pb.set_prefix("eval");

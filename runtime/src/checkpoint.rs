@@ -361,3 +361,25 @@ pub fn check_against(
     }
     Ok(())
 }
+
+/// The weights and BN statistics of `graph` from checkpoint tensors, split into
+/// `(params, buffers)` as [`crate::cpu::Model::with_state`] takes them. The tensors must be
+/// exactly the graph's (see [`check_against`]: the error names the first that does not fit).
+#[allow(clippy::type_complexity)]
+pub fn state_for(
+    graph: &wrnc_compiler::graph::Graph,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>), CheckpointError> {
+    check_against(&tensors, &expected_tensors(graph))?;
+    let buffer_names: std::collections::BTreeSet<String> =
+        graph.buffers().into_iter().map(|(n, _)| n).collect();
+    let (mut params, mut buffers) = (BTreeMap::new(), BTreeMap::new());
+    for (n, t) in tensors {
+        if buffer_names.contains(&n) {
+            buffers.insert(n, t);
+        } else {
+            params.insert(n, t);
+        }
+    }
+    Ok((params, buffers))
+}

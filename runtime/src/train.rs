@@ -194,27 +194,9 @@ pub fn train(
             .as_ref()
             .ok_or_else(|| TrainError::Config("--resume needs --checkpoint DIR".into()))?;
         let ck = checkpoint::load(&checkpoint::resolve(dir))?;
-        let expected: Vec<(String, Vec<usize>)> = model
-            .graph()
-            .params()
-            .into_iter()
-            .map(|(n, p)| (n, p.shape))
-            .chain(
-                model
-                    .graph()
-                    .buffers()
-                    .into_iter()
-                    .map(|(n, l)| (n, vec![l])),
-            )
-            .collect();
-        checkpoint::check_against(&ck.tensors, &expected)?;
-        for (name, t) in ck.tensors {
-            if let Some(p) = model.params.get_mut(&name) {
-                *p = t;
-            } else if let Some(b) = model.buffers.get_mut(&name) {
-                *b = t;
-            }
-        }
+        let (params, buffers) = checkpoint::state_for(model.graph(), ck.tensors)?;
+        model.params = params;
+        model.buffers = buffers;
         sgd.state = ck.momentum;
         state = ck.meta;
         let get = |k: &str| state.extra.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
