@@ -2,6 +2,7 @@
 //! against `emu/cuda_emu.h` with g++ and run it. No tests of its own.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -85,7 +86,22 @@ pub fn run_schedule(
     s: &wrnc_compiler::schedule::Schedule,
     inputs: &[(String, Vec<u8>)],
     hyper: Hyper,
-) -> std::collections::BTreeMap<String, Vec<u8>> {
+) -> BTreeMap<String, Vec<u8>> {
+    run_schedule_traced(name, s, inputs, hyper, false).0
+}
+
+/// Every buffer a launch wrote, right after it: `(launch index, buffer name) -> bytes`, launch
+/// indices counting the setup launches first (the driver's `trace` mode).
+pub type Trace = BTreeMap<(usize, String), Vec<u8>>;
+
+/// [`run_schedule`], and with `trace` the buffers every launch wrote (empty otherwise).
+pub fn run_schedule_traced(
+    name: &str,
+    s: &wrnc_compiler::schedule::Schedule,
+    inputs: &[(String, Vec<u8>)],
+    hyper: Hyper,
+    trace: bool,
+) -> (BTreeMap<String, Vec<u8>>, Trace) {
     use wrnc_compiler::codegen;
     let dir = temp_dir(name);
     let opts = wrnc_compiler::schedule::Options {
@@ -100,8 +116,9 @@ pub fn run_schedule(
     )
     .unwrap();
     std::fs::write(dir.join("driver.cpp"), codegen::emu::driver(s)).unwrap();
-    std::fs::create_dir_all(dir.join("in")).unwrap();
-    std::fs::create_dir_all(dir.join("out")).unwrap();
+    for sub in ["in", "out", "trace"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
     for (n, bytes) in inputs {
         std::fs::write(dir.join("in").join(format!("{n}.bin")), bytes).unwrap();
     }
@@ -120,16 +137,31 @@ pub fn run_schedule(
     )
     .unwrap();
     let prog = compile(&dir, "driver.cpp");
-    run(&prog, &[dir.to_str().unwrap()]);
-    let mut out = std::collections::BTreeMap::new();
+    let d = dir.to_str().unwrap();
+    let args: Vec<&str> = if trace { vec![d, "trace"] } else { vec![d] };
+    run(&prog, &args);
+    let mut out = BTreeMap::new();
     for b in &s.buffers {
         out.insert(
             b.name.clone(),
             std::fs::read(dir.join("out").join(format!("{}.bin", b.name))).unwrap(),
         );
     }
+    let mut tr = BTreeMap::new();
+    if trace {
+        for e in std::fs::read_dir(dir.join("trace")).unwrap() {
+            let e = e.unwrap();
+            let f = e.file_name().to_string_lossy().into_owned();
+            let stem = f.strip_suffix(".bin").expect("trace file name");
+            let (li, buf) = stem.split_once('.').expect("trace file name");
+            tr.insert(
+                (li.parse().expect("launch index"), buf.to_string()),
+                std::fs::read(e.path()).unwrap(),
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    out
+    (out, tr)
 }
 
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {

@@ -38,6 +38,25 @@ __device__ __forceinline__ float wrnc_block_sum(float v, float* sh) {
     return v;
 }
 
+// The same in double: reductions whose result may be far smaller than their terms (a channel
+// sum of a zero-mean tensor, BN's gradient sums) accumulate in double, so the rounded result is
+// accurate relative to itself. `sh` is a 32-double __shared__ array.
+__device__ __forceinline__ double wrnc_warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double wrnc_block_sum_d(double v, double* sh) {
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = wrnc_warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    v = (int)threadIdx.x < nw ? sh[lane] : 0.0;
+    if (wid == 0) v = wrnc_warp_sum_d(v);
+    return v;
+}
+
 // Inverted dropout of one element: kept with probability 1 - p, scaled by 1 / (1 - p).
 __device__ __forceinline__ float wrnc_drop(float v, unsigned int seed, unsigned int stream,
                                            unsigned int step, unsigned int index, float p) {

@@ -344,37 +344,39 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
             },
         ),
+        // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is
+        // ill-conditioned, and these kernels are memory-bound, so the wider adds cost nothing.
         ChannelSums { c, hw, squares } => format!(
             r#"{} {{
     const int C = {c}, HW = {hw};
-    __shared__ float sh[32];
-    __shared__ float mean_;
+    __shared__ double sh[32];
+    __shared__ double mean_;
     const int ch = blockIdx.x;
     const int total = n * HW;
-    float s = 0.0f;
+    double s = 0.0;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
-        s += wrnc_ld(x, (ni * C + ch) * HW + p_);
+        s += (double)wrnc_ld(x, (ni * C + ch) * HW + p_);
     }}
-    s = wrnc_block_sum(s, sh);
+    s = wrnc_block_sum_d(s, sh);
     if (threadIdx.x == 0) {{
-        out[ch] = s;
-        mean_ = s / (float)total;
+        out[ch] = (float)s;
+        mean_ = s / (double)total;
     }}
 {}}}
 "#,
             header(name, spec),
             if squares {
                 r#"    __syncthreads();
-    const float mean = mean_;
-    float q = 0.0f;
+    const double mean = mean_;
+    double q = 0.0;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int ni = i / HW, p_ = i - ni * HW;
-        const float d = wrnc_ld(x, (ni * C + ch) * HW + p_) - mean;
+        const double d = (double)wrnc_ld(x, (ni * C + ch) * HW + p_) - mean;
         q += d * d;
     }
-    q = wrnc_block_sum(q, sh);
-    if (threadIdx.x == 0) out[C + ch] = q;
+    q = wrnc_block_sum_d(q, sh);
+    if (threadIdx.x == 0) out[C + ch] = (float)q;
 "#
             } else {
                 ""
@@ -422,27 +424,29 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             &format!("    const int C = {c}, HW = {hw};\n"),
             "        const int ch = (i / HW) % C;\n        wrnc_st(y, i, wrnc_ld(x, i) * affine[ch] + affine[C + ch]);\n",
         ),
+        // Sums in double, like ChannelSums: dbeta of a BN whose output gradient has (nearly)
+        // zero mean per channel is ill-conditioned.
         BnBwdReduce { c, hw, chain } => format!(
             r#"{} {{
     const int C = {c}, HW = {hw};
-    __shared__ float sh[32];
+    __shared__ double sh[32];
     const int ch = blockIdx.x;
     const int total = n * HW;
-    const float mean = saved[ch], rstd = saved[C + ch];
-    float sg = 0.0f, sgx = 0.0f;
+    const double mean = saved[ch], rstd = saved[C + ch];
+    double sg = 0.0, sgx = 0.0;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
         const int idx = (ni * C + ch) * HW + p_;
         const float xv = wrnc_ld(x, idx);
         float d = wrnc_ld(dy, idx);
-{}        sg += d;
-        sgx += d * (xv - mean) * rstd;
+{}        sg += (double)d;
+        sgx += (double)d * (((double)xv - mean) * rstd);
     }}
-    sg = wrnc_block_sum(sg, sh);
-    sgx = wrnc_block_sum(sgx, sh);
+    sg = wrnc_block_sum_d(sg, sh);
+    sgx = wrnc_block_sum_d(sgx, sh);
     if (threadIdx.x == 0) {{
-        dgamma[ch] = sgx;
-        dbeta[ch] = sg;
+        dgamma[ch] = (float)sgx;
+        dbeta[ch] = (float)sg;
     }}
 }}
 "#,

@@ -1,0 +1,837 @@
+//! Shared by the emulation tests (`#[path = "emu_reference.rs"] mod reference;`): the f64
+//! reference semantics of every [`KernelSpec`], built from the CPU backend's op kernels
+//! (`wrnc_runtime::ops`, `loss`) wherever one computes the same thing. No tests of its own.
+//!
+//! [`launch`] takes the contents of a launch's buffer arguments (in the kernel's signature
+//! order, already decoded to f64) and its resolved scalars, and returns the new contents of
+//! every argument the kernel writes. Run on the very inputs an emulated kernel read, it is that
+//! kernel's exact result, so comparing the two isolates the kernel (per-kernel checks); run
+//! launch after launch from the step's inputs ([`run`]), it is a whole f64 step, which the
+//! tests compare with `wrnc_runtime::cpu::Model` to check this reference itself.
+//!
+//! Invariants: every function here is pure; shapes come from the spec and the batch, and a
+//! buffer argument whose length does not match them is an `Err`, never a panic.
+#![allow(dead_code)]
+
+use wrnc_compiler::graph::Conv2d;
+use wrnc_compiler::schedule::{Access, ConvGeom, Dtype, KernelSpec, PrologueFlags, ScalarArg};
+use wrnc_compiler::schedule::{Launch, Schedule};
+use wrnc_runtime::ops::{conv, elementwise as ew, linear, pool};
+use wrnc_runtime::Tensor;
+
+/// Values of the host-supplied scalars (the driver's `hyper.txt`).
+#[derive(Debug, Clone, Copy)]
+pub struct HostScalars {
+    pub seed: u32,
+    pub step: u32,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub nesterov: bool,
+    pub smoothing: f32,
+}
+
+/// A scalar argument's value, as the kernel sees it (f32 arguments rounded to f32).
+pub fn scalar(a: ScalarArg, h: &HostScalars) -> f64 {
+    match a {
+        ScalarArg::I32(v) => v as f64,
+        ScalarArg::U32(v) => v as f64,
+        ScalarArg::F32(v) => v as f64,
+        ScalarArg::Seed => h.seed as f64,
+        ScalarArg::Step => h.step as f64,
+        ScalarArg::Lr => h.lr as f64,
+        ScalarArg::Momentum => h.momentum as f64,
+        ScalarArg::WeightDecay => h.weight_decay as f64,
+        ScalarArg::Nesterov => h.nesterov as i32 as f64,
+        ScalarArg::LabelSmoothing => h.smoothing as f64,
+    }
+}
+
+/// Decodes a buffer's raw little-endian bytes.
+pub fn decode(bytes: &[u8], dtype: Dtype) -> Vec<f64> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        Dtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        Dtype::U32 => bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+    }
+}
+
+/// f32 -> bf16 bits, round to nearest even (the generated `wrnc_st`).
+pub fn bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// Encodes values as a buffer of `dtype` (f32 values rounded to the storage type).
+pub fn encode(v: &[f64], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+        Dtype::Bf16 => v
+            .iter()
+            .flat_map(|&x| bf16_bits(x as f32).to_le_bytes())
+            .collect(),
+        Dtype::I32 => v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect(),
+        Dtype::U32 => v.iter().flat_map(|&x| (x as u32).to_le_bytes()).collect(),
+    }
+}
+
+/// The named parts of a written argument that the per-kernel checks measure separately:
+/// per-channel pairs (`[a | b]` of `2 C` values: statistics, mean / rstd, scale / shift,
+/// running mean / variance, dgamma / dbeta) are two parts, anything else one.
+pub fn parts(spec: &KernelSpec, arg: &str, len: usize) -> Vec<(String, std::ops::Range<usize>)> {
+    let halves: Option<[&str; 2]> = match (spec, arg) {
+        (KernelSpec::ChannelSums { squares: true, .. }, "out") => Some(["sum", "m2"]),
+        (KernelSpec::ConvFwd { .. }, "stats") => Some(["sum", "sumsq"]),
+        (_, "saved") => Some(["mean", "rstd"]),
+        (_, "affine") => Some(["scale", "shift"]),
+        (_, "running") => Some(["running_mean", "running_var"]),
+        (_, "sums") => Some(["dgamma", "dbeta"]),
+        _ => None,
+    };
+    match halves {
+        Some([a, b]) if len % 2 == 0 => vec![
+            (format!("{arg}.{a}"), 0..len / 2),
+            (format!("{arg}.{b}"), len / 2..len),
+        ],
+        _ => vec![(arg.to_string(), 0..len)],
+    }
+}
+
+fn t4(data: &[f64], shape: [usize; 4]) -> Result<Tensor<f64>, String> {
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(format!(
+            "buffer of {} values for shape {shape:?}",
+            data.len()
+        ));
+    }
+    Ok(Tensor::from_vec(&shape, data.to_vec()))
+}
+
+fn conv_op(g: &ConvGeom) -> Conv2d {
+    Conv2d {
+        in_c: g.in_c,
+        out_c: g.out_c,
+        k: g.k,
+        stride: g.stride,
+        pad: g.pad,
+        groups: g.groups,
+        bias: false,
+    }
+}
+
+fn conv_w_len(g: &ConvGeom) -> usize {
+    (g.out_c * (g.in_c / g.groups) * g.k * g.k) as usize
+}
+
+/// Named access to a launch's arguments and scalars.
+struct Args<'a> {
+    spec: &'a KernelSpec,
+    bufs: &'a [Vec<f64>],
+    scalars: &'a [f64],
+}
+
+impl Args<'_> {
+    fn buf(&self, name: &str) -> Result<&[f64], String> {
+        let (p, _) = self.spec.signature();
+        let i = p
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or(format!("{}: no buffer {name}", self.spec.name()))?;
+        Ok(&self.bufs[i])
+    }
+    fn sc(&self, name: &str) -> Result<f64, String> {
+        let (_, s) = self.spec.signature();
+        let i = s
+            .iter()
+            .position(|(n, _)| *n == name)
+            .ok_or(format!("{}: no scalar {name}", self.spec.name()))?;
+        Ok(self.scalars[i])
+    }
+    fn key(&self) -> Result<ew::MaskKey, String> {
+        Ok(ew::MaskKey {
+            seed: self.sc("seed")? as u32,
+            stream: self.sc("stream")? as u32,
+            step: self.sc("step")? as u32,
+        })
+    }
+    /// The dropout probability as the kernel holds it (an f32).
+    fn p(&self) -> Result<f32, String> {
+        Ok(self.sc("p")? as f32)
+    }
+    fn accum(&self, name: &str, prior: &str, v: Vec<f64>) -> Result<Vec<f64>, String> {
+        if self.sc(name)? != 0.0 {
+            let old = self.buf(prior)?;
+            if old.len() != v.len() {
+                return Err(format!("{prior}: {} values, want {}", old.len(), v.len()));
+            }
+            Ok(v.iter().zip(old).map(|(a, b)| a + b).collect())
+        } else {
+            Ok(v)
+        }
+    }
+}
+
+/// `drop(relu(x * scale[c] + shift[c]))` over an NCHW tensor (a conv prologue / BN chain).
+fn prologue(x: &Tensor<f64>, pro: &PrologueFlags, a: &Args) -> Result<Tensor<f64>, String> {
+    let mut y = x.clone();
+    let [_, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    if pro.affine {
+        let aff = a.buf("affine")?;
+        if aff.len() != 2 * c {
+            return Err("affine length".into());
+        }
+        for (i, v) in y.data.iter_mut().enumerate() {
+            let ch = (i / (h * w)) % c;
+            *v = *v * aff[ch] + aff[c + ch];
+        }
+    }
+    if pro.relu {
+        y = ew::relu(&y);
+    }
+    if pro.dropout {
+        y = ew::dropout(&y, a.p()?, a.key()?);
+    }
+    Ok(y)
+}
+
+/// Per-channel `(sum f(i))` over an NCHW tensor's N, H, W.
+fn per_channel(shape: [usize; 4], f: impl Fn(usize) -> f64) -> Vec<f64> {
+    let [n, c, h, w] = shape;
+    let mut s = vec![0.0; c];
+    for ni in 0..n {
+        for (ch, acc) in s.iter_mut().enumerate() {
+            for p in 0..h * w {
+                *acc += f((ni * c + ch) * h * w + p);
+            }
+        }
+    }
+    s
+}
+
+fn add_into(prior: &[f64], v: &[f64]) -> Vec<f64> {
+    prior.iter().zip(v).map(|(a, b)| a + b).collect()
+}
+
+/// The exact result of one launch: for each buffer argument (signature order), the new
+/// contents when the kernel writes it, `None` when it only reads it. `bufs` are the
+/// arguments' contents before the launch, `scalars` the launch's scalars, `n` the batch.
+pub fn launch(
+    spec: &KernelSpec,
+    n: usize,
+    bufs: &[Vec<f64>],
+    scalars: &[f64],
+) -> Result<Vec<Option<Vec<f64>>>, String> {
+    use KernelSpec::*;
+    let (params, sparams) = spec.signature();
+    if params.len() != bufs.len() || sparams.len() != scalars.len() {
+        return Err(format!("{}: argument count", spec.name()));
+    }
+    let a = Args {
+        spec,
+        bufs,
+        scalars,
+    };
+    let mut out: Vec<(&str, Vec<f64>)> = vec![];
+    match *spec {
+        ConvFwd { g, pro, epi } => {
+            let x = t4(
+                a.buf("x")?,
+                [n, g.in_c as usize, g.in_h as usize, g.in_w as usize],
+            )?;
+            let x = prologue(&x, &pro, &a)?;
+            let w = a.buf("w")?;
+            if w.len() != conv_w_len(&g) {
+                return Err("conv weight length".into());
+            }
+            let mut op = conv_op(&g);
+            op.bias = epi.bias;
+            let mut y =
+                conv::conv2d_forward(&x, &op, w, epi.bias.then(|| a.buf("bias")).transpose()?);
+            if epi.residual {
+                let r = a.buf("res")?;
+                if r.len() != y.data.len() {
+                    return Err("residual length".into());
+                }
+                y.data = add_into(&y.data, r);
+            }
+            if epi.stats {
+                let shape = [n, g.out_c as usize, g.out_h as usize, g.out_w as usize];
+                let s = per_channel(shape, |i| y.data[i]);
+                let q = per_channel(shape, |i| y.data[i] * y.data[i]);
+                let prior = a.buf("stats")?;
+                out.push(("stats", add_into(prior, &[s, q].concat())));
+            }
+            out.push(("y", y.data));
+        }
+        ConvBwdData { g, chain } => {
+            let xs = [n, g.in_c as usize, g.in_h as usize, g.in_w as usize];
+            let dy = t4(
+                a.buf("dy")?,
+                [n, g.out_c as usize, g.out_h as usize, g.out_w as usize],
+            )?;
+            let w = a.buf("w")?;
+            if w.len() != conv_w_len(&g) {
+                return Err("conv weight length".into());
+            }
+            let zeros = Tensor::zeros(&xs);
+            let dact = conv::conv2d_backward(&zeros, &conv_op(&g), w, &dy, true)
+                .dx
+                .expect("dx requested");
+            if chain.any() {
+                let xpre = t4(a.buf("xpre")?, xs)?;
+                let gv = chain_mask(&xpre, dact.data, &chain, &a)?;
+                let saved = a.buf("saved")?;
+                let c = g.in_c as usize;
+                let hw = (g.in_h * g.in_w) as usize;
+                let xh = |i: usize| {
+                    let ch = (i / hw) % c;
+                    (xpre.data[i] - saved[ch]) * saved[c + ch]
+                };
+                let sg = per_channel(xs, |i| gv[i] * xh(i));
+                let sb = per_channel(xs, |i| gv[i]);
+                out.push(("sums", add_into(a.buf("sums")?, &[sg, sb].concat())));
+                out.push(("dx", gv));
+            } else {
+                out.push(("dx", a.accum("accum", "dx", dact.data)?));
+            }
+        }
+        ConvBwdWeight { g, pro } => {
+            let x = t4(
+                a.buf("x")?,
+                [n, g.in_c as usize, g.in_h as usize, g.in_w as usize],
+            )?;
+            let x = prologue(&x, &pro, &a)?;
+            let dy = t4(
+                a.buf("dy")?,
+                [n, g.out_c as usize, g.out_h as usize, g.out_w as usize],
+            )?;
+            let w0 = vec![0.0; conv_w_len(&g)];
+            out.push((
+                "dw",
+                conv::conv2d_backward(&x, &conv_op(&g), &w0, &dy, false).dw,
+            ));
+        }
+        LinearFwd { in_f, out_f } => {
+            let (i, o) = (in_f as usize, out_f as usize);
+            let x = t4(a.buf("x")?, [n, i, 1, 1])?;
+            out.push((
+                "y",
+                linear::linear(&x, a.buf("w")?, a.buf("bias")?, i, o).data,
+            ));
+        }
+        LinearBwdData { in_f, out_f } => {
+            let (i, o) = (in_f as usize, out_f as usize);
+            let x0 = Tensor::zeros(&[n, i]);
+            let dy = t4(a.buf("dy")?, [n, o, 1, 1])?;
+            let (dx, _, _) = linear::linear_backward(&x0, a.buf("w")?, &dy, i, o);
+            out.push(("dx", a.accum("accum", "dx", dx.data)?));
+        }
+        LinearBwdWeight { in_f, out_f } => {
+            let (i, o) = (in_f as usize, out_f as usize);
+            let x = t4(a.buf("x")?, [n, i, 1, 1])?;
+            let dy = t4(a.buf("dy")?, [n, o, 1, 1])?;
+            let w0 = vec![0.0; i * o];
+            out.push(("dw", linear::linear_backward(&x, &w0, &dy, i, o).1));
+        }
+        ChannelSums { c, hw, squares } => {
+            let shape = [n, c as usize, hw as usize, 1];
+            let x = t4(a.buf("x")?, shape)?;
+            let s = per_channel(shape, |i| x.data[i]);
+            let mut v = s.clone();
+            if squares {
+                let m = (n * hw as usize) as f64;
+                let q = per_channel(shape, |i| {
+                    let d = x.data[i] - s[(i / hw as usize) % c as usize] / m;
+                    d * d
+                });
+                v.extend(q);
+            }
+            out.push(("out", v));
+        }
+        BnFinalizeTrain { c, centered } => {
+            let c = c as usize;
+            let (st, gamma, beta, run) = (
+                a.buf("stats")?,
+                a.buf("gamma")?,
+                a.buf("beta")?,
+                a.buf("running")?,
+            );
+            let (count, eps, mom) = (a.sc("count")?, a.sc("eps")?, a.sc("momentum")?);
+            let (mut saved, mut affine, mut running) =
+                (vec![0.0; 2 * c], vec![0.0; 2 * c], vec![0.0; 2 * c]);
+            for ch in 0..c {
+                let mean = st[ch] / count;
+                let var = if centered {
+                    st[c + ch] / count
+                } else {
+                    st[c + ch] / count - mean * mean
+                }
+                .max(0.0);
+                let rstd = 1.0 / (var + eps).sqrt();
+                saved[ch] = mean;
+                saved[c + ch] = rstd;
+                affine[ch] = gamma[ch] * rstd;
+                affine[c + ch] = beta[ch] - mean * gamma[ch] * rstd;
+                let unbiased = if count > 1.0 {
+                    var * count / (count - 1.0)
+                } else {
+                    var
+                };
+                running[ch] = (1.0 - mom) * run[ch] + mom * mean;
+                running[c + ch] = (1.0 - mom) * run[c + ch] + mom * unbiased;
+            }
+            out.push(("saved", saved));
+            out.push(("affine", affine));
+            out.push(("running", running));
+        }
+        BnFinalizeEval { c } => {
+            let c = c as usize;
+            let (run, gamma, beta) = (a.buf("running")?, a.buf("gamma")?, a.buf("beta")?);
+            let eps = a.sc("eps")?;
+            let mut affine = vec![0.0; 2 * c];
+            for ch in 0..c {
+                let sc = gamma[ch] / (run[c + ch] + eps).sqrt();
+                affine[ch] = sc;
+                affine[c + ch] = beta[ch] - run[ch] * sc;
+            }
+            out.push(("affine", affine));
+        }
+        BnApply { c, hw } => {
+            let x = t4(a.buf("x")?, [n, c as usize, hw as usize, 1])?;
+            let pro = PrologueFlags {
+                affine: true,
+                relu: false,
+                dropout: false,
+            };
+            out.push(("y", prologue(&x, &pro, &a)?.data));
+        }
+        BnBwdReduce { c, hw, chain } => {
+            let shape = [n, c as usize, hw as usize, 1];
+            let x = t4(a.buf("x")?, shape)?;
+            let d = chain_mask(&x, a.buf("dy")?.to_vec(), &chain, &a)?;
+            let saved = a.buf("saved")?;
+            let (c, hw) = (c as usize, hw as usize);
+            let xh = |i: usize| (x.data[i] - saved[(i / hw) % c]) * saved[c + (i / hw) % c];
+            out.push(("dgamma", per_channel(shape, |i| d[i] * xh(i))));
+            out.push(("dbeta", per_channel(shape, |i| d[i])));
+        }
+        BnBwdApply { c, hw, chain } => {
+            let shape = [n, c as usize, hw as usize, 1];
+            let x = t4(a.buf("x")?, shape)?;
+            let d = chain_mask(&x, a.buf("dy")?.to_vec(), &chain, &a)?;
+            let (saved, gamma, dgamma, dbeta) = (
+                a.buf("saved")?,
+                a.buf("gamma")?,
+                a.buf("dgamma")?,
+                a.buf("dbeta")?,
+            );
+            let (c, hw) = (c as usize, hw as usize);
+            let m = (n * hw) as f64;
+            let r: Vec<f64> = (0..d.len())
+                .map(|i| {
+                    let ch = (i / hw) % c;
+                    let rstd = saved[c + ch];
+                    let xh = (x.data[i] - saved[ch]) * rstd;
+                    gamma[ch] * rstd * (d[i] - dbeta[ch] / m - xh * dgamma[ch] / m)
+                })
+                .collect();
+            out.push(("dx", a.accum("accum", "dx", r)?));
+        }
+        Relu => {
+            let x = a.buf("x")?;
+            out.push(("y", ew::relu(&t4(x, [1, 1, 1, x.len()])?).data));
+        }
+        ReluBwd => {
+            let (y, dy) = (a.buf("y")?, a.buf("dy")?);
+            let s = [1, 1, 1, y.len()];
+            let d = ew::relu_backward(&t4(y, s)?, &t4(dy, s)?).data;
+            out.push(("dx", a.accum("accum", "dx", d)?));
+        }
+        Dropout => {
+            let x = a.buf("x")?;
+            out.push((
+                "y",
+                ew::dropout(&t4(x, [1, 1, 1, x.len()])?, a.p()?, a.key()?).data,
+            ));
+        }
+        DropoutBwd => {
+            let dy = a.buf("dy")?;
+            let d = ew::dropout(&t4(dy, [1, 1, 1, dy.len()])?, a.p()?, a.key()?).data;
+            out.push(("dx", a.accum("accum", "dx", d)?));
+        }
+        DropPath | DropPathBwd => {
+            let src = if matches!(spec, DropPath) { "x" } else { "dy" };
+            let x = a.buf(src)?;
+            let per = a.sc("per")? as usize;
+            if per == 0 || x.len() % per != 0 {
+                return Err("droppath: per".into());
+            }
+            // the kernel keeps a sample with probability 1 - p, p = 1 - survival as an f32
+            let survival = 1.0f32 - a.p()?;
+            let d = ew::drop_path(&t4(x, [x.len() / per, per, 1, 1])?, survival, a.key()?).data;
+            if matches!(spec, DropPath) {
+                out.push(("y", d));
+            } else {
+                out.push(("dx", a.accum("accum", "dx", d)?));
+            }
+        }
+        Add => {
+            let (x, y) = (a.buf("a")?, a.buf("b")?);
+            let s = [1, 1, 1, x.len()];
+            out.push(("y", ew::add(&t4(x, s)?, &t4(y, s)?).data));
+        }
+        Accumulate => {
+            let x = a.buf("x")?.to_vec();
+            out.push(("y", a.accum("accum", "y", x)?));
+        }
+        ZeroPad {
+            in_c,
+            out_c,
+            in_h,
+            in_w,
+            stride,
+            ..
+        } => {
+            let x = t4(
+                a.buf("x")?,
+                [n, in_c as usize, in_h as usize, in_w as usize],
+            )?;
+            out.push((
+                "y",
+                pool::zero_pad_shortcut(&x, out_c as usize, stride).data,
+            ));
+        }
+        ZeroPadBwd {
+            in_c,
+            out_c,
+            in_h,
+            in_w,
+            out_h,
+            out_w,
+            stride,
+        } => {
+            let dy = t4(
+                a.buf("dy")?,
+                [n, out_c as usize, out_h as usize, out_w as usize],
+            )?;
+            let xs = [n, in_c as usize, in_h as usize, in_w as usize];
+            let d = pool::zero_pad_shortcut_backward(&xs, stride, &dy).data;
+            out.push(("dx", a.accum("accum", "dx", d)?));
+        }
+        Concat { c0, c1, hw } => {
+            let x0 = t4(a.buf("x")?, [n, c0 as usize, hw as usize, 1])?;
+            let x1 = t4(a.buf("x1")?, [n, c1 as usize, hw as usize, 1])?;
+            out.push(("y", ew::concat(&x0, &x1).data));
+        }
+        ConcatBwd { c0, c1, hw } => {
+            let dy = t4(a.buf("dy")?, [n, (c0 + c1) as usize, hw as usize, 1])?;
+            let (d0, d1) = ew::concat_backward(&dy, c0 as usize);
+            out.push(("dx0", a.accum("accum0", "dx0", d0.data)?));
+            out.push(("dx1", a.accum("accum1", "dx1", d1.data)?));
+        }
+        MaxPool {
+            c,
+            in_h,
+            in_w,
+            pool: p,
+            ..
+        }
+        | AvgPool {
+            c,
+            in_h,
+            in_w,
+            pool: p,
+            ..
+        } => {
+            let x = t4(a.buf("x")?, [n, c as usize, in_h as usize, in_w as usize])?;
+            let y = if matches!(spec, MaxPool { .. }) {
+                pool::max_pool(&x, &p)
+            } else {
+                pool::avg_pool(&x, &p)
+            };
+            out.push(("y", y.data));
+        }
+        MaxPoolBwd {
+            c,
+            in_h,
+            in_w,
+            out_h,
+            out_w,
+            pool: p,
+        }
+        | AvgPoolBwd {
+            c,
+            in_h,
+            in_w,
+            out_h,
+            out_w,
+            pool: p,
+        } => {
+            let xs = [n, c as usize, in_h as usize, in_w as usize];
+            let dy = t4(
+                a.buf("dy")?,
+                [n, c as usize, out_h as usize, out_w as usize],
+            )?;
+            let d = if matches!(spec, MaxPoolBwd { .. }) {
+                pool::max_pool_backward(&t4(a.buf("x")?, xs)?, &p, &dy)
+            } else {
+                pool::avg_pool_backward(&xs, &p, &dy)
+            };
+            out.push(("dx", a.accum("accum", "dx", d.data)?));
+        }
+        GlobalAvgPool { hw } => {
+            let rows = a.sc("rows")? as usize;
+            let x = t4(a.buf("x")?, [rows, 1, hw as usize, 1])?;
+            out.push(("y", pool::global_avg_pool(&x).data));
+        }
+        GlobalAvgPoolBwd { hw } => {
+            let rows = a.sc("rows")? as usize;
+            let dy = t4(a.buf("dy")?, [rows, 1, 1, 1])?;
+            let d = pool::global_avg_pool_backward(&[rows, 1, hw as usize, 1], &dy).data;
+            out.push(("dx", a.accum("accum", "dx", d)?));
+        }
+        SoftmaxXent { classes } => {
+            let k = classes as usize;
+            let logits = a.buf("logits")?;
+            let labels: Vec<u32> = a.buf("labels")?.iter().map(|&l| l as u32).collect();
+            let sm = a.sc("smoothing")?;
+            let lt = Tensor::from_vec(&[n, k], logits.to_vec());
+            let all = wrnc_runtime::loss::softmax_cross_entropy(&lt, &labels, sm)
+                .map_err(|e| e.to_string())?;
+            let mut loss = vec![];
+            for i in 0..n {
+                let row = Tensor::from_vec(&[1, k], logits[i * k..(i + 1) * k].to_vec());
+                let one = wrnc_runtime::loss::softmax_cross_entropy(&row, &labels[i..i + 1], sm)
+                    .map_err(|e| e.to_string())?;
+                loss.push(one.loss);
+            }
+            out.push(("loss", loss));
+            out.push(("dlogits", all.dlogits.data));
+        }
+        SgdMultiTensor => {
+            let mut p = a.buf("params")?.to_vec();
+            let mut mb = a.buf("momentum_buf")?.to_vec();
+            let (g, table) = (a.buf("grads")?, a.buf("table")?);
+            let (lr, mom, wd, nest) = (
+                a.sc("lr")?,
+                a.sc("momentum")?,
+                a.sc("weight_decay")?,
+                a.sc("nesterov")? != 0.0,
+            );
+            for e in table.chunks_exact(3) {
+                let (start, len) = (e[0] as usize, e[1] as usize);
+                let d = if e[2] != 0.0 { wd } else { 0.0 };
+                if start + len > p.len() || start + len > g.len() || start + len > mb.len() {
+                    return Err("sgd table out of range".into());
+                }
+                for o in start..start + len {
+                    let gr = g[o] + d * p[o];
+                    let b = mom * mb[o] + gr;
+                    mb[o] = b;
+                    p[o] -= lr * if nest { gr + mom * b } else { b };
+                }
+            }
+            out.push(("params", p));
+            out.push(("momentum_buf", mb));
+        }
+        Zero => {
+            let len = a.buf("y")?.len();
+            out.push(("y", vec![0.0; len]));
+        }
+        FoldBn {
+            out_c,
+            per_out,
+            bias,
+        } => {
+            let (oc, per) = (out_c as usize, per_out as usize);
+            let (w, aff) = (a.buf("w")?, a.buf("affine")?);
+            if w.len() != oc * per || aff.len() != 2 * oc {
+                return Err("fold_bn lengths".into());
+            }
+            let b = if bias {
+                a.buf("b")?.to_vec()
+            } else {
+                vec![0.0; oc]
+            };
+            out.push((
+                "w_out",
+                (0..oc * per).map(|i| w[i] * aff[i / per]).collect(),
+            ));
+            out.push((
+                "b_out",
+                (0..oc).map(|o| b[o] * aff[o] + aff[oc + o]).collect(),
+            ));
+        }
+    }
+    let mut res = vec![None; params.len()];
+    for (name, v) in out {
+        let i = params.iter().position(|p| p.name == name).unwrap();
+        if params[i].access == Access::Read {
+            return Err(format!("{}: writes read-only {name}", spec.name()));
+        }
+        if v.len() != bufs[i].len() {
+            return Err(format!(
+                "{}: {name} has {} values, the argument {}",
+                spec.name(),
+                v.len(),
+                bufs[i].len()
+            ));
+        }
+        res[i] = Some(v);
+    }
+    Ok(res)
+}
+
+/// The gradient through a BN chain's dropout and ReLU (recomputing the activation from the
+/// BN input `x` and the `affine` argument): `d * m / (1 - p) * [x * scale + shift > 0]`.
+fn chain_mask(
+    x: &Tensor<f64>,
+    d: Vec<f64>,
+    chain: &PrologueFlags,
+    a: &Args,
+) -> Result<Vec<f64>, String> {
+    let mut d = t4(&d, [x.shape[0], x.shape[1], x.shape[2], x.shape[3]])?;
+    if chain.dropout {
+        d = ew::dropout(&d, a.p()?, a.key()?);
+    }
+    if chain.relu {
+        let act = prologue(
+            x,
+            &PrologueFlags {
+                affine: true,
+                relu: false,
+                dropout: false,
+            },
+            a,
+        )?;
+        d = ew::relu_backward(&act, &d);
+    }
+    Ok(d.data)
+}
+
+/// The contents (f64) of each buffer argument of `l`, sliced from whole buffers.
+pub fn gather(l: &Launch, bufs: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    l.buffers
+        .iter()
+        .map(|a| bufs[a.buffer][a.offset as usize..(a.offset + a.len) as usize].to_vec())
+        .collect()
+}
+
+/// Runs every setup launch then every step launch in f64 from `bufs` (whole buffers, f64),
+/// returning the final buffers: a whole step in f64 arithmetic. With `round_storage`, every
+/// value written to a buffer is rounded to that buffer's storage type (f32, or bf16 for
+/// activations in `--precision bf16`), which is all the rounding a schedule's data sees
+/// between kernels.
+pub fn run(
+    s: &Schedule,
+    mut bufs: Vec<Vec<f64>>,
+    h: &HostScalars,
+    round_storage: bool,
+) -> Result<Vec<Vec<f64>>, String> {
+    for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
+        let spec = &s.kernels[l.kernel].spec;
+        let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
+        let new = launch(spec, s.batch as usize, &gather(l, &bufs), &sc)
+            .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
+        for (a, v) in l.buffers.iter().zip(new) {
+            if let Some(mut v) = v {
+                if round_storage {
+                    let dtype = s.buffers[a.buffer].dtype;
+                    v = decode(&encode(&v, dtype), dtype);
+                }
+                bufs[a.buffer][a.offset as usize..(a.offset + a.len) as usize].copy_from_slice(&v);
+            }
+        }
+    }
+    Ok(bufs)
+}
+
+/// One measured part of one launch's output.
+#[derive(Debug, Clone)]
+pub struct PartErr {
+    pub launch: usize,
+    pub note: String,
+    pub kernel: String,
+    /// `<buffer argument>[.<part>]`.
+    pub part: String,
+    /// `max |got - want|`.
+    pub abs: f64,
+    /// `max |want|` over the part.
+    pub scale: f64,
+    /// `abs / scale` (0 when both are 0).
+    pub rel: f64,
+}
+
+/// Per-kernel isolation over an emulated run: before each launch the buffers hold exactly
+/// what the emulation had (the step's `inputs`, then each launch's traced writes); the
+/// reference recomputes the launch from those in f64 and every written part is measured
+/// against what the emulated kernel wrote (`trace[(launch, buffer name)]`, whole buffers).
+pub fn check_kernels(
+    s: &Schedule,
+    inputs: &std::collections::BTreeMap<String, Vec<u8>>,
+    trace: &std::collections::BTreeMap<(usize, String), Vec<u8>>,
+    h: &HostScalars,
+) -> Result<Vec<PartErr>, String> {
+    let mut cur: Vec<Vec<f64>> = s
+        .buffers
+        .iter()
+        .map(|b| match inputs.get(&b.name) {
+            Some(bytes) => decode(bytes, b.dtype),
+            None => vec![0.0; b.len as usize],
+        })
+        .collect();
+    let mut errs = vec![];
+    for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
+        let k = &s.kernels[l.kernel];
+        let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
+        let want = launch(&k.spec, s.batch as usize, &gather(l, &cur), &sc)
+            .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
+        let (params, _) = k.spec.signature();
+        let mut got_bufs = std::collections::BTreeMap::new();
+        for (a, w) in l.buffers.iter().zip(&want) {
+            if w.is_some() && !got_bufs.contains_key(&a.buffer) {
+                let b = &s.buffers[a.buffer];
+                let bytes = trace
+                    .get(&(li, b.name.clone()))
+                    .ok_or(format!("launch {li} ({}): no trace of {}", l.note, b.name))?;
+                got_bufs.insert(a.buffer, decode(bytes, b.dtype));
+            }
+        }
+        for ((a, w), p) in l.buffers.iter().zip(&want).zip(&params) {
+            let Some(w) = w else { continue };
+            let got = &got_bufs[&a.buffer][a.offset as usize..(a.offset + a.len) as usize];
+            for (part, r) in parts(&k.spec, p.name, w.len()) {
+                let (g, w) = (&got[r.clone()], &w[r]);
+                let abs = g.iter().zip(w).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                let scale = w.iter().fold(0f64, |m, y| m.max(y.abs()));
+                let rel = if abs == 0.0 { 0.0 } else { abs / scale };
+                errs.push(PartErr {
+                    launch: li,
+                    note: l.note.clone(),
+                    kernel: k.name.clone(),
+                    part,
+                    abs,
+                    scale,
+                    rel,
+                });
+            }
+        }
+        for (b, v) in got_bufs {
+            cur[b] = v;
+        }
+    }
+    Ok(errs)
+}
