@@ -224,7 +224,10 @@ pub enum LayerKind {
     /// `dense { .. }`: the output is the input concatenated (along channels) with the body's output.
     Dense(Vec<Layer>),
     /// `repeat N { .. }`: the layers N times in sequence.
-    Repeat { count: Spanned<u64>, body: Vec<Layer> },
+    Repeat {
+        count: Spanned<u64>,
+        body: Vec<Layer>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

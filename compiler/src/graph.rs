@@ -209,7 +209,9 @@ impl Op {
     /// Non-trainable state (BN running statistics): `(suffix, len)`.
     pub fn buffers(&self) -> Vec<(&'static str, usize)> {
         match *self {
-            Op::BatchNorm { c, .. } => vec![("running_mean", c as usize), ("running_var", c as usize)],
+            Op::BatchNorm { c, .. } => {
+                vec![("running_mean", c as usize), ("running_var", c as usize)]
+            }
             _ => vec![],
         }
     }

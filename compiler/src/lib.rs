@@ -6,16 +6,16 @@
 
 pub mod analysis;
 pub mod ast;
+pub mod codegen;
 pub mod dump;
 pub mod expand;
 pub mod graph;
 pub mod lower;
+pub mod memplan;
+pub mod passes;
 pub mod print;
 pub mod rng;
-pub mod passes;
 pub mod schedule;
-pub mod memplan;
-pub mod codegen;
 
 pub use ast::Span;
 

@@ -80,7 +80,9 @@ mod tests {
     #[test]
     fn keep_rate_matches_probability() {
         let n = 100_000;
-        let kept = (0..n).filter(|&i| keep(1, stream_id("3.body.4"), 7, i, 0.7)).count();
+        let kept = (0..n)
+            .filter(|&i| keep(1, stream_id("3.body.4"), 7, i, 0.7))
+            .count();
         let rate = kept as f64 / n as f64;
         assert!((rate - 0.7).abs() < 0.01, "rate {rate}");
     }

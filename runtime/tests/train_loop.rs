@@ -35,7 +35,16 @@ fn data() -> Dataset {
             }
         }
     }
-    Dataset { images, labels, n, c, h, w, classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()] }
+    Dataset {
+        images,
+        labels,
+        n,
+        c,
+        h,
+        w,
+        classes: 3,
+        class_names: vec!["a".into(), "b".into(), "c".into()],
+    }
 }
 
 fn config(dir: &std::path::Path) -> TrainConfig {
@@ -44,7 +53,10 @@ fn config(dir: &std::path::Path) -> TrainConfig {
         epochs: 3,
         batch: 10, // 5 steps an epoch, the last one short
         lr: 0.05,
-        schedule: Schedule::Step { at: vec![0.5], gamma: 0.2 },
+        schedule: Schedule::Step {
+            at: vec![0.5],
+            gamma: 0.2,
+        },
         momentum: 0.9,
         nesterov: true,
         weight_decay: 5e-4,
@@ -82,7 +94,10 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     let mut m3: Model = Model::new(graph(), 999).unwrap(); // different init: the checkpoint must win
     let r3 = train(&mut m3, &ds, Some(&ds), &cfg, &mut |_| {}).unwrap();
     assert_eq!(r3.steps, 15);
-    assert_eq!(m3.params, m1.params, "resumed weights differ from the uninterrupted run");
+    assert_eq!(
+        m3.params, m1.params,
+        "resumed weights differ from the uninterrupted run"
+    );
     assert_eq!(m3.buffers, m1.buffers, "resumed BN statistics differ");
     // The resumed run reports epoch 2 whole (its first half ran before the interruption).
     let e2_1 = &r1.epochs[1];
@@ -115,5 +130,8 @@ fn nan_stops_training_and_keeps_the_last_good_checkpoint() {
     assert!(err.to_string().contains("last good checkpoint"), "{err}");
     let after = checkpoint::load(dir.path()).unwrap();
     assert_eq!(after, good, "the checkpoint on disk changed");
-    assert!(after.tensors.values().all(|t| t.data.iter().all(|v| v.is_finite())));
+    assert!(after
+        .tensors
+        .values()
+        .all(|t| t.data.iter().all(|v| v.is_finite())));
 }
