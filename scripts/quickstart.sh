@@ -7,6 +7,7 @@ cargo build --release
 W=./target/release/wrnc
 $W info WRN-28-10
 $W compile examples/wrn-28-10.net --emit expanded,graph,dot -o out/wrn-28-10
+$W compile examples/wrn-28-10.net --train --emit cuda,ptx,schedule -o out/wrn-28-10
 # Data: $WRNC_DATA, else the JPEG copy beside the checkout, else the official archive.
 DATA="${WRNC_DATA:-}"
 if [[ -z "$DATA" && -d ../shared/datasets/cifar10-jpeg ]]; then DATA=../shared/datasets/cifar10-jpeg; fi
