@@ -127,3 +127,103 @@ fn compile_errors_carry_the_log() {
         Err(nvrtc::NvrtcError::Arch(_))
     ));
 }
+
+/// Every network in `examples/`: the kernels of a training step and of inference, fused and
+/// unfused, at batch 128, compile with NVRTC for sm_80 and sm_90 (f32; bf16 too for a few).
+/// One NVRTC module per (network, mode, fusion, precision, arch), compiled on all cores.
+#[test]
+fn every_example_compiles() {
+    if !nvrtc_available() {
+        return;
+    }
+    const BF16_TOO: &[&str] = &["wrn-28-10.net", "resnet-50-imagenet.net", "custom.net"];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "net"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "examples/ has {} networks", files.len());
+    let mut jobs = vec![];
+    for path in &files {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(path).unwrap();
+        let src = wrnc_grammar::source_from_bytes(&format!("examples/{file}"), &bytes)
+            .unwrap_or_else(|d| panic!("{}", d.render()));
+        let g = wrnc_grammar::build(&src).unwrap_or_else(|d| panic!("{}", d.render()));
+        let precisions: &[Precision] = if BF16_TOO.contains(&file.as_str()) {
+            &[Precision::F32, Precision::Bf16]
+        } else {
+            &[Precision::F32]
+        };
+        for mode in [Mode::Train, Mode::Infer] {
+            for unfused in [false, true] {
+                for &precision in precisions {
+                    let opts = Options {
+                        mode,
+                        batch: 128,
+                        precision,
+                        fusion: Fusion {
+                            unfused,
+                            disabled: vec![],
+                        },
+                    };
+                    let s = schedule::build(&g, &opts)
+                        .unwrap_or_else(|e| panic!("{file} {mode:?} unfused={unfused}: {e}"));
+                    let src = cuda::write(&s, &opts).unwrap();
+                    let names: Vec<String> = s.kernels.iter().map(|k| k.name.clone()).collect();
+                    let what = format!(
+                        "{file} {mode:?} {} {precision:?}",
+                        if unfused { "unfused" } else { "fused" }
+                    );
+                    for arch in ["sm_80", "sm_90"] {
+                        jobs.push((what.clone(), arch, src.clone(), names.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let t = Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    let report = std::sync::Mutex::new(vec![]);
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((what, arch, src, names)) = jobs.get(i) else {
+                    break;
+                };
+                let t0 = Instant::now();
+                let ptx =
+                    nvrtc::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{what} {arch}: {e}"));
+                for k in names {
+                    assert!(
+                        ptx.contains(&format!(".entry {k}(")),
+                        "{what} {arch}: no {k}"
+                    );
+                }
+                report.lock().unwrap().push(format!(
+                    "{what} {arch}: {} kernels, {:.2} s",
+                    names.len(),
+                    t0.elapsed().as_secs_f64()
+                ));
+            });
+        }
+    });
+    let mut report = report.into_inner().unwrap();
+    report.sort();
+    for l in &report {
+        eprintln!("{l}");
+    }
+    let kernels: usize = jobs.iter().map(|j| j.3.len()).sum();
+    eprintln!(
+        "{} networks, {} NVRTC modules, {kernels} kernels, {workers} threads: {:.1} s",
+        files.len(),
+        jobs.len(),
+        t.elapsed().as_secs_f64()
+    );
+}

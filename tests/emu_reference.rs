@@ -120,10 +120,10 @@ fn t4(data: &[f64], shape: [usize; 4]) -> Result<Tensor<f64>, String> {
     Ok(Tensor::from_vec(&shape, data.to_vec()))
 }
 
-fn conv_op(g: &ConvGeom) -> Conv2d {
+fn conv_op(g: &ConvGeom, in_c: usize, out_c: usize) -> Conv2d {
     Conv2d {
-        in_c: g.in_c,
-        out_c: g.out_c,
+        in_c: in_c as u32,
+        out_c: out_c as u32,
         k: g.k,
         stride: g.stride,
         pad: g.pad,
@@ -132,8 +132,8 @@ fn conv_op(g: &ConvGeom) -> Conv2d {
     }
 }
 
-fn conv_w_len(g: &ConvGeom) -> usize {
-    (g.out_c * (g.in_c / g.groups) * g.k * g.k) as usize
+fn conv_w_len(g: &ConvGeom, in_c: usize, out_c: usize) -> usize {
+    out_c * (in_c / g.groups as usize) * (g.k * g.k) as usize
 }
 
 /// Named access to a launch's arguments and scalars.
@@ -245,18 +245,28 @@ pub fn launch(
         scalars,
     };
     let mut out: Vec<(&str, Vec<f64>)> = vec![];
+    // a runtime shape scalar (`C`, `HW`, `IH`, ...), checked to be at least 1
+    let dim = |name: &str| -> Result<usize, String> {
+        let v = a.sc(name)?;
+        if v >= 1.0 {
+            Ok(v as usize)
+        } else {
+            Err(format!("{}: {name} = {v}", spec.name()))
+        }
+    };
     match *spec {
         ConvFwd { g, pro, epi } => {
-            let x = t4(
-                a.buf("x")?,
-                [n, g.in_c as usize, g.in_h as usize, g.in_w as usize],
-            )?;
+            let (ic, oc) = (dim("IC")?, dim("OC")?);
+            if ic % g.groups as usize != 0 || oc % g.groups as usize != 0 {
+                return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
+            }
+            let x = t4(a.buf("x")?, [n, ic, g.in_h as usize, g.in_w as usize])?;
             let x = prologue(&x, &pro, &a)?;
             let w = a.buf("w")?;
-            if w.len() != conv_w_len(&g) {
+            if w.len() != conv_w_len(&g, ic, oc) {
                 return Err("conv weight length".into());
             }
-            let mut op = conv_op(&g);
+            let mut op = conv_op(&g, ic, oc);
             op.bias = epi.bias;
             let mut y =
                 conv::conv2d_forward(&x, &op, w, epi.bias.then(|| a.buf("bias")).transpose()?);
@@ -268,7 +278,7 @@ pub fn launch(
                 y.data = add_into(&y.data, r);
             }
             if epi.stats {
-                let shape = [n, g.out_c as usize, g.out_h as usize, g.out_w as usize];
+                let shape = [n, oc, g.out_h as usize, g.out_w as usize];
                 let s = per_channel(shape, |i| y.data[i]);
                 let q = per_channel(shape, |i| y.data[i] * y.data[i]);
                 let prior = a.buf("stats")?;
@@ -277,24 +287,25 @@ pub fn launch(
             out.push(("y", y.data));
         }
         ConvBwdData { g, chain } => {
-            let xs = [n, g.in_c as usize, g.in_h as usize, g.in_w as usize];
-            let dy = t4(
-                a.buf("dy")?,
-                [n, g.out_c as usize, g.out_h as usize, g.out_w as usize],
-            )?;
+            let (ic, oc) = (dim("IC")?, dim("OC")?);
+            if ic % g.groups as usize != 0 || oc % g.groups as usize != 0 {
+                return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
+            }
+            let xs = [n, ic, g.in_h as usize, g.in_w as usize];
+            let dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
             let w = a.buf("w")?;
-            if w.len() != conv_w_len(&g) {
+            if w.len() != conv_w_len(&g, ic, oc) {
                 return Err("conv weight length".into());
             }
             let zeros = Tensor::zeros(&xs);
-            let dact = conv::conv2d_backward(&zeros, &conv_op(&g), w, &dy, true)
+            let dact = conv::conv2d_backward(&zeros, &conv_op(&g, ic, oc), w, &dy, true)
                 .dx
                 .expect("dx requested");
             if chain.any() {
                 let xpre = t4(a.buf("xpre")?, xs)?;
                 let gv = chain_mask(&xpre, dact.data, &chain, &a)?;
                 let saved = a.buf("saved")?;
-                let c = g.in_c as usize;
+                let c = ic;
                 let hw = (g.in_h * g.in_w) as usize;
                 let xh = |i: usize| {
                     let ch = (i / hw) % c;
@@ -309,19 +320,17 @@ pub fn launch(
             }
         }
         ConvBwdWeight { g, pro } => {
-            let x = t4(
-                a.buf("x")?,
-                [n, g.in_c as usize, g.in_h as usize, g.in_w as usize],
-            )?;
+            let (ic, oc) = (dim("IC")?, dim("OC")?);
+            if ic % g.groups as usize != 0 || oc % g.groups as usize != 0 {
+                return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
+            }
+            let x = t4(a.buf("x")?, [n, ic, g.in_h as usize, g.in_w as usize])?;
             let x = prologue(&x, &pro, &a)?;
-            let dy = t4(
-                a.buf("dy")?,
-                [n, g.out_c as usize, g.out_h as usize, g.out_w as usize],
-            )?;
-            let w0 = vec![0.0; conv_w_len(&g)];
+            let dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
+            let w0 = vec![0.0; conv_w_len(&g, ic, oc)];
             out.push((
                 "dw",
-                conv::conv2d_backward(&x, &conv_op(&g), &w0, &dy, false).dw,
+                conv::conv2d_backward(&x, &conv_op(&g, ic, oc), &w0, &dy, false).dw,
             ));
         }
         LinearFwd { in_f, out_f } => {
@@ -346,23 +355,24 @@ pub fn launch(
             let w0 = vec![0.0; i * o];
             out.push(("dw", linear::linear_backward(&x, &w0, &dy, i, o).1));
         }
-        ChannelSums { c, hw, squares } => {
-            let shape = [n, c as usize, hw as usize, 1];
+        ChannelSums { squares } => {
+            let (c, hw) = (dim("C")?, dim("HW")?);
+            let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
             let s = per_channel(shape, |i| x.data[i]);
             let mut v = s.clone();
             if squares {
-                let m = (n * hw as usize) as f64;
+                let m = (n * hw) as f64;
                 let q = per_channel(shape, |i| {
-                    let d = x.data[i] - s[(i / hw as usize) % c as usize] / m;
+                    let d = x.data[i] - s[(i / hw) % c] / m;
                     d * d
                 });
                 v.extend(q);
             }
             out.push(("out", v));
         }
-        BnFinalizeTrain { c, centered } => {
-            let c = c as usize;
+        BnFinalizeTrain { centered } => {
+            let c = dim("C")?;
             let (st, gamma, beta, run) = (
                 a.buf("stats")?,
                 a.buf("gamma")?,
@@ -397,8 +407,8 @@ pub fn launch(
             out.push(("affine", affine));
             out.push(("running", running));
         }
-        BnFinalizeEval { c } => {
-            let c = c as usize;
+        BnFinalizeEval => {
+            let c = dim("C")?;
             let (run, gamma, beta) = (a.buf("running")?, a.buf("gamma")?, a.buf("beta")?);
             let eps = a.sc("eps")?;
             let mut affine = vec![0.0; 2 * c];
@@ -409,8 +419,8 @@ pub fn launch(
             }
             out.push(("affine", affine));
         }
-        BnApply { c, hw } => {
-            let x = t4(a.buf("x")?, [n, c as usize, hw as usize, 1])?;
+        BnApply => {
+            let x = t4(a.buf("x")?, [n, dim("C")?, dim("HW")?, 1])?;
             let pro = PrologueFlags {
                 affine: true,
                 relu: false,
@@ -418,18 +428,19 @@ pub fn launch(
             };
             out.push(("y", prologue(&x, &pro, &a)?.data));
         }
-        BnBwdReduce { c, hw, chain } => {
-            let shape = [n, c as usize, hw as usize, 1];
+        BnBwdReduce { chain } => {
+            let (c, hw) = (dim("C")?, dim("HW")?);
+            let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
             let d = chain_mask(&x, a.buf("dy")?.to_vec(), &chain, &a)?;
             let saved = a.buf("saved")?;
-            let (c, hw) = (c as usize, hw as usize);
             let xh = |i: usize| (x.data[i] - saved[(i / hw) % c]) * saved[c + (i / hw) % c];
             out.push(("dgamma", per_channel(shape, |i| d[i] * xh(i))));
             out.push(("dbeta", per_channel(shape, |i| d[i])));
         }
-        BnBwdApply { c, hw, chain } => {
-            let shape = [n, c as usize, hw as usize, 1];
+        BnBwdApply { chain } => {
+            let (c, hw) = (dim("C")?, dim("HW")?);
+            let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
             let d = chain_mask(&x, a.buf("dy")?.to_vec(), &chain, &a)?;
             let (saved, gamma, dgamma, dbeta) = (
@@ -438,7 +449,6 @@ pub fn launch(
                 a.buf("dgamma")?,
                 a.buf("dbeta")?,
             );
-            let (c, hw) = (c as usize, hw as usize);
             let m = (n * hw) as f64;
             let r: Vec<f64> = (0..d.len())
                 .map(|i| {
@@ -497,94 +507,48 @@ pub fn launch(
             let x = a.buf("x")?.to_vec();
             out.push(("y", a.accum("accum", "y", x)?));
         }
-        ZeroPad {
-            in_c,
-            out_c,
-            in_h,
-            in_w,
-            stride,
-            ..
-        } => {
-            let x = t4(
-                a.buf("x")?,
-                [n, in_c as usize, in_h as usize, in_w as usize],
-            )?;
-            out.push((
-                "y",
-                pool::zero_pad_shortcut(&x, out_c as usize, stride).data,
-            ));
+        ZeroPad => {
+            let x = t4(a.buf("x")?, [n, dim("IC")?, dim("IH")?, dim("IW")?])?;
+            let y = pool::zero_pad_shortcut(&x, dim("OC")?, dim("S")? as u32);
+            if y.shape != [n, dim("OC")?, dim("OH")?, dim("OW")?] {
+                return Err(format!("zeropad: output shape {:?}", y.shape));
+            }
+            out.push(("y", y.data));
         }
-        ZeroPadBwd {
-            in_c,
-            out_c,
-            in_h,
-            in_w,
-            out_h,
-            out_w,
-            stride,
-        } => {
-            let dy = t4(
-                a.buf("dy")?,
-                [n, out_c as usize, out_h as usize, out_w as usize],
-            )?;
-            let xs = [n, in_c as usize, in_h as usize, in_w as usize];
-            let d = pool::zero_pad_shortcut_backward(&xs, stride, &dy).data;
+        ZeroPadBwd => {
+            let dy = t4(a.buf("dy")?, [n, dim("OC")?, dim("OH")?, dim("OW")?])?;
+            let xs = [n, dim("IC")?, dim("IH")?, dim("IW")?];
+            let d = pool::zero_pad_shortcut_backward(&xs, dim("S")? as u32, &dy).data;
             out.push(("dx", a.accum("accum", "dx", d)?));
         }
-        Concat { c0, c1, hw } => {
-            let x0 = t4(a.buf("x")?, [n, c0 as usize, hw as usize, 1])?;
-            let x1 = t4(a.buf("x1")?, [n, c1 as usize, hw as usize, 1])?;
+        Concat => {
+            let hw = dim("HW")?;
+            let x0 = t4(a.buf("x")?, [n, dim("C0")?, hw, 1])?;
+            let x1 = t4(a.buf("x1")?, [n, dim("C1")?, hw, 1])?;
             out.push(("y", ew::concat(&x0, &x1).data));
         }
-        ConcatBwd { c0, c1, hw } => {
-            let dy = t4(a.buf("dy")?, [n, (c0 + c1) as usize, hw as usize, 1])?;
-            let (d0, d1) = ew::concat_backward(&dy, c0 as usize);
+        ConcatBwd => {
+            let (c0, c1, hw) = (dim("C0")?, dim("C1")?, dim("HW")?);
+            let dy = t4(a.buf("dy")?, [n, c0 + c1, hw, 1])?;
+            let (d0, d1) = ew::concat_backward(&dy, c0);
             out.push(("dx0", a.accum("accum0", "dx0", d0.data)?));
             out.push(("dx1", a.accum("accum1", "dx1", d1.data)?));
         }
-        MaxPool {
-            c,
-            in_h,
-            in_w,
-            pool: p,
-            ..
-        }
-        | AvgPool {
-            c,
-            in_h,
-            in_w,
-            pool: p,
-            ..
-        } => {
-            let x = t4(a.buf("x")?, [n, c as usize, in_h as usize, in_w as usize])?;
+        MaxPool { pool: p } | AvgPool { pool: p } => {
+            let x = t4(a.buf("x")?, [n, dim("C")?, dim("IH")?, dim("IW")?])?;
             let y = if matches!(spec, MaxPool { .. }) {
                 pool::max_pool(&x, &p)
             } else {
                 pool::avg_pool(&x, &p)
             };
+            if y.shape != [n, dim("C")?, dim("OH")?, dim("OW")?] {
+                return Err(format!("pool: output shape {:?}", y.shape));
+            }
             out.push(("y", y.data));
         }
-        MaxPoolBwd {
-            c,
-            in_h,
-            in_w,
-            out_h,
-            out_w,
-            pool: p,
-        }
-        | AvgPoolBwd {
-            c,
-            in_h,
-            in_w,
-            out_h,
-            out_w,
-            pool: p,
-        } => {
-            let xs = [n, c as usize, in_h as usize, in_w as usize];
-            let dy = t4(
-                a.buf("dy")?,
-                [n, c as usize, out_h as usize, out_w as usize],
-            )?;
+        MaxPoolBwd { pool: p } | AvgPoolBwd { pool: p } => {
+            let xs = [n, dim("C")?, dim("IH")?, dim("IW")?];
+            let dy = t4(a.buf("dy")?, [n, dim("C")?, dim("OH")?, dim("OW")?])?;
             let d = if matches!(spec, MaxPoolBwd { .. }) {
                 pool::max_pool_backward(&t4(a.buf("x")?, xs)?, &p, &dy)
             } else {
@@ -592,15 +556,15 @@ pub fn launch(
             };
             out.push(("dx", a.accum("accum", "dx", d.data)?));
         }
-        GlobalAvgPool { hw } => {
-            let rows = a.sc("rows")? as usize;
-            let x = t4(a.buf("x")?, [rows, 1, hw as usize, 1])?;
+        GlobalAvgPool => {
+            let rows = dim("rows")?;
+            let x = t4(a.buf("x")?, [rows, 1, dim("HW")?, 1])?;
             out.push(("y", pool::global_avg_pool(&x).data));
         }
-        GlobalAvgPoolBwd { hw } => {
-            let rows = a.sc("rows")? as usize;
+        GlobalAvgPoolBwd => {
+            let rows = dim("rows")?;
             let dy = t4(a.buf("dy")?, [rows, 1, 1, 1])?;
-            let d = pool::global_avg_pool_backward(&[rows, 1, hw as usize, 1], &dy).data;
+            let d = pool::global_avg_pool_backward(&[rows, 1, dim("HW")?, 1], &dy).data;
             out.push(("dx", a.accum("accum", "dx", d)?));
         }
         SoftmaxXent { classes } => {
@@ -651,12 +615,8 @@ pub fn launch(
             let len = a.buf("y")?.len();
             out.push(("y", vec![0.0; len]));
         }
-        FoldBn {
-            out_c,
-            per_out,
-            bias,
-        } => {
-            let (oc, per) = (out_c as usize, per_out as usize);
+        FoldBn { bias } => {
+            let (oc, per) = (dim("OC")?, dim("PER")?);
             let (w, aff) = (a.buf("w")?, a.buf("affine")?);
             if w.len() != oc * per || aff.len() != 2 * oc {
                 return Err("fold_bn lengths".into());

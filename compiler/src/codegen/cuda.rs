@@ -104,14 +104,10 @@ fn acc_store(dst: &str, idx: &str, v: &str, flag: &str) -> String {
 }
 
 /// Prologue on a loaded input element `xv` at flat index `idx`, channel `ic`, `C` channels.
-fn prologue(pro: &crate::schedule::PrologueFlags, c: u32) -> String {
+fn prologue(pro: &crate::schedule::PrologueFlags) -> String {
     let mut s = String::new();
     if pro.affine {
-        writeln!(
-            s,
-            "                xv = xv * affine[ic] + affine[{c} + ic];"
-        )
-        .unwrap();
+        s.push_str("                xv = xv * affine[ic] + affine[IC + ic];\n");
     }
     if pro.relu {
         s.push_str("                xv = xv > 0.0f ? xv : 0.0f;\n");
@@ -184,7 +180,7 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 
 /// Column (channel) sums of two per-thread values over the block's 16 rows, one atomicAdd per
 /// column: `dst[col] += sum s0`, `dst[cols + col] += sum s1`.
-fn column_atomics(s0: &str, s1: &str, col: &str, cols: u32, valid_col: &str) -> String {
+fn column_atomics(s0: &str, s1: &str, col: &str, cols: &str, valid_col: &str) -> String {
     format!(
         r#"    {{
         __shared__ float R0[16][17];
@@ -209,12 +205,12 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     match *spec {
         ConvFwd { g, pro, epi } => {
             let consts = format!(
-                "    const int IC = {}, IH = {}, IW = {}, OC = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, ICG = {}, OCG = {}, KDIM = {};\n",
-                g.in_c, g.in_h, g.in_w, g.out_c, g.out_h, g.out_w, g.k, g.stride, g.pad, g.in_c / g.groups, g.out_c / g.groups, (g.in_c / g.groups) * g.k * g.k
+                "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G, KDIM = ICG * KS * KS;\n",
+                g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
             let a = format!(
                 "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, icg = t2 / KS;\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
-                prologue(&pro, g.in_c)
+                prologue(&pro)
             );
             let b = "                v = w[(g * OCG + jj) * KDIM + kk];\n".to_string();
             let mut e = String::from("    const int oc = g * OCG + j;\n    float out = acc;\n    if (valid) {\n        const int ow = m % OW, t = m / OW, oh = t % OH, ni = t / OH;\n        const int idx = ((ni * OC + oc) * OH + oh) * OW + ow;\n");
@@ -227,7 +223,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             e.push_str("        wrnc_st(y, idx, out);\n    }\n");
             if epi.stats {
                 e.push_str("    float* sums_ = stats;\n    const float sv = valid ? out : 0.0f;\n");
-                e.push_str(&column_atomics("sv", "sv * sv", "oc", g.out_c, "j < NC"));
+                e.push_str(&column_atomics("sv", "sv * sv", "oc", "OC", "j < NC"));
             }
             gemm(
                 name,
@@ -245,8 +241,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         }
         ConvBwdData { g, chain } => {
             let consts = format!(
-                "    const int IC = {}, IH = {}, IW = {}, OC = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, ICG = {}, OCG = {};\n",
-                g.in_c, g.in_h, g.in_w, g.out_c, g.out_h, g.out_w, g.k, g.stride, g.pad, g.in_c / g.groups, g.out_c / g.groups
+                "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G;\n",
+                g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
             let a = "                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, ocg = t2 / KS;\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW)\n                    v = wrnc_ld(dy, ((ni * OC + g * OCG + ocg) * OH + ohn / S) * OW + own / S);\n".to_string();
             let b = "                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, ocg = t2 / KS;\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n".to_string();
@@ -260,7 +256,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     e.push_str("        d = a > 0.0f ? d : 0.0f;\n");
                 }
                 e.push_str("        gv = d;\n        xh = (xv - saved[ic]) * saved[IC + ic];\n        wrnc_st(dx, idx, gv);\n    }\n    float* sums_ = sums;\n");
-                e.push_str(&column_atomics("gv * xh", "gv", "ic", g.in_c, "j < NC"));
+                e.push_str(&column_atomics("gv * xh", "gv", "ic", "IC", "j < NC"));
             } else {
                 e.push_str("    if (valid) {\n");
                 e.push_str(&acc_store("dx", "idx", "acc", "accum"));
@@ -282,13 +278,13 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         }
         ConvBwdWeight { g, pro } => {
             let consts = format!(
-                "    const int IC = {}, IH = {}, IW = {}, OC = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, ICG = {}, OCG = {}, KDIM = {};\n",
-                g.in_c, g.in_h, g.in_w, g.out_c, g.out_h, g.out_w, g.k, g.stride, g.pad, g.in_c / g.groups, g.out_c / g.groups, (g.in_c / g.groups) * g.k * g.k
+                "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G, KDIM = ICG * KS * KS;\n",
+                g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
             let a = "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                v = wrnc_ld(dy, ((ni * OC + g * OCG + mm) * OH + oh) * OW + ow);\n".to_string();
             let b = format!(
                 "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                const int kw = jj % KS, t2 = jj / KS, kh = t2 % KS, icg = t2 / KS;\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
-                prologue(&pro, g.in_c)
+                prologue(&pro)
             );
             let e = "    if (valid) dw[(g * OCG + m) * KDIM + j] = acc;\n".to_string();
             gemm(
@@ -346,9 +342,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is
         // ill-conditioned, and these kernels are memory-bound, so the wider adds cost nothing.
-        ChannelSums { c, hw, squares } => format!(
+        ChannelSums { squares } => format!(
             r#"{} {{
-    const int C = {c}, HW = {hw};
     __shared__ double sh[32];
     __shared__ double mean_;
     const int ch = blockIdx.x;
@@ -382,9 +377,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 ""
             }
         ),
-        BnFinalizeTrain { c, centered } => format!(
+        BnFinalizeTrain { centered } => format!(
             r#"{} {{
-    const int C = {c};
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
     const float inv = 1.0f / (float)count;
@@ -405,9 +399,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             header(name, spec),
             if centered { "stats[C + ch] * inv" } else { "stats[C + ch] * inv - mean * mean" }
         ),
-        BnFinalizeEval { c } => format!(
+        BnFinalizeEval => format!(
             r#"{} {{
-    const int C = {c};
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
     const float sc = gamma[ch] * rsqrtf(running[C + ch] + eps);
@@ -417,18 +410,17 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 "#,
             header(name, spec)
         ),
-        BnApply { c, hw } => elementwise(
+        BnApply => elementwise(
             name,
             spec,
             "n * C * HW",
-            &format!("    const int C = {c}, HW = {hw};\n"),
+            "",
             "        const int ch = (i / HW) % C;\n        wrnc_st(y, i, wrnc_ld(x, i) * affine[ch] + affine[C + ch]);\n",
         ),
         // Sums in double, like ChannelSums: dbeta of a BN whose output gradient has (nearly)
         // zero mean per channel is ill-conditioned.
-        BnBwdReduce { c, hw, chain } => format!(
+        BnBwdReduce { chain } => format!(
             r#"{} {{
-    const int C = {c}, HW = {hw};
     __shared__ double sh[32];
     const int ch = blockIdx.x;
     const int total = n * HW;
@@ -453,11 +445,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             header(name, spec),
             chain_code(&chain, "ch")
         ),
-        BnBwdApply { c, hw, chain } => elementwise(
+        BnBwdApply { chain } => elementwise(
             name,
             spec,
             "n * C * HW",
-            &format!("    const int C = {c}, HW = {hw};\n    const float inv_m = 1.0f / (float)(n * HW);\n"),
+            "    const float inv_m = 1.0f / (float)(n * HW);\n",
             &format!(
                 "        const int ch = (i / HW) % C;\n        const int idx = i;\n        const float xv = wrnc_ld(x, idx);\n        float d = wrnc_ld(dy, idx);\n{}        const float rstd = saved[C + ch];\n        const float xh = (xv - saved[ch]) * rstd;\n        const float r = gamma[ch] * rstd * (d - dbeta[ch] * inv_m - xh * dgamma[ch] * inv_m);\n{}",
                 chain_code(&chain, "ch"),
@@ -472,48 +464,48 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         DropPathBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, step, (unsigned int)(i / per), p)", "accum")),
         Add => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_ld(a, i) + wrnc_ld(b, i));\n"),
         Accumulate => elementwise(name, spec, "count", "", &acc_store("y", "i", "wrnc_ld(x, i)", "accum")),
-        ZeroPad { in_c, out_c, in_h, in_w, out_h, out_w, stride } => elementwise(
+        ZeroPad => elementwise(
             name,
             spec,
             "n * OC * OH * OW",
-            &format!("    const int IC = {in_c}, OC = {out_c}, IH = {in_h}, IW = {in_w}, OH = {out_h}, OW = {out_w}, S = {stride};\n"),
+            "",
             "        const int ow = i % OW, t = i / OW, oh = t % OH, t2 = t / OH, c = t2 % OC, ni = t2 / OC;\n        float s = 0.0f;\n        if (c < IC) {\n            for (int a = 0; a < S; ++a) for (int b = 0; b < S; ++b) {\n                const int ih = oh * S + a, iw = ow * S + b;\n                if (ih < IH && iw < IW) s += wrnc_ld(x, ((ni * IC + c) * IH + ih) * IW + iw);\n            }\n            s *= 1.0f / (float)(S * S);\n        }\n        wrnc_st(y, i, s);\n",
         ),
-        ZeroPadBwd { in_c, out_c, in_h, in_w, out_h, out_w, stride } => elementwise(
+        ZeroPadBwd => elementwise(
             name,
             spec,
             "n * IC * IH * IW",
-            &format!("    const int IC = {in_c}, OC = {out_c}, IH = {in_h}, IW = {in_w}, OH = {out_h}, OW = {out_w}, S = {stride};\n"),
+            "",
             &format!(
                 "        const int iw = i % IW, t = i / IW, ih = t % IH, t2 = t / IH, c = t2 % IC, ni = t2 / IC;\n        const int oh = ih / S, ow = iw / S;\n        const float d = (oh < OH && ow < OW) ? wrnc_ld(dy, ((ni * OC + c) * OH + oh) * OW + ow) * (1.0f / (float)(S * S)) : 0.0f;\n{}",
                 acc_store("dx", "i", "d", "accum")
             ),
         ),
-        Concat { c0, c1, hw } => elementwise(
+        Concat => elementwise(
             name,
             spec,
             "n * (C0 + C1) * HW",
-            &format!("    const int C0 = {c0}, C1 = {c1}, HW = {hw};\n"),
+            "",
             "        const int p_ = i % HW, t = i / HW, c = t % (C0 + C1), ni = t / (C0 + C1);\n        wrnc_st(y, i, c < C0 ? wrnc_ld(x, (ni * C0 + c) * HW + p_) : wrnc_ld(x1, (ni * C1 + c - C0) * HW + p_));\n",
         ),
-        ConcatBwd { c0, c1, hw } => elementwise(
+        ConcatBwd => elementwise(
             name,
             spec,
             "n * (C0 + C1) * HW",
-            &format!("    const int C0 = {c0}, C1 = {c1}, HW = {hw};\n"),
+            "",
             &format!(
                 "        const int p_ = i % HW, t = i / HW, c = t % (C0 + C1), ni = t / (C0 + C1);\n        const float d = wrnc_ld(dy, i);\n        if (c < C0) {{\n    {}        }} else {{\n    {}        }}\n",
                 acc_store("dx0", "(ni * C0 + c) * HW + p_", "d", "accum0"),
                 acc_store("dx1", "(ni * C1 + c - C0) * HW + p_", "d", "accum1")
             ),
         ),
-        MaxPool { c, in_h, in_w, out_h, out_w, pool } | AvgPool { c, in_h, in_w, out_h, out_w, pool } => {
+        MaxPool { pool } | AvgPool { pool } => {
             let max = matches!(spec, MaxPool { .. });
             elementwise(
                 name,
                 spec,
                 "n * C * OH * OW",
-                &format!("    const int C = {c}, IH = {in_h}, IW = {in_w}, OH = {out_h}, OW = {out_w}, K = {}, S = {}, P = {};\n", pool.k, pool.stride, pool.pad),
+                &format!("    const int K = {}, S = {}, P = {};\n", pool.k, pool.stride, pool.pad),
                 &format!(
                     "        const int ow = i % OW, t = i / OW, oh = t % OH, nc = t / OH;\n        float r = {};\n        for (int a = 0; a < K; ++a) for (int b = 0; b < K; ++b) {{\n            const int ih = oh * S - P + a, iw = ow * S - P + b;\n            if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const float v = wrnc_ld(x, (nc * IH + ih) * IW + iw);\n                {}\n            }}\n        }}\n        wrnc_st(y, i, {});\n",
                     if max { "-3.402823466e38f" } else { "0.0f" },
@@ -522,7 +514,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 ),
             )
         }
-        MaxPoolBwd { c, in_h, in_w, out_h, out_w, pool } | AvgPoolBwd { c, in_h, in_w, out_h, out_w, pool } => {
+        MaxPoolBwd { pool } | AvgPoolBwd { pool } => {
             let max = matches!(spec, MaxPoolBwd { .. });
             let inner = if max {
                 // recompute the window's argmax (first maximum in row-major order)
@@ -534,25 +526,25 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 name,
                 spec,
                 "n * C * IH * IW",
-                &format!("    const int C = {c}, IH = {in_h}, IW = {in_w}, OH = {out_h}, OW = {out_w}, K = {}, S = {}, P = {};\n", pool.k, pool.stride, pool.pad),
+                &format!("    const int K = {}, S = {}, P = {};\n", pool.k, pool.stride, pool.pad),
                 &format!(
                     "        const int iw = i % IW, t = i / IW, ih = t % IH, nc = t / IH;\n        float s = 0.0f;\n        const int hlo = ih + P - K + 1 > 0 ? (ih + P - K + 1 + S - 1) / S : 0;\n        const int wlo = iw + P - K + 1 > 0 ? (iw + P - K + 1 + S - 1) / S : 0;\n        const int hhi = (ih + P) / S < OH - 1 ? (ih + P) / S : OH - 1;\n        const int whi = (iw + P) / S < OW - 1 ? (iw + P) / S : OW - 1;\n        for (int oh = hlo; oh <= hhi; ++oh) for (int ow = wlo; ow <= whi; ++ow) {{\n{inner}        }}\n{}",
                     acc_store("dx", "i", "s", "accum")
                 ),
             )
         }
-        GlobalAvgPool { hw } => elementwise(
+        GlobalAvgPool => elementwise(
             name,
             spec,
             "rows",
-            &format!("    const int HW = {hw};\n"),
+            "",
             "        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) s += wrnc_ld(x, i * HW + p_);\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n",
         ),
-        GlobalAvgPoolBwd { hw } => elementwise(
+        GlobalAvgPoolBwd => elementwise(
             name,
             spec,
             "rows * HW",
-            &format!("    const int HW = {hw};\n"),
+            "",
             &acc_store("dx", "i", "wrnc_ld(dy, i / HW) * (1.0f / (float)HW)", "accum"),
         ),
         SoftmaxXent { classes } => elementwise(
@@ -594,11 +586,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             header(name, spec)
         ),
         Zero => elementwise(name, spec, "count", "", "        y[i] = 0.0f;\n"),
-        FoldBn { out_c, per_out, bias } => elementwise(
+        FoldBn { bias } => elementwise(
             name,
             spec,
             "OC * PER",
-            &format!("    const int OC = {out_c}, PER = {per_out};\n"),
+            "",
             &format!(
                 "        const int o = i / PER;\n        w_out[i] = w[i] * affine[o];\n        if (i % PER == 0) b_out[o] = {} * affine[o] + affine[OC + o];\n",
                 if bias { "b[o]" } else { "0.0f" }

@@ -193,10 +193,8 @@ fn geom(p: &Plan, i: usize) -> ConvGeom {
     let ins = p.nodes[p.nodes[i].inputs[0]].shape;
     let out = p.nodes[i].shape;
     ConvGeom {
-        in_c: c.in_c,
         in_h: ins.h,
         in_w: ins.w,
-        out_c: c.out_c,
         out_h: out.h,
         out_w: out.w,
         k: c.k,
@@ -357,11 +355,11 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     b.arg(affine, Access::Write),
                 ];
                 b.launch(
-                    KernelSpec::BnFinalizeEval { c },
+                    KernelSpec::BnFinalizeEval,
                     [ceil_div(c as u64, 256), 1, 1],
                     [256, 1, 1],
                     args,
-                    vec![ScalarArg::F32(eps)],
+                    vec![ScalarArg::I32(c as i32), ScalarArg::F32(eps)],
                     format!("{name} finalize_eval"),
                 )?;
                 if let Some(cv) = plan.nodes[i].fuse.folded_into {
@@ -393,15 +391,14 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     }
                     args.push(b.arg(affine, Access::Read));
                     b.launch(
-                        KernelSpec::FoldBn {
-                            out_c: conv.out_c,
-                            per_out: per as u32,
-                            bias: conv.bias,
-                        },
+                        KernelSpec::FoldBn { bias: conv.bias },
                         B::elem_grid(wlen),
                         [ELEM_BLOCK, 1, 1],
                         args,
-                        vec![],
+                        vec![
+                            ScalarArg::I32(conv.out_c as i32),
+                            ScalarArg::I32(per as i32),
+                        ],
                         format!("{cname} fold {name}"),
                     )?;
                 }
@@ -490,14 +487,18 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                         Access::ReadWrite,
                     ));
                 }
-                let mut sc = vec![ScalarArg::I32(ni)];
+                let mut sc = vec![
+                    ScalarArg::I32(ni),
+                    ScalarArg::I32(conv.in_c as i32),
+                    ScalarArg::I32(conv.out_c as i32),
+                ];
                 if let Some(d) = pro.and_then(|p| p.dropout) {
                     sc.extend(b.rng(d, b.dropout_p(d)));
                 }
                 let m = n as u64 * (g.out_h * g.out_w) as u64;
                 let grid = [
                     ceil_div(m, TILE as u64),
-                    ceil_div((g.out_c / g.groups) as u64, TILE as u64),
+                    ceil_div((conv.out_c / g.groups) as u64, TILE as u64),
                     g.groups as u64,
                 ];
                 b.launch(
@@ -526,15 +527,15 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                             b.arg(xb, Access::Read),
                         ];
                         b.launch(
-                            KernelSpec::ChannelSums {
-                                c,
-                                hw,
-                                squares: true,
-                            },
+                            KernelSpec::ChannelSums { squares: true },
                             [c as u64, 1, 1],
                             [ELEM_BLOCK, 1, 1],
                             args,
-                            vec![ScalarArg::I32(ni)],
+                            vec![
+                                ScalarArg::I32(ni),
+                                ScalarArg::I32(c as i32),
+                                ScalarArg::I32(hw as i32),
+                            ],
                             format!("{name} stats"),
                         )?;
                     }
@@ -552,13 +553,13 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     let cnt = (n as u64 * hw as u64) as i32;
                     b.launch(
                         KernelSpec::BnFinalizeTrain {
-                            c,
                             centered: fu.stats_from.is_none(),
                         },
                         [ceil_div(c as u64, 256), 1, 1],
                         [256, 1, 1],
                         args,
                         vec![
+                            ScalarArg::I32(c as i32),
                             ScalarArg::I32(cnt),
                             ScalarArg::F32(eps),
                             ScalarArg::F32(momentum),
@@ -575,11 +576,15 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                         b.arg(affine, Access::Read),
                     ];
                     b.launch(
-                        KernelSpec::BnApply { c, hw },
+                        KernelSpec::BnApply,
                         B::elem_grid(count),
                         [ELEM_BLOCK, 1, 1],
                         args,
-                        vec![ScalarArg::I32(ni)],
+                        vec![
+                            ScalarArg::I32(ni),
+                            ScalarArg::I32(c as i32),
+                            ScalarArg::I32(hw as i32),
+                        ],
                         format!("{name} apply"),
                     )?;
                 }
@@ -643,19 +648,20 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             | Op::AvgPool(_)
             | Op::Concat
             | Op::GlobalAvgPool => {
-                let spec = fwd_spatial(plan, i);
+                let (spec, shape_sc) = fwd_spatial(plan, i);
                 let yb = b.val(i);
                 let mut args = vec![b.arg(yb, Access::Write)];
                 for &x in &node.inputs {
                     let xb = b.val(x);
                     args.push(b.arg(xb, Access::Read));
                 }
-                let (grid, sc) = if let KernelSpec::GlobalAvgPool { .. } = spec {
+                let (grid, first) = if let KernelSpec::GlobalAvgPool = spec {
                     let rows = n as u64 * shape.c as u64;
-                    (B::elem_grid(rows), vec![ScalarArg::I32(rows as i32)])
+                    (B::elem_grid(rows), ScalarArg::I32(rows as i32))
                 } else {
-                    (B::elem_grid(count), vec![ScalarArg::I32(ni)])
+                    (B::elem_grid(count), ScalarArg::I32(ni))
                 };
+                let sc = [first].into_iter().chain(shape_sc).collect();
                 b.launch(
                     spec,
                     grid,
@@ -823,42 +829,29 @@ fn finish(b: B) -> crate::Result<Schedule> {
     Ok(s)
 }
 
-fn fwd_spatial(plan: &Plan, i: usize) -> KernelSpec {
+/// The forward kernel of a spatial op and its runtime shape scalars (in the order of
+/// [`KernelSpec::signature`], after `n` / `rows`).
+fn fwd_spatial(plan: &Plan, i: usize) -> (KernelSpec, Vec<ScalarArg>) {
     let node = &plan.nodes[i];
     let x = plan.nodes[node.inputs[0]].shape;
     let y = node.shape;
+    let v = |xs: &[u32]| {
+        xs.iter()
+            .map(|&d| ScalarArg::I32(d as i32))
+            .collect::<Vec<_>>()
+    };
     match node.op {
-        Op::ZeroPadShortcut { out_c, stride } => KernelSpec::ZeroPad {
-            in_c: x.c,
-            out_c,
-            in_h: x.h,
-            in_w: x.w,
-            out_h: y.h,
-            out_w: y.w,
-            stride,
-        },
-        Op::MaxPool(pool) => KernelSpec::MaxPool {
-            c: x.c,
-            in_h: x.h,
-            in_w: x.w,
-            out_h: y.h,
-            out_w: y.w,
-            pool,
-        },
-        Op::AvgPool(pool) => KernelSpec::AvgPool {
-            c: x.c,
-            in_h: x.h,
-            in_w: x.w,
-            out_h: y.h,
-            out_w: y.w,
-            pool,
-        },
-        Op::Concat => KernelSpec::Concat {
-            c0: x.c,
-            c1: plan.nodes[node.inputs[1]].shape.c,
-            hw: x.h * x.w,
-        },
-        Op::GlobalAvgPool => KernelSpec::GlobalAvgPool { hw: x.h * x.w },
+        Op::ZeroPadShortcut { out_c, stride } => (
+            KernelSpec::ZeroPad,
+            v(&[x.c, out_c, x.h, x.w, y.h, y.w, stride]),
+        ),
+        Op::MaxPool(pool) => (KernelSpec::MaxPool { pool }, v(&[x.c, x.h, x.w, y.h, y.w])),
+        Op::AvgPool(pool) => (KernelSpec::AvgPool { pool }, v(&[x.c, x.h, x.w, y.h, y.w])),
+        Op::Concat => (
+            KernelSpec::Concat,
+            v(&[x.c, plan.nodes[node.inputs[1]].shape.c, x.h * x.w]),
+        ),
+        Op::GlobalAvgPool => (KernelSpec::GlobalAvgPool, v(&[x.h * x.w])),
         _ => unreachable!(),
     }
 }
@@ -936,15 +929,20 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 let aff = b.bn_buf(pro.unwrap().bn.unwrap(), "affine", Role::Saved);
                 args.push(b.whole(aff, Access::Read));
             }
-            let ocg = (g.out_c / g.groups) as u64;
-            let kdim = ((g.in_c / g.groups) * g.k * g.k) as u64;
+            let ocg = (conv.out_c / g.groups) as u64;
+            let kdim = ((conv.in_c / g.groups) * g.k * g.k) as u64;
             let grid = [
                 ceil_div(ocg, TILE as u64),
                 ceil_div(kdim, TILE as u64),
                 g.groups as u64,
             ];
+            let chans = [
+                ScalarArg::I32(conv.in_c as i32),
+                ScalarArg::I32(conv.out_c as i32),
+            ];
             let sc: Vec<ScalarArg> = [ScalarArg::I32(ni)]
                 .into_iter()
+                .chain(chans)
                 .chain(rng.iter().copied())
                 .collect();
             b.launch(
@@ -958,15 +956,15 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             if conv.bias {
                 let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
                 b.launch(
-                    KernelSpec::ChannelSums {
-                        c: g.out_c,
-                        hw: g.out_h * g.out_w,
-                        squares: false,
-                    },
-                    [g.out_c as u64, 1, 1],
+                    KernelSpec::ChannelSums { squares: false },
+                    [conv.out_c as u64, 1, 1],
                     blk,
                     args,
-                    vec![ScalarArg::I32(ni)],
+                    vec![
+                        ScalarArg::I32(ni),
+                        ScalarArg::I32(conv.out_c as i32),
+                        ScalarArg::I32((g.out_h * g.out_w) as i32),
+                    ],
                     format!("{name} bwd_bias"),
                 )?;
             }
@@ -978,7 +976,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             let m = n as u64 * (g.in_h * g.in_w) as u64;
             let grid = [
                 ceil_div(m, TILE as u64),
-                ceil_div((g.in_c / g.groups) as u64, TILE as u64),
+                ceil_div((conv.in_c / g.groups) as u64, TILE as u64),
                 g.groups as u64,
             ];
             let w = b.param(&format!("{name}.weight"), Access::Read, params);
@@ -1002,10 +1000,12 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     b.whole(xpre, Access::Read),
                     b.whole(aff, Access::Read),
                     b.whole(saved, Access::Read),
-                    b.slice(grads, goff, 2 * g.in_c as u64, Access::ReadWrite),
+                    b.slice(grads, goff, 2 * conv.in_c as u64, Access::ReadWrite),
                 ];
-                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni), ScalarArg::I32(0)]
+                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni)]
                     .into_iter()
+                    .chain(chans)
+                    .chain([ScalarArg::I32(0)])
                     .chain(rng.iter().copied())
                     .collect();
                 b.launch(
@@ -1026,7 +1026,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     grid,
                     [TILE, TILE, 1],
                     vec![dst, dya, w],
-                    vec![ScalarArg::I32(ni), acc],
+                    vec![ScalarArg::I32(ni), chans[0], chans[1], acc],
                     format!("{name} bwd_data"),
                 )?;
             }
@@ -1068,12 +1068,16 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 if chain.relu {
                     args.push(b.whole(aff, Access::Read));
                 }
-                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni)]
-                    .into_iter()
-                    .chain(rng.iter().copied())
-                    .collect();
+                let sc: Vec<ScalarArg> = [
+                    ScalarArg::I32(ni),
+                    ScalarArg::I32(c as i32),
+                    ScalarArg::I32(hw as i32),
+                ]
+                .into_iter()
+                .chain(rng.iter().copied())
+                .collect();
                 b.launch(
-                    KernelSpec::BnBwdReduce { c, hw, chain },
+                    KernelSpec::BnBwdReduce { chain },
                     [c as u64, 1, 1],
                     blk,
                     args,
@@ -1100,12 +1104,17 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 if chain.relu {
                     args.push(b.whole(aff, Access::Read));
                 }
-                let sc: Vec<ScalarArg> = [ScalarArg::I32(ni), acc]
-                    .into_iter()
-                    .chain(rng.iter().copied())
-                    .collect();
+                let sc: Vec<ScalarArg> = [
+                    ScalarArg::I32(ni),
+                    ScalarArg::I32(c as i32),
+                    ScalarArg::I32(hw as i32),
+                    acc,
+                ]
+                .into_iter()
+                .chain(rng.iter().copied())
+                .collect();
                 b.launch(
-                    KernelSpec::BnBwdApply { c, hw, chain },
+                    KernelSpec::BnBwdApply { chain },
                     B::elem_grid(count),
                     blk,
                     args,
@@ -1178,55 +1187,12 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 return Ok(());
             };
             let xcount = b.numel(x);
-            let spec = match fwd_spatial(plan, i) {
-                KernelSpec::ZeroPad {
-                    in_c,
-                    out_c,
-                    in_h,
-                    in_w,
-                    out_h,
-                    out_w,
-                    stride,
-                } => KernelSpec::ZeroPadBwd {
-                    in_c,
-                    out_c,
-                    in_h,
-                    in_w,
-                    out_h,
-                    out_w,
-                    stride,
-                },
-                KernelSpec::MaxPool {
-                    c,
-                    in_h,
-                    in_w,
-                    out_h,
-                    out_w,
-                    pool,
-                } => KernelSpec::MaxPoolBwd {
-                    c,
-                    in_h,
-                    in_w,
-                    out_h,
-                    out_w,
-                    pool,
-                },
-                KernelSpec::AvgPool {
-                    c,
-                    in_h,
-                    in_w,
-                    out_h,
-                    out_w,
-                    pool,
-                } => KernelSpec::AvgPoolBwd {
-                    c,
-                    in_h,
-                    in_w,
-                    out_h,
-                    out_w,
-                    pool,
-                },
-                KernelSpec::GlobalAvgPool { hw } => KernelSpec::GlobalAvgPoolBwd { hw },
+            let (fwd, shape_sc) = fwd_spatial(plan, i);
+            let spec = match fwd {
+                KernelSpec::ZeroPad => KernelSpec::ZeroPadBwd,
+                KernelSpec::MaxPool { pool } => KernelSpec::MaxPoolBwd { pool },
+                KernelSpec::AvgPool { pool } => KernelSpec::AvgPoolBwd { pool },
+                KernelSpec::GlobalAvgPool => KernelSpec::GlobalAvgPoolBwd,
                 _ => unreachable!(),
             };
             let mut args = vec![dst, dya];
@@ -1234,11 +1200,12 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 let xb = b.val(x);
                 args.push(b.whole(xb, Access::Read));
             }
-            let sc = if let KernelSpec::GlobalAvgPoolBwd { .. } = spec {
-                vec![ScalarArg::I32((n as u64 * node.shape.c as u64) as i32), acc]
+            let first = if let KernelSpec::GlobalAvgPoolBwd = spec {
+                ScalarArg::I32((n as u64 * node.shape.c as u64) as i32)
             } else {
-                vec![ScalarArg::I32(ni), acc]
+                ScalarArg::I32(ni)
             };
+            let sc = [first].into_iter().chain(shape_sc).chain([acc]).collect();
             b.launch(
                 spec,
                 B::elem_grid(xcount),
@@ -1249,9 +1216,6 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             )?;
         }
         Op::Concat => {
-            let KernelSpec::Concat { c0, c1, hw } = fwd_spatial(plan, i) else {
-                unreachable!()
-            };
             let (x0, x1) = (node.inputs[0], node.inputs[1]);
             if x0 == x1
                 || matches!(plan.nodes[x0].op, Op::Input)
@@ -1259,14 +1223,19 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             {
                 return Err(err(format!("{name}: concatenating the input, or a tensor with itself, is not supported by the CUDA backend yet")));
             }
+            let (_, shape_sc) = fwd_spatial(plan, i);
             let (d0, a0) = grad_dst(b, x0).unwrap();
             let (d1, a1) = grad_dst(b, x1).unwrap();
             b.launch(
-                KernelSpec::ConcatBwd { c0, c1, hw },
+                KernelSpec::ConcatBwd,
                 B::elem_grid(count),
                 blk,
                 vec![d0, d1, dya],
-                vec![ScalarArg::I32(ni), a0, a1],
+                [ScalarArg::I32(ni)]
+                    .into_iter()
+                    .chain(shape_sc)
+                    .chain([a0, a1])
+                    .collect(),
                 format!("{name} bwd"),
             )?;
         }
@@ -1293,15 +1262,15 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             )?;
             let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
             b.launch(
-                KernelSpec::ChannelSums {
-                    c: out_f,
-                    hw: 1,
-                    squares: false,
-                },
+                KernelSpec::ChannelSums { squares: false },
                 [out_f as u64, 1, 1],
                 blk,
                 args,
-                vec![ScalarArg::I32(ni)],
+                vec![
+                    ScalarArg::I32(ni),
+                    ScalarArg::I32(out_f as i32),
+                    ScalarArg::I32(1),
+                ],
                 format!("{name} bwd_bias"),
             )?;
             if let Some((dst, acc)) = grad_dst(b, x) {

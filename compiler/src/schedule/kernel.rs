@@ -1,8 +1,12 @@
 //! Kernel specifications: everything that decides a kernel's code, and nothing else.
 //!
-//! Shapes (channels, spatial sizes, kernel geometry) are compile-time constants of a kernel;
-//! the batch size and element counts are runtime arguments, so one elementwise kernel serves
-//! every layer and one conv kernel every layer with the same geometry and fusion.
+//! Convolution geometry (channels, spatial sizes, window) is a compile-time constant of a conv
+//! kernel, so its index arithmetic folds. Every other kernel (BN statistics / apply / backward,
+//! pooling, zero-pad shortcuts, concatenation) takes its channel count and spatial sizes as
+//! runtime arguments (upper-case scalars `C`, `HW`, `IH`, ...), and the batch size and element
+//! counts are always runtime arguments: one BN kernel serves every layer, one conv kernel every
+//! layer with the same geometry and fusion, which keeps networks whose width changes block by
+//! block (PyramidNet) to a few hundred kernels.
 
 use super::Dtype;
 use crate::graph::Pool;
@@ -57,13 +61,13 @@ impl BufParam {
     }
 }
 
-/// Geometry of a convolution (per image; the batch is a runtime argument).
+/// Geometry of a convolution (per image): spatial sizes, window and groups. The channel counts
+/// `IC`, `OC` and the batch `n` are runtime arguments; they only scale indices and bound the
+/// reduction loop, while every division in the index arithmetic is by a constant here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct ConvGeom {
-    pub in_c: u32,
     pub in_h: u32,
     pub in_w: u32,
-    pub out_c: u32,
     pub out_h: u32,
     pub out_w: u32,
     pub k: u32,
@@ -75,11 +79,9 @@ pub struct ConvGeom {
 impl ConvGeom {
     fn tag(&self) -> String {
         format!(
-            "i{}x{}x{}_o{}x{}x{}_k{}s{}p{}g{}",
-            self.in_c,
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}",
             self.in_h,
             self.in_w,
-            self.out_c,
             self.out_h,
             self.out_w,
             self.k,
@@ -185,36 +187,24 @@ pub enum KernelSpec {
     /// `out[c + ch] = sum (x - mean)^2`, two passes): BN batch statistics and bias gradients.
     /// One block per channel, deterministic.
     ChannelSums {
-        c: u32,
-        hw: u32,
         squares: bool,
     },
     /// From `stats = [sum | sumsq]` (or `[sum | sum (x - mean)^2]` when `centered`): saved
     /// `[mean | rstd]`, affine `[scale | shift]`, running statistics update.
     BnFinalizeTrain {
-        c: u32,
         centered: bool,
     },
     /// From running statistics: affine `[scale | shift]`.
-    BnFinalizeEval {
-        c: u32,
-    },
+    BnFinalizeEval,
     /// `y = x * scale[c] + shift[c]`.
-    BnApply {
-        c: u32,
-        hw: u32,
-    },
+    BnApply,
     /// dBN reductions `dgamma = sum g * xhat`, `dbeta = sum g`, where `g` is `dy`, or, with a
     /// chain, `dy` through the recomputed dropout / ReLU masks.
     BnBwdReduce {
-        c: u32,
-        hw: u32,
         chain: PrologueFlags,
     },
     /// `dx (+)= gamma * rstd * (g - dbeta / m - xhat * dgamma / m)`, `m = n * hw`.
     BnBwdApply {
-        c: u32,
-        hw: u32,
         chain: PrologueFlags,
     },
     Relu,
@@ -229,72 +219,28 @@ pub enum KernelSpec {
     Add,
     /// `y (+)= x` (gradient pass-through and identity copies).
     Accumulate,
-    ZeroPad {
-        in_c: u32,
-        out_c: u32,
-        in_h: u32,
-        in_w: u32,
-        out_h: u32,
-        out_w: u32,
-        stride: u32,
-    },
-    ZeroPadBwd {
-        in_c: u32,
-        out_c: u32,
-        in_h: u32,
-        in_w: u32,
-        out_h: u32,
-        out_w: u32,
-        stride: u32,
-    },
-    Concat {
-        c0: u32,
-        c1: u32,
-        hw: u32,
-    },
-    ConcatBwd {
-        c0: u32,
-        c1: u32,
-        hw: u32,
-    },
+    /// Average-pool by `S`, then zero channels up to `OC` (all sizes at runtime).
+    ZeroPad,
+    ZeroPadBwd,
+    /// Channel concatenation (`C0`, `C1`, `HW` at runtime).
+    Concat,
+    ConcatBwd,
+    /// Window pooling; the window is compile-time, the sizes runtime.
     MaxPool {
-        c: u32,
-        in_h: u32,
-        in_w: u32,
-        out_h: u32,
-        out_w: u32,
         pool: Pool,
     },
     MaxPoolBwd {
-        c: u32,
-        in_h: u32,
-        in_w: u32,
-        out_h: u32,
-        out_w: u32,
         pool: Pool,
     },
     AvgPool {
-        c: u32,
-        in_h: u32,
-        in_w: u32,
-        out_h: u32,
-        out_w: u32,
         pool: Pool,
     },
     AvgPoolBwd {
-        c: u32,
-        in_h: u32,
-        in_w: u32,
-        out_h: u32,
-        out_w: u32,
         pool: Pool,
     },
-    GlobalAvgPool {
-        hw: u32,
-    },
-    GlobalAvgPoolBwd {
-        hw: u32,
-    },
+    /// Mean over `HW` values per row (`rows = n * C`).
+    GlobalAvgPool,
+    GlobalAvgPoolBwd,
     /// Per-sample softmax cross-entropy (with label smoothing): loss and `dlogits / n`.
     SoftmaxXent {
         classes: u32,
@@ -306,8 +252,6 @@ pub enum KernelSpec {
     Zero,
     /// Inference BN folding: `w' = w * s[o]`, `b' = (b - mean) * s + beta`.
     FoldBn {
-        out_c: u32,
-        per_out: u32,
         bias: bool,
     },
 }
@@ -355,31 +299,30 @@ impl KernelSpec {
             LinearFwd { in_f, out_f } => format!("linear_fwd_{in_f}x{out_f}"),
             LinearBwdData { in_f, out_f } => format!("linear_bwd_data_{in_f}x{out_f}"),
             LinearBwdWeight { in_f, out_f } => format!("linear_bwd_weight_{in_f}x{out_f}"),
-            ChannelSums { c, hw, squares } => format!(
-                "channel_sums_c{c}_hw{hw}{}",
-                if *squares { "_sq" } else { "" }
-            ),
-            BnFinalizeTrain { c, centered } => format!(
-                "bn_finalize_train_c{c}{}",
+            ChannelSums { squares } => {
+                format!("channel_sums{}", if *squares { "_sq" } else { "" })
+            }
+            BnFinalizeTrain { centered } => format!(
+                "bn_finalize_train{}",
                 if *centered { "_centered" } else { "" }
             ),
-            BnFinalizeEval { c } => format!("bn_finalize_eval_c{c}"),
-            BnApply { c, hw } => format!("bn_apply_c{c}_hw{hw}"),
-            BnBwdReduce { c, hw, chain } => {
+            BnFinalizeEval => "bn_finalize_eval".into(),
+            BnApply => "bn_apply".into(),
+            BnBwdReduce { chain } => {
                 let p = if chain.any() {
                     format!("_chain_{}", chain.tag())
                 } else {
                     String::new()
                 };
-                format!("bn_bwd_reduce_c{c}_hw{hw}{p}")
+                format!("bn_bwd_reduce{p}")
             }
-            BnBwdApply { c, hw, chain } => {
+            BnBwdApply { chain } => {
                 let p = if chain.any() {
                     format!("_chain_{}", chain.tag())
                 } else {
                     String::new()
                 };
-                format!("bn_bwd_apply_c{c}_hw{hw}{p}")
+                format!("bn_bwd_apply{p}")
             }
             Relu => "relu_fwd".into(),
             ReluBwd => "relu_bwd".into(),
@@ -389,66 +332,35 @@ impl KernelSpec {
             DropPathBwd => "droppath_bwd".into(),
             Add => "add_fwd".into(),
             Accumulate => "accumulate".into(),
-            ZeroPad {
-                in_c,
-                out_c,
-                in_h,
-                in_w,
-                stride,
-                ..
-            } => format!("zeropad_fwd_c{in_c}to{out_c}_{in_h}x{in_w}_s{stride}"),
-            ZeroPadBwd {
-                in_c,
-                out_c,
-                in_h,
-                in_w,
-                stride,
-                ..
-            } => format!("zeropad_bwd_c{in_c}to{out_c}_{in_h}x{in_w}_s{stride}"),
-            Concat { c0, c1, hw } => format!("concat_fwd_{c0}_{c1}_hw{hw}"),
-            ConcatBwd { c0, c1, hw } => format!("concat_bwd_{c0}_{c1}_hw{hw}"),
-            MaxPool {
-                c,
-                in_h,
-                in_w,
-                pool: p,
-                ..
-            } => format!("maxpool_fwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
-            MaxPoolBwd {
-                c,
-                in_h,
-                in_w,
-                pool: p,
-                ..
-            } => format!("maxpool_bwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
-            AvgPool {
-                c,
-                in_h,
-                in_w,
-                pool: p,
-                ..
-            } => format!("avgpool_fwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
-            AvgPoolBwd {
-                c,
-                in_h,
-                in_w,
-                pool: p,
-                ..
-            } => format!("avgpool_bwd_c{c}_{in_h}x{in_w}_{}", pool(p)),
-            GlobalAvgPool { hw } => format!("gap_fwd_hw{hw}"),
-            GlobalAvgPoolBwd { hw } => format!("gap_bwd_hw{hw}"),
+            ZeroPad => "zeropad_fwd".into(),
+            ZeroPadBwd => "zeropad_bwd".into(),
+            Concat => "concat_fwd".into(),
+            ConcatBwd => "concat_bwd".into(),
+            MaxPool { pool: p } => format!("maxpool_fwd_{}", pool(p)),
+            MaxPoolBwd { pool: p } => format!("maxpool_bwd_{}", pool(p)),
+            AvgPool { pool: p } => format!("avgpool_fwd_{}", pool(p)),
+            AvgPoolBwd { pool: p } => format!("avgpool_bwd_{}", pool(p)),
+            GlobalAvgPool => "gap_fwd".into(),
+            GlobalAvgPoolBwd => "gap_bwd".into(),
             SoftmaxXent { classes } => format!("softmax_xent_{classes}"),
             SgdMultiTensor => "sgd_multi_tensor".into(),
             Zero => "zero_fill".into(),
-            FoldBn {
-                out_c,
-                per_out,
-                bias,
-            } => format!(
-                "fold_bn_o{out_c}_k{per_out}{}",
-                if *bias { "_bias" } else { "" }
-            ),
+            FoldBn { bias } => format!("fold_bn{}", if *bias { "_bias" } else { "" }),
         }
+    }
+
+    /// The runtime shape scalars of the spatial kernels (after `n`, before any `accum`).
+    fn shape_scalars(&self) -> Vec<(&'static str, ScalarKind)> {
+        use KernelSpec::*;
+        let names: &[&'static str] = match self {
+            ZeroPad | ZeroPadBwd => &["IC", "OC", "IH", "IW", "OH", "OW", "S"],
+            Concat | ConcatBwd => &["C0", "C1", "HW"],
+            MaxPool { .. } | MaxPoolBwd { .. } | AvgPool { .. } | AvgPoolBwd { .. } => {
+                &["C", "IH", "IW", "OH", "OW"]
+            }
+            _ => &[],
+        };
+        names.iter().map(|&n| (n, ScalarKind::I32)).collect()
     }
 
     /// Buffer and scalar parameters, in argument order. The code generator writes exactly
@@ -477,7 +389,7 @@ impl KernelSpec {
                 if epi.stats {
                     v.push(b!("stats", ReadWrite, F32));
                 }
-                let mut s = vec![("n", S::I32)];
+                let mut s = vec![("n", S::I32), ("IC", S::I32), ("OC", S::I32)];
                 if pro.dropout {
                     s.extend(rng);
                 }
@@ -489,7 +401,12 @@ impl KernelSpec {
                     b!("dy", Read, Act),
                     b!("w", Read, F32),
                 ];
-                let mut s = vec![("n", S::I32), ("accum", S::I32)];
+                let mut s = vec![
+                    ("n", S::I32),
+                    ("IC", S::I32),
+                    ("OC", S::I32),
+                    ("accum", S::I32),
+                ];
                 if chain.any() {
                     v.extend([
                         b!("xpre", Read, Act),
@@ -512,7 +429,7 @@ impl KernelSpec {
                 if pro.affine {
                     v.push(b!("affine", Read, F32));
                 }
-                let mut s = vec![("n", S::I32)];
+                let mut s = vec![("n", S::I32), ("IC", S::I32), ("OC", S::I32)];
                 if pro.dropout {
                     s.extend(rng);
                 }
@@ -545,7 +462,7 @@ impl KernelSpec {
             ),
             ChannelSums { .. } => (
                 vec![b!("out", Write, F32), b!("x", Read, Act)],
-                vec![("n", S::I32)],
+                vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)],
             ),
             BnFinalizeTrain { .. } => (
                 vec![
@@ -556,7 +473,12 @@ impl KernelSpec {
                     b!("affine", Write, F32),
                     b!("running", ReadWrite, F32),
                 ],
-                vec![("count", S::I32), ("eps", S::F32), ("momentum", S::F32)],
+                vec![
+                    ("C", S::I32),
+                    ("count", S::I32),
+                    ("eps", S::F32),
+                    ("momentum", S::F32),
+                ],
             ),
             BnFinalizeEval { .. } => (
                 vec![
@@ -565,7 +487,7 @@ impl KernelSpec {
                     b!("beta", Read, F32),
                     b!("affine", Write, F32),
                 ],
-                vec![("eps", S::F32)],
+                vec![("C", S::I32), ("eps", S::F32)],
             ),
             BnApply { .. } => (
                 vec![
@@ -573,7 +495,7 @@ impl KernelSpec {
                     b!("x", Read, Act),
                     b!("affine", Read, F32),
                 ],
-                vec![("n", S::I32)],
+                vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)],
             ),
             BnBwdReduce { chain, .. } => {
                 let mut v = vec![
@@ -586,7 +508,7 @@ impl KernelSpec {
                 if chain.relu {
                     v.push(b!("affine", Read, F32));
                 }
-                let mut s = vec![("n", S::I32)];
+                let mut s = vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)];
                 if chain.dropout {
                     s.extend(rng);
                 }
@@ -605,7 +527,12 @@ impl KernelSpec {
                 if chain.relu {
                     v.push(b!("affine", Read, F32));
                 }
-                let mut s = vec![("n", S::I32), ("accum", S::I32)];
+                let mut s = vec![
+                    ("n", S::I32),
+                    ("C", S::I32),
+                    ("HW", S::I32),
+                    ("accum", S::I32),
+                ];
                 if chain.dropout {
                     s.extend(rng);
                 }
@@ -656,16 +583,26 @@ impl KernelSpec {
                 vec![b!("y", ReadWrite, Act), b!("x", Read, Act)],
                 vec![("count", S::I32), ("accum", S::I32)],
             ),
-            ZeroPad { .. } | MaxPool { .. } | AvgPool { .. } | Concat { .. } => {
+            ZeroPad | MaxPool { .. } | AvgPool { .. } | Concat => {
                 let mut v = vec![b!("y", Write, Act), b!("x", Read, Act)];
-                if matches!(self, Concat { .. }) {
+                if matches!(self, Concat) {
                     v.push(b!("x1", Read, Act));
                 }
-                (v, vec![("n", S::I32)])
+                (
+                    v,
+                    [("n", S::I32)]
+                        .into_iter()
+                        .chain(self.shape_scalars())
+                        .collect(),
+                )
             }
-            ZeroPadBwd { .. } | AvgPoolBwd { .. } => (
+            ZeroPadBwd | AvgPoolBwd { .. } => (
                 vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
-                vec![("n", S::I32), ("accum", S::I32)],
+                [("n", S::I32)]
+                    .into_iter()
+                    .chain(self.shape_scalars())
+                    .chain([("accum", S::I32)])
+                    .collect(),
             ),
             MaxPoolBwd { .. } => (
                 vec![
@@ -673,23 +610,31 @@ impl KernelSpec {
                     b!("dy", Read, Act),
                     b!("x", Read, Act),
                 ],
-                vec![("n", S::I32), ("accum", S::I32)],
+                [("n", S::I32)]
+                    .into_iter()
+                    .chain(self.shape_scalars())
+                    .chain([("accum", S::I32)])
+                    .collect(),
             ),
-            ConcatBwd { .. } => (
+            ConcatBwd => (
                 vec![
                     b!("dx0", ReadWrite, Act),
                     b!("dx1", ReadWrite, Act),
                     b!("dy", Read, Act),
                 ],
-                vec![("n", S::I32), ("accum0", S::I32), ("accum1", S::I32)],
+                [("n", S::I32)]
+                    .into_iter()
+                    .chain(self.shape_scalars())
+                    .chain([("accum0", S::I32), ("accum1", S::I32)])
+                    .collect(),
             ),
-            GlobalAvgPool { .. } => (
+            GlobalAvgPool => (
                 vec![b!("y", Write, Act), b!("x", Read, Act)],
-                vec![("rows", S::I32)],
+                vec![("rows", S::I32), ("HW", S::I32)],
             ),
-            GlobalAvgPoolBwd { .. } => (
+            GlobalAvgPoolBwd => (
                 vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
-                vec![("rows", S::I32), ("accum", S::I32)],
+                vec![("rows", S::I32), ("HW", S::I32), ("accum", S::I32)],
             ),
             SoftmaxXent { .. } => (
                 vec![
@@ -725,7 +670,7 @@ impl KernelSpec {
                     v.push(b!("b", Read, F32));
                 }
                 v.extend([b!("affine", Read, F32)]);
-                (v, vec![])
+                (v, vec![("OC", S::I32), ("PER", S::I32)])
             }
         };
         // keep the borrow checker quiet about unused mut in some arms

@@ -114,7 +114,7 @@ pub struct Buffer {
 /// One compiled kernel.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Kernel {
-    /// C identifier derived from the spec (`conv_fwd_i16x32x32_o32_k3s1p1g1_pro_bnrelu`).
+    /// C identifier derived from the spec (`conv_fwd_i32x32_o32x32_k3s1p1g1_pro_bnrelu`).
     pub name: String,
     pub spec: KernelSpec,
 }
