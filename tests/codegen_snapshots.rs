@@ -69,3 +69,37 @@ fn wrn_28_10_summary() {
         serde_json::to_string_pretty(&s).unwrap()
     );
 }
+
+/// A network from `examples/` with its own batch size (128 when the file sets none).
+fn example(file: &str) -> (wrnc_compiler::graph::Graph, u32) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(file);
+    let src = wrnc_grammar::source_from_bytes(
+        &format!("examples/{file}"),
+        &std::fs::read(&path).unwrap(),
+    )
+    .unwrap();
+    let parsed = wrnc_grammar::parse(&src).unwrap_or_else(|d| panic!("{}", d.render()));
+    let batch = parsed.settings.batch.map_or(128, |b| b.value as u32);
+    (wrnc_compiler::build(&parsed).unwrap(), batch)
+}
+
+/// The fused training step of example networks: the generated CUDA and the schedule JSON.
+#[test]
+fn example_networks_train_fused() {
+    for (file, tag) in [("wrn-10-2.net", "wrn_10_2"), ("custom.net", "custom")] {
+        let (g, batch) = example(file);
+        let o = Options {
+            mode: Mode::Train,
+            batch,
+            ..Options::default()
+        };
+        let s = schedule::build(&g, &o).unwrap();
+        insta::assert_snapshot!(
+            format!("{tag}_train_fused_cu"),
+            cuda::write(&s, &o).unwrap()
+        );
+        insta::assert_snapshot!(format!("{tag}_train_fused_schedule"), s.to_json());
+    }
+}
