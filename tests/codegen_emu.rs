@@ -21,7 +21,11 @@ use wrnc_runtime::optim::Sgd;
 use wrnc_runtime::Tensor;
 
 fn graph(body: &str) -> Graph {
-    let text = format!("network \"t\" {{ input 3x6x6 classes 3 {body} }}");
+    graph_in("input 3x6x6", body)
+}
+
+fn graph_in(input: &str, body: &str) -> Graph {
+    let text = format!("network \"t\" {{ {input} classes 3 {body} }}");
     wrnc_grammar::build(&wrnc_grammar::Source::inline(text.as_str()))
         .unwrap_or_else(|d| panic!("{body}\n{d:?}"))
 }
@@ -51,6 +55,10 @@ struct Reference {
 }
 
 fn reference(g: &Graph, mode: Mode) -> Reference {
+    reference_n(g, mode, BATCH)
+}
+
+fn reference_n(g: &Graph, mode: Mode, batch: usize) -> Reference {
     let m32 = Model::<f32>::new(g.clone(), 11).unwrap();
     let params0: BTreeMap<String, Vec<f32>> = m32
         .params
@@ -88,11 +96,11 @@ fn reference(g: &Graph, mode: Mode) -> Reference {
     )
     .unwrap();
     let s = g.input_shape();
-    let len = BATCH * s.numel() as usize;
+    let len = batch * s.numel() as usize;
     let x: Vec<f32> = (0..len).map(|_| r.normal() as f32).collect();
-    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % g.classes).collect();
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % g.classes).collect();
     let xt = Tensor::from_vec(
-        &[BATCH, s.c as usize, s.h as usize, s.w as usize],
+        &[batch, s.c as usize, s.h as usize, s.w as usize],
         x.iter().map(|&v| v as f64).collect(),
     );
     let cpu_mode = match mode {
@@ -723,4 +731,37 @@ fn bf16_wrn_step_and_infer() {
 fn bf16_densenet_and_pyramidnet_steps() {
     let _ = check_step_in("densenet", DENSENET, BF16);
     let _ = check_step_in("pyramidnet", PYRAMIDNET, BF16);
+}
+
+/// BN statistics accumulated by a conv epilogue across many blocks (atomics), on a channel
+/// whose mean is ~0: the sum is far smaller than its terms, and plain fp32 atomics lose it.
+/// The per-kernel check must still hold (compensated accumulation, see the conv epilogue).
+#[test]
+fn conv_epilogue_statistics_of_a_zero_mean_channel() {
+    let g = graph_in("input 3x16x16", "conv(1x1, 4) bn relu gap fc");
+    let batch = 8;
+    let mut r = reference_n(&g, Mode::Train, batch);
+    // zero-mean input channels: a 1x1 convolution (no padding) keeps every mean ~0
+    let hw = 16 * 16;
+    for c in 0..3 {
+        let idx: Vec<usize> = (0..batch)
+            .flat_map(|n| (0..hw).map(move |p| (n * 3 + c) * hw + p))
+            .collect();
+        let mean = idx.iter().map(|&i| r.x[i] as f64).sum::<f64>() / idx.len() as f64;
+        for &i in &idx {
+            r.x[i] = (r.x[i] as f64 - mean) as f32;
+        }
+    }
+    let opts = Options {
+        mode: Mode::Train,
+        batch: batch as u32,
+        precision: Precision::F32,
+        fusion: Fusion::default(),
+    };
+    let s = schedule::build(&g, &opts).unwrap();
+    assert!(s
+        .launches
+        .iter()
+        .any(|l| s.kernels[l.kernel].name.ends_with("_stats")));
+    let _ = emulate("zero-mean-stats", &s, &r, F32.kernel);
 }

@@ -94,7 +94,13 @@ pub fn encode(v: &[f64], dtype: Dtype) -> Vec<u8> {
 pub fn parts(spec: &KernelSpec, arg: &str, len: usize) -> Vec<(String, std::ops::Range<usize>)> {
     let halves: Option<[&str; 2]> = match (spec, arg) {
         (KernelSpec::ChannelSums { squares: true, .. }, "out") => Some(["sum", "m2"]),
-        (KernelSpec::ConvFwd { .. }, "stats") => Some(["sum", "sumsq"]),
+        (KernelSpec::ConvFwd { .. }, "stats") if len % 4 == 0 => {
+            let q = len / 4;
+            return vec![
+                (format!("{arg}.sum"), 0..q),
+                (format!("{arg}.sumsq"), q..2 * q),
+            ];
+        }
         (_, "saved") => Some(["mean", "rstd"]),
         (_, "affine") => Some(["scale", "shift"]),
         (_, "running") => Some(["running_mean", "running_var"]),
@@ -278,11 +284,11 @@ pub fn launch(
                 y.data = add_into(&y.data, r);
             }
             if epi.stats {
-                let shape = [n, oc, g.out_h as usize, g.out_w as usize];
-                let s = per_channel(shape, |i| y.data[i]);
-                let q = per_channel(shape, |i| y.data[i] * y.data[i]);
                 let prior = a.buf("stats")?;
-                out.push(("stats", add_into(prior, &[s, q].concat())));
+                if prior.len() != 4 * oc {
+                    return Err("conv stats length".into());
+                }
+                out.push(("stats", stats_of(&y.data, n, oc, prior)));
             }
             out.push(("y", y.data));
         }
@@ -382,6 +388,17 @@ pub fn launch(
             let (count, eps, mom) = (a.sc("count")?, a.sc("eps")?, a.sc("momentum")?);
             let (mut saved, mut affine, mut running) =
                 (vec![0.0; 2 * c], vec![0.0; 2 * c], vec![0.0; 2 * c]);
+            let st = if centered {
+                if st.len() != 2 * c {
+                    return Err("centred stats length".into());
+                }
+                st.to_vec()
+            } else {
+                if st.len() != 4 * c {
+                    return Err("compensated stats length".into());
+                }
+                canonical_stats(st)
+            };
             for ch in 0..c {
                 let mean = st[ch] / count;
                 let var = if centered {
@@ -704,14 +721,31 @@ pub fn run(
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
         let spec = &s.kernels[l.kernel].spec;
         let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
-        let new = launch(spec, s.batch as usize, &gather(l, &bufs), &sc)
+        let before = gather(l, &bufs);
+        let mut new = launch(spec, s.batch as usize, &before, &sc)
             .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
-        for (a, v) in l.buffers.iter().zip(new) {
-            if let Some(mut v) = v {
-                if round_storage {
+        if round_storage {
+            for (a, v) in l.buffers.iter().zip(new.iter_mut()) {
+                if let Some(v) = v {
                     let dtype = s.buffers[a.buffer].dtype;
-                    v = decode(&encode(&v, dtype), dtype);
+                    *v = decode(&encode(v, dtype), dtype);
                 }
+            }
+            // a conv epilogue's statistics are of the stored (rounded) output, in compensated
+            // (about f64) precision
+            if let KernelSpec::ConvFwd { epi, .. } = spec {
+                if epi.stats {
+                    let (params, snames) = spec.signature();
+                    let pos = |name: &str| params.iter().position(|p| p.name == name).unwrap();
+                    let oc = sc[snames.iter().position(|(n, _)| *n == "OC").unwrap()] as usize;
+                    let y = new[pos("y")].clone().unwrap();
+                    new[pos("stats")] =
+                        Some(stats_of(&y, s.batch as usize, oc, &before[pos("stats")]));
+                }
+            }
+        }
+        for (a, v) in l.buffers.iter().zip(new) {
+            if let Some(v) = v {
                 bufs[a.buffer][a.offset as usize..(a.offset + a.len) as usize].copy_from_slice(&v);
             }
         }
@@ -733,6 +767,34 @@ pub struct PartErr {
     pub scale: f64,
     /// `abs / scale` (0 when both are 0).
     pub rel: f64,
+}
+
+/// A conv epilogue's statistics after adding `y` (`n` images of `c` channels) to `prior`:
+/// both are compensated pairs `[sum | sumsq | sum_lo | sumsq_lo]`; the result holds the exact
+/// (f64) totals in the first half and zeros in the second (see [`canonical_stats`]).
+pub fn stats_of(y: &[f64], n: usize, c: usize, prior: &[f64]) -> Vec<f64> {
+    let hw = y.len() / (n * c).max(1);
+    let shape = [n, c, hw, 1];
+    let s = per_channel(shape, |i| y[i]);
+    let q = per_channel(shape, |i| y[i] * y[i]);
+    let mut out = canonical_stats(prior);
+    for ch in 0..c {
+        out[ch] += s[ch];
+        out[c + ch] += q[ch];
+    }
+    out
+}
+
+/// `[hi_s | hi_q | lo_s | lo_q]` -> `[hi_s + lo_s | hi_q + lo_q | 0 | 0]` (f64): the values the
+/// compensated pairs stand for.
+pub fn canonical_stats(v: &[f64]) -> Vec<f64> {
+    let c = v.len() / 4;
+    let mut out = vec![0.0; v.len()];
+    for ch in 0..c {
+        out[ch] = v[ch] + v[2 * c + ch];
+        out[c + ch] = v[c + ch] + v[3 * c + ch];
+    }
+    out
 }
 
 /// Per-kernel isolation over an emulated run: before each launch the buffers hold exactly
@@ -757,7 +819,7 @@ pub fn check_kernels(
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
         let k = &s.kernels[l.kernel];
         let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
-        let want = launch(&k.spec, s.batch as usize, &gather(l, &cur), &sc)
+        let mut want = launch(&k.spec, s.batch as usize, &gather(l, &cur), &sc)
             .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
         let (params, _) = k.spec.signature();
         let mut got_bufs = std::collections::BTreeMap::new();
@@ -770,9 +832,27 @@ pub fn check_kernels(
                 got_bufs.insert(a.buffer, decode(bytes, b.dtype));
             }
         }
+        if let KernelSpec::ConvFwd { epi, .. } = k.spec {
+            if epi.stats {
+                // The statistics are of the values the kernel wrote (what the BN normalises),
+                // so they are checked against sums of the emulated output, not of the exact one.
+                let pos = |name: &str| params.iter().position(|p| p.name == name).unwrap();
+                let (yi, si) = (pos("y"), pos("stats"));
+                let ya = l.buffers[yi];
+                let y = &got_bufs[&ya.buffer][ya.offset as usize..(ya.offset + ya.len) as usize];
+                let (_, snames) = k.spec.signature();
+                let oc = sc[snames.iter().position(|(n, _)| *n == "OC").unwrap()] as usize;
+                let prior = gather(l, &cur)[si].clone();
+                want[si] = Some(stats_of(y, s.batch as usize, oc, &prior));
+            }
+        }
         for ((a, w), p) in l.buffers.iter().zip(&want).zip(&params) {
             let Some(w) = w else { continue };
-            let got = &got_bufs[&a.buffer][a.offset as usize..(a.offset + a.len) as usize];
+            let mut got =
+                got_bufs[&a.buffer][a.offset as usize..(a.offset + a.len) as usize].to_vec();
+            if matches!(k.spec, KernelSpec::ConvFwd { .. }) && p.name == "stats" {
+                got = canonical_stats(&got);
+            }
             for (part, r) in parts(&k.spec, p.name, w.len()) {
                 let (g, w) = (&got[r.clone()], &w[r]);
                 let abs = g.iter().zip(w).fold(0f64, |m, (x, y)| m.max((x - y).abs()));

@@ -12,10 +12,17 @@ __device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) {
     u += 0x7fffu + ((u >> 16) & 1u);
     p[i] = (unsigned short)(u >> 16);
 }
+// The value wrnc_st stores, as a float.
+__device__ __forceinline__ float wrnc_stored(float v) {
+    unsigned int u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __uint_as_float(u & 0xffff0000u);
+}
 #else
 typedef float act_t;
 __device__ __forceinline__ float wrnc_ld(const act_t* p, int i) { return p[i]; }
 __device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) { p[i] = v; }
+__device__ __forceinline__ float wrnc_stored(float v) { return v; }
 #endif
 
 // Sum over a warp; every lane of the warp must call it. Lane 0 holds the result.
@@ -55,6 +62,19 @@ __device__ __forceinline__ double wrnc_block_sum_d(double v, double* sh) {
     v = (int)threadIdx.x < nw ? sh[lane] : 0.0;
     if (wid == 0) v = wrnc_warp_sum_d(v);
     return v;
+}
+
+// Adds `v` to the compensated sum `*hi + *lo` atomically: `hi` takes fl(v) with atomicAdd, and
+// since atomicAdd returns the value it added to, TwoSum recovers that addition's exact rounding
+// error, which goes (with v's own rounding to float) into `lo`. Whatever order the blocks come
+// in, `hi + lo` is the sum to about 2^-48 of its terms. No multiplies: nothing to contract.
+__device__ __forceinline__ void wrnc_atomic_add_comp(float* hi, float* lo, double v) {
+    const float vf = (float)v;
+    const float old = atomicAdd(hi, vf);
+    const float s = old + vf;
+    const float bv = s - old;
+    const float err = (old - (s - bv)) + (vf - bv);
+    atomicAdd(lo, err + (float)(v - (double)vf));
 }
 
 // Inverted dropout of one element: kept with probability 1 - p, scaled by 1 / (1 - p).

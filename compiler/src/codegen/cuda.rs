@@ -222,8 +222,28 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             }
             e.push_str("        wrnc_st(y, idx, out);\n    }\n");
             if epi.stats {
-                e.push_str("    float* sums_ = stats;\n    const float sv = valid ? out : 0.0f;\n");
-                e.push_str(&column_atomics("sv", "sv * sv", "oc", "OC", "j < NC"));
+                // Statistics of the stored values (what the BN reads), compensated: `stats` is
+                // [sum | sumsq | sum_lo | sumsq_lo]; each block adds its
+                // column sums (in double) with wrnc_atomic_add_comp, whose lo part collects the
+                // exact rounding error of every atomic add. Plain fp32 atomics lose the sum of
+                // a (near) zero-mean channel entirely once thousands of blocks add into it.
+                e.push_str(
+                    r#"    {
+        __shared__ float R0[16][17];
+        __shared__ float R1[16][17];
+        const float sv = valid ? wrnc_stored(out) : 0.0f;
+        R0[ty][tx] = sv;
+        R1[ty][tx] = sv * sv;
+        __syncthreads();
+        if (ty == 0 && j < NC) {
+            double a0 = 0.0, a1 = 0.0;
+            for (int r = 0; r < 16; ++r) { a0 += (double)R0[r][tx]; a1 += (double)R1[r][tx]; }
+            wrnc_atomic_add_comp(&stats[oc], &stats[2 * OC + oc], a0);
+            wrnc_atomic_add_comp(&stats[OC + oc], &stats[3 * OC + oc], a1);
+        }
+    }
+"#,
+                );
             }
             gemm(
                 name,
@@ -381,10 +401,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             r#"{} {{
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
-    const float inv = 1.0f / (float)count;
-    const float mean = stats[ch] * inv;
-    float var = {};
-    var = var > 0.0f ? var : 0.0f;
+    const double inv = 1.0 / (double)count;
+{}    const float mean = (float)mean_d;
+    const float var = (float)(var_d > 0.0 ? var_d : 0.0);
     const float rstd = rsqrtf(var + eps);
     saved[ch] = mean;
     saved[C + ch] = rstd;
@@ -397,7 +416,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 }}
 "#,
             header(name, spec),
-            if centered { "stats[C + ch] * inv" } else { "stats[C + ch] * inv - mean * mean" }
+            if centered {
+                "    const double mean_d = (double)stats[ch] * inv;\n    const double var_d = (double)stats[C + ch] * inv;\n"
+            } else {
+                "    // compensated pairs [sum | sumsq | sum_lo | sumsq_lo] from a conv epilogue\n    const double mean_d = ((double)stats[ch] + (double)stats[2 * C + ch]) * inv;\n    const double var_d = ((double)stats[C + ch] + (double)stats[3 * C + ch]) * inv - mean_d * mean_d;\n"
+            }
         ),
         BnFinalizeEval => format!(
             r#"{} {{

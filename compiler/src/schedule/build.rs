@@ -285,7 +285,8 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             b.s.state.push((node.name.clone(), state, 2 * c as u64));
             state += 2 * c as u64;
             b.stats_off.insert(i, stats);
-            stats += 2 * c as u64;
+            // [sum | sum of squares | their compensation terms] (see the conv epilogue)
+            stats += 4 * c as u64;
         }
     }
     if off > i32::MAX as u64 {
@@ -483,7 +484,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     args.push(b.slice(
                         stats_buf.unwrap(),
                         so,
-                        2 * conv.out_c as u64,
+                        4 * conv.out_c as u64,
                         Access::ReadWrite,
                     ));
                 }
@@ -543,7 +544,13 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     let affine = b.bn_buf(i, "affine", Role::Saved);
                     let st = b.state_off[&i];
                     let args = vec![
-                        b.slice(sb, so, 2 * c as u64, Access::Read),
+                        // compensated pairs from a conv epilogue, centred sums otherwise
+                        b.slice(
+                            sb,
+                            so,
+                            if fu.stats_from.is_some() { 4 } else { 2 } * c as u64,
+                            Access::Read,
+                        ),
                         b.param(&format!("{name}.weight"), Access::Read, params),
                         b.param(&format!("{name}.bias"), Access::Read, params),
                         b.arg(saved, Access::Write),
