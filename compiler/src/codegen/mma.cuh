@@ -1,0 +1,84 @@
+// wrnc tensor-core helpers (sm_80+): bf16 mma.sync, ldmatrix, cp.async, behind small inline
+// functions. Included verbatim at the top of every kernel codegen::mma generates.
+//
+// On the GPU these are single PTX instructions. emu/cuda_emu_mma.h defines WRNC_MMA_EMU and
+// replaces them with host emulations that follow the PTX ISA's per-lane fragment layouts
+// exactly, executed warp-synchronously, so the same kernel text runs in the CPU emulation.
+//
+// Contracts (both implementations):
+// - wrnc_mma_bf16_16816(d, a, b, c): the warp's D (16x8, f32) = A (16x16, bf16, row) *
+//   B (16x8, bf16, col) + C. Every lane of the warp calls it. Fragments (PTX ISA 9.7.14.5.8;
+//   g = lane >> 2, t = lane & 3; a register holds two bf16, the lower-indexed one in the low
+//   16 bits): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
+//   a[3] = A[g+8][2t+8..]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];
+//   c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]. d may alias c.
+// - wrnc_ldmatrix_x4(r, p): four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give
+//   the 16-byte-aligned addresses of rows 0..7 of matrix i; r[i] = matrix i's
+//   [lane >> 2][2 (lane & 3) .. +1]. The _trans form gives r[i] = matrix i's
+//   ([2 (lane & 3)][lane >> 2], [2 (lane & 3) + 1][lane >> 2]).
+// - wrnc_cp_async16(dst, src, valid): copies 16 bytes global -> shared asynchronously (both
+//   16-byte aligned), or writes 16 zero bytes when !valid (src is then not read but must be a
+//   valid pointer). The copy lands only after a later wrnc_cp_async_wait<N>() that retires its
+//   group: wrnc_cp_async_commit() closes the current group, wrnc_cp_async_wait<N>() waits
+//   until at most N of this thread's committed groups are still in flight.
+
+#ifndef WRNC_MMA_CUH
+#define WRNC_MMA_CUH
+
+#ifndef WRNC_MMA_EMU
+__device__ __forceinline__ unsigned int wrnc_smem_addr(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void wrnc_mma_bf16_16816(float* d, const unsigned int* a,
+                                                    const unsigned int* b, const float* c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+          "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void wrnc_ldmatrix_x4(unsigned int* r, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(wrnc_smem_addr(p))
+                 : "memory");
+}
+
+__device__ __forceinline__ void wrnc_ldmatrix_x4_trans(unsigned int* r, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(wrnc_smem_addr(p))
+                 : "memory");
+}
+
+__device__ __forceinline__ void wrnc_cp_async16(unsigned short* dst, const unsigned short* src,
+                                                bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(wrnc_smem_addr(dst)),
+                 "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void wrnc_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void wrnc_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif  // WRNC_MMA_EMU
+
+// bf16 <-> f32 (bf16 stored as unsigned short; round to nearest even, like common.cuh).
+__device__ __forceinline__ float wrnc_bf16_f32(unsigned short h) {
+    return __uint_as_float(((unsigned int)h) << 16);
+}
+__device__ __forceinline__ unsigned short wrnc_f32_bf16(float v) {
+    unsigned int u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+#endif  // WRNC_MMA_CUH
