@@ -310,7 +310,7 @@ fn check_kernels(tag: &str, s: &Schedule, ins: &[(String, Vec<u8>)], trace: &Tra
     );
     let bad: Vec<String> = errs
         .iter()
-        .filter(|e| !(e.rel <= tol))
+        .filter(|e| e.rel.is_nan() || e.rel > tol)
         .map(|e| {
             format!(
                 "  launch {} ({}) {} {}: {:.3e} (max |err| {:.3e}, max |want| {:.3e})",
@@ -733,12 +733,17 @@ fn bf16_densenet_and_pyramidnet_steps() {
     let _ = check_step_in("pyramidnet", PYRAMIDNET, BF16);
 }
 
-/// BN statistics accumulated by a conv epilogue across many blocks (atomics), on a channel
-/// whose mean is ~0: the sum is far smaller than its terms, and plain fp32 atomics lose it.
-/// The per-kernel check must still hold (compensated accumulation, see the conv epilogue).
+/// BN statistics accumulated by a conv epilogue across many blocks (512 blocks of 16 rows per
+/// channel here), on channels whose mean is ~0: the sum is ~1e-5 of its terms, and plain fp32
+/// atomics got it 37% wrong. The per-kernel check must still hold (compensated accumulation,
+/// see the conv epilogue); the second conv's data-gradient epilogue accumulates the first
+/// BN's dgamma / dbeta with atomics over as many blocks.
 #[test]
 fn conv_epilogue_statistics_of_a_zero_mean_channel() {
-    let g = graph_in("input 3x16x16", "conv(1x1, 4) bn relu gap fc");
+    let g = graph_in(
+        "input 3x16x16",
+        "conv(1x1, 4) bn relu conv(1x1, 4) bn relu gap fc",
+    );
     let batch = 8;
     let mut r = reference_n(&g, Mode::Train, batch);
     // zero-mean input channels: a 1x1 convolution (no padding) keeps every mean ~0

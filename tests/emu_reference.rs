@@ -94,7 +94,7 @@ pub fn encode(v: &[f64], dtype: Dtype) -> Vec<u8> {
 pub fn parts(spec: &KernelSpec, arg: &str, len: usize) -> Vec<(String, std::ops::Range<usize>)> {
     let halves: Option<[&str; 2]> = match (spec, arg) {
         (KernelSpec::ChannelSums { squares: true, .. }, "out") => Some(["sum", "m2"]),
-        (KernelSpec::ConvFwd { .. }, "stats") if len % 4 == 0 => {
+        (KernelSpec::ConvFwd { .. }, "stats") if len.is_multiple_of(4) => {
             let q = len / 4;
             return vec![
                 (format!("{arg}.sum"), 0..q),
@@ -108,7 +108,7 @@ pub fn parts(spec: &KernelSpec, arg: &str, len: usize) -> Vec<(String, std::ops:
         _ => None,
     };
     match halves {
-        Some([a, b]) if len % 2 == 0 => vec![
+        Some([a, b]) if len.is_multiple_of(2) => vec![
             (format!("{arg}.{a}"), 0..len / 2),
             (format!("{arg}.{b}"), len / 2..len),
         ],
@@ -855,7 +855,15 @@ pub fn check_kernels(
             }
             for (part, r) in parts(&k.spec, p.name, w.len()) {
                 let (g, w) = (&got[r.clone()], &w[r]);
-                let abs = g.iter().zip(w).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                // a NaN anywhere is an infinite error (f64::max would skip it)
+                let abs = g.iter().zip(w).fold(0f64, |m, (x, y)| {
+                    let d = (x - y).abs();
+                    if d.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        m.max(d)
+                    }
+                });
                 let scale = w.iter().fold(0f64, |m, y| m.max(y.abs()));
                 let rel = if abs == 0.0 { 0.0 } else { abs / scale };
                 errs.push(PartErr {

@@ -180,9 +180,14 @@ pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
 pub fn rel_err(a: &[f32], b: &[f64], floor: f64) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(floor.max(1e-30), |m, v| m.max(v.abs()));
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+    let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| {
+        // a NaN is an infinite error (f64::max would skip it)
+        let d = (*x as f64 - y).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
     diff / scale
 }

@@ -480,7 +480,7 @@ impl KernelSpec {
                     ("momentum", S::F32),
                 ],
             ),
-            BnFinalizeEval { .. } => (
+            BnFinalizeEval => (
                 vec![
                     b!("running", Read, F32),
                     b!("gamma", Read, F32),
@@ -489,7 +489,7 @@ impl KernelSpec {
                 ],
                 vec![("C", S::I32), ("eps", S::F32)],
             ),
-            BnApply { .. } => (
+            BnApply => (
                 vec![
                     b!("y", Write, Act),
                     b!("x", Read, Act),
