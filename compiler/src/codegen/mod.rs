@@ -3,3 +3,4 @@
 
 pub mod cuda;
 pub mod emu;
+pub mod mma;
