@@ -109,7 +109,11 @@ fn mma_kernels_compile_for_sm80_and_sm90() {
             // Informational: a local-memory depot means some array (accumulators, fragments)
             // was not kept in registers.
             if arch == "sm_80" {
-                eprintln!("{}: local memory depot: {}", names[0], ptx.contains("__local_depot"));
+                eprintln!(
+                    "{}: local memory depot: {}",
+                    names[0],
+                    ptx.contains("__local_depot")
+                );
             }
         }
     }

@@ -110,16 +110,17 @@ impl Tile {
 
     fn check(&self, a_kmajor: bool, b_kmajor: bool) -> Result<(), MmaError> {
         let bad = |m: String| Err(MmaError::Tile(format!("{self:?}: {m}")));
-        if self.warps_m == 0 || self.warps_n == 0 || self.warps_m * self.warps_n > 32 {
+        if self.warps_m == 0 || self.warps_n == 0 || self.warps_m as u64 * self.warps_n as u64 > 32
+        {
             return bad("1 to 32 warps".into());
         }
-        if self.bk == 0 || self.bk % 16 != 0 || self.bk > 256 {
+        if self.bk == 0 || !self.bk.is_multiple_of(16) || self.bk > 256 {
             return bad("bk must be a positive multiple of 16, at most 256".into());
         }
-        if self.bm == 0 || self.bm % (16 * self.warps_m) != 0 || self.bm > 512 {
+        if self.bm == 0 || !self.bm.is_multiple_of(16 * self.warps_m) || self.bm > 512 {
             return bad("bm must be a multiple of 16 * warps_m, at most 512".into());
         }
-        if self.bn == 0 || self.bn % (16 * self.warps_n) != 0 || self.bn > 512 {
+        if self.bn == 0 || !self.bn.is_multiple_of(16 * self.warps_n) || self.bn > 512 {
             return bad("bn must be a multiple of 16 * warps_n, at most 512".into());
         }
         if self.stages < 2 || self.stages > 8 {
@@ -186,9 +187,12 @@ pub fn default_tile(pass: Pass, m: u64, n: u64, _k: u64) -> Tile {
 /// the grid has about two blocks per SM of a 132-SM GPU, each slice keeping at least 8 k-tiles;
 /// between 1 and 32.
 pub fn default_split_k(m: u64, n: u64, k: u64, t: &Tile) -> u32 {
-    let blocks = m.div_ceil(t.bm as u64).max(1) * n.div_ceil(t.bn as u64).max(1);
+    let blocks = m
+        .div_ceil(t.bm.max(1) as u64)
+        .max(1)
+        .saturating_mul(n.div_ceil(t.bn.max(1) as u64).max(1));
     let want = 264u64.div_ceil(blocks);
-    let kt = k.div_ceil(t.bk as u64);
+    let kt = k.div_ceil(t.bk.max(1) as u64);
     want.min(kt / 8).clamp(1, 32) as u32
 }
 
@@ -295,10 +299,16 @@ impl MmaConv {
         let (oh, ow) = self.out_hw()?;
         let (b, kk) = (batch as u64, self.k as u64 * self.k as u64);
         let (ic, oc) = (self.in_c as u64, self.out_c as u64);
+        // Saturating: absurd sizes give huge (not wrapped) products, which the callers reject.
+        let mul = |a: u64, b: u64, c: u64| a.saturating_mul(b).saturating_mul(c);
+        let (out_pix, in_pix) = (
+            mul(b, oh as u64, ow as u64),
+            mul(b, self.in_h as u64, self.in_w as u64),
+        );
         Ok(match pass {
-            Pass::Fwd => (b * oh as u64 * ow as u64, oc, kk * ic),
-            Pass::BwdData => (b * self.in_h as u64 * self.in_w as u64, ic, kk * oc),
-            Pass::BwdWeight => (oc, kk * ic, b * oh as u64 * ow as u64),
+            Pass::Fwd => (out_pix, oc, kk.saturating_mul(ic)),
+            Pass::BwdData => (in_pix, ic, kk.saturating_mul(oc)),
+            Pass::BwdWeight => (oc, kk.saturating_mul(ic), out_pix),
         })
     }
 
@@ -343,13 +353,13 @@ impl MmaConv {
 
     /// Elements of the weight (`out_c * k * k * in_c`).
     pub fn weight_len(&self) -> u64 {
-        self.out_c as u64 * self.k as u64 * self.k as u64 * self.in_c as u64
+        (self.out_c as u64 * self.in_c as u64).saturating_mul(self.k as u64 * self.k as u64)
     }
 
     fn check(&self, pass: Pass) -> Result<(), MmaError> {
         let (oh, ow) = self.out_hw()?;
         let un = |m: &str| Err(MmaError::Unsupported(format!("{m} ({self:?})")));
-        if self.in_c % 8 != 0 || self.out_c % 8 != 0 {
+        if !self.in_c.is_multiple_of(8) || !self.out_c.is_multiple_of(8) {
             return un("channel counts must be multiples of 8 (16-byte cp.async chunks)");
         }
         if self.k > 15 || self.stride > 15 {
@@ -357,8 +367,9 @@ impl MmaConv {
         }
         // Per-image sizes and the weight must index with int even at batch 1.
         let lim = i32::MAX as u64;
-        let img = (self.in_h as u64 * self.in_w as u64 * self.in_c as u64)
-            .max(oh as u64 * ow as u64 * self.out_c as u64);
+        let img = (self.in_h as u64 * self.in_w as u64)
+            .saturating_mul(self.in_c as u64)
+            .max((oh as u64 * ow as u64).saturating_mul(self.out_c as u64));
         if img > lim || self.weight_len() > lim {
             return Err(MmaError::TooLarge(format!("{self:?}")));
         }
@@ -993,6 +1004,27 @@ mod tests {
                 "k",
                 MmaConv {
                     tile: Tile {
+                        warps_m: 1 << 31,
+                        warps_n: 2,
+                        ..ok.tile
+                    },
+                    ..ok
+                },
+            ),
+            (
+                "k",
+                MmaConv {
+                    k: 1 << 20,
+                    pad: 0,
+                    in_h: u32::MAX,
+                    ..ok
+                },
+            ),
+            ("k", MmaConv::new(8, 8, u32::MAX, u32::MAX, 1, 1, 0)),
+            (
+                "k",
+                MmaConv {
+                    tile: Tile {
                         bm: 512,
                         bn: 512,
                         ..ok.tile
@@ -1015,6 +1047,67 @@ mod tests {
         assert!(conv_bwd_weight_kernel("k", &MmaConv { stats: true, ..ok }).is_err());
         assert!(ok.grid(Pass::Fwd, 0).is_err());
         assert!(ok.grid(Pass::Fwd, u32::MAX).is_err());
+    }
+
+    /// Arbitrary field values (extremes included) give a kernel or an error, never a panic.
+    #[test]
+    fn arbitrary_inputs_never_panic() {
+        let picks = [
+            0u32,
+            1,
+            2,
+            3,
+            7,
+            8,
+            15,
+            16,
+            31,
+            32,
+            64,
+            4096,
+            1 << 31,
+            u32::MAX,
+        ];
+        let mut s = 0x9e3779b97f4a7c15u64;
+        let mut pick = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            picks[(s >> 33) as usize % picks.len()]
+        };
+        for _ in 0..3000 {
+            let c = MmaConv {
+                in_c: pick(),
+                out_c: pick(),
+                in_h: pick(),
+                in_w: pick(),
+                k: pick(),
+                stride: pick(),
+                pad: pick(),
+                out: OutType::F32,
+                prologue: pick() % 2 == 0,
+                residual: pick() % 2 == 0,
+                stats: pick() % 2 == 0,
+                accumulate: pick() % 2 == 0,
+                tile: Tile {
+                    bm: pick(),
+                    bn: pick(),
+                    bk: pick(),
+                    warps_m: pick(),
+                    warps_n: pick(),
+                    stages: pick(),
+                },
+                split_k: pick(),
+            };
+            let batch = pick();
+            for pass in [Pass::Fwd, Pass::BwdData, Pass::BwdWeight] {
+                let _ = c.with_default_tile(pass, batch).grid(pass, batch);
+                let _ = c.grid(pass, batch);
+            }
+            let _ = conv_fwd_kernel("k", &c);
+            let _ = conv_bwd_data_kernel("k", &c);
+            let _ = conv_bwd_weight_kernel("k", &c);
+        }
     }
 
     #[test]
