@@ -714,6 +714,25 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// torchvision's ImageNet stem: conv 7x7/2 (pad 3), BN, ReLU, max pool 3x3/2 (pad 1).
+    fn imagenet_stem(&mut self, out: u64) {
+        let conv = LayerKind::Conv {
+            k: 7,
+            out,
+            stride: 2,
+            pad: Some(3),
+            groups: 1,
+            bias: false,
+        };
+        let pool = LayerKind::MaxPool {
+            k: 3,
+            stride: 2,
+            pad: 1,
+        };
+        self.body
+            .extend([self.l(conv), self.bn(), self.relu(), self.l(pool)]);
+    }
+
     /// torchvision's ImageNet ResNet / ResNeXt / wide ResNet: 7x7/2 stem and 3x3/2 max pool;
     /// four stages of widths 64..512; basic or bottleneck (v1.5: stride on the 3x3) blocks with
     /// `projbn` shortcuts; the bottleneck's inner width is `planes * base_width / 64 * groups`.
@@ -724,23 +743,7 @@ impl Builder<'_> {
         groups: u64,
         base_width: u64,
     ) -> Result<()> {
-        self.body.extend([
-            self.l(LayerKind::Conv {
-                k: 7,
-                out: 64,
-                stride: 2,
-                pad: Some(3),
-                groups: 1,
-                bias: false,
-            }),
-            self.bn(),
-            self.relu(),
-            self.l(LayerKind::MaxPool {
-                k: 3,
-                stride: 2,
-                pad: 1,
-            }),
-        ]);
+        self.imagenet_stem(64);
         let expansion = if bottleneck { 4 } else { 1 };
         let mut in_c = 64;
         for (s, (&count, planes)) in blocks.iter().zip([64u64, 128, 256, 512]).enumerate() {
@@ -900,23 +903,7 @@ impl Builder<'_> {
     /// torchvision's ImageNet DenseNet: 7x7/2 stem, 3x3/2 max pool, four dense blocks of
     /// bottleneck units, transitions halving the channels, final BN.
     fn densenet_imagenet(&mut self, k: u64, init: u64, blocks: &[u64; 4]) -> Result<()> {
-        self.body.extend([
-            self.l(LayerKind::Conv {
-                k: 7,
-                out: init,
-                stride: 2,
-                pad: Some(3),
-                groups: 1,
-                bias: false,
-            }),
-            self.bn(),
-            self.relu(),
-            self.l(LayerKind::MaxPool {
-                k: 3,
-                stride: 2,
-                pad: 1,
-            }),
-        ]);
+        self.imagenet_stem(init);
         let mut ch = init;
         for (b, &count) in blocks.iter().enumerate() {
             for _ in 0..count {
