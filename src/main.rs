@@ -42,7 +42,9 @@ enum Cmd {
     Check { net: String },
     /// Write the compiler's outputs for a network.
     Compile {
-        net: String,
+        /// A `.net` file or an inline expression (not needed with --list-passes).
+        #[arg(required_unless_present = "list_passes")]
+        net: Option<String>,
         /// Comma-separated: expanded, graph, dot, cuda, ptx, schedule.
         #[arg(long, value_delimiter = ',', default_value = "expanded")]
         emit: Vec<Emit>,
@@ -281,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let l = net::load(&net)?;
+            let l = net::load(net.as_deref().unwrap_or_default())?;
             let diag = |e: wrnc_compiler::Error| {
                 UserError(wrnc_grammar::Diagnostic::from_error(&l.source, &e).render())
             };

@@ -38,6 +38,8 @@ fn check(args: &[&str], code: i32, contains: &str) {
 
 #[test]
 fn commands_and_exit_codes() {
+    check(&["compile", "--list-passes"], 0, "bn_relu_prologue");
+    check(&["compile"], 2, "<NET>");
     check(&["info", "WRN-28-10"], 0, "parameters   36.5M (36479194)");
     check(&["info", "WRN-28-10"], 0, "MACs/image   5.24G");
     check(&["info", "--json", "WRN-40-4"], 0, "\"params\": 8949210");
