@@ -197,7 +197,7 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
                 b.reject_shortcut_zeropad()?;
                 b.torchvision_resnet(blocks, true, 1, 64 * k.value)?;
             } else {
-                let n = fit_depth(*depth, 4, 6, 10, "WRN", "depth - 4 must be a multiple of 6")?;
+                let n = fit_depth(*depth, 4, 6, 10, "WRN")?;
                 let ks = match kernels {
                     None => vec![3, 3],
                     Some(list) => {
@@ -230,14 +230,7 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
                 let bottleneck = depth.value >= 50;
                 b.torchvision_resnet(blocks, bottleneck, 1, 64)?;
             } else {
-                let n = fit_depth(
-                    *depth,
-                    2,
-                    6,
-                    8,
-                    "ResNet",
-                    "depth - 2 must be a multiple of 6",
-                )?;
+                let n = fit_depth(*depth, 2, 6, 8, "ResNet")?;
                 b.resnet_cifar(n)?;
             }
         }
@@ -255,19 +248,11 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
                     2,
                     9,
                     164,
-                    "PreResNet (bottleneck)",
-                    "depth - 2 must be a multiple of 9 for depths of 164 and more",
+                    "PreResNet (bottleneck blocks from depth 164)",
                 )?;
                 b.preresnet(n, true)?;
             } else {
-                let n = fit_depth(
-                    *depth,
-                    2,
-                    6,
-                    8,
-                    "PreResNet",
-                    "depth - 2 must be a multiple of 6 below 164",
-                )?;
+                let n = fit_depth(*depth, 2, 6, 8, "PreResNet (basic blocks below depth 164)")?;
                 b.preresnet(n, false)?;
             }
         }
@@ -283,14 +268,7 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
                 b.reject_shortcut_zeropad()?;
                 b.torchvision_resnet(blocks, true, cardinality.value, width.value)?;
             } else {
-                let n = fit_depth(
-                    *depth,
-                    2,
-                    9,
-                    11,
-                    "ResNeXt",
-                    "depth - 2 must be a multiple of 9",
-                )?;
+                let n = fit_depth(*depth, 2, 9, 11, "ResNeXt")?;
                 b.resnext_cifar(n, cardinality.value, width.value)?;
             }
         }
@@ -338,23 +316,9 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
                 };
                 check_factor(*k, "growth rate")?;
                 let n = if *bc {
-                    fit_depth(
-                        *depth,
-                        4,
-                        6,
-                        10,
-                        "DenseNet-BC",
-                        "depth - 4 must be a multiple of 6",
-                    )?
+                    fit_depth(*depth, 4, 6, 10, "DenseNet-BC")?
                 } else {
-                    fit_depth(
-                        *depth,
-                        4,
-                        3,
-                        7,
-                        "DenseNet",
-                        "depth - 4 must be a multiple of 3",
-                    )?
+                    fit_depth(*depth, 4, 3, 7, "DenseNet")?
                 };
                 b.densenet_cifar(n, k.value, *bc)?;
             }
@@ -372,23 +336,9 @@ fn expand_family(f: &FamilySpec, s: &Settings) -> Result<Structural> {
             }
             check_factor_zero_ok(*alpha, "alpha")?;
             let n = if *bottleneck {
-                fit_depth(
-                    *depth,
-                    2,
-                    9,
-                    11,
-                    "PyramidNet (bottleneck)",
-                    "depth - 2 must be a multiple of 9",
-                )?
+                fit_depth(*depth, 2, 9, 11, "PyramidNet (bottleneck)")?
             } else {
-                fit_depth(
-                    *depth,
-                    2,
-                    6,
-                    8,
-                    "PyramidNet",
-                    "depth - 2 must be a multiple of 6",
-                )?
+                fit_depth(*depth, 2, 6, 8, "PyramidNet")?
             };
             b.pyramidnet(n, alpha.value, *bottleneck)?;
         }
@@ -460,14 +410,8 @@ pub fn family_name(f: &FamilySpec) -> String {
 }
 
 /// `depth = offset + per * n` with `n >= 1` and `depth >= min`: returns n.
-fn fit_depth(
-    depth: Spanned<u64>,
-    offset: u64,
-    per: u64,
-    min: u64,
-    family: &str,
-    rule: &str,
-) -> Result<u64> {
+fn fit_depth(depth: Spanned<u64>, offset: u64, per: u64, min: u64, family: &str) -> Result<u64> {
+    let rule = format!("depth - {offset} must be a multiple of {per}");
     let d = depth.value;
     let valid = |count: usize| -> String {
         let v: Vec<String> = (1..)
