@@ -367,6 +367,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let cuda = wrnc_compiler::codegen::cuda::write(s, &opts).map_err(diag)?;
                 timing.push(("cuda", t.elapsed().as_secs_f64()));
                 if emit.contains(&Emit::Ptx) {
+                    let need = s.min_compute_capability();
+                    if arch_number(&arch).is_some_and(|a| a < need) {
+                        return Err(UserError(format!(
+                            "--arch {arch}: --precision {} runs the convolutions on bf16 tensor cores, which need sm_{need} or later",
+                            s.precision.name()
+                        ))
+                        .into());
+                    }
                     let t = std::time::Instant::now();
                     let ptx = wrnc_runtime::nvrtc::compile_ptx(&cuda, &arch)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -436,4 +444,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `sm_86` / `compute_90a` -> 86 / 90; `None` for anything else (NVRTC reports it).
+fn arch_number(arch: &str) -> Option<u32> {
+    let d = arch
+        .strip_prefix("sm_")
+        .or_else(|| arch.strip_prefix("compute_"))?;
+    let digits: String = d.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
 }

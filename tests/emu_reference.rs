@@ -75,6 +75,16 @@ pub fn bf16_bits(v: f32) -> u16 {
     (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 
+/// A tensor-core GEMM operand as the kernel sees it: every value rounded (through f32) to
+/// bf16, to nearest even. Identity for fp32 (SIMT) kernels.
+fn tc_operand(tensor_cores: bool, v: &mut [f64]) {
+    if tensor_cores {
+        for x in v {
+            *x = f32::from_bits((bf16_bits(*x as f32) as u32) << 16) as f64;
+        }
+    }
+}
+
 /// Encodes values as a buffer of `dtype` (f32 values rounded to the storage type).
 pub fn encode(v: &[f64], dtype: Dtype) -> Vec<u8> {
     match dtype {
@@ -267,11 +277,14 @@ pub fn launch(
                 return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
             }
             let x = t4(a.buf("x")?, [n, ic, g.in_h as usize, g.in_w as usize])?;
-            let x = prologue(&x, &pro, &a)?;
-            let w = a.buf("w")?;
+            let mut x = prologue(&x, &pro, &a)?;
+            tc_operand(g.tensor_cores, &mut x.data);
+            let mut w = a.buf("w")?.to_vec();
             if w.len() != conv_w_len(&g, ic, oc) {
                 return Err("conv weight length".into());
             }
+            tc_operand(g.tensor_cores, &mut w);
+            let w = &w[..];
             let mut op = conv_op(&g, ic, oc);
             op.bias = epi.bias;
             let mut y =
@@ -298,11 +311,14 @@ pub fn launch(
                 return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
             }
             let xs = [n, ic, g.in_h as usize, g.in_w as usize];
-            let dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
-            let w = a.buf("w")?;
+            let mut dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
+            tc_operand(g.tensor_cores, &mut dy.data);
+            let mut w = a.buf("w")?.to_vec();
             if w.len() != conv_w_len(&g, ic, oc) {
                 return Err("conv weight length".into());
             }
+            tc_operand(g.tensor_cores, &mut w);
+            let w = &w[..];
             let zeros = Tensor::zeros(&xs);
             let dact = conv::conv2d_backward(&zeros, &conv_op(&g, ic, oc), w, &dy, true)
                 .dx
@@ -331,8 +347,10 @@ pub fn launch(
                 return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
             }
             let x = t4(a.buf("x")?, [n, ic, g.in_h as usize, g.in_w as usize])?;
-            let x = prologue(&x, &pro, &a)?;
-            let dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
+            let mut x = prologue(&x, &pro, &a)?;
+            tc_operand(g.tensor_cores, &mut x.data);
+            let mut dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
+            tc_operand(g.tensor_cores, &mut dy.data);
             let w0 = vec![0.0; conv_w_len(&g, ic, oc)];
             out.push((
                 "dw",

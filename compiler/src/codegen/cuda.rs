@@ -50,6 +50,9 @@ pub fn write(schedule: &Schedule, options: &Options) -> Result<String, crate::Er
     }
     s.push_str(crate::rng::CUDA_SOURCE);
     s.push_str(COMMON_CUH);
+    if schedule.uses_tensor_cores() {
+        s.push_str(super::mma::MMA_CUH);
+    }
     for k in &schedule.kernels {
         s.push('\n');
         s.push_str(&kernel(&k.name, &k.spec));
@@ -128,14 +131,24 @@ struct Gemm<'a> {
     a: String,
     /// sets `v` from `kk`, `jj` (and `g`)
     b: String,
-    /// uses `m`, `j`, `g`, `acc`, `valid`; may use `__syncthreads` (every thread reaches it)
+    /// uses `m`, `j`, `g`, `acc`, `valid`, `tx`, `ty` (a 16x16 thread block, one output per
+    /// thread); may use `__syncthreads` (every thread reaches it)
     epi: String,
     consts: &'a str,
+    /// Tensor-core loads only: which index of an operand tile consecutive threads walk, so the
+    /// gather is coalesced (`true`: A's row `mm` / B's reduction `kk`; `false`: the other).
+    a_m_fast: bool,
+    b_k_fast: bool,
+    /// On the tensor cores ([`gemm_tc`]), else fp32 FMAs ([`gemm`]).
+    tensor_cores: bool,
 }
 
 /// Tiled GEMM `C[m][j] = sum_k A(m,k) B(k,j)` per group `blockIdx.z`, 16x16 threads, 16x16 tiles
 /// in shared memory, one output per thread. Every thread runs every `__syncthreads`.
 fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
+    if g.tensor_cores {
+        return gemm_tc(name, spec, g);
+    }
     format!(
         r#"{header} {{
 {consts}    __shared__ float As[16][17];
@@ -166,6 +179,105 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         __syncthreads();
     }}
 {epi}}}
+"#,
+        header = header(name, spec),
+        consts = g.consts,
+        m = g.m,
+        ncols = g.ncols,
+        k = g.k,
+        a = g.a,
+        b = g.b,
+        epi = g.epi
+    )
+}
+
+/// The same GEMM on the tensor cores: 64x64 outputs per block of 16x16 threads (8 warps in a
+/// 2x4 grid, each a 32x16 warp tile of four m16n8 `mma.sync` tiles), 32 of the reduction per
+/// shared-memory stage.
+///
+/// Algebra: `C = sum_k bf16(A(m,k)) * bf16(B(k,j))` with fp32 products and sums. The operands
+/// are gathered exactly as [`gemm`] gathers them (prologue included: `A`/`B` code sets `v` in
+/// fp32) and rounded to bf16 to nearest even as they are stored in shared memory; zero outside
+/// `M x K` / `K x NC`, so ragged edges add nothing. Shared memory holds A as `[m][k]` and B as
+/// `[j][k]` (k contiguous, rows of 40 halves = 80 bytes: 16-byte aligned for `ldmatrix`, and
+/// the eight rows one `ldmatrix` reads fall in distinct banks).
+///
+/// The epilogue is [`gemm`]'s, unchanged: the accumulators go through shared memory `Cs` and
+/// the block then walks its 64x64 tile as sixteen 16x16 sub-tiles with one output per thread
+/// (`m`, `j`, `acc`, `valid` as in [`gemm`]), so bias, residual, compensated statistics, BN
+/// chains and accumulation are the same code on both engines. A `__syncthreads` ends each
+/// sub-tile, since the epilogue's column reductions reuse their shared arrays.
+fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
+    let (a_ml, a_kl) = if g.a_m_fast {
+        ("q & 63", "q >> 6")
+    } else {
+        ("q >> 5", "q & 31")
+    };
+    let (b_nl, b_kl) = if g.b_k_fast {
+        ("q >> 5", "q & 31")
+    } else {
+        ("q & 63", "q >> 6")
+    };
+    format!(
+        r#"{header} {{
+{consts}    __shared__ __align__(16) unsigned short As[64][40];
+    __shared__ __align__(16) unsigned short Bs[64][40];
+    __shared__ float Cs[64][65];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int g = blockIdx.z;
+    const int M = {m}, NC = {ncols}, K = {k};
+    float cacc[2][2][4];
+    for (int i = 0; i < 2; ++i)
+        for (int jn = 0; jn < 2; ++jn)
+            for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += 32) {{
+        for (int e = 0; e < 8; ++e) {{
+            const int q = e * 256 + tid;
+            const int ml = {a_ml}, kl = {a_kl};
+            const int mm = blockIdx.x * 64 + ml, kk = k0 + kl;
+            float v = 0.0f;
+            if (mm < M && kk < K) {{
+{a}            }}
+            As[ml][kl] = wrnc_f32_bf16(v);
+        }}
+        for (int e = 0; e < 8; ++e) {{
+            const int q = e * 256 + tid;
+            const int nl = {b_nl}, kl = {b_kl};
+            const int kk = k0 + kl, jj = blockIdx.y * 64 + nl;
+            float v = 0.0f;
+            if (kk < K && jj < NC) {{
+{b}            }}
+            Bs[nl][kl] = wrnc_f32_bf16(v);
+        }}
+        __syncthreads();
+        for (int ks = 0; ks < 32; ks += 16) {{
+            unsigned int af[2][4], bfr[4];
+            for (int i = 0; i < 2; ++i)
+                wrnc_ldmatrix_x4(af[i], &As[wm * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);
+            wrnc_ldmatrix_x4(bfr, &Bs[wn * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);
+            for (int i = 0; i < 2; ++i)
+                for (int jn = 0; jn < 2; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[2 * jn], cacc[i][jn]);
+        }}
+        __syncthreads();
+    }}
+    for (int i = 0; i < 2; ++i)
+        for (int jn = 0; jn < 2; ++jn) {{
+            const int r0 = wm * 32 + i * 16 + (lane >> 2), c0 = wn * 16 + jn * 8 + 2 * (lane & 3);
+            Cs[r0][c0] = cacc[i][jn][0];
+            Cs[r0][c0 + 1] = cacc[i][jn][1];
+            Cs[r0 + 8][c0] = cacc[i][jn][2];
+            Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
+        }}
+    __syncthreads();
+    for (int sub = 0; sub < 16; ++sub) {{
+    const int m = blockIdx.x * 64 + (sub >> 2) * 16 + ty, j = blockIdx.y * 64 + (sub & 3) * 16 + tx;
+    const bool valid = m < M && j < NC;
+    const float acc = Cs[(sub >> 2) * 16 + ty][(sub & 3) * 16 + tx];
+{epi}    __syncthreads();
+    }}
+}}
 "#,
         header = header(name, spec),
         consts = g.consts,
@@ -256,6 +368,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     epi: e,
                     consts: &consts,
+                    a_m_fast: true,
+                    b_k_fast: true,
+                    tensor_cores: g.tensor_cores,
                 },
             )
         }
@@ -293,6 +408,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     epi: e,
                     consts: &consts,
+                    a_m_fast: true,
+                    b_k_fast: g.k > 1,
+                    tensor_cores: g.tensor_cores,
                 },
             )
         }
@@ -318,6 +436,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     epi: e,
                     consts: &consts,
+                    a_m_fast: false,
+                    b_k_fast: true,
+                    tensor_cores: g.tensor_cores,
                 },
             )
         }
@@ -332,6 +453,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b: "                v = w[jj * IN + kk];\n".into(),
                 epi: "    if (valid) wrnc_st(y, m * OUT + j, acc + bias[j]);\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
+                a_m_fast: false,
+                b_k_fast: false,
+                tensor_cores: false,
             },
         ),
         LinearBwdData { in_f, out_f } => gemm(
@@ -345,6 +469,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b: "                v = w[kk * IN + jj];\n".into(),
                 epi: format!("    if (valid) {{\n{}    }}\n", acc_store("dx", "m * IN + j", "acc", "accum")),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
+                a_m_fast: false,
+                b_k_fast: false,
+                tensor_cores: false,
             },
         ),
         LinearBwdWeight { in_f, out_f } => gemm(
@@ -358,6 +485,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b: "                v = wrnc_ld(x, kk * IN + jj);\n".into(),
                 epi: "    if (valid) dw[m * IN + j] = acc;\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
+                a_m_fast: false,
+                b_k_fast: false,
+                tensor_cores: false,
             },
         ),
         // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is

@@ -45,6 +45,8 @@ struct B<'a> {
     /// For a chained BN: the node whose gradient is the chain's activation gradient.
     chain_last: Vec<Option<usize>>,
     in_setup: bool,
+    /// Convolutions run on the tensor cores (`--precision bf16`).
+    tensor_cores: bool,
 }
 
 impl<'a> B<'a> {
@@ -186,7 +188,8 @@ impl<'a> B<'a> {
     }
 }
 
-fn geom(p: &Plan, i: usize) -> ConvGeom {
+/// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`).
+fn geom(p: &Plan, i: usize, tensor_cores: bool) -> ConvGeom {
     let Op::Conv2d(c) = p.nodes[i].op else {
         unreachable!()
     };
@@ -201,6 +204,7 @@ fn geom(p: &Plan, i: usize) -> ConvGeom {
         stride: c.stride,
         pad: c.pad,
         groups: c.groups,
+        tensor_cores,
     }
 }
 
@@ -248,6 +252,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         chain_bn: vec![None; nn],
         chain_last: vec![None; nn],
         in_setup: false,
+        tensor_cores: opts.precision == Precision::Bf16,
     };
 
     // sizes: every element index must fit an i32
@@ -432,7 +437,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         match node.op {
             Op::Input => {}
             Op::Conv2d(conv) => {
-                let g = geom(plan, i);
+                let g = geom(plan, i, b.tensor_cores);
                 let pro = fu.prologue;
                 let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
                 let pflags = PrologueFlags {
@@ -497,9 +502,10 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     sc.extend(b.rng(d, b.dropout_p(d)));
                 }
                 let m = n as u64 * (g.out_h * g.out_w) as u64;
+                let t = g.block_tile() as u64;
                 let grid = [
-                    ceil_div(m, TILE as u64),
-                    ceil_div((conv.out_c / g.groups) as u64, TILE as u64),
+                    ceil_div(m, t),
+                    ceil_div((conv.out_c / g.groups) as u64, t),
                     g.groups as u64,
                 ];
                 b.launch(
@@ -913,7 +919,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
     match node.op {
         Op::Input => {}
         Op::Conv2d(conv) => {
-            let g = geom(plan, i);
+            let g = geom(plan, i, b.tensor_cores);
             let pro = fu.prologue;
             let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
             let pflags = PrologueFlags {
@@ -938,11 +944,8 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             }
             let ocg = (conv.out_c / g.groups) as u64;
             let kdim = ((conv.in_c / g.groups) * g.k * g.k) as u64;
-            let grid = [
-                ceil_div(ocg, TILE as u64),
-                ceil_div(kdim, TILE as u64),
-                g.groups as u64,
-            ];
+            let t = g.block_tile() as u64;
+            let grid = [ceil_div(ocg, t), ceil_div(kdim, t), g.groups as u64];
             let chans = [
                 ScalarArg::I32(conv.in_c as i32),
                 ScalarArg::I32(conv.out_c as i32),
@@ -981,9 +984,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 return Ok(());
             }
             let m = n as u64 * (g.in_h * g.in_w) as u64;
+            let t = g.block_tile() as u64;
             let grid = [
-                ceil_div(m, TILE as u64),
-                ceil_div((conv.in_c / g.groups) as u64, TILE as u64),
+                ceil_div(m, t),
+                ceil_div((conv.in_c / g.groups) as u64, t),
                 g.groups as u64,
             ];
             let w = b.param(&format!("{name}.weight"), Access::Read, params);

@@ -74,12 +74,26 @@ pub struct ConvGeom {
     pub stride: u32,
     pub pad: u32,
     pub groups: u32,
+    /// The GEMM runs on the tensor cores (bf16 `mma.sync` operands, fp32 accumulation, 64x64
+    /// block tiles; `--precision bf16`), not as fp32 FMAs (16x16 tiles). Part of the kernel's
+    /// identity: it changes the code (name suffix `_tc`) and the launch grid.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tensor_cores: bool,
 }
 
 impl ConvGeom {
+    /// Rows and columns of output one block computes (the launch grid divides by it).
+    pub fn block_tile(&self) -> u32 {
+        if self.tensor_cores {
+            64
+        } else {
+            16
+        }
+    }
+
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -87,7 +101,8 @@ impl ConvGeom {
             self.k,
             self.stride,
             self.pad,
-            self.groups
+            self.groups,
+            if self.tensor_cores { "_tc" } else { "" }
         )
     }
 }
@@ -267,6 +282,16 @@ macro_rules! b {
 }
 
 impl KernelSpec {
+    /// The convolution geometry of a conv kernel.
+    pub fn conv_geom(&self) -> Option<&ConvGeom> {
+        match self {
+            KernelSpec::ConvFwd { g, .. }
+            | KernelSpec::ConvBwdData { g, .. }
+            | KernelSpec::ConvBwdWeight { g, .. } => Some(g),
+            _ => None,
+        }
+    }
+
     /// C identifier, derived from the spec alone (stable across runs and graphs).
     pub fn name(&self) -> String {
         use KernelSpec::*;

@@ -240,6 +240,23 @@ impl Schedule {
         self.buffers.iter().position(|b| b.name == name)
     }
 
+    /// Whether some kernel runs on the tensor cores (bf16 `mma.sync`: compute capability 8.0
+    /// or later).
+    pub fn uses_tensor_cores(&self) -> bool {
+        self.kernels
+            .iter()
+            .any(|k| k.spec.conv_geom().is_some_and(|g| g.tensor_cores))
+    }
+
+    /// The oldest compute capability (`major * 10 + minor`) the generated code runs on.
+    pub fn min_compute_capability(&self) -> u32 {
+        if self.uses_tensor_cores() {
+            80
+        } else {
+            0
+        }
+    }
+
     /// Checks the module invariants.
     pub fn validate(&self) -> Result<(), String> {
         let mut names = std::collections::BTreeSet::new();

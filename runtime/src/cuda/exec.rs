@@ -128,6 +128,18 @@ impl Executor {
                 }
             }
         }
+        let (major, minor) = gpu.info().compute_capability;
+        let need_cc = s.min_compute_capability();
+        if ((major * 10 + minor) as u32) < need_cc {
+            return Err(CudaError::Plan(format!(
+                "{what}: --precision {} runs the convolutions on bf16 tensor cores, which need \
+                 compute capability {}.{} or later; {} is {major}.{minor}. Use --precision f32",
+                s.precision.name(),
+                need_cc / 10,
+                need_cc % 10,
+                gpu.info().name
+            )));
+        }
         let (free, total) = gpu.mem_info()?;
         if need > free {
             return Err(CudaError::OutOfMemory {
