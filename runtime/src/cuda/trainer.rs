@@ -1,14 +1,14 @@
-//! [`GpuTrainer`]: the training loop of [`crate::train::train`] on the GPU, with the same
-//! configuration ([`TrainConfig`]), events, metrics, checkpoints and exact resumption.
+//! [`GpuTrainer`]: the GPU's [`Backend`] for the one training loop,
+//! [`crate::train::train_with`]: the same configuration ([`TrainConfig`]), events, metrics,
+//! checkpoints and exact resumption as on the CPU, because they are the loop's, not the
+//! backend's. This module only runs the network on the device.
 //!
-//! What is the same as the CPU loop, by construction: the initial weights
-//! ([`crate::cpu::Model::new`]'s initialisation, or a checkpoint), the epoch shuffle
-//! ([`crate::data::shuffle`]), the augmentation (the same keys, see [`super::augment`]), the
-//! dropout masks (the same counter-based generator), the learning-rate schedule
-//! ([`crate::optim::lr_at`]), the loss and accuracy (computed on the host from the GPU's
-//! logits with [`crate::loss::softmax_cross_entropy`]), the NaN stop before the update, the
-//! checkpoint format and the partial-epoch sums. Checkpoints are interchangeable with the
-//! CPU's: a run can be resumed on the other device.
+//! What is the same as on the CPU, by construction: the initial weights
+//! ([`crate::cpu::Model::new`]'s initialisation, or a checkpoint), the epoch shuffle, the
+//! learning-rate schedule, the loss and accuracy, the NaN stop before the update, the
+//! checkpoint format and the partial-epoch sums (all the loop's), the augmentation (the same
+//! keys, see [`super::augment`]) and the dropout masks (the same counter-based generator).
+//! Checkpoints are interchangeable with the CPU's: a run can be resumed on the other device.
 //!
 //! What differs: arithmetic order (GPU reductions), so values agree to rounding, not bit for
 //! bit. The last batch of an epoch, when smaller, runs through its own schedule built for its
@@ -16,8 +16,6 @@
 //! image).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Instant;
 
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
@@ -26,16 +24,15 @@ use wrnc_compiler::schedule::{self, Options};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
-use super::device::Gpu;
+use super::device::{DeviceBuffer, Gpu};
 use super::exec::{Executor, Shared};
 use super::layout::Hyper;
 use super::{CudaError, DeviceInfo};
-use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::data::{augment_seed, shuffle, Dataset, Normalization};
-use crate::loss::softmax_cross_entropy;
-use crate::metrics::{EpochMetrics, MetricsWriter};
-use crate::optim::lr_at;
-use crate::train::{Event, TrainConfig, TrainError, TrainReport};
+use crate::data::{augment_seed, Dataset, Normalization};
+use crate::train::{
+    evaluate_with, train_with, Backend, Event, StepAt, Tensors, TrainConfig, TrainError,
+    TrainReport,
+};
 use crate::Tensor;
 
 /// A failure of GPU training: the CPU loop's errors, or the GPU's.
@@ -79,6 +76,12 @@ pub struct GpuTrainer {
     infer: Option<Executor>,
     aug: Augmenter,
     shapes: BTreeMap<String, Vec<usize>>,
+    /// The training step awaiting its update: batch size (its executor), the step's values
+    /// and the index of the optimizer's first launch.
+    pending: Option<(usize, Hyper, usize)>,
+    /// Where evaluation's loader writes labels when the inference schedule has no labels
+    /// buffer (allocated by [`Backend::begin_eval`]).
+    eval_labels: Option<DeviceBuffer>,
 }
 
 fn cfg_err(m: impl Into<String>) -> GpuTrainError {
@@ -123,6 +126,8 @@ impl GpuTrainer {
                 .into_iter()
                 .map(|(n, p)| (n, p.shape))
                 .collect(),
+            pending: None,
+            eval_labels: None,
         };
         t.step_executor(batch)?;
         let params = crate::init::init_params::<f32>(graph, seed);
@@ -198,17 +203,7 @@ impl GpuTrainer {
     }
 
     /// Downloads weights and BN statistics (by the graph's names) and the momentum buffers.
-    #[allow(clippy::type_complexity)]
-    pub fn state(
-        &self,
-    ) -> Result<
-        (
-            BTreeMap<String, Tensor>,
-            BTreeMap<String, Tensor>,
-            BTreeMap<String, Tensor>,
-        ),
-        GpuTrainError,
-    > {
+    pub fn state(&self) -> Result<(Tensors, Tensors, Tensors), GpuTrainError> {
         let ex = self.any_step();
         let (p, b) = ex.save_state(&self.gpu, &self.shapes)?;
         let mb = ex
@@ -219,97 +214,22 @@ impl GpuTrainer {
         Ok((p, b, m))
     }
 
-    /// Loss and accuracy on `ds` (inference schedule, eval-mode BN).
+    /// Loss and accuracy on `ds` (inference schedule, eval-mode BN), in batches of the
+    /// evaluation batch size this trainer was built for.
     pub fn evaluate(
         &mut self,
         ds: &Dataset,
         norm: &Normalization,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(f64, f64), GpuTrainError> {
-        let dev = DeviceDataset::upload(&self.gpu, ds, norm)?;
-        self.evaluate_on(&dev, ds, on_event)
-    }
-
-    fn evaluate_on(
-        &mut self,
-        dev: &DeviceDataset,
-        ds: &Dataset,
-        on_event: &mut dyn FnMut(Event),
-    ) -> Result<(f64, f64), GpuTrainError> {
+        let dev = self.upload(ds, norm)?;
         let eb = self.eval_batch;
-        self.infer_executor()?;
-        let ex = self.infer.as_ref().expect("built");
-        let h = Hyper::default();
-        ex.run_setup(&self.gpu, &h)?;
-        let batches = ds.n.div_ceil(eb) as u64;
-        on_event(Event::EvalStart { batches });
-        let classes = self.graph.classes as usize;
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
-        let all: Vec<usize> = (0..ds.n).collect();
-        let labels_buf = ex
-            .schedule
-            .buffer("labels")
-            .map(|b| ex.address(b))
-            .transpose()?;
-        // inference has no labels buffer: the loader's labels go to a scratch slot
-        let scratch = match labels_buf {
-            Some(_) => None,
-            None => Some(
-                self.gpu
-                    .alloc(4 * eb as u64, "evaluation labels", eb as u32)?,
-            ),
-        };
-        let labels_ptr = labels_buf.unwrap_or_else(|| scratch.as_ref().expect("set").ptr());
-        for (b, chunk) in all.chunks(eb).enumerate() {
-            self.aug.run(
-                &self.gpu,
-                dev,
-                chunk,
-                eb,
-                false,
-                0,
-                ex.address(ex.schedule.input)?,
-                labels_ptr,
-            )?;
-            ex.run(&self.gpu, &h)?;
-            let logits = ex.read_f32(&self.gpu, ex.schedule.logits)?;
-            let m = chunk.len();
-            let t = Tensor::from_vec(&[m, classes], logits[..m * classes].to_vec());
-            let labels: Vec<u32> = chunk.iter().map(|&i| ds.labels[i] as u32).collect();
-            let out = softmax_cross_entropy(&t, &labels, 0.0)?;
-            loss_sum += out.loss * m as f64;
-            correct += out.correct;
-            on_event(Event::EvalBatch {
-                batch: b as u64 + 1,
-            });
-        }
-        let n = ds.n.max(1) as f64;
-        Ok((loss_sum / n, correct as f64 / n))
+        evaluate_with(self, &dev, ds, norm, eb, on_event)
     }
 
-    fn save(
-        &self,
-        cfg: &TrainConfig,
-        state: &TrainState,
-    ) -> Result<Option<PathBuf>, GpuTrainError> {
-        let Some(dir) = &cfg.checkpoint else {
-            return Ok(None);
-        };
-        let (p, b, m) = self.state()?;
-        let mut tensors = p;
-        tensors.extend(b);
-        let ck = Checkpoint {
-            tensors,
-            // as the CPU optimizer: no momentum buffers before the first step
-            momentum: if state.step > 0 { m } else { BTreeMap::new() },
-            meta: state.clone(),
-        };
-        Ok(Some(checkpoint::save(dir, &ck)?))
-    }
-
-    /// Trains on `train` for `cfg.epochs`, evaluating on `test` after every epoch: the
-    /// semantics of [`crate::train::train`] (see module docs). `cfg.batch` and
-    /// `cfg.eval_batch` must be the sizes this trainer was built for.
+    /// Trains on `train` for `cfg.epochs`, evaluating on `test` after every epoch: the loop
+    /// [`crate::train::train_with`] on this backend. `cfg.batch` and `cfg.eval_batch` must be
+    /// the sizes this trainer was built for.
     pub fn train(
         &mut self,
         train: &Dataset,
@@ -317,227 +237,177 @@ impl GpuTrainer {
         cfg: &TrainConfig,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<TrainReport, GpuTrainError> {
+        train_with(self, train, test, cfg, on_event)
+    }
+}
+
+impl Backend for GpuTrainer {
+    type Error = GpuTrainError;
+    type Data = DeviceDataset;
+
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn check(&self, cfg: &TrainConfig) -> Result<(), GpuTrainError> {
         if cfg.batch != self.batch || cfg.eval_batch != self.eval_batch {
             return Err(cfg_err(format!(
                 "the GPU trainer was built for batch {} / eval batch {}, the run asks for {} / {}",
                 self.batch, self.eval_batch, cfg.batch, cfg.eval_batch
             )));
         }
-        if cfg.epochs == 0 {
-            return Err(cfg_err("train for at least 1 epoch"));
-        }
-        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-            return Err(cfg_err(format!(
-                "learning rate {} must be positive",
-                cfg.lr
-            )));
-        }
-        if !(0.0..=1.0).contains(&cfg.label_smoothing) {
-            return Err(cfg_err(format!(
-                "label smoothing {} must lie in [0, 1]",
-                cfg.label_smoothing
-            )));
-        }
-        if train.n == 0 {
-            return Err(cfg_err("the training set is empty"));
-        }
-        let s = self.graph.input_shape();
-        if [train.c, train.h, train.w] != [s.c as usize, s.h as usize, s.w as usize] {
-            return Err(cfg_err(format!(
-                "the data set's images are {}x{}x{}, the network takes {}",
-                train.c, train.h, train.w, s
-            )));
-        }
-        if train.classes > self.graph.classes as usize {
-            return Err(cfg_err(format!(
-                "the data set has {} classes, the network only {}",
-                train.classes, self.graph.classes
-            )));
-        }
-        let mut state = TrainState {
-            net: cfg.net.clone(),
-            seed: cfg.seed,
-            data_seed: cfg.seed,
-            ..Default::default()
-        };
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0u64, 0u64);
-        if cfg.resume {
-            let dir = cfg
-                .checkpoint
-                .as_ref()
-                .ok_or_else(|| cfg_err("--resume needs --checkpoint DIR"))?;
-            let ck = checkpoint::load(&checkpoint::resolve(dir))?;
-            let expected = checkpoint::expected_tensors(&self.graph);
-            checkpoint::check_against(&ck.tensors, &expected)?;
-            let buffer_names: std::collections::BTreeSet<String> =
-                self.graph.buffers().into_iter().map(|(n, _)| n).collect();
-            let (mut params, mut buffers) = (BTreeMap::new(), BTreeMap::new());
-            for (n, t) in ck.tensors {
-                if buffer_names.contains(&n) {
-                    buffers.insert(n, t);
-                } else {
-                    params.insert(n, t);
-                }
-            }
-            self.load(&params, &buffers, &ck.momentum)?;
-            state = ck.meta;
-            let get = |k: &str| state.extra.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-            loss_sum = get("epoch_loss_sum");
-            correct = get("epoch_correct") as u64;
-            seen = get("epoch_seen") as u64;
-            if state.seed != cfg.seed {
-                return Err(cfg_err(format!(
-                    "the checkpoint was trained with seed {}, this run has seed {}",
-                    state.seed, cfg.seed
-                )));
-            }
-        }
-        let mut writer = match &cfg.metrics {
-            Some(p) => Some(MetricsWriter::open(p)?),
-            None => None,
-        };
-        let dev_train = DeviceDataset::upload(&self.gpu, train, &cfg.normalization)?;
-        let dev_test = match test {
-            Some(t) => Some(DeviceDataset::upload(&self.gpu, t, &cfg.normalization)?),
-            None => None,
-        };
+        Ok(())
+    }
+
+    fn load_state(
+        &mut self,
+        params: Tensors,
+        buffers: Tensors,
+        momentum: Tensors,
+    ) -> Result<(), GpuTrainError> {
+        self.load(&params, &buffers, &momentum)
+    }
+
+    fn export_state(&self, step: u64) -> Result<(Tensors, Tensors), GpuTrainError> {
+        let (p, b, m) = self.state()?;
+        let mut tensors = p;
+        tensors.extend(b);
+        // as the CPU optimizer: no momentum buffers before the first step
+        Ok((tensors, if step > 0 { m } else { BTreeMap::new() }))
+    }
+
+    fn upload(
+        &mut self,
+        ds: &Dataset,
+        norm: &Normalization,
+    ) -> Result<DeviceDataset, GpuTrainError> {
+        Ok(DeviceDataset::upload(&self.gpu, ds, norm)?)
+    }
+
+    /// Builds the step for the epoch's last, smaller batch (when there is one).
+    fn prepare(&mut self, train: &Dataset, cfg: &TrainConfig) -> Result<(), GpuTrainError> {
         let tail = train.n % cfg.batch;
         if tail != 0 {
             self.step_executor(tail)?;
         }
-        let steps_per_epoch = train.n.div_ceil(cfg.batch) as u64;
+        Ok(())
+    }
+
+    /// Assembles the batch on the device and runs the step up to the optimizer.
+    fn train_forward(
+        &mut self,
+        data: &DeviceDataset,
+        _ds: &Dataset,
+        idx: &[usize],
+        at: StepAt,
+        cfg: &TrainConfig,
+    ) -> Result<Tensor, GpuTrainError> {
         let classes = self.graph.classes as usize;
-        let mut report = TrainReport {
-            epochs: vec![],
-            steps: state.step,
-            stopped_early: false,
-            checkpoint: None,
+        let ex = &self.steps[&idx.len()];
+        let labels_buf = ex
+            .schedule
+            .labels
+            .ok_or_else(|| CudaError::Plan("the training step has no labels".into()))?;
+        self.aug.run(
+            &self.gpu,
+            data,
+            idx,
+            idx.len(),
+            cfg.augment,
+            augment_seed(cfg.seed as u32, at.epoch as u32),
+            ex.address(ex.schedule.input)?,
+            ex.address(labels_buf)?,
+        )?;
+        let h = Hyper {
+            seed: cfg.seed as u32,
+            step: at.step as u32,
+            lr: at.lr as f32,
+            momentum: cfg.momentum as f32,
+            weight_decay: cfg.weight_decay as f32,
+            nesterov: cfg.nesterov,
+            label_smoothing: cfg.label_smoothing as f32,
         };
-        while state.epoch < cfg.epochs {
-            let epoch = state.epoch;
-            let order = shuffle(train.n, state.data_seed, epoch);
-            on_event(Event::EpochStart {
-                epoch: epoch + 1,
-                epochs: cfg.epochs,
-                batches: steps_per_epoch,
-            });
-            let t0 = Instant::now();
-            let mut epoch_images = 0u64;
-            let mut lr = cfg.lr;
-            let first = state.batch_in_epoch as usize;
-            for (b, idx) in order.chunks(cfg.batch).enumerate().skip(first) {
-                if cfg.max_steps.is_some_and(|m| state.step >= m) {
-                    state.extra.insert("epoch_loss_sum".into(), loss_sum.into());
-                    state
-                        .extra
-                        .insert("epoch_correct".into(), (correct as f64).into());
-                    state
-                        .extra
-                        .insert("epoch_seen".into(), (seen as f64).into());
-                    report.checkpoint = self.save(cfg, &state)?;
-                    report.steps = state.step;
-                    report.stopped_early = true;
-                    return Ok(report);
-                }
-                lr = lr_at(
-                    &cfg.schedule,
-                    cfg.lr,
-                    epoch,
-                    b as u64,
-                    steps_per_epoch,
-                    cfg.epochs,
-                );
-                let ex = &self.steps[&idx.len()];
-                let labels_buf = ex
-                    .schedule
-                    .labels
-                    .ok_or_else(|| CudaError::Plan("the training step has no labels".into()))?;
-                self.aug.run(
-                    &self.gpu,
-                    &dev_train,
-                    idx,
-                    idx.len(),
-                    cfg.augment,
-                    augment_seed(cfg.seed as u32, epoch as u32),
-                    ex.address(ex.schedule.input)?,
-                    ex.address(labels_buf)?,
-                )?;
-                let h = Hyper {
-                    seed: cfg.seed as u32,
-                    step: state.step as u32,
-                    lr: lr as f32,
-                    momentum: cfg.momentum as f32,
-                    weight_decay: cfg.weight_decay as f32,
-                    nesterov: cfg.nesterov,
-                    label_smoothing: cfg.label_smoothing as f32,
-                };
-                let upd = ex.optimizer_launch().unwrap_or(ex.schedule.launches.len());
-                ex.run_range(&self.gpu, &h, 0..upd)?;
-                let logits = ex.read_f32(&self.gpu, ex.schedule.logits)?;
-                let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i] as u32).collect();
-                let out = softmax_cross_entropy(
-                    &Tensor::from_vec(&[idx.len(), classes], logits),
-                    &labels,
-                    cfg.label_smoothing,
-                )?;
-                if !out.loss.is_finite() {
-                    let kept = match &cfg.checkpoint {
-                        Some(d) => format!(
-                            "the last good checkpoint is {}",
-                            checkpoint::resolve(d).display()
-                        ),
-                        None => "no checkpoint was asked for (--checkpoint DIR)".into(),
-                    };
-                    return Err(TrainError::Diverged {
-                        loss: out.loss,
-                        epoch: epoch + 1,
-                        step: state.step,
-                        kept,
-                    }
-                    .into());
-                }
-                ex.run_range(&self.gpu, &h, upd..ex.schedule.launches.len())?;
-                state.step += 1;
-                state.batch_in_epoch = b as u64 + 1;
-                loss_sum += out.loss * idx.len() as f64;
-                correct += out.correct as u64;
-                seen += idx.len() as u64;
-                epoch_images += idx.len() as u64;
-                on_event(Event::Batch {
-                    batch: b as u64 + 1,
-                    loss: loss_sum / seen as f64,
-                    acc: correct as f64 / seen as f64,
-                    images_per_s: epoch_images as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                });
-            }
-            self.gpu.synchronize("the epoch's last step")?;
-            let seconds = t0.elapsed().as_secs_f64();
-            let (test_loss, test_acc) = match (test, &dev_test) {
-                (Some(t), Some(d)) => self.evaluate_on(d, t, on_event)?,
-                _ => (f64::NAN, f64::NAN),
-            };
-            let m = EpochMetrics {
-                epoch: epoch + 1,
-                train_loss: loss_sum / seen.max(1) as f64,
-                train_acc: correct as f64 / seen.max(1) as f64,
-                test_loss,
-                test_acc,
-                lr,
-                seconds,
-                images_per_s: epoch_images as f64 / seconds.max(1e-9),
-            };
-            on_event(Event::EpochEnd);
-            if let Some(w) = writer.as_mut() {
-                w.append(&m)?;
-            }
-            report.epochs.push(m);
-            state.epoch += 1;
-            state.batch_in_epoch = 0;
-            (loss_sum, correct, seen) = (0.0, 0, 0);
-            state.extra.clear();
-            report.checkpoint = self.save(cfg, &state)?;
+        let upd = ex.optimizer_launch().unwrap_or(ex.schedule.launches.len());
+        ex.run_range(&self.gpu, &h, 0..upd)?;
+        let logits = ex.read_f32(&self.gpu, ex.schedule.logits)?;
+        self.pending = Some((idx.len(), h, upd));
+        Ok(Tensor::from_vec(&[idx.len(), classes], logits))
+    }
+
+    /// Runs the rest of the step (the device computes its own loss gradient).
+    fn apply_update(&mut self, _dlogits: &Tensor) -> Result<(), GpuTrainError> {
+        let (n, h, upd) = self
+            .pending
+            .take()
+            .ok_or_else(|| CudaError::Plan("an update without a forward".into()))?;
+        let ex = &self.steps[&n];
+        ex.run_range(&self.gpu, &h, upd..ex.schedule.launches.len())?;
+        Ok(())
+    }
+
+    fn end_epoch(&mut self) -> Result<(), GpuTrainError> {
+        self.gpu.synchronize("the epoch's last step")?;
+        Ok(())
+    }
+
+    /// Builds the inference schedule (once), runs its setup and, when it has no labels
+    /// buffer, allocates a scratch slot for the loader's labels.
+    fn begin_eval(&mut self) -> Result<(), GpuTrainError> {
+        let eb = self.eval_batch;
+        self.infer_executor()?;
+        let ex = self.infer.as_ref().expect("built");
+        ex.run_setup(&self.gpu, &Hyper::default())?;
+        let has_labels = ex.schedule.buffer("labels").is_some();
+        self.eval_labels = None;
+        if !has_labels {
+            self.eval_labels = Some(self.gpu.alloc(
+                4 * eb as u64,
+                "evaluation labels",
+                eb as u32,
+            )?);
         }
-        report.steps = state.step;
-        Ok(report)
+        Ok(())
+    }
+
+    /// Runs inference on images `idx` (padded to the evaluation batch size).
+    fn infer(
+        &mut self,
+        data: &DeviceDataset,
+        _ds: &Dataset,
+        idx: &[usize],
+        _norm: &Normalization,
+    ) -> Result<Tensor, GpuTrainError> {
+        let eb = self.eval_batch;
+        let classes = self.graph.classes as usize;
+        let ex = self
+            .infer
+            .as_ref()
+            .ok_or_else(|| CudaError::Plan("inference before begin_eval".into()))?;
+        let labels_ptr = match ex.schedule.buffer("labels") {
+            Some(b) => ex.address(b)?,
+            None => self
+                .eval_labels
+                .as_ref()
+                .ok_or_else(|| CudaError::Plan("inference before begin_eval".into()))?
+                .ptr(),
+        };
+        let h = Hyper::default();
+        self.aug.run(
+            &self.gpu,
+            data,
+            idx,
+            eb,
+            false,
+            0,
+            ex.address(ex.schedule.input)?,
+            labels_ptr,
+        )?;
+        ex.run(&self.gpu, &h)?;
+        let logits = ex.read_f32(&self.gpu, ex.schedule.logits)?;
+        let m = idx.len();
+        Ok(Tensor::from_vec(
+            &[m, classes],
+            logits[..m * classes].to_vec(),
+        ))
     }
 }
