@@ -653,13 +653,17 @@ fn resnet_zeropad_step() {
     );
 }
 
-#[test]
-fn resnext_grouped_step_and_infer() {
-    let body = "conv(3x3, 4) bn relu
+const RESNEXT: &str = "conv(3x3, 4) bn relu
          residual { body conv(1x1, 4) bn relu conv(3x3, 4, groups=2) bn relu conv(1x1, 8) bn shortcut projbn post relu }
          gap fc";
-    let _ = check_step("resnext", body);
-    check_infer("resnext", body);
+
+const STEM: &str =
+    "conv(3x3, 4, stride=2, bias) bn relu maxpool(3x3, stride=2, pad=1) bn relu gap fc";
+
+#[test]
+fn resnext_grouped_step_and_infer() {
+    let _ = check_step("resnext", RESNEXT);
+    check_infer("resnext", RESNEXT);
 }
 
 #[test]
@@ -674,9 +678,8 @@ fn pyramidnet_droppath_step() {
 
 #[test]
 fn imagenet_stem_maxpool_step_and_infer() {
-    let body = "conv(3x3, 4, stride=2, bias) bn relu maxpool(3x3, stride=2, pad=1) bn relu gap fc";
-    let _ = check_step("stem", body);
-    check_infer("stem", body);
+    let _ = check_step("stem", STEM);
+    check_infer("stem", STEM);
 }
 
 /// `--no-fuse PASS` for every pass in turn: still the reference's step.
@@ -731,6 +734,33 @@ fn bf16_wrn_step_and_infer() {
 fn bf16_densenet_and_pyramidnet_steps() {
     let _ = check_step_in("densenet", DENSENET, BF16);
     let _ = check_step_in("pyramidnet", PYRAMIDNET, BF16);
+}
+
+/// The tensor-core engine (every conv of a bf16 schedule) on what the families above do not
+/// reach: grouped convolutions, a strided conv with bias, and 72 channels, which leave a ragged
+/// second 64-wide column tile and a reduction of 648 (21 k-steps of 32, the last partial).
+#[test]
+fn bf16_tensor_cores_grouped_strided_and_wide() {
+    for (name, body) in [
+        ("resnext", RESNEXT),
+        ("stem", STEM),
+        (
+            "wide",
+            "conv(3x3, 8) bn relu conv(1x1, 72, stride=2) bn relu conv(3x3, 72) bn relu gap fc",
+        ),
+    ] {
+        let g = graph(body);
+        for (prec, tc) in [(Precision::F32, false), (Precision::Bf16, true)] {
+            let s = build(&g, Mode::Train, false, prec);
+            let convs = s.kernels.iter().filter_map(|k| k.spec.conv_geom());
+            assert!(
+                convs.clone().count() > 0 && convs.clone().all(|g| g.tensor_cores == tc),
+                "{name} {prec:?}: every conv kernel should have tensor_cores = {tc}"
+            );
+            assert_eq!(s.uses_tensor_cores(), tc);
+        }
+        let _ = check_step_in(name, body, BF16);
+    }
 }
 
 /// BN statistics accumulated by a conv epilogue across many blocks (512 blocks of 16 rows per
