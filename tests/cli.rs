@@ -64,6 +64,20 @@ fn commands_and_exit_codes() {
         "unknown pass `nope`",
     );
     check(
+        &[
+            "compile",
+            "WRN-10-1",
+            "--precision",
+            "bf16",
+            "--arch",
+            "sm_75",
+            "--emit",
+            "ptx",
+        ],
+        2,
+        "bf16 tensor cores, which need sm_80 or later",
+    );
+    check(
         &["compile", "WRN-16-4", "--emit", "expanded"],
         0,
         "shortcut proj",

@@ -428,7 +428,7 @@ fn fit_depth(depth: Spanned<u64>, offset: u64, per: u64, min: u64, family: &str)
             format!("depth {d} is too large (at most {MAX_DEPTH})"),
         ));
     }
-    if d < min || d < offset || (d - offset) % per != 0 {
+    if d < min || d < offset || !(d - offset).is_multiple_of(per) {
         return Err(Error::new(
             depth.span,
             format!("depth {d} does not fit {family}: {rule}"),
