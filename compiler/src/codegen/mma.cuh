@@ -1,5 +1,5 @@
 // wrnc tensor-core helpers (sm_80+): bf16 mma.sync, ldmatrix, cp.async, behind small inline
-// functions. Included verbatim at the top of every kernel codegen::mma generates.
+// functions. Included verbatim by codegen::mma kernels and by schedules with tensor-core convs.
 //
 // On the GPU these are single PTX instructions. emu/cuda_emu_mma.h defines WRNC_MMA_EMU and
 // replaces them with host emulations that follow the PTX ISA's per-lane fragment layouts
