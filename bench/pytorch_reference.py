@@ -184,6 +184,16 @@ def measure(nodes, output, shape, classes, batch, bf16, compiled, warmup, iters)
             "first_step_s": first_s}
 
 
+def matmul_tflops(dtype, n=8192, warmup=3, iters=10):
+    """The GPU's measured dense GEMM rate: an n x n x n torch.matmul (cuBLAS), in TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: torch.matmul(a, b), warmup, iters)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graph", help="wrnc graph text file (from `wrnc compile NET --emit graph`)")
@@ -211,6 +221,10 @@ def main():
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
            "net": name, "batch": a.batch, "results": {}}
+    # the yardstick for achieved TFLOP/s: cuBLAS on a large square GEMM (TF32 off for fp32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res["matmul_tflops"] = {"bf16": matmul_tflops(torch.bfloat16), "f32": matmul_tflops(torch.float32)}
+    print(f"matmul 8192^3: {res['matmul_tflops']}", file=sys.stderr)
     precs = ["f32", "bf16"] if a.precision == "both" else [a.precision]
     for prec in precs:
         res["results"][prec] = {}

@@ -166,6 +166,9 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         "peak_mem_mb": {"wrnc_fused": wr(b, "peak_mem_mb", "fused"), "wrnc_unfused": wr(b, "peak_mem_mb", "unfused"),
                         "pytorch_eager": ptv(prec, "eager", "peak_mem_mb"), "pytorch_compile": ptv(prec, "compile", "peak_mem_mb")},
         "latency_b1_ms": (b or {}).get("latency_b1_ms"),
+        # achieved (3 GEMMs per conv per step, 2 FLOPs per MAC) against cuBLAS's square GEMM
+        "train_tflops": (b or {}).get("train_tflops"),
+        "matmul_tflops": (pt.get("matmul_tflops") or {}).get(prec),
     }
 # top-level keys for the f32 run, as the results format asks
 out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_ms", "infer_ms", "peak_mem_mb"]})
