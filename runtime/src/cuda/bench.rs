@@ -76,10 +76,24 @@ pub struct ScheduleBench {
     pub cache_hit: bool,
 }
 
-/// Measures one schedule of `graph`: `warmup` runs, then `iters` timed runs, with and
-/// without a CUDA graph.
+/// The hyper-parameters every benchmark step runs with (`step` feeds the RNG).
+pub fn hyper(step: u32) -> Hyper {
+    Hyper {
+        seed: 1,
+        step,
+        lr: 1e-3,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: true,
+        label_smoothing: 0.0,
+    }
+}
+
+/// A schedule of `graph` compiled, loaded and ready to run: weights as `Model::new`, a random
+/// normal input batch, labels `0..classes`, setup launches done. Also returns the seconds the
+/// kernels took to compile (or load from the cache) and the free device memory before.
 #[allow(clippy::too_many_arguments)]
-pub fn bench_schedule(
+pub fn prepare(
     gpu: &Gpu,
     cache: &PtxCache,
     graph: &Graph,
@@ -87,9 +101,7 @@ pub fn bench_schedule(
     batch: u32,
     precision: Precision,
     unfused: bool,
-    warmup: usize,
-    iters: usize,
-) -> Result<ScheduleBench, CudaError> {
+) -> Result<(Executor, f64, u64), CudaError> {
     let fusion = Fusion {
         unfused,
         disabled: vec![],
@@ -110,7 +122,6 @@ pub fn bench_schedule(
     let mut shared = Shared::new();
     let ex = Executor::new(gpu, s, &fusion, &mut shared, cache)?;
     let setup_s = t0.elapsed().as_secs_f64();
-    // weights as Model::new; random normal input; labels 0..classes
     let params = crate::init::init_params::<f32>(graph, 1);
     let buffers = crate::init::init_buffers::<f32>(graph);
     ex.load_state(gpu, &params, &buffers)?;
@@ -124,16 +135,26 @@ pub fn bench_schedule(
             .collect();
         ex.write_bytes(gpu, lb, &lab)?;
     }
-    let h = |step: u32| Hyper {
-        seed: 1,
-        step,
-        lr: 1e-3,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: true,
-        label_smoothing: 0.0,
-    };
-    ex.run_setup(gpu, &h(0))?;
+    ex.run_setup(gpu, &hyper(0))?;
+    Ok((ex, setup_s, before.0))
+}
+
+/// Measures one schedule of `graph`: `warmup` runs, then `iters` timed runs, with and
+/// without a CUDA graph.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_schedule(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    graph: &Graph,
+    mode: Mode,
+    batch: u32,
+    precision: Precision,
+    unfused: bool,
+    warmup: usize,
+    iters: usize,
+) -> Result<ScheduleBench, CudaError> {
+    let (ex, setup_s, free_before) = prepare(gpu, cache, graph, mode, batch, precision, unfused)?;
+    let h = hyper;
     let what = format!("{} bench", ex.schedule.name);
     for i in 0..warmup {
         ex.run(gpu, &h(i as u32))?;
@@ -184,7 +205,7 @@ pub fn bench_schedule(
         graph: graph_t,
         images_per_s: batch as f64 / (best / 1000.0),
         planned_bytes: ex.own_bytes() + ex.shared_bytes(),
-        measured_bytes: before.0.saturating_sub(after.0),
+        measured_bytes: free_before.saturating_sub(after.0),
         setup_s,
         cache_hit: ex.cache_hit,
     })
