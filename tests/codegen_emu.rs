@@ -800,3 +800,70 @@ fn conv_epilogue_statistics_of_a_zero_mean_channel() {
         .any(|l| s.kernels[l.kernel].name.ends_with("_stats")));
     let _ = emulate("zero-mean-stats", &s, &r, F32.kernel);
 }
+
+/// A BN feeding a conv with no ReLU in between (PyramidNet's `bn conv`), fused as the conv's
+/// prologue: alone (its one conv's data-gradient epilogue also does dBN's reductions), with a
+/// dropout, and shared by two convs (a `pre bn` read by the body and a projection shortcut:
+/// plain dBN after both data gradients); and not fused where an add reads the BN too. A
+/// training step fused and unfused against the CPU model and every kernel against the f64
+/// reference; inference likewise.
+#[test]
+fn bn_conv_without_relu_step_and_infer() {
+    // (name, net, kernels the fused training step must have)
+    let cases: [(&str, &str, &[&str]); 5] = [
+        (
+            "bnconv",
+            "conv(3x3, 4) bn conv(3x3, 4) bn relu gap fc",
+            &["_pro_bn_stats", "_chain_bn"],
+        ),
+        (
+            "bndropconv",
+            "conv(3x3, 4) bn dropout(0.3) conv(3x3, 4) bn relu gap fc",
+            &["_pro_bndrop_stats", "_chain_bndrop"],
+        ),
+        (
+            "prebn",
+            "conv(3x3, 4)
+             residual { pre bn body conv(3x3, 6, stride=2) bn relu conv(3x3, 6) shortcut proj }
+             bn relu gap fc",
+            &["_pro_bn", "bn_bwd_reduce"],
+        ),
+        (
+            // the BN's input is no conv, so inference keeps it (nothing to fold into): the
+            // eval-mode prologue
+            "relubnconv",
+            "conv(3x3, 4) relu bn conv(3x3, 4) bn relu gap fc",
+            &["_pro_bn_stats", "_chain_bn"],
+        ),
+        (
+            "bnadd",
+            "conv(3x3, 4) bn residual { body conv(3x3, 4) bn relu conv(3x3, 4) } bn relu gap fc",
+            &[],
+        ),
+    ];
+    for (name, body, kernels) in cases {
+        let g = graph(body);
+        let s = build(&g, Mode::Train, false, Precision::F32);
+        let names: Vec<&str> = s.kernels.iter().map(|k| k.name.as_str()).collect();
+        for k in kernels {
+            assert!(
+                names.iter().any(|n| n.contains(k)),
+                "{name}: no kernel `*{k}*` in {names:?}"
+            );
+        }
+        // a relu-less BN prologue exactly where the BN has no other reader
+        let relu_less = names
+            .iter()
+            .any(|n| n.contains("_pro_bn") && !n.contains("_pro_bnrelu"));
+        assert_eq!(relu_less, !kernels.is_empty(), "{name}: {names:?}");
+        if name == "relubnconv" {
+            let s = build(&g, Mode::Infer, false, Precision::F32);
+            assert!(
+                s.kernels.iter().any(|k| k.name.contains("_pro_bn_bias")),
+                "{name}: no eval-mode BN prologue"
+            );
+        }
+        let _ = check_step(name, body);
+        check_infer(name, body);
+    }
+}

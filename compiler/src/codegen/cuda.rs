@@ -383,7 +383,12 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let b = "                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, ocg = t2 / KS;\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n".to_string();
             let mut e = String::from("    const int ic = g * ICG + j;\n    int idx = 0;\n    if (valid) {\n        const int iw = m % IW, t = m / IW, ih = t % IH, ni = t / IH;\n        idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n    }\n");
             if chain.any() {
-                e.push_str("    float gv = 0.0f, xh = 0.0f;\n    if (valid) {\n        const float xv = wrnc_ld(xpre, idx);\n        const float a = xv * affine[ic] + affine[IC + ic];\n        float d = acc;\n");
+                e.push_str("    float gv = 0.0f, xh = 0.0f;\n    if (valid) {\n        const float xv = wrnc_ld(xpre, idx);\n");
+                if chain.relu {
+                    // a chain without ReLU (`bn conv`) has no mask and no `affine` argument
+                    e.push_str("        const float a = xv * affine[ic] + affine[IC + ic];\n");
+                }
+                e.push_str("        float d = acc;\n");
                 if chain.dropout {
                     e.push_str("        d = wrnc_drop(d, seed, stream, step, (unsigned int)idx, p);\n");
                 }

@@ -366,10 +366,17 @@ fn fuse_inference(p: &mut Plan) -> bool {
 
 // bn_relu_prologue:
 //   conv(drop(relu(bn(x))), W) = conv'(x, W)   where conv' loads  drop(relu(x * s[c] + t[c]))
+//   conv(drop(bn(x)), W)       = conv'(x, W)   where conv' loads  drop(x * s[c] + t[c])
+//   conv(bn(x), W)             = conv'(x, W)   where conv' loads  x * s[c] + t[c]
 //   s = gamma * rstd, t = beta - mean * s  (batch statistics in training, running in eval).
-// Applies when the BN feeds only the ReLU, the ReLU only the (optional, train-mode) dropout, and
-// the last of them only convolutions: the activated tensor is never written. In training its
-// backward recomputes the activation from x (see `backward`).
+// The ReLU and the (train-mode) dropout are each optional: PyramidNet's residual body starts
+// `bn conv`, a BN feeding a conv directly. Zero padding is applied after the transform in every
+// form, as conv(bn(x)) pads bn(x), not x. Applies when the BN feeds only the ReLU (or the
+// dropout, or the convolutions), the ReLU only the dropout, and the last of the chain only
+// convolutions (as their input): the transformed tensor is never written. It does not apply
+// when any node of the chain has another user (a shortcut, an add, a pool): that user reads the
+// tensor, so it is written anyway. In training the backward recomputes the chain from x (see
+// `backward`); without a ReLU the chain's backward is dBN alone (no mask).
 fn fuse_bn_relu_prologue(p: &mut Plan) -> bool {
     let mut changed = false;
     for b in 0..p.nodes.len() {
@@ -377,46 +384,44 @@ fn fuse_bn_relu_prologue(p: &mut Plan) -> bool {
             continue;
         }
         let x = p.nodes[b].inputs[0];
-        if p.value_node(x) != Some(x) {
+        if p.value_node(x) != Some(x) || b == p.output {
             continue;
         }
-        let Some(&r) = p.nodes[b].users.first() else {
-            continue;
-        };
-        if p.nodes[b].users.len() != 1
-            || !matches!(p.nodes[r].op, Op::Relu)
-            || p.nodes[r].fuse != Fuse::default()
-        {
-            continue;
-        }
-        let mut last = r;
+        let mut last = b;
+        let mut relu = None;
         let mut dropout = None;
-        let mut removed = vec![];
-        // follow the chain through dropouts (train: part of the prologue; eval: removed aliases)
+        // follow the chain through an optional ReLU, then dropouts (train: part of the
+        // prologue; eval: removed aliases)
         loop {
             let users = &p.nodes[last].users;
-            if users.len() == 1 {
-                let d = users[0];
-                if let Op::Dropout { .. } = p.nodes[d].op {
-                    if p.nodes[d].fuse.removed {
-                        removed.push(d);
-                        last = d;
-                        continue;
-                    }
+            if users.len() != 1 || last == p.output {
+                break;
+            }
+            let d = users[0];
+            match p.nodes[d].op {
+                Op::Relu
+                    if relu.is_none()
+                        && dropout.is_none()
+                        && last == b
+                        && p.nodes[d].fuse == Fuse::default() =>
+                {
+                    relu = Some(d);
+                    last = d;
+                }
+                Op::Dropout { .. } if p.nodes[d].fuse.removed => last = d,
+                Op::Dropout { .. }
                     if p.mode == Mode::Train
                         && dropout.is_none()
-                        && p.nodes[d].fuse == Fuse::default()
-                    {
-                        dropout = Some(d);
-                        last = d;
-                        continue;
-                    }
+                        && p.nodes[d].fuse == Fuse::default() =>
+                {
+                    dropout = Some(d);
+                    last = d;
                 }
+                _ => break,
             }
-            break;
         }
         let users = p.nodes[last].users.clone();
-        if users.is_empty() || last == p.output || p.output == r {
+        if users.is_empty() || last == p.output {
             continue;
         }
         if !users.iter().all(|&u| {
@@ -428,14 +433,12 @@ fn fuse_bn_relu_prologue(p: &mut Plan) -> bool {
             p.nodes[u].fuse.prologue = Some(ProloguePlan {
                 src: x,
                 bn: Some(b),
-                relu: Some(r),
+                relu,
                 dropout,
             });
         }
-        p.nodes[b].fuse.inlined = true;
-        p.nodes[r].fuse.inlined = true;
-        if let Some(d) = dropout {
-            p.nodes[d].fuse.inlined = true;
+        for n in [Some(b), relu, dropout].into_iter().flatten() {
+            p.nodes[n].fuse.inlined = true;
         }
         changed = true;
     }
@@ -548,12 +551,13 @@ fn fuse_bn_stats_epilogue(p: &mut Plan) -> bool {
     changed
 }
 
-// backward (train mode): with a BN-ReLU(-dropout) prologue chain feeding exactly one conv,
+// backward (train mode): with a BN(-ReLU)(-dropout) prologue chain feeding exactly one conv,
 //   dx_act = conv_data_grad(dy, W)                      (the activation gradient)
-//   g      = dx_act * [x*s + t > 0] * m / (1 - p)       (dReLU, dropout, recomputed from x)
+//   g      = dx_act * [x*s + t > 0] * m / (1 - p)       (dReLU, dropout, recomputed from x;
+//                                                        each factor only if the chain has it)
 //   sum g, sum g * xhat                                 (dBN's reductions)
 // all happen in the data-gradient conv's epilogue (atomics per channel); only dBN's elementwise
-// apply remains. The activated tensor is never stored in any case: the weight-gradient kernel
+// apply remains. Without ReLU or dropout (`bn conv`), g = dx_act and only the reductions move. The activated tensor is never stored in any case: the weight-gradient kernel
 // recomputes BN-ReLU-dropout from the stored pre-activation input (the conv's prologue).
 fn fuse_backward(p: &mut Plan) -> bool {
     if p.mode != Mode::Train {
@@ -715,6 +719,151 @@ plan t (Infer)
   %7 = gap(%6) 4x1x1 [6]
   %8 = linear(%7) 10x1x1 [7]
 ",
+        );
+    }
+
+    fn bn(c: u32) -> Op {
+        Op::BatchNorm {
+            c,
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+
+    /// A graph from `(name, op, operand indices)` rows; index 0 is the input, row `k` is node
+    /// `k + 1`; every node is 4x8x8 but the last two (gap, fc).
+    fn net(rows: &[(&str, Op, &[usize])]) -> Graph {
+        let mut g = Graph::new("t", Shape::new(3, 8, 8));
+        let mut ids = vec![g.input];
+        for (name, op, ins) in rows {
+            let shape = match op {
+                Op::GlobalAvgPool => Shape::new(4, 1, 1),
+                Op::Linear { out_f, .. } => Shape::new(*out_f, 1, 1),
+                _ => Shape::new(4, 8, 8),
+            };
+            let ins: Vec<_> = ins.iter().map(|&i| ids[i]).collect();
+            let id = g.push(
+                Node {
+                    op: op.clone(),
+                    name: (*name).into(),
+                    shape,
+                },
+                &ins,
+            );
+            ids.push(id);
+        }
+        g.output = *ids.last().unwrap();
+        g.classes = 10;
+        g
+    }
+
+    fn plan_of(g: &Graph, mode: Mode) -> String {
+        let mut p = Plan::new(g, mode);
+        run(&mut p, &Fusion::default(), |_, _| {});
+        p.verify().unwrap();
+        p.to_string()
+    }
+
+    /// PyramidNet's block: bn(x) feeds the body's first conv with no ReLU in between.
+    fn pyramid() -> Graph {
+        net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", bn(4), &[1]),
+            ("2.body.0", bn(4), &[2]),
+            ("2.body.1", conv(4, 4), &[3]),
+            ("2.body.2", bn(4), &[4]),
+            ("2.add", Op::Add, &[2, 5]),
+            ("3", Op::GlobalAvgPool, &[6]),
+            ("4", Op::Linear { in_f: 4, out_f: 10 }, &[7]),
+        ])
+    }
+
+    #[test]
+    fn bn_without_relu_becomes_a_prologue() {
+        let train = plan_of(&pyramid(), Mode::Train);
+        assert_eq!(
+            train.trim(),
+            "plan t (Train)
+  %0 = input() 3x8x8 [input]
+  %1 = conv(%0) 4x8x8 [0] stats_for=%2
+  %2 = bn(%1) 4x8x8 [1] stats_from=%1
+  %3 = bn(%2) 4x8x8 [2.body.0] inlined bwd_from=%4
+  %4 = conv(%3) 4x8x8 [2.body.1] prologue(src=%2 bn=%3) stats_for=%5 bwd_for=%3
+  %5 = bn(%4) 4x8x8 [2.body.2] stats_from=%4
+  %6 = add(%2, %5) 4x8x8 [2.add]
+  %7 = gap(%6) 4x1x1 [3]
+  %8 = linear(%7) 10x1x1 [4]",
+            "\n{train}"
+        );
+        let infer = plan_of(&pyramid(), Mode::Infer);
+        assert!(
+            infer.contains("%3 = bn(%2) 4x8x8 [2.body.0] inlined\n")
+                && infer.contains("prologue(src=%2 bn=%3) folded_bn=%5"),
+            "\n{infer}"
+        );
+    }
+
+    #[test]
+    fn bn_read_by_another_user_is_not_inlined() {
+        // bn(x) feeds the conv and the add: it must be written, so no prologue
+        let g = net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", bn(4), &[1]),
+            ("2", conv(4, 4), &[2]),
+            ("3", Op::Add, &[2, 3]),
+            ("4", Op::GlobalAvgPool, &[4]),
+            ("5", Op::Linear { in_f: 4, out_f: 10 }, &[5]),
+        ]);
+        for mode in [Mode::Train, Mode::Infer] {
+            let got = plan_of(&g, mode);
+            assert!(
+                !got.contains("inlined") && !got.contains("prologue"),
+                "\n{got}"
+            );
+        }
+        // bn(x) feeding a ReLU and a conv, or the network's output, is not inlined either
+        let g = net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", bn(4), &[1]),
+            ("2", Op::Relu, &[2]),
+            ("3", conv(4, 4), &[2]),
+            ("4", Op::Add, &[3, 4]),
+            ("5", Op::GlobalAvgPool, &[5]),
+            ("6", Op::Linear { in_f: 4, out_f: 10 }, &[6]),
+            ("7", bn(10), &[7]),
+        ]);
+        for mode in [Mode::Train, Mode::Infer] {
+            let got = plan_of(&g, mode);
+            assert!(
+                !got.contains("inlined") && !got.contains("prologue"),
+                "\n{got}"
+            );
+        }
+    }
+
+    #[test]
+    fn bn_dropout_chain_without_relu() {
+        // train: bn -> dropout -> conv is one prologue; eval: the dropout is removed and the
+        // BN folded into the conv before it (folding comes first and writes the BN's output)
+        let g = net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", bn(4), &[1]),
+            ("2", Op::Dropout { p: 0.3 }, &[2]),
+            ("3", conv(4, 4), &[3]),
+            ("4", Op::GlobalAvgPool, &[4]),
+            ("5", Op::Linear { in_f: 4, out_f: 10 }, &[5]),
+        ]);
+        let train = plan_of(&g, Mode::Train);
+        assert!(
+            train.contains("prologue(src=%1 bn=%2 dropout=%3) bwd_for=%2"),
+            "\n{train}"
+        );
+        let infer = plan_of(&g, Mode::Infer);
+        assert!(
+            infer.contains("%3 = dropout(%2) 4x8x8 [2] removed")
+                && infer.contains("folded_bn=%2")
+                && !infer.contains("prologue"),
+            "\n{infer}"
         );
     }
 

@@ -730,7 +730,9 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         } else if let Some(bn) = b.chain_bn[i] {
             b.chain_last[bn] == Some(i) && plan.nodes[bn].fuse.bwd_from.is_none()
         } else if matches!(node.op, Op::BatchNorm { .. }) && node.fuse.inlined {
-            node.fuse.bwd_from.is_some()
+            // the chain's output gradient (written by the fused data-gradient epilogue), or,
+            // for a chain without ReLU or dropout, the activation gradient the convs write
+            node.fuse.bwd_from.is_some() || b.chain_last[i] == Some(i)
         } else {
             true
         };
@@ -1004,15 +1006,20 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 let aff = b.bn_buf(bn, "affine", Role::Saved);
                 let saved = b.bn_buf(bn, "saved", Role::Saved);
                 let (goff, _) = b.param_off[&format!("{bname}.weight")];
-                let args = vec![
+                let mut args = vec![
                     b.whole(gbuf, Access::Write),
                     dya,
                     w,
                     b.whole(xpre, Access::Read),
-                    b.whole(aff, Access::Read),
+                ];
+                if pflags.relu {
+                    // only the dReLU mask recomputes the activation
+                    args.push(b.whole(aff, Access::Read));
+                }
+                args.extend([
                     b.whole(saved, Access::Read),
                     b.slice(grads, goff, 2 * conv.in_c as u64, Access::ReadWrite),
-                ];
+                ]);
                 let sc: Vec<ScalarArg> = [ScalarArg::I32(ni)]
                     .into_iter()
                     .chain(chans)
@@ -1045,14 +1052,19 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
         Op::BatchNorm { c, .. } => {
             let hw = node.shape.h * node.shape.w;
             let x = node.inputs[0];
+            // The masks between the BN and the activation gradient `dy`: the chain's ReLU
+            // (which needs the affine to recompute its input) and dropout, each only if the
+            // chain has one. A chain of the BN alone (PyramidNet's `bn conv`) is plain dBN.
             let chain = if fu.inlined && fu.bwd_from.is_none() {
-                let last = b.chain_last[i].unwrap();
-                let has_drop = matches!(plan.nodes[last].op, Op::Dropout { .. })
-                    && plan.nodes[last].fuse.inlined;
+                let pro = plan
+                    .nodes
+                    .iter()
+                    .find_map(|x| x.fuse.prologue.filter(|q| q.bn == Some(i)))
+                    .unwrap();
                 PrologueFlags {
-                    affine: true,
-                    relu: true,
-                    dropout: has_drop,
+                    affine: pro.relu.is_some(),
+                    relu: pro.relu.is_some(),
+                    dropout: pro.dropout.is_some(),
                 }
             } else {
                 PrologueFlags::default()

@@ -433,12 +433,11 @@ impl KernelSpec {
                     ("accum", S::I32),
                 ];
                 if chain.any() {
-                    v.extend([
-                        b!("xpre", Read, Act),
-                        b!("affine", Read, F32),
-                        b!("saved", Read, F32),
-                        b!("sums", ReadWrite, F32),
-                    ]);
+                    v.push(b!("xpre", Read, Act));
+                    if chain.relu {
+                        v.push(b!("affine", Read, F32));
+                    }
+                    v.extend([b!("saved", Read, F32), b!("sums", ReadWrite, F32)]);
                     if chain.dropout {
                         s.extend(rng);
                     }
