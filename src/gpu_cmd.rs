@@ -377,6 +377,19 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 for unfused in [false, true] {
                     let what = format!("{name} {mode:?} unfused={unfused} {}", precision.name());
                     report(
+                        check::check_launches(
+                            &gpu,
+                            &cache,
+                            name,
+                            g,
+                            mode,
+                            a.batch as usize,
+                            precision,
+                            unfused,
+                        ),
+                        &format!("{what} every launch"),
+                    );
+                    report(
                         check::check_graph(
                             &gpu,
                             &cache,

@@ -3,8 +3,6 @@
 //! every family, fused and unfused -- logits, loss, every parameter gradient, the updated
 //! parameters and BN running statistics -- and inference.
 
-#[path = "emu_reference.rs"]
-mod reference;
 #[path = "emu_support.rs"]
 mod support;
 
@@ -18,6 +16,7 @@ use wrnc_runtime::cpu::{Mode as CpuMode, Model};
 use wrnc_runtime::init::SplitMix64;
 use wrnc_runtime::loss::softmax_cross_entropy;
 use wrnc_runtime::optim::Sgd;
+use wrnc_runtime::reference;
 use wrnc_runtime::Tensor;
 
 fn graph(body: &str) -> Graph {
@@ -278,7 +277,7 @@ fn rounded_reference(
 
 /// Per-kernel checks. Before each launch the buffers hold exactly what the emulation had
 /// (the step's inputs, then every earlier launch's traced writes); the f64 reference
-/// (`emu_reference.rs`, the CPU backend's op kernels) recomputes the launch from them, and
+/// (`wrnc_runtime::reference`, the CPU backend's op kernels) recomputes the launch from them, and
 /// every part of every argument the kernel writes must satisfy
 ///
 /// ```text

@@ -202,7 +202,10 @@ impl Lower {
                 if pad > k {
                     return Err(err(format!("padding {pad} is larger than the kernel {k}")));
                 }
-                if groups == 0 || !(s.c as u64).is_multiple_of(groups) || !out.is_multiple_of(groups) {
+                if groups == 0
+                    || !(s.c as u64).is_multiple_of(groups)
+                    || !out.is_multiple_of(groups)
+                {
                     return Err(err(format!(
                         "{groups} groups do not divide the {} input and {out} output channels",
                         s.c
@@ -395,8 +398,12 @@ impl Lower {
                 y
             }
             ShortcutKind::ZeroPad => {
-                let exact = (1..=MAX_STRIDE as u32)
-                    .find(|&s| i.h / s == o.h && i.w / s == o.w && i.h.is_multiple_of(s) && i.w.is_multiple_of(s));
+                let exact = (1..=MAX_STRIDE as u32).find(|&s| {
+                    i.h / s == o.h
+                        && i.w / s == o.w
+                        && i.h.is_multiple_of(s)
+                        && i.w.is_multiple_of(s)
+                });
                 let (Some(stride), true) = (exact, o.c >= i.c) else {
                     return Err(
                         err(format!("a zero-padding shortcut cannot map {i} to {o}"))

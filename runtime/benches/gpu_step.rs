@@ -37,7 +37,11 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!(
             "{}-{}-b{batch}-{}",
             graph.name,
-            if mode == Mode::Train { "train" } else { "infer" },
+            if mode == Mode::Train {
+                "train"
+            } else {
+                "infer"
+            },
             precision.name()
         ));
         group.throughput(Throughput::Elements(batch as u64));

@@ -13,6 +13,7 @@ pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod reference;
 pub mod tensor;
 pub mod train;
 

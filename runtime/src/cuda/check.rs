@@ -31,6 +31,7 @@ use crate::data::{make_batch, Dataset, Normalization};
 use crate::init::SplitMix64;
 use crate::loss::softmax_cross_entropy;
 use crate::optim::Sgd;
+use crate::reference::{self, HostScalars};
 use crate::Tensor;
 
 /// The outcome of one comparison.
@@ -102,6 +103,155 @@ fn to64(m: &BTreeMap<String, Tensor<f32>>) -> Map64 {
             )
         })
         .collect()
+}
+
+fn host(h: &Hyper) -> HostScalars {
+    HostScalars {
+        seed: h.seed,
+        step: h.step,
+        lr: h.lr,
+        momentum: h.momentum,
+        weight_decay: h.weight_decay,
+        nesterov: h.nesterov,
+        smoothing: h.label_smoothing,
+    }
+}
+
+/// Every persistent buffer of `ex`'s schedule as it is on the device now (the step's inputs:
+/// parameters, state, input, labels, optimizer table and momentum), by name.
+fn persistent_bytes(gpu: &Gpu, ex: &Executor) -> Result<BTreeMap<String, Vec<u8>>, CudaError> {
+    let mut m = BTreeMap::new();
+    for (i, b) in ex.schedule.buffers.iter().enumerate() {
+        if b.role.persistent() {
+            m.insert(b.name.clone(), ex.read_bytes(gpu, i)?);
+        }
+    }
+    Ok(m)
+}
+
+/// The f64 reference of `steps` whole steps from `inputs`, every stored value rounded to its
+/// buffer's type ([`reference::run`] with `round_storage`): what a bf16 schedule's gradients
+/// and updated parameters are held to (the unrounded CPU model is too ill-conditioned for that
+/// on small networks; see `docs/gpu.md`). Returns every buffer after the last step.
+fn rounded_steps(
+    s: &schedule::Schedule,
+    inputs: &BTreeMap<String, Vec<u8>>,
+    hypers: &[Hyper],
+) -> Result<Vec<Vec<f64>>, CudaError> {
+    let mut bufs: Vec<Vec<f64>> = s
+        .buffers
+        .iter()
+        .map(|b| match inputs.get(&b.name) {
+            Some(bytes) => reference::decode(bytes, b.dtype),
+            None => vec![0.0; b.len as usize],
+        })
+        .collect();
+    for h in hypers {
+        bufs = reference::run(s, bufs, &host(h), true)
+            .map_err(|e| CudaError::Plan(format!("f64 reference: {e}")))?;
+    }
+    Ok(bufs)
+}
+
+/// Runs every launch of `graph`'s schedule alone on the GPU (setup launches first), reads back
+/// every buffer it wrote, and checks each launch against the f64 reference recomputed on the
+/// very inputs it read ([`reference::check_kernels`]): the per-kernel check of the emulation
+/// tests, on the device. Tolerance as [`tolerance`] (the relative error in the max norm of each
+/// written part).
+#[allow(clippy::too_many_arguments)]
+pub fn check_launches(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    label: &str,
+    graph: &Graph,
+    mode: Mode,
+    batch: usize,
+    precision: Precision,
+    unfused: bool,
+) -> Result<CheckResult, CudaError> {
+    let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
+    let m32 = Model::<f32>::new(graph.clone(), 11).map_err(plan_err)?;
+    let mut r = SplitMix64(9);
+    let fusion = Fusion {
+        unfused,
+        disabled: vec![],
+    };
+    let sched = schedule::build(
+        graph,
+        &Options {
+            mode,
+            batch: batch as u32,
+            precision,
+            fusion: fusion.clone(),
+        },
+    )
+    .map_err(|e| CudaError::Plan(e.message))?;
+    let mut shared = Shared::new();
+    let ex = Executor::new(gpu, sched, &fusion, &mut shared, cache)?;
+    ex.load_state(gpu, &m32.params, &m32.buffers)?;
+    let n_in = ex.schedule.buffers[ex.schedule.input].len as usize;
+    let x: Vec<f32> = (0..n_in).map(|_| r.normal() as f32).collect();
+    ex.write_f32(gpu, ex.schedule.input, &x)?;
+    if let Some(lb) = ex.schedule.labels {
+        let lab: Vec<u8> = (0..batch as u32)
+            .flat_map(|i| ((i % graph.classes) as i32).to_le_bytes())
+            .collect();
+        ex.write_bytes(gpu, lb, &lab)?;
+    }
+    let h = Hyper {
+        seed: SEED,
+        step: 0,
+        lr: LR as f32,
+        momentum: MOMENTUM as f32,
+        weight_decay: WD as f32,
+        nesterov: true,
+        label_smoothing: SMOOTHING as f32,
+    };
+    let what = format!(
+        "{label} {} {} every launch {}",
+        match mode {
+            Mode::Train => "train",
+            Mode::Infer => "infer",
+        },
+        if unfused { "unfused" } else { "fused" },
+        precision.name()
+    );
+    gpu.synchronize(&what)?;
+    let inputs = persistent_bytes(gpu, &ex)?;
+    let s = &ex.schedule;
+    let mut trace = BTreeMap::new();
+    for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
+        ex.run_one(gpu, &h, li)?;
+        gpu.synchronize(&what)?;
+        for a in &l.buffers {
+            if a.access != schedule::Access::Read {
+                trace.insert(
+                    (li, s.buffers[a.buffer].name.clone()),
+                    ex.read_bytes(gpu, a.buffer)?,
+                );
+            }
+        }
+    }
+    let errs = reference::check_kernels(s, &inputs, &trace, &host(&h))
+        .map_err(|e| CudaError::Plan(format!("f64 reference: {e}")))?;
+    let mut worst = Worst {
+        err: 0.0,
+        name: String::new(),
+    };
+    for e in &errs {
+        worst.add(
+            &format!("launch {} ({}) {} {}", e.launch, e.note, e.kernel, e.part),
+            e.rel,
+        );
+    }
+    let tol = tolerance(precision);
+    Ok(CheckResult {
+        passed: !errs.is_empty() && worst.err <= tol,
+        what,
+        max_rel_err: worst.err,
+        tol,
+        worst: worst.name,
+    })
 }
 
 /// Compares `graph`'s training step (`Mode::Train`) or inference at `batch` on the GPU with
@@ -203,6 +353,25 @@ pub fn check_graph(
                 .flat_map(|&l| (l as i32).to_le_bytes())
                 .collect();
             ex.write_bytes(gpu, lb, &lab)?;
+            // bf16: gradients and updated parameters against the f64 step with bf16 storage
+            // rounding (one and two steps); logits, loss and running statistics against the
+            // CPU model. f32: everything against the CPU model.
+            let rounded = if precision == Precision::Bf16 {
+                gpu.synchronize(&what)?;
+                let inputs = persistent_bytes(gpu, &ex)?;
+                let one = rounded_steps(&ex.schedule, &inputs, &[h(0)])?;
+                let two = rounded_steps(&ex.schedule, &inputs, &[h(0), h(1)])?;
+                Some((one, two))
+            } else {
+                None
+            };
+            let arena = |bufs: &[Vec<f64>], name: &str, p: &schedule::ParamSlot| -> Vec<f64> {
+                let b = ex
+                    .schedule
+                    .buffer(name)
+                    .expect("train schedules have params and grads");
+                bufs[b][p.offset as usize..(p.offset + p.len) as usize].to_vec()
+            };
             let mut sgd = Sgd::<f64>::new(MOMENTUM, true, WD);
             for step in 0..2u32 {
                 let (logits, tape) = cpu
@@ -228,12 +397,25 @@ pub fn check_graph(
                         .values()
                         .flat_map(|t| &t.data)
                         .fold(0f64, |m, v| m.max(v.abs()));
+                    let gmax = match &rounded {
+                        Some((one, _)) => ex
+                            .schedule
+                            .params
+                            .iter()
+                            .flat_map(|p| arena(one, "grads", p))
+                            .fold(0f64, |m, v| m.max(v.abs())),
+                        None => gmax,
+                    };
                     for p in &ex.schedule.params {
                         let range = p.offset as usize..(p.offset + p.len) as usize;
-                        if let Some(want) = grads.get(&p.name) {
+                        let want = match &rounded {
+                            Some((one, _)) => Some(arena(one, "grads", p)),
+                            None => grads.get(&p.name).map(|t| t.data.clone()),
+                        };
+                        if let Some(want) = want {
                             worst.add(
                                 &format!("grad {}", p.name),
-                                rel_err(&g[range], &want.data, 1e-2 * gmax),
+                                rel_err(&g[range], &want, 1e-2 * gmax),
                             );
                         }
                     }
@@ -252,10 +434,11 @@ pub fn check_graph(
                 .fold(0f64, |m, v| m.max(v.abs()));
             for (n, want) in &cpu.params {
                 let got = params.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
-                worst.add(
-                    &format!("step 2 {n}"),
-                    rel_err(got, &want.data, 1e-3 * pmax),
-                );
+                let want = match (&rounded, ex.schedule.params.iter().find(|p| &p.name == n)) {
+                    (Some((_, two)), Some(p)) => arena(two, "params", p),
+                    _ => want.data.clone(),
+                };
+                worst.add(&format!("step 2 {n}"), rel_err(got, &want, 1e-3 * pmax));
             }
             for (n, want) in &cpu.buffers {
                 let got = buffers.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);

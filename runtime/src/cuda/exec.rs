@@ -299,6 +299,19 @@ impl Executor {
         self.launch_all(gpu, ls, h)
     }
 
+    /// Enqueues launch `li` alone, counting the setup launches first (as
+    /// [`crate::reference::check_kernels`] numbers them).
+    pub fn run_one(&self, gpu: &Gpu, h: &Hyper, li: usize) -> Result<(), CudaError> {
+        let s = &self.schedule;
+        let l = s
+            .setup
+            .iter()
+            .chain(&s.launches)
+            .nth(li)
+            .ok_or_else(|| CudaError::Plan(format!("no launch {li}")))?;
+        self.launch_all(gpu, std::slice::from_ref(l), h)
+    }
+
     /// Enqueues one whole step / batch.
     pub fn run(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
         self.run_range(gpu, h, 0..self.schedule.launches.len())

@@ -1,23 +1,24 @@
-//! Shared by the emulation tests (`#[path = "emu_reference.rs"] mod reference;`): the f64
-//! reference semantics of every [`KernelSpec`], built from the CPU backend's op kernels
-//! (`wrnc_runtime::ops`, `loss`) wherever one computes the same thing. No tests of its own.
+//! The f64 reference semantics of every [`KernelSpec`] of a schedule, built from the CPU
+//! backend's op kernels (`crate::ops`, `loss`) wherever one computes the same thing. Used by
+//! the emulation tests (`tests/codegen_emu.rs`) and by `wrnc selftest` on the GPU
+//! (`cuda::check`): both run a schedule launch by launch, trace what each launch wrote, and
+//! check every launch against this reference on the very inputs it read.
 //!
 //! [`launch`] takes the contents of a launch's buffer arguments (in the kernel's signature
 //! order, already decoded to f64) and its resolved scalars, and returns the new contents of
 //! every argument the kernel writes. Run on the very inputs an emulated kernel read, it is that
 //! kernel's exact result, so comparing the two isolates the kernel (per-kernel checks); run
 //! launch after launch from the step's inputs ([`run`]), it is a whole f64 step, which the
-//! tests compare with `wrnc_runtime::cpu::Model` to check this reference itself.
+//! tests compare with `crate::cpu::Model` to check this reference itself.
 //!
 //! Invariants: every function here is pure; shapes come from the spec and the batch, and a
 //! buffer argument whose length does not match them is an `Err`, never a panic.
-#![allow(dead_code)]
 
+use crate::ops::{conv, elementwise as ew, linear, pool};
+use crate::Tensor;
 use wrnc_compiler::graph::Conv2d;
 use wrnc_compiler::schedule::{Access, ConvGeom, Dtype, KernelSpec, PrologueFlags, ScalarArg};
 use wrnc_compiler::schedule::{Launch, Schedule};
-use wrnc_runtime::ops::{conv, elementwise as ew, linear, pool};
-use wrnc_runtime::Tensor;
 
 /// Values of the host-supplied scalars (the driver's `hyper.txt`).
 #[derive(Debug, Clone, Copy)]
@@ -608,12 +609,12 @@ pub fn launch(
             let labels: Vec<u32> = a.buf("labels")?.iter().map(|&l| l as u32).collect();
             let sm = a.sc("smoothing")?;
             let lt = Tensor::from_vec(&[n, k], logits.to_vec());
-            let all = wrnc_runtime::loss::softmax_cross_entropy(&lt, &labels, sm)
-                .map_err(|e| e.to_string())?;
+            let all =
+                crate::loss::softmax_cross_entropy(&lt, &labels, sm).map_err(|e| e.to_string())?;
             let mut loss = vec![];
             for i in 0..n {
                 let row = Tensor::from_vec(&[1, k], logits[i * k..(i + 1) * k].to_vec());
-                let one = wrnc_runtime::loss::softmax_cross_entropy(&row, &labels[i..i + 1], sm)
+                let one = crate::loss::softmax_cross_entropy(&row, &labels[i..i + 1], sm)
                     .map_err(|e| e.to_string())?;
                 loss.push(one.loss);
             }
