@@ -175,8 +175,9 @@ pub trait Backend {
     }
 
     /// Training-mode forward of images `idx` of `ds` (`data` is its upload), augmented as
-    /// `cfg` says with the keys of `at`: returns the logits `[idx.len(), classes]`. Nothing
-    /// is updated until [`Backend::apply_update`].
+    /// `cfg` says with the keys of `at`: returns the logits `[idx.len(), classes]`. The
+    /// weights and momentum are not updated until [`Backend::apply_update`] (BN running
+    /// statistics are: they move in the forward pass, as in PyTorch).
     fn train_forward(
         &mut self,
         data: &Self::Data,
@@ -384,6 +385,7 @@ pub fn evaluate_with<B: Backend>(
     batch: usize,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<(f64, f64), B::Error> {
+    check_data(ds, backend.graph())?;
     backend.begin_eval()?;
     eval_loop(ds, batch, on_event, |idx| {
         backend.infer(data, ds, idx, norm)
@@ -410,18 +412,24 @@ fn check(cfg: &TrainConfig, train: &Dataset, graph: &Graph) -> Result<(), TrainE
     if train.n == 0 {
         return bad("the training set is empty".into());
     }
+    check_data(train, graph)
+}
+
+/// A data set's images and classes fit the network (the GPU backends write whole batches into
+/// buffers sized for the network's input, so this must hold before any upload).
+fn check_data(ds: &Dataset, graph: &Graph) -> Result<(), TrainError> {
     let s = graph.input_shape();
-    if [train.c, train.h, train.w] != [s.c as usize, s.h as usize, s.w as usize] {
-        return bad(format!(
+    if [ds.c, ds.h, ds.w] != [s.c as usize, s.h as usize, s.w as usize] {
+        return Err(TrainError::Config(format!(
             "the data set's images are {}x{}x{}, the network takes {}",
-            train.c, train.h, train.w, s
-        ));
+            ds.c, ds.h, ds.w, s
+        )));
     }
-    if train.classes > graph.classes as usize {
-        return bad(format!(
+    if ds.classes > graph.classes as usize {
+        return Err(TrainError::Config(format!(
             "the data set has {} classes, the network only {}",
-            train.classes, graph.classes
-        ));
+            ds.classes, graph.classes
+        )));
     }
     Ok(())
 }
@@ -449,6 +457,9 @@ pub fn train_with<B: Backend>(
 ) -> Result<TrainReport, B::Error> {
     backend.check(cfg)?;
     check(cfg, train, backend.graph())?;
+    if let Some(t) = test {
+        check_data(t, backend.graph())?;
+    }
     let mut state = TrainState {
         net: cfg.net.clone(),
         seed: cfg.seed,

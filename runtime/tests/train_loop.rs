@@ -449,4 +449,42 @@ fn backend_checks_come_before_any_work() {
     assert!(matches!(err, TrainError::Config(_)), "{err}");
     assert_eq!((f.uploads, f.forwards.len()), (0, 0));
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+    // a test set whose images do not fit the network is refused before training starts, and
+    // an evaluation of one before anything runs (a GPU backend would write past its buffers)
+    let mut big = data();
+    big.h = 16;
+    big.w = 4;
+    let mut f = Fake::new(7);
+    let err = train_with(&mut f, &ds, Some(&big), &config(dir.path()), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(err, TrainError::Config(ref m) if m.contains("images are 3x16x4")),
+        "{err}"
+    );
+    assert_eq!((f.uploads, f.forwards.len()), (0, 0));
+    let err = evaluate_with(
+        &mut f,
+        &48,
+        &big,
+        &config(dir.path()).normalization,
+        16,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Config(_)), "{err}");
+    assert_eq!(f.evals, 0);
+    let mut many = data();
+    many.classes = 11;
+    let err = evaluate_with(
+        &mut f,
+        &48,
+        &many,
+        &config(dir.path()).normalization,
+        16,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, TrainError::Config(ref m) if m.contains("11 classes")),
+        "{err}"
+    );
 }

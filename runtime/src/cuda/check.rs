@@ -153,6 +153,108 @@ fn rounded_steps(
     Ok(bufs)
 }
 
+/// The hyper-parameters of every selftest step (`step` feeds the RNG).
+fn selftest_hyper(step: u32) -> Hyper {
+    Hyper {
+        seed: SEED,
+        step,
+        lr: LR as f32,
+        momentum: MOMENTUM as f32,
+        weight_decay: WD as f32,
+        nesterov: true,
+        label_smoothing: SMOOTHING as f32,
+    }
+}
+
+/// `WRN-16-4 train fused f32` (with `extra` before the precision).
+fn describe(label: &str, mode: Mode, unfused: bool, precision: Precision, extra: &str) -> String {
+    format!(
+        "{label} {} {}{extra} {}",
+        match mode {
+            Mode::Train => "train",
+            Mode::Infer => "infer",
+        },
+        if unfused { "unfused" } else { "fused" },
+        precision.name()
+    )
+}
+
+/// What both checks start from: the f32 weights `Model::new` gives (seed 11), non-trivial BN
+/// running statistics, a random normal input batch and labels `i % classes`.
+struct Start {
+    m32: Model<f32>,
+    buffers0: BTreeMap<String, Tensor<f32>>,
+    x: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+fn start(graph: &Graph, batch: usize) -> Result<Start, CudaError> {
+    let m32 = Model::<f32>::new(graph.clone(), 11)
+        .map_err(|e| CudaError::Plan(format!("CPU reference: {e}")))?;
+    let mut r = SplitMix64(9);
+    let buffers0: BTreeMap<String, Tensor<f32>> = m32
+        .buffers
+        .iter()
+        .map(|(k, t)| {
+            let v = if k.ends_with("running_var") {
+                t.data.iter().map(|_| 0.5 + r.uniform() as f32).collect()
+            } else {
+                t.data.iter().map(|_| 0.2 * r.normal() as f32).collect()
+            };
+            (k.clone(), Tensor::from_vec(&t.shape, v))
+        })
+        .collect();
+    let per = graph.input_shape().numel() as usize;
+    let x: Vec<f32> = (0..batch * per).map(|_| r.normal() as f32).collect();
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % graph.classes).collect();
+    Ok(Start {
+        m32,
+        buffers0,
+        x,
+        labels,
+    })
+}
+
+/// `graph`'s schedule on the GPU with `st`'s weights, statistics, input and labels uploaded.
+#[allow(clippy::too_many_arguments)]
+fn executor(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    graph: &Graph,
+    mode: Mode,
+    precision: Precision,
+    unfused: bool,
+    st: &Start,
+) -> Result<Executor, CudaError> {
+    let fusion = Fusion {
+        unfused,
+        disabled: vec![],
+    };
+    let sched = schedule::build(
+        graph,
+        &Options {
+            mode,
+            batch: st.labels.len() as u32,
+            precision,
+            fusion: fusion.clone(),
+        },
+    )
+    .map_err(|e| CudaError::Plan(e.message))?;
+    let mut shared = Shared::new();
+    let ex = Executor::new(gpu, sched, &fusion, &mut shared, cache)?;
+    ex.load_state(gpu, &st.m32.params, &st.buffers0)?;
+    ex.write_f32(gpu, ex.schedule.input, &st.x)?;
+    if let Some(lb) = ex.schedule.labels {
+        let lab: Vec<u8> = st
+            .labels
+            .iter()
+            .flat_map(|&l| (l as i32).to_le_bytes())
+            .collect();
+        ex.write_bytes(gpu, lb, &lab)?;
+    }
+    Ok(ex)
+}
+
 /// Runs every launch of `graph`'s schedule alone on the GPU (setup launches first), reads back
 /// every buffer it wrote, and checks each launch against the f64 reference recomputed on the
 /// very inputs it read ([`reference::check_kernels`]): the per-kernel check of the emulation
@@ -169,53 +271,10 @@ pub fn check_launches(
     precision: Precision,
     unfused: bool,
 ) -> Result<CheckResult, CudaError> {
-    let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
-    let m32 = Model::<f32>::new(graph.clone(), 11).map_err(plan_err)?;
-    let mut r = SplitMix64(9);
-    let fusion = Fusion {
-        unfused,
-        disabled: vec![],
-    };
-    let sched = schedule::build(
-        graph,
-        &Options {
-            mode,
-            batch: batch as u32,
-            precision,
-            fusion: fusion.clone(),
-        },
-    )
-    .map_err(|e| CudaError::Plan(e.message))?;
-    let mut shared = Shared::new();
-    let ex = Executor::new(gpu, sched, &fusion, &mut shared, cache)?;
-    ex.load_state(gpu, &m32.params, &m32.buffers)?;
-    let n_in = ex.schedule.buffers[ex.schedule.input].len as usize;
-    let x: Vec<f32> = (0..n_in).map(|_| r.normal() as f32).collect();
-    ex.write_f32(gpu, ex.schedule.input, &x)?;
-    if let Some(lb) = ex.schedule.labels {
-        let lab: Vec<u8> = (0..batch as u32)
-            .flat_map(|i| ((i % graph.classes) as i32).to_le_bytes())
-            .collect();
-        ex.write_bytes(gpu, lb, &lab)?;
-    }
-    let h = Hyper {
-        seed: SEED,
-        step: 0,
-        lr: LR as f32,
-        momentum: MOMENTUM as f32,
-        weight_decay: WD as f32,
-        nesterov: true,
-        label_smoothing: SMOOTHING as f32,
-    };
-    let what = format!(
-        "{label} {} {} every launch {}",
-        match mode {
-            Mode::Train => "train",
-            Mode::Infer => "infer",
-        },
-        if unfused { "unfused" } else { "fused" },
-        precision.name()
-    );
+    let st = start(graph, batch)?;
+    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st)?;
+    let h = selftest_hyper(0);
+    let what = describe(label, mode, unfused, precision, " every launch");
     gpu.synchronize(&what)?;
     let inputs = persistent_bytes(gpu, &ex)?;
     let s = &ex.schedule;
@@ -268,72 +327,23 @@ pub fn check_graph(
     unfused: bool,
 ) -> Result<CheckResult, CudaError> {
     let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
-    let m32 = Model::<f32>::new(graph.clone(), 11).map_err(plan_err)?;
-    let mut r = SplitMix64(9);
-    let buffers0: BTreeMap<String, Tensor<f32>> = m32
-        .buffers
-        .iter()
-        .map(|(k, t)| {
-            let v = if k.ends_with("running_var") {
-                t.data.iter().map(|_| 0.5 + r.uniform() as f32).collect()
-            } else {
-                t.data.iter().map(|_| 0.2 * r.normal() as f32).collect()
-            };
-            (k.clone(), Tensor::from_vec(&t.shape, v))
-        })
-        .collect();
-    let mut cpu = Model::<f64>::with_state(graph.clone(), to64(&m32.params), to64(&buffers0))
+    let st = start(graph, batch)?;
+    let mut cpu = Model::<f64>::with_state(graph.clone(), to64(&st.m32.params), to64(&st.buffers0))
         .map_err(plan_err)?;
     let s = graph.input_shape();
-    let per = s.numel() as usize;
-    let x: Vec<f32> = (0..batch * per).map(|_| r.normal() as f32).collect();
-    let labels: Vec<u32> = (0..batch as u32).map(|i| i % graph.classes).collect();
+    let labels = st.labels.clone();
     let xt = Tensor::from_vec(
         &[batch, s.c as usize, s.h as usize, s.w as usize],
-        x.iter().map(|&v| v as f64).collect(),
+        st.x.iter().map(|&v| v as f64).collect(),
     );
-
-    let fusion = Fusion {
-        unfused,
-        disabled: vec![],
-    };
-    let sched = schedule::build(
-        graph,
-        &Options {
-            mode,
-            batch: batch as u32,
-            precision,
-            fusion: fusion.clone(),
-        },
-    )
-    .map_err(|e| CudaError::Plan(e.message))?;
-    let mut shared = Shared::new();
-    let ex = Executor::new(gpu, sched, &fusion, &mut shared, cache)?;
-    ex.load_state(gpu, &m32.params, &buffers0)?;
-    ex.write_f32(gpu, ex.schedule.input, &x)?;
+    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st)?;
     let tol = tolerance(precision);
     let mut worst = Worst {
         err: 0.0,
         name: String::new(),
     };
-    let what = format!(
-        "{label} {} {} {}",
-        match mode {
-            Mode::Train => "train",
-            Mode::Infer => "infer",
-        },
-        if unfused { "unfused" } else { "fused" },
-        precision.name()
-    );
-    let h = |step: u32| Hyper {
-        seed: SEED,
-        step,
-        lr: LR as f32,
-        momentum: MOMENTUM as f32,
-        weight_decay: WD as f32,
-        nesterov: true,
-        label_smoothing: SMOOTHING as f32,
-    };
+    let what = describe(label, mode, unfused, precision, "");
+    let h = selftest_hyper;
     match mode {
         Mode::Infer => {
             let want = cpu.infer(&xt).map_err(plan_err)?;
@@ -344,15 +354,6 @@ pub fn check_graph(
             worst.add("logits", rel_err(&got, &want.data, 1e-6));
         }
         Mode::Train => {
-            let lb = ex
-                .schedule
-                .labels
-                .ok_or_else(|| CudaError::Plan("no labels buffer".into()))?;
-            let lab: Vec<u8> = labels
-                .iter()
-                .flat_map(|&l| (l as i32).to_le_bytes())
-                .collect();
-            ex.write_bytes(gpu, lb, &lab)?;
             // bf16: gradients and updated parameters against the f64 step with bf16 storage
             // rounding (one and two steps); logits, loss and running statistics against the
             // CPU model. f32: everything against the CPU model.

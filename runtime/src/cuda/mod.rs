@@ -11,7 +11,7 @@
 //! - [`exec`]: an [`Executor`](exec::Executor) that uploads, launches and downloads one schedule;
 //! - [`augment`]: pad-crop-flip + normalisation as a CUDA kernel, bit-identical to
 //!   [`crate::data::make_batch`];
-//! - [`trainer`]: [`GpuTrainer`](trainer::GpuTrainer), the GPU twin of [`crate::train::train`];
+//! - [`trainer`]: [`GpuTrainer`](trainer::GpuTrainer), the GPU's [`crate::train::Backend`] for [`crate::train::train_with`];
 //! - [`check`]: GPU-vs-CPU comparisons (the `wrnc selftest` core) and [`bench`] timings.
 //!
 //! Invariant: nothing in this module panics when the driver, NVRTC or a GPU is missing; every

@@ -303,7 +303,12 @@ impl Backend for GpuTrainer {
         cfg: &TrainConfig,
     ) -> Result<Tensor, GpuTrainError> {
         let classes = self.graph.classes as usize;
-        let ex = &self.steps[&idx.len()];
+        let ex = self.steps.get(&idx.len()).ok_or_else(|| {
+            CudaError::Plan(format!(
+                "no training step was prepared for batch {} (call prepare first)",
+                idx.len()
+            ))
+        })?;
         let labels_buf = ex
             .schedule
             .labels
@@ -340,7 +345,10 @@ impl Backend for GpuTrainer {
             .pending
             .take()
             .ok_or_else(|| CudaError::Plan("an update without a forward".into()))?;
-        let ex = &self.steps[&n];
+        let ex = self
+            .steps
+            .get(&n)
+            .ok_or_else(|| CudaError::Plan(format!("no training step for batch {n}")))?;
         ex.run_range(&self.gpu, &h, upd..ex.schedule.launches.len())?;
         Ok(())
     }
