@@ -135,6 +135,24 @@ impl<'a> B<'a> {
         Ok(())
     }
 
+    /// A tiled GEMM launch (conv or linear): `rows x cols` outputs per group, `tile x tile`
+    /// per block of 16x16 threads, one block row of the grid per group (`grid.z`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_launch(
+        &mut self,
+        spec: KernelSpec,
+        rows: u64,
+        cols: u64,
+        groups: u32,
+        buffers: Vec<BufArg>,
+        scalars: Vec<ScalarArg>,
+        note: String,
+    ) -> crate::Result<()> {
+        let t = spec.conv_geom().map_or(TILE, |g| g.block_tile()) as u64;
+        let grid = [ceil_div(rows, t), ceil_div(cols, t), groups as u64];
+        self.launch(spec, grid, [TILE, TILE, 1], buffers, scalars, note)
+    }
+
     fn elem_grid(count: u64) -> [u64; 3] {
         [
             ceil_div(count, ELEM_BLOCK as u64).clamp(1, MAX_ELEM_GRID),
@@ -501,21 +519,15 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 if let Some(d) = pro.and_then(|p| p.dropout) {
                     sc.extend(b.rng(d, b.dropout_p(d)));
                 }
-                let m = n as u64 * (g.out_h * g.out_w) as u64;
-                let t = g.block_tile() as u64;
-                let grid = [
-                    ceil_div(m, t),
-                    ceil_div((conv.out_c / g.groups) as u64, t),
-                    g.groups as u64,
-                ];
-                b.launch(
+                b.gemm_launch(
                     KernelSpec::ConvFwd {
                         g,
                         pro: pflags,
                         epi,
                     },
-                    grid,
-                    [TILE, TILE, 1],
+                    n as u64 * (g.out_h * g.out_w) as u64,
+                    (conv.out_c / g.groups) as u64,
+                    g.groups,
                     args,
                     sc,
                     format!("{name} fwd"),
@@ -692,15 +704,11 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     b.param(&format!("{name}.weight"), Access::Read, params),
                     b.param(&format!("{name}.bias"), Access::Read, params),
                 ];
-                let grid = [
-                    ceil_div(n as u64, TILE as u64),
-                    ceil_div(out_f as u64, TILE as u64),
-                    1,
-                ];
-                b.launch(
+                b.gemm_launch(
                     KernelSpec::LinearFwd { in_f, out_f },
-                    grid,
-                    [TILE, TILE, 1],
+                    n as u64,
+                    out_f as u64,
+                    1,
                     args,
                     vec![ScalarArg::I32(ni)],
                     format!("{name} fwd"),
@@ -946,8 +954,6 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             }
             let ocg = (conv.out_c / g.groups) as u64;
             let kdim = ((conv.in_c / g.groups) * g.k * g.k) as u64;
-            let t = g.block_tile() as u64;
-            let grid = [ceil_div(ocg, t), ceil_div(kdim, t), g.groups as u64];
             let chans = [
                 ScalarArg::I32(conv.in_c as i32),
                 ScalarArg::I32(conv.out_c as i32),
@@ -957,10 +963,11 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 .chain(chans)
                 .chain(rng.iter().copied())
                 .collect();
-            b.launch(
+            b.gemm_launch(
                 KernelSpec::ConvBwdWeight { g, pro: pflags },
-                grid,
-                [TILE, TILE, 1],
+                ocg,
+                kdim,
+                g.groups,
                 args,
                 sc,
                 format!("{name} bwd_weight"),
@@ -985,13 +992,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             if matches!(plan.nodes[x].op, Op::Input) {
                 return Ok(());
             }
-            let m = n as u64 * (g.in_h * g.in_w) as u64;
-            let t = g.block_tile() as u64;
-            let grid = [
-                ceil_div(m, t),
-                ceil_div((conv.in_c / g.groups) as u64, t),
-                g.groups as u64,
-            ];
+            let (m, icg) = (
+                n as u64 * (g.in_h * g.in_w) as u64,
+                (conv.in_c / g.groups) as u64,
+            );
             let w = b.param(&format!("{name}.weight"), Access::Read, params);
             if let Some(bn) = fu.bwd_for {
                 let p = pro.unwrap();
@@ -1026,23 +1030,25 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     .chain([ScalarArg::I32(0)])
                     .chain(rng.iter().copied())
                     .collect();
-                b.launch(
+                b.gemm_launch(
                     KernelSpec::ConvBwdData { g, chain: pflags },
-                    grid,
-                    [TILE, TILE, 1],
+                    m,
+                    icg,
+                    g.groups,
                     args,
                     sc,
                     format!("{name} bwd_data+{bname} reduce"),
                 )?;
             } else {
                 let (dst, acc) = grad_dst(b, x).unwrap();
-                b.launch(
+                b.gemm_launch(
                     KernelSpec::ConvBwdData {
                         g,
                         chain: PrologueFlags::default(),
                     },
-                    grid,
-                    [TILE, TILE, 1],
+                    m,
+                    icg,
+                    g.groups,
                     vec![dst, dya, w],
                     vec![ScalarArg::I32(ni), chans[0], chans[1], acc],
                     format!("{name} bwd_data"),
@@ -1270,15 +1276,11 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 dya,
                 b.whole(xb, Access::Read),
             ];
-            let grid = [
-                ceil_div(out_f as u64, TILE as u64),
-                ceil_div(in_f as u64, TILE as u64),
-                1,
-            ];
-            b.launch(
+            b.gemm_launch(
                 KernelSpec::LinearBwdWeight { in_f, out_f },
-                grid,
-                [TILE, TILE, 1],
+                out_f as u64,
+                in_f as u64,
+                1,
                 args,
                 vec![ScalarArg::I32(ni)],
                 format!("{name} bwd_weight"),
@@ -1298,15 +1300,11 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             )?;
             if let Some((dst, acc)) = grad_dst(b, x) {
                 let w = b.param(&format!("{name}.weight"), Access::Read, params);
-                let grid = [
-                    ceil_div(n as u64, TILE as u64),
-                    ceil_div(in_f as u64, TILE as u64),
-                    1,
-                ];
-                b.launch(
+                b.gemm_launch(
                     KernelSpec::LinearBwdData { in_f, out_f },
-                    grid,
-                    [TILE, TILE, 1],
+                    n as u64,
+                    in_f as u64,
+                    1,
                     vec![dst, dya, w],
                     vec![ScalarArg::I32(ni), acc],
                     format!("{name} bwd_data"),
