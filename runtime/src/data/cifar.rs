@@ -169,9 +169,9 @@ pub(crate) fn load(kind: DatasetKind, source: &Source, split: Split) -> Result<D
 
 /// A reader that counts the bytes taken from the underlying file, so an error in a compressed
 /// stream can say where it happened.
-struct Counting<R> {
-    inner: R,
-    count: Rc<Cell<u64>>,
+pub(super) struct Counting<R> {
+    pub(super) inner: R,
+    pub(super) count: Rc<Cell<u64>>,
 }
 
 impl<R: Read> Read for Counting<R> {

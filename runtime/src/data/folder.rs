@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use rayon::prelude::*;
 
+use super::cifar::Counting;
 use super::{read_member, DataError, Dataset, DatasetKind, Split, CIFAR10_CLASSES};
 
 /// Largest image file accepted (a 32x32 PNG is a few KB).
@@ -166,19 +167,6 @@ fn read_dir_items(split_dir: &Path) -> Result<Vec<Item>, DataError> {
         .collect::<Vec<_>>()
         .into_iter()
         .collect()
-}
-
-struct Counting<R> {
-    inner: R,
-    count: Rc<Cell<u64>>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.set(self.count.get() + n as u64);
-        Ok(n)
-    }
 }
 
 /// The image members `<split>/<class>/<file>` of a `.tar.xz` (a leading `./` is allowed).
