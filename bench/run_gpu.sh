@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info selftest bench train assemble   (default: all)
+#   bench/run_gpu.sh [STAGE...]      stages: info selftest bench train train_bf16 assemble   (default: all)
 #
 # Inputs (carried with the working tree):
 #   $WRNC            the prebuilt release binary (default gpu-carry/wrnc)
@@ -14,6 +14,7 @@
 #   call 1: bench/run_gpu.sh info selftest          (~3-6 min)
 #   call 2: bench/run_gpu.sh info bench assemble    (~6-9 min: wrnc bench f32+bf16 + PyTorch, same call)
 #   call 3: bench/run_gpu.sh info train assemble    (~6 min: WRN-16-4 on CIFAR-10 for ~5 min)
+#   call 4: bench/run_gpu.sh info train_bf16 assemble   (the same recipe in bf16)
 # `assemble` also runs on any machine with python3, over the raw folders fetched back:
 #   bench/run_gpu.sh assemble            (reads $OUT and bench/results/raw)
 set -u
@@ -117,6 +118,17 @@ stage_train() {
     keep "$OUT/train_metrics.jsonl"
 }
 
+# issue 6's accuracy check: the same recipe in bf16 (tensor-core convolutions); compare the test
+# accuracy of equal epochs with stage_train's
+stage_train_bf16() {
+    find_nvrtc
+    rm -rf "$OUT/train_bf16_ckpt"
+    run train_bf16 "$TRAIN_SECONDS" "$WRNC" run "$TRAIN_NET" --train cifar10 --data "$DATA" --device cuda \
+        --precision bf16 --epochs 10 --metrics "$OUT/train_bf16_metrics.jsonl" \
+        --checkpoint "$OUT/train_bf16_ckpt" --quiet
+    keep "$OUT/train_bf16_metrics.jsonl"
+}
+
 stage_assemble() {
     python3 - "$OUT" "$RAW" <<'PY'
 import json, os, sys, datetime, re, subprocess
@@ -177,6 +189,8 @@ out["selftest_quick"] = {"failed": st.get("failed"), "errors": st.get("errors"),
 out["selftest_examples"] = full_summary or ({"incomplete": full.count("\n")} if full else None)
 metrics = [json.loads(l) for l in text("train_metrics.jsonl").splitlines() if l.strip()]
 out["training"] = {"net": os.environ.get("TRAIN_NET", "WRN-16-4"), "epochs": metrics} if metrics else None
+m16 = [json.loads(l) for l in text("train_bf16_metrics.jsonl").splitlines() if l.strip()]
+out["training_bf16"] = {"net": os.environ.get("TRAIN_NET", "WRN-16-4"), "precision": "bf16", "epochs": m16} if m16 else None
 out["raw"] = sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)))
 slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
 path = os.path.join("bench", "results", f"{out['date']}-{slug}.json")
@@ -190,9 +204,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|selftest|bench|train|assemble) "stage_$s" ;;
-        all) stage_info; stage_selftest; stage_bench; stage_train; stage_assemble ;;
-        *) echo "unknown stage $s (info selftest bench train assemble all)" >&2; exit 2 ;;
+        info|selftest|bench|train|train_bf16|assemble) "stage_$s" ;;
+        all) stage_info; stage_selftest; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
+        *) echo "unknown stage $s (info selftest bench train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

@@ -17,7 +17,7 @@ pub enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    fn get(self) -> Precision {
+    pub fn get(self) -> Precision {
         match self {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,

@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// Turn off pad-crop-flip augmentation.
     #[arg(long)]
     pub no_augment: bool,
+    /// Arithmetic on the GPU: f32, or bf16 (bf16 activations and tensor-core convolutions, fp32
+    /// master weights). Default: the file's `precision` setting, else f32. The CPU backend
+    /// always computes in f32.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::gpu_cmd::PrecisionArg>,
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     pub json: bool,
@@ -178,12 +183,15 @@ fn bar(quiet: bool) -> ProgressBar {
 
 pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
     let backend = pick_device(args.device, args.quiet || args.json)?;
-    let precision = l
-        .file
-        .settings
-        .precision
-        .map(|p| p.value)
-        .unwrap_or_default();
+    let precision = match args.precision {
+        Some(p) => p.get(),
+        None => l
+            .file
+            .settings
+            .precision
+            .map(|p| p.value)
+            .unwrap_or_default(),
+    };
     let s = &l.file.settings;
     let seed = args.seed.or(s.seed.map(|v| v.value)).unwrap_or(1);
     if let Some(ds_name) = &args.eval {
@@ -369,6 +377,8 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "net": l.graph.name, "dataset": k.name(), "steps": report.steps, "stopped_early": report.stopped_early,
+                "device": match backend { Backend::Cpu => "cpu", Backend::Cuda => "cuda" },
+                "precision": match backend { Backend::Cpu => "f32", Backend::Cuda => precision.name() },
                 "checkpoint": report.checkpoint, "epochs": report.epochs,
             })
         );
