@@ -20,8 +20,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// The data: the official binary release (folder or .tar.gz), or an image folder
-    /// (DIR/train/<class>/*, DIR/test/<class>/*), or the folder holding train.tar.xz/test.tar.xz.
-    /// Default: $WRNC_DATA, else ./data/<dataset>.
+    /// (`DIR/train/<class>/*`, `DIR/test/<class>/*`), or the folder holding train.tar.xz/test.tar.xz.
+    /// Default: $WRNC_DATA, else `./data/<dataset>`.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// cpu or cuda. Default: cuda where a GPU is usable, else cpu.

@@ -78,7 +78,14 @@ fn commands_and_exit_codes() {
         "bf16 tensor cores, which need sm_80 or later",
     );
     check(
-        &["run", "WRN-10-1", "--train", "cifar10", "--precision", "fp16"],
+        &[
+            "run",
+            "WRN-10-1",
+            "--train",
+            "cifar10",
+            "--precision",
+            "fp16",
+        ],
         2,
         "invalid value 'fp16'",
     );

@@ -272,7 +272,7 @@ pub enum Schedule {
 }
 
 /// Settings written in a `.net` file. Every field is optional; `None` means the default
-/// (see [`crate::config`]). Command-line flags override them.
+/// (see `docs/language.md`). Command-line flags override them.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Settings {
     pub dataset: Option<Spanned<Dataset>>,

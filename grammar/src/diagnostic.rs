@@ -50,7 +50,7 @@ pub struct Diagnostic {
     /// Further facts (e.g. where a duplicated setting was first set), one line each.
     pub notes: Vec<String>,
     /// The text of line `line`, with control characters made visible (see [`clean_line`]);
-    /// a line longer than [`MAX_SNIPPET_CHARS`] is cut to a window around `col`, marked with
+    /// a line longer than `MAX_SNIPPET_CHARS` is cut to a window around `col`, marked with
     /// `...`.
     pub snippet: String,
     /// 0-based character offset of the first caret in `snippet` (`col - 1` unless the line

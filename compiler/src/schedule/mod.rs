@@ -1,7 +1,7 @@
 //! The schedule: buffers, kernels and launches of one inference pass or one training step.
 //!
-//! Plain data (serialisable for `--emit schedule`), built from a [`Graph`] by
-//! [`build`]: the graph becomes a [`Plan`], the fusion [`passes`](crate::passes) annotate it,
+//! Plain data (serialisable for `--emit schedule`), built from a [`Graph`](crate::graph::Graph) by
+//! [`build`]: the graph becomes a [`Plan`](crate::passes::Plan), the fusion [`passes`](crate::passes) annotate it,
 //! and [`lower`] emits kernels and launches — forward, loss, backward (reverse-mode autodiff
 //! over the annotated plan) and the optimizer update.
 //!

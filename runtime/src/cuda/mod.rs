@@ -12,7 +12,7 @@
 //! - [`augment`]: pad-crop-flip + normalisation as a CUDA kernel, bit-identical to
 //!   [`crate::data::make_batch`];
 //! - [`trainer`]: [`GpuTrainer`](trainer::GpuTrainer), the GPU's [`crate::train::Backend`] for [`crate::train::train_with`];
-//! - [`check`]: GPU-vs-CPU comparisons (the `wrnc selftest` core) and [`bench`] timings.
+//! - [`check`]: GPU-vs-CPU comparisons (the `wrnc selftest` core) and [`bench`](mod@bench) timings.
 //!
 //! Invariant: nothing in this module panics when the driver, NVRTC or a GPU is missing; every
 //! failure is a [`CudaError`] whose message says what to do.
