@@ -459,7 +459,11 @@ fn check_step(name: &str, body: &str) -> (usize, usize) {
 /// loss, every gradient, every updated parameter and the running statistics against the CPU
 /// model (f64), then fused against unfused. Returns the launch counts (unfused, fused).
 fn check_step_in(name: &str, body: &str, prec: Prec) -> (usize, usize) {
-    let g = graph(body);
+    check_step_of(name, graph(body), prec)
+}
+
+/// [`check_step_in`] of a graph.
+fn check_step_of(name: &str, g: Graph, prec: Prec) -> (usize, usize) {
     let r = reference(&g, Mode::Train);
     let tol = prec.e2e;
     let mut results = vec![];
@@ -760,6 +764,39 @@ fn bf16_tensor_cores_grouped_strided_and_wide() {
         }
         let _ = check_step_in(name, body, BF16);
     }
+}
+
+/// Split-K of the tensor-core weight gradient: at 20x20 the 800-pixel reduction (25 steps of
+/// 32) is cut into 3 slices of 288, 288 and 224 pixels whose partial gradients a second launch
+/// sums; every launch against the f64 reference (which sums the slices the same way), the
+/// whole step against the CPU model.
+#[test]
+fn bf16_tensor_core_weight_gradient_split_k() {
+    let g = graph_in(
+        "input 3x20x20",
+        "conv(3x3, 8) bn relu conv(3x3, 8) bn relu gap fc",
+    );
+    let s = build(&g, Mode::Train, false, Precision::Bf16);
+    let splits: Vec<u32> = s
+        .kernels
+        .iter()
+        .filter_map(|k| match k.spec {
+            schedule::KernelSpec::ConvBwdWeight { split_k, .. } => Some(split_k),
+            _ => None,
+        })
+        .collect();
+    assert!(splits.contains(&3), "split-K factors {splits:?}");
+    assert!(s
+        .kernels
+        .iter()
+        .any(|k| k.spec == schedule::KernelSpec::SplitKReduce));
+    // fp32 (no tensor cores) never splits
+    let s32 = build(&g, Mode::Train, false, Precision::F32);
+    assert!(!s32
+        .kernels
+        .iter()
+        .any(|k| k.spec == schedule::KernelSpec::SplitKReduce));
+    let _ = check_step_of("splitk", g, BF16);
 }
 
 /// BN statistics accumulated by a conv epilogue across many blocks (512 blocks of 16 rows per

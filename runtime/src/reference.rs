@@ -342,7 +342,7 @@ pub fn launch(
                 out.push(("dx", a.accum("accum", "dx", dact.data)?));
             }
         }
-        ConvBwdWeight { g, pro } => {
+        ConvBwdWeight { g, pro, split_k } => {
             let (ic, oc) = (dim("IC")?, dim("OC")?);
             if ic % g.groups as usize != 0 || oc % g.groups as usize != 0 {
                 return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
@@ -353,10 +353,39 @@ pub fn launch(
             let mut dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
             tc_operand(g.tensor_cores, &mut dy.data);
             let w0 = vec![0.0; conv_w_len(&g, ic, oc)];
-            out.push((
-                "dw",
-                conv::conv2d_backward(&x, &conv_op(&g, ic, oc), &w0, &dy, false).dw,
-            ));
+            let op = conv_op(&g, ic, oc);
+            if split_k <= 1 {
+                out.push(("dw", conv::conv2d_backward(&x, &op, &w0, &dy, false).dw));
+            } else {
+                // slice s: dy kept on flat pixels [s chunk, (s + 1) chunk), zero elsewhere
+                let ohw = (g.out_h * g.out_w) as usize;
+                let pixels = n * ohw;
+                let sk = split_k as usize;
+                let chunk = pixels.div_ceil(32 * sk) * 32;
+                let mut parts = Vec::with_capacity(sk * w0.len());
+                for s in 0..sk {
+                    let mut d = dy.clone();
+                    for (i, v) in d.data.iter_mut().enumerate() {
+                        let p = (i / (oc * ohw)) * ohw + i % ohw;
+                        if p < s * chunk || p >= (s + 1) * chunk {
+                            *v = 0.0;
+                        }
+                    }
+                    parts.extend(conv::conv2d_backward(&x, &op, &w0, &d, false).dw);
+                }
+                out.push(("dw", parts));
+            }
+        }
+        SplitKReduce => {
+            let (count, splits) = (dim("count")?, dim("splits")?);
+            let part = a.buf("part")?;
+            if part.len() < count * splits || a.buf("dw")?.len() != count {
+                return Err("split-K buffer lengths".into());
+            }
+            let dw = (0..count)
+                .map(|i| (0..splits).map(|s| part[s * count + i]).sum())
+                .collect();
+            out.push(("dw", dw));
         }
         LinearFwd { in_f, out_f } => {
             let (i, o) = (in_f as usize, out_f as usize);

@@ -141,6 +141,9 @@ struct Gemm<'a> {
     b_k_fast: bool,
     /// On the tensor cores ([`gemm_tc`]), else fp32 FMAs ([`gemm`]).
     tensor_cores: bool,
+    /// Slices of the reduction (tensor cores only): `blockIdx.z = g * split_k + slice_`, and
+    /// slice `slice_` reduces `[kb_, ke_)`, whole 32-steps of `ceil(K / (32 split_k))` each.
+    split_k: u32,
 }
 
 /// Tiled GEMM `C[m][j] = sum_k A(m,k) B(k,j)` per group `blockIdx.z`, 16x16 threads, 16x16 tiles
@@ -226,19 +229,22 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
-    const int g = blockIdx.z;
+    const int SPLIT_ = {split};
+    const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
     const int M = {m}, NC = {ncols}, K = {k};
+    const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
+    const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
     float cacc[2][2][4];
     for (int i = 0; i < 2; ++i)
         for (int jn = 0; jn < 2; ++jn)
             for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += 32) {{
+    for (int k0 = kb_; k0 < ke_; k0 += 32) {{
         for (int e = 0; e < 8; ++e) {{
             const int q = e * 256 + tid;
             const int ml = {a_ml}, kl = {a_kl};
             const int mm = blockIdx.x * 64 + ml, kk = k0 + kl;
             float v = 0.0f;
-            if (mm < M && kk < K) {{
+            if (mm < M && kk < ke_) {{
 {a}            }}
             As[ml][kl] = wrnc_f32_bf16(v);
         }}
@@ -247,7 +253,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
             const int nl = {b_nl}, kl = {b_kl};
             const int kk = k0 + kl, jj = blockIdx.y * 64 + nl;
             float v = 0.0f;
-            if (kk < K && jj < NC) {{
+            if (kk < ke_ && jj < NC) {{
 {b}            }}
             Bs[nl][kl] = wrnc_f32_bf16(v);
         }}
@@ -286,7 +292,8 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         k = g.k,
         a = g.a,
         b = g.b,
-        epi = g.epi
+        epi = g.epi,
+        split = g.split_k.max(1)
     )
 }
 
@@ -371,6 +378,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: true,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
+                    split_k: 1,
                 },
             )
         }
@@ -416,10 +424,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: true,
                     b_k_fast: g.k > 1,
                     tensor_cores: g.tensor_cores,
+                    split_k: 1,
                 },
             )
         }
-        ConvBwdWeight { g, pro } => {
+        ConvBwdWeight { g, pro, split_k } => {
             let consts = format!(
                 "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G, KDIM = ICG * KS * KS;\n",
                 g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
@@ -429,7 +438,13 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                const int kw = jj % KS, t2 = jj / KS, kh = t2 % KS, icg = t2 / KS;\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
                 prologue(&pro)
             );
-            let e = "    if (valid) dw[(g * OCG + m) * KDIM + j] = acc;\n".to_string();
+            // with split-K, slice `slice_` writes the `slice_`-th partial gradient
+            let e = if split_k > 1 {
+                "    if (valid) dw[slice_ * (G * OCG * KDIM) + (g * OCG + m) * KDIM + j] = acc;\n"
+            } else {
+                "    if (valid) dw[(g * OCG + m) * KDIM + j] = acc;\n"
+            }
+            .to_string();
             gemm(
                 name,
                 spec,
@@ -444,6 +459,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: false,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
+                    split_k,
                 },
             )
         }
@@ -461,6 +477,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                split_k: 1,
             },
         ),
         LinearBwdData { in_f, out_f } => gemm(
@@ -477,6 +494,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                split_k: 1,
             },
         ),
         LinearBwdWeight { in_f, out_f } => gemm(
@@ -493,6 +511,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                split_k: 1,
             },
         ),
         // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is
@@ -744,6 +763,13 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             header(name, spec)
         ),
         Zero => elementwise(name, spec, "count", "", "        y[i] = 0.0f;\n"),
+        SplitKReduce => elementwise(
+            name,
+            spec,
+            "count",
+            "",
+            "        float s = 0.0f;\n        for (int k = 0; k < splits; ++k) s += part[k * count + i];\n        dw[i] = s;\n",
+        ),
         FoldBn { bias } => elementwise(
             name,
             spec,

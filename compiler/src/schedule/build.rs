@@ -206,6 +206,22 @@ impl<'a> B<'a> {
     }
 }
 
+/// Slices of the tensor-core weight gradient's pixel reduction (`pixels` long) for an
+/// `rows x cols` output per group in 64x64 blocks: enough for about 264 blocks (two per SM of a
+/// 132-SM GPU), each slice keeping at least 8 steps of 32, at most 32 slices; fewer while the
+/// grid's z or the partial buffer's `int` indices would overflow. 1 means no split.
+fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64) -> u32 {
+    let blocks = rows.div_ceil(64).max(1) * cols.div_ceil(64).max(1) * groups.max(1) as u64;
+    let mut s = 264u64
+        .div_ceil(blocks)
+        .min(pixels.div_ceil(32) / 8)
+        .clamp(1, 32);
+    while s > 1 && (s * groups as u64 > 65_535 || s * wlen > i32::MAX as u64) {
+        s -= 1;
+    }
+    s as u32
+}
+
 /// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`).
 fn geom(p: &Plan, i: usize, tensor_cores: bool) -> ConvGeom {
     let Op::Conv2d(c) = p.nodes[i].op else {
@@ -963,15 +979,58 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 .chain(chans)
                 .chain(rng.iter().copied())
                 .collect();
-            b.gemm_launch(
-                KernelSpec::ConvBwdWeight { g, pro: pflags },
-                ocg,
-                kdim,
-                g.groups,
-                args,
-                sc,
-                format!("{name} bwd_weight"),
-            )?;
+            let pixels = n as u64 * (g.out_h * g.out_w) as u64;
+            let wlen = ocg * kdim * g.groups as u64;
+            let split_k = if g.tensor_cores {
+                split_k_for(ocg, kdim, g.groups, pixels, wlen)
+            } else {
+                1
+            };
+            if split_k > 1 {
+                // the slices' partial gradients, then their sum in slice order
+                let part = b.buffer(
+                    format!("splitk.{name}"),
+                    split_k as u64 * wlen,
+                    Dtype::F32,
+                    Role::Scratch,
+                );
+                let dw = std::mem::replace(&mut args[0], b.whole(part, Access::Write));
+                b.gemm_launch(
+                    KernelSpec::ConvBwdWeight {
+                        g,
+                        pro: pflags,
+                        split_k,
+                    },
+                    ocg,
+                    kdim,
+                    g.groups * split_k,
+                    args,
+                    sc,
+                    format!("{name} bwd_weight (split-K {split_k})"),
+                )?;
+                b.launch(
+                    KernelSpec::SplitKReduce,
+                    B::elem_grid(wlen),
+                    blk,
+                    vec![dw, b.whole(part, Access::Read)],
+                    vec![ScalarArg::I32(wlen as i32), ScalarArg::I32(split_k as i32)],
+                    format!("{name} bwd_weight split-K sum"),
+                )?;
+            } else {
+                b.gemm_launch(
+                    KernelSpec::ConvBwdWeight {
+                        g,
+                        pro: pflags,
+                        split_k,
+                    },
+                    ocg,
+                    kdim,
+                    g.groups,
+                    args,
+                    sc,
+                    format!("{name} bwd_weight"),
+                )?;
+            }
             if conv.bias {
                 let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
                 b.launch(

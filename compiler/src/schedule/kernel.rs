@@ -180,10 +180,16 @@ pub enum KernelSpec {
         g: ConvGeom,
         chain: PrologueFlags,
     },
-    /// `dw = sum_{n,oh,ow} dy * pro(x)` (the prologue recomputes the activation).
+    /// `dw = sum_{n,oh,ow} dy * pro(x)` (the prologue recomputes the activation). With
+    /// `split_k > 1` (tensor cores only) the pixel reduction is cut into `split_k` slices of
+    /// whole 32-steps, slice `s` covering flat pixels `[s * chunk, (s + 1) * chunk)` with
+    /// `chunk = ceil(n*OH*OW / (32 split_k)) * 32`, and `dw` holds `split_k` partial gradients one
+    /// after another; [`KernelSpec::SplitKReduce`] sums them.
     ConvBwdWeight {
         g: ConvGeom,
         pro: PrologueFlags,
+        #[serde(skip_serializing_if = "is_one")]
+        split_k: u32,
     },
     /// `y = x W^T + b`.
     LinearFwd {
@@ -265,6 +271,8 @@ pub enum KernelSpec {
     SgdMultiTensor,
     /// `y[i] = 0`.
     Zero,
+    /// `dw[i] = sum_{s < splits} part[s * count + i]`, in slice order (deterministic).
+    SplitKReduce,
     /// Inference BN folding: `w' = w * s[o]`, `b' = (b - mean) * s + beta`.
     FoldBn {
         bias: bool,
@@ -313,13 +321,18 @@ impl KernelSpec {
                 };
                 format!("conv_bwd_data_{}{}", g.tag(), p)
             }
-            ConvBwdWeight { g, pro } => {
+            ConvBwdWeight { g, pro, split_k } => {
                 let p = if pro.any() {
                     format!("_pro_{}", pro.tag())
                 } else {
                     String::new()
                 };
-                format!("conv_bwd_weight_{}{}", g.tag(), p)
+                let sk = if *split_k > 1 {
+                    format!("_sk{split_k}")
+                } else {
+                    String::new()
+                };
+                format!("conv_bwd_weight_{}{}{}", g.tag(), p, sk)
             }
             LinearFwd { in_f, out_f } => format!("linear_fwd_{in_f}x{out_f}"),
             LinearBwdData { in_f, out_f } => format!("linear_bwd_data_{in_f}x{out_f}"),
@@ -370,6 +383,7 @@ impl KernelSpec {
             SoftmaxXent { classes } => format!("softmax_xent_{classes}"),
             SgdMultiTensor => "sgd_multi_tensor".into(),
             Zero => "zero_fill".into(),
+            SplitKReduce => "splitk_reduce".into(),
             FoldBn { bias } => format!("fold_bn{}", if *bias { "_bias" } else { "" }),
         }
     }
@@ -684,6 +698,10 @@ impl KernelSpec {
                 ],
             ),
             Zero => (vec![b!("y", Write, F32)], vec![("count", S::I32)]),
+            SplitKReduce => (
+                vec![b!("dw", Write, F32), b!("part", Read, F32)],
+                vec![("count", S::I32), ("splits", S::I32)],
+            ),
             FoldBn { bias, .. } => {
                 let mut v = vec![
                     b!("w_out", Write, F32),
@@ -702,4 +720,8 @@ impl KernelSpec {
         sc.shrink_to_fit();
         (bufs, sc)
     }
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
 }
