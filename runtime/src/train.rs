@@ -300,6 +300,8 @@ impl Backend for CpuBackend<'_> {
         at: StepAt,
         cfg: &TrainConfig,
     ) -> Result<Tensor, TrainError> {
+        // a forward whose update never came (a NaN stop) holds its tape no longer
+        self.pending = None;
         let (x, _) = make_batch(
             ds,
             idx,

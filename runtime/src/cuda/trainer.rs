@@ -302,6 +302,8 @@ impl Backend for GpuTrainer {
         at: StepAt,
         cfg: &TrainConfig,
     ) -> Result<Tensor, GpuTrainError> {
+        // an update is only ever for the latest forward
+        self.pending = None;
         let classes = self.graph.classes as usize;
         let ex = self.steps.get(&idx.len()).ok_or_else(|| {
             CudaError::Plan(format!(
