@@ -1,0 +1,642 @@
+// fakecuda.cpp: a stand-in for libcuda.so.1 and libnvrtc.so that runs wrnc's kernels on the CPU
+// with cuda_emu.h, so that the GPU runtime (device, executor, trainer, selftest, bench) runs end
+// to end on a machine without a GPU. Tests and `scripts/fakegpu.sh` build it:
+//
+//   g++ -O1 -std=c++20 -shared -fPIC -pthread -DWRNC_FAKE_EMU_DIR='"<repo>/emu"'
+//       emu/fakecuda.cpp -o libwrnc_fakecuda.so -ldl
+//
+// and point both WRNC_LIBCUDA and WRNC_NVRTC at the result.
+//
+// How a kernel runs. The fake NVRTC's "PTX" is the CUDA source itself behind a marker line
+// (`//WRNC-FAKE-PTX`), so it survives wrnc's on-disk PTX cache. cuModuleLoadDataEx writes a
+// wrapper that includes cuda_emu.h, cuda_emu_mma.h and that source, plus one trampoline per
+// `extern "C" __global__` kernel; g++ builds it into a shared object (kept by source hash in
+// $WRNC_FAKE_BUILD_DIR, default $TMPDIR/wrnc-fakecuda-<uid>), which is dlopen-ed. A trampoline
+// unpacks cuLaunchKernel's `void** kernelParams` by the kernel's own C++ parameter types, so
+// the argument marshalling of the runtime is checked exactly as the real driver would read it.
+//
+// What the fake checks that a GPU would also reject (it returns the same error codes):
+// - every pointer argument of a launch points into a live allocation (else
+//   CUDA_ERROR_ILLEGAL_ADDRESS, sticky, and a line on stderr naming the kernel and argument);
+// - a kernel that writes past either end of an allocation breaks its guard bytes (checked
+//   after every launch: CUDA_ERROR_ILLEGAL_ADDRESS, sticky);
+// - synchronous copies, memsets, allocations and stream synchronisation while a stream is
+//   being captured (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), block sizes over 1024, dynamic
+//   shared memory (the emulation has none);
+// - new allocations are filled with 0xff bytes (NaN as floats), so code that reads memory it
+//   never wrote shows up.
+// Memory: WRNC_FAKE_MEM_MB (default 81920) is the device's size; allocations past it fail with
+// CUDA_ERROR_OUT_OF_MEMORY. Kernels run synchronously at launch; events time host wall clock.
+// Graphs: a capture records launches with copies of their argument bytes; a replay runs them.
+// WRNC_FAKE_REAL_NVRTC, when set to a real libnvrtc, makes nvrtcCompileProgram also compile
+// the source with it (same options), so the fake never accepts what NVRTC would refuse.
+
+#include <dlfcn.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#ifndef WRNC_FAKE_EMU_DIR
+#error "build with -DWRNC_FAKE_EMU_DIR='\"<repo>/emu\"'"
+#endif
+
+namespace {
+
+using CUresult = int;
+using CUdeviceptr = unsigned long long;
+
+constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101,
+                   INVALID_IMAGE = 200, INVALID_HANDLE = 400, NOT_FOUND = 500,
+                   ILLEGAL_ADDRESS = 700, CAPTURE_UNSUPPORTED = 900, CAPTURE_INVALIDATED = 901;
+
+constexpr std::size_t GUARD = 256;  // guard bytes before and after every allocation
+constexpr unsigned char GUARD_BYTE = 0xa5;
+const char* MARKER = "//WRNC-FAKE-PTX\n";
+
+std::recursive_mutex g_mu;
+CUresult g_sticky = OK;  // an illegal address poisons the context, as on a GPU
+
+struct Alloc {
+    unsigned char* base;  // GUARD bytes, then `bytes`, then GUARD bytes
+    std::size_t bytes;
+};
+std::map<CUdeviceptr, Alloc> g_allocs;  // keyed by the user-visible address
+std::size_t g_used = 0;
+
+std::size_t total_mem() {
+    const char* e = std::getenv("WRNC_FAKE_MEM_MB");
+    unsigned long long mb = e ? std::strtoull(e, nullptr, 10) : 81920ull;
+    return (std::size_t)mb << 20;
+}
+
+using Launch = void (*)(unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+struct Kernel {
+    std::string name;
+    Launch launch;
+    std::vector<std::size_t> arg_size;
+    std::vector<bool> arg_ptr;
+};
+struct Module {
+    void* so;
+    std::map<std::string, Kernel*> kernels;
+};
+struct Recorded {
+    Kernel* k;
+    unsigned g[3], b[3];
+    std::vector<std::vector<unsigned char>> args;
+};
+struct Graph {
+    std::vector<Recorded> launches;
+};
+struct Stream {
+    Graph* capture = nullptr;
+    bool invalidated = false;
+};
+struct Event {
+    std::chrono::steady_clock::time_point t;
+    bool recorded = false;
+};
+
+bool any_capture = false;  // some stream is capturing (thread-local mode: ours is the only thread)
+
+CUresult fail(CUresult r, const char* what) {
+    if (std::getenv("WRNC_FAKE_VERBOSE")) std::fprintf(stderr, "fakecuda: %s -> %d\n", what, r);
+    return r;
+}
+
+// The allocation holding [p, p + len), or null.
+const Alloc* find(CUdeviceptr p, std::size_t len) {
+    auto it = g_allocs.upper_bound(p);
+    if (it == g_allocs.begin()) return nullptr;
+    --it;
+    if (p < it->first || p + len > it->first + it->second.bytes) return nullptr;
+    return &it->second;
+}
+
+bool guards_ok(const Alloc& a) {
+    for (std::size_t i = 0; i < GUARD; ++i)
+        if (a.base[i] != GUARD_BYTE || a.base[GUARD + a.bytes + i] != GUARD_BYTE) return false;
+    return true;
+}
+
+// Captured or not: checks and runs one launch.
+CUresult run_launch(Kernel* k, const unsigned g[3], const unsigned b[3], void** args) {
+    if (g_sticky) return g_sticky;
+    for (std::size_t i = 0; i < k->arg_ptr.size(); ++i) {
+        if (!k->arg_ptr[i]) continue;
+        CUdeviceptr p = 0;
+        std::memcpy(&p, args[i], sizeof(p));
+        if (!find(p, 0)) {
+            std::fprintf(stderr,
+                         "fakecuda: kernel %s: argument %zu (0x%llx) is not in any live allocation\n",
+                         k->name.c_str(), i, p);
+            return g_sticky = ILLEGAL_ADDRESS;
+        }
+    }
+    k->launch(g[0], g[1], g[2], b[0], b[1], b[2], args);
+    for (auto& [p, a] : g_allocs)
+        if (!guards_ok(a)) {
+            std::fprintf(stderr,
+                         "fakecuda: kernel %s wrote outside allocation 0x%llx (%zu bytes)\n",
+                         k->name.c_str(), p, a.bytes);
+            return g_sticky = ILLEGAL_ADDRESS;
+        }
+    return OK;
+}
+
+// ---- building a module from its source ----
+
+std::string hex_hash(const std::string& s) {
+    unsigned long long h = 1469598103934665603ull;  // FNV-1a 64
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    char buf[17];
+    std::snprintf(buf, sizeof buf, "%016llx", h);
+    return buf;
+}
+
+std::vector<std::string> kernel_names(const std::string& src) {
+    std::vector<std::string> out;
+    const std::string key = "extern \"C\" __global__ void ";
+    for (std::size_t at = src.find(key); at != std::string::npos; at = src.find(key, at + 1)) {
+        std::size_t s = at + key.size();
+        if (src.compare(s, 17, "__launch_bounds__") == 0) {
+            std::size_t close = src.find(')', s);
+            if (close == std::string::npos) break;
+            s = close + 1;
+            while (s < src.size() && src[s] == ' ') ++s;
+        }
+        std::size_t e = s;
+        while (e < src.size() && (std::isalnum((unsigned char)src[e]) || src[e] == '_')) ++e;
+        if (e > s) out.push_back(src.substr(s, e - s));
+    }
+    return out;
+}
+
+bool write_file(const std::string& path, const std::string& text) {
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (!f) return false;
+    bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    return std::fclose(f) == 0 && ok;
+}
+
+std::string build_dir() {
+    if (const char* d = std::getenv("WRNC_FAKE_BUILD_DIR"); d && *d) return d;
+    const char* t = std::getenv("TMPDIR");
+    return std::string(t && *t ? t : "/tmp") + "/wrnc-fakecuda-" + std::to_string(getuid());
+}
+
+void set_log(const std::string& msg, unsigned n, int* opts, void** vals) {
+    char* buf = nullptr;
+    std::size_t cap = 0;
+    for (unsigned i = 0; i < n; ++i) {
+        if (opts[i] == 5) buf = (char*)vals[i];
+        if (opts[i] == 6) cap = (std::size_t)(std::uintptr_t)vals[i];
+    }
+    if (buf && cap) {
+        std::snprintf(buf, cap, "%s", msg.c_str());
+    }
+    std::fprintf(stderr, "fakecuda: %s\n", msg.c_str());
+}
+
+// Builds (or reuses) the shared object for `src`; null and a message on failure.
+void* load_so(const std::string& src, std::string& err) {
+    const std::string dir = build_dir();
+    mkdir(dir.c_str(), 0700);
+    const std::string id = hex_hash(src);
+    const std::string so = dir + "/" + id + ".so";
+    if (access(so.c_str(), R_OK) != 0) {
+        auto names = kernel_names(src);
+        std::string w =
+            "#include \"cuda_emu.h\"\n#include \"cuda_emu_mma.h\"\n#include \"" + id +
+            ".cu\"\n#include <type_traits>\n#include <utility>\n"
+            "template <class... P, std::size_t... I>\n"
+            "void fk_call(void (*k)(P...), dim3 g, dim3 b, void** a, std::index_sequence<I...>) {\n"
+            "    wrnc_emu::launch(k, g, b, 0, *static_cast<std::remove_cv_t<P>*>(a[I])...);\n}\n"
+            "template <class... P> void fk_launch(void (*k)(P...), unsigned gx, unsigned gy, unsigned gz,\n"
+            "    unsigned bx, unsigned by, unsigned bz, void** a) {\n"
+            "    fk_call(k, dim3(gx, gy, gz), dim3(bx, by, bz), a, std::index_sequence_for<P...>{});\n}\n"
+            "template <class... P> int fk_argc(void (*)(P...)) { return sizeof...(P); }\n"
+            "template <class... P> unsigned long fk_size(void (*)(P...), int i) {\n"
+            "    unsigned long s[] = {sizeof(P)..., 0}; return s[i]; }\n"
+            "template <class... P> int fk_ptr(void (*)(P...), int i) {\n"
+            "    int s[] = {(int)std::is_pointer_v<P>..., 0}; return s[i]; }\n"
+            "struct FkEntry { const char* name; void (*launch)(unsigned, unsigned, unsigned, unsigned,"
+            " unsigned, unsigned, void**); int argc; unsigned long (*size)(int); int (*ptr)(int); };\n"
+            "static FkEntry FK[] = {\n";
+        for (auto& n : names) {
+            w += "  {\"" + n + "\", [](unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,"
+                 " unsigned bz, void** a) { fk_launch(" + n + ", gx, gy, gz, bx, by, bz, a); }, fk_argc(" +
+                 n + "), [](int i) { return fk_size(" + n + ", i); }, [](int i) { return fk_ptr(" + n +
+                 ", i); }},\n";
+        }
+        w += "};\nextern \"C\" __attribute__((visibility(\"default\"))) int wrnc_fake_count() { return " + std::to_string(names.size()) +
+             "; }\nextern \"C\" __attribute__((visibility(\"default\"))) FkEntry* wrnc_fake_entries() { return FK; }\n";
+        const std::string tmp = dir + "/" + id + "." + std::to_string(getpid());
+        if (!write_file(dir + "/" + id + ".cu", src) || !write_file(tmp + ".wrap.cpp", w)) {
+            err = "cannot write in " + dir;
+            return nullptr;
+        }
+        const char* cxx = std::getenv("CXX");
+        std::string cmd = std::string(cxx && *cxx ? cxx : "g++") +
+                          " -O1 -std=c++20 -pthread -w -shared -fPIC -fvisibility=hidden"
+                          " -I '" WRNC_FAKE_EMU_DIR "' -I '" + dir + "' '" + tmp + ".wrap.cpp' -o '" +
+                          tmp + ".so' 2> '" + tmp + ".log'";
+        if (std::system(cmd.c_str()) != 0) {
+            err = "g++ could not build the emulation of this module; see " + tmp + ".log";
+            return nullptr;
+        }
+        if (std::rename((tmp + ".so").c_str(), so.c_str()) != 0) {
+            err = "cannot rename " + tmp + ".so";
+            return nullptr;
+        }
+        std::remove((tmp + ".wrap.cpp").c_str());
+        std::remove((tmp + ".log").c_str());
+    }
+    void* h = dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) err = std::string("dlopen: ") + dlerror();
+    return h;
+}
+
+struct NvrtcProg {
+    std::string src, log;
+    void* real = nullptr;  // the real NVRTC's program, when WRNC_FAKE_REAL_NVRTC is set
+};
+
+void* real_nvrtc() {
+    static void* h = [] {
+        const char* p = std::getenv("WRNC_FAKE_REAL_NVRTC");
+        return p && *p ? dlopen(p, RTLD_NOW | RTLD_LOCAL) : nullptr;
+    }();
+    return h;
+}
+
+}  // namespace
+
+#define API extern "C" __attribute__((visibility("default")))
+
+// ---- driver: device and context ----
+
+API CUresult cuInit(unsigned) { return OK; }
+API CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return OK;
+}
+API CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return OK;
+}
+API CUresult cuDeviceGet(int* d, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *d = 0;
+    return OK;
+}
+API CUresult cuDeviceGetName(char* name, int len, int) {
+    std::snprintf(name, len, "wrnc fake GPU (CPU emulation)");
+    return OK;
+}
+API CUresult cuDeviceGetAttribute(int* v, int attr, int) {
+    switch (attr) {
+        case 8: *v = 49152; return OK;   // max shared memory per block
+        case 16: *v = 132; return OK;    // multiprocessors
+        case 75: *v = 9; return OK;      // compute capability major
+        case 76: *v = 0; return OK;      // minor
+        default: *v = 0; return OK;
+    }
+}
+API CUresult cuDeviceTotalMem_v2(std::size_t* b, int) {
+    *b = total_mem();
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRetain(void** ctx, int) {
+    static int the_context;
+    *ctx = &the_context;
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+API CUresult cuCtxSetCurrent(void*) { return OK; }
+API CUresult cuCtxSynchronize() {
+    std::lock_guard l(g_mu);
+    if (any_capture) return fail(CAPTURE_UNSUPPORTED, "cuCtxSynchronize during capture");
+    return g_sticky;
+}
+
+// ---- memory ----
+
+API CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
+    std::lock_guard l(g_mu);
+    *total = total_mem();
+    *free = *total - g_used;
+    return OK;
+}
+API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t bytes) {
+    std::lock_guard l(g_mu);
+    if (any_capture) return fail(CAPTURE_UNSUPPORTED, "cuMemAlloc during capture");
+    if (bytes == 0) return INVALID_VALUE;
+    if (g_used + bytes > total_mem()) return fail(OUT_OF_MEMORY, "cuMemAlloc");
+    auto* base = (unsigned char*)std::aligned_alloc(256, ((bytes + 2 * GUARD) + 255) / 256 * 256);
+    if (!base) return OUT_OF_MEMORY;
+    std::memset(base, GUARD_BYTE, GUARD);
+    std::memset(base + GUARD, 0xff, bytes);
+    std::memset(base + GUARD + bytes, GUARD_BYTE, GUARD);
+    *p = (CUdeviceptr)(std::uintptr_t)(base + GUARD);
+    g_allocs[*p] = Alloc{base, bytes};
+    g_used += bytes;
+    return OK;
+}
+API CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard l(g_mu);
+    auto it = g_allocs.find(p);
+    if (it == g_allocs.end()) return fail(INVALID_VALUE, "cuMemFree of an unknown pointer");
+    g_used -= it->second.bytes;
+    std::free(it->second.base);
+    g_allocs.erase(it);
+    return OK;
+}
+
+static CUresult copy_check(CUdeviceptr p, std::size_t n, const char* what) {
+    if (any_capture) return fail(CAPTURE_UNSUPPORTED, what);
+    if (g_sticky) return g_sticky;
+    if (!find(p, n)) {
+        std::fprintf(stderr, "fakecuda: %s of %zu bytes at 0x%llx is outside every allocation\n", what, n, p);
+        return INVALID_VALUE;
+    }
+    return OK;
+}
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, std::size_t n) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemcpyHtoD")) return r;
+    std::memcpy((void*)(std::uintptr_t)d, h, n);
+    return OK;
+}
+API CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, std::size_t n) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemcpyDtoH")) return r;
+    std::memcpy(h, (void*)(std::uintptr_t)d, n);
+    return OK;
+}
+API CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, std::size_t n) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemcpyDtoD (destination)")) return r;
+    if (CUresult r = copy_check(s, n, "cuMemcpyDtoD (source)")) return r;
+    std::memmove((void*)(std::uintptr_t)d, (void*)(std::uintptr_t)s, n);
+    return OK;
+}
+API CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, std::size_t n) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemsetD8")) return r;
+    std::memset((void*)(std::uintptr_t)d, v, n);
+    return OK;
+}
+
+// ---- modules and launches ----
+
+API CUresult cuModuleLoadDataEx(void** mod, const void* image, unsigned nopt, int* opts, void** vals) {
+    std::lock_guard l(g_mu);
+    const char* text = (const char*)image;
+    const std::size_t ml = std::strlen(MARKER);
+    if (std::strncmp(text, MARKER, ml) != 0) {
+        set_log("this image is not from the fake NVRTC (set WRNC_NVRTC to the fake library too)", nopt, opts, vals);
+        return INVALID_IMAGE;
+    }
+    std::string src(text + ml), err;
+    void* so = load_so(src, err);
+    if (!so) {
+        set_log(err, nopt, opts, vals);
+        return INVALID_IMAGE;
+    }
+    struct FkEntry {
+        const char* name;
+        Launch launch;
+        int argc;
+        unsigned long (*size)(int);
+        int (*ptr)(int);
+    };
+    auto count = (int (*)())dlsym(so, "wrnc_fake_count");
+    auto entries = (FkEntry * (*)()) dlsym(so, "wrnc_fake_entries");
+    if (!count || !entries) {
+        set_log("the emulation module lacks its entry table", nopt, opts, vals);
+        return INVALID_IMAGE;
+    }
+    auto* m = new Module{so, {}};
+    FkEntry* e = entries();
+    for (int i = 0; i < count(); ++i) {
+        auto* k = new Kernel{e[i].name, e[i].launch, {}, {}};
+        for (int a = 0; a < e[i].argc; ++a) {
+            k->arg_size.push_back(e[i].size(a));
+            k->arg_ptr.push_back(e[i].ptr(a) != 0);
+        }
+        m->kernels[k->name] = k;
+    }
+    *mod = m;
+    return OK;
+}
+API CUresult cuModuleGetFunction(void** f, void* mod, const char* name) {
+    std::lock_guard l(g_mu);
+    auto* m = (Module*)mod;
+    auto it = m->kernels.find(name);
+    if (it == m->kernels.end()) return fail(NOT_FOUND, "cuModuleGetFunction");
+    *f = it->second;
+    return OK;
+}
+API CUresult cuModuleUnload(void* mod) {
+    std::lock_guard l(g_mu);
+    auto* m = (Module*)mod;
+    for (auto& [n, k] : m->kernels) delete k;
+    // the shared object stays loaded: graphs recorded from it may outlive the module handle
+    delete m;
+    return OK;
+}
+API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned shared, void* stream, void** params, void** extra) {
+    std::lock_guard l(g_mu);
+    auto* k = (Kernel*)f;
+    if (!k || !params || extra) return fail(INVALID_VALUE, "cuLaunchKernel arguments");
+    if (shared != 0) return fail(INVALID_VALUE, "cuLaunchKernel with dynamic shared memory");
+    if (gx * gy * gz == 0 || bx * by * bz == 0 || bx * by * bz > 1024)
+        return fail(INVALID_VALUE, "cuLaunchKernel launch dimensions");
+    const unsigned g[3] = {gx, gy, gz}, b[3] = {bx, by, bz};
+    auto* s = (Stream*)stream;
+    if (s && s->capture) {
+        Recorded r{k, {gx, gy, gz}, {bx, by, bz}, {}};
+        for (std::size_t i = 0; i < k->arg_size.size(); ++i) {
+            auto* p = (unsigned char*)params[i];
+            r.args.emplace_back(p, p + k->arg_size[i]);
+        }
+        s->capture->launches.push_back(std::move(r));
+        return OK;
+    }
+    return run_launch(k, g, b, params);
+}
+
+// ---- streams, events, graphs ----
+
+API CUresult cuStreamCreate(void** s, unsigned) {
+    *s = new Stream;
+    return OK;
+}
+API CUresult cuStreamDestroy_v2(void* s) {
+    delete (Stream*)s;
+    return OK;
+}
+API CUresult cuStreamSynchronize(void* s) {
+    std::lock_guard l(g_mu);
+    if (s && ((Stream*)s)->capture) return fail(CAPTURE_UNSUPPORTED, "cuStreamSynchronize during capture");
+    return g_sticky;
+}
+API CUresult cuEventCreate(void** e, unsigned) {
+    *e = new Event;
+    return OK;
+}
+API CUresult cuEventRecord(void* e, void* s) {
+    std::lock_guard l(g_mu);
+    if (s && ((Stream*)s)->capture) return fail(CAPTURE_UNSUPPORTED, "cuEventRecord of a timing event during capture");
+    ((Event*)e)->t = std::chrono::steady_clock::now();
+    ((Event*)e)->recorded = true;
+    return g_sticky;
+}
+API CUresult cuEventSynchronize(void* e) { return ((Event*)e)->recorded ? g_sticky : INVALID_HANDLE; }
+API CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) {
+    auto *x = (Event*)a, *y = (Event*)b;
+    if (!x->recorded || !y->recorded) return INVALID_HANDLE;
+    *ms = std::chrono::duration<float, std::milli>(y->t - x->t).count();
+    return OK;
+}
+API CUresult cuEventDestroy_v2(void* e) {
+    delete (Event*)e;
+    return OK;
+}
+API CUresult cuStreamBeginCapture_v2(void* s, int) {
+    std::lock_guard l(g_mu);
+    auto* st = (Stream*)s;
+    if (!st || st->capture) return INVALID_VALUE;
+    st->capture = new Graph;
+    any_capture = true;
+    return OK;
+}
+API CUresult cuStreamEndCapture(void* s, void** graph) {
+    std::lock_guard l(g_mu);
+    auto* st = (Stream*)s;
+    if (!st || !st->capture) return INVALID_VALUE;
+    *graph = st->capture;
+    st->capture = nullptr;
+    any_capture = false;
+    return OK;
+}
+API CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    *exec = new Graph(*(Graph*)graph);
+    return OK;
+}
+API CUresult cuGraphLaunch(void* exec, void* stream) {
+    std::lock_guard l(g_mu);
+    if (stream && ((Stream*)stream)->capture) return fail(CAPTURE_INVALIDATED, "cuGraphLaunch during capture");
+    for (auto& r : ((Graph*)exec)->launches) {
+        std::vector<void*> ptrs;
+        for (auto& a : r.args) ptrs.push_back(a.data());
+        if (CUresult e = run_launch(r.k, r.g, r.b, ptrs.data())) return e;
+    }
+    return OK;
+}
+API CUresult cuGraphExecDestroy(void* g) {
+    delete (Graph*)g;
+    return OK;
+}
+API CUresult cuGraphDestroy(void* g) {
+    delete (Graph*)g;
+    return OK;
+}
+API CUresult cuGetErrorName(CUresult r, const char** s) {
+    switch (r) {
+        case OK: *s = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
+        case INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
+        case CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+        default: return INVALID_VALUE;
+    }
+    return OK;
+}
+API CUresult cuGetErrorString(CUresult r, const char** s) {
+    if (cuGetErrorName(r, s) != OK) return INVALID_VALUE;
+    if (r == ILLEGAL_ADDRESS) *s = "an illegal memory access was encountered (fake driver)";
+    return OK;
+}
+
+// ---- NVRTC ----
+
+API int nvrtcVersion(int* major, int* minor) {
+    *major = 13;
+    *minor = 0;
+    return 0;
+}
+API int nvrtcCreateProgram(void** prog, const char* src, const char* name, int nh, const char* const* h,
+                           const char* const* hn) {
+    auto* p = new NvrtcProg{src, "", nullptr};
+    if (void* real = real_nvrtc()) {
+        auto create = (int (*)(void**, const char*, const char*, int, const char* const*,
+                               const char* const*))dlsym(real, "nvrtcCreateProgram");
+        if (create && create(&p->real, src, name, nh, h, hn) != 0) p->real = nullptr;
+    }
+    *prog = p;
+    return 0;
+}
+API int nvrtcCompileProgram(void* prog, int n, const char* const* opts) {
+    auto* p = (NvrtcProg*)prog;
+    if (p->real) {
+        void* real = real_nvrtc();
+        auto compile = (int (*)(void*, int, const char* const*))dlsym(real, "nvrtcCompileProgram");
+        auto log_size = (int (*)(void*, std::size_t*))dlsym(real, "nvrtcGetProgramLogSize");
+        auto log = (int (*)(void*, char*))dlsym(real, "nvrtcGetProgramLog");
+        int r = compile(p->real, n, opts);
+        if (r != 0) {
+            std::size_t len = 0;
+            log_size(p->real, &len);
+            p->log.assign(len, '\0');
+            log(p->real, p->log.data());
+            return r;
+        }
+    }
+    return 0;
+}
+API int nvrtcGetProgramLogSize(void* prog, std::size_t* n) {
+    *n = ((NvrtcProg*)prog)->log.size() + 1;
+    return 0;
+}
+API int nvrtcGetProgramLog(void* prog, char* out) {
+    auto& l = ((NvrtcProg*)prog)->log;
+    std::memcpy(out, l.c_str(), l.size() + 1);
+    return 0;
+}
+API int nvrtcGetPTXSize(void* prog, std::size_t* n) {
+    *n = std::strlen(MARKER) + ((NvrtcProg*)prog)->src.size() + 1;
+    return 0;
+}
+API int nvrtcGetPTX(void* prog, char* out) {
+    std::string s = std::string(MARKER) + ((NvrtcProg*)prog)->src;
+    std::memcpy(out, s.c_str(), s.size() + 1);
+    return 0;
+}
+API int nvrtcDestroyProgram(void** prog) {
+    auto* p = (NvrtcProg*)*prog;
+    if (p && p->real) {
+        auto destroy = (int (*)(void**))dlsym(real_nvrtc(), "nvrtcDestroyProgram");
+        if (destroy) destroy(&p->real);
+    }
+    delete p;
+    *prog = nullptr;
+    return 0;
+}
+API const char* nvrtcGetErrorString(int r) { return r == 0 ? "NVRTC_SUCCESS" : "NVRTC_ERROR (fake: see the log)"; }
