@@ -1,8 +1,9 @@
 // cuda_emu.h: run the CUDA subset wrnc generates on the host, with g++ -std=c++20 -pthread.
 //
 // Model: a launch runs its blocks one after another; the threads of a block run concurrently,
-// one std::thread each, so __syncthreads is a real std::barrier and the kernel's own code
-// decides the interleaving (races in a kernel show up here as they would on a GPU).
+// one std::thread each (the same threads serve every block of a launch), so __syncthreads is a
+// real std::barrier and the kernel's own code decides the interleaving (races in a kernel show
+// up here as they would on a GPU).
 //
 // Supported: threadIdx / blockIdx / blockDim / gridDim, __global__ / __device__ /
 // __forceinline__ / __launch_bounds__, static __shared__ arrays declared in the kernel body
@@ -90,32 +91,45 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
     }
     g_block_dim = block;
     g_grid_dim = grid;
-    for (unsigned int bz = 0; bz < grid.z; ++bz)
-        for (unsigned int by = 0; by < grid.y; ++by)
-            for (unsigned int bx = 0; bx < grid.x; ++bx) {
-                Block blk;
-                blk.nthreads = nt;
-                blk.bar = std::make_unique<std::barrier<>>(nt);
-                for (unsigned int w = 0; w * 32 < nt; ++w) {
-                    unsigned int lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
-                    blk.warp_bars.push_back(std::make_unique<std::barrier<>>(lanes));
-                }
-                blk.slots.assign(nt, 0);
-                std::vector<std::thread> threads;
-                threads.reserve(nt);
-                for (unsigned int t = 0; t < nt; ++t) {
-                    threads.emplace_back([&, t] {
-                        tl_block = &blk;
-                        tl_linear = t;
-                        tl_block_idx = dim3(bx, by, bz);
-                        tl_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-                        kernel(static_cast<P>(args)...);
-                        blk.warp_bars[t / 32]->arrive_and_drop();
-                        blk.bar->arrive_and_drop();
-                    });
-                }
-                for (auto& th : threads) th.join();
+    const unsigned int nblocks = grid.x * grid.y * grid.z;
+    // One OS thread per block thread for the whole launch (creating threads per block costs far
+    // more than the kernels at test sizes). The host prepares block i's barriers, opens the
+    // gate, and waits at `done` until every thread has finished block i; so blocks still run
+    // one after another, each with fresh barriers.
+    std::unique_ptr<Block> cur;
+    std::barrier<> gate(nt + 1), done(nt + 1);
+    std::vector<std::thread> threads;
+    threads.reserve(nt);
+    for (unsigned int t = 0; t < nt; ++t) {
+        threads.emplace_back([&, t] {
+            tl_linear = t;
+            tl_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            for (unsigned int i = 0; i < nblocks; ++i) {
+                gate.arrive_and_wait();
+                Block* blk = cur.get();
+                tl_block = blk;
+                tl_block_idx = dim3(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
+                kernel(static_cast<P>(args)...);
+                blk->warp_bars[t / 32]->arrive_and_drop();
+                blk->bar->arrive_and_drop();
+                done.arrive_and_wait();
             }
+        });
+    }
+    for (unsigned int i = 0; i < nblocks; ++i) {
+        auto blk = std::make_unique<Block>();
+        blk->nthreads = nt;
+        blk->bar = std::make_unique<std::barrier<>>(nt);
+        for (unsigned int w = 0; w * 32 < nt; ++w) {
+            unsigned int lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
+            blk->warp_bars.push_back(std::make_unique<std::barrier<>>(lanes));
+        }
+        blk->slots.assign(nt, 0);
+        cur = std::move(blk);
+        gate.arrive_and_wait();
+        done.arrive_and_wait();
+    }
+    for (auto& th : threads) th.join();
 }
 
 }  // namespace wrnc_emu

@@ -31,10 +31,12 @@
 // WRNC_FAKE_REAL_NVRTC, when set to a real libnvrtc, makes nvrtcCompileProgram also compile
 // the source with it (same options), so the fake never accepts what NVRTC would refuse.
 
+#include <dirent.h>
 #include <dlfcn.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -211,7 +213,16 @@ void set_log(const std::string& msg, unsigned n, int* opts, void** vals) {
 void* load_so(const std::string& src, std::string& err) {
     const std::string dir = build_dir();
     mkdir(dir.c_str(), 0700);
-    const std::string id = hex_hash(src);
+    // the emulation headers are part of the key: a changed header rebuilds every module
+    std::string key = src;
+    for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h"}) {
+        if (FILE* f = std::fopen((std::string(WRNC_FAKE_EMU_DIR) + h).c_str(), "rb")) {
+            char buf[4096];
+            for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) key.append(buf, n);
+            std::fclose(f);
+        }
+    }
+    const std::string id = hex_hash(key);
     const std::string so = dir + "/" + id + ".so";
     if (access(so.c_str(), R_OK) != 0) {
         auto names = kernel_names(src);
@@ -272,9 +283,25 @@ struct NvrtcProg {
 };
 
 void* real_nvrtc() {
-    static void* h = [] {
+    static void* h = []() -> void* {
         const char* p = std::getenv("WRNC_FAKE_REAL_NVRTC");
-        return p && *p ? dlopen(p, RTLD_NOW | RTLD_LOCAL) : nullptr;
+        if (!p || !*p) return nullptr;
+        // NVRTC finds its builtins library only when it is already loaded or on the loader's
+        // path: load the one beside it first, as wrnc's own loader does.
+        std::string dir(p);
+        dir = dir.substr(0, dir.find_last_of('/') + 1);
+        if (DIR* d = opendir(dir.empty() ? "." : dir.c_str())) {
+            std::vector<std::string> found;
+            while (dirent* e = readdir(d))
+                if (std::strncmp(e->d_name, "libnvrtc-builtins.so", 20) == 0) found.push_back(e->d_name);
+            closedir(d);
+            std::sort(found.begin(), found.end());
+            for (auto& f : found)
+                if (dlopen((dir + f).c_str(), RTLD_NOW | RTLD_GLOBAL)) break;
+        }
+        void* lib = dlopen(p, RTLD_NOW | RTLD_LOCAL);
+        if (!lib) std::fprintf(stderr, "fakecuda: cannot load WRNC_FAKE_REAL_NVRTC=%s: %s\n", p, dlerror());
+        return lib;
     }();
     return h;
 }

@@ -36,7 +36,7 @@ pub struct BenchArgs {
     /// Images per training step / inference batch.
     #[arg(long, default_value_t = 128)]
     pub batch: u32,
-    /// f32, or bf16 activation storage with fp32 arithmetic.
+    /// f32, or bf16 (bf16 activations, tensor-core convolutions, fp32 master weights and accumulation).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionArg,
     /// Untimed runs before measuring.

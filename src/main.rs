@@ -79,7 +79,7 @@ enum Cmd {
         #[arg(long, default_value = "sm_90")]
         arch: String,
     },
-    /// Train or evaluate a network (CPU reference backend).
+    /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
         net: String,
         #[command(flatten)]

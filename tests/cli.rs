@@ -4,6 +4,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+#[path = "cifar_support.rs"]
+mod cifar;
+use cifar::write_cifar10;
+
 fn wrnc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wrnc"))
         .args(args)
@@ -139,30 +143,6 @@ fn commands_and_exit_codes() {
         2,
         "/nonexistent/dir",
     );
-}
-
-/// A CIFAR-10 binary release with `n` records per batch file, learnable: the class is the
-/// brightest of ten fixed patterns.
-fn write_cifar10(dir: &Path, n: usize) {
-    let d = dir.join("cifar-10-batches-bin");
-    std::fs::create_dir_all(&d).unwrap();
-    let record = |i: usize| {
-        let label = (i * 7) % 10;
-        let mut r = vec![label as u8];
-        for ch in 0..3 {
-            for p in 0..1024 {
-                let on = (p / 32 + ch * 3) % 10 == label;
-                r.push(if on { 200 } else { 40 } + ((i * 13 + p) % 30) as u8);
-            }
-        }
-        r
-    };
-    for b in 1..=5 {
-        let bytes: Vec<u8> = (0..n).flat_map(|i| record(i + b * 1000)).collect();
-        std::fs::write(d.join(format!("data_batch_{b}.bin")), bytes).unwrap();
-    }
-    let test: Vec<u8> = (0..n).flat_map(record).collect();
-    std::fs::write(d.join("test_batch.bin"), test).unwrap();
 }
 
 #[test]

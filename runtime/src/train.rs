@@ -566,9 +566,13 @@ pub fn train_with<B: Backend>(
                 .map_err(TrainError::from)?;
             if !out.loss.is_finite() {
                 let kept = match &cfg.checkpoint {
-                    Some(d) => format!(
+                    Some(d) if checkpoint::resolve(d).exists() => format!(
                         "the last good checkpoint is {}",
                         checkpoint::resolve(d).display()
+                    ),
+                    Some(d) => format!(
+                        "no checkpoint had been written to {} yet (one is written at the end of every epoch)",
+                        d.display()
                     ),
                     None => "no checkpoint was asked for (--checkpoint DIR)".into(),
                 };

@@ -1,0 +1,266 @@
+//! The GPU runtime end to end without a GPU: `emu/fakecuda.cpp` stands in for `libcuda.so.1`
+//! and NVRTC and runs every kernel the runtime launches with the CPU emulation (see its header
+//! comment). Driver calls, argument packing, the arena, graphs, augmentation on the device,
+//! `wrnc selftest`, `wrnc run --device cuda` and `wrnc bench` all run for real; only the
+//! silicon is emulated. Needs g++ (as the other emulation tests).
+//!
+//! Where the real NVRTC is installed (CI installs it), the fake also compiles every module with
+//! it, so a source NVRTC would refuse fails here too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+#[path = "cifar_support.rs"]
+mod cifar;
+use cifar::write_cifar10;
+
+/// Builds the fake driver once per test process and points this process's environment (and
+/// so every `wrnc` it starts) at it.
+fn fake() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!("wrnc-fakegpu-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("libwrnc_fakecuda.so");
+        let out = Command::new("g++")
+            .args(["-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-Wall"])
+            .arg(format!(
+                "-DWRNC_FAKE_EMU_DIR=\"{}\"",
+                root.join("emu").display()
+            ))
+            .arg(root.join("emu/fakecuda.cpp"))
+            .arg("-o")
+            .arg(&lib)
+            .arg("-ldl")
+            .output()
+            .expect("g++ is required by the emulation tests (apt-get install g++)");
+        assert!(
+            out.status.success(),
+            "building the fake driver failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The real NVRTC, when installed where wrnc finds it by path (the pip package).
+        let real = wrnc_runtime::nvrtc::candidates()
+            .into_iter()
+            .find(|p| p.is_absolute() && p.is_file());
+        match &real {
+            Some(p) => eprintln!("fake GPU: sources also compiled by {}", p.display()),
+            None => eprintln!("fake GPU: no NVRTC installed; sources are not NVRTC-compiled here"),
+        }
+        // Set once, before any thread of this process reads them.
+        std::env::set_var("WRNC_LIBCUDA", &lib);
+        std::env::set_var("WRNC_NVRTC", &lib);
+        std::env::set_var("WRNC_CACHE_DIR", dir.join("cache"));
+        std::env::set_var("WRNC_FAKE_BUILD_DIR", dir.join("build"));
+        if let Some(p) = real {
+            std::env::set_var("WRNC_FAKE_REAL_NVRTC", p);
+        }
+        dir
+    })
+}
+
+fn wrnc(args: &[&str], env: &[(&str, &str)]) -> Output {
+    fake();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wrnc"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run wrnc")
+}
+
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "wrnc failed ({}):\n{out}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_str(&ok(o)).expect("JSON output")
+}
+
+const TINY: &str = "network \"tiny\" { conv(3x3, 4, stride=4) residual { body bn relu conv(3x3, 4) } bn relu gap fc }\nbatch 8\nlr 0.05\n";
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-3)
+}
+
+#[test]
+fn selftest_passes_on_the_fake_gpu() {
+    let o = wrnc(&["selftest", "--quick", "--json"], &[]);
+    let v = json(&o);
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    let checks = v["checks"].as_array().unwrap();
+    assert!(checks.len() >= 40, "only {} checks", checks.len());
+    assert!(
+        v["device"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fake"),
+        "{v}"
+    );
+}
+
+#[test]
+fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_cifar10(&data, 8);
+    let net = tmp.path().join("tiny.net");
+    std::fs::write(&net, TINY).unwrap();
+    let (net, data) = (net.to_str().unwrap(), data.to_str().unwrap());
+    let run_raw = |device: &str, ck: &str, extra: &[&str]| {
+        let ck = tmp.path().join(ck);
+        let mut a = vec![
+            "run",
+            net,
+            "--train",
+            "cifar10",
+            "--data",
+            data,
+            "--device",
+            device,
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--quiet",
+        ];
+        a.extend_from_slice(extra);
+        wrnc(&a, &[])
+    };
+    let run = |device: &str, ck: &str, extra: &[&str]| {
+        let mut e = vec!["--json"];
+        e.extend_from_slice(extra);
+        json(&run_raw(device, ck, &e))
+    };
+    // Two epochs of 5 steps with augmentation, on each backend.
+    let g = run("cuda", "g", &["--epochs", "2"]);
+    let c = run("cpu", "c", &["--epochs", "2"]);
+    assert_eq!(g["device"], "cuda");
+    for (eg, ec) in g["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(c["epochs"].as_array().unwrap())
+    {
+        for k in ["train_loss", "test_loss", "train_acc", "test_acc"] {
+            let (a, b) = (eg[k].as_f64().unwrap(), ec[k].as_f64().unwrap());
+            assert!(close(a, b, 1e-5), "{k}: gpu {a} cpu {b}");
+        }
+    }
+    // 3 steps on the GPU, then resumed on the CPU: the same end as the CPU-only run.
+    run("cuda", "x", &["--epochs", "2", "--max-steps", "3"]);
+    let r = run("cpu", "x", &["--epochs", "2", "--resume"]);
+    let last_loss = |v: &Value| {
+        v["epochs"].as_array().unwrap().last().unwrap()["test_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (a, b) = (last_loss(&r), last_loss(&c));
+    assert!(close(a, b, 1e-5), "resumed on cpu {a}, cpu-only {b}");
+    // A NaN on the GPU stops training and keeps the last good checkpoint as it was.
+    let last = tmp.path().join("g/last.safetensors");
+    let before = std::fs::read(&last).unwrap();
+    let o = run_raw("cuda", "g", &["--resume", "--epochs", "3", "--lr", "1e30"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("NaN") && err.contains("last good checkpoint"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&last).unwrap() == before,
+        "the checkpoint changed"
+    );
+    // bf16 (tensor cores) trains too, with finite losses.
+    let h = run("cuda", "h", &["--epochs", "1", "--precision", "bf16"]);
+    let l = h["epochs"][0]["train_loss"].as_f64().unwrap();
+    assert!(l.is_finite() && (l - c["epochs"][0]["train_loss"].as_f64().unwrap()).abs() < 0.05);
+}
+
+#[test]
+fn bench_reports_fused_unfused_and_graph_timings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("tiny.net");
+    std::fs::write(&net, TINY).unwrap();
+    let v = json(&wrnc(
+        &[
+            "bench",
+            net.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--json",
+        ],
+        &[],
+    ));
+    for k in ["train_step_ms", "infer_ms", "latency_b1_ms", "peak_mem_mb"] {
+        for f in ["fused", "unfused"] {
+            assert!(v[k][f].as_f64().is_some_and(|x| x > 0.0), "{k}.{f}: {v}");
+        }
+    }
+    // Every run was also replayed as a captured CUDA graph.
+    for r in v["runs"].as_array().unwrap() {
+        assert!(r["graph"]["median_ms"].as_f64().is_some(), "{r}");
+    }
+}
+
+#[test]
+fn out_of_device_memory_names_the_batch_and_the_need() {
+    let o = wrnc(
+        &[
+            "bench", "WRN-16-4", "--batch", "64", "--iters", "1", "--json",
+        ],
+        &[("WRNC_FAKE_MEM_MB", "64")],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("out of device memory") && err.contains("batch 64"),
+        "{err}"
+    );
+}
+
+/// Negative control: the fake catches a kernel writing one float past its allocation, as
+/// a GPU's memory checker would, and the runtime reports the failing kernel.
+#[test]
+fn fake_driver_catches_a_write_past_an_allocation() {
+    use wrnc_runtime::cuda::{device::Gpu, exec::load_source, layout::ArgValue};
+    fake();
+    let gpu = Gpu::open(0).expect("the fake GPU opens");
+    let cache = wrnc_runtime::cuda::cache::PtxCache::new(None);
+    let src = "extern \"C\" __global__ void fill(float* __restrict__ y, int n) {\n    int i = threadIdx.x;\n    if (i <= n) y[i] = 1.0f;\n}\n";
+    let m = load_source(&gpu, &cache, src, &["fill".to_string()]).expect("module loads");
+    let buf = gpu.alloc(5 * 4, "y", 1).unwrap();
+    let launch = |n: i32| {
+        gpu.launch(
+            &m,
+            0,
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            &[ArgValue::Ptr(buf.ptr()), ArgValue::I32(n)],
+            "fill",
+            "test",
+        )
+        .and_then(|_| gpu.synchronize("test"))
+    };
+    launch(4).expect("y[0..=4] stays inside 5 floats");
+    let mut out = vec![0u8; 20];
+    gpu.download(buf.ptr(), &mut out).unwrap();
+    assert!(out.chunks(4).all(|c| c == 1f32.to_le_bytes()));
+    let e = launch(5).expect_err("y[5] is past the end").to_string();
+    assert!(e.contains("ILLEGAL_ADDRESS"), "{e}");
+}
