@@ -120,7 +120,14 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
     let net = tmp.path().join("tiny.net");
     std::fs::write(&net, TINY).unwrap();
     let (net, data) = (net.to_str().unwrap(), data.to_str().unwrap());
-    let run_raw = |device: &str, ck: &str, extra: &[&str]| {
+    let drop_net = tmp.path().join("drop.net");
+    std::fs::write(
+        &drop_net,
+        TINY.replace("relu conv", "relu dropout(0.3) conv"),
+    )
+    .unwrap();
+    let drop_net = drop_net.to_str().unwrap();
+    let run_net = |net: &str, device: &str, ck: &str, extra: &[&str], env: &[(&str, &str)]| {
         let ck = tmp.path().join(ck);
         let mut a = vec![
             "run",
@@ -136,8 +143,9 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
             "--quiet",
         ];
         a.extend_from_slice(extra);
-        wrnc(&a, &[])
+        wrnc(&a, env)
     };
+    let run_raw = |device: &str, ck: &str, extra: &[&str]| run_net(net, device, ck, extra, &[]);
     let run = |device: &str, ck: &str, extra: &[&str]| {
         let mut e = vec!["--json"];
         e.extend_from_slice(extra);
@@ -181,6 +189,29 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
         std::fs::read(&last).unwrap() == before,
         "the checkpoint changed"
     );
+    // With dropout the masks follow the step, which replayed graphs read from the device:
+    // the GPU (graphs), the GPU without graphs, and the CPU agree.
+    let e = ["--epochs", "1", "--json"];
+    let dg = json(&run_net(drop_net, "cuda", "dg", &e, &[]));
+    let ds = json(&run_net(
+        drop_net,
+        "cuda",
+        "ds",
+        &e,
+        &[("WRNC_NO_GRAPHS", "1")],
+    ));
+    let dc = json(&run_net(drop_net, "cpu", "dc", &e, &[]));
+    for k in ["train_loss", "test_loss"] {
+        let (a, b, c) = (
+            dg["epochs"][0][k].as_f64().unwrap(),
+            dc["epochs"][0][k].as_f64().unwrap(),
+            ds["epochs"][0][k].as_f64().unwrap(),
+        );
+        assert!(
+            close(a, b, 1e-5) && close(c, b, 1e-5),
+            "{k}: graphs {a} cpu {b} stream {c}"
+        );
+    }
     // bf16 (tensor cores) trains too, with finite losses.
     let h = run("cuda", "h", &["--epochs", "1", "--precision", "bf16"]);
     let l = h["epochs"][0]["train_loss"].as_f64().unwrap();
@@ -262,5 +293,7 @@ fn fake_driver_catches_a_write_past_an_allocation() {
     gpu.download(buf.ptr(), &mut out).unwrap();
     assert!(out.chunks(4).all(|c| c == 1f32.to_le_bytes()));
     let e = launch(5).expect_err("y[5] is past the end").to_string();
-    assert!(e.contains("ILLEGAL_ADDRESS"), "{e}");
+    // the fake reports at the launch (a GPU at the next synchronisation, where
+    // WRNC_CUDA_SYNC=1 makes wrnc name the kernel too)
+    assert!(e.contains("ILLEGAL_ADDRESS") && e.contains("kernel fill"), "{e}");
 }

@@ -18,7 +18,7 @@ use crate::ops::{conv, elementwise as ew, linear, pool};
 use crate::Tensor;
 use wrnc_compiler::graph::Conv2d;
 use wrnc_compiler::schedule::{Access, ConvGeom, Dtype, KernelSpec, PrologueFlags, ScalarArg};
-use wrnc_compiler::schedule::{Launch, Schedule};
+use wrnc_compiler::schedule::{Launch, Role, Schedule};
 
 /// Values of the host-supplied scalars (the driver's `hyper.txt`).
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +45,19 @@ pub fn scalar(a: ScalarArg, h: &HostScalars) -> f64 {
         ScalarArg::WeightDecay => h.weight_decay as f64,
         ScalarArg::Nesterov => h.nesterov as i32 as f64,
         ScalarArg::LabelSmoothing => h.smoothing as f64,
+    }
+}
+
+/// The `hyper` buffer's words (`Role::Hyper`: `[step, lr bits]`) for `h`, as the host writes
+/// them before a step.
+pub fn hyper_words(h: &HostScalars) -> Vec<f64> {
+    vec![h.step as f64, h.lr.to_bits() as f64]
+}
+
+/// Writes [`hyper_words`] into `bufs`' `hyper` buffer, if `s` has one.
+fn set_hyper(s: &Schedule, bufs: &mut [Vec<f64>], h: &HostScalars) {
+    if let Some(i) = s.buffers.iter().position(|b| b.role == Role::Hyper) {
+        bufs[i] = hyper_words(h);
     }
 }
 
@@ -181,8 +194,15 @@ impl Args<'_> {
         Ok(ew::MaskKey {
             seed: self.sc("seed")? as u32,
             stream: self.sc("stream")? as u32,
-            step: self.sc("step")? as u32,
+            step: self.hyper()?.0,
         })
+    }
+    /// The per-step scalars `(step, lr)` from the `hyper` buffer.
+    fn hyper(&self) -> Result<(u32, f32), String> {
+        match self.buf("hyper")? {
+            [step, lr, ..] => Ok((*step as u32, f32::from_bits(*lr as u32))),
+            _ => Err("the hyper buffer is too short".into()),
+        }
     }
     /// The dropout probability as the kernel holds it (an f32).
     fn p(&self) -> Result<f32, String> {
@@ -655,7 +675,7 @@ pub fn launch(
             let mut mb = a.buf("momentum_buf")?.to_vec();
             let (g, table) = (a.buf("grads")?, a.buf("table")?);
             let (lr, mom, wd, nest) = (
-                a.sc("lr")?,
+                a.hyper()?.1 as f64,
                 a.sc("momentum")?,
                 a.sc("weight_decay")?,
                 a.sc("nesterov")? != 0.0,
@@ -766,6 +786,7 @@ pub fn run(
     h: &HostScalars,
     round_storage: bool,
 ) -> Result<Vec<Vec<f64>>, String> {
+    set_hyper(s, &mut bufs, h);
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
         let spec = &s.kernels[l.kernel].spec;
         let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
@@ -863,6 +884,7 @@ pub fn check_kernels(
             None => vec![0.0; b.len as usize],
         })
         .collect();
+    set_hyper(s, &mut cur, h);
     let mut errs = vec![];
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
         let k = &s.kernels[l.kernel];

@@ -117,7 +117,7 @@ fn prologue(pro: &crate::schedule::PrologueFlags) -> String {
     }
     if pro.dropout {
         s.push_str(
-            "                xv = wrnc_drop(xv, seed, stream, step, (unsigned int)idx, p);\n",
+            "                xv = wrnc_drop(xv, seed, stream, hyper[0], (unsigned int)idx, p);\n",
         );
     }
     s
@@ -398,7 +398,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 }
                 e.push_str("        float d = acc;\n");
                 if chain.dropout {
-                    e.push_str("        d = wrnc_drop(d, seed, stream, step, (unsigned int)idx, p);\n");
+                    e.push_str("        d = wrnc_drop(d, seed, stream, hyper[0], (unsigned int)idx, p);\n");
                 }
                 if chain.relu {
                     e.push_str("        d = a > 0.0f ? d : 0.0f;\n");
@@ -635,10 +635,10 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         Relu => elementwise(name, spec, "count", "", "        const float v = wrnc_ld(x, i);\n        wrnc_st(y, i, v > 0.0f ? v : 0.0f);\n"),
         ReluBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_ld(y, i) > 0.0f ? wrnc_ld(dy, i) : 0.0f", "accum")),
-        Dropout => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, step, (unsigned int)i, p));\n"),
-        DropoutBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, step, (unsigned int)i, p)", "accum")),
-        DropPath => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, step, (unsigned int)(i / per), p));\n"),
-        DropPathBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, step, (unsigned int)(i / per), p)", "accum")),
+        Dropout => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, hyper[0], (unsigned int)i, p));\n"),
+        DropoutBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, hyper[0], (unsigned int)i, p)", "accum")),
+        DropPath => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, hyper[0], (unsigned int)(i / per), p));\n"),
+        DropPathBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, hyper[0], (unsigned int)(i / per), p)", "accum")),
         Add => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_ld(a, i) + wrnc_ld(b, i));\n"),
         Accumulate => elementwise(name, spec, "count", "", &acc_store("y", "i", "wrnc_ld(x, i)", "accum")),
         ZeroPad => elementwise(
@@ -750,6 +750,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             r#"{} {{
     const unsigned int start = table[3 * blockIdx.y], len = table[3 * blockIdx.y + 1];
     const float wd = table[3 * blockIdx.y + 2] ? weight_decay : 0.0f;
+    const float lr = __uint_as_float(hyper[1]);
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x) {{
         const unsigned int o = start + i;
         float g = grads[o] + wd * params[o];
@@ -788,7 +789,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 fn chain_code(chain: &crate::schedule::PrologueFlags, ch: &str) -> String {
     let mut s = String::new();
     if chain.dropout {
-        s.push_str("        d = wrnc_drop(d, seed, stream, step, (unsigned int)idx, p);\n");
+        s.push_str("        d = wrnc_drop(d, seed, stream, hyper[0], (unsigned int)idx, p);\n");
     }
     if chain.relu {
         writeln!(

@@ -6,13 +6,14 @@
 //!   whitespace separated; all zero when absent),
 //! - allocates every buffer zero-filled and loads `DIR/in/<buffer name>.bin` (raw
 //!   little-endian elements, exactly the buffer's size) where present,
+//! - writes `step` and `lr` into the `hyper` buffer (`Role::Hyper`), as the runtime does,
 //! - runs the setup launches, then the step's launches in order,
 //! - writes every buffer to `DIR/out/<buffer name>.bin`.
 //!
 //! With a second argument `trace`, it also writes every buffer a launch wrote to
 //! `DIR/trace/<launch index>.<buffer name>.bin` right after that launch (per-kernel checks).
 
-use crate::schedule::{Access, ElemKind, ScalarArg, Schedule};
+use crate::schedule::{Access, ElemKind, Role, ScalarArg, Schedule};
 use std::fmt::Write;
 
 /// The driver's C++ source.
@@ -58,6 +59,14 @@ int main(int argc, char** argv) {
     }
 "#,
     );
+    if let Some(h) = s.buffers.iter().position(|b| b.role == Role::Hyper) {
+        // the per-step scalars, as the runtime writes them before each step
+        writeln!(
+            o,
+            "    {{ unsigned int* h = (unsigned int*)B[{h}].data(); h[0] = step; std::memcpy(&h[1], &lr, 4); }}"
+        )
+        .unwrap();
+    }
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
         let k = &s.kernels[l.kernel];
         let (params, _) = k.spec.signature();

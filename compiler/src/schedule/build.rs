@@ -106,6 +106,15 @@ impl<'a> B<'a> {
         scalars: Vec<ScalarArg>,
         note: String,
     ) -> crate::Result<()> {
+        // Per-step scalars become reads of the `hyper` buffer (the signature's last buffer),
+        // as `KernelSpec::signature` declares them.
+        let (mut buffers, mut scalars) = (buffers, scalars);
+        let per_step = |s: &ScalarArg| matches!(s, ScalarArg::Step | ScalarArg::Lr);
+        if scalars.iter().any(per_step) {
+            scalars.retain(|s| !per_step(s));
+            let h = self.buffer("hyper".into(), HYPER_LEN, Dtype::U32, Role::Hyper);
+            buffers.push(self.whole(h, Access::Read));
+        }
         let kernel = self.kernel(spec);
         for (i, g) in grid.iter().enumerate() {
             let limit = if i == 0 { i32::MAX as u64 } else { 65_535 };

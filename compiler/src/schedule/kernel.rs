@@ -715,7 +715,13 @@ impl KernelSpec {
                 (v, vec![("OC", S::I32), ("PER", S::I32)])
             }
         };
-        // keep the borrow checker quiet about unused mut in some arms
+        // The per-step scalars are read from the `hyper` buffer (`Role::Hyper`), the kernel's
+        // last buffer parameter: `step` is `hyper[0]`, `lr` the float in `hyper[1]`.
+        let per_step = |n: &str| n == "step" || n == "lr";
+        if sc.iter().any(|(n, _)| per_step(n)) {
+            sc.retain(|(n, _)| !per_step(n));
+            bufs.push(b!("hyper", Read, U32));
+        }
         bufs.shrink_to_fit();
         sc.shrink_to_fit();
         (bufs, sc)

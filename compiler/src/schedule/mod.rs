@@ -83,7 +83,15 @@ pub enum Role {
     Scratch,
     /// The optimizer's multi-tensor table `(start, len, decay)` per parameter (`u32`, persistent).
     Table,
+    /// The scalars that change from step to step, `[step, lr as f32 bits]` (`u32`, persistent,
+    /// host-written before each step, [`HYPER_LEN`] long). Kernels read them from memory
+    /// rather than as arguments, so one captured CUDA graph replays every step.
+    Hyper,
 }
+
+/// Length of the [`Role::Hyper`] buffer (`u32` words): `[0]` the step, `[1]` the learning rate's
+/// bits.
+pub const HYPER_LEN: u64 = 2;
 
 impl Role {
     /// Persistent buffers live for the whole run; the others are planned by liveness.
@@ -97,6 +105,7 @@ impl Role {
                 | Role::Momentum
                 | Role::State
                 | Role::Table
+                | Role::Hyper
         )
     }
 }
@@ -137,9 +146,10 @@ pub enum ScalarArg {
     F32(f32),
     /// The run's RNG seed (`u32`).
     Seed,
-    /// The training step counter (`u32`), for the RNG.
+    /// The training step counter (`u32`), for the RNG. Only while a schedule is built: the
+    /// builder moves it into the [`Role::Hyper`] buffer (word 0), so no finished launch has it.
     Step,
-    /// Learning rate of this step (`f32`).
+    /// Learning rate of this step (`f32`). Like `Step`, moved into the `hyper` buffer (word 1).
     Lr,
     /// SGD momentum (`f32`).
     Momentum,

@@ -163,14 +163,19 @@ pub fn bench_schedule(
     let (start, end) = (gpu.event()?, gpu.event()?);
     let mut samples = Vec::with_capacity(iters);
     for i in 0..iters {
+        // the per-step scalars go to the device before the timed region
+        let hi = h((warmup + i) as u32);
+        ex.write_hyper(gpu, &hi)?;
         gpu.record(&start)?;
-        ex.run(gpu, &h((warmup + i) as u32))?;
+        ex.enqueue(gpu, &hi)?;
         gpu.record(&end)?;
         samples.push(gpu.elapsed_ms(&start, &end)? as f64);
     }
     let stream = Timing::from_samples(samples);
     let graph_t = match ex.capture(gpu, &h(0)) {
         Ok(g) => {
+            // every replay reads the same step and lr from the `hyper` buffer
+            ex.write_hyper(gpu, &h(0))?;
             for _ in 0..warmup.max(1) {
                 gpu.replay(&g)?;
             }

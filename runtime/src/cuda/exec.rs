@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use wrnc_compiler::codegen;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Dtype, KernelSpec, Options, Schedule};
+use wrnc_compiler::schedule::{self, Dtype, KernelSpec, Options, Role, Schedule};
 
 use super::cache::PtxCache;
 use super::device::{DeviceBuffer, Gpu, GraphExec, Module};
@@ -284,18 +284,41 @@ impl Executor {
         self.launch_all(gpu, &self.schedule.setup, h)
     }
 
-    /// Enqueues the step's launches `range` (all of them: `0..launches.len()`).
+    /// Writes the per-step scalars of `h` (`[step, lr]`) into the schedule's `hyper` buffer
+    /// (`Role::Hyper`), after the stream's pending work; a no-op for schedules without one.
+    pub fn write_hyper(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
+        match self
+            .schedule
+            .buffers
+            .iter()
+            .position(|b| b.role == Role::Hyper)
+        {
+            Some(i) => {
+                let words = [h.step, h.lr.to_bits()];
+                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                self.write_bytes(gpu, i, &bytes)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn launches(&self, range: std::ops::Range<usize>) -> Result<&[schedule::Launch], CudaError> {
+        self.schedule
+            .launches
+            .get(range.clone())
+            .ok_or_else(|| CudaError::Plan(format!("launch range {range:?} out of bounds")))
+    }
+
+    /// Enqueues the step's launches `range` (all of them: `0..launches.len()`), with the
+    /// per-step scalars of `h`.
     pub fn run_range(
         &self,
         gpu: &Gpu,
         h: &Hyper,
         range: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
-        let ls = self
-            .schedule
-            .launches
-            .get(range.clone())
-            .ok_or_else(|| CudaError::Plan(format!("launch range {range:?} out of bounds")))?;
+        let ls = self.launches(range)?;
+        self.write_hyper(gpu, h)?;
         self.launch_all(gpu, ls, h)
     }
 
@@ -309,7 +332,15 @@ impl Executor {
             .chain(&s.launches)
             .nth(li)
             .ok_or_else(|| CudaError::Plan(format!("no launch {li}")))?;
+        self.write_hyper(gpu, h)?;
         self.launch_all(gpu, std::slice::from_ref(l), h)
+    }
+
+    /// Enqueues one whole step / batch without writing the per-step scalars: the caller has
+    /// written `h`'s with [`Executor::write_hyper`] (timing loops keep that copy out of the
+    /// timed region).
+    pub fn enqueue(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
+        self.launch_all(gpu, &self.schedule.launches, h)
     }
 
     /// Enqueues one whole step / batch.
@@ -325,9 +356,29 @@ impl Executor {
             .position(|l| self.schedule.kernels[l.kernel].spec == KernelSpec::SgdMultiTensor)
     }
 
-    /// Captures one whole step with fixed `h` into a CUDA graph.
+    /// Captures one whole step into a CUDA graph. The per-step scalars (step, learning rate)
+    /// are read from the `hyper` buffer when the graph runs, so [`Executor::replay`] runs any
+    /// step; the others of `h` (seed, momentum, weight decay, Nesterov, label smoothing) are
+    /// fixed in the graph.
     pub fn capture(&self, gpu: &Gpu, h: &Hyper) -> Result<GraphExec, CudaError> {
-        gpu.capture(|| self.run(gpu, h))
+        self.capture_range(gpu, h, 0..self.schedule.launches.len())
+    }
+
+    /// [`Executor::capture`] of the launches `range` only.
+    pub fn capture_range(
+        &self,
+        gpu: &Gpu,
+        h: &Hyper,
+        range: std::ops::Range<usize>,
+    ) -> Result<GraphExec, CudaError> {
+        let ls = self.launches(range)?;
+        gpu.capture(|| self.launch_all(gpu, ls, h))
+    }
+
+    /// Runs a graph captured from this executor with the per-step scalars of `h`.
+    pub fn replay(&self, gpu: &Gpu, g: &GraphExec, h: &Hyper) -> Result<(), CudaError> {
+        self.write_hyper(gpu, h)?;
+        gpu.replay(g)
     }
 
     fn f32_buffer(&self, name: &str) -> Result<usize, CudaError> {

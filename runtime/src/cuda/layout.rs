@@ -244,7 +244,8 @@ pub fn check_written_before_read(s: &Schedule) -> Result<(), String> {
     let l = Layout::new(s);
     let transient: Vec<bool> = (0..s.buffers.len())
         .map(|i| {
-            l.plan.offsets[i].is_some() && !matches!(s.buffers[i].role, Role::Input | Role::Labels)
+            l.plan.offsets[i].is_some()
+                && !matches!(s.buffers[i].role, Role::Input | Role::Labels | Role::Hyper)
         })
         .collect();
     // written intervals per buffer, kept sorted and merged

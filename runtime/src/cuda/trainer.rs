@@ -24,7 +24,7 @@ use wrnc_compiler::schedule::{self, Options};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
-use super::device::{DeviceBuffer, Gpu};
+use super::device::{DeviceBuffer, Gpu, GraphExec};
 use super::exec::{Executor, Shared};
 use super::layout::Hyper;
 use super::{CudaError, DeviceInfo};
@@ -63,6 +63,13 @@ impl From<crate::cpu::Error> for GpuTrainError {
 /// A model on the GPU: its schedules (training step, partial last batch, inference) sharing
 /// one set of weights, optimizer state and BN statistics on the device.
 pub struct GpuTrainer {
+    /// The step's two halves (up to the optimizer, and the update) captured as CUDA graphs,
+    /// by `(batch size, half)`, with the values of the run they fix (all but step and lr,
+    /// which the graphs read from the `hyper` buffer). Declared first: dropped before the
+    /// executors whose kernels they launch.
+    graphs: BTreeMap<(usize, usize), (Hyper, GraphExec)>,
+    /// Whether steps replay graphs (off with `WRNC_NO_GRAPHS=1`, or after a capture failed).
+    use_graphs: bool,
     gpu: Gpu,
     graph: Graph,
     precision: Precision,
@@ -110,6 +117,9 @@ impl GpuTrainer {
         let cache = PtxCache::default_location();
         let aug = Augmenter::new(&gpu, precision, batch.max(eval_batch), &cache)?;
         let mut t = GpuTrainer {
+            graphs: BTreeMap::new(),
+            use_graphs: !std::env::var_os("WRNC_NO_GRAPHS")
+                .is_some_and(|v| !v.is_empty() && v != "0"),
             gpu,
             graph: graph.clone(),
             precision,
@@ -174,6 +184,49 @@ impl GpuTrainer {
             )?);
         }
         Ok(self.infer.as_ref().expect("just built"))
+    }
+
+    /// Runs half `half` of the training step for batch `n` (0: every launch before the
+    /// optimizer, 1: the optimizer on) with the step's values `h`: as a replayed CUDA graph,
+    /// captured at the first step of that batch size, or on the stream when graphs are off.
+    /// A graph is captured again if a value it fixes (seed, momentum, weight decay, Nesterov,
+    /// label smoothing) differs from the ones it was captured with.
+    fn run_half(&mut self, n: usize, h: &Hyper, half: usize) -> Result<(), GpuTrainError> {
+        let ex = self
+            .steps
+            .get(&n)
+            .ok_or_else(|| CudaError::Plan(format!("no training step for batch {n}")))?;
+        let end = ex.schedule.launches.len();
+        let upd = ex.optimizer_launch().unwrap_or(end);
+        let range = if half == 0 { 0..upd } else { upd..end };
+        if !self.use_graphs || range.is_empty() {
+            ex.run_range(&self.gpu, h, range)?;
+            return Ok(());
+        }
+        let fixed = |a: &Hyper| Hyper {
+            step: 0,
+            lr: 0.0,
+            ..*a
+        };
+        let fresh = self
+            .graphs
+            .get(&(n, half))
+            .is_some_and(|(at, _)| fixed(at) == fixed(h));
+        if !fresh {
+            match ex.capture_range(&self.gpu, h, range.clone()) {
+                Ok(g) => {
+                    self.graphs.insert((n, half), (*h, g));
+                }
+                Err(e) => {
+                    eprintln!("warning: CUDA graph capture failed, launching on the stream: {e}");
+                    self.use_graphs = false;
+                    ex.run_range(&self.gpu, h, range)?;
+                    return Ok(());
+                }
+            }
+        }
+        ex.replay(&self.gpu, &self.graphs[&(n, half)].1, h)?;
+        Ok(())
     }
 
     fn any_step(&self) -> &Executor {
@@ -335,24 +388,21 @@ impl Backend for GpuTrainer {
             label_smoothing: cfg.label_smoothing as f32,
         };
         let upd = ex.optimizer_launch().unwrap_or(ex.schedule.launches.len());
-        ex.run_range(&self.gpu, &h, 0..upd)?;
-        let logits = ex.read_f32(&self.gpu, ex.schedule.logits)?;
+        let logits_buf = ex.schedule.logits;
+        self.run_half(idx.len(), &h, 0)?;
+        let ex = &self.steps[&idx.len()];
+        let logits = ex.read_f32(&self.gpu, logits_buf)?;
         self.pending = Some((idx.len(), h, upd));
         Ok(Tensor::from_vec(&[idx.len(), classes], logits))
     }
 
     /// Runs the rest of the step (the device computes its own loss gradient).
     fn apply_update(&mut self, _dlogits: &Tensor) -> Result<(), GpuTrainError> {
-        let (n, h, upd) = self
+        let (n, h, _) = self
             .pending
             .take()
             .ok_or_else(|| CudaError::Plan("an update without a forward".into()))?;
-        let ex = self
-            .steps
-            .get(&n)
-            .ok_or_else(|| CudaError::Plan(format!("no training step for batch {n}")))?;
-        ex.run_range(&self.gpu, &h, upd..ex.schedule.launches.len())?;
-        Ok(())
+        self.run_half(n, &h, 1)
     }
 
     fn end_epoch(&mut self) -> Result<(), GpuTrainError> {
