@@ -117,6 +117,43 @@ fn interrupted_and_resumed_equals_uninterrupted() {
     assert!(r1.epochs[2].train_loss < r1.epochs[0].train_loss);
 }
 
+/// A pin on the CPU loop's behaviour: the metrics of a fixed 3-epoch run (augmentation,
+/// dropout, step schedule, Nesterov, weight decay, a short last batch) and a digest of the
+/// final weights, to 6 significant digits. Any change to the loop, the data pipeline, the
+/// initialisation or an op's numerics shows up here as a snapshot diff to review.
+#[test]
+fn a_fixed_run_is_pinned() {
+    let ds = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut m: Model = Model::new(graph(), 7).unwrap();
+    let r = train(&mut m, &ds, Some(&ds), &config(dir.path()), &mut |_| {}).unwrap();
+    let g = |v: f64| format!("{v:.6e}");
+    let mut out = String::new();
+    for e in &r.epochs {
+        out += &format!(
+            "epoch {} lr {} train loss {} acc {} test loss {} acc {}\n",
+            e.epoch,
+            g(e.lr),
+            g(e.train_loss),
+            g(e.train_acc),
+            g(e.test_loss),
+            g(e.test_acc)
+        );
+    }
+    for (name, t) in m.params.iter().chain(m.buffers.iter()) {
+        let sum: f64 = t.data.iter().map(|&x| x as f64).sum();
+        let sq: f64 = t.data.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        // a sum that cancels to rounding noise (the classifier's bias) prints as 0
+        let sum = if sum.abs() < 1e-6 * sq.sqrt() {
+            0.0
+        } else {
+            sum
+        };
+        out += &format!("{name} {:?} sum {} sumsq {}\n", t.shape, g(sum), g(sq));
+    }
+    insta::assert_snapshot!(out);
+}
+
 #[test]
 fn nan_stops_training_and_keeps_the_last_good_checkpoint() {
     let ds = data();
