@@ -22,11 +22,19 @@ cd "$(dirname "$0")/.."
 WRNC=${WRNC:-gpu-carry/wrnc}
 DATA=${WRNC_DATA_DIR:-gpu-carry/cifar10-jpeg}
 OUT=${OUT:-$PWD/gpu-out}
-RAW=bench/results/raw
+RESULTS=${RESULTS:-bench/results}
+RAW=${RAW:-$RESULTS/raw}
 NET=${BENCH_NET:-WRN-28-10}
 BATCH=${BENCH_BATCH:-128}
 TRAIN_NET=${TRAIN_NET:-WRN-16-4}
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+TRAIN_EPOCHS=${TRAIN_EPOCHS:-10}
+TRAIN_ARGS=${TRAIN_ARGS:-}          # extra `wrnc run` flags (the rehearsal's --subset ...)
+EXAMPLES=${EXAMPLES:-examples}      # the folder `wrnc selftest` checks
+SELFTEST_TIMEOUT=${SELFTEST_TIMEOUT:-420}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+BENCH_ARGS=${BENCH_ARGS:---warmup 3 --iters 10}
+# bench/rehearse_gpu.sh runs this script on the fake GPU with small values of the above
 mkdir -p "$OUT" "$RAW"
 export WRNC_CACHE_DIR=${WRNC_CACHE_DIR:-$PWD/gpu-carry/cache}
 
@@ -93,13 +101,14 @@ stage_selftest() {
     # built-in small networks of every family first (fast, JSON), then every example
     # (human-readable lines, streamed, so a timeout still leaves the checks done so far)
     run selftest_quick 150 "$WRNC" selftest --device cuda --quick --json
-    run selftest 420 "$WRNC" selftest --device cuda
+    run selftest "$SELFTEST_TIMEOUT" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
 }
 
 stage_bench() {
     find_nvrtc
     for p in f32 bf16; do
-        run "bench_wrnc_$p" 200 "$WRNC" bench "$NET" --batch "$BATCH" --precision "$p" --warmup 3 --iters 10 --json
+        # shellcheck disable=SC2086
+        run "bench_wrnc_$p" "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision "$p" $BENCH_ARGS --json
     done
     "$WRNC" compile "$NET" --emit graph >"$OUT/graph.txt" 2>/dev/null
     keep "$OUT/graph.txt"
@@ -113,8 +122,9 @@ stage_train() {
     find_nvrtc
     rm -rf "$OUT/train_ckpt"
     # as many epochs as TRAIN_SECONDS allow: metrics and the checkpoint are written per epoch
+    # shellcheck disable=SC2086
     run train "$TRAIN_SECONDS" "$WRNC" run "$TRAIN_NET" --train cifar10 --data "$DATA" --device cuda \
-        --epochs 10 --metrics "$OUT/train_metrics.jsonl" --checkpoint "$OUT/train_ckpt" --quiet
+        --epochs "$TRAIN_EPOCHS" --metrics "$OUT/train_metrics.jsonl" --checkpoint "$OUT/train_ckpt" --quiet $TRAIN_ARGS
     keep "$OUT/train_metrics.jsonl"
 }
 
@@ -124,13 +134,13 @@ stage_train_bf16() {
     find_nvrtc
     rm -rf "$OUT/train_bf16_ckpt"
     run train_bf16 "$TRAIN_SECONDS" "$WRNC" run "$TRAIN_NET" --train cifar10 --data "$DATA" --device cuda \
-        --precision bf16 --epochs 10 --metrics "$OUT/train_bf16_metrics.jsonl" \
-        --checkpoint "$OUT/train_bf16_ckpt" --quiet
+        --precision bf16 --epochs "$TRAIN_EPOCHS" --metrics "$OUT/train_bf16_metrics.jsonl" \
+        --checkpoint "$OUT/train_bf16_ckpt" --quiet $TRAIN_ARGS
     keep "$OUT/train_bf16_metrics.jsonl"
 }
 
 stage_assemble() {
-    python3 - "$OUT" "$RAW" <<'PY'
+    RESULTS="$RESULTS" python3 - "$OUT" "$RAW" <<'PY'
 import json, os, sys, datetime, re, subprocess
 dirs = sys.argv[1:]
 def load(name):
@@ -193,7 +203,7 @@ m16 = [json.loads(l) for l in text("train_bf16_metrics.jsonl").splitlines() if l
 out["training_bf16"] = {"net": os.environ.get("TRAIN_NET", "WRN-16-4"), "precision": "bf16", "epochs": m16} if m16 else None
 out["raw"] = sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)))
 slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-path = os.path.join("bench", "results", f"{out['date']}-{slug}.json")
+path = os.path.join(os.environ.get("RESULTS", "bench/results"), f"{out['date']}-{slug}.json")
 s = json.dumps(out, indent=2)
 open(path, "w").write(s + "\n")
 open(os.path.join(dirs[0], os.path.basename(path)), "w").write(s + "\n")

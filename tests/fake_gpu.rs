@@ -223,20 +223,12 @@ fn bench_reports_fused_unfused_and_graph_timings() {
     let tmp = tempfile::tempdir().unwrap();
     let net = tmp.path().join("tiny.net");
     std::fs::write(&net, TINY).unwrap();
-    let v = json(&wrnc(
-        &[
-            "bench",
-            net.to_str().unwrap(),
-            "--batch",
-            "4",
-            "--warmup",
-            "1",
-            "--iters",
-            "2",
-            "--json",
-        ],
-        &[],
-    ));
+    let bench = |extra: &[&str]| {
+        let mut a = vec!["bench", net.to_str().unwrap(), "--batch", "4", "--json"];
+        a.extend_from_slice(extra);
+        json(&wrnc(&a, &[]))
+    };
+    let v = bench(&["--warmup", "1", "--iters", "2"]);
     for k in ["train_step_ms", "infer_ms", "latency_b1_ms", "peak_mem_mb"] {
         for f in ["fused", "unfused"] {
             assert!(v[k][f].as_f64().is_some_and(|x| x > 0.0), "{k}.{f}: {v}");
@@ -246,6 +238,18 @@ fn bench_reports_fused_unfused_and_graph_timings() {
     for r in v["runs"].as_array().unwrap() {
         assert!(r["graph"]["median_ms"].as_f64().is_some(), "{r}");
     }
+    // A second start finds the compiled module in the on-disk cache, and is quick.
+    let again = bench(&[
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--fused-only",
+        "--no-infer",
+    ]);
+    let r = &again["runs"][0];
+    assert_eq!(r["cache_hit"], true, "{r}");
+    assert!(r["setup_s"].as_f64().unwrap() < 1.0, "{r}");
 }
 
 #[test]
@@ -295,5 +299,8 @@ fn fake_driver_catches_a_write_past_an_allocation() {
     let e = launch(5).expect_err("y[5] is past the end").to_string();
     // the fake reports at the launch (a GPU at the next synchronisation, where
     // WRNC_CUDA_SYNC=1 makes wrnc name the kernel too)
-    assert!(e.contains("ILLEGAL_ADDRESS") && e.contains("kernel fill"), "{e}");
+    assert!(
+        e.contains("ILLEGAL_ADDRESS") && e.contains("kernel fill"),
+        "{e}"
+    );
 }
