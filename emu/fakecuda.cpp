@@ -62,7 +62,8 @@ constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE 
 
 constexpr std::size_t GUARD = 256;  // guard bytes before and after every allocation
 constexpr unsigned char GUARD_BYTE = 0xa5;
-const char* MARKER = "//WRNC-FAKE-PTX\n";
+// carries a `.version` line, as every PTX does (wrnc's PTX cache checks for it)
+const char* MARKER = "//WRNC-FAKE-PTX\n.version 0.0 // the CUDA source follows\n";
 
 std::recursive_mutex g_mu;
 CUresult g_sticky = OK;  // an illegal address poisons the context, as on a GPU
