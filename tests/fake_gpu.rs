@@ -304,3 +304,38 @@ fn fake_driver_catches_a_write_past_an_allocation() {
         "{e}"
     );
 }
+
+/// Without `--device`, `wrnc run` takes the GPU when one is usable and says so; with no driver
+/// it falls back to the CPU and says why.
+#[test]
+fn without_device_a_usable_gpu_is_chosen_and_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_cifar10(&data, 8);
+    let net = tmp.path().join("tiny.net");
+    std::fs::write(&net, TINY).unwrap();
+    let args = [
+        "run",
+        net.to_str().unwrap(),
+        "--train",
+        "cifar10",
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+    ];
+    // (--json keeps stderr quiet; the summary's `device` says it there)
+    let o = wrnc(&args, &[]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("device: cuda (wrnc fake GPU (CPU emulation), sm_90)"),
+        "{err}"
+    );
+    let o = wrnc(&args, &[("WRNC_LIBCUDA", "/nonexistent/libcuda.so.1")]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("device: cpu (no usable GPU"), "{err}");
+}
