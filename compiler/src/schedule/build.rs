@@ -995,8 +995,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             } else {
                 1
             };
+            // With split-K, the slices write partial gradients into a scratch buffer, and a
+            // second launch sums them in slice order into the gradient.
+            let mut reduce = None;
             if split_k > 1 {
-                // the slices' partial gradients, then their sum in slice order
                 let part = b.buffer(
                     format!("splitk.{name}"),
                     split_k as u64 * wlen,
@@ -1004,19 +1006,27 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     Role::Scratch,
                 );
                 let dw = std::mem::replace(&mut args[0], b.whole(part, Access::Write));
-                b.gemm_launch(
-                    KernelSpec::ConvBwdWeight {
-                        g,
-                        pro: pflags,
-                        split_k,
-                    },
-                    ocg,
-                    kdim,
-                    g.groups * split_k,
-                    args,
-                    sc,
-                    format!("{name} bwd_weight (split-K {split_k})"),
-                )?;
+                reduce = Some((dw, part));
+            }
+            let note = if split_k > 1 {
+                format!("{name} bwd_weight (split-K {split_k})")
+            } else {
+                format!("{name} bwd_weight")
+            };
+            b.gemm_launch(
+                KernelSpec::ConvBwdWeight {
+                    g,
+                    pro: pflags,
+                    split_k,
+                },
+                ocg,
+                kdim,
+                g.groups * split_k,
+                args,
+                sc,
+                note,
+            )?;
+            if let Some((dw, part)) = reduce {
                 b.launch(
                     KernelSpec::SplitKReduce,
                     B::elem_grid(wlen),
@@ -1024,20 +1034,6 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     vec![dw, b.whole(part, Access::Read)],
                     vec![ScalarArg::I32(wlen as i32), ScalarArg::I32(split_k as i32)],
                     format!("{name} bwd_weight split-K sum"),
-                )?;
-            } else {
-                b.gemm_launch(
-                    KernelSpec::ConvBwdWeight {
-                        g,
-                        pro: pflags,
-                        split_k,
-                    },
-                    ocg,
-                    kdim,
-                    g.groups,
-                    args,
-                    sc,
-                    format!("{name} bwd_weight"),
                 )?;
             }
             if conv.bias {
