@@ -30,6 +30,9 @@
 // Graphs: a capture records launches with copies of their argument bytes; a replay runs them.
 // WRNC_FAKE_REAL_NVRTC, when set to a real libnvrtc, makes nvrtcCompileProgram also compile
 // the source with it (same options), so the fake never accepts what NVRTC would refuse.
+// WRNC_FAKE_STATS=FILE: at exit the process writes its counts there, one `name value` a line:
+// `captures` (graphs captured), `graph_launches`, `graph_kernels` (kernels those ran) and
+// `stream_kernels` (kernels launched outside graphs), so tests can see how work was submitted.
 
 #include <dirent.h>
 #include <dlfcn.h>
@@ -110,6 +113,20 @@ struct Event {
 };
 
 bool any_capture = false;  // some stream is capturing (thread-local mode: ours is the only thread)
+
+// What WRNC_FAKE_STATS reports at exit.
+struct Stats {
+    unsigned long long captures = 0, graph_launches = 0, graph_kernels = 0, stream_kernels = 0;
+    ~Stats() {
+        const char* p = std::getenv("WRNC_FAKE_STATS");
+        if (!p || !*p) return;
+        if (FILE* f = std::fopen(p, "w")) {
+            std::fprintf(f, "captures %llu\ngraph_launches %llu\ngraph_kernels %llu\nstream_kernels %llu\n",
+                         captures, graph_launches, graph_kernels, stream_kernels);
+            std::fclose(f);
+        }
+    }
+} g_stats;
 
 CUresult fail(CUresult r, const char* what) {
     if (std::getenv("WRNC_FAKE_VERBOSE")) std::fprintf(stderr, "fakecuda: %s -> %d\n", what, r);
@@ -502,6 +519,7 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
         s->capture->launches.push_back(std::move(r));
         return OK;
     }
+    ++g_stats.stream_kernels;
     return run_launch(k, g, b, params);
 }
 
@@ -557,6 +575,7 @@ API CUresult cuStreamEndCapture(void* s, void** graph) {
     *graph = st->capture;
     st->capture = nullptr;
     any_capture = false;
+    ++g_stats.captures;
     return OK;
 }
 API CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
@@ -566,6 +585,8 @@ API CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long
 API CUresult cuGraphLaunch(void* exec, void* stream) {
     std::lock_guard l(g_mu);
     if (stream && ((Stream*)stream)->capture) return fail(CAPTURE_INVALIDATED, "cuGraphLaunch during capture");
+    ++g_stats.graph_launches;
+    g_stats.graph_kernels += ((Graph*)exec)->launches.size();
     for (auto& r : ((Graph*)exec)->launches) {
         std::vector<void*> ptrs;
         for (auto& a : r.args) ptrs.push_back(a.data());

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use wrnc_compiler::ast::{NetFile, NetworkSpec, Precision, Spanned};
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options};
+use wrnc_compiler::schedule::{self, Options, TcTile};
+use wrnc_runtime::cuda::tune::{self, TileMode};
 use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, layout};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// Which GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// Tensor-core tiles (bf16): auto (search on this GPU what the tile cache lacks), default
+    /// (64x64), or one tile for every convolution (128x64, 64x128, 32x64, 64x32).
+    #[arg(long, default_value = "auto", value_parser = TileMode::parse)]
+    pub tiles: TileMode,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -123,10 +128,40 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     } else {
         &[Mode::Train, Mode::Infer]
     };
+    // the tensor-core tiles of every schedule measured below, chosen once
+    let (tiles, tile_report) = if precision == Precision::Bf16 {
+        let mut bases = vec![];
+        for &unfused in variants {
+            let base = |mode, batch| Options {
+                mode,
+                batch,
+                precision,
+                fusion: Fusion {
+                    unfused,
+                    disabled: vec![],
+                },
+                tiles: Default::default(),
+            };
+            for &mode in modes {
+                bases.push(base(mode, a.batch));
+            }
+            if !a.no_infer {
+                bases.push(base(Mode::Infer, 1));
+            }
+        }
+        let (t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &bases, a.tiles)?;
+        if !a.json {
+            eprintln!("{}", tile_summary(&r));
+        }
+        (t, Some(r))
+    } else {
+        (Default::default(), None)
+    };
     for &mode in modes {
         for &unfused in variants {
             let r = bench::bench_schedule(
                 &gpu, &cache, &l.graph, mode, a.batch, precision, unfused, a.warmup, a.iters,
+                &tiles,
             )?;
             if !a.json {
                 print_run(&r);
@@ -147,6 +182,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                 unfused,
                 a.warmup,
                 a.iters,
+                &tiles,
             )?;
             if !a.json {
                 print_run(&r);
@@ -186,11 +222,43 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "peak_mem_mb": {"fused": peak(true), "unfused": peak(false)},
         "runs": runs,
         "latency_runs": latency,
+        "tiles": tile_report,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// One line on how the tensor-core tiles were chosen.
+pub fn tile_summary(r: &tune::TuneReport) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for t in r.tiles.values() {
+        *counts.entry(t.as_str()).or_insert(0) += 1;
+    }
+    let used: Vec<String> = counts.iter().map(|(t, n)| format!("{n} x {t}")).collect();
+    let how = match r.mode.as_str() {
+        "auto" if r.searched > 0 => format!(
+            "{} searched on this GPU in {:.1} s, {} from the cache",
+            r.searched,
+            r.search_s,
+            r.gemms - r.searched
+        ),
+        "auto" => "all from the cache".into(),
+        m => format!("--tiles {m}"),
+    };
+    let mut s = format!(
+        "tiles: {} tensor-core convolution GEMMs ({how}): {}",
+        r.gemms,
+        used.join(", ")
+    );
+    if let Some(c) = &r.cache {
+        s.push_str(&format!("; cache {c}"));
+    }
+    if let Some(w) = &r.warning {
+        s.push_str(&format!("\nwarning: {w}"));
+    }
+    s
 }
 
 fn print_run(r: &bench::ScheduleBench) {
@@ -291,6 +359,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             for unfused in [false, true] {
                 for precision in [Precision::F32, Precision::Bf16] {
                     let opts = Options {
+                        tiles: Default::default(),
                         mode,
                         batch: a.batch,
                         precision,
@@ -386,6 +455,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                             a.batch as usize,
                             precision,
                             unfused,
+                            &Default::default(),
                         ),
                         &format!("{what} every launch"),
                     );
@@ -399,12 +469,33 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                             a.batch as usize,
                             precision,
                             unfused,
+                            &Default::default(),
                         ),
                         &what,
                     );
                 }
             }
         }
+    }
+    // every other tensor-core tile, on the first built-in network's fused training step
+    // (forward, data and weight gradient convolutions)
+    let (name, g) = &nets[0];
+    for tile in TcTile::CANDIDATES.into_iter().filter(|t| !t.is_default()) {
+        let label = format!("{name} tile {tile}");
+        report(
+            check::check_launches(
+                &gpu,
+                &cache,
+                &label,
+                g,
+                Mode::Train,
+                a.batch as usize,
+                Precision::Bf16,
+                false,
+                &schedule::Tiles::all(tile),
+            ),
+            &format!("{label} Train bf16 every launch"),
+        );
     }
     let failed = results.iter().filter(|r| !r.passed).count();
     let max_f32 = results

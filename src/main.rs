@@ -293,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .any(|e| matches!(e, Emit::Cuda | Emit::Ptx | Emit::Schedule))
                 || dump_after.is_some();
             let opts = wrnc_compiler::schedule::Options {
+                tiles: Default::default(),
                 mode: if infer {
                     wrnc_compiler::passes::Mode::Infer
                 } else {

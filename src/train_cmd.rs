@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// always computes in f32.
     #[arg(long, value_enum)]
     pub precision: Option<crate::gpu_cmd::PrecisionArg>,
+    /// Tensor-core tiles on the GPU (bf16): auto (search on this GPU what the tile cache
+    /// lacks), default (64x64), or one tile for every convolution (128x64, 64x128, 32x64,
+    /// 64x32).
+    #[arg(long, default_value = "auto", value_parser = wrnc_runtime::cuda::tune::TileMode::parse)]
+    pub tiles: wrnc_runtime::cuda::tune::TileMode,
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     pub json: bool,
@@ -235,6 +240,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     precision,
                     Default::default(),
                     seed,
+                    args.tiles,
                 )
                 .map_err(gpu_err)?;
                 t.load(&params, &buffers, &Default::default())
@@ -358,8 +364,12 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 precision,
                 Default::default(),
                 seed,
+                args.tiles,
             )
             .map_err(gpu_err)?;
+            if let (Some(r), false) = (t.tile_report(), quiet) {
+                eprintln!("{}", crate::gpu_cmd::tile_summary(r));
+            }
             match t.train(&train_ds, Some(&test_ds), &cfg, &mut on_event) {
                 Ok(r) => Ok(r),
                 Err(wrnc_runtime::cuda::trainer::GpuTrainError::Train(e)) => Err(e),

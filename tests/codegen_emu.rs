@@ -11,7 +11,7 @@ use support::*;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Access, Launch, Options, Schedule};
+use wrnc_compiler::schedule::{self, Access, Launch, Options, Schedule, TcTile, Tiles};
 use wrnc_runtime::cpu::{Mode as CpuMode, Model};
 use wrnc_runtime::init::SplitMix64;
 use wrnc_runtime::loss::softmax_cross_entropy;
@@ -402,12 +402,15 @@ struct Prec {
     precision: Precision,
     kernel: f64,
     e2e: f64,
+    /// Every tensor-core conv's block tile (bf16).
+    tile: TcTile,
 }
 
 const F32: Prec = Prec {
     precision: Precision::F32,
     kernel: 1e-5,
     e2e: 1e-4,
+    tile: TcTile::DEFAULT,
 };
 
 /// bf16 activation storage (8-bit mantissa: one rounding is up to 2^-9 = 2e-3 relative).
@@ -415,10 +418,22 @@ const BF16: Prec = Prec {
     precision: Precision::Bf16,
     kernel: 1e-2,
     e2e: 1e-2,
+    tile: TcTile::DEFAULT,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
+    build_tiled(g, mode, unfused, precision, TcTile::DEFAULT)
+}
+
+fn build_tiled(
+    g: &Graph,
+    mode: Mode,
+    unfused: bool,
+    precision: Precision,
+    tile: TcTile,
+) -> Schedule {
     let opts = Options {
+        tiles: Tiles::all(tile),
         mode,
         batch: BATCH as u32,
         precision,
@@ -471,13 +486,13 @@ fn check_step_of(name: &str, g: Graph, prec: Prec) -> (usize, usize) {
         let tag = format!(
             "{name}-{}{}",
             if unfused { "unfused" } else { "fused" },
-            if prec.precision == Precision::Bf16 {
-                "-bf16"
-            } else {
-                ""
+            match (prec.precision, prec.tile.is_default()) {
+                (Precision::Bf16, true) => "-bf16".to_string(),
+                (Precision::Bf16, false) => format!("-bf16-t{}", prec.tile),
+                _ => String::new(),
             }
         );
-        let s = build(&g, Mode::Train, unfused, prec.precision);
+        let s = build_tiled(&g, Mode::Train, unfused, prec.precision, prec.tile);
         if prec.precision == Precision::F32 {
             check_reference_chain(&tag, &s, &r);
         }
@@ -601,7 +616,7 @@ fn check_infer_in(name: &str, body: &str, prec: Prec) {
                 ""
             }
         );
-        let s = build(&g, Mode::Infer, unfused, prec.precision);
+        let s = build_tiled(&g, Mode::Infer, unfused, prec.precision, prec.tile);
         if prec.precision == Precision::F32 {
             check_reference_chain(&tag, &s, &r);
         }
@@ -692,6 +707,7 @@ fn wrn_step_with_each_pass_disabled() {
     let r = reference(&g, Mode::Train);
     for pass in wrnc_compiler::passes::pass_names() {
         let opts = Options {
+            tiles: Default::default(),
             mode: Mode::Train,
             batch: BATCH as u32,
             precision: Default::default(),
@@ -824,6 +840,7 @@ fn conv_epilogue_statistics_of_a_zero_mean_channel() {
         }
     }
     let opts = Options {
+        tiles: Default::default(),
         mode: Mode::Train,
         batch: batch as u32,
         precision: Precision::F32,
@@ -902,4 +919,111 @@ fn bn_conv_without_relu_step_and_infer() {
         let _ = check_step(name, body);
         check_infer(name, body);
     }
+}
+
+/// The update guard that lets a whole training step be one CUDA graph: a NaN in the batch
+/// makes the loss kernel set `hyper[HYPER_NONFINITE]`, and the optimizer then changes neither
+/// the weights nor the momentum, in the emulated CUDA and in the f64 reference interpreter.
+/// Control: the same step on the finite batch clears the flag and moves every weight tensor.
+#[test]
+fn a_nan_loss_skips_the_update() {
+    use schedule::{HYPER_LEN, HYPER_NONFINITE};
+    let g = graph(WRN);
+    let s = build(&g, Mode::Train, false, Precision::F32);
+    let r = reference(&g, Mode::Train);
+    let finite = inputs(&s, &r);
+    // one NaN in the last parameter, the classifier's (a NaN in the batch would not do: ReLU
+    // maps it to 0)
+    let fc = s.params.last().unwrap();
+    let mut poisoned = finite.clone();
+    let at = 4 * fc.offset as usize;
+    poisoned.iter_mut().find(|(n, _)| n == "params").unwrap().1[at..at + 4]
+        .copy_from_slice(&f32::NAN.to_le_bytes());
+    let pb = s.buffer("params").unwrap();
+    let words = |out: &BTreeMap<String, Vec<u8>>| -> Vec<u32> {
+        out["hyper"]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    for (tag, ins, nan) in [("guard_ok", &finite, false), ("guard_nan", &poisoned, true)] {
+        let out = run_schedule(tag, &s, ins, HYPER);
+        let h = words(&out);
+        assert_eq!(h.len(), HYPER_LEN as usize);
+        assert_eq!(h[HYPER_NONFINITE], nan as u32, "{tag}: the flag");
+        let before = &ins.iter().find(|(n, _)| n == "params").unwrap().1;
+        let after = &out["params"];
+        let momentum = values(&out, &s, "momentum");
+        for p in &s.params {
+            let span = p.offset as usize..(p.offset + p.len) as usize;
+            let bytes = 4 * span.start..4 * span.end;
+            let moved = before[bytes.clone()] != after[bytes];
+            assert_eq!(moved, !nan, "{tag}: parameter {} moved: {moved}", p.name);
+            if nan {
+                assert!(momentum[span].iter().all(|&m| m == 0.0), "{tag}: momentum");
+            }
+        }
+        // the f64 interpreter of the same schedule agrees
+        let bufs: Vec<Vec<f64>> = s
+            .buffers
+            .iter()
+            .map(|b| match ins.iter().find(|(n, _)| *n == b.name) {
+                Some((_, bytes)) => reference::decode(bytes, b.dtype),
+                None => vec![0.0; b.len as usize],
+            })
+            .collect();
+        let fin = reference::run(&s, bufs.clone(), &HOST, false).unwrap();
+        let hb = s.buffer("hyper").unwrap();
+        assert_eq!(
+            fin[hb][HYPER_NONFINITE], nan as u32 as f64,
+            "{tag}: reference flag"
+        );
+        let same = fin[pb]
+            .iter()
+            .zip(&bufs[pb])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert_eq!(same, nan, "{tag}: reference update");
+    }
+}
+
+/// Every tensor-core block tile ([`TcTile::CANDIDATES`] other than the default, which the tests
+/// above use) on a network with 72-channel layers, which leave ragged row and column tiles in
+/// every pass: a whole bf16 training step, fused and unfused, every launch against the f64
+/// reference and the step against the CPU model; and inference, every launch against the
+/// reference and the logits bit for bit those of the default tile (a tile changes which block
+/// computes an output, not how; inference has no atomics). The kernels are named by their
+/// tile.
+#[test]
+fn bf16_every_tensor_core_tile() {
+    let body = "conv(3x3, 8) bn relu conv(1x1, 72, stride=2) bn relu conv(3x3, 72) bn relu gap fc";
+    let g = graph(body);
+    let ri = reference(&g, Mode::Infer);
+    let base = build_tiled(&g, Mode::Infer, false, Precision::Bf16, TcTile::DEFAULT);
+    let logits = s_logits(&base);
+    let want = emulate("tile-infer-default", &base, &ri, BF16.kernel);
+    for tile in TcTile::CANDIDATES.into_iter().filter(|t| !t.is_default()) {
+        let suffix = format!("_t{tile}");
+        for mode in [Mode::Train, Mode::Infer] {
+            let s = build_tiled(&g, mode, false, Precision::Bf16, tile);
+            for l in &s.launches {
+                let k = &s.kernels[l.kernel];
+                if let Some(cg) = k.spec.conv_geom() {
+                    assert_eq!(cg.tile, tile);
+                    assert!(k.name.contains(&suffix), "{} lacks {suffix}", k.name);
+                    assert!(l.block == [16, 16, 1], "{}: block {:?}", k.name, l.block);
+                }
+            }
+        }
+        let _ = check_step_of(&format!("tile{tile}"), graph(body), Prec { tile, ..BF16 });
+        let s = build_tiled(&g, Mode::Infer, false, Precision::Bf16, tile);
+        let got = emulate(&format!("tile-infer-{tile}"), &s, &ri, BF16.kernel);
+        assert!(
+            got[&logits] == want[&logits],
+            "{tile}: inference logits differ from the default tile's"
+        );
+    }
+}
+
+fn s_logits(s: &Schedule) -> String {
+    s.buffers[s.logits].name.clone()
 }

@@ -31,6 +31,7 @@ fn compile_all(name: &str, g: &wrnc_compiler::graph::Graph, batch: u32, archs: &
         for unfused in [false, true] {
             for precision in [Precision::F32, Precision::Bf16] {
                 let opts = Options {
+                    tiles: Default::default(),
                     mode,
                     batch,
                     precision,
@@ -161,6 +162,7 @@ fn every_example_compiles() {
             for unfused in [false, true] {
                 for &precision in precisions {
                     let opts = Options {
+                        tiles: Default::default(),
                         mode,
                         batch: 128,
                         precision,
@@ -226,4 +228,69 @@ fn every_example_compiles() {
         jobs.len(),
         t.elapsed().as_secs_f64()
     );
+}
+
+/// Static shared memory per kernel in `ptx`: the sizes of the `.shared` declarations local to
+/// it (their mangled names hold `<length><kernel>E`).
+fn shared_bytes(ptx: &str, kernel: &str) -> u64 {
+    let local = format!("{}{kernel}E", kernel.len());
+    ptx.lines()
+        .filter(|l| l.trim_start().starts_with(".shared") && l.contains(&local))
+        .filter_map(|l| {
+            let (_, rest) = l.rsplit_once('[')?;
+            let n: u64 = rest.split(']').next()?.parse().ok()?;
+            let elem = if l.contains(".b8") {
+                1
+            } else if l.contains(".b32") || l.contains(".f32") || l.contains(".u32") {
+                4
+            } else if l.contains(".b16") || l.contains(".u16") {
+                2
+            } else {
+                8
+            };
+            Some(n * elem)
+        })
+        .sum()
+}
+
+/// Every tensor-core tile ([`schedule::TcTile::CANDIDATES`]) of WRN-28-10's fused bf16
+/// training step compiles for sm_80 and sm_90, each conv kernel within the 48 KiB of static
+/// shared memory a block may have.
+#[test]
+fn every_tensor_core_tile_compiles_within_static_shared_memory() {
+    if !nvrtc_available() {
+        return;
+    }
+    let g = graph("network WRN-28-10\ndropout 0.3");
+    for tile in schedule::TcTile::CANDIDATES {
+        let opts = Options {
+            mode: Mode::Train,
+            batch: 128,
+            precision: Precision::Bf16,
+            tiles: schedule::Tiles::all(tile),
+            ..Options::default()
+        };
+        let s = schedule::build(&g, &opts).unwrap();
+        let src = cuda::write(&s, &opts).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let ptx =
+                nvrtc::compile_ptx(&src, arch).unwrap_or_else(|e| panic!("{tile} {arch}: {e}"));
+            let mut most = 0;
+            for k in s.kernels.iter().filter(|k| k.spec.conv_geom().is_some()) {
+                assert!(
+                    ptx.contains(&format!(".entry {}(", k.name)),
+                    "{tile}: {} missing",
+                    k.name
+                );
+                let b = shared_bytes(&ptx, &k.name);
+                assert!(
+                    b > 0 && b <= 48 * 1024,
+                    "{tile} {arch}: {} has {b} bytes of shared memory",
+                    k.name
+                );
+                most = most.max(b);
+            }
+            eprintln!("tile {tile} {arch}: compiles; largest static shared memory of a conv kernel {most} bytes");
+        }
+    }
 }

@@ -105,6 +105,7 @@ pub fn run_schedule_traced(
     use wrnc_compiler::codegen;
     let dir = temp_dir(name);
     let opts = wrnc_compiler::schedule::Options {
+        tiles: Default::default(),
         mode: s.mode,
         batch: s.batch,
         precision: s.precision,

@@ -89,6 +89,17 @@ fn json(o: &Output) -> Value {
     serde_json::from_str(&ok(o)).expect("JSON output")
 }
 
+/// `(captures, graph launches)` from a `WRNC_FAKE_STATS` file (see `emu/fakecuda.cpp`).
+fn stats(path: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(path).expect("the fake driver's counts");
+    let get = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    (get("captures "), get("graph_launches "))
+}
+
 const TINY: &str = "network \"tiny\" { conv(3x3, 4, stride=4) residual { body bn relu conv(3x3, 4) } bn relu gap fc }\nbatch 8\nlr 0.05\n";
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -151,8 +162,22 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
         e.extend_from_slice(extra);
         json(&run_raw(device, ck, &e))
     };
-    // Two epochs of 5 steps with augmentation, on each backend.
-    let g = run("cuda", "g", &["--epochs", "2"]);
+    // Two epochs of 5 steps with augmentation, on each backend; on the GPU each step is one
+    // CUDA graph (forward, backward and update), captured once and replayed.
+    let counts = tmp.path().join("counts");
+    let counts_env = [("WRNC_FAKE_STATS", counts.to_str().unwrap())];
+    let g = json(&run_net(
+        net,
+        "cuda",
+        "g",
+        &["--json", "--epochs", "2"],
+        &counts_env,
+    ));
+    assert_eq!(
+        stats(&counts),
+        (1, 10),
+        "(captures, graph launches) of 10 steps"
+    );
     let c = run("cpu", "c", &["--epochs", "2"]);
     assert_eq!(g["device"], "cuda");
     for (eg, ec) in g["epochs"]
@@ -198,8 +223,13 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
         "cuda",
         "ds",
         &e,
-        &[("WRNC_NO_GRAPHS", "1")],
+        &[("WRNC_NO_GRAPHS", "1"), counts_env[0]],
     ));
+    assert_eq!(
+        stats(&counts),
+        (0, 0),
+        "WRNC_NO_GRAPHS=1 launches on the stream"
+    );
     let dc = json(&run_net(drop_net, "cpu", "dc", &e, &[]));
     for k in ["train_loss", "test_loss"] {
         let (a, b, c) = (
@@ -211,6 +241,23 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
             close(a, b, 1e-5) && close(c, b, 1e-5),
             "{k}: graphs {a} cpu {b} stream {c}"
         );
+    }
+    // 40 images in batches of 6: the epoch's last step (4 images) has its own schedule and
+    // graph; GPU and CPU still agree.
+    let e = ["--epochs", "1", "--batch-size", "6", "--json"];
+    let tg = json(&run_net(net, "cuda", "tg", &e, &counts_env));
+    assert_eq!(
+        stats(&counts),
+        (2, 7),
+        "(captures, graph launches) of 6 + 1 steps"
+    );
+    let tc = json(&run_net(net, "cpu", "tc", &e, &[]));
+    for k in ["train_loss", "test_loss"] {
+        let (a, b) = (
+            tg["epochs"][0][k].as_f64().unwrap(),
+            tc["epochs"][0][k].as_f64().unwrap(),
+        );
+        assert!(close(a, b, 1e-5), "{k}: gpu {a} cpu {b} (batch 6)");
     }
     // bf16 (tensor cores) trains too, with finite losses.
     let h = run("cuda", "h", &["--epochs", "1", "--precision", "bf16"]);
@@ -250,6 +297,81 @@ fn bench_reports_fused_unfused_and_graph_timings() {
     let r = &again["runs"][0];
     assert_eq!(r["cache_hit"], true, "{r}");
     assert!(r["setup_s"].as_f64().unwrap() < 1.0, "{r}");
+}
+
+/// Tensor-core tiles chosen on the device: the first bf16 start times every GEMM with every
+/// candidate tile and caches the choice per GPU; the second finds all of them in the cache and
+/// searches nothing; `--tiles 128x64` forces one tile; a tile that does not exist is refused.
+#[test]
+fn tensor_core_tiles_are_searched_once_and_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("tiny.net");
+    std::fs::write(&net, TINY).unwrap();
+    let cache = tmp.path().join("cache");
+    let env = [("WRNC_CACHE_DIR", cache.to_str().unwrap())];
+    let bench = |tiles: &str| {
+        let a = [
+            "bench",
+            net.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--precision",
+            "bf16",
+            "--fused-only",
+            "--no-infer",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--tiles",
+            tiles,
+            "--json",
+        ];
+        json(&wrnc(&a, &env))["tiles"].clone()
+    };
+    let first = bench("auto");
+    let gemms = first["gemms"].as_u64().unwrap();
+    // the tiny network's 2 convs: forward, data gradient (not of the stem) and weight gradient
+    assert!(gemms >= 4, "{first}");
+    assert_eq!(first["searched"].as_u64(), Some(gemms), "{first}");
+    let file = cache
+        .join("tiles")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let entries: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(entries.len() as u64, gemms);
+    for (k, e) in &entries {
+        assert_eq!(
+            e["us"].as_object().unwrap().len(),
+            5,
+            "{k}: every candidate timed: {e}"
+        );
+        assert_eq!(
+            first["tiles"][k], e["tile"],
+            "{k}: the run uses the cached choice"
+        );
+    }
+    let second = bench("auto");
+    assert_eq!(second["searched"], 0, "{second}");
+    assert_eq!(second["tiles"], first["tiles"]);
+    let fixed = bench("128x64");
+    assert_eq!(fixed["mode"], "128x64");
+    assert!(fixed["tiles"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(|t| t == "128x64"));
+    let o = wrnc(&["bench", net.to_str().unwrap(), "--tiles", "100x7"], &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("use auto, default or one of"),
+        "{err}"
+    );
 }
 
 #[test]

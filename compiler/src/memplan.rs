@@ -157,6 +157,7 @@ pub fn summarize(graph: &Graph, batch: u32, precision: Precision) -> crate::Resu
         schedule::build(
             graph,
             &Options {
+                tiles: Default::default(),
                 mode,
                 batch,
                 precision,

@@ -48,8 +48,17 @@ fn bench(c: &mut Criterion) {
         group.sample_size(20);
         group.measurement_time(Duration::from_secs(10));
         for unfused in [false, true] {
-            let (ex, _, _) = prepare(&gpu, &cache, &graph, mode, batch, precision, unfused)
-                .unwrap_or_else(|e| panic!("{e}"));
+            let (ex, _, _) = prepare(
+                &gpu,
+                &cache,
+                &graph,
+                mode,
+                batch,
+                precision,
+                unfused,
+                &Default::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
             let (start, end) = (gpu.event().unwrap(), gpu.event().unwrap());
             let mut step = 0u32;
             group.bench_function(if unfused { "unfused" } else { "fused" }, |b| {

@@ -18,7 +18,7 @@ use crate::ops::{conv, elementwise as ew, linear, pool};
 use crate::Tensor;
 use wrnc_compiler::graph::Conv2d;
 use wrnc_compiler::schedule::{Access, ConvGeom, Dtype, KernelSpec, PrologueFlags, ScalarArg};
-use wrnc_compiler::schedule::{Launch, Role, Schedule};
+use wrnc_compiler::schedule::{Launch, Role, Schedule, HYPER_LEN, HYPER_NONFINITE};
 
 /// Values of the host-supplied scalars (the driver's `hyper.txt`).
 #[derive(Debug, Clone, Copy)]
@@ -48,10 +48,12 @@ pub fn scalar(a: ScalarArg, h: &HostScalars) -> f64 {
     }
 }
 
-/// The `hyper` buffer's words (`Role::Hyper`: `[step, lr bits]`) for `h`, as the host writes
-/// them before a step.
+/// The `hyper` buffer's words (`Role::Hyper`: `[step, lr bits, 0]`, [`HYPER_LEN`] long) for
+/// `h`, as the host writes them before a step.
 pub fn hyper_words(h: &HostScalars) -> Vec<f64> {
-    vec![h.step as f64, h.lr.to_bits() as f64]
+    let mut w = vec![h.step as f64, h.lr.to_bits() as f64];
+    w.resize(HYPER_LEN as usize, 0.0);
+    w
 }
 
 /// Writes [`hyper_words`] into `bufs`' `hyper` buffer, if `s` has one.
@@ -667,12 +669,25 @@ pub fn launch(
                     .map_err(|e| e.to_string())?;
                 loss.push(one.loss);
             }
+            // the update guard (`HYPER_NONFINITE`): a loss that is not finite stops the optimizer
+            let mut hyper = a.buf("hyper")?.to_vec();
+            if loss.iter().any(|l| !(*l as f32).is_finite()) {
+                *hyper
+                    .get_mut(HYPER_NONFINITE)
+                    .ok_or("the hyper buffer is too short")? = 1.0;
+            }
             out.push(("loss", loss));
             out.push(("dlogits", all.dlogits.data));
+            out.push(("hyper", hyper));
         }
         SgdMultiTensor => {
             let mut p = a.buf("params")?.to_vec();
             let mut mb = a.buf("momentum_buf")?.to_vec();
+            // the step's loss was not finite: no update
+            let skip = a
+                .buf("hyper")?
+                .get(HYPER_NONFINITE)
+                .is_some_and(|&f| f != 0.0);
             let (g, table) = (a.buf("grads")?, a.buf("table")?);
             let (lr, mom, wd, nest) = (
                 a.hyper()?.1 as f64,
@@ -680,7 +695,7 @@ pub fn launch(
                 a.sc("weight_decay")?,
                 a.sc("nesterov")? != 0.0,
             );
-            for e in table.chunks_exact(3) {
+            for e in table.chunks_exact(3).filter(|_| !skip) {
                 let (start, len) = (e[0] as usize, e[1] as usize);
                 let d = if e[2] != 0.0 { wd } else { 0.0 };
                 if start + len > p.len() || start + len > g.len() || start + len > mb.len() {

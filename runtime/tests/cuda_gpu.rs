@@ -49,7 +49,18 @@ fn small_wrn_matches_the_cpu_reference() {
     for mode in [Mode::Train, Mode::Infer] {
         for unfused in [false, true] {
             for p in [Precision::F32, Precision::Bf16] {
-                let r = check::check_graph(&gpu, &cache, "wrn", &g, mode, 2, p, unfused).unwrap();
+                let r = check::check_graph(
+                    &gpu,
+                    &cache,
+                    "wrn",
+                    &g,
+                    mode,
+                    2,
+                    p,
+                    unfused,
+                    &Default::default(),
+                )
+                .unwrap();
                 assert!(r.passed, "{r:?}");
             }
         }

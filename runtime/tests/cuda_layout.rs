@@ -52,6 +52,7 @@ fn schedules(g: &Graph, batch: u32) -> Vec<(String, Schedule)> {
         for unfused in [false, true] {
             for precision in [Precision::F32, Precision::Bf16] {
                 let opts = Options {
+                    tiles: Default::default(),
                     mode,
                     batch,
                     precision,

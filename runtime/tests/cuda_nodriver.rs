@@ -38,6 +38,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         wrnc_compiler::ast::Precision::F32,
         Default::default(),
         1,
+        cuda::tune::TileMode::Auto,
     )
     .err()
     .expect("no GPU trainer without a driver");
@@ -57,6 +58,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         wrnc_compiler::ast::Precision::F32,
         Default::default(),
         1,
+        cuda::tune::TileMode::Auto,
     )
     .err()
     .unwrap();

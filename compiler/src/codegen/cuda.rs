@@ -10,7 +10,7 @@
 //! activations, `float*` / `int*` / `unsigned int*` otherwise), then scalars.
 
 use crate::ast::Precision;
-use crate::schedule::{Access, ElemKind, KernelSpec, Options, ScalarKind, Schedule};
+use crate::schedule::{Access, ElemKind, KernelSpec, Options, ScalarKind, Schedule, TcTile};
 use std::fmt::Write;
 
 /// The static helpers, included verbatim.
@@ -141,6 +141,8 @@ struct Gemm<'a> {
     b_k_fast: bool,
     /// On the tensor cores ([`gemm_tc`]), else fp32 FMAs ([`gemm`]).
     tensor_cores: bool,
+    /// The tensor-core block tile.
+    tile: TcTile,
     /// Slices of the reduction (tensor cores only): `blockIdx.z = g * split_k + slice_`, and
     /// slice `slice_` reduces `[kb_, ke_)`, whole 32-steps of `ceil(K / (32 split_k))` each.
     split_k: u32,
@@ -194,8 +196,9 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     )
 }
 
-/// The same GEMM on the tensor cores: 64x64 outputs per block of 16x16 threads (8 warps in a
-/// 2x4 grid, each a 32x16 warp tile of four m16n8 `mma.sync` tiles), 32 of the reduction per
+/// The same GEMM on the tensor cores: `R x C` outputs per block of 16x16 threads (`g.tile`, a
+/// [`TcTile`]: 8 warps in a `WR x WC` grid, each a `R/WR x C/WC` warp tile of `MI x NI` m16n8
+/// `mma.sync` tiles; 64x64 by default: 2x4 warps of 32x16), 32 of the reduction per
 /// shared-memory stage.
 ///
 /// Algebra: `C = sum_k bf16(A(m,k)) * bf16(B(k,j))` with fp32 products and sums. The operands
@@ -203,55 +206,66 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 /// fp32) and rounded to bf16 to nearest even as they are stored in shared memory; zero outside
 /// `M x K` / `K x NC`, so ragged edges add nothing. Shared memory holds A as `[m][k]` and B as
 /// `[j][k]` (k contiguous, rows of 40 halves = 80 bytes: 16-byte aligned for `ldmatrix`, and
-/// the eight rows one `ldmatrix` reads fall in distinct banks).
+/// the eight rows one `ldmatrix` reads fall in distinct banks). The tile does not change the
+/// algebra, only which block computes which outputs.
 ///
-/// The epilogue is [`gemm`]'s, unchanged: the accumulators go through shared memory `Cs` and
-/// the block then walks its 64x64 tile as sixteen 16x16 sub-tiles with one output per thread
-/// (`m`, `j`, `acc`, `valid` as in [`gemm`]), so bias, residual, compensated statistics, BN
-/// chains and accumulation are the same code on both engines. A `__syncthreads` ends each
-/// sub-tile, since the epilogue's column reductions reuse their shared arrays.
+/// The epilogue is [`gemm`]'s, unchanged: the accumulators go through shared memory `Cs` (the
+/// operand tiles' memory, free once the reduction's last barrier is passed) and the block then
+/// walks its tile as `R/16 x C/16` sub-tiles of 16x16 with one output per thread (`m`, `j`,
+/// `acc`, `valid` as in [`gemm`]), so bias, residual, compensated statistics, BN chains and
+/// accumulation are the same code on both engines. A `__syncthreads` ends each sub-tile, since
+/// the epilogue's column reductions reuse their shared arrays.
 fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
+    let t = g.tile;
+    let (r, c) = (t.rows, t.cols);
+    let (wr, wc) = t.warps();
+    let (wtm, wtn) = (r / wr, c / wc);
+    let (mi, ni) = (wtm / 16, wtn / 8);
+    let (rs, cs) = (r.trailing_zeros(), c.trailing_zeros());
     let (a_ml, a_kl) = if g.a_m_fast {
-        ("q & 63", "q >> 6")
+        (format!("q & {}", r - 1), format!("q >> {rs}"))
     } else {
-        ("q >> 5", "q & 31")
+        ("q >> 5".to_string(), "q & 31".to_string())
     };
     let (b_nl, b_kl) = if g.b_k_fast {
-        ("q >> 5", "q & 31")
+        ("q >> 5".to_string(), "q & 31".to_string())
     } else {
-        ("q & 63", "q >> 6")
+        (format!("q & {}", c - 1), format!("q >> {cs}"))
     };
+    // operand tiles (bf16 rows of 40) and the f32 accumulator tile share one byte array
+    let smem = ((r + c) * 80).max(r * (c + 1) * 4);
     format!(
         r#"{header} {{
-{consts}    __shared__ __align__(16) unsigned short As[64][40];
-    __shared__ __align__(16) unsigned short Bs[64][40];
-    __shared__ float Cs[64][65];
+{consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
+    unsigned short (*As)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_);
+    unsigned short (*Bs)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_ + {boff});
+    float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 2, wn = warp & 3;
+    const int wm = warp / {wc}, wn = warp % {wc};
     const int SPLIT_ = {split};
     const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
     const int M = {m}, NC = {ncols}, K = {k};
     const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
     const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
-    float cacc[2][2][4];
-    for (int i = 0; i < 2; ++i)
-        for (int jn = 0; jn < 2; ++jn)
+    float cacc[{mi}][{ni}][4];
+    for (int i = 0; i < {mi}; ++i)
+        for (int jn = 0; jn < {ni}; ++jn)
             for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
     for (int k0 = kb_; k0 < ke_; k0 += 32) {{
-        for (int e = 0; e < 8; ++e) {{
+        for (int e = 0; e < {ae}; ++e) {{
             const int q = e * 256 + tid;
             const int ml = {a_ml}, kl = {a_kl};
-            const int mm = blockIdx.x * 64 + ml, kk = k0 + kl;
+            const int mm = blockIdx.x * {r} + ml, kk = k0 + kl;
             float v = 0.0f;
             if (mm < M && kk < ke_) {{
 {a}            }}
             As[ml][kl] = wrnc_f32_bf16(v);
         }}
-        for (int e = 0; e < 8; ++e) {{
+        for (int e = 0; e < {be}; ++e) {{
             const int q = e * 256 + tid;
             const int nl = {b_nl}, kl = {b_kl};
-            const int kk = k0 + kl, jj = blockIdx.y * 64 + nl;
+            const int kk = k0 + kl, jj = blockIdx.y * {c} + nl;
             float v = 0.0f;
             if (kk < ke_ && jj < NC) {{
 {b}            }}
@@ -259,28 +273,29 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         }}
         __syncthreads();
         for (int ks = 0; ks < 32; ks += 16) {{
-            unsigned int af[2][4], bfr[4];
-            for (int i = 0; i < 2; ++i)
-                wrnc_ldmatrix_x4(af[i], &As[wm * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);
-            wrnc_ldmatrix_x4(bfr, &Bs[wn * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);
-            for (int i = 0; i < 2; ++i)
-                for (int jn = 0; jn < 2; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[2 * jn], cacc[i][jn]);
+            unsigned int af[{mi}][4], bfr[{nb}][4];
+            for (int i = 0; i < {mi}; ++i)
+                wrnc_ldmatrix_x4(af[i], &As[wm * {wtm} + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);
+            for (int jp = 0; jp < {nb}; ++jp)
+                wrnc_ldmatrix_x4(bfr[jp], &Bs[wn * {wtn} + jp * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);
+            for (int i = 0; i < {mi}; ++i)
+                for (int jn = 0; jn < {ni}; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[jn >> 1][2 * (jn & 1)], cacc[i][jn]);
         }}
         __syncthreads();
     }}
-    for (int i = 0; i < 2; ++i)
-        for (int jn = 0; jn < 2; ++jn) {{
-            const int r0 = wm * 32 + i * 16 + (lane >> 2), c0 = wn * 16 + jn * 8 + 2 * (lane & 3);
+    for (int i = 0; i < {mi}; ++i)
+        for (int jn = 0; jn < {ni}; ++jn) {{
+            const int r0 = wm * {wtm} + i * 16 + (lane >> 2), c0 = wn * {wtn} + jn * 8 + 2 * (lane & 3);
             Cs[r0][c0] = cacc[i][jn][0];
             Cs[r0][c0 + 1] = cacc[i][jn][1];
             Cs[r0 + 8][c0] = cacc[i][jn][2];
             Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
         }}
     __syncthreads();
-    for (int sub = 0; sub < 16; ++sub) {{
-    const int m = blockIdx.x * 64 + (sub >> 2) * 16 + ty, j = blockIdx.y * 64 + (sub & 3) * 16 + tx;
+    for (int sub = 0; sub < {subs}; ++sub) {{
+    const int m = blockIdx.x * {r} + (sub / {sc}) * 16 + ty, j = blockIdx.y * {c} + (sub % {sc}) * 16 + tx;
     const bool valid = m < M && j < NC;
-    const float acc = Cs[(sub >> 2) * 16 + ty][(sub & 3) * 16 + tx];
+    const float acc = Cs[(sub / {sc}) * 16 + ty][(sub % {sc}) * 16 + tx];
 {epi}    __syncthreads();
     }}
 }}
@@ -293,7 +308,14 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         a = g.a,
         b = g.b,
         epi = g.epi,
-        split = g.split_k.max(1)
+        split = g.split_k.max(1),
+        boff = r * 80,
+        cp = c + 1,
+        ae = r / 8,
+        be = c / 8,
+        nb = ni / 2,
+        subs = (r / 16) * (c / 16),
+        sc = c / 16,
     )
 }
 
@@ -378,6 +400,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: true,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
+                    tile: g.tile,
                     split_k: 1,
                 },
             )
@@ -424,6 +447,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: true,
                     b_k_fast: g.k > 1,
                     tensor_cores: g.tensor_cores,
+                    tile: g.tile,
                     split_k: 1,
                 },
             )
@@ -459,6 +483,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: false,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
+                    tile: g.tile,
                     split_k,
                 },
             )
@@ -477,6 +502,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                tile: TcTile::DEFAULT,
                 split_k: 1,
             },
         ),
@@ -494,6 +520,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                tile: TcTile::DEFAULT,
                 split_k: 1,
             },
         ),
@@ -511,6 +538,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                tile: TcTile::DEFAULT,
                 split_k: 1,
             },
         ),
@@ -744,10 +772,13 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             wrnc_st(dlogits, i * CL + j, ok ? (expf(lj - lse) - tj) / (float)n : 0.0f);
         }
         loss[i] = ok ? l : __int_as_float(0x7fc00000);
+        // the update guard: a loss that is not finite (exponent all ones) stops the optimizer
+        if ((__float_as_uint(loss[i]) & 0x7f800000u) == 0x7f800000u) hyper[2] = 1u;
 "#,
         ),
         SgdMultiTensor => format!(
             r#"{} {{
+    if (hyper[2]) return;  // the step's loss was not finite: no update (HYPER_NONFINITE)
     const unsigned int start = table[3 * blockIdx.y], len = table[3 * blockIdx.y + 1];
     const float wd = table[3 * blockIdx.y + 2] ? weight_decay : 0.0f;
     const float lr = __uint_as_float(hyper[1]);

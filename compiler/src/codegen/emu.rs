@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
         // the per-step scalars, as the runtime writes them before each step
         writeln!(
             o,
-            "    {{ unsigned int* h = (unsigned int*)B[{h}].data(); h[0] = step; std::memcpy(&h[1], &lr, 4); }}"
+            "    {{ unsigned int* h = (unsigned int*)B[{h}].data(); h[0] = step; std::memcpy(&h[1], &lr, 4); h[2] = 0; }}"
         )
         .unwrap();
     }

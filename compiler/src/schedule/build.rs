@@ -47,6 +47,8 @@ struct B<'a> {
     in_setup: bool,
     /// Convolutions run on the tensor cores (`--precision bf16`).
     tensor_cores: bool,
+    /// Their block tiles.
+    tiles: Tiles,
 }
 
 impl<'a> B<'a> {
@@ -157,9 +159,25 @@ impl<'a> B<'a> {
         scalars: Vec<ScalarArg>,
         note: String,
     ) -> crate::Result<()> {
-        let t = spec.conv_geom().map_or(TILE, |g| g.block_tile()) as u64;
-        let grid = [ceil_div(rows, t), ceil_div(cols, t), groups as u64];
+        let mut spec = spec;
+        let tile = self.tile_for(&spec, &scalars);
+        if let Some(g) = spec.conv_geom_mut() {
+            g.tile = tile;
+        }
+        let (tr, tc) = spec.conv_geom().map_or((TILE, TILE), |g| g.block_tile());
+        let grid = [
+            ceil_div(rows, tr as u64),
+            ceil_div(cols, tc as u64),
+            groups as u64,
+        ];
         self.launch(spec, grid, [TILE, TILE, 1], buffers, scalars, note)
+    }
+
+    /// The block tile of a tensor-core convolution launch with `scalars` (by its
+    /// [`KernelSpec::tile_key`]); the default for any other launch.
+    fn tile_for(&self, spec: &KernelSpec, scalars: &[ScalarArg]) -> TcTile {
+        spec.tile_key(scalars, self.n)
+            .map_or(TcTile::DEFAULT, |k| self.tiles.get(&k))
     }
 
     fn elem_grid(count: u64) -> [u64; 3] {
@@ -216,11 +234,13 @@ impl<'a> B<'a> {
 }
 
 /// Slices of the tensor-core weight gradient's pixel reduction (`pixels` long) for an
-/// `rows x cols` output per group in 64x64 blocks: enough for about 264 blocks (two per SM of a
-/// 132-SM GPU), each slice keeping at least 8 steps of 32, at most 32 slices; fewer while the
+/// `rows x cols` output per group in blocks of `tile`: enough for about 264 blocks (two per SM of
+/// a 132-SM GPU), each slice keeping at least 8 steps of 32, at most 32 slices; fewer while the
 /// grid's z or the partial buffer's `int` indices would overflow. 1 means no split.
-fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64) -> u32 {
-    let blocks = rows.div_ceil(64).max(1) * cols.div_ceil(64).max(1) * groups.max(1) as u64;
+fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: TcTile) -> u32 {
+    let blocks = rows.div_ceil(tile.rows as u64).max(1)
+        * cols.div_ceil(tile.cols as u64).max(1)
+        * groups.max(1) as u64;
     let mut s = 264u64
         .div_ceil(blocks)
         .min(pixels.div_ceil(32) / 8)
@@ -248,6 +268,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool) -> ConvGeom {
         pad: c.pad,
         groups: c.groups,
         tensor_cores,
+        tile: TcTile::DEFAULT,
     }
 }
 
@@ -296,6 +317,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         chain_last: vec![None; nn],
         in_setup: false,
         tensor_cores: opts.precision == Precision::Bf16,
+        tiles: opts.tiles.clone(),
     };
 
     // sizes: every element index must fit an i32
@@ -792,6 +814,9 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             b.arg(lb, Access::Read),
             b.arg(labels, Access::Read),
         ];
+        let h = b.buffer("hyper".into(), HYPER_LEN, Dtype::U32, Role::Hyper);
+        let mut args = args;
+        args.push(b.whole(h, Access::ReadWrite));
         b.launch(
             KernelSpec::SoftmaxXent {
                 classes: classes as u32,
@@ -990,8 +1015,17 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 .collect();
             let pixels = n as u64 * (g.out_h * g.out_w) as u64;
             let wlen = ocg * kdim * g.groups as u64;
+            let mut g = g;
+            g.tile = b.tile_for(
+                &KernelSpec::ConvBwdWeight {
+                    g,
+                    pro: pflags,
+                    split_k: 1,
+                },
+                &sc,
+            );
             let split_k = if g.tensor_cores {
-                split_k_for(ocg, kdim, g.groups, pixels, wlen)
+                split_k_for(ocg, kdim, g.groups, pixels, wlen, g.tile)
             } else {
                 1
             };

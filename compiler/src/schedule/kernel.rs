@@ -74,20 +74,91 @@ pub struct ConvGeom {
     pub stride: u32,
     pub pad: u32,
     pub groups: u32,
-    /// The GEMM runs on the tensor cores (bf16 `mma.sync` operands, fp32 accumulation, 64x64
-    /// block tiles; `--precision bf16`), not as fp32 FMAs (16x16 tiles). Part of the kernel's
-    /// identity: it changes the code (name suffix `_tc`) and the launch grid.
+    /// The GEMM runs on the tensor cores (bf16 `mma.sync` operands, fp32 accumulation, block
+    /// tiles of `tile`; `--precision bf16`), not as fp32 FMAs (16x16 tiles). Part of the
+    /// kernel's identity: it changes the code (name suffix `_tc`) and the launch grid.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tensor_cores: bool,
+    /// The tensor-core block tile (only meaningful with `tensor_cores`; [`TcTile::DEFAULT`]
+    /// otherwise). Part of the kernel's identity (name suffix `_t<rows>x<cols>` when not the
+    /// default).
+    #[serde(skip_serializing_if = "TcTile::is_default")]
+    pub tile: TcTile,
+}
+
+/// A tensor-core block tile: `rows x cols` GEMM outputs per block of 256 threads (8 warps in a
+/// `warps().0 x warps().1` grid, each warp `rows / warps().0 x cols / warps().1` outputs made of
+/// m16n8 `mma.sync` tiles). Only the [`TcTile::CANDIDATES`] exist: they keep the warp tile a
+/// multiple of 16 x 16 (B fragments come two n8 tiles per `ldmatrix.x4`) and the block's shared
+/// memory within 48 KiB (the accumulator tile `rows x (cols + 1)` f32 reuses the operand tiles'
+/// memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct TcTile {
+    pub rows: u32,
+    pub cols: u32,
+}
+
+impl Default for TcTile {
+    fn default() -> TcTile {
+        TcTile::DEFAULT
+    }
+}
+
+impl TcTile {
+    /// The tile a schedule uses where nothing else was chosen (no GPU, no tuning).
+    pub const DEFAULT: TcTile = TcTile { rows: 64, cols: 64 };
+    /// Every tile the tensor-core engine generates, the default first.
+    pub const CANDIDATES: [TcTile; 5] = [
+        TcTile::DEFAULT,
+        TcTile {
+            rows: 128,
+            cols: 64,
+        },
+        TcTile {
+            rows: 64,
+            cols: 128,
+        },
+        TcTile { rows: 32, cols: 64 },
+        TcTile { rows: 64, cols: 32 },
+    ];
+
+    pub fn is_default(&self) -> bool {
+        *self == TcTile::DEFAULT
+    }
+
+    /// The warp grid `(warp rows, warp columns)`: 4 x 2 for tall tiles, else 2 x 4.
+    pub fn warps(self) -> (u32, u32) {
+        if self.rows > self.cols {
+            (4, 2)
+        } else {
+            (2, 4)
+        }
+    }
+
+    /// `"128x64"` -> the candidate tile; `None` for anything else.
+    pub fn parse(s: &str) -> Option<TcTile> {
+        let (r, c) = s.trim().split_once('x')?;
+        let t = TcTile {
+            rows: r.parse().ok()?,
+            cols: c.parse().ok()?,
+        };
+        TcTile::CANDIDATES.contains(&t).then_some(t)
+    }
+}
+
+impl std::fmt::Display for TcTile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.rows, self.cols)
+    }
 }
 
 impl ConvGeom {
-    /// Rows and columns of output one block computes (the launch grid divides by it).
-    pub fn block_tile(&self) -> u32 {
+    /// Rows and columns of output one block computes (the launch grid divides by them).
+    pub fn block_tile(&self) -> (u32, u32) {
         if self.tensor_cores {
-            64
+            (self.tile.rows, self.tile.cols)
         } else {
-            16
+            (16, 16)
         }
     }
 
@@ -102,7 +173,11 @@ impl ConvGeom {
             self.stride,
             self.pad,
             self.groups,
-            if self.tensor_cores { "_tc" } else { "" }
+            match (self.tensor_cores, self.tile.is_default()) {
+                (false, _) => String::new(),
+                (true, true) => "_tc".into(),
+                (true, false) => format!("_tc_t{}", self.tile),
+            }
         )
     }
 }
@@ -262,12 +337,14 @@ pub enum KernelSpec {
     /// Mean over `HW` values per row (`rows = n * C`).
     GlobalAvgPool,
     GlobalAvgPoolBwd,
-    /// Per-sample softmax cross-entropy (with label smoothing): loss and `dlogits / n`.
+    /// Per-sample softmax cross-entropy (with label smoothing): loss and `dlogits / n`; sets
+    /// `hyper[HYPER_NONFINITE]` when a loss is not finite.
     SoftmaxXent {
         classes: u32,
     },
     /// SGD with momentum, Nesterov and weight decay over every parameter tensor in one launch:
-    /// `grid.y` indexes the `(start, len, decay)` table.
+    /// `grid.y` indexes the `(start, len, decay)` table. Changes nothing when the step's loss
+    /// was not finite (`hyper[HYPER_NONFINITE]`).
     SgdMultiTensor,
     /// `y[i] = 0`.
     Zero,
@@ -298,6 +375,49 @@ impl KernelSpec {
             | KernelSpec::ConvBwdWeight { g, .. } => Some(g),
             _ => None,
         }
+    }
+
+    /// [`KernelSpec::conv_geom`], mutable.
+    pub fn conv_geom_mut(&mut self) -> Option<&mut ConvGeom> {
+        match self {
+            KernelSpec::ConvFwd { g, .. }
+            | KernelSpec::ConvBwdData { g, .. }
+            | KernelSpec::ConvBwdWeight { g, .. } => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The key a tensor-core convolution GEMM is tuned under (see [`super::Tiles`]): its
+    /// kernel's name at the default tile and without split-K, then the runtime sizes `IC`,
+    /// `OC` and the batch, e.g. `conv_fwd_i32x32_o32x32_k3s1p1g1_tc_pro_bnrelu ic160 oc160
+    /// n128`. `scalars` are the launch's (per-step scalars may be among them). `None` for
+    /// every other kernel.
+    pub fn tile_key(&self, scalars: &[super::ScalarArg], batch: u32) -> Option<String> {
+        use super::ScalarArg;
+        let mut spec = *self;
+        let g = spec.conv_geom_mut()?;
+        if !g.tensor_cores {
+            return None;
+        }
+        g.tile = TcTile::DEFAULT;
+        if let KernelSpec::ConvBwdWeight { split_k, .. } = &mut spec {
+            *split_k = 1;
+        }
+        let (_, names) = spec.signature();
+        let sc: Vec<&ScalarArg> = scalars
+            .iter()
+            .filter(|s| !matches!(s, ScalarArg::Step | ScalarArg::Lr))
+            .collect();
+        let int = |n: &str| match names.iter().position(|(x, _)| *x == n).map(|i| sc.get(i)) {
+            Some(Some(ScalarArg::I32(v))) => Some(*v),
+            _ => None,
+        };
+        Some(format!(
+            "{} ic{} oc{} n{batch}",
+            spec.name(),
+            int("IC")?,
+            int("OC")?
+        ))
     }
 
     /// C identifier, derived from the spec alone (stable across runs and graphs).
@@ -680,6 +800,8 @@ impl KernelSpec {
                     b!("dlogits", Write, Act),
                     b!("logits", Read, Act),
                     b!("labels", Read, I32),
+                    // sets the non-finite-loss flag (`HYPER_NONFINITE`)
+                    b!("hyper", ReadWrite, U32),
                 ],
                 vec![("n", S::I32), ("smoothing", S::F32)],
             ),

@@ -21,6 +21,7 @@ mod kernel;
 pub use build::{build, lower, sgd_table};
 pub use kernel::{
     Access, BufParam, ConvGeom, ElemKind, EpilogueFlags, KernelSpec, PrologueFlags, ScalarKind,
+    TcTile,
 };
 
 use crate::ast::Precision;
@@ -83,15 +84,24 @@ pub enum Role {
     Scratch,
     /// The optimizer's multi-tensor table `(start, len, decay)` per parameter (`u32`, persistent).
     Table,
-    /// The scalars that change from step to step, `[step, lr as f32 bits]` (`u32`, persistent,
-    /// host-written before each step, [`HYPER_LEN`] long). Kernels read them from memory
-    /// rather than as arguments, so one captured CUDA graph replays every step.
+    /// The scalars that change from step to step, `[step, lr as f32 bits, 0]` (`u32`,
+    /// persistent, host-written before each step, [`HYPER_LEN`] long). Kernels read them from
+    /// memory rather than as arguments, so one captured CUDA graph replays every step. Word 2
+    /// is the step's non-finite-loss flag: the loss kernel sets it, the optimizer then skips
+    /// the update ([`HYPER_NONFINITE`]).
     Hyper,
 }
 
 /// Length of the [`Role::Hyper`] buffer (`u32` words): `[0]` the step, `[1]` the learning rate's
-/// bits.
-pub const HYPER_LEN: u64 = 2;
+/// bits, `[2]` the non-finite-loss flag ([`HYPER_NONFINITE`]).
+pub const HYPER_LEN: u64 = 3;
+
+/// Word of the `hyper` buffer that guards the update. The host writes 0 before each step; the
+/// loss kernel (`SoftmaxXent`) writes 1 when any sample's loss is not finite; the optimizer
+/// (`SgdMultiTensor`) then changes nothing. So the whole step (forward, backward, update) is one
+/// CUDA graph and still never applies an update from a NaN loss, which the host reports as the
+/// CPU loop does (stop, the last good checkpoint kept).
+pub const HYPER_NONFINITE: usize = 2;
 
 impl Role {
     /// Persistent buffers live for the whole run; the others are planned by liveness.
@@ -205,6 +215,8 @@ pub struct Options {
     pub batch: u32,
     pub precision: Precision,
     pub fusion: Fusion,
+    /// Block tiles of the tensor-core convolutions (`--precision bf16`; ignored in f32).
+    pub tiles: Tiles,
 }
 
 impl Default for Options {
@@ -214,7 +226,30 @@ impl Default for Options {
             batch: 128,
             precision: Precision::F32,
             fusion: Fusion::default(),
+            tiles: Tiles::default(),
         }
+    }
+}
+
+/// Which [`TcTile`] each tensor-core convolution GEMM uses: its entry in `by_key` (keyed by
+/// [`Schedule::tile_keys`]'s strings, e.g. from an on-device search), else `default`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Tiles {
+    pub default: TcTile,
+    pub by_key: std::collections::BTreeMap<String, TcTile>,
+}
+
+impl Tiles {
+    /// Every GEMM with tile `t` (what a search times).
+    pub fn all(t: TcTile) -> Tiles {
+        Tiles {
+            default: t,
+            by_key: Default::default(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> TcTile {
+        self.by_key.get(key).copied().unwrap_or(self.default)
     }
 }
 
@@ -248,6 +283,21 @@ pub struct Schedule {
 impl Schedule {
     pub fn buffer(&self, name: &str) -> Option<usize> {
         self.buffers.iter().position(|b| b.name == name)
+    }
+
+    /// The tensor-core convolution GEMMs of [`Schedule::launches`]: `(launch index, tuning
+    /// key)` ([`KernelSpec::tile_key`]), in launch order.
+    pub fn tile_keys(&self) -> Vec<(usize, String)> {
+        self.launches
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let k = self.kernels[l.kernel]
+                    .spec
+                    .tile_key(&l.scalars, self.batch)?;
+                Some((i, k))
+            })
+            .collect()
     }
 
     /// Whether some kernel runs on the tensor cores (bf16 `mma.sync`: compute capability 8.0

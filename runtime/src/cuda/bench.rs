@@ -5,7 +5,7 @@
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options};
+use wrnc_compiler::schedule::{self, Options, Tiles};
 
 use super::cache::PtxCache;
 use super::device::Gpu;
@@ -89,7 +89,8 @@ pub fn hyper(step: u32) -> Hyper {
     }
 }
 
-/// A schedule of `graph` compiled, loaded and ready to run: weights as `Model::new`, a random
+/// A schedule of `graph` (tensor-core convolutions with `tiles`) compiled, loaded and ready to
+/// run: weights as `Model::new`, a random
 /// normal input batch, labels `0..classes`, setup launches done. Also returns the seconds the
 /// kernels took to compile (or load from the cache) and the free device memory before.
 #[allow(clippy::too_many_arguments)]
@@ -101,6 +102,7 @@ pub fn prepare(
     batch: u32,
     precision: Precision,
     unfused: bool,
+    tiles: &Tiles,
 ) -> Result<(Executor, f64, u64), CudaError> {
     let fusion = Fusion {
         unfused,
@@ -109,6 +111,7 @@ pub fn prepare(
     let s = schedule::build(
         graph,
         &Options {
+            tiles: tiles.clone(),
             mode,
             batch,
             precision,
@@ -152,8 +155,10 @@ pub fn bench_schedule(
     unfused: bool,
     warmup: usize,
     iters: usize,
+    tiles: &Tiles,
 ) -> Result<ScheduleBench, CudaError> {
-    let (ex, setup_s, free_before) = prepare(gpu, cache, graph, mode, batch, precision, unfused)?;
+    let (ex, setup_s, free_before) =
+        prepare(gpu, cache, graph, mode, batch, precision, unfused, tiles)?;
     let h = hyper;
     let what = format!("{} bench", ex.schedule.name);
     for i in 0..warmup {

@@ -76,6 +76,14 @@ impl PtxCache {
         PtxCache::new(default_dir())
     }
 
+    /// The cache's root folder (the PTX lives in its `ptx/`), or `None` without a cache.
+    pub fn root(&self) -> Option<PathBuf> {
+        self.dir
+            .as_ref()
+            .and_then(|d| d.parent())
+            .map(Path::to_path_buf)
+    }
+
     pub fn path(&self, key: &str) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join(format!("{key}.ptx")))
     }
@@ -140,7 +148,7 @@ pub struct Compiled {
     pub warning: Option<String>,
 }
 
-fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options};
+use wrnc_compiler::schedule::{self, Options, Tiles};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
@@ -225,6 +225,7 @@ fn executor(
     precision: Precision,
     unfused: bool,
     st: &Start,
+    tiles: &Tiles,
 ) -> Result<Executor, CudaError> {
     let fusion = Fusion {
         unfused,
@@ -233,6 +234,7 @@ fn executor(
     let sched = schedule::build(
         graph,
         &Options {
+            tiles: tiles.clone(),
             mode,
             batch: st.labels.len() as u32,
             precision,
@@ -270,9 +272,10 @@ pub fn check_launches(
     batch: usize,
     precision: Precision,
     unfused: bool,
+    tiles: &Tiles,
 ) -> Result<CheckResult, CudaError> {
     let st = start(graph, batch)?;
-    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st)?;
+    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st, tiles)?;
     let h = selftest_hyper(0);
     let what = describe(label, mode, unfused, precision, " every launch");
     gpu.synchronize(&what)?;
@@ -325,6 +328,7 @@ pub fn check_graph(
     batch: usize,
     precision: Precision,
     unfused: bool,
+    tiles: &Tiles,
 ) -> Result<CheckResult, CudaError> {
     let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
     let st = start(graph, batch)?;
@@ -336,7 +340,7 @@ pub fn check_graph(
         &[batch, s.c as usize, s.h as usize, s.w as usize],
         st.x.iter().map(|&v| v as f64).collect(),
     );
-    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st)?;
+    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st, tiles)?;
     let tol = tolerance(precision);
     let mut worst = Worst {
         err: 0.0,

@@ -10,7 +10,8 @@ use std::rc::Rc;
 
 use wrnc_compiler::codegen;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Dtype, KernelSpec, Options, Role, Schedule};
+use wrnc_compiler::schedule::{self, Dtype, Options, Role, Schedule};
+use wrnc_compiler::schedule::{HYPER_LEN, HYPER_NONFINITE};
 
 use super::cache::PtxCache;
 use super::device::{DeviceBuffer, Gpu, GraphExec, Module};
@@ -151,6 +152,7 @@ impl Executor {
             });
         }
         let opts = Options {
+            tiles: Default::default(),
             mode: s.mode,
             batch: s.batch,
             precision: s.precision,
@@ -284,21 +286,44 @@ impl Executor {
         self.launch_all(gpu, &self.schedule.setup, h)
     }
 
-    /// Writes the per-step scalars of `h` (`[step, lr]`) into the schedule's `hyper` buffer
-    /// (`Role::Hyper`), after the stream's pending work; a no-op for schedules without one.
-    pub fn write_hyper(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
-        match self
-            .schedule
+    /// The schedule's `hyper` buffer (`Role::Hyper`), if it has one.
+    fn hyper_buffer(&self) -> Option<usize> {
+        self.schedule
             .buffers
             .iter()
             .position(|b| b.role == Role::Hyper)
-        {
+    }
+
+    /// Writes the per-step scalars of `h` (`[step, lr, 0]`: the non-finite-loss flag cleared)
+    /// into the schedule's `hyper` buffer (`Role::Hyper`), after the stream's pending work; a
+    /// no-op for schedules without one.
+    pub fn write_hyper(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
+        match self.hyper_buffer() {
             Some(i) => {
-                let words = [h.step, h.lr.to_bits()];
+                let mut words = vec![0u32; HYPER_LEN as usize];
+                words[0] = h.step;
+                words[1] = h.lr.to_bits();
                 let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
                 self.write_bytes(gpu, i, &bytes)
             }
             None => Ok(()),
+        }
+    }
+
+    /// Whether the last step's loss kernel found a loss that is not finite (the `hyper`
+    /// buffer's [`HYPER_NONFINITE`] word), in which case its optimizer changed nothing.
+    /// `false` for schedules without a `hyper` buffer.
+    pub fn nonfinite_loss(&self, gpu: &Gpu) -> Result<bool, CudaError> {
+        match self.hyper_buffer() {
+            Some(i) => {
+                let b = self.read_bytes(gpu, i)?;
+                let at = 4 * HYPER_NONFINITE;
+                let w = b
+                    .get(at..at + 4)
+                    .ok_or_else(|| CudaError::Plan("the hyper buffer is too short".into()))?;
+                Ok(u32::from_le_bytes([w[0], w[1], w[2], w[3]]) != 0)
+            }
+            None => Ok(false),
         }
     }
 
@@ -336,6 +361,34 @@ impl Executor {
         self.launch_all(gpu, std::slice::from_ref(l), h)
     }
 
+    /// Times launch `li` of the step (an index into `launches`) alone: one launch to warm
+    /// up, then the median of `reps` launches, each between two CUDA events, in microseconds.
+    pub fn time_launch(
+        &self,
+        gpu: &Gpu,
+        h: &Hyper,
+        li: usize,
+        reps: usize,
+    ) -> Result<f64, CudaError> {
+        let l = std::slice::from_ref(
+            self.schedule
+                .launches
+                .get(li)
+                .ok_or_else(|| CudaError::Plan(format!("no launch {li}")))?,
+        );
+        self.write_hyper(gpu, h)?;
+        self.launch_all(gpu, l, h)?;
+        let (start, end) = (gpu.event()?, gpu.event()?);
+        let mut v = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            gpu.record(&start)?;
+            self.launch_all(gpu, l, h)?;
+            gpu.record(&end)?;
+            v.push(gpu.elapsed_ms(&start, &end)? as f64 * 1000.0);
+        }
+        Ok(super::bench::Timing::from_samples(v).median_ms)
+    }
+
     /// Enqueues one whole step / batch without writing the per-step scalars: the caller has
     /// written `h`'s with [`Executor::write_hyper`] (timing loops keep that copy out of the
     /// timed region).
@@ -346,14 +399,6 @@ impl Executor {
     /// Enqueues one whole step / batch.
     pub fn run(&self, gpu: &Gpu, h: &Hyper) -> Result<(), CudaError> {
         self.run_range(gpu, h, 0..self.schedule.launches.len())
-    }
-
-    /// Index of the optimizer launch (training), so a step can stop before the update.
-    pub fn optimizer_launch(&self) -> Option<usize> {
-        self.schedule
-            .launches
-            .iter()
-            .position(|l| self.schedule.kernels[l.kernel].spec == KernelSpec::SgdMultiTensor)
     }
 
     /// Captures one whole step into a CUDA graph. The per-step scalars (step, learning rate)

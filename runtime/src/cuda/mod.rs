@@ -26,6 +26,7 @@ pub mod driver;
 pub mod exec;
 pub mod layout;
 pub mod trainer;
+pub mod tune;
 
 use crate::nvrtc::NvrtcError;
 

@@ -5,7 +5,7 @@
 //!
 //! What is the same as on the CPU, by construction: the initial weights
 //! ([`crate::cpu::Model::new`]'s initialisation, or a checkpoint), the epoch shuffle, the
-//! learning-rate schedule, the loss and accuracy, the NaN stop before the update, the
+//! learning-rate schedule, the loss and accuracy, the NaN stop (no update from a NaN loss), the
 //! checkpoint format and the partial-epoch sums (all the loop's), the augmentation (the same
 //! keys, see [`super::augment`]) and the dropout masks (the same counter-based generator).
 //! Checkpoints are interchangeable with the CPU's: a run can be resumed on the other device.
@@ -20,13 +20,14 @@ use std::collections::BTreeMap;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options};
+use wrnc_compiler::schedule::{self, Options, Tiles};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
 use super::device::{DeviceBuffer, Gpu, GraphExec};
 use super::exec::{Executor, Shared};
 use super::layout::Hyper;
+use super::tune::{choose_tiles, TileMode, TuneReport};
 use super::{CudaError, DeviceInfo};
 use crate::data::{augment_seed, Dataset, Normalization};
 use crate::train::{
@@ -42,6 +43,10 @@ pub enum GpuTrainError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    /// The device's f32 loss was not finite where the host's loss of the same logits was: the
+    /// device skipped the update, so the run cannot go on as the loop expects.
+    #[error("training stopped at step {step}: the GPU's f32 loss was not finite (so it skipped the update) although the host's loss of the same logits is; the logits are too large (lower the learning rate)")]
+    DeviceNonFinite { step: u64 },
 }
 
 impl From<crate::checkpoint::CheckpointError> for GpuTrainError {
@@ -63,11 +68,11 @@ impl From<crate::cpu::Error> for GpuTrainError {
 /// A model on the GPU: its schedules (training step, partial last batch, inference) sharing
 /// one set of weights, optimizer state and BN statistics on the device.
 pub struct GpuTrainer {
-    /// The step's two halves (up to the optimizer, and the update) captured as CUDA graphs,
-    /// by `(batch size, half)`, with the values of the run they fix (all but step and lr,
-    /// which the graphs read from the `hyper` buffer). Declared first: dropped before the
-    /// executors whose kernels they launch.
-    graphs: BTreeMap<(usize, usize), (Hyper, GraphExec)>,
+    /// Whole training steps (forward, backward, update) captured as CUDA graphs, by batch
+    /// size, with the values of the run they fix (all but step and lr, which the graphs read
+    /// from the `hyper` buffer). Declared first: dropped before the executors whose kernels
+    /// they launch.
+    graphs: BTreeMap<usize, (Hyper, GraphExec)>,
     /// Whether steps replay graphs (off with `WRNC_NO_GRAPHS=1`, or after a capture failed).
     use_graphs: bool,
     gpu: Gpu,
@@ -83,12 +88,15 @@ pub struct GpuTrainer {
     infer: Option<Executor>,
     aug: Augmenter,
     shapes: BTreeMap<String, Vec<usize>>,
-    /// The training step awaiting its update: batch size (its executor), the step's values
-    /// and the index of the optimizer's first launch.
-    pending: Option<(usize, Hyper, usize)>,
+    /// The last training step, until the loop confirms its update: its step number and
+    /// whether the device found its loss not finite (and so skipped the update).
+    pending: Option<(u64, bool)>,
     /// Where evaluation's loader writes labels when the inference schedule has no labels
     /// buffer (allocated by [`Backend::begin_eval`]).
     eval_labels: Option<DeviceBuffer>,
+    /// The tensor-core tiles every schedule is built with, and how they were chosen (bf16).
+    tiles: Tiles,
+    tile_report: Option<TuneReport>,
 }
 
 fn cfg_err(m: impl Into<String>) -> GpuTrainError {
@@ -96,8 +104,10 @@ fn cfg_err(m: impl Into<String>) -> GpuTrainError {
 }
 
 impl GpuTrainer {
-    /// Opens GPU `ordinal`, compiles the training step of `graph` for `batch` and initialises
-    /// the weights as [`crate::cpu::Model::new`] does with `seed`.
+    /// Opens GPU `ordinal`, chooses the tensor-core tiles (bf16 only) as `tiles` says (see
+    /// [`super::tune`]), compiles the training step of `graph` for `batch` and initialises the
+    /// weights as [`crate::cpu::Model::new`] does with `seed`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ordinal: usize,
         graph: &Graph,
@@ -106,6 +116,7 @@ impl GpuTrainer {
         precision: Precision,
         fusion: Fusion,
         seed: u64,
+        tiles: TileMode,
     ) -> Result<GpuTrainer, GpuTrainError> {
         if batch == 0 || batch > 1 << 16 || eval_batch == 0 || eval_batch > 1 << 16 {
             return Err(cfg_err(format!(
@@ -116,6 +127,20 @@ impl GpuTrainer {
         let gpu = Gpu::open(ordinal)?;
         let cache = PtxCache::default_location();
         let aug = Augmenter::new(&gpu, precision, batch.max(eval_batch), &cache)?;
+        let (tiles, tile_report) = if precision == Precision::Bf16 {
+            let base = |mode, batch: usize| Options {
+                mode,
+                batch: batch as u32,
+                precision,
+                fusion: fusion.clone(),
+                tiles: Tiles::default(),
+            };
+            let bases = [base(Mode::Train, batch), base(Mode::Infer, eval_batch)];
+            let (t, r) = choose_tiles(&gpu, &cache, graph, &bases, tiles)?;
+            (t, Some(r))
+        } else {
+            (Tiles::default(), None)
+        };
         let mut t = GpuTrainer {
             graphs: BTreeMap::new(),
             use_graphs: !std::env::var_os("WRNC_NO_GRAPHS")
@@ -138,6 +163,8 @@ impl GpuTrainer {
                 .collect(),
             pending: None,
             eval_labels: None,
+            tiles,
+            tile_report,
         };
         t.step_executor(batch)?;
         let params = crate::init::init_params::<f32>(graph, seed);
@@ -150,10 +177,16 @@ impl GpuTrainer {
         self.gpu.info()
     }
 
+    /// How the tensor-core tiles were chosen (`None` in f32: no tensor cores).
+    pub fn tile_report(&self) -> Option<&TuneReport> {
+        self.tile_report.as_ref()
+    }
+
     fn build(&self, mode: Mode, batch: usize) -> Result<schedule::Schedule, GpuTrainError> {
         schedule::build(
             &self.graph,
             &Options {
+                tiles: self.tiles.clone(),
                 mode,
                 batch: batch as u32,
                 precision: self.precision,
@@ -186,21 +219,19 @@ impl GpuTrainer {
         Ok(self.infer.as_ref().expect("just built"))
     }
 
-    /// Runs half `half` of the training step for batch `n` (0: every launch before the
-    /// optimizer, 1: the optimizer on) with the step's values `h`: as a replayed CUDA graph,
-    /// captured at the first step of that batch size, or on the stream when graphs are off.
-    /// A graph is captured again if a value it fixes (seed, momentum, weight decay, Nesterov,
-    /// label smoothing) differs from the ones it was captured with.
-    fn run_half(&mut self, n: usize, h: &Hyper, half: usize) -> Result<(), GpuTrainError> {
+    /// Runs one whole training step for batch `n` (forward, loss gradient, backward and the
+    /// update, which the device skips when the loss is not finite) with the step's values `h`:
+    /// as one replayed CUDA graph, captured at the first step of that batch size, or on the
+    /// stream when graphs are off. A graph is captured again if a value it fixes (seed,
+    /// momentum, weight decay, Nesterov, label smoothing) differs from the ones it was
+    /// captured with.
+    fn run_step(&mut self, n: usize, h: &Hyper) -> Result<(), GpuTrainError> {
         let ex = self
             .steps
             .get(&n)
             .ok_or_else(|| CudaError::Plan(format!("no training step for batch {n}")))?;
-        let end = ex.schedule.launches.len();
-        let upd = ex.optimizer_launch().unwrap_or(end);
-        let range = if half == 0 { 0..upd } else { upd..end };
-        if !self.use_graphs || range.is_empty() {
-            ex.run_range(&self.gpu, h, range)?;
+        if !self.use_graphs {
+            ex.run(&self.gpu, h)?;
             return Ok(());
         }
         let fixed = |a: &Hyper| Hyper {
@@ -210,22 +241,22 @@ impl GpuTrainer {
         };
         let fresh = self
             .graphs
-            .get(&(n, half))
+            .get(&n)
             .is_some_and(|(at, _)| fixed(at) == fixed(h));
         if !fresh {
-            match ex.capture_range(&self.gpu, h, range.clone()) {
+            match ex.capture(&self.gpu, h) {
                 Ok(g) => {
-                    self.graphs.insert((n, half), (*h, g));
+                    self.graphs.insert(n, (*h, g));
                 }
                 Err(e) => {
                     eprintln!("warning: CUDA graph capture failed, launching on the stream: {e}");
                     self.use_graphs = false;
-                    ex.run_range(&self.gpu, h, range)?;
+                    ex.run(&self.gpu, h)?;
                     return Ok(());
                 }
             }
         }
-        ex.replay(&self.gpu, &self.graphs[&(n, half)].1, h)?;
+        ex.replay(&self.gpu, &self.graphs[&n].1, h)?;
         Ok(())
     }
 
@@ -346,7 +377,9 @@ impl Backend for GpuTrainer {
         Ok(())
     }
 
-    /// Assembles the batch on the device and runs the step up to the optimizer.
+    /// Assembles the batch on the device and runs the whole step: the update is already
+    /// applied when this returns, unless the device found the loss not finite (then it
+    /// changed nothing, and the loop, seeing the same NaN in the logits, stops).
     fn train_forward(
         &mut self,
         data: &DeviceDataset,
@@ -387,22 +420,27 @@ impl Backend for GpuTrainer {
             nesterov: cfg.nesterov,
             label_smoothing: cfg.label_smoothing as f32,
         };
-        let upd = ex.optimizer_launch().unwrap_or(ex.schedule.launches.len());
         let logits_buf = ex.schedule.logits;
-        self.run_half(idx.len(), &h, 0)?;
+        self.run_step(idx.len(), &h)?;
         let ex = &self.steps[&idx.len()];
         let logits = ex.read_f32(&self.gpu, logits_buf)?;
-        self.pending = Some((idx.len(), h, upd));
+        let skipped = ex.nonfinite_loss(&self.gpu)?;
+        self.pending = Some((at.step, skipped));
         Ok(Tensor::from_vec(&[idx.len(), classes], logits))
     }
 
-    /// Runs the rest of the step (the device computes its own loss gradient).
+    /// Confirms the update the step already applied (the device computes its own loss
+    /// gradient). The loop calls this only for a finite loss; if the device found its f32
+    /// loss not finite all the same, it skipped the update, and this is an error.
     fn apply_update(&mut self, _dlogits: &Tensor) -> Result<(), GpuTrainError> {
-        let (n, h, _) = self
+        let (step, skipped) = self
             .pending
             .take()
             .ok_or_else(|| CudaError::Plan("an update without a forward".into()))?;
-        self.run_half(n, &h, 1)
+        if skipped {
+            return Err(GpuTrainError::DeviceNonFinite { step });
+        }
+        Ok(())
     }
 
     fn end_epoch(&mut self) -> Result<(), GpuTrainError> {

@@ -1,0 +1,236 @@
+//! Tensor-core tiles chosen on the device (issue 6): every tensor-core convolution GEMM of a
+//! schedule is timed with each [`TcTile::CANDIDATES`] tile on this GPU, and the fastest is kept,
+//! cached on disk by (GPU, GEMM).
+//!
+//! The search builds the schedule once per candidate tile with every GEMM at that tile
+//! ([`Tiles::all`]), loads it, and times each GEMM launch alone with CUDA events (one launch
+//! to warm up, then the median of [`REPS`]). Buffers hold whatever the allocation held:
+//! timing does not depend on the values (no data-dependent control flow in these kernels).
+//! Then each GEMM gets its fastest tile; a tie keeps the earlier candidate (the default
+//! first). Keys ([`wrnc_compiler::schedule::KernelSpec::tile_key`]) name the kernel, its
+//! channels and the batch, so one entry serves every network with that convolution.
+//!
+//! The cache is one JSON file per GPU model (`<cache dir>/tiles/<gpu>-sm<cc>.json`, written
+//! atomically) mapping keys to the chosen tile and the times measured. Where every GEMM of
+//! a run is in it, nothing is searched.
+//!
+//! With no GPU nothing is tuned: schedules use [`TcTile::DEFAULT`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use wrnc_compiler::graph::Graph;
+use wrnc_compiler::schedule::{self, Options, TcTile, Tiles};
+
+use super::bench::hyper;
+use super::cache::PtxCache;
+use super::device::Gpu;
+use super::exec::{Executor, Shared};
+use super::CudaError;
+
+/// Timed launches per GEMM and tile (after one warm-up launch).
+pub const REPS: usize = 5;
+
+/// How a run picks its tensor-core tiles (`--tiles`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileMode {
+    /// Search on this GPU what the cache lacks (the default on a GPU).
+    Auto,
+    /// [`TcTile::DEFAULT`] everywhere (no search).
+    Default,
+    /// One tile for every GEMM.
+    Fixed(TcTile),
+}
+
+impl TileMode {
+    /// `auto`, `default` or a tile such as `128x64` (one of [`TcTile::CANDIDATES`]).
+    pub fn parse(s: &str) -> Result<TileMode, String> {
+        match s.trim() {
+            "auto" => Ok(TileMode::Auto),
+            "default" => Ok(TileMode::Default),
+            t => TcTile::parse(t).map(TileMode::Fixed).ok_or_else(|| {
+                format!(
+                    "unknown tile mode `{t}`: use auto, default or one of {}",
+                    TcTile::CANDIDATES.map(|c| c.to_string()).join(", ")
+                )
+            }),
+        }
+    }
+}
+
+/// One GEMM's entry: the tile chosen and the median microseconds of every candidate timed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Choice {
+    pub tile: String,
+    pub us: BTreeMap<String, f64>,
+}
+
+/// What [`choose_tiles`] did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TuneReport {
+    /// `auto`, `default` or the fixed tile.
+    pub mode: String,
+    /// Distinct tensor-core GEMMs of the schedules.
+    pub gemms: usize,
+    /// Of those, how many were timed now (the rest came from the cache).
+    pub searched: usize,
+    /// Seconds the search took (0 when nothing was searched).
+    pub search_s: f64,
+    /// The cache file, when there is a cache.
+    pub cache: Option<String>,
+    /// A warning when the cache could not be written (the run goes on).
+    pub warning: Option<String>,
+    /// Every GEMM's tile, by key.
+    pub tiles: BTreeMap<String, String>,
+}
+
+/// The cache file for `gpu` under the PTX cache's folder.
+pub fn cache_path(gpu: &Gpu, cache: &PtxCache) -> Option<PathBuf> {
+    let info = gpu.info();
+    let slug: String = info
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let slug = slug
+        .split('-')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    let (ma, mi) = info.compute_capability;
+    cache
+        .root()
+        .map(|d| d.join("tiles").join(format!("{slug}-sm{ma}{mi}.json")))
+}
+
+fn load(path: &Option<PathBuf>) -> BTreeMap<String, Choice> {
+    path.as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+/// The tiles for the schedules `bases` of `graph` (their `tiles` are ignored) on `gpu`, as
+/// `mode` says; see the module documentation.
+pub fn choose_tiles(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    graph: &Graph,
+    bases: &[Options],
+    mode: TileMode,
+) -> Result<(Tiles, TuneReport), CudaError> {
+    let build = |o: &Options, tiles: Tiles| {
+        schedule::build(graph, &Options { tiles, ..o.clone() })
+            .map_err(|e| CudaError::Plan(e.message))
+    };
+    let mut keys = vec![];
+    for o in bases {
+        for (_, k) in build(o, Tiles::default())?.tile_keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    let path = cache_path(gpu, cache);
+    let mut report = TuneReport {
+        mode: match mode {
+            TileMode::Auto => "auto".into(),
+            TileMode::Default => "default".into(),
+            TileMode::Fixed(t) => t.to_string(),
+        },
+        gemms: keys.len(),
+        searched: 0,
+        search_s: 0.0,
+        cache: path.as_ref().map(|p| p.display().to_string()),
+        warning: None,
+        tiles: BTreeMap::new(),
+    };
+    let fixed = match mode {
+        TileMode::Default => Some(TcTile::DEFAULT),
+        TileMode::Fixed(t) => Some(t),
+        TileMode::Auto => None,
+    };
+    if let Some(t) = fixed {
+        report.tiles = keys.iter().map(|k| (k.clone(), t.to_string())).collect();
+        return Ok((Tiles::all(t), report));
+    }
+    let mut cached = load(&path);
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            cached
+                .get(*k)
+                .is_none_or(|c| TcTile::parse(&c.tile).is_none())
+        })
+        .collect();
+    if !missing.is_empty() {
+        let t0 = std::time::Instant::now();
+        // times[key][candidate] = median microseconds
+        let mut times: BTreeMap<String, BTreeMap<TcTile, f64>> = BTreeMap::new();
+        for t in TcTile::CANDIDATES {
+            for o in bases {
+                let s = build(o, Tiles::all(t))?;
+                let todo: Vec<(usize, String)> = s
+                    .tile_keys()
+                    .into_iter()
+                    .filter(|(_, k)| {
+                        missing.contains(&k) && !times.get(k).is_some_and(|m| m.contains_key(&t))
+                    })
+                    .collect();
+                if todo.is_empty() {
+                    continue;
+                }
+                let mut shared = Shared::new();
+                let ex = Executor::new(gpu, s, &o.fusion, &mut shared, cache)?;
+                for (li, k) in todo {
+                    let us = ex.time_launch(gpu, &hyper(0), li, REPS)?;
+                    times.entry(k).or_default().insert(t, us);
+                }
+            }
+        }
+        for k in &missing {
+            let m = times.get(*k).cloned().unwrap_or_default();
+            // the fastest; on a tie the earlier candidate (the default first)
+            let best = TcTile::CANDIDATES
+                .into_iter()
+                .filter(|t| m.get(t).is_some_and(|v| v.is_finite()))
+                .fold(None, |b: Option<(TcTile, f64)>, t| match b {
+                    Some((_, bv)) if bv <= m[&t] => b,
+                    _ => Some((t, m[&t])),
+                })
+                .map_or(TcTile::DEFAULT, |(t, _)| t);
+            cached.insert(
+                (*k).clone(),
+                Choice {
+                    tile: best.to_string(),
+                    us: m.iter().map(|(t, v)| (t.to_string(), *v)).collect(),
+                },
+            );
+        }
+        report.searched = missing.len();
+        report.search_s = t0.elapsed().as_secs_f64();
+        if let Some(p) = &path {
+            let text = serde_json::to_string_pretty(&cached).expect("plain data");
+            let dir = p.parent().expect("a file in a folder");
+            if let Err(e) = super::cache::write_atomic(dir, p, text.as_bytes()) {
+                report.warning = Some(format!("cannot write the tile cache {}: {e}", p.display()));
+            }
+        }
+    }
+    let mut tiles = Tiles::default();
+    for k in &keys {
+        let t = cached
+            .get(k)
+            .and_then(|c| TcTile::parse(&c.tile))
+            .unwrap_or(TcTile::DEFAULT);
+        tiles.by_key.insert(k.clone(), t);
+        report.tiles.insert(k.clone(), t.to_string());
+    }
+    Ok((tiles, report))
+}
