@@ -815,9 +815,10 @@ fn bf16_tensor_core_weight_gradient_split_k() {
     let _ = check_step_of("splitk", g, BF16);
 }
 
-/// BN statistics accumulated by a conv epilogue across many blocks (512 blocks of 16 rows per
-/// channel here), on channels whose mean is ~0: the sum is ~1e-5 of its terms, and plain fp32
-/// atomics got it 37% wrong. The per-kernel check must still hold (compensated accumulation,
+/// BN statistics accumulated by a conv epilogue across many blocks (2048 rows per channel here,
+/// added atomically as 128 sums of 16 rows: 32 blocks of 64 rows, each adding its four sub-tiles),
+/// on channels whose mean is ~0: the sum is ~1e-5 of its terms, and plain fp32 atomics got it
+/// 37% wrong. The per-kernel check must still hold (compensated accumulation,
 /// see the conv epilogue); the second conv's data-gradient epilogue accumulates the first
 /// BN's dgamma / dbeta with atomics over as many blocks.
 #[test]

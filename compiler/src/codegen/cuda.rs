@@ -143,6 +143,10 @@ struct Gemm<'a> {
     tensor_cores: bool,
     /// The tensor-core block tile.
     tile: TcTile,
+    /// fp32 only: 64x64 block tiles with a 4x4 register tile per thread ([`gemm_rt`], the
+    /// convolutions), else 16x16 tiles of one output per thread ([`gemm`], the small linear
+    /// layers).
+    wide: bool,
     /// Slices of the reduction (tensor cores only): `blockIdx.z = g * split_k + slice_`, and
     /// slice `slice_` reduces `[kb_, ke_)`, whole 32-steps of `ceil(K / (32 split_k))` each.
     split_k: u32,
@@ -153,6 +157,9 @@ struct Gemm<'a> {
 fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     if g.tensor_cores {
         return gemm_tc(name, spec, g);
+    }
+    if g.wide {
+        return gemm_rt(name, spec, g);
     }
     format!(
         r#"{header} {{
@@ -193,6 +200,108 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         a = g.a,
         b = g.b,
         epi = g.epi
+    )
+}
+
+/// The fp32 GEMM of the convolutions, register-tiled: 64x64 outputs per block of 16x16
+/// threads, each thread accumulating a 4x4 register tile (rows `ty + 16 i`, columns
+/// `tx + 16 j`), 16 of the reduction per shared-memory stage (`As[k][m]`, `Bs[k][j]`, rows of
+/// 65 floats).
+///
+/// Algebra: exactly [`gemm`]'s. Every output is `sum_k A(m,k) B(k,j)` accumulated in fp32 in
+/// increasing `k`, one product at a time, in the same order as the 16x16 engine (so, with the
+/// same contraction of `acc += a * b` into FMAs, the same bits); a thread only computes 16
+/// outputs instead of one, so each shared-memory load feeds four multiply-adds instead of one
+/// half. Operands are gathered by the same code (prologue
+/// included), zero outside `M x K` / `K x NC`.
+///
+/// The epilogue is [`gemm`]'s, unchanged, run as in [`gemm_tc`]: the accumulators go through
+/// shared memory `Cs` (the operand tiles' memory, free after the reduction's last barrier), and
+/// the block walks its 64x64 tile as sixteen 16x16 sub-tiles with one output per thread, a
+/// `__syncthreads` ending each.
+fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
+    let (a_ml, a_kl) = if g.a_m_fast {
+        ("q & 63", "q >> 6")
+    } else {
+        ("q >> 4", "q & 15")
+    };
+    let (b_nl, b_kl) = if g.b_k_fast {
+        ("q >> 4", "q & 15")
+    } else {
+        ("q & 63", "q >> 6")
+    };
+    format!(
+        r#"{header} {{
+{consts}    __shared__ __align__(16) float smem_[64 * 65];
+    float (*As)[65] = reinterpret_cast<float (*)[65]>(smem_);
+    float (*Bs)[65] = reinterpret_cast<float (*)[65]>(smem_ + 16 * 65);
+    float (*Cs)[65] = reinterpret_cast<float (*)[65]>(smem_);
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
+    const int g = blockIdx.z;
+    const int M = {m}, NC = {ncols}, K = {k};
+    float cacc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int jn = 0; jn < 4; ++jn) cacc[i][jn] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += 16) {{
+        for (int e = 0; e < 4; ++e) {{
+            const int q = e * 256 + tid;
+            const int ml = {a_ml}, kl = {a_kl};
+            const int mm = blockIdx.x * 64 + ml, kk = k0 + kl;
+            float v = 0.0f;
+            if (mm < M && kk < K) {{
+{a}            }}
+            As[kl][ml] = v;
+        }}
+        for (int e = 0; e < 4; ++e) {{
+            const int q = e * 256 + tid;
+            const int nl = {b_nl}, kl = {b_kl};
+            const int kk = k0 + kl, jj = blockIdx.y * 64 + nl;
+            float v = 0.0f;
+            if (kk < K && jj < NC) {{
+{b}            }}
+            Bs[kl][nl] = v;
+        }}
+        __syncthreads();
+        for (int t = 0; t < 16; ++t) {{
+            float av[4], bv[4];
+            for (int i = 0; i < 4; ++i) av[i] = As[t][ty + 16 * i];
+            for (int jn = 0; jn < 4; ++jn) bv[jn] = Bs[t][tx + 16 * jn];
+            for (int i = 0; i < 4; ++i)
+                for (int jn = 0; jn < 4; ++jn) cacc[i][jn] += av[i] * bv[jn];
+        }}
+        __syncthreads();
+    }}
+    for (int i = 0; i < 4; ++i)
+        for (int jn = 0; jn < 4; ++jn) Cs[ty + 16 * i][tx + 16 * jn] = cacc[i][jn];
+{walk}"#,
+        header = header(name, spec),
+        consts = g.consts,
+        m = g.m,
+        ncols = g.ncols,
+        k = g.k,
+        a = g.a,
+        b = g.b,
+        walk = walk_tile(64, 64, &g.epi),
+    )
+}
+
+/// The end of a register-tiled GEMM ([`gemm_rt`], [`gemm_tc`]) once its `r x c` accumulators
+/// are in shared `Cs`: a barrier, then the block walks `Cs` as 16x16 sub-tiles with one output
+/// per thread (`m`, `j`, `acc`, `valid` as in [`gemm`]), running the epilogue `epi` and a
+/// `__syncthreads` after each (the epilogue's column reductions reuse their shared arrays).
+fn walk_tile(r: u32, c: u32, epi: &str) -> String {
+    let sc = c / 16;
+    format!(
+        r#"    __syncthreads();
+    for (int sub = 0; sub < {subs}; ++sub) {{
+    const int m = blockIdx.x * {r} + (sub / {sc}) * 16 + ty, j = blockIdx.y * {c} + (sub % {sc}) * 16 + tx;
+    const bool valid = m < M && j < NC;
+    const float acc = Cs[(sub / {sc}) * 16 + ty][(sub % {sc}) * 16 + tx];
+{epi}    __syncthreads();
+    }}
+}}
+"#,
+        subs = (r / 16) * sc
     )
 }
 
@@ -291,15 +400,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
             Cs[r0 + 8][c0] = cacc[i][jn][2];
             Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
         }}
-    __syncthreads();
-    for (int sub = 0; sub < {subs}; ++sub) {{
-    const int m = blockIdx.x * {r} + (sub / {sc}) * 16 + ty, j = blockIdx.y * {c} + (sub % {sc}) * 16 + tx;
-    const bool valid = m < M && j < NC;
-    const float acc = Cs[(sub / {sc}) * 16 + ty][(sub % {sc}) * 16 + tx];
-{epi}    __syncthreads();
-    }}
-}}
-"#,
+{walk}"#,
         header = header(name, spec),
         consts = g.consts,
         m = g.m,
@@ -307,15 +408,13 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         k = g.k,
         a = g.a,
         b = g.b,
-        epi = g.epi,
+        walk = walk_tile(r, c, &g.epi),
         split = g.split_k.max(1),
         boff = r * 80,
         cp = c + 1,
         ae = r / 8,
         be = c / 8,
         nb = ni / 2,
-        subs = (r / 16) * (c / 16),
-        sc = c / 16,
     )
 }
 
@@ -401,6 +500,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
                     tile: g.tile,
+                    wide: true,
                     split_k: 1,
                 },
             )
@@ -448,6 +548,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b_k_fast: g.k > 1,
                     tensor_cores: g.tensor_cores,
                     tile: g.tile,
+                    wide: true,
                     split_k: 1,
                 },
             )
@@ -484,6 +585,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
                     tile: g.tile,
+                    wide: true,
                     split_k,
                 },
             )
@@ -503,6 +605,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b_k_fast: false,
                 tensor_cores: false,
                 tile: TcTile::DEFAULT,
+                wide: false,
                 split_k: 1,
             },
         ),
@@ -521,6 +624,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b_k_fast: false,
                 tensor_cores: false,
                 tile: TcTile::DEFAULT,
+                wide: false,
                 split_k: 1,
             },
         ),
@@ -539,6 +643,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b_k_fast: false,
                 tensor_cores: false,
                 tile: TcTile::DEFAULT,
+                wide: false,
                 split_k: 1,
             },
         ),

@@ -146,8 +146,10 @@ impl<'a> B<'a> {
         Ok(())
     }
 
-    /// A tiled GEMM launch (conv or linear): `rows x cols` outputs per group, `tile x tile`
-    /// per block of 16x16 threads, one block row of the grid per group (`grid.z`).
+    /// A tiled GEMM launch (conv or linear): `rows x cols` outputs per group, a block of 16x16
+    /// threads per tile (`ConvGeom::block_tile` for a conv, 16x16 for a linear layer), one
+    /// block row of the grid per group (`grid.z`). A tensor-core conv's tile comes from
+    /// `Options::tiles` here.
     #[allow(clippy::too_many_arguments)]
     fn gemm_launch(
         &mut self,

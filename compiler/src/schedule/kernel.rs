@@ -75,7 +75,7 @@ pub struct ConvGeom {
     pub pad: u32,
     pub groups: u32,
     /// The GEMM runs on the tensor cores (bf16 `mma.sync` operands, fp32 accumulation, block
-    /// tiles of `tile`; `--precision bf16`), not as fp32 FMAs (16x16 tiles). Part of the
+    /// tiles of `tile`; `--precision bf16`), not as fp32 FMAs (64x64 tiles). Part of the
     /// kernel's identity: it changes the code (name suffix `_tc`) and the launch grid.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tensor_cores: bool,
@@ -153,12 +153,13 @@ impl std::fmt::Display for TcTile {
 }
 
 impl ConvGeom {
-    /// Rows and columns of output one block computes (the launch grid divides by them).
+    /// Rows and columns of output one block computes (the launch grid divides by them): the
+    /// tensor-core tile, or 64x64 for the fp32 engine (a 4x4 register tile per thread).
     pub fn block_tile(&self) -> (u32, u32) {
         if self.tensor_cores {
             (self.tile.rows, self.tile.cols)
         } else {
-            (16, 16)
+            (64, 64)
         }
     }
 
