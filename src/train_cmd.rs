@@ -344,6 +344,8 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         Event::EvalBatch { batch } => pb.set_position(batch),
         Event::EpochEnd => pb.finish_and_clear(),
     };
+    // how the tensor-core tiles were chosen (GPU, bf16)
+    let mut tiles = None;
     let report = match backend {
         Backend::Cpu => {
             if precision != wrnc_compiler::ast::Precision::F32 && !quiet {
@@ -370,6 +372,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
             if let (Some(r), false) = (t.tile_report(), quiet) {
                 eprintln!("{}", crate::gpu_cmd::tile_summary(r));
             }
+            tiles = t.tile_report().cloned();
             match t.train(&train_ds, Some(&test_ds), &cfg, &mut on_event) {
                 Ok(r) => Ok(r),
                 Err(wrnc_runtime::cuda::trainer::GpuTrainError::Train(e)) => Err(e),
@@ -390,6 +393,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 "device": match backend { Backend::Cpu => "cpu", Backend::Cuda => "cuda" },
                 "precision": match backend { Backend::Cpu => "f32", Backend::Cuda => precision.name() },
                 "checkpoint": report.checkpoint, "epochs": report.epochs,
+                "tiles": tiles,
             })
         );
     } else {

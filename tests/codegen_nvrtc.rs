@@ -10,6 +10,14 @@ use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, Options};
 use wrnc_runtime::nvrtc;
 
+/// Held by every test of this file while it compiles, so the tests run one at a time and the
+/// compile time `wrn_28_10_compiles_quickly` measures is not shared with a sibling test's.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn nvrtc_available() -> bool {
     match nvrtc::library() {
         Ok(_) => true,
@@ -61,6 +69,7 @@ fn compile_all(name: &str, g: &wrnc_compiler::graph::Graph, batch: u32, archs: &
 
 #[test]
 fn small_networks_of_every_family_compile() {
+    let _serial = one_at_a_time();
     if !nvrtc_available() {
         return;
     }
@@ -82,6 +91,7 @@ fn small_networks_of_every_family_compile() {
 
 #[test]
 fn wrn_28_10_compiles_quickly() {
+    let _serial = one_at_a_time();
     if !nvrtc_available() {
         return;
     }
@@ -114,6 +124,7 @@ fn wrn_28_10_compiles_quickly() {
 
 #[test]
 fn compile_errors_carry_the_log() {
+    let _serial = one_at_a_time();
     if !nvrtc_available() {
         return;
     }
@@ -134,6 +145,7 @@ fn compile_errors_carry_the_log() {
 /// One NVRTC module per (network, mode, fusion, precision, arch), compiled on all cores.
 #[test]
 fn every_example_compiles() {
+    let _serial = one_at_a_time();
     if !nvrtc_available() {
         return;
     }
@@ -258,6 +270,7 @@ fn shared_bytes(ptx: &str, kernel: &str) -> u64 {
 /// shared memory a block may have.
 #[test]
 fn every_tensor_core_tile_compiles_within_static_shared_memory() {
+    let _serial = one_at_a_time();
     if !nvrtc_available() {
         return;
     }

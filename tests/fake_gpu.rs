@@ -261,6 +261,10 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
     }
     // bf16 (tensor cores) trains too, with finite losses.
     let h = run("cuda", "h", &["--epochs", "1", "--precision", "bf16"]);
+    // its tensor-core tiles were chosen on the device (f32 has none)
+    assert_eq!(h["tiles"]["mode"], "auto", "{h}");
+    assert!(h["tiles"]["gemms"].as_u64().is_some_and(|n| n > 0), "{h}");
+    assert!(g["tiles"].is_null(), "{g}");
     let l = h["epochs"][0]["train_loss"].as_f64().unwrap();
     assert!(l.is_finite() && (l - c["epochs"][0]["train_loss"].as_f64().unwrap()).abs() < 0.05);
 }

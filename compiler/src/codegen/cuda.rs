@@ -203,6 +203,97 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     )
 }
 
+/// The operand traffic of a register-tiled GEMM ([`gemm_rt`], [`gemm_tc`]) with an `r x c`
+/// block tile and `bk` of the reduction per stage (all powers of two; 256 threads): `gather(kx)`
+/// loads the stage starting at reduction index `kx` from global memory into registers `pa_` /
+/// `pb_` (zero outside `M x kend` / `kend x NC`), and `store` writes those registers into the
+/// shared tiles (`round` applied: the bf16 rounding of the tensor cores, or none). Consecutive
+/// threads walk the operand's contiguous index (`Gemm::a_m_fast`, `Gemm::b_k_fast`). The
+/// shared layout is `As[m][k]`, `Bs[j][k]` when `k_inner` (tensor cores), else `As[k][m]`,
+/// `Bs[k][j]`.
+///
+/// Splitting the load from the store is the software pipeline: the loop stores stage `s`,
+/// synchronises, issues the global loads of stage `s + 1`, and only then does the math of stage
+/// `s`, so the loads' latency is hidden behind it. Which value lands where is unchanged.
+struct Stages {
+    ae: u32,
+    be: u32,
+    gather: Box<dyn Fn(&str) -> String>,
+    store: String,
+}
+
+fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &str) -> Stages {
+    let (rs, cs, ks) = (r.trailing_zeros(), c.trailing_zeros(), bk.trailing_zeros());
+    let (a_ml, a_kl) = if g.a_m_fast {
+        (format!("q & {}", r - 1), format!("q >> {rs}"))
+    } else {
+        (format!("q >> {ks}"), format!("q & {}", bk - 1))
+    };
+    let (b_nl, b_kl) = if g.b_k_fast {
+        (format!("q >> {ks}"), format!("q & {}", bk - 1))
+    } else {
+        (format!("q & {}", c - 1), format!("q >> {cs}"))
+    };
+    let (ae, be) = (r * bk / 256, c * bk / 256);
+    let (a, b, kend) = (g.a.clone(), g.b.clone(), kend.to_string());
+    let (ga, gb) = ((a_ml.clone(), a_kl.clone()), (b_nl.clone(), b_kl.clone()));
+    let gather = move |kx: &str| {
+        format!(
+            r#"        #pragma unroll
+        for (int e = 0; e < {ae}; ++e) {{
+            const int q = e * 256 + tid;
+            const int ml = {aml}, kl = {akl};
+            const int mm = blockIdx.x * {r} + ml, kk = {kx} + kl;
+            float v = 0.0f;
+            if (mm < M && kk < {kend}) {{
+{a}            }}
+            pa_[e] = v;
+        }}
+        #pragma unroll
+        for (int e = 0; e < {be}; ++e) {{
+            const int q = e * 256 + tid;
+            const int nl = {bnl}, kl = {bkl};
+            const int kk = {kx} + kl, jj = blockIdx.y * {c} + nl;
+            float v = 0.0f;
+            if (kk < {kend} && jj < NC) {{
+{b}            }}
+            pb_[e] = v;
+        }}
+"#,
+            aml = ga.0,
+            akl = ga.1,
+            bnl = gb.0,
+            bkl = gb.1,
+        )
+    };
+    let (ai, bi) = if k_inner {
+        ("[ml][kl]", "[nl][kl]")
+    } else {
+        ("[kl][ml]", "[kl][nl]")
+    };
+    let store = format!(
+        r#"        #pragma unroll
+        for (int e = 0; e < {ae}; ++e) {{
+            const int q = e * 256 + tid;
+            const int ml = {a_ml}, kl = {a_kl};
+            As{ai} = {round}(pa_[e]);
+        }}
+        #pragma unroll
+        for (int e = 0; e < {be}; ++e) {{
+            const int q = e * 256 + tid;
+            const int nl = {b_nl}, kl = {b_kl};
+            Bs{bi} = {round}(pb_[e]);
+        }}
+"#
+    );
+    Stages {
+        ae,
+        be,
+        gather: Box::new(gather),
+        store,
+    }
+}
+
 /// The fp32 GEMM of the convolutions, register-tiled: 64x64 outputs per block of 16x16
 /// threads, each thread accumulating a 4x4 register tile (rows `ty + 16 i`, columns
 /// `tx + 16 j`), 16 of the reduction per shared-memory stage (`As[k][m]`, `Bs[k][j]`, rows of
@@ -212,24 +303,16 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 /// increasing `k`, one product at a time, in the same order as the 16x16 engine (so, with the
 /// same contraction of `acc += a * b` into FMAs, the same bits); a thread only computes 16
 /// outputs instead of one, so each shared-memory load feeds four multiply-adds instead of one
-/// half. Operands are gathered by the same code (prologue
-/// included), zero outside `M x K` / `K x NC`.
+/// half. Operands are gathered by the same code (prologue included), zero outside `M x K` /
+/// `K x NC`, the next stage's into registers while this stage's multiply-adds run
+/// ([`stages`]).
 ///
 /// The epilogue is [`gemm`]'s, unchanged, run as in [`gemm_tc`]: the accumulators go through
 /// shared memory `Cs` (the operand tiles' memory, free after the reduction's last barrier), and
 /// the block walks its 64x64 tile as sixteen 16x16 sub-tiles with one output per thread, a
 /// `__syncthreads` ending each.
 fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
-    let (a_ml, a_kl) = if g.a_m_fast {
-        ("q & 63", "q >> 6")
-    } else {
-        ("q >> 4", "q & 15")
-    };
-    let (b_nl, b_kl) = if g.b_k_fast {
-        ("q >> 4", "q & 15")
-    } else {
-        ("q & 63", "q >> 6")
-    };
+    let st = stages(g, 64, 64, 16, "K", false, "");
     format!(
         r#"{header} {{
 {consts}    __shared__ __align__(16) float smem_[64 * 65];
@@ -242,26 +325,13 @@ fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     float cacc[4][4];
     for (int i = 0; i < 4; ++i)
         for (int jn = 0; jn < 4; ++jn) cacc[i][jn] = 0.0f;
+    float pa_[{ae}], pb_[{be}];
+    {{
+{first}    }}
     for (int k0 = 0; k0 < K; k0 += 16) {{
-        for (int e = 0; e < 4; ++e) {{
-            const int q = e * 256 + tid;
-            const int ml = {a_ml}, kl = {a_kl};
-            const int mm = blockIdx.x * 64 + ml, kk = k0 + kl;
-            float v = 0.0f;
-            if (mm < M && kk < K) {{
-{a}            }}
-            As[kl][ml] = v;
-        }}
-        for (int e = 0; e < 4; ++e) {{
-            const int q = e * 256 + tid;
-            const int nl = {b_nl}, kl = {b_kl};
-            const int kk = k0 + kl, jj = blockIdx.y * 64 + nl;
-            float v = 0.0f;
-            if (kk < K && jj < NC) {{
-{b}            }}
-            Bs[kl][nl] = v;
-        }}
-        __syncthreads();
+{store}        __syncthreads();
+        if (k0 + 16 < K) {{
+{next}        }}
         for (int t = 0; t < 16; ++t) {{
             float av[4], bv[4];
             for (int i = 0; i < 4; ++i) av[i] = As[t][ty + 16 * i];
@@ -279,8 +349,11 @@ fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         m = g.m,
         ncols = g.ncols,
         k = g.k,
-        a = g.a,
-        b = g.b,
+        ae = st.ae,
+        be = st.be,
+        first = (st.gather)("0"),
+        next = (st.gather)("(k0 + 16)"),
+        store = st.store,
         walk = walk_tile(64, 64, &g.epi),
     )
 }
@@ -316,7 +389,8 @@ fn walk_tile(r: u32, c: u32, epi: &str) -> String {
 /// `M x K` / `K x NC`, so ragged edges add nothing. Shared memory holds A as `[m][k]` and B as
 /// `[j][k]` (k contiguous, rows of 40 halves = 80 bytes: 16-byte aligned for `ldmatrix`, and
 /// the eight rows one `ldmatrix` reads fall in distinct banks). The tile does not change the
-/// algebra, only which block computes which outputs.
+/// algebra, only which block computes which outputs. The next stage's operands are loaded into
+/// registers while this stage's `mma`s run ([`stages`]).
 ///
 /// The epilogue is [`gemm`]'s, unchanged: the accumulators go through shared memory `Cs` (the
 /// operand tiles' memory, free once the reduction's last barrier is passed) and the block then
@@ -330,17 +404,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let (wr, wc) = t.warps();
     let (wtm, wtn) = (r / wr, c / wc);
     let (mi, ni) = (wtm / 16, wtn / 8);
-    let (rs, cs) = (r.trailing_zeros(), c.trailing_zeros());
-    let (a_ml, a_kl) = if g.a_m_fast {
-        (format!("q & {}", r - 1), format!("q >> {rs}"))
-    } else {
-        ("q >> 5".to_string(), "q & 31".to_string())
-    };
-    let (b_nl, b_kl) = if g.b_k_fast {
-        ("q >> 5".to_string(), "q & 31".to_string())
-    } else {
-        (format!("q & {}", c - 1), format!("q >> {cs}"))
-    };
+    let st = stages(g, r, c, 32, "ke_", true, "wrnc_f32_bf16");
     // operand tiles (bf16 rows of 40) and the f32 accumulator tile share one byte array
     let smem = ((r + c) * 80).max(r * (c + 1) * 4);
     format!(
@@ -361,26 +425,13 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     for (int i = 0; i < {mi}; ++i)
         for (int jn = 0; jn < {ni}; ++jn)
             for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
+    float pa_[{ae}], pb_[{be}];
+    {{
+{first}    }}
     for (int k0 = kb_; k0 < ke_; k0 += 32) {{
-        for (int e = 0; e < {ae}; ++e) {{
-            const int q = e * 256 + tid;
-            const int ml = {a_ml}, kl = {a_kl};
-            const int mm = blockIdx.x * {r} + ml, kk = k0 + kl;
-            float v = 0.0f;
-            if (mm < M && kk < ke_) {{
-{a}            }}
-            As[ml][kl] = wrnc_f32_bf16(v);
-        }}
-        for (int e = 0; e < {be}; ++e) {{
-            const int q = e * 256 + tid;
-            const int nl = {b_nl}, kl = {b_kl};
-            const int kk = k0 + kl, jj = blockIdx.y * {c} + nl;
-            float v = 0.0f;
-            if (kk < ke_ && jj < NC) {{
-{b}            }}
-            Bs[nl][kl] = wrnc_f32_bf16(v);
-        }}
-        __syncthreads();
+{store}        __syncthreads();
+        if (k0 + 32 < ke_) {{
+{next}        }}
         for (int ks = 0; ks < 32; ks += 16) {{
             unsigned int af[{mi}][4], bfr[{nb}][4];
             for (int i = 0; i < {mi}; ++i)
@@ -406,14 +457,15 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         m = g.m,
         ncols = g.ncols,
         k = g.k,
-        a = g.a,
-        b = g.b,
+        first = (st.gather)("kb_"),
+        next = (st.gather)("(k0 + 32)"),
+        store = st.store,
         walk = walk_tile(r, c, &g.epi),
         split = g.split_k.max(1),
         boff = r * 80,
         cp = c + 1,
-        ae = r / 8,
-        be = c / 8,
+        ae = st.ae,
+        be = st.be,
         nb = ni / 2,
     )
 }
