@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info selftest bench train train_bf16 assemble   (default: all)
+#   bench/run_gpu.sh [STAGE...]      stages: info selftest tiles bench train train_bf16 assemble   (default: all)
 #
 # Inputs (carried with the working tree):
 #   $WRNC            the prebuilt release binary (default gpu-carry/wrnc)
@@ -12,6 +12,8 @@
 #
 # Budget: each stage is sized for one 10-minute call, every command under `timeout`:
 #   call 1: bench/run_gpu.sh info selftest          (~3-6 min)
+#   call 1b: bench/run_gpu.sh info tiles            (the bf16 tile search, cached in WRNC_CACHE_DIR,
+#            which stays on the machine while it is warm; time unknown until a GPU runs it)
 #   call 2: bench/run_gpu.sh info bench assemble    (~6-9 min: wrnc bench f32+bf16 + PyTorch, same call)
 #   call 3: bench/run_gpu.sh info train assemble    (~6 min: WRN-16-4 on CIFAR-10 for ~5 min)
 #   call 4: bench/run_gpu.sh info train_bf16 assemble   (the same recipe in bf16)
@@ -34,12 +36,13 @@ EXAMPLES=${EXAMPLES:-examples}      # the folder `wrnc selftest` checks
 SELFTEST_TIMEOUT=${SELFTEST_TIMEOUT:-420}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 BENCH_ARGS=${BENCH_ARGS:---warmup 3 --iters 10}
+TILES_TIMEOUT=${TILES_TIMEOUT:-540}
 # bench/rehearse_gpu.sh runs this script on the fake GPU with small values of the above
 mkdir -p "$OUT" "$RAW"
 export WRNC_CACHE_DIR=${WRNC_CACHE_DIR:-$PWD/gpu-carry/cache}
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(info selftest bench train assemble)
+[ ${#stages[@]} -eq 0 ] && stages=(info selftest tiles bench train assemble)
 
 log() { echo "[run_gpu $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/run_gpu.log"; }
 keep() { cp -f "$@" "$RAW/" 2>/dev/null || true; }
@@ -102,6 +105,18 @@ stage_selftest() {
     # (human-readable lines, streamed, so a timeout still leaves the checks done so far)
     run selftest_quick 150 "$WRNC" selftest --device cuda --quick --json
     run selftest "$SELFTEST_TIMEOUT" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
+}
+
+stage_tiles() {
+    find_nvrtc
+    # the tensor-core tiles of every bf16 schedule the bench stage measures, searched on this
+    # GPU once and cached under WRNC_CACHE_DIR, so that stage's bf16 run finds them all; the
+    # cache file (every GEMM's times per tile) is kept with the results
+    run tiles "$TILES_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+        --warmup 0 --iters 1 --tiles auto --json
+    for f in "$WRNC_CACHE_DIR"/tiles/*.json; do
+        [ -f "$f" ] && cp -f "$f" "$OUT/tile_cache_$(basename "$f")" && keep "$OUT/tile_cache_$(basename "$f")"
+    done
 }
 
 stage_bench() {
@@ -214,9 +229,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|selftest|bench|train|train_bf16|assemble) "stage_$s" ;;
-        all) stage_info; stage_selftest; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info selftest bench train train_bf16 assemble all)" >&2; exit 2 ;;
+        info|selftest|tiles|bench|train|train_bf16|assemble) "stage_$s" ;;
+        all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
+        *) echo "unknown stage $s (info selftest tiles bench train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"
