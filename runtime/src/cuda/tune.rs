@@ -234,3 +234,44 @@ pub fn choose_tiles(
     }
     Ok((tiles, report))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_modes_parse_and_bad_ones_say_what_exists() {
+        assert_eq!(TileMode::parse("auto"), Ok(TileMode::Auto));
+        assert_eq!(TileMode::parse("default"), Ok(TileMode::Default));
+        assert_eq!(
+            TileMode::parse("128x64"),
+            Ok(TileMode::Fixed(TcTile {
+                rows: 128,
+                cols: 64
+            }))
+        );
+        for bad in ["100x7", "128x128", "x", "", "64"] {
+            let e = TileMode::parse(bad).unwrap_err();
+            assert!(e.contains("64x32"), "{bad}: {e}");
+        }
+    }
+
+    /// A damaged or foreign cache file is no cache (the GEMMs are searched again and the file
+    /// rewritten), never a panic; a missing one likewise.
+    #[test]
+    fn a_damaged_tile_cache_reads_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.json");
+        for text in ["", "{not json", "[1, 2]", "{\"k\": {\"tile\": 5}}"] {
+            std::fs::write(&p, text).unwrap();
+            assert!(load(&Some(p.clone())).is_empty(), "{text:?}");
+        }
+        assert!(load(&Some(dir.path().join("missing.json"))).is_empty());
+        let good = r#"{"k": {"tile": "128x64", "us": {"64x64": 2.0, "128x64": 1.0}}}"#;
+        std::fs::write(&p, good).unwrap();
+        assert_eq!(
+            load(&Some(p)).get("k").map(|c| c.tile.as_str()),
+            Some("128x64")
+        );
+    }
+}
