@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use wrnc_compiler::ast::{NetFile, NetworkSpec, Precision, Spanned};
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options, TcTile};
+use wrnc_compiler::schedule::{self, Layout, Options, TcTile};
 use wrnc_runtime::cuda::tune::{self, TileMode};
 use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, layout};
 
@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// (64x64), or one tile for every convolution (128x64, 64x128, 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = TileMode::parse)]
     pub tiles: TileMode,
+    /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
+    #[arg(long, default_value = "auto", value_parser = Layout::parse)]
+    pub layout: Layout,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -141,6 +144,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                     disabled: vec![],
                 },
                 tiles: Default::default(),
+                layout: a.layout,
             };
             for &mode in modes {
                 bases.push(base(mode, a.batch));
@@ -161,7 +165,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         for &unfused in variants {
             let r = bench::bench_schedule(
                 &gpu, &cache, &l.graph, mode, a.batch, precision, unfused, a.warmup, a.iters,
-                &tiles,
+                &tiles, a.layout,
             )?;
             if !a.json {
                 print_run(&r);
@@ -183,6 +187,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                 a.warmup,
                 a.iters,
                 &tiles,
+                a.layout,
             )?;
             if !a.json {
                 print_run(&r);
@@ -216,6 +221,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "net": l.graph.name,
         "batch": a.batch,
         "precision": precision.name(),
+        "layout": a.layout.resolve(precision),
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},
         "latency_b1_ms": {"fused": pick(&latency, "infer", true), "unfused": pick(&latency, "infer", false)},
@@ -357,9 +363,15 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     for (name, g) in &nets {
         for mode in [Mode::Train, Mode::Infer] {
             for unfused in [false, true] {
-                for precision in [Precision::F32, Precision::Bf16] {
+                for (precision, layout) in [
+                    (Precision::F32, Layout::Nchw),
+                    (Precision::F32, Layout::Nhwc),
+                    (Precision::Bf16, Layout::Nchw),
+                    (Precision::Bf16, Layout::Nhwc),
+                ] {
                     let opts = Options {
                         tiles: Default::default(),
+                        layout,
                         mode,
                         batch: a.batch,
                         precision,
@@ -374,7 +386,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                         .and_then(|s| layout::check_written_before_read(&s));
                     if let Err(e) = r {
                         host_failures.push(format!(
-                            "{name} {mode:?} unfused={unfused} {}: {e}",
+                            "{name} {mode:?} unfused={unfused} {} {layout:?}: {e}",
                             precision.name()
                         ));
                     }
@@ -440,39 +452,54 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         }
     };
     report(check::check_augment(&gpu, &cache), "augmentation");
-    for (name, g) in &nets {
+    for (ni, (name, g)) in nets.iter().enumerate() {
         for precision in [Precision::F32, Precision::Bf16] {
-            for mode in [Mode::Train, Mode::Infer] {
-                for unfused in [false, true] {
-                    let what = format!("{name} {mode:?} unfused={unfused} {}", precision.name());
-                    report(
-                        check::check_launches(
-                            &gpu,
-                            &cache,
-                            name,
-                            g,
-                            mode,
-                            a.batch as usize,
-                            precision,
-                            unfused,
-                            &Default::default(),
-                        ),
-                        &format!("{what} every launch"),
-                    );
-                    report(
-                        check::check_graph(
-                            &gpu,
-                            &cache,
-                            name,
-                            g,
-                            mode,
-                            a.batch as usize,
-                            precision,
-                            unfused,
-                            &Default::default(),
-                        ),
-                        &what,
-                    );
+            // each precision's own layout (NCHW in f32, NHWC in bf16) for every network, the
+            // other one too for the built-in networks
+            let mut layouts = vec![(name.clone(), Layout::Auto)];
+            if ni < BUILTIN.len() {
+                let other = match Layout::Auto.resolve(precision) {
+                    Layout::Nhwc => Layout::Nchw,
+                    _ => Layout::Nhwc,
+                };
+                layouts.push((format!("{name} {}", other.name()), other));
+            }
+            for (label, layout) in &layouts {
+                for mode in [Mode::Train, Mode::Infer] {
+                    for unfused in [false, true] {
+                        let what =
+                            format!("{label} {mode:?} unfused={unfused} {}", precision.name());
+                        report(
+                            check::check_launches(
+                                &gpu,
+                                &cache,
+                                label,
+                                g,
+                                mode,
+                                a.batch as usize,
+                                precision,
+                                unfused,
+                                &Default::default(),
+                                *layout,
+                            ),
+                            &format!("{what} every launch"),
+                        );
+                        report(
+                            check::check_graph(
+                                &gpu,
+                                &cache,
+                                label,
+                                g,
+                                mode,
+                                a.batch as usize,
+                                precision,
+                                unfused,
+                                &Default::default(),
+                                *layout,
+                            ),
+                            &what,
+                        );
+                    }
                 }
             }
         }
@@ -493,6 +520,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 Precision::Bf16,
                 false,
                 &schedule::Tiles::all(tile),
+                Layout::Auto,
             ),
             &format!("{label} Train bf16 every launch"),
         );

@@ -75,6 +75,9 @@ enum Cmd {
         /// f32, or bf16 storage with fp32 accumulation (default: the file's `precision`).
         #[arg(long)]
         precision: Option<PrecisionArg>,
+        /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
+        #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
+        layout: wrnc_compiler::schedule::Layout,
         /// GPU architecture for --emit ptx.
         #[arg(long, default_value = "sm_90")]
         arch: String,
@@ -276,6 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             precision,
             arch,
+            layout,
         } => {
             if list_passes {
                 for (name, _) in wrnc_compiler::passes::PIPELINE {
@@ -294,6 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 || dump_after.is_some();
             let opts = wrnc_compiler::schedule::Options {
                 tiles: Default::default(),
+                layout,
                 mode: if infer {
                     wrnc_compiler::passes::Mode::Infer
                 } else {

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// 64x32).
     #[arg(long, default_value = "auto", value_parser = wrnc_runtime::cuda::tune::TileMode::parse)]
     pub tiles: wrnc_runtime::cuda::tune::TileMode,
+    /// Activation layout on the GPU: auto (nhwc for bf16, nchw for f32), nchw or nhwc
+    /// (channels last). Checkpoints are the same in every layout.
+    #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
+    pub layout: wrnc_compiler::schedule::Layout,
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     pub json: bool,
@@ -241,6 +245,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     Default::default(),
                     seed,
                     args.tiles,
+                    args.layout,
                 )
                 .map_err(gpu_err)?;
                 t.load(&params, &buffers, &Default::default())
@@ -367,6 +372,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 Default::default(),
                 seed,
                 args.tiles,
+                args.layout,
             )
             .map_err(gpu_err)?;
             if let (Some(r), false) = (t.tile_report(), quiet) {
@@ -392,6 +398,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 "net": l.graph.name, "dataset": k.name(), "steps": report.steps, "stopped_early": report.stopped_early,
                 "device": match backend { Backend::Cpu => "cpu", Backend::Cuda => "cuda" },
                 "precision": match backend { Backend::Cpu => "f32", Backend::Cuda => precision.name() },
+                "layout": match backend { Backend::Cpu => "nchw", Backend::Cuda => args.layout.resolve(precision).name() },
                 "checkpoint": report.checkpoint, "epochs": report.epochs,
                 "tiles": tiles,
             })

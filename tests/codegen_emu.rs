@@ -11,7 +11,7 @@ use support::*;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Access, Launch, Options, Schedule, TcTile, Tiles};
+use wrnc_compiler::schedule::{self, Access, Launch, Layout, Options, Schedule, TcTile, Tiles};
 use wrnc_runtime::cpu::{Mode as CpuMode, Model};
 use wrnc_runtime::init::SplitMix64;
 use wrnc_runtime::loss::softmax_cross_entropy;
@@ -404,6 +404,8 @@ struct Prec {
     e2e: f64,
     /// Every tensor-core conv's block tile (bf16).
     tile: TcTile,
+    /// Activation layout (`Auto`: NHWC in bf16, NCHW in f32).
+    layout: Layout,
 }
 
 const F32: Prec = Prec {
@@ -411,6 +413,19 @@ const F32: Prec = Prec {
     kernel: 1e-5,
     e2e: 1e-4,
     tile: TcTile::DEFAULT,
+    layout: Layout::Auto,
+};
+
+/// f32 on NHWC activations: the layout checked at fp32 tolerances.
+const F32_NHWC: Prec = Prec {
+    layout: Layout::Nhwc,
+    ..F32
+};
+
+/// bf16 on NCHW activations (the tensor cores' engine on the other layout).
+const BF16_NCHW: Prec = Prec {
+    layout: Layout::Nchw,
+    ..BF16
 };
 
 /// bf16 activation storage (8-bit mantissa: one rounding is up to 2^-9 = 2e-3 relative).
@@ -419,6 +434,7 @@ const BF16: Prec = Prec {
     kernel: 1e-2,
     e2e: 1e-2,
     tile: TcTile::DEFAULT,
+    layout: Layout::Auto,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -432,7 +448,29 @@ fn build_tiled(
     precision: Precision,
     tile: TcTile,
 ) -> Schedule {
+    build_in(
+        g,
+        mode,
+        unfused,
+        Prec {
+            precision,
+            tile,
+            layout: Layout::Auto,
+            kernel: 0.0,
+            e2e: 0.0,
+        },
+    )
+}
+
+fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
+    let Prec {
+        precision,
+        tile,
+        layout,
+        ..
+    } = prec;
     let opts = Options {
+        layout,
         tiles: Tiles::all(tile),
         mode,
         batch: BATCH as u32,
@@ -466,6 +504,15 @@ fn close_floor(what: &str, got: &[f32], want: &[f64], tol: f64, floor: f64) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e} (max |want| {scale:.3e}, floor {floor:.1e})\n got {:?}\nwant {:?}", &got[..got.len().min(8)], &want[..want.len().min(8)]);
 }
 
+/// `-nchw` / `-nhwc` for a layout that is not the precision's default.
+fn layout_tag(prec: Prec) -> &'static str {
+    match prec.layout {
+        Layout::Nchw => "-nchw",
+        Layout::Nhwc => "-nhwc",
+        Layout::Auto => "",
+    }
+}
+
 fn check_step(name: &str, body: &str) -> (usize, usize) {
     check_step_in(name, body, F32)
 }
@@ -484,15 +531,16 @@ fn check_step_of(name: &str, g: Graph, prec: Prec) -> (usize, usize) {
     let mut results = vec![];
     for unfused in [true, false] {
         let tag = format!(
-            "{name}-{}{}",
+            "{name}-{}{}{}",
             if unfused { "unfused" } else { "fused" },
             match (prec.precision, prec.tile.is_default()) {
                 (Precision::Bf16, true) => "-bf16".to_string(),
                 (Precision::Bf16, false) => format!("-bf16-t{}", prec.tile),
                 _ => String::new(),
-            }
+            },
+            layout_tag(prec)
         );
-        let s = build_tiled(&g, Mode::Train, unfused, prec.precision, prec.tile);
+        let s = build_in(&g, Mode::Train, unfused, prec);
         if prec.precision == Precision::F32 {
             check_reference_chain(&tag, &s, &r);
         }
@@ -608,15 +656,16 @@ fn check_infer_in(name: &str, body: &str, prec: Prec) {
     let r = reference(&g, Mode::Infer);
     for unfused in [true, false] {
         let tag = format!(
-            "{name}-infer-{}{}",
+            "{name}-infer-{}{}{}",
             if unfused { "unfused" } else { "fused" },
             if prec.precision == Precision::Bf16 {
                 "-bf16"
             } else {
                 ""
-            }
+            },
+            layout_tag(prec)
         );
-        let s = build_tiled(&g, Mode::Infer, unfused, prec.precision, prec.tile);
+        let s = build_in(&g, Mode::Infer, unfused, prec);
         if prec.precision == Precision::F32 {
             check_reference_chain(&tag, &s, &r);
         }
@@ -700,6 +749,76 @@ fn imagenet_stem_maxpool_step_and_infer() {
     check_infer("stem", STEM);
 }
 
+/// A linear layer on a flattened map (no global pooling): in NHWC its input features are read
+/// in the weights' NCHW order.
+/// A linear layer on a flattened 3x3 map (not global pooling): in NHWC its input features are
+/// read at `p * C + c` while the weights keep the NCHW order `c * HW + p`.
+const FLAT: &str = "conv(3x3, 4) bn relu avgpool(2x2) fc";
+
+/// Channels-last activations (`Layout::Nhwc`) in f32, where the tolerances are tight: a whole
+/// training step (every kernel against the f64 reference on transposed arguments, then the
+/// step against the CPU model) and inference, fused and unfused, for every family's data
+/// movement: dropout masks (drawn at the NCHW index), zero-pad shortcuts, concatenation,
+/// average and max pooling, DropPath, grouped and strided convs, and a linear layer on a
+/// flattened map.
+#[test]
+fn nhwc_every_family_f32() {
+    for (name, body) in [
+        ("wrn", WRN),
+        ("densenet", DENSENET),
+        ("pyramidnet", PYRAMIDNET),
+        ("resnext", RESNEXT),
+        ("stem", STEM),
+        ("flat", FLAT),
+    ] {
+        let _ = check_step_in(name, body, F32_NHWC);
+        check_infer_in(name, body, F32_NHWC);
+    }
+}
+
+/// The layouts differ only in the order of activation elements: an NHWC schedule has the same
+/// launches as the NCHW one plus the input's transpose, and every NHWC kernel's name says so.
+#[test]
+fn nhwc_schedule_shape() {
+    let g = graph(WRN);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let prec = |layout| Prec {
+            precision,
+            layout,
+            ..F32
+        };
+        let a = build_in(&g, Mode::Train, false, prec(Layout::Nchw));
+        let b = build_in(&g, Mode::Train, false, prec(Layout::Nhwc));
+        assert_eq!(a.layout, Layout::Nchw);
+        assert_eq!(b.layout, Layout::Nhwc);
+        assert_eq!(b.launches.len(), a.launches.len() + 1);
+        // the transpose comes before any launch that reads an activation
+        let t = b.launches.iter().position(|l| l.note == "input to nhwc");
+        assert!(t.is_some_and(|t| t <= 1), "{t:?}");
+        for k in b.kernels.iter().filter(|k| k.name != "to_nhwc") {
+            assert_eq!(k.spec.nhwc(), k.name.contains("_nhwc"), "{}", k.name);
+        }
+        assert!(b.kernels.iter().filter(|k| k.spec.nhwc()).count() >= 10);
+        assert!(a.kernels.iter().all(|k| !k.spec.nhwc()));
+    }
+    // `Auto`: channels-last for the tensor cores, NCHW in f32
+    assert_eq!(
+        build(&g, Mode::Train, false, Precision::Bf16).layout,
+        Layout::Nhwc
+    );
+    assert_eq!(
+        build(&g, Mode::Train, false, Precision::F32).layout,
+        Layout::Nchw
+    );
+}
+
+/// The tensor-core engine on NCHW activations (`--layout nchw`), the bf16 default before NHWC.
+#[test]
+fn bf16_nchw_wrn_step_and_infer() {
+    let _ = check_step_in("wrn", WRN, BF16_NCHW);
+    check_infer_in("wrn", WRN, BF16_NCHW);
+}
+
 /// `--no-fuse PASS` for every pass in turn: still the reference's step.
 #[test]
 fn wrn_step_with_each_pass_disabled() {
@@ -708,6 +827,7 @@ fn wrn_step_with_each_pass_disabled() {
     for pass in wrnc_compiler::passes::pass_names() {
         let opts = Options {
             tiles: Default::default(),
+            layout: Default::default(),
             mode: Mode::Train,
             batch: BATCH as u32,
             precision: Default::default(),
@@ -842,6 +962,7 @@ fn conv_epilogue_statistics_of_a_zero_mean_channel() {
     }
     let opts = Options {
         tiles: Default::default(),
+        layout: Default::default(),
         mode: Mode::Train,
         batch: batch as u32,
         precision: Precision::F32,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::codegen::cuda;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options};
+use wrnc_compiler::schedule::{self, Layout, Options};
 use wrnc_runtime::nvrtc;
 
 /// Held by every test of this file while it compiles, so the tests run one at a time and the
@@ -34,12 +34,23 @@ fn graph(text: &str) -> wrnc_compiler::graph::Graph {
         .unwrap_or_else(|d| panic!("{text}\n{d:?}"))
 }
 
-fn compile_all(name: &str, g: &wrnc_compiler::graph::Graph, batch: u32, archs: &[&str]) {
+/// Compiles `g` in both modes, fused and unfused, both precisions, and each layout of `layouts`.
+fn compile_all(
+    name: &str,
+    g: &wrnc_compiler::graph::Graph,
+    batch: u32,
+    archs: &[&str],
+    layouts: &[Layout],
+) {
     for mode in [Mode::Train, Mode::Infer] {
         for unfused in [false, true] {
-            for precision in [Precision::F32, Precision::Bf16] {
+            for (precision, &layout) in [Precision::F32, Precision::Bf16]
+                .into_iter()
+                .flat_map(|p| layouts.iter().map(move |l| (p, l)))
+            {
                 let opts = Options {
                     tiles: Default::default(),
+                    layout,
                     mode,
                     batch,
                     precision,
@@ -52,7 +63,7 @@ fn compile_all(name: &str, g: &wrnc_compiler::graph::Graph, batch: u32, archs: &
                 let src = cuda::write(&s, &opts).unwrap();
                 for arch in archs {
                     let ptx = nvrtc::compile_ptx(&src, arch).unwrap_or_else(|e| {
-                        panic!("{name} {mode:?} unfused={unfused} {precision:?} {arch}: {e}")
+                        panic!("{name} {mode:?} unfused={unfused} {precision:?} {layout:?} {arch}: {e}")
                     });
                     for k in &s.kernels {
                         assert!(
@@ -85,7 +96,13 @@ fn small_networks_of_every_family_compile() {
         let g = graph(&format!(
             "network \"t{i}\" {{ input 3x8x8 classes 3 {body} }}"
         ));
-        compile_all(&format!("net {i}"), &g, 4, &["sm_80", "sm_90"]);
+        compile_all(
+            &format!("net {i}"),
+            &g,
+            4,
+            &["sm_80", "sm_90"],
+            &[Layout::Nchw, Layout::Nhwc],
+        );
     }
 }
 
@@ -119,7 +136,7 @@ fn wrn_28_10_compiles_quickly() {
         s.kernels.len(),
         s.launches.len()
     );
-    compile_all("WRN-28-10", &g, 128, &["sm_80"]);
+    compile_all("WRN-28-10", &g, 128, &["sm_80"], &[Layout::Auto]);
 }
 
 #[test]
@@ -175,6 +192,7 @@ fn every_example_compiles() {
                 for &precision in precisions {
                     let opts = Options {
                         tiles: Default::default(),
+                        layout: Default::default(),
                         mode,
                         batch: 128,
                         precision,

@@ -29,6 +29,22 @@ fn tiny_wrn_cuda_train_fused() {
     insta::assert_snapshot!("tiny_wrn_train_fused_cu", cuda::write(&s, &o).unwrap());
 }
 
+/// The tensor-core path on channels-last activations (`--precision bf16` is NHWC by default):
+/// the input's transpose, `_nhwc` kernels, `(kh, kw, c)` reductions, NCHW dropout mask indices.
+#[test]
+fn tiny_wrn_cuda_train_fused_bf16_nhwc() {
+    let o = Options {
+        precision: wrnc_compiler::ast::Precision::Bf16,
+        ..opts(Mode::Train)
+    };
+    let s = schedule::build(&graph(NET), &o).unwrap();
+    assert_eq!(s.layout, schedule::Layout::Nhwc);
+    insta::assert_snapshot!(
+        "tiny_wrn_train_fused_bf16_nhwc_cu",
+        cuda::write(&s, &o).unwrap()
+    );
+}
+
 #[test]
 fn tiny_wrn_schedule_json() {
     let s = schedule::build(&graph(NET), &opts(Mode::Train)).unwrap();

@@ -106,6 +106,7 @@ pub fn run_schedule_traced(
     let dir = temp_dir(name);
     let opts = wrnc_compiler::schedule::Options {
         tiles: Default::default(),
+        layout: s.layout,
         mode: s.mode,
         batch: s.batch,
         precision: s.precision,

@@ -158,6 +158,7 @@ pub fn summarize(graph: &Graph, batch: u32, precision: Precision) -> crate::Resu
             graph,
             &Options {
                 tiles: Default::default(),
+                layout: Default::default(),
                 mode,
                 batch,
                 precision,

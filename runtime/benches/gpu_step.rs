@@ -57,6 +57,7 @@ fn bench(c: &mut Criterion) {
                 precision,
                 unfused,
                 &Default::default(),
+                Default::default(),
             )
             .unwrap_or_else(|e| panic!("{e}"));
             let (start, end) = (gpu.event().unwrap(), gpu.event().unwrap());

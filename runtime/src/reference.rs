@@ -264,10 +264,83 @@ fn add_into(prior: &[f64], v: &[f64]) -> Vec<f64> {
     prior.iter().zip(v).map(|(a, b)| a + b).collect()
 }
 
+/// `[n][C][H][W]` <-> `[n][H][W][C]` for `chw = [C, H, W]` (`to_nchw` says which way);
+/// `n` from the length.
+pub fn permute_layout(v: &[f64], chw: [usize; 3], to_nchw: bool) -> Result<Vec<f64>, String> {
+    let [c, h, w] = chw;
+    let per = c * h * w;
+    if per == 0 || !v.len().is_multiple_of(per) {
+        return Err(format!("{} values are not images of {chw:?}", v.len()));
+    }
+    let hw = h * w;
+    let mut out = vec![0.0; v.len()];
+    for ni in 0..v.len() / per {
+        for ch in 0..c {
+            for p in 0..hw {
+                let (nchw, nhwc) = ((ni * c + ch) * hw + p, (ni * hw + p) * c + ch);
+                if to_nchw {
+                    out[nchw] = v[nhwc];
+                } else {
+                    out[nhwc] = v[nchw];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The exact result of one launch: for each buffer argument (signature order), the new
 /// contents when the kernel writes it, `None` when it only reads it. `bufs` are the
 /// arguments' contents before the launch, `scalars` the launch's scalars, `n` the batch.
+///
+/// An NHWC kernel ([`KernelSpec::nhwc`]) is its NCHW twin ([`KernelSpec::as_nchw`]) on
+/// transposed activations: its activation arguments ([`KernelSpec::spatial_args`]) are
+/// transposed to NCHW, the twin runs on them (with the scalars its signature names), and what
+/// it writes is transposed back.
 pub fn launch(
+    spec: &KernelSpec,
+    n: usize,
+    bufs: &[Vec<f64>],
+    scalars: &[f64],
+) -> Result<Vec<Option<Vec<f64>>>, String> {
+    let Some(base) = spec.as_nchw() else {
+        return launch_nchw(spec, n, bufs, scalars);
+    };
+    let (params, snames) = spec.signature();
+    if params.len() != bufs.len() || snames.len() != scalars.len() {
+        return Err(format!("{}: argument count", spec.name()));
+    }
+    let sc = |name: &str| {
+        snames
+            .iter()
+            .position(|(x, _)| *x == name)
+            .map(|i| scalars[i])
+    };
+    let spatial = spec
+        .spatial_args(|name| sc(name).map(|v| v as usize))
+        .ok_or(format!("{}: a shape scalar is missing", spec.name()))?;
+    let shape = |name: &str| spatial.iter().find(|(a, _)| *a == name).map(|x| x.1);
+    let mut nb = bufs.to_vec();
+    for (i, p) in params.iter().enumerate() {
+        if let Some(chw) = shape(p.name) {
+            nb[i] = permute_layout(&bufs[i], chw, true).map_err(|e| format!("{}: {e}", p.name))?;
+        }
+    }
+    let (_, bnames) = base.signature();
+    let bsc = bnames
+        .iter()
+        .map(|(x, _)| sc(x).ok_or(format!("{}: no scalar {x}", spec.name())))
+        .collect::<Result<Vec<f64>, String>>()?;
+    let mut out = launch_nchw(&base, n, &nb, &bsc)?;
+    for (p, o) in params.iter().zip(out.iter_mut()) {
+        if let (Some(chw), Some(v)) = (shape(p.name), o.as_mut()) {
+            *v = permute_layout(v, chw, false)?;
+        }
+    }
+    Ok(out)
+}
+
+fn launch_nchw(
     spec: &KernelSpec,
     n: usize,
     bufs: &[Vec<f64>],
@@ -409,7 +482,7 @@ pub fn launch(
                 .collect();
             out.push(("dw", dw));
         }
-        LinearFwd { in_f, out_f } => {
+        LinearFwd { in_f, out_f, .. } => {
             let (i, o) = (in_f as usize, out_f as usize);
             let x = t4(a.buf("x")?, [n, i, 1, 1])?;
             out.push((
@@ -417,21 +490,21 @@ pub fn launch(
                 linear::linear(&x, a.buf("w")?, a.buf("bias")?, i, o).data,
             ));
         }
-        LinearBwdData { in_f, out_f } => {
+        LinearBwdData { in_f, out_f, .. } => {
             let (i, o) = (in_f as usize, out_f as usize);
             let x0 = Tensor::zeros(&[n, i]);
             let dy = t4(a.buf("dy")?, [n, o, 1, 1])?;
             let (dx, _, _) = linear::linear_backward(&x0, a.buf("w")?, &dy, i, o);
             out.push(("dx", a.accum("accum", "dx", dx.data)?));
         }
-        LinearBwdWeight { in_f, out_f } => {
+        LinearBwdWeight { in_f, out_f, .. } => {
             let (i, o) = (in_f as usize, out_f as usize);
             let x = t4(a.buf("x")?, [n, i, 1, 1])?;
             let dy = t4(a.buf("dy")?, [n, o, 1, 1])?;
             let w0 = vec![0.0; i * o];
             out.push(("dw", linear::linear_backward(&x, &w0, &dy, i, o).1));
         }
-        ChannelSums { squares } => {
+        ChannelSums { squares, .. } => {
             let (c, hw) = (dim("C")?, dim("HW")?);
             let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
@@ -506,7 +579,7 @@ pub fn launch(
             }
             out.push(("affine", affine));
         }
-        BnApply => {
+        BnApply { .. } => {
             let x = t4(a.buf("x")?, [n, dim("C")?, dim("HW")?, 1])?;
             let pro = PrologueFlags {
                 affine: true,
@@ -515,7 +588,7 @@ pub fn launch(
             };
             out.push(("y", prologue(&x, &pro, &a)?.data));
         }
-        BnBwdReduce { chain } => {
+        BnBwdReduce { chain, .. } => {
             let (c, hw) = (dim("C")?, dim("HW")?);
             let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
@@ -525,7 +598,7 @@ pub fn launch(
             out.push(("dgamma", per_channel(shape, |i| d[i] * xh(i))));
             out.push(("dbeta", per_channel(shape, |i| d[i])));
         }
-        BnBwdApply { chain } => {
+        BnBwdApply { chain, .. } => {
             let (c, hw) = (dim("C")?, dim("HW")?);
             let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
@@ -557,14 +630,14 @@ pub fn launch(
             let d = ew::relu_backward(&t4(y, s)?, &t4(dy, s)?).data;
             out.push(("dx", a.accum("accum", "dx", d)?));
         }
-        Dropout => {
+        Dropout { .. } => {
             let x = a.buf("x")?;
             out.push((
                 "y",
                 ew::dropout(&t4(x, [1, 1, 1, x.len()])?, a.p()?, a.key()?).data,
             ));
         }
-        DropoutBwd => {
+        DropoutBwd { .. } => {
             let dy = a.buf("dy")?;
             let d = ew::dropout(&t4(dy, [1, 1, 1, dy.len()])?, a.p()?, a.key()?).data;
             out.push(("dx", a.accum("accum", "dx", d)?));
@@ -594,7 +667,7 @@ pub fn launch(
             let x = a.buf("x")?.to_vec();
             out.push(("y", a.accum("accum", "y", x)?));
         }
-        ZeroPad => {
+        ZeroPad { .. } => {
             let x = t4(a.buf("x")?, [n, dim("IC")?, dim("IH")?, dim("IW")?])?;
             let y = pool::zero_pad_shortcut(&x, dim("OC")?, dim("S")? as u32);
             if y.shape != [n, dim("OC")?, dim("OH")?, dim("OW")?] {
@@ -602,26 +675,26 @@ pub fn launch(
             }
             out.push(("y", y.data));
         }
-        ZeroPadBwd => {
+        ZeroPadBwd { .. } => {
             let dy = t4(a.buf("dy")?, [n, dim("OC")?, dim("OH")?, dim("OW")?])?;
             let xs = [n, dim("IC")?, dim("IH")?, dim("IW")?];
             let d = pool::zero_pad_shortcut_backward(&xs, dim("S")? as u32, &dy).data;
             out.push(("dx", a.accum("accum", "dx", d)?));
         }
-        Concat => {
+        Concat { .. } => {
             let hw = dim("HW")?;
             let x0 = t4(a.buf("x")?, [n, dim("C0")?, hw, 1])?;
             let x1 = t4(a.buf("x1")?, [n, dim("C1")?, hw, 1])?;
             out.push(("y", ew::concat(&x0, &x1).data));
         }
-        ConcatBwd => {
+        ConcatBwd { .. } => {
             let (c0, c1, hw) = (dim("C0")?, dim("C1")?, dim("HW")?);
             let dy = t4(a.buf("dy")?, [n, c0 + c1, hw, 1])?;
             let (d0, d1) = ew::concat_backward(&dy, c0);
             out.push(("dx0", a.accum("accum0", "dx0", d0.data)?));
             out.push(("dx1", a.accum("accum1", "dx1", d1.data)?));
         }
-        MaxPool { pool: p } | AvgPool { pool: p } => {
+        MaxPool { pool: p, .. } | AvgPool { pool: p, .. } => {
             let x = t4(a.buf("x")?, [n, dim("C")?, dim("IH")?, dim("IW")?])?;
             let y = if matches!(spec, MaxPool { .. }) {
                 pool::max_pool(&x, &p)
@@ -633,7 +706,7 @@ pub fn launch(
             }
             out.push(("y", y.data));
         }
-        MaxPoolBwd { pool: p } | AvgPoolBwd { pool: p } => {
+        MaxPoolBwd { pool: p, .. } | AvgPoolBwd { pool: p, .. } => {
             let xs = [n, dim("C")?, dim("IH")?, dim("IW")?];
             let dy = t4(a.buf("dy")?, [n, dim("C")?, dim("OH")?, dim("OW")?])?;
             let d = if matches!(spec, MaxPoolBwd { .. }) {
@@ -643,12 +716,12 @@ pub fn launch(
             };
             out.push(("dx", a.accum("accum", "dx", d.data)?));
         }
-        GlobalAvgPool => {
+        GlobalAvgPool { .. } => {
             let rows = dim("rows")?;
             let x = t4(a.buf("x")?, [rows, 1, dim("HW")?, 1])?;
             out.push(("y", pool::global_avg_pool(&x).data));
         }
-        GlobalAvgPoolBwd => {
+        GlobalAvgPoolBwd { .. } => {
             let rows = dim("rows")?;
             let dy = t4(a.buf("dy")?, [rows, 1, 1, 1])?;
             let d = pool::global_avg_pool_backward(&[rows, 1, dim("HW")?, 1], &dy).data;
@@ -714,6 +787,10 @@ pub fn launch(
         Zero => {
             let len = a.buf("y")?.len();
             out.push(("y", vec![0.0; len]));
+        }
+        ToNhwc => {
+            let (c, hw) = (dim("C")?, dim("HW")?);
+            out.push(("y", permute_layout(a.buf("x")?, [c, hw, 1], false)?));
         }
         FoldBn { bias } => {
             let (oc, per) = (dim("OC")?, dim("PER")?);
@@ -822,7 +899,7 @@ pub fn run(
                     let (params, snames) = spec.signature();
                     let pos = |name: &str| params.iter().position(|p| p.name == name).unwrap();
                     let oc = sc[snames.iter().position(|(n, _)| *n == "OC").unwrap()] as usize;
-                    let y = new[pos("y")].clone().unwrap();
+                    let y = nchw_output(spec, new[pos("y")].as_ref().unwrap(), oc)?;
                     new[pos("stats")] =
                         Some(stats_of(&y, s.batch as usize, oc, &before[pos("stats")]));
                 }
@@ -867,6 +944,14 @@ pub fn stats_of(y: &[f64], n: usize, c: usize, prior: &[f64]) -> Vec<f64> {
         out[c + ch] += q[ch];
     }
     out
+}
+
+/// A conv's output `y` (`oc` channels) in NCHW order, whatever the kernel's layout.
+fn nchw_output(spec: &KernelSpec, y: &[f64], oc: usize) -> Result<Vec<f64>, String> {
+    match spec.conv_geom() {
+        Some(g) if g.nhwc => permute_layout(y, [oc, g.out_h as usize, g.out_w as usize], true),
+        _ => Ok(y.to_vec()),
+    }
 }
 
 /// `[hi_s | hi_q | lo_s | lo_q]` -> `[hi_s + lo_s | hi_q + lo_q | 0 | 0]` (f64): the values the
@@ -928,7 +1013,9 @@ pub fn check_kernels(
                 let (_, snames) = k.spec.signature();
                 let oc = sc[snames.iter().position(|(n, _)| *n == "OC").unwrap()] as usize;
                 let prior = gather(l, &cur)[si].clone();
-                want[si] = Some(stats_of(y, s.batch as usize, oc, &prior));
+                let y = nchw_output(&k.spec, y, oc)
+                    .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
+                want[si] = Some(stats_of(&y, s.batch as usize, oc, &prior));
             }
         }
         for ((a, w), p) in l.buffers.iter().zip(&want).zip(&params) {

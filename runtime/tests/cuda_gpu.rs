@@ -4,6 +4,7 @@
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::Mode;
+use wrnc_compiler::schedule::Layout;
 use wrnc_runtime::cuda::{self, augment, cache::PtxCache, check, device::Gpu};
 
 fn gpu() -> Option<Gpu> {
@@ -49,19 +50,22 @@ fn small_wrn_matches_the_cpu_reference() {
     for mode in [Mode::Train, Mode::Infer] {
         for unfused in [false, true] {
             for p in [Precision::F32, Precision::Bf16] {
-                let r = check::check_graph(
-                    &gpu,
-                    &cache,
-                    "wrn",
-                    &g,
-                    mode,
-                    2,
-                    p,
-                    unfused,
-                    &Default::default(),
-                )
-                .unwrap();
-                assert!(r.passed, "{r:?}");
+                for layout in [Layout::Nchw, Layout::Nhwc] {
+                    let r = check::check_graph(
+                        &gpu,
+                        &cache,
+                        "wrn",
+                        &g,
+                        mode,
+                        2,
+                        p,
+                        unfused,
+                        &Default::default(),
+                        layout,
+                    )
+                    .unwrap();
+                    assert!(r.passed, "{layout:?} {r:?}");
+                }
             }
         }
     }

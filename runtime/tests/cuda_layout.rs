@@ -53,6 +53,7 @@ fn schedules(g: &Graph, batch: u32) -> Vec<(String, Schedule)> {
             for precision in [Precision::F32, Precision::Bf16] {
                 let opts = Options {
                     tiles: Default::default(),
+                    layout: Default::default(),
                     mode,
                     batch,
                     precision,

@@ -39,6 +39,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
+        Default::default(),
     )
     .err()
     .expect("no GPU trainer without a driver");
@@ -59,6 +60,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
+        Default::default(),
     )
     .err()
     .unwrap();

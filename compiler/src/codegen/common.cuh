@@ -25,6 +25,13 @@ __device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) { p[i] = v; }
 __device__ __forceinline__ float wrnc_stored(float v) { return v; }
 #endif
 
+// The NCHW flat index of element i of an NHWC activation with C channels and HW pixels per
+// image: the index a dropout mask is drawn at in either layout.
+__device__ __forceinline__ int nchw_index(int i, int C, int HW) {
+    const int c = i % C, t = i / C;
+    return ((t / HW) * C + c) * HW + t % HW;
+}
+
 // Sum over a warp; every lane of the warp must call it. Lane 0 holds the result.
 __device__ __forceinline__ float wrnc_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);

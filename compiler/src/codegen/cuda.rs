@@ -106,8 +106,9 @@ fn acc_store(dst: &str, idx: &str, v: &str, flag: &str) -> String {
     format!("        {{ float o_ = {v}; if ({flag}) o_ += wrnc_ld({dst}, {idx}); wrnc_st({dst}, {idx}, o_); }}\n")
 }
 
-/// Prologue on a loaded input element `xv` at flat index `idx`, channel `ic`, `C` channels.
-fn prologue(pro: &crate::schedule::PrologueFlags) -> String {
+/// Prologue on a loaded input element `xv`, channel `ic`, `IC` channels; `lidx` is its NCHW
+/// index (the dropout mask's, in either layout).
+fn prologue(pro: &crate::schedule::PrologueFlags, lidx: &str) -> String {
     let mut s = String::new();
     if pro.affine {
         s.push_str("                xv = xv * affine[ic] + affine[IC + ic];\n");
@@ -117,10 +118,63 @@ fn prologue(pro: &crate::schedule::PrologueFlags) -> String {
     }
     if pro.dropout {
         s.push_str(
-            "                xv = wrnc_drop(xv, seed, stream, hyper[0], (unsigned int)idx, p);\n",
+            &"                xv = wrnc_drop(xv, seed, stream, hyper[0], (unsigned int)LIDX, p);\n"
+                .replace("LIDX", lidx),
         );
     }
     s
+}
+
+/// The flat index of activation element `(n, c, h, w)` of an `[N, CC, HH, WW]` tensor in the
+/// layout: NCHW `((n * CC + c) * HH + h) * WW + w`, NHWC `((n * HH + h) * WW + w) * CC + c`.
+#[allow(clippy::too_many_arguments)]
+fn at(nhwc: bool, n: &str, c: &str, cc: &str, h: &str, hh: &str, w: &str, ww: &str) -> String {
+    if nhwc {
+        format!("(({n} * {hh} + {h}) * {ww} + {w}) * {cc} + {c}")
+    } else {
+        format!("(({n} * {cc} + {c}) * {hh} + {h}) * {ww} + {w}")
+    }
+}
+
+/// A conv's reduction index `kk` split into `(c, kh, kw)` as `cv`, `kh`, `kw`, with `CH`
+/// channels per group: `c` slowest in NCHW (the OIHW weights' order), fastest in NHWC (so a
+/// run of `kk` is a run of channels of one pixel).
+fn split_red(nhwc: bool, kk: &str, cv: &str, ch: &str) -> String {
+    if nhwc {
+        format!("const int {cv} = {kk} % {ch}, t2 = {kk} / {ch}, kw = t2 % KS, kh = t2 / KS;")
+    } else {
+        format!("const int kw = {kk} % KS, t2 = {kk} / KS, kh = t2 % KS, {cv} = t2 / KS;")
+    }
+}
+
+/// Splits an elementwise kernel's flat index `i` over an `[N, CC, HH, WW]` tensor into `ni`,
+/// `c`, `h`, `w` (declared), in the layout's order.
+fn split_flat(nhwc: bool, c: &str, cc: &str, h: &str, hh: &str, w: &str, ww: &str) -> String {
+    if nhwc {
+        format!("const int {c} = i % {cc}, t = i / {cc}, {w} = t % {ww}, t2 = t / {ww}, {h} = t2 % {hh}, ni = t2 / {hh};")
+    } else {
+        format!("const int {w} = i % {ww}, t = i / {ww}, {h} = t % {hh}, t2 = t / {hh}, {c} = t2 % {cc}, ni = t2 / {cc};")
+    }
+}
+
+/// The dropout mask index of element `i` of a `count`-element activation: `i` itself in NCHW,
+/// its NCHW index in NHWC (`C`, `HW` in scope), so both layouts draw the same mask.
+fn mask_index(nhwc: bool) -> &'static str {
+    if nhwc {
+        "nchw_index(i, C, HW)"
+    } else {
+        "i"
+    }
+}
+
+/// A linear layer's input feature `k` (NCHW order `c * hw + p`, the weights') as an offset in
+/// its input row: `k` itself, or with an NHWC input of `hw > 1` pixels `p * (IN / hw) + c`.
+fn feat(hw: u32, k: &str) -> String {
+    if hw > 1 {
+        format!("({k} % {hw}) * (IN / {hw}) + {k} / {hw}")
+    } else {
+        k.to_string()
+    }
 }
 
 struct Gemm<'a> {
@@ -500,12 +554,28 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G, KDIM = ICG * KS * KS;\n",
                 g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
+            let nh = g.nhwc;
+            let xi = at(nh, "ni", "ic", "IC", "ih", "IH", "iw", "IW");
+            // the dropout mask's index is the NCHW one
+            let li = if nh {
+                format!("({})", at(false, "ni", "ic", "IC", "ih", "IH", "iw", "IW"))
+            } else {
+                "idx".to_string()
+            };
             let a = format!(
-                "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, icg = t2 / KS;\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
-                prologue(&pro)
+                "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = {xi};\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
+                split_red(nh, "kk", "icg", "ICG"),
+                prologue(&pro, &li)
             );
-            let b = "                v = w[(g * OCG + jj) * KDIM + kk];\n".to_string();
-            let mut e = String::from("    const int oc = g * OCG + j;\n    float out = acc;\n    if (valid) {\n        const int ow = m % OW, t = m / OW, oh = t % OH, ni = t / OH;\n        const int idx = ((ni * OC + oc) * OH + oh) * OW + ow;\n");
+            let b = if nh {
+                format!(
+                    "                {}\n                v = w[(g * OCG + jj) * KDIM + (icg * KS + kh) * KS + kw];\n",
+                    split_red(nh, "kk", "icg", "ICG")
+                )
+            } else {
+                "                v = w[(g * OCG + jj) * KDIM + kk];\n".to_string()
+            };
+            let mut e = format!("    const int oc = g * OCG + j;\n    float out = acc;\n    if (valid) {{\n        const int ow = m % OW, t = m / OW, oh = t % OH, ni = t / OH;\n        const int idx = {};\n", at(nh, "ni", "oc", "OC", "oh", "OH", "ow", "OW"));
             if epi.bias {
                 e.push_str("        out += bias[oc];\n");
             }
@@ -548,7 +618,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     epi: e,
                     consts: &consts,
-                    a_m_fast: true,
+                    // NCHW: a patch row's pixels are contiguous; NHWC: its channels
+                    a_m_fast: !nh,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
                     tile: g.tile,
@@ -562,9 +633,23 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G;\n",
                 g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
-            let a = "                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, ocg = t2 / KS;\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW)\n                    v = wrnc_ld(dy, ((ni * OC + g * OCG + ocg) * OH + ohn / S) * OW + own / S);\n".to_string();
-            let b = "                const int kw = kk % KS, t2 = kk / KS, kh = t2 % KS, ocg = t2 / KS;\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n".to_string();
-            let mut e = String::from("    const int ic = g * ICG + j;\n    int idx = 0;\n    if (valid) {\n        const int iw = m % IW, t = m / IW, ih = t % IH, ni = t / IH;\n        idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n    }\n");
+            let nh = g.nhwc;
+            let a = format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW)\n                    v = wrnc_ld(dy, {});\n",
+                split_red(nh, "kk", "ocg", "OCG"),
+                at(nh, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"));
+            let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", split_red(nh, "kk", "ocg", "OCG"));
+            // the dropout mask's index is the NCHW one
+            let (ldecl, lset, lidx) = if nh && chain.dropout {
+                (
+                    ", lidx = 0",
+                    format!("        lidx = {};\n", at(false, "ni", "ic", "IC", "ih", "IH", "iw", "IW")),
+                    "lidx",
+                )
+            } else {
+                ("", String::new(), "idx")
+            };
+            let mut e = format!("    const int ic = g * ICG + j;\n    int idx = 0{ldecl};\n    if (valid) {{\n        const int iw = m % IW, t = m / IW, ih = t % IH, ni = t / IH;\n        idx = {};\n{lset}    }}\n",
+                at(nh, "ni", "ic", "IC", "ih", "IH", "iw", "IW"));
             if chain.any() {
                 e.push_str("    float gv = 0.0f, xh = 0.0f;\n    if (valid) {\n        const float xv = wrnc_ld(xpre, idx);\n");
                 if chain.relu {
@@ -573,7 +658,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 }
                 e.push_str("        float d = acc;\n");
                 if chain.dropout {
-                    e.push_str("        d = wrnc_drop(d, seed, stream, hyper[0], (unsigned int)idx, p);\n");
+                    writeln!(e, "        d = wrnc_drop(d, seed, stream, hyper[0], (unsigned int){lidx}, p);").unwrap();
                 }
                 if chain.relu {
                     e.push_str("        d = a > 0.0f ? d : 0.0f;\n");
@@ -596,7 +681,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     epi: e,
                     consts: &consts,
-                    a_m_fast: true,
+                    a_m_fast: !nh,
                     b_k_fast: g.k > 1,
                     tensor_cores: g.tensor_cores,
                     tile: g.tile,
@@ -610,18 +695,35 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G, KDIM = ICG * KS * KS;\n",
                 g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
-            let a = "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                v = wrnc_ld(dy, ((ni * OC + g * OCG + mm) * OH + oh) * OW + ow);\n".to_string();
+            let nh = g.nhwc;
+            let a = format!("                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                v = wrnc_ld(dy, {});\n",
+                at(nh, "ni", "g * OCG + mm", "OC", "oh", "OH", "ow", "OW"));
             let b = format!(
-                "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                const int kw = jj % KS, t2 = jj / KS, kh = t2 % KS, icg = t2 / KS;\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = ((ni * IC + ic) * IH + ih) * IW + iw;\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
-                prologue(&pro)
+                "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic = g * ICG + icg;\n                const int idx = {};\n                float xv = wrnc_ld(x, idx);\n{}                v = xv;\n                }}\n",
+                split_red(nh, "jj", "icg", "ICG"),
+                at(nh, "ni", "ic", "IC", "ih", "IH", "iw", "IW"),
+                prologue(
+                    &pro,
+                    &if nh {
+                        format!("({})", at(false, "ni", "ic", "IC", "ih", "IH", "iw", "IW"))
+                    } else {
+                        "idx".to_string()
+                    }
+                )
             );
+            // the GEMM's column `j` is the reduction index `(c, kh, kw)` in the layout's order;
+            // the gradient is stored OIHW
+            let col = if nh {
+                "(j % ICG * KS + j / ICG / KS) * KS + j / ICG % KS"
+            } else {
+                "j"
+            };
             // with split-K, slice `slice_` writes the `slice_`-th partial gradient
             let e = if split_k > 1 {
-                "    if (valid) dw[slice_ * (G * OCG * KDIM) + (g * OCG + m) * KDIM + j] = acc;\n"
+                format!("    if (valid) dw[slice_ * (G * OCG * KDIM) + (g * OCG + m) * KDIM + {col}] = acc;\n")
             } else {
-                "    if (valid) dw[(g * OCG + m) * KDIM + j] = acc;\n"
-            }
-            .to_string();
+                format!("    if (valid) dw[(g * OCG + m) * KDIM + {col}] = acc;\n")
+            };
             gemm(
                 name,
                 spec,
@@ -633,8 +735,9 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     epi: e,
                     consts: &consts,
-                    a_m_fast: false,
-                    b_k_fast: true,
+                    // NCHW: pixels are contiguous; NHWC: channels (`dy`'s rows, `x`'s columns)
+                    a_m_fast: nh,
+                    b_k_fast: !nh,
                     tensor_cores: g.tensor_cores,
                     tile: g.tile,
                     wide: true,
@@ -642,14 +745,14 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 },
             )
         }
-        LinearFwd { in_f, out_f } => gemm(
+        LinearFwd { in_f, out_f, hw } => gemm(
             name,
             spec,
             &Gemm {
                 m: "n".into(),
                 ncols: "OUT".into(),
                 k: "IN".into(),
-                a: "                v = wrnc_ld(x, mm * IN + kk);\n".into(),
+                a: format!("                v = wrnc_ld(x, mm * IN + {});\n", feat(hw, "kk")),
                 b: "                v = w[jj * IN + kk];\n".into(),
                 epi: "    if (valid) wrnc_st(y, m * OUT + j, acc + bias[j]);\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
@@ -661,7 +764,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 split_k: 1,
             },
         ),
-        LinearBwdData { in_f, out_f } => gemm(
+        LinearBwdData { in_f, out_f, hw } => gemm(
             name,
             spec,
             &Gemm {
@@ -670,7 +773,10 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "OUT".into(),
                 a: "                v = wrnc_ld(dy, mm * OUT + kk);\n".into(),
                 b: "                v = w[kk * IN + jj];\n".into(),
-                epi: format!("    if (valid) {{\n{}    }}\n", acc_store("dx", "m * IN + j", "acc", "accum")),
+                epi: format!(
+                    "    if (valid) {{\n{}    }}\n",
+                    acc_store("dx", &format!("m * IN + {}", feat(hw, "j")), "acc", "accum")
+                ),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
                 b_k_fast: false,
@@ -680,7 +786,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 split_k: 1,
             },
         ),
-        LinearBwdWeight { in_f, out_f } => gemm(
+        LinearBwdWeight { in_f, out_f, hw } => gemm(
             name,
             spec,
             &Gemm {
@@ -688,7 +794,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 ncols: "IN".into(),
                 k: "n".into(),
                 a: "                v = wrnc_ld(dy, kk * OUT + mm);\n".into(),
-                b: "                v = wrnc_ld(x, kk * IN + jj);\n".into(),
+                b: format!("                v = wrnc_ld(x, kk * IN + {});\n", feat(hw, "jj")),
                 epi: "    if (valid) dw[m * IN + j] = acc;\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
@@ -701,7 +807,14 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is
         // ill-conditioned, and these kernels are memory-bound, so the wider adds cost nothing.
-        ChannelSums { squares } => format!(
+        ChannelSums { squares, nhwc } => {
+            // NHWC: one block still sums one channel, at a stride of C
+            let xi = if nhwc {
+                "(ni * HW + p_) * C + ch"
+            } else {
+                "(ni * C + ch) * HW + p_"
+            };
+            format!(
             r#"{} {{
     __shared__ double sh[32];
     __shared__ double mean_;
@@ -710,7 +823,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     double s = 0.0;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
-        s += (double)wrnc_ld(x, (ni * C + ch) * HW + p_);
+        s += (double)wrnc_ld(x, {xi});
     }}
     s = wrnc_block_sum_d(s, sh);
     if (threadIdx.x == 0) {{
@@ -726,16 +839,18 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     double q = 0.0;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int ni = i / HW, p_ = i - ni * HW;
-        const double d = (double)wrnc_ld(x, (ni * C + ch) * HW + p_) - mean;
+        const double d = (double)wrnc_ld(x, XI) - mean;
         q += d * d;
     }
     q = wrnc_block_sum_d(q, sh);
     if (threadIdx.x == 0) out[C + ch] = (float)q;
 "#
+                .replace("XI", xi)
             } else {
-                ""
+                String::new()
             }
-        ),
+        )
+        }
         BnFinalizeTrain { centered } => format!(
             r#"{} {{
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
@@ -772,16 +887,19 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 "#,
             header(name, spec)
         ),
-        BnApply => elementwise(
+        BnApply { nhwc } => elementwise(
             name,
             spec,
             "n * C * HW",
             "",
-            "        const int ch = (i / HW) % C;\n        wrnc_st(y, i, wrnc_ld(x, i) * affine[ch] + affine[C + ch]);\n",
+            &format!(
+                "        const int ch = {};\n        wrnc_st(y, i, wrnc_ld(x, i) * affine[ch] + affine[C + ch]);\n",
+                if nhwc { "i % C" } else { "(i / HW) % C" }
+            ),
         ),
         // Sums in double, like ChannelSums: dbeta of a BN whose output gradient has (nearly)
         // zero mean per channel is ill-conditioned.
-        BnBwdReduce { chain } => format!(
+        BnBwdReduce { chain, nhwc } => format!(
             r#"{} {{
     __shared__ double sh[32];
     const int ch = blockIdx.x;
@@ -790,8 +908,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     double sg = 0.0, sgx = 0.0;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
-        const int idx = (ni * C + ch) * HW + p_;
-        const float xv = wrnc_ld(x, idx);
+        const int idx = {};
+{}        const float xv = wrnc_ld(x, idx);
         float d = wrnc_ld(dy, idx);
 {}        sg += (double)d;
         sgx += (double)d * (((double)xv - mean) * rstd);
@@ -805,63 +923,106 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 }}
 "#,
             header(name, spec),
-            chain_code(&chain, "ch")
+            if nhwc {
+                "(ni * HW + p_) * C + ch"
+            } else {
+                "(ni * C + ch) * HW + p_"
+            },
+            if nhwc && chain.dropout {
+                "        const int lidx = (ni * C + ch) * HW + p_;\n"
+            } else {
+                ""
+            },
+            chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" })
         ),
-        BnBwdApply { chain } => elementwise(
+        BnBwdApply { chain, nhwc } => elementwise(
             name,
             spec,
             "n * C * HW",
             "    const float inv_m = 1.0f / (float)(n * HW);\n",
             &format!(
-                "        const int ch = (i / HW) % C;\n        const int idx = i;\n        const float xv = wrnc_ld(x, idx);\n        float d = wrnc_ld(dy, idx);\n{}        const float rstd = saved[C + ch];\n        const float xh = (xv - saved[ch]) * rstd;\n        const float r = gamma[ch] * rstd * (d - dbeta[ch] * inv_m - xh * dgamma[ch] * inv_m);\n{}",
-                chain_code(&chain, "ch"),
+                "        const int ch = {};\n        const int idx = i;\n{}        const float xv = wrnc_ld(x, idx);\n        float d = wrnc_ld(dy, idx);\n{}        const float rstd = saved[C + ch];\n        const float xh = (xv - saved[ch]) * rstd;\n        const float r = gamma[ch] * rstd * (d - dbeta[ch] * inv_m - xh * dgamma[ch] * inv_m);\n{}",
+                if nhwc { "i % C" } else { "(i / HW) % C" },
+                if nhwc && chain.dropout {
+                    "        const int lidx = nchw_index(i, C, HW);\n"
+                } else {
+                    ""
+                },
+                chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" }),
                 acc_store("dx", "i", "r", "accum")
             ),
         ),
         Relu => elementwise(name, spec, "count", "", "        const float v = wrnc_ld(x, i);\n        wrnc_st(y, i, v > 0.0f ? v : 0.0f);\n"),
         ReluBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_ld(y, i) > 0.0f ? wrnc_ld(dy, i) : 0.0f", "accum")),
-        Dropout => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, hyper[0], (unsigned int)i, p));\n"),
-        DropoutBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, hyper[0], (unsigned int)i, p)", "accum")),
+        // the mask index is the element's NCHW index in either layout
+        Dropout { nhwc } => elementwise(name, spec, "count", "", &format!("        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, hyper[0], (unsigned int){}, p));\n", mask_index(nhwc))),
+        DropoutBwd { nhwc } => elementwise(name, spec, "count", "", &acc_store("dx", "i", &format!("wrnc_drop(wrnc_ld(dy, i), seed, stream, hyper[0], (unsigned int){}, p)", mask_index(nhwc)), "accum")),
         DropPath => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_drop(wrnc_ld(x, i), seed, stream, hyper[0], (unsigned int)(i / per), p));\n"),
         DropPathBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_drop(wrnc_ld(dy, i), seed, stream, hyper[0], (unsigned int)(i / per), p)", "accum")),
         Add => elementwise(name, spec, "count", "", "        wrnc_st(y, i, wrnc_ld(a, i) + wrnc_ld(b, i));\n"),
         Accumulate => elementwise(name, spec, "count", "", &acc_store("y", "i", "wrnc_ld(x, i)", "accum")),
-        ZeroPad => elementwise(
+        ZeroPad { nhwc } => elementwise(
             name,
             spec,
             "n * OC * OH * OW",
             "",
-            "        const int ow = i % OW, t = i / OW, oh = t % OH, t2 = t / OH, c = t2 % OC, ni = t2 / OC;\n        float s = 0.0f;\n        if (c < IC) {\n            for (int a = 0; a < S; ++a) for (int b = 0; b < S; ++b) {\n                const int ih = oh * S + a, iw = ow * S + b;\n                if (ih < IH && iw < IW) s += wrnc_ld(x, ((ni * IC + c) * IH + ih) * IW + iw);\n            }\n            s *= 1.0f / (float)(S * S);\n        }\n        wrnc_st(y, i, s);\n",
+            &format!(
+                "        {}\n        float s = 0.0f;\n        if (c < IC) {{\n            for (int a = 0; a < S; ++a) for (int b = 0; b < S; ++b) {{\n                const int ih = oh * S + a, iw = ow * S + b;\n                if (ih < IH && iw < IW) s += wrnc_ld(x, {});\n            }}\n            s *= 1.0f / (float)(S * S);\n        }}\n        wrnc_st(y, i, s);\n",
+                split_flat(nhwc, "c", "OC", "oh", "OH", "ow", "OW"),
+                at(nhwc, "ni", "c", "IC", "ih", "IH", "iw", "IW")
+            ),
         ),
-        ZeroPadBwd => elementwise(
+        ZeroPadBwd { nhwc } => elementwise(
             name,
             spec,
             "n * IC * IH * IW",
             "",
             &format!(
-                "        const int iw = i % IW, t = i / IW, ih = t % IH, t2 = t / IH, c = t2 % IC, ni = t2 / IC;\n        const int oh = ih / S, ow = iw / S;\n        const float d = (oh < OH && ow < OW) ? wrnc_ld(dy, ((ni * OC + c) * OH + oh) * OW + ow) * (1.0f / (float)(S * S)) : 0.0f;\n{}",
+                "        {}\n        const int oh = ih / S, ow = iw / S;\n        const float d = (oh < OH && ow < OW) ? wrnc_ld(dy, {}) * (1.0f / (float)(S * S)) : 0.0f;\n{}",
+                split_flat(nhwc, "c", "IC", "ih", "IH", "iw", "IW"),
+                at(nhwc, "ni", "c", "OC", "oh", "OH", "ow", "OW"),
                 acc_store("dx", "i", "d", "accum")
             ),
         ),
-        Concat => elementwise(
+        // NHWC: `t` is the pixel `ni * HW + p_`, each tensor's channels contiguous within it
+        Concat { nhwc } => elementwise(
             name,
             spec,
             "n * (C0 + C1) * HW",
             "",
-            "        const int p_ = i % HW, t = i / HW, c = t % (C0 + C1), ni = t / (C0 + C1);\n        wrnc_st(y, i, c < C0 ? wrnc_ld(x, (ni * C0 + c) * HW + p_) : wrnc_ld(x1, (ni * C1 + c - C0) * HW + p_));\n",
+            if nhwc {
+                "        const int c = i % (C0 + C1), t = i / (C0 + C1);\n        wrnc_st(y, i, c < C0 ? wrnc_ld(x, t * C0 + c) : wrnc_ld(x1, t * C1 + c - C0));\n"
+            } else {
+                "        const int p_ = i % HW, t = i / HW, c = t % (C0 + C1), ni = t / (C0 + C1);\n        wrnc_st(y, i, c < C0 ? wrnc_ld(x, (ni * C0 + c) * HW + p_) : wrnc_ld(x1, (ni * C1 + c - C0) * HW + p_));\n"
+            },
         ),
-        ConcatBwd => elementwise(
-            name,
-            spec,
-            "n * (C0 + C1) * HW",
-            "",
-            &format!(
-                "        const int p_ = i % HW, t = i / HW, c = t % (C0 + C1), ni = t / (C0 + C1);\n        const float d = wrnc_ld(dy, i);\n        if (c < C0) {{\n    {}        }} else {{\n    {}        }}\n",
-                acc_store("dx0", "(ni * C0 + c) * HW + p_", "d", "accum0"),
-                acc_store("dx1", "(ni * C1 + c - C0) * HW + p_", "d", "accum1")
-            ),
-        ),
-        MaxPool { pool } | AvgPool { pool } => {
+        ConcatBwd { nhwc } => {
+            let (split, i0, i1) = if nhwc {
+                (
+                    "        const int c = i % (C0 + C1), t = i / (C0 + C1);\n",
+                    "t * C0 + c",
+                    "t * C1 + c - C0",
+                )
+            } else {
+                (
+                    "        const int p_ = i % HW, t = i / HW, c = t % (C0 + C1), ni = t / (C0 + C1);\n",
+                    "(ni * C0 + c) * HW + p_",
+                    "(ni * C1 + c - C0) * HW + p_",
+                )
+            };
+            elementwise(
+                name,
+                spec,
+                "n * (C0 + C1) * HW",
+                "",
+                &format!(
+                    "{split}        const float d = wrnc_ld(dy, i);\n        if (c < C0) {{\n    {}        }} else {{\n    {}        }}\n",
+                    acc_store("dx0", i0, "d", "accum0"),
+                    acc_store("dx1", i1, "d", "accum1")
+                ),
+            )
+        }
+        MaxPool { pool, nhwc } | AvgPool { pool, nhwc } => {
             let max = matches!(spec, MaxPool { .. });
             elementwise(
                 name,
@@ -869,20 +1030,24 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "n * C * OH * OW",
                 &format!("    const int K = {}, S = {}, P = {};\n", pool.k, pool.stride, pool.pad),
                 &format!(
-                    "        const int ow = i % OW, t = i / OW, oh = t % OH, nc = t / OH;\n        float r = {};\n        for (int a = 0; a < K; ++a) for (int b = 0; b < K; ++b) {{\n            const int ih = oh * S - P + a, iw = ow * S - P + b;\n            if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const float v = wrnc_ld(x, (nc * IH + ih) * IW + iw);\n                {}\n            }}\n        }}\n        wrnc_st(y, i, {});\n",
+                    "        {}\n        float r = {};\n        for (int a = 0; a < K; ++a) for (int b = 0; b < K; ++b) {{\n            const int ih = oh * S - P + a, iw = ow * S - P + b;\n            if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const float v = wrnc_ld(x, {});\n                {}\n            }}\n        }}\n        wrnc_st(y, i, {});\n",
+                    split_flat(nhwc, "c", "C", "oh", "OH", "ow", "OW"),
                     if max { "-3.402823466e38f" } else { "0.0f" },
+                    at(nhwc, "ni", "c", "C", "ih", "IH", "iw", "IW"),
                     if max { "r = v > r ? v : r;" } else { "r += v;" },
                     if max { "r" } else { "r * (1.0f / (float)(K * K))" }
                 ),
             )
         }
-        MaxPoolBwd { pool } | AvgPoolBwd { pool } => {
+        MaxPoolBwd { pool, nhwc } | AvgPoolBwd { pool, nhwc } => {
             let max = matches!(spec, MaxPoolBwd { .. });
+            let dyi = at(nhwc, "ni", "c", "C", "oh", "OH", "ow", "OW");
             let inner = if max {
                 // recompute the window's argmax (first maximum in row-major order)
-                "                float best = -3.402823466e38f; int bi = -1;\n                for (int a = 0; a < K; ++a) for (int b = 0; b < K; ++b) {\n                    const int h2 = oh * S - P + a, w2 = ow * S - P + b;\n                    if (h2 >= 0 && h2 < IH && w2 >= 0 && w2 < IW) {\n                        const float v = wrnc_ld(x, (nc * IH + h2) * IW + w2);\n                        if (bi < 0 || v > best) { best = v; bi = h2 * IW + w2; }\n                    }\n                }\n                if (bi == ih * IW + iw) s += wrnc_ld(dy, (nc * OH + oh) * OW + ow);\n"
+                format!("                float best = -3.402823466e38f; int bi = -1;\n                for (int a = 0; a < K; ++a) for (int b = 0; b < K; ++b) {{\n                    const int h2 = oh * S - P + a, w2 = ow * S - P + b;\n                    if (h2 >= 0 && h2 < IH && w2 >= 0 && w2 < IW) {{\n                        const float v = wrnc_ld(x, {});\n                        if (bi < 0 || v > best) {{ best = v; bi = h2 * IW + w2; }}\n                    }}\n                }}\n                if (bi == ih * IW + iw) s += wrnc_ld(dy, {dyi});\n",
+                    at(nhwc, "ni", "c", "C", "h2", "IH", "w2", "IW"))
             } else {
-                "                s += wrnc_ld(dy, (nc * OH + oh) * OW + ow) * (1.0f / (float)(K * K));\n"
+                format!("                s += wrnc_ld(dy, {dyi}) * (1.0f / (float)(K * K));\n")
             };
             elementwise(
                 name,
@@ -890,24 +1055,45 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "n * C * IH * IW",
                 &format!("    const int K = {}, S = {}, P = {};\n", pool.k, pool.stride, pool.pad),
                 &format!(
-                    "        const int iw = i % IW, t = i / IW, ih = t % IH, nc = t / IH;\n        float s = 0.0f;\n        const int hlo = ih + P - K + 1 > 0 ? (ih + P - K + 1 + S - 1) / S : 0;\n        const int wlo = iw + P - K + 1 > 0 ? (iw + P - K + 1 + S - 1) / S : 0;\n        const int hhi = (ih + P) / S < OH - 1 ? (ih + P) / S : OH - 1;\n        const int whi = (iw + P) / S < OW - 1 ? (iw + P) / S : OW - 1;\n        for (int oh = hlo; oh <= hhi; ++oh) for (int ow = wlo; ow <= whi; ++ow) {{\n{inner}        }}\n{}",
+                    "        {}\n        float s = 0.0f;\n        const int hlo = ih + P - K + 1 > 0 ? (ih + P - K + 1 + S - 1) / S : 0;\n        const int wlo = iw + P - K + 1 > 0 ? (iw + P - K + 1 + S - 1) / S : 0;\n        const int hhi = (ih + P) / S < OH - 1 ? (ih + P) / S : OH - 1;\n        const int whi = (iw + P) / S < OW - 1 ? (iw + P) / S : OW - 1;\n        for (int oh = hlo; oh <= hhi; ++oh) for (int ow = wlo; ow <= whi; ++ow) {{\n{inner}        }}\n{}",
+                    split_flat(nhwc, "c", "C", "ih", "IH", "iw", "IW"),
                     acc_store("dx", "i", "s", "accum")
                 ),
             )
         }
-        GlobalAvgPool => elementwise(
+        GlobalAvgPool { nhwc } => elementwise(
             name,
             spec,
             "rows",
             "",
-            "        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) s += wrnc_ld(x, i * HW + p_);\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n",
+            if nhwc {
+                "        const int ni = i / C, c = i % C;\n        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) s += wrnc_ld(x, (ni * HW + p_) * C + c);\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n"
+            } else {
+                "        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) s += wrnc_ld(x, i * HW + p_);\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n"
+            },
         ),
-        GlobalAvgPoolBwd => elementwise(
+        GlobalAvgPoolBwd { nhwc } => elementwise(
             name,
             spec,
             "rows * HW",
             "",
-            &acc_store("dx", "i", "wrnc_ld(dy, i / HW) * (1.0f / (float)HW)", "accum"),
+            &acc_store(
+                "dx",
+                "i",
+                if nhwc {
+                    "wrnc_ld(dy, i / (HW * C) * C + i % C) * (1.0f / (float)HW)"
+                } else {
+                    "wrnc_ld(dy, i / HW) * (1.0f / (float)HW)"
+                },
+                "accum",
+            ),
+        ),
+        ToNhwc => elementwise(
+            name,
+            spec,
+            "n * C * HW",
+            "",
+            "        const int c = i % C, t = i / C, p_ = t % HW, ni = t / HW;\n        wrnc_st(y, i, wrnc_ld(x, (ni * C + c) * HW + p_));\n",
         ),
         SoftmaxXent { classes } => elementwise(
             name,
@@ -973,11 +1159,15 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 }
 
 /// dReLU / dropout of a BN prologue chain on `d` (the activation gradient), recomputing the
-/// activation from `xv`.
-fn chain_code(chain: &crate::schedule::PrologueFlags, ch: &str) -> String {
+/// activation from `xv`; `lidx` is the element's NCHW index (the dropout mask's).
+fn chain_code(chain: &crate::schedule::PrologueFlags, ch: &str, lidx: &str) -> String {
     let mut s = String::new();
     if chain.dropout {
-        s.push_str("        d = wrnc_drop(d, seed, stream, hyper[0], (unsigned int)idx, p);\n");
+        writeln!(
+            s,
+            "        d = wrnc_drop(d, seed, stream, hyper[0], (unsigned int){lidx}, p);"
+        )
+        .unwrap();
     }
     if chain.relu {
         writeln!(

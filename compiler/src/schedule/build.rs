@@ -49,6 +49,8 @@ struct B<'a> {
     tensor_cores: bool,
     /// Their block tiles.
     tiles: Tiles,
+    /// Activations are NHWC (`Layout::Nhwc`).
+    nhwc: bool,
 }
 
 impl<'a> B<'a> {
@@ -212,6 +214,30 @@ impl<'a> B<'a> {
         ]
     }
 
+    /// The scalars an NHWC dropout of node `i` takes after `count` (`C`, `HW`), none in NCHW.
+    fn layout_scalars(&self, i: usize) -> Vec<ScalarArg> {
+        let sh = self.plan.nodes[i].shape;
+        if self.nhwc {
+            vec![
+                ScalarArg::I32(sh.c as i32),
+                ScalarArg::I32((sh.h * sh.w) as i32),
+            ]
+        } else {
+            vec![]
+        }
+    }
+
+    /// A linear layer `i`'s `hw` (see [`KernelSpec::LinearFwd`]): its input's pixels in an
+    /// NHWC schedule, else 1.
+    fn linear_hw(&self, i: usize) -> u32 {
+        let sh = self.plan.nodes[self.plan.nodes[i].inputs[0]].shape;
+        if self.nhwc {
+            sh.h * sh.w
+        } else {
+            1
+        }
+    }
+
     fn dropout_p(&self, d: usize) -> f32 {
         match self.plan.nodes[d].op {
             Op::Dropout { p } => p,
@@ -254,7 +280,7 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
 }
 
 /// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`).
-fn geom(p: &Plan, i: usize, tensor_cores: bool) -> ConvGeom {
+fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
     let Op::Conv2d(c) = p.nodes[i].op else {
         unreachable!()
     };
@@ -271,6 +297,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool) -> ConvGeom {
         groups: c.groups,
         tensor_cores,
         tile: TcTile::DEFAULT,
+        nhwc,
     }
 }
 
@@ -286,6 +313,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         Precision::F32 => Dtype::F32,
         Precision::Bf16 => Dtype::Bf16,
     };
+    let layout = opts.layout.resolve(opts.precision);
     let nn = plan.nodes.len();
     let mut b = B {
         plan,
@@ -295,6 +323,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             mode: plan.mode,
             batch: n,
             precision: opts.precision,
+            layout,
             classes: plan.classes,
             passes: vec![],
             buffers: vec![],
@@ -320,6 +349,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         in_setup: false,
         tensor_cores: opts.precision == Precision::Bf16,
         tiles: opts.tiles.clone(),
+        nhwc: layout == Layout::Nhwc,
     };
 
     // sizes: every element index must fit an i32
@@ -390,8 +420,13 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         if matches!(node.op, Op::Input) {
             let len = b.numel(i);
             let buf = b.buffer("input".into(), len, act, Role::Input);
-            b.val[i] = Some(buf);
             b.s.input = buf;
+            // an NHWC schedule reads its own transposed copy (see `ToNhwc` below)
+            b.val[i] = Some(if b.nhwc {
+                b.buffer("act.input.nhwc".into(), len, act, Role::Activation)
+            } else {
+                buf
+            });
         } else if node.fuse.removed {
             b.val[i] = b.val[node.inputs[0]];
         } else if plan.value_node(i) == Some(i) {
@@ -495,6 +530,29 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         }
     }
     let ni = n as i32;
+    if b.nhwc {
+        // y[n][p][c] = x[n][c][p]: the NCHW input in the schedule's layout
+        let x = plan
+            .nodes
+            .iter()
+            .position(|x| matches!(x.op, Op::Input))
+            .unwrap();
+        let sh = plan.nodes[x].shape;
+        let (xin, xv) = (b.s.input, b.val(x));
+        let args = vec![b.arg(xv, Access::Write), b.arg(xin, Access::Read)];
+        b.launch(
+            KernelSpec::ToNhwc,
+            B::elem_grid(b.numel(x)),
+            [ELEM_BLOCK, 1, 1],
+            args,
+            vec![
+                ScalarArg::I32(ni),
+                ScalarArg::I32(sh.c as i32),
+                ScalarArg::I32((sh.h * sh.w) as i32),
+            ],
+            "input to nhwc".into(),
+        )?;
+    }
     for i in 0..nn {
         let node = &plan.nodes[i];
         let name = node.name.clone();
@@ -504,7 +562,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         match node.op {
             Op::Input => {}
             Op::Conv2d(conv) => {
-                let g = geom(plan, i, b.tensor_cores);
+                let g = geom(plan, i, b.tensor_cores, b.nhwc);
                 let pro = fu.prologue;
                 let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
                 let pflags = PrologueFlags {
@@ -595,7 +653,10 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                             b.arg(xb, Access::Read),
                         ];
                         b.launch(
-                            KernelSpec::ChannelSums { squares: true },
+                            KernelSpec::ChannelSums {
+                                squares: true,
+                                nhwc: b.nhwc,
+                            },
                             [c as u64, 1, 1],
                             [ELEM_BLOCK, 1, 1],
                             args,
@@ -650,7 +711,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                         b.arg(affine, Access::Read),
                     ];
                     b.launch(
-                        KernelSpec::BnApply,
+                        KernelSpec::BnApply { nhwc: b.nhwc },
                         B::elem_grid(count),
                         [ELEM_BLOCK, 1, 1],
                         args,
@@ -673,8 +734,12 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 let (spec, sc) = match node.op {
                     Op::Relu => (KernelSpec::Relu, vec![cnt]),
                     Op::Dropout { p } if train => (
-                        KernelSpec::Dropout,
-                        [cnt].into_iter().chain(b.rng(i, p)).collect(),
+                        KernelSpec::Dropout { nhwc: b.nhwc },
+                        [cnt]
+                            .into_iter()
+                            .chain(b.layout_scalars(i))
+                            .chain(b.rng(i, p))
+                            .collect(),
                     ),
                     Op::DropPath { survival } if train => {
                         let per = ScalarArg::I32(shape.numel() as i32);
@@ -722,14 +787,14 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             | Op::AvgPool(_)
             | Op::Concat
             | Op::GlobalAvgPool => {
-                let (spec, shape_sc) = fwd_spatial(plan, i);
+                let (spec, shape_sc) = fwd_spatial(plan, i, b.nhwc);
                 let yb = b.val(i);
                 let mut args = vec![b.arg(yb, Access::Write)];
                 for &x in &node.inputs {
                     let xb = b.val(x);
                     args.push(b.arg(xb, Access::Read));
                 }
-                let (grid, first) = if let KernelSpec::GlobalAvgPool = spec {
+                let (grid, first) = if let KernelSpec::GlobalAvgPool { .. } = spec {
                     let rows = n as u64 * shape.c as u64;
                     (B::elem_grid(rows), ScalarArg::I32(rows as i32))
                 } else {
@@ -753,8 +818,9 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     b.param(&format!("{name}.weight"), Access::Read, params),
                     b.param(&format!("{name}.bias"), Access::Read, params),
                 ];
+                let hw = b.linear_hw(i);
                 b.gemm_launch(
-                    KernelSpec::LinearFwd { in_f, out_f },
+                    KernelSpec::LinearFwd { in_f, out_f, hw },
                     n as u64,
                     out_f as u64,
                     1,
@@ -906,7 +972,7 @@ fn finish(b: B) -> crate::Result<Schedule> {
 
 /// The forward kernel of a spatial op and its runtime shape scalars (in the order of
 /// [`KernelSpec::signature`], after `n` / `rows`).
-fn fwd_spatial(plan: &Plan, i: usize) -> (KernelSpec, Vec<ScalarArg>) {
+fn fwd_spatial(plan: &Plan, i: usize, nhwc: bool) -> (KernelSpec, Vec<ScalarArg>) {
     let node = &plan.nodes[i];
     let x = plan.nodes[node.inputs[0]].shape;
     let y = node.shape;
@@ -917,16 +983,29 @@ fn fwd_spatial(plan: &Plan, i: usize) -> (KernelSpec, Vec<ScalarArg>) {
     };
     match node.op {
         Op::ZeroPadShortcut { out_c, stride } => (
-            KernelSpec::ZeroPad,
+            KernelSpec::ZeroPad { nhwc },
             v(&[x.c, out_c, x.h, x.w, y.h, y.w, stride]),
         ),
-        Op::MaxPool(pool) => (KernelSpec::MaxPool { pool }, v(&[x.c, x.h, x.w, y.h, y.w])),
-        Op::AvgPool(pool) => (KernelSpec::AvgPool { pool }, v(&[x.c, x.h, x.w, y.h, y.w])),
+        Op::MaxPool(pool) => (
+            KernelSpec::MaxPool { pool, nhwc },
+            v(&[x.c, x.h, x.w, y.h, y.w]),
+        ),
+        Op::AvgPool(pool) => (
+            KernelSpec::AvgPool { pool, nhwc },
+            v(&[x.c, x.h, x.w, y.h, y.w]),
+        ),
         Op::Concat => (
-            KernelSpec::Concat,
+            KernelSpec::Concat { nhwc },
             v(&[x.c, plan.nodes[node.inputs[1]].shape.c, x.h * x.w]),
         ),
-        Op::GlobalAvgPool => (KernelSpec::GlobalAvgPool, v(&[x.h * x.w])),
+        Op::GlobalAvgPool => (
+            KernelSpec::GlobalAvgPool { nhwc },
+            if nhwc {
+                v(&[x.h * x.w, x.c])
+            } else {
+                v(&[x.h * x.w])
+            },
+        ),
         _ => unreachable!(),
     }
 }
@@ -981,7 +1060,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
     match node.op {
         Op::Input => {}
         Op::Conv2d(conv) => {
-            let g = geom(plan, i, b.tensor_cores);
+            let g = geom(plan, i, b.tensor_cores, b.nhwc);
             let pro = fu.prologue;
             let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
             let pflags = PrologueFlags {
@@ -1075,7 +1154,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             if conv.bias {
                 let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
                 b.launch(
-                    KernelSpec::ChannelSums { squares: false },
+                    KernelSpec::ChannelSums {
+                        squares: false,
+                        nhwc: b.nhwc,
+                    },
                     [conv.out_c as u64, 1, 1],
                     blk,
                     args,
@@ -1206,7 +1288,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 .chain(rng.iter().copied())
                 .collect();
                 b.launch(
-                    KernelSpec::BnBwdReduce { chain },
+                    KernelSpec::BnBwdReduce {
+                        chain,
+                        nhwc: b.nhwc,
+                    },
                     [c as u64, 1, 1],
                     blk,
                     args,
@@ -1243,7 +1328,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 .chain(rng.iter().copied())
                 .collect();
                 b.launch(
-                    KernelSpec::BnBwdApply { chain },
+                    KernelSpec::BnBwdApply {
+                        chain,
+                        nhwc: b.nhwc,
+                    },
                     B::elem_grid(count),
                     blk,
                     args,
@@ -1267,9 +1355,13 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     )
                 }
                 Op::Dropout { p } => (
-                    KernelSpec::DropoutBwd,
+                    KernelSpec::DropoutBwd { nhwc: b.nhwc },
                     vec![dst, dya],
-                    [cnt, acc].into_iter().chain(b.rng(i, p)).collect(),
+                    [cnt, acc]
+                        .into_iter()
+                        .chain(b.layout_scalars(i))
+                        .chain(b.rng(i, p))
+                        .collect(),
                 ),
                 Op::DropPath { survival } => {
                     let per = ScalarArg::I32(node.shape.numel() as i32);
@@ -1316,12 +1408,12 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 return Ok(());
             };
             let xcount = b.numel(x);
-            let (fwd, shape_sc) = fwd_spatial(plan, i);
+            let (fwd, shape_sc) = fwd_spatial(plan, i, b.nhwc);
             let spec = match fwd {
-                KernelSpec::ZeroPad => KernelSpec::ZeroPadBwd,
-                KernelSpec::MaxPool { pool } => KernelSpec::MaxPoolBwd { pool },
-                KernelSpec::AvgPool { pool } => KernelSpec::AvgPoolBwd { pool },
-                KernelSpec::GlobalAvgPool => KernelSpec::GlobalAvgPoolBwd,
+                KernelSpec::ZeroPad { nhwc } => KernelSpec::ZeroPadBwd { nhwc },
+                KernelSpec::MaxPool { pool, nhwc } => KernelSpec::MaxPoolBwd { pool, nhwc },
+                KernelSpec::AvgPool { pool, nhwc } => KernelSpec::AvgPoolBwd { pool, nhwc },
+                KernelSpec::GlobalAvgPool { nhwc } => KernelSpec::GlobalAvgPoolBwd { nhwc },
                 _ => unreachable!(),
             };
             let mut args = vec![dst, dya];
@@ -1329,7 +1421,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 let xb = b.val(x);
                 args.push(b.whole(xb, Access::Read));
             }
-            let first = if let KernelSpec::GlobalAvgPoolBwd = spec {
+            let first = if let KernelSpec::GlobalAvgPoolBwd { .. } = spec {
                 ScalarArg::I32((n as u64 * node.shape.c as u64) as i32)
             } else {
                 ScalarArg::I32(ni)
@@ -1352,11 +1444,11 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             {
                 return Err(err(format!("{name}: concatenating the input, or a tensor with itself, is not supported by the CUDA backend yet")));
             }
-            let (_, shape_sc) = fwd_spatial(plan, i);
+            let (_, shape_sc) = fwd_spatial(plan, i, b.nhwc);
             let (d0, a0) = grad_dst(b, x0).unwrap();
             let (d1, a1) = grad_dst(b, x1).unwrap();
             b.launch(
-                KernelSpec::ConcatBwd,
+                KernelSpec::ConcatBwd { nhwc: b.nhwc },
                 B::elem_grid(count),
                 blk,
                 vec![d0, d1, dya],
@@ -1376,8 +1468,9 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 dya,
                 b.whole(xb, Access::Read),
             ];
+            let hw = b.linear_hw(i);
             b.gemm_launch(
-                KernelSpec::LinearBwdWeight { in_f, out_f },
+                KernelSpec::LinearBwdWeight { in_f, out_f, hw },
                 out_f as u64,
                 in_f as u64,
                 1,
@@ -1387,7 +1480,11 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             )?;
             let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
             b.launch(
-                KernelSpec::ChannelSums { squares: false },
+                // `dy` is `[n][out_f]`: the same in both layouts
+                KernelSpec::ChannelSums {
+                    squares: false,
+                    nhwc: false,
+                },
                 [out_f as u64, 1, 1],
                 blk,
                 args,
@@ -1401,7 +1498,11 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             if let Some((dst, acc)) = grad_dst(b, x) {
                 let w = b.param(&format!("{name}.weight"), Access::Read, params);
                 b.gemm_launch(
-                    KernelSpec::LinearBwdData { in_f, out_f },
+                    KernelSpec::LinearBwdData {
+                        in_f,
+                        out_f,
+                        hw: b.linear_hw(i),
+                    },
                     n as u64,
                     in_f as u64,
                     1,

@@ -84,6 +84,11 @@ pub struct ConvGeom {
     /// default).
     #[serde(skip_serializing_if = "TcTile::is_default")]
     pub tile: TcTile,
+    /// Activations are channels-last (NHWC, [`Layout::Nhwc`]); the reduction index of the
+    /// patch operand then runs `(kh, kw, c)` with `c` fastest, so consecutive threads gather
+    /// consecutive channels. Weights stay OIHW either way. Name suffix `_nhwc`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nhwc: bool,
 }
 
 /// A tensor-core block tile: `rows x cols` GEMM outputs per block of 256 threads (8 warps in a
@@ -165,7 +170,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -178,7 +183,8 @@ impl ConvGeom {
                 (false, _) => String::new(),
                 (true, true) => "_tc".into(),
                 (true, false) => format!("_tc_t{}", self.tile),
-            }
+            },
+            if self.nhwc { "_nhwc" } else { "" }
         )
     }
 }
@@ -268,23 +274,34 @@ pub enum KernelSpec {
         split_k: u32,
     },
     /// `y = x W^T + b`.
+    /// With `hw > 1` the input is an NHWC activation of `hw` pixels flattened, whose features
+    /// the weights (and PyTorch) index in NCHW order `c * hw + p`: the kernel reads feature
+    /// `c * hw + p` at `p * (in_f / hw) + c`.
     LinearFwd {
         in_f: u32,
         out_f: u32,
+        #[serde(skip_serializing_if = "is_one")]
+        hw: u32,
     },
     LinearBwdData {
         in_f: u32,
         out_f: u32,
+        #[serde(skip_serializing_if = "is_one")]
+        hw: u32,
     },
     LinearBwdWeight {
         in_f: u32,
         out_f: u32,
+        #[serde(skip_serializing_if = "is_one")]
+        hw: u32,
     },
     /// `out[ch] = sum_{n,p} x[n,ch,p]` (and, with `squares`, the centred second moment
     /// `out[c + ch] = sum (x - mean)^2`, two passes): BN batch statistics and bias gradients.
     /// One block per channel, deterministic.
     ChannelSums {
         squares: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
     /// From `stats = [sum | sumsq]` (or `[sum | sum (x - mean)^2]` when `centered`): saved
     /// `[mean | rstd]`, affine `[scale | shift]`, running statistics update.
@@ -294,21 +311,36 @@ pub enum KernelSpec {
     /// From running statistics: affine `[scale | shift]`.
     BnFinalizeEval,
     /// `y = x * scale[c] + shift[c]`.
-    BnApply,
+    BnApply {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
     /// dBN reductions `dgamma = sum g * xhat`, `dbeta = sum g`, where `g` is `dy`, or, with a
     /// chain, `dy` through the recomputed dropout / ReLU masks.
     BnBwdReduce {
         chain: PrologueFlags,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
     /// `dx (+)= gamma * rstd * (g - dbeta / m - xhat * dgamma / m)`, `m = n * hw`.
     BnBwdApply {
         chain: PrologueFlags,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
     Relu,
     /// `dx (+)= y > 0 ? dy : 0`.
     ReluBwd,
-    Dropout,
-    DropoutBwd,
+    /// Inverted dropout; the mask index is the element's NCHW index (with `nhwc`, computed
+    /// from `C` and `HW`), so both layouts draw the same masks.
+    Dropout {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
+    DropoutBwd {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
     /// Stochastic depth, one draw per sample (`per` elements per image at runtime).
     DropPath,
     DropPathBwd,
@@ -317,27 +349,56 @@ pub enum KernelSpec {
     /// `y (+)= x` (gradient pass-through and identity copies).
     Accumulate,
     /// Average-pool by `S`, then zero channels up to `OC` (all sizes at runtime).
-    ZeroPad,
-    ZeroPadBwd,
+    ZeroPad {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
+    ZeroPadBwd {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
     /// Channel concatenation (`C0`, `C1`, `HW` at runtime).
-    Concat,
-    ConcatBwd,
+    Concat {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
+    ConcatBwd {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
     /// Window pooling; the window is compile-time, the sizes runtime.
     MaxPool {
         pool: Pool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
     MaxPoolBwd {
         pool: Pool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
     AvgPool {
         pool: Pool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
     AvgPoolBwd {
         pool: Pool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
     },
-    /// Mean over `HW` values per row (`rows = n * C`).
-    GlobalAvgPool,
-    GlobalAvgPoolBwd,
+    /// Mean over `HW` values per row (`rows = n * C`; with `nhwc` the runtime `C` too).
+    GlobalAvgPool {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
+    GlobalAvgPoolBwd {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
+    /// `y[n][p][c] = x[n][c][p]`: the network's NCHW input into an NHWC schedule's layout
+    /// (`C`, `HW` at runtime).
+    ToNhwc,
     /// Per-sample softmax cross-entropy (with label smoothing): loss and `dlogits / n`; sets
     /// `hyper[HYPER_NONFINITE]` when a loss is not finite.
     SoftmaxXent {
@@ -388,6 +449,141 @@ impl KernelSpec {
         }
     }
 
+    /// The `nhwc` flag of a layout-dependent kernel that has one (all but the linear layers,
+    /// whose layout is their input's `hw > 1`).
+    fn nhwc_flag(&mut self) -> Option<&mut bool> {
+        use KernelSpec::*;
+        match self {
+            ConvFwd { g, .. } | ConvBwdData { g, .. } | ConvBwdWeight { g, .. } => {
+                Some(&mut g.nhwc)
+            }
+            ChannelSums { nhwc, .. }
+            | BnApply { nhwc }
+            | BnBwdReduce { nhwc, .. }
+            | BnBwdApply { nhwc, .. }
+            | Dropout { nhwc }
+            | DropoutBwd { nhwc }
+            | ZeroPad { nhwc }
+            | ZeroPadBwd { nhwc }
+            | Concat { nhwc }
+            | ConcatBwd { nhwc }
+            | MaxPool { nhwc, .. }
+            | MaxPoolBwd { nhwc, .. }
+            | AvgPool { nhwc, .. }
+            | AvgPoolBwd { nhwc, .. }
+            | GlobalAvgPool { nhwc }
+            | GlobalAvgPoolBwd { nhwc } => Some(nhwc),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel reads and writes its activations channels-last (NHWC).
+    pub fn nhwc(&self) -> bool {
+        use KernelSpec::*;
+        match *self {
+            LinearFwd { hw, .. } | LinearBwdData { hw, .. } | LinearBwdWeight { hw, .. } => hw > 1,
+            mut k => k.nhwc_flag().is_some_and(|f| *f),
+        }
+    }
+
+    /// The same kernel on NCHW activations: what an NHWC kernel computes, up to the order of
+    /// its activations' elements (and of a conv's reduction). `None` for a kernel that is not
+    /// NHWC. The f64 reference checks an NHWC launch as this one on transposed arguments.
+    pub fn as_nchw(&self) -> Option<KernelSpec> {
+        use KernelSpec::*;
+        if !self.nhwc() {
+            return None;
+        }
+        let mut k = *self;
+        match &mut k {
+            LinearFwd { hw, .. } | LinearBwdData { hw, .. } | LinearBwdWeight { hw, .. } => *hw = 1,
+            other => *other.nhwc_flag()? = false,
+        }
+        // the NCHW kernel's signature lacks the scalars only an NHWC kernel needs
+        Some(k)
+    }
+
+    /// The activation arguments of an NHWC kernel with their per-image `[C, H, W]`, from the
+    /// launch's scalars (`sc(name)`): the arguments whose element order the layout changes.
+    /// Empty for an NCHW kernel; `None` when a scalar is missing.
+    pub fn spatial_args(
+        &self,
+        sc: impl Fn(&str) -> Option<usize>,
+    ) -> Option<Vec<(&'static str, [usize; 3])>> {
+        use KernelSpec::*;
+        if !self.nhwc() {
+            return Some(vec![]);
+        }
+        let hw = |c: usize| Some([c, sc("HW")?, 1]);
+        Some(match *self {
+            ConvFwd { g, epi, .. } => {
+                let x = [sc("IC")?, g.in_h as usize, g.in_w as usize];
+                let y = [sc("OC")?, g.out_h as usize, g.out_w as usize];
+                let mut v = vec![("y", y), ("x", x)];
+                if epi.residual {
+                    v.push(("res", y));
+                }
+                v
+            }
+            ConvBwdData { g, chain } => {
+                let x = [sc("IC")?, g.in_h as usize, g.in_w as usize];
+                let y = [sc("OC")?, g.out_h as usize, g.out_w as usize];
+                let mut v = vec![("dx", x), ("dy", y)];
+                if chain.any() {
+                    v.push(("xpre", x));
+                }
+                v
+            }
+            ConvBwdWeight { g, .. } => vec![
+                ("dy", [sc("OC")?, g.out_h as usize, g.out_w as usize]),
+                ("x", [sc("IC")?, g.in_h as usize, g.in_w as usize]),
+            ],
+            LinearFwd { in_f, hw, .. } | LinearBwdWeight { in_f, hw, .. } => {
+                vec![("x", [(in_f / hw) as usize, hw as usize, 1])]
+            }
+            LinearBwdData { in_f, hw, .. } => vec![("dx", [(in_f / hw) as usize, hw as usize, 1])],
+            ChannelSums { .. } => vec![("x", hw(sc("C")?)?)],
+            BnApply { .. } => vec![("y", hw(sc("C")?)?), ("x", hw(sc("C")?)?)],
+            BnBwdReduce { .. } => vec![("dy", hw(sc("C")?)?), ("x", hw(sc("C")?)?)],
+            BnBwdApply { .. } => {
+                let t = hw(sc("C")?)?;
+                vec![("dx", t), ("dy", t), ("x", t)]
+            }
+            Dropout { .. } => vec![("y", hw(sc("C")?)?), ("x", hw(sc("C")?)?)],
+            DropoutBwd { .. } => vec![("dx", hw(sc("C")?)?), ("dy", hw(sc("C")?)?)],
+            ZeroPad { .. } | ZeroPadBwd { .. } => {
+                let x = [sc("IC")?, sc("IH")?, sc("IW")?];
+                let y = [sc("OC")?, sc("OH")?, sc("OW")?];
+                if matches!(self, ZeroPad { .. }) {
+                    vec![("y", y), ("x", x)]
+                } else {
+                    vec![("dx", x), ("dy", y)]
+                }
+            }
+            Concat { .. } | ConcatBwd { .. } => {
+                let (c0, c1) = (sc("C0")?, sc("C1")?);
+                let (a, b, y) = (hw(c0)?, hw(c1)?, hw(c0 + c1)?);
+                if matches!(self, Concat { .. }) {
+                    vec![("y", y), ("x", a), ("x1", b)]
+                } else {
+                    vec![("dx0", a), ("dx1", b), ("dy", y)]
+                }
+            }
+            MaxPool { .. } | AvgPool { .. } | MaxPoolBwd { .. } | AvgPoolBwd { .. } => {
+                let x = [sc("C")?, sc("IH")?, sc("IW")?];
+                let y = [sc("C")?, sc("OH")?, sc("OW")?];
+                match self {
+                    MaxPool { .. } | AvgPool { .. } => vec![("y", y), ("x", x)],
+                    MaxPoolBwd { .. } => vec![("dx", x), ("dy", y), ("x", x)],
+                    _ => vec![("dx", x), ("dy", y)],
+                }
+            }
+            GlobalAvgPool { .. } => vec![("x", hw(sc("C")?)?)],
+            GlobalAvgPoolBwd { .. } => vec![("dx", hw(sc("C")?)?)],
+            _ => vec![],
+        })
+    }
+
     /// The key a tensor-core convolution GEMM is tuned under (see [`super::Tiles`]): its
     /// kernel's name at the default tile and without split-K, then the runtime sizes `IC`,
     /// `OC` and the batch, e.g. `conv_fwd_i32x32_o32x32_k3s1p1g1_tc_pro_bnrelu ic160 oc160
@@ -425,6 +621,14 @@ impl KernelSpec {
     pub fn name(&self) -> String {
         use KernelSpec::*;
         let pool = |p: &Pool| format!("k{}s{}p{}", p.k, p.stride, p.pad);
+        let nh = |b: bool| if b { "_nhwc" } else { "" };
+        let lin = |hw: u32| {
+            if hw > 1 {
+                format!("_nhwc{hw}")
+            } else {
+                String::new()
+            }
+        };
         match self {
             ConvFwd { g, pro, epi } => {
                 let p = if pro.any() {
@@ -455,52 +659,61 @@ impl KernelSpec {
                 };
                 format!("conv_bwd_weight_{}{}{}", g.tag(), p, sk)
             }
-            LinearFwd { in_f, out_f } => format!("linear_fwd_{in_f}x{out_f}"),
-            LinearBwdData { in_f, out_f } => format!("linear_bwd_data_{in_f}x{out_f}"),
-            LinearBwdWeight { in_f, out_f } => format!("linear_bwd_weight_{in_f}x{out_f}"),
-            ChannelSums { squares } => {
-                format!("channel_sums{}", if *squares { "_sq" } else { "" })
+            LinearFwd { in_f, out_f, hw } => format!("linear_fwd_{in_f}x{out_f}{}", lin(*hw)),
+            LinearBwdData { in_f, out_f, hw } => {
+                format!("linear_bwd_data_{in_f}x{out_f}{}", lin(*hw))
+            }
+            LinearBwdWeight { in_f, out_f, hw } => {
+                format!("linear_bwd_weight_{in_f}x{out_f}{}", lin(*hw))
+            }
+            ChannelSums { squares, nhwc } => {
+                format!(
+                    "channel_sums{}{}",
+                    if *squares { "_sq" } else { "" },
+                    nh(*nhwc)
+                )
             }
             BnFinalizeTrain { centered } => format!(
                 "bn_finalize_train{}",
                 if *centered { "_centered" } else { "" }
             ),
             BnFinalizeEval => "bn_finalize_eval".into(),
-            BnApply => "bn_apply".into(),
-            BnBwdReduce { chain } => {
+            BnApply { nhwc } => format!("bn_apply{}", nh(*nhwc)),
+            BnBwdReduce { chain, nhwc } => {
                 let p = if chain.any() {
                     format!("_chain_{}", chain.tag())
                 } else {
                     String::new()
                 };
-                format!("bn_bwd_reduce{p}")
+                format!("bn_bwd_reduce{p}{}", nh(*nhwc))
             }
-            BnBwdApply { chain } => {
+            BnBwdApply { chain, nhwc } => {
                 let p = if chain.any() {
                     format!("_chain_{}", chain.tag())
                 } else {
                     String::new()
                 };
-                format!("bn_bwd_apply{p}")
+                format!("bn_bwd_apply{p}{}", nh(*nhwc))
             }
             Relu => "relu_fwd".into(),
             ReluBwd => "relu_bwd".into(),
-            Dropout => "dropout_fwd".into(),
-            DropoutBwd => "dropout_bwd".into(),
+            Dropout { nhwc } => format!("dropout_fwd{}", nh(*nhwc)),
+            DropoutBwd { nhwc } => format!("dropout_bwd{}", nh(*nhwc)),
             DropPath => "droppath_fwd".into(),
             DropPathBwd => "droppath_bwd".into(),
             Add => "add_fwd".into(),
             Accumulate => "accumulate".into(),
-            ZeroPad => "zeropad_fwd".into(),
-            ZeroPadBwd => "zeropad_bwd".into(),
-            Concat => "concat_fwd".into(),
-            ConcatBwd => "concat_bwd".into(),
-            MaxPool { pool: p } => format!("maxpool_fwd_{}", pool(p)),
-            MaxPoolBwd { pool: p } => format!("maxpool_bwd_{}", pool(p)),
-            AvgPool { pool: p } => format!("avgpool_fwd_{}", pool(p)),
-            AvgPoolBwd { pool: p } => format!("avgpool_bwd_{}", pool(p)),
-            GlobalAvgPool => "gap_fwd".into(),
-            GlobalAvgPoolBwd => "gap_bwd".into(),
+            ZeroPad { nhwc } => format!("zeropad_fwd{}", nh(*nhwc)),
+            ZeroPadBwd { nhwc } => format!("zeropad_bwd{}", nh(*nhwc)),
+            Concat { nhwc } => format!("concat_fwd{}", nh(*nhwc)),
+            ConcatBwd { nhwc } => format!("concat_bwd{}", nh(*nhwc)),
+            MaxPool { pool: p, nhwc } => format!("maxpool_fwd_{}{}", pool(p), nh(*nhwc)),
+            MaxPoolBwd { pool: p, nhwc } => format!("maxpool_bwd_{}{}", pool(p), nh(*nhwc)),
+            AvgPool { pool: p, nhwc } => format!("avgpool_fwd_{}{}", pool(p), nh(*nhwc)),
+            AvgPoolBwd { pool: p, nhwc } => format!("avgpool_bwd_{}{}", pool(p), nh(*nhwc)),
+            GlobalAvgPool { nhwc } => format!("gap_fwd{}", nh(*nhwc)),
+            GlobalAvgPoolBwd { nhwc } => format!("gap_bwd{}", nh(*nhwc)),
+            ToNhwc => "to_nhwc".into(),
             SoftmaxXent { classes } => format!("softmax_xent_{classes}"),
             SgdMultiTensor => "sgd_multi_tensor".into(),
             Zero => "zero_fill".into(),
@@ -513,8 +726,8 @@ impl KernelSpec {
     fn shape_scalars(&self) -> Vec<(&'static str, ScalarKind)> {
         use KernelSpec::*;
         let names: &[&'static str] = match self {
-            ZeroPad | ZeroPadBwd => &["IC", "OC", "IH", "IW", "OH", "OW", "S"],
-            Concat | ConcatBwd => &["C0", "C1", "HW"],
+            ZeroPad { .. } | ZeroPadBwd { .. } => &["IC", "OC", "IH", "IW", "OH", "OW", "S"],
+            Concat { .. } | ConcatBwd { .. } => &["C0", "C1", "HW"],
             MaxPool { .. } | MaxPoolBwd { .. } | AvgPool { .. } | AvgPoolBwd { .. } => {
                 &["C", "IH", "IW", "OH", "OW"]
             }
@@ -534,6 +747,14 @@ impl KernelSpec {
             ("step", S::U32),
             ("p", S::F32),
         ];
+        // an NHWC dropout recomputes the NCHW mask index from `C` and `HW`
+        let layout = |nhwc: bool| {
+            if nhwc {
+                vec![("C", S::I32), ("HW", S::I32)]
+            } else {
+                vec![]
+            }
+        };
         let (mut bufs, mut sc): (Vec<BufParam>, Vec<(&'static str, ScalarKind)>) = match self {
             ConvFwd { pro, epi, .. } => {
                 let mut v = vec![b!("y", Write, Act), b!("x", Read, Act), b!("w", Read, F32)];
@@ -648,7 +869,7 @@ impl KernelSpec {
                 ],
                 vec![("C", S::I32), ("eps", S::F32)],
             ),
-            BnApply => (
+            BnApply { .. } => (
                 vec![
                     b!("y", Write, Act),
                     b!("x", Read, Act),
@@ -709,14 +930,19 @@ impl KernelSpec {
                 ],
                 vec![("count", S::I32), ("accum", S::I32)],
             ),
-            Dropout => (
+            Dropout { nhwc } => (
                 vec![b!("y", Write, Act), b!("x", Read, Act)],
-                [("count", S::I32)].into_iter().chain(rng).collect(),
+                [("count", S::I32)]
+                    .into_iter()
+                    .chain(layout(*nhwc))
+                    .chain(rng)
+                    .collect(),
             ),
-            DropoutBwd => (
+            DropoutBwd { nhwc } => (
                 vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
                 [("count", S::I32), ("accum", S::I32)]
                     .into_iter()
+                    .chain(layout(*nhwc))
                     .chain(rng)
                     .collect(),
             ),
@@ -742,9 +968,9 @@ impl KernelSpec {
                 vec![b!("y", ReadWrite, Act), b!("x", Read, Act)],
                 vec![("count", S::I32), ("accum", S::I32)],
             ),
-            ZeroPad | MaxPool { .. } | AvgPool { .. } | Concat => {
+            ZeroPad { .. } | MaxPool { .. } | AvgPool { .. } | Concat { .. } => {
                 let mut v = vec![b!("y", Write, Act), b!("x", Read, Act)];
-                if matches!(self, Concat) {
+                if matches!(self, Concat { .. }) {
                     v.push(b!("x1", Read, Act));
                 }
                 (
@@ -755,7 +981,7 @@ impl KernelSpec {
                         .collect(),
                 )
             }
-            ZeroPadBwd | AvgPoolBwd { .. } => (
+            ZeroPadBwd { .. } | AvgPoolBwd { .. } => (
                 vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
                 [("n", S::I32)]
                     .into_iter()
@@ -775,7 +1001,7 @@ impl KernelSpec {
                     .chain([("accum", S::I32)])
                     .collect(),
             ),
-            ConcatBwd => (
+            ConcatBwd { .. } => (
                 vec![
                     b!("dx0", ReadWrite, Act),
                     b!("dx1", ReadWrite, Act),
@@ -787,13 +1013,24 @@ impl KernelSpec {
                     .chain([("accum0", S::I32), ("accum1", S::I32)])
                     .collect(),
             ),
-            GlobalAvgPool => (
+            GlobalAvgPool { nhwc } => (
                 vec![b!("y", Write, Act), b!("x", Read, Act)],
-                vec![("rows", S::I32), ("HW", S::I32)],
+                [("rows", S::I32), ("HW", S::I32)]
+                    .into_iter()
+                    .chain(nhwc.then_some(("C", S::I32)))
+                    .collect(),
             ),
-            GlobalAvgPoolBwd => (
+            GlobalAvgPoolBwd { nhwc } => (
                 vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act)],
-                vec![("rows", S::I32), ("HW", S::I32), ("accum", S::I32)],
+                [("rows", S::I32), ("HW", S::I32)]
+                    .into_iter()
+                    .chain(nhwc.then_some(("C", S::I32)))
+                    .chain([("accum", S::I32)])
+                    .collect(),
+            ),
+            ToNhwc => (
+                vec![b!("y", Write, Act), b!("x", Read, Act)],
+                vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)],
             ),
             SoftmaxXent { .. } => (
                 vec![

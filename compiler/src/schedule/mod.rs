@@ -217,6 +217,8 @@ pub struct Options {
     pub fusion: Fusion,
     /// Block tiles of the tensor-core convolutions (`--precision bf16`; ignored in f32).
     pub tiles: Tiles,
+    /// Activation layout ([`Layout::Auto`]: NHWC in bf16, NCHW in f32).
+    pub layout: Layout,
 }
 
 impl Default for Options {
@@ -227,6 +229,58 @@ impl Default for Options {
             precision: Precision::F32,
             fusion: Fusion::default(),
             tiles: Tiles::default(),
+            layout: Layout::default(),
+        }
+    }
+}
+
+/// The memory order of a schedule's activations and activation gradients (per image).
+/// Parameters, gradients, the network's input (`Role::Input`) and the logits are the same in
+/// both: weights OIHW, input NCHW (an NHWC schedule transposes it first, [`KernelSpec::ToNhwc`]),
+/// logits `[n][classes]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// NHWC for `--precision bf16` (the tensor cores' layout), NCHW for f32.
+    #[default]
+    Auto,
+    /// `[c][h][w]`, PyTorch's default.
+    Nchw,
+    /// `[h][w][c]`, channels last: a pixel's channels are contiguous, so a convolution's
+    /// reduction over `(kh, kw, c)` reads runs of consecutive channels.
+    Nhwc,
+}
+
+impl Layout {
+    /// `Auto` resolved for `precision`.
+    pub fn resolve(self, precision: Precision) -> Layout {
+        match (self, precision) {
+            (Layout::Auto, Precision::Bf16) => Layout::Nhwc,
+            (Layout::Auto, Precision::F32) => Layout::Nchw,
+            (l, _) => l,
+        }
+    }
+
+    /// Parses `auto`, `nchw` or `nhwc` (a CLI flag's value).
+    pub fn parse(s: &str) -> Result<Layout, String> {
+        match s {
+            "auto" => Ok(Layout::Auto),
+            "nchw" => Ok(Layout::Nchw),
+            "nhwc" => Ok(Layout::Nhwc),
+            _ => Err(format!("unknown layout `{s}`: use auto, nchw or nhwc")),
+        }
+    }
+
+    pub fn is_nchw(&self) -> bool {
+        *self == Layout::Nchw
+    }
+
+    /// `auto`, `nchw` or `nhwc`, as [`Layout::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Auto => "auto",
+            Layout::Nchw => "nchw",
+            Layout::Nhwc => "nhwc",
         }
     }
 }
@@ -260,6 +314,9 @@ pub struct Schedule {
     pub mode: Mode,
     pub batch: u32,
     pub precision: Precision,
+    /// The activation layout (resolved: never `Auto`).
+    #[serde(skip_serializing_if = "Layout::is_nchw")]
+    pub layout: Layout,
     pub classes: u32,
     /// Passes that changed the plan, in order.
     pub passes: Vec<String>,

@@ -5,7 +5,7 @@
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options, Tiles};
+use wrnc_compiler::schedule::{self, Layout, Options, Tiles};
 
 use super::cache::PtxCache;
 use super::device::Gpu;
@@ -103,6 +103,7 @@ pub fn prepare(
     precision: Precision,
     unfused: bool,
     tiles: &Tiles,
+    layout: Layout,
 ) -> Result<(Executor, f64, u64), CudaError> {
     let fusion = Fusion {
         unfused,
@@ -112,6 +113,7 @@ pub fn prepare(
         graph,
         &Options {
             tiles: tiles.clone(),
+            layout,
             mode,
             batch,
             precision,
@@ -156,9 +158,11 @@ pub fn bench_schedule(
     warmup: usize,
     iters: usize,
     tiles: &Tiles,
+    layout: Layout,
 ) -> Result<ScheduleBench, CudaError> {
-    let (ex, setup_s, free_before) =
-        prepare(gpu, cache, graph, mode, batch, precision, unfused, tiles)?;
+    let (ex, setup_s, free_before) = prepare(
+        gpu, cache, graph, mode, batch, precision, unfused, tiles, layout,
+    )?;
     let h = hyper;
     let what = format!("{} bench", ex.schedule.name);
     for i in 0..warmup {

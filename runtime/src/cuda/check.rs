@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options, Tiles};
+use wrnc_compiler::schedule::{self, Layout, Options, Tiles};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
@@ -226,6 +226,7 @@ fn executor(
     unfused: bool,
     st: &Start,
     tiles: &Tiles,
+    layout: Layout,
 ) -> Result<Executor, CudaError> {
     let fusion = Fusion {
         unfused,
@@ -235,6 +236,7 @@ fn executor(
         graph,
         &Options {
             tiles: tiles.clone(),
+            layout,
             mode,
             batch: st.labels.len() as u32,
             precision,
@@ -273,9 +275,12 @@ pub fn check_launches(
     precision: Precision,
     unfused: bool,
     tiles: &Tiles,
+    layout: Layout,
 ) -> Result<CheckResult, CudaError> {
     let st = start(graph, batch)?;
-    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st, tiles)?;
+    let ex = executor(
+        gpu, cache, graph, mode, precision, unfused, &st, tiles, layout,
+    )?;
     let h = selftest_hyper(0);
     let what = describe(label, mode, unfused, precision, " every launch");
     gpu.synchronize(&what)?;
@@ -329,6 +334,7 @@ pub fn check_graph(
     precision: Precision,
     unfused: bool,
     tiles: &Tiles,
+    layout: Layout,
 ) -> Result<CheckResult, CudaError> {
     let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
     let st = start(graph, batch)?;
@@ -340,7 +346,9 @@ pub fn check_graph(
         &[batch, s.c as usize, s.h as usize, s.w as usize],
         st.x.iter().map(|&v| v as f64).collect(),
     );
-    let ex = executor(gpu, cache, graph, mode, precision, unfused, &st, tiles)?;
+    let ex = executor(
+        gpu, cache, graph, mode, precision, unfused, &st, tiles, layout,
+    )?;
     let tol = tolerance(precision);
     let mut worst = Worst {
         err: 0.0,

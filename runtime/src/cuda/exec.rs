@@ -153,6 +153,7 @@ impl Executor {
         }
         let opts = Options {
             tiles: Default::default(),
+            layout: s.layout,
             mode: s.mode,
             batch: s.batch,
             precision: s.precision,

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Options, Tiles};
+use wrnc_compiler::schedule::{self, Layout, Options, Tiles};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
@@ -97,6 +97,8 @@ pub struct GpuTrainer {
     /// The tensor-core tiles every schedule is built with, and how they were chosen (bf16).
     tiles: Tiles,
     tile_report: Option<TuneReport>,
+    /// The activation layout every schedule is built with.
+    layout: Layout,
 }
 
 fn cfg_err(m: impl Into<String>) -> GpuTrainError {
@@ -105,8 +107,8 @@ fn cfg_err(m: impl Into<String>) -> GpuTrainError {
 
 impl GpuTrainer {
     /// Opens GPU `ordinal`, chooses the tensor-core tiles (bf16 only) as `tiles` says (see
-    /// [`super::tune`]), compiles the training step of `graph` for `batch` and initialises the
-    /// weights as [`crate::cpu::Model::new`] does with `seed`.
+    /// [`super::tune`]), compiles the training step of `graph` for `batch` with activations in
+    /// `layout` and initialises the weights as [`crate::cpu::Model::new`] does with `seed`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ordinal: usize,
@@ -117,6 +119,7 @@ impl GpuTrainer {
         fusion: Fusion,
         seed: u64,
         tiles: TileMode,
+        layout: Layout,
     ) -> Result<GpuTrainer, GpuTrainError> {
         if batch == 0 || batch > 1 << 16 || eval_batch == 0 || eval_batch > 1 << 16 {
             return Err(cfg_err(format!(
@@ -134,6 +137,7 @@ impl GpuTrainer {
                 precision,
                 fusion: fusion.clone(),
                 tiles: Tiles::default(),
+                layout,
             };
             let bases = [base(Mode::Train, batch), base(Mode::Infer, eval_batch)];
             let (t, r) = choose_tiles(&gpu, &cache, graph, &bases, tiles)?;
@@ -165,6 +169,7 @@ impl GpuTrainer {
             eval_labels: None,
             tiles,
             tile_report,
+            layout,
         };
         t.step_executor(batch)?;
         let params = crate::init::init_params::<f32>(graph, seed);
@@ -187,6 +192,7 @@ impl GpuTrainer {
             &self.graph,
             &Options {
                 tiles: self.tiles.clone(),
+                layout: self.layout,
                 mode,
                 batch: batch as u32,
                 precision: self.precision,
