@@ -14,7 +14,8 @@
 #   call 1: bench/run_gpu.sh info selftest          (~3-6 min)
 #   call 1b: bench/run_gpu.sh info tiles            (the bf16 tile search, cached in WRNC_CACHE_DIR,
 #            which stays on the machine while it is warm; time unknown until a GPU runs it)
-#   call 2: bench/run_gpu.sh info bench assemble    (~6-9 min: wrnc bench f32+bf16 + PyTorch, same call)
+#   call 2: bench/run_gpu.sh info bench assemble    (~6-9 min: wrnc bench f32+bf16 + PyTorch, same call;
+#            also bf16 on NCHW, fused only, unless BENCH_BF16_NCHW=0)
 #   call 3: bench/run_gpu.sh info train assemble    (~6 min: WRN-16-4 on CIFAR-10 for ~5 min)
 #   call 4: bench/run_gpu.sh info train_bf16 assemble   (the same recipe in bf16)
 # `assemble` also runs on any machine with python3, over the raw folders fetched back:
@@ -125,6 +126,12 @@ stage_bench() {
         # shellcheck disable=SC2086
         run "bench_wrnc_$p" "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision "$p" $BENCH_ARGS --json
     done
+    # the tensor cores on NCHW activations too (bf16's default is NHWC): the layouts side by side
+    if [ "${BENCH_BF16_NCHW:-1}" = 1 ]; then
+        # shellcheck disable=SC2086
+        run bench_wrnc_bf16_nchw "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+            --layout nchw --fused-only $BENCH_ARGS --json
+    fi
     "$WRNC" compile "$NET" --emit graph >"$OUT/graph.txt" 2>/dev/null
     keep "$OUT/graph.txt"
     run bench_pytorch 240 python3 bench/pytorch_reference.py --graph "$OUT/graph.txt" \
@@ -207,6 +214,11 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         "train_tflops": (b or {}).get("train_tflops"),
         "matmul_tflops": (pt.get("matmul_tflops") or {}).get(prec),
     }
+nchw = load("bench_wrnc_bf16_nchw.out")
+if nchw:
+    out["bf16"]["train_step_ms"]["wrnc_fused_nchw"] = wr(nchw, "train_step_ms", "fused")
+    out["bf16"]["infer_ms"]["wrnc_fused_nchw"] = wr(nchw, "infer_ms", "fused")
+    out["bf16"]["layout"] = (bf16 or {}).get("layout")
 # top-level keys for the f32 run, as the results format asks
 out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_ms", "infer_ms", "peak_mem_mb"]})
 out["max_rel_err_vs_cpu"] = (full_summary or {}).get("max_rel_err_vs_cpu") or st.get("max_rel_err_vs_cpu")

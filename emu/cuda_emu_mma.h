@@ -141,6 +141,16 @@ inline void wrnc_ldmatrix_x4_trans(unsigned int* r, const unsigned short* p) {
     wrnc_emu_mma::ldmatrix(r, p, true);
 }
 
+// 16-byte vector load / store: the hardware faults on a misaligned one, so the emulation aborts.
+inline void wrnc_ld16(unsigned int* r, const unsigned short* p) {
+    wrnc_emu_mma::check_align(p, "16-byte load");
+    std::memcpy(r, p, 16);
+}
+inline void wrnc_st16(unsigned short* p, const unsigned int* r) {
+    wrnc_emu_mma::check_align(p, "16-byte store");
+    std::memcpy(p, r, 16);
+}
+
 inline void wrnc_cp_async16(unsigned short* dst, const unsigned short* src, bool valid) {
     wrnc_emu_mma::check_align(dst, "cp.async shared");
     if (valid) wrnc_emu_mma::check_align(src, "cp.async global");

@@ -11,7 +11,9 @@ use support::*;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Access, Launch, Layout, Options, Schedule, TcTile, Tiles};
+use wrnc_compiler::schedule::{
+    self, Access, KernelSpec, Launch, Layout, Options, Schedule, TcTile, Tiles,
+};
 use wrnc_runtime::cpu::{Mode as CpuMode, Model};
 use wrnc_runtime::init::SplitMix64;
 use wrnc_runtime::loss::softmax_cross_entropy;
@@ -810,6 +812,50 @@ fn nhwc_schedule_shape() {
         build(&g, Mode::Train, false, Precision::F32).layout,
         Layout::Nchw
     );
+}
+
+/// Channel counts that are multiples of 8 (16, and 24 from a concatenation), so the bf16 NHWC
+/// convolutions load their patches 8 channels (16 bytes) at a time (`ConvGeom::vec`): a
+/// strided pre-activation block with dropout in the prologue, a grouped block (8 channels per
+/// group), a dense block and 1x1 convs; 6x6 images, so the pixel tiles are ragged.
+const VEC: &str = "conv(3x3, 16)
+     residual { pre bn relu body conv(3x3, 16, stride=2) bn relu dropout(0.3) conv(3x3, 16) shortcut proj }
+     residual { body conv(1x1, 16) bn relu conv(3x3, 16, groups=2) bn relu conv(1x1, 16) bn shortcut projbn post relu }
+     dense { bn relu conv(3x3, 8) }
+     bn relu conv(1x1, 16) bn relu gap fc";
+
+/// Vector loads: every forward and data-gradient conv of [`VEC`] but the 3-channel stem is
+/// `_v8` (no weight gradient is), and whole steps and inference, fused and unfused, match the
+/// reference launch by launch and the CPU model; the emulation aborts on a 16-byte access that
+/// is not 16-byte aligned.
+#[test]
+fn bf16_vector_loads() {
+    let g = graph(VEC);
+    let s = build_in(&g, Mode::Train, false, BF16);
+    let convs: Vec<_> = s
+        .kernels
+        .iter()
+        .filter_map(|k| k.spec.conv_geom().map(|cg| (k, cg)))
+        .collect();
+    for (k, cg) in &convs {
+        assert_eq!(cg.vec, k.name.contains("_v8"), "{}", k.name);
+        if matches!(k.spec, KernelSpec::ConvBwdWeight { .. }) {
+            assert!(!cg.vec, "{}", k.name);
+        }
+    }
+    let count = |what: &str, vec: bool| {
+        convs
+            .iter()
+            .filter(|(k, cg)| cg.vec == vec && k.name.starts_with(what))
+            .count()
+    };
+    let names: Vec<_> = convs.iter().map(|(k, _)| &k.name).collect();
+    assert!(count("conv_fwd", true) >= 5, "{names:?}");
+    assert!(count("conv_bwd_data", true) >= 4, "{names:?}");
+    // the stem reads 3 channels: element by element
+    assert_eq!(count("conv_fwd", false), 1, "{names:?}");
+    let _ = check_step_in("vec", VEC, BF16);
+    check_infer_in("vec", VEC, BF16);
 }
 
 /// The tensor-core engine on NCHW activations (`--layout nchw`), the bf16 default before NHWC.

@@ -259,10 +259,18 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
         );
         assert!(close(a, b, 1e-5), "{k}: gpu {a} cpu {b} (batch 6)");
     }
-    // bf16 (tensor cores) trains too, with finite losses.
-    let h = run("cuda", "h", &["--epochs", "1", "--precision", "bf16"]);
-    // its tensor-core tiles were chosen on the device (f32 has none)
-    assert_eq!(h["tiles"]["mode"], "auto", "{h}");
+    // bf16 (tensor cores, NHWC) trains too, with finite losses. `--tiles default`: the search
+    // (`--tiles auto`, the default) is `tensor_core_tiles_are_searched_once_and_cached`'s, and
+    // costs minutes in the emulation.
+    let h = run(
+        "cuda",
+        "h",
+        &["--epochs", "1", "--precision", "bf16", "--tiles", "default"],
+    );
+    // it reports its tensor-core tiles (f32 has none)
+    assert_eq!(h["tiles"]["mode"], "default", "{h}");
+    assert_eq!(h["tiles"]["searched"], 0, "{h}");
+    assert_eq!(h["layout"], "nhwc", "{h}");
     assert!(h["tiles"]["gemms"].as_u64().is_some_and(|n| n > 0), "{h}");
     assert!(g["tiles"].is_null(), "{g}");
     let l = h["epochs"][0]["train_loss"].as_f64().unwrap();

@@ -185,6 +185,10 @@ struct Gemm<'a> {
     a: String,
     /// sets `v` from `kk`, `jj` (and `g`)
     b: String,
+    /// Tensor-core vector loads of A ([`ConvGeom::vec`]): sets `v8[0..8]` (zero on entry) to
+    /// `A(mm, kk + e)`, `e < 8`, for `kk` a multiple of 8 (and `K` one too), from one 16-byte
+    /// load; `None`: A is gathered one element per thread by `a`.
+    a8: Option<String>,
     /// uses `m`, `j`, `g`, `acc`, `valid`, `tx`, `ty` (a 16x16 thread block, one output per
     /// thread); may use `__syncthreads` (every thread reaches it)
     epi: String,
@@ -288,12 +292,46 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
     } else {
         (format!("q & {}", c - 1), format!("q >> {cs}"))
     };
-    let (ae, be) = (r * bk / 256, c * bk / 256);
+    let (mut ae, be) = (r * bk / 256, c * bk / 256);
+    // Vector loads of A (`Gemm::a8`, tensor cores): `nv` runs of 8 along k per stage, thread
+    // `q` takes row `q / (bk / 8)`, columns `8 (q % (bk / 8))..+8`, into `pa_[8e..8e+8]`.
+    let nv = r * bk / 8;
+    let nva = nv.div_ceil(256);
+    let vguard = if nv.is_multiple_of(256) {
+        String::new()
+    } else {
+        format!("q < {nv} && ")
+    };
+    let (vs, vm) = ((bk / 8).trailing_zeros(), bk / 8 - 1);
+    if g.a8.is_some() {
+        assert!(
+            k_inner,
+            "vector loads are for the tensor cores' [m][k] tiles"
+        );
+        ae = ae.max(8 * nva);
+    }
     let (a, b, kend) = (g.a.clone(), g.b.clone(), kend.to_string());
+    let a8 = g.a8.clone();
+    let vg = vguard.clone();
     let (ga, gb) = ((a_ml.clone(), a_kl.clone()), (b_nl.clone(), b_kl.clone()));
     let gather = move |kx: &str| {
-        format!(
-            r#"        #pragma unroll
+        let a_part = match &a8 {
+            Some(a8) => format!(
+                r#"        #pragma unroll
+        for (int e = 0; e < {nva}; ++e) {{
+            const int q = e * 256 + tid;
+            const int ml = q >> {vs}, kl = (q & {vm}) * 8;
+            const int mm = blockIdx.x * {r} + ml, kk = {kx} + kl;
+            float v8[8] = {{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}};
+            if ({vg}mm < M && kk < {kend}) {{
+{a8}            }}
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) pa_[e * 8 + e8] = v8[e8];
+        }}
+"#
+            ),
+            None => format!(
+                r#"        #pragma unroll
         for (int e = 0; e < {ae}; ++e) {{
             const int q = e * 256 + tid;
             const int ml = {aml}, kl = {akl};
@@ -303,7 +341,13 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
 {a}            }}
             pa_[e] = v;
         }}
-        #pragma unroll
+"#,
+                aml = ga.0,
+                akl = ga.1,
+            ),
+        };
+        format!(
+            r#"{a_part}        #pragma unroll
         for (int e = 0; e < {be}; ++e) {{
             const int q = e * 256 + tid;
             const int nl = {bnl}, kl = {bkl};
@@ -314,8 +358,6 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
             pb_[e] = v;
         }}
 "#,
-            aml = ga.0,
-            akl = ga.1,
             bnl = gb.0,
             bkl = gb.1,
         )
@@ -325,14 +367,40 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
     } else {
         ("[kl][ml]", "[kl][nl]")
     };
-    let store = format!(
-        r#"        #pragma unroll
+    let a_store = if g.a8.is_some() {
+        // 8 rounded values, packed two per register, in one 16-byte store (rows of 80 bytes,
+        // `kl` a multiple of 8 halves: 16-byte aligned)
+        format!(
+            r#"        #pragma unroll
+        for (int e = 0; e < {nva}; ++e) {{
+            const int q = e * 256 + tid;
+            const int ml = q >> {vs}, kl = (q & {vm}) * 8;
+            unsigned int h_[4];
+            #pragma unroll
+            for (int e2 = 0; e2 < 4; ++e2)
+                h_[e2] = (unsigned int){round}(pa_[e * 8 + 2 * e2]) | ((unsigned int){round}(pa_[e * 8 + 2 * e2 + 1]) << 16);
+            {st}wrnc_st16(&As{ai}, h_);
+        }}
+"#,
+            st = if nv.is_multiple_of(256) {
+                String::new()
+            } else {
+                format!("if (q < {nv}) ")
+            }
+        )
+    } else {
+        format!(
+            r#"        #pragma unroll
         for (int e = 0; e < {ae}; ++e) {{
             const int q = e * 256 + tid;
             const int ml = {a_ml}, kl = {a_kl};
             As{ai} = {round}(pa_[e]);
         }}
-        #pragma unroll
+"#
+        )
+    };
+    let store = format!(
+        r#"{a_store}        #pragma unroll
         for (int e = 0; e < {be}; ++e) {{
             const int q = e * 256 + tid;
             const int nl = {b_nl}, kl = {b_kl};
@@ -567,6 +635,15 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 split_red(nh, "kk", "icg", "ICG"),
                 prologue(&pro, &li)
             );
+            // 8 channels of one tap per load, each through the prologue as in `a`
+            let a8 = g.vec.then(|| {
+                format!(
+                    "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic0 = g * ICG + icg;\n                unsigned int u_[4];\n                wrnc_ld16(u_, x + ({}));\n                #pragma unroll\n                for (int e8 = 0; e8 < 8; ++e8) {{\n                const int ic = ic0 + e8;\n                float xv = wrnc_bf16_f32((unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1))));\n{}                v8[e8] = xv;\n                }}\n                }}\n",
+                    split_red(true, "kk", "icg", "ICG"),
+                    at(true, "ni", "ic0", "IC", "ih", "IH", "iw", "IW"),
+                    prologue(&pro, &li)
+                )
+            });
             let b = if nh {
                 format!(
                     "                {}\n                v = w[(g * OCG + jj) * KDIM + (icg * KS + kh) * KS + kw];\n",
@@ -616,6 +693,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "KDIM".into(),
                     a,
                     b,
+                    a8,
                     epi: e,
                     consts: &consts,
                     // NCHW: a patch row's pixels are contiguous; NHWC: its channels
@@ -638,6 +716,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 split_red(nh, "kk", "ocg", "OCG"),
                 at(nh, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"));
             let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", split_red(nh, "kk", "ocg", "OCG"));
+            let a8 = g.vec.then(|| {
+                format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW) {{\n                unsigned int u_[4];\n                wrnc_ld16(u_, dy + ({}));\n                #pragma unroll\n                for (int e8 = 0; e8 < 8; ++e8) v8[e8] = wrnc_bf16_f32((unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1))));\n                }}\n",
+                    split_red(true, "kk", "ocg", "OCG"),
+                    at(true, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"))
+            });
             // the dropout mask's index is the NCHW one
             let (ldecl, lset, lidx) = if nh && chain.dropout {
                 (
@@ -679,6 +762,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "OCG * KS * KS".into(),
                     a,
                     b,
+                    a8,
                     epi: e,
                     consts: &consts,
                     a_m_fast: !nh,
@@ -733,6 +817,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "n * OH * OW".into(),
                     a,
                     b,
+                    a8: None,
                     epi: e,
                     consts: &consts,
                     // NCHW: pixels are contiguous; NHWC: channels (`dy`'s rows, `x`'s columns)
@@ -754,6 +839,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "IN".into(),
                 a: format!("                v = wrnc_ld(x, mm * IN + {});\n", feat(hw, "kk")),
                 b: "                v = w[jj * IN + kk];\n".into(),
+                a8: None,
                 epi: "    if (valid) wrnc_st(y, m * OUT + j, acc + bias[j]);\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
@@ -773,6 +859,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "OUT".into(),
                 a: "                v = wrnc_ld(dy, mm * OUT + kk);\n".into(),
                 b: "                v = w[kk * IN + jj];\n".into(),
+                a8: None,
                 epi: format!(
                     "    if (valid) {{\n{}    }}\n",
                     acc_store("dx", &format!("m * IN + {}", feat(hw, "j")), "acc", "accum")
@@ -795,6 +882,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "n".into(),
                 a: "                v = wrnc_ld(dy, kk * OUT + mm);\n".into(),
                 b: format!("                v = wrnc_ld(x, kk * IN + {});\n", feat(hw, "jj")),
+                a8: None,
                 epi: "    if (valid) dw[m * IN + j] = acc;\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,

@@ -21,6 +21,9 @@
 //   valid pointer). The copy lands only after a later wrnc_cp_async_wait<N>() that retires its
 //   group: wrnc_cp_async_commit() closes the current group, wrnc_cp_async_wait<N>() waits
 //   until at most N of this thread's committed groups are still in flight.
+// - wrnc_ld16(r, p) / wrnc_st16(p, r): eight consecutive bf16 at p (global or shared memory,
+//   16-byte aligned) in one 16-byte load / store; r[i] holds elements 2i (low 16 bits) and
+//   2i + 1 (high), the same packing as the fragments.
 
 #ifndef WRNC_MMA_CUH
 #define WRNC_MMA_CUH
@@ -68,6 +71,18 @@ __device__ __forceinline__ void wrnc_cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void wrnc_cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void wrnc_ld16(unsigned int* r, const unsigned short* p) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    r[0] = u.x;
+    r[1] = u.y;
+    r[2] = u.z;
+    r[3] = u.w;
+}
+
+__device__ __forceinline__ void wrnc_st16(unsigned short* p, const unsigned int* r) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(r[0], r[1], r[2], r[3]);
 }
 #endif  // WRNC_MMA_EMU
 

@@ -298,6 +298,9 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
         tensor_cores,
         tile: TcTile::DEFAULT,
         nhwc,
+        // whole 16-byte runs of channels in every patch the forward and data-gradient passes
+        // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
+        vec: tensor_cores && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
     }
 }
 
@@ -1099,7 +1102,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             let mut g = g;
             g.tile = b.tile_for(
                 &KernelSpec::ConvBwdWeight {
-                    g,
+                    g: ConvGeom { vec: false, ..g },
                     pro: pflags,
                     split_k: 1,
                 },
@@ -1130,7 +1133,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             };
             b.gemm_launch(
                 KernelSpec::ConvBwdWeight {
-                    g,
+                    g: ConvGeom { vec: false, ..g },
                     pro: pflags,
                     split_k,
                 },
