@@ -84,7 +84,7 @@ pub struct ConvGeom {
     /// default).
     #[serde(skip_serializing_if = "TcTile::is_default")]
     pub tile: TcTile,
-    /// Activations are channels-last (NHWC, [`Layout::Nhwc`]); the reduction index of the
+    /// Activations are channels-last (NHWC, [`Layout::Nhwc`](super::Layout::Nhwc)); the reduction index of the
     /// patch operand then runs `(kh, kw, c)` with `c` fastest, so consecutive threads gather
     /// consecutive channels. Weights stay OIHW either way. Name suffix `_nhwc`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
