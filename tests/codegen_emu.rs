@@ -12,7 +12,7 @@ use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{
-    self, Access, KernelSpec, Launch, Layout, Options, Schedule, TcTile, Tiles,
+    self, Access, Dtype, KernelSpec, Launch, Layout, Options, Schedule, TcTile, Tiles,
 };
 use wrnc_runtime::cpu::{Mode as CpuMode, Model};
 use wrnc_runtime::init::SplitMix64;
@@ -854,6 +854,33 @@ fn bf16_vector_loads() {
     assert!(count("conv_bwd_data", true) >= 4, "{names:?}");
     // the stem reads 3 channels: element by element
     assert_eq!(count("conv_fwd", false), 1, "{names:?}");
+    // a `_v8` conv reads a bf16 weight packed for it by the launch just before it
+    for (li, l) in s.launches.iter().enumerate() {
+        let spec = &s.kernels[l.kernel].spec;
+        if !spec.conv_geom().is_some_and(|cg| cg.vec) {
+            continue;
+        }
+        let w = spec
+            .signature()
+            .0
+            .iter()
+            .position(|p| p.name == "w")
+            .unwrap();
+        let wb = &s.buffers[l.buffers[w].buffer];
+        assert!(
+            wb.name.starts_with("pack.") && wb.dtype == Dtype::Bf16,
+            "{}",
+            l.note
+        );
+        let prev = &s.launches[li - 1];
+        assert!(
+            matches!(s.kernels[prev.kernel].spec, KernelSpec::PackWeight { data_grad, .. }
+                if data_grad == matches!(spec, KernelSpec::ConvBwdData { .. })),
+            "{}",
+            l.note
+        );
+        assert_eq!(prev.buffers[0].buffer, l.buffers[w].buffer, "{}", l.note);
+    }
     let _ = check_step_in("vec", VEC, BF16);
     check_infer_in("vec", VEC, BF16);
 }

@@ -289,6 +289,38 @@ pub fn permute_layout(v: &[f64], chw: [usize; 3], to_nchw: bool) -> Result<Vec<f
     Ok(out)
 }
 
+/// The packed index ([`KernelSpec::PackWeight`]) of every OIHW weight index: `perm[oihw]` for a
+/// weight of `oc x ic/groups x k x k`; forward OHWI, data gradient `[g][i][kh][kw][o]`.
+pub fn weight_pack_order(
+    k: usize,
+    groups: usize,
+    ic: usize,
+    oc: usize,
+    data_grad: bool,
+) -> Result<Vec<usize>, String> {
+    if groups == 0 || ic % groups != 0 || oc % groups != 0 {
+        return Err(format!("groups {groups} do not divide {ic} / {oc}"));
+    }
+    let (icg, ocg) = (ic / groups, oc / groups);
+    let mut perm = vec![0; oc * icg * k * k];
+    for o in 0..oc {
+        for i in 0..icg {
+            for kh in 0..k {
+                for kw in 0..k {
+                    let oihw = ((o * icg + i) * k + kh) * k + kw;
+                    perm[oihw] = if data_grad {
+                        let (gi, og) = (o / ocg, o % ocg);
+                        (((gi * icg + i) * k + kh) * k + kw) * ocg + og
+                    } else {
+                        ((o * k + kh) * k + kw) * icg + i
+                    };
+                }
+            }
+        }
+    }
+    Ok(perm)
+}
+
 /// The exact result of one launch: for each buffer argument (signature order), the new
 /// contents when the kernel writes it, `None` when it only reads it. `bufs` are the
 /// arguments' contents before the launch, `scalars` the launch's scalars, `n` the batch.
@@ -325,6 +357,27 @@ pub fn launch(
         if let Some(chw) = shape(p.name) {
             nb[i] = permute_layout(&bufs[i], chw, true).map_err(|e| format!("{}: {e}", p.name))?;
         }
+    }
+    // a vector-loading conv reads its weight packed (`PackWeight`); the twin reads OIHW
+    if let Some(g) = spec.conv_geom().filter(|g| g.vec) {
+        let data_grad = matches!(spec, KernelSpec::ConvBwdData { .. });
+        let (ic, oc) = (sc("IC"), sc("OC"));
+        let (Some(ic), Some(oc)) = (ic, oc) else {
+            return Err(format!("{}: a shape scalar is missing", spec.name()));
+        };
+        let i = params.iter().position(|p| p.name == "w").unwrap();
+        let perm = weight_pack_order(
+            g.k as usize,
+            g.groups as usize,
+            ic as usize,
+            oc as usize,
+            data_grad,
+        )
+        .map_err(|e| format!("{}: {e}", spec.name()))?;
+        if perm.len() != nb[i].len() {
+            return Err(format!("{}: packed weight length", spec.name()));
+        }
+        nb[i] = perm.iter().map(|&p| bufs[i][p]).collect();
     }
     let (_, bnames) = base.signature();
     let bsc = bnames
@@ -791,6 +844,24 @@ fn launch_nchw(
         ToNhwc => {
             let (c, hw) = (dim("C")?, dim("HW")?);
             out.push(("y", permute_layout(a.buf("x")?, [c, hw, 1], false)?));
+        }
+        PackWeight {
+            k,
+            groups,
+            data_grad,
+        } => {
+            let (oc, ic) = (dim("OC")?, dim("IC")?);
+            let perm = weight_pack_order(k as usize, groups as usize, ic, oc, data_grad)?;
+            let mut w = a.buf("w")?.to_vec();
+            if w.len() != perm.len() {
+                return Err("pack_weight length".into());
+            }
+            tc_operand(true, &mut w);
+            let mut wp = vec![0.0; w.len()];
+            for (oihw, &p) in perm.iter().enumerate() {
+                wp[p] = w[oihw];
+            }
+            out.push(("wp", wp));
         }
         FoldBn { bias } => {
             let (oc, per) = (dim("OC")?, dim("PER")?);

@@ -68,6 +68,7 @@ pub fn params(spec: &KernelSpec) -> String {
         let ty = match b.elem {
             ElemKind::Act => "act_t",
             ElemKind::F32 => "float",
+            ElemKind::Bf16 => "unsigned short",
             ElemKind::I32 => "int",
             ElemKind::U32 => "unsigned int",
         };
@@ -185,10 +186,9 @@ struct Gemm<'a> {
     a: String,
     /// sets `v` from `kk`, `jj` (and `g`)
     b: String,
-    /// Tensor-core vector loads of A ([`ConvGeom::vec`]): sets `v8[0..8]` (zero on entry) to
-    /// `A(mm, kk + e)`, `e < 8`, for `kk` a multiple of 8 (and `K` one too), from one 16-byte
-    /// load; `None`: A is gathered one element per thread by `a`.
-    a8: Option<String>,
+    /// Both operands as 16-byte runs ([`ConvGeom::vec`]): the GEMM runs on [`gemm_tc_async`]
+    /// (`a` and `b` unused); `None`: operands are gathered one element per thread by `a`, `b`.
+    vec: Option<VecOps>,
     /// uses `m`, `j`, `g`, `acc`, `valid`, `tx`, `ty` (a 16x16 thread block, one output per
     /// thread); may use `__syncthreads` (every thread reaches it)
     epi: String,
@@ -213,6 +213,9 @@ struct Gemm<'a> {
 /// Tiled GEMM `C[m][j] = sum_k A(m,k) B(k,j)` per group `blockIdx.z`, 16x16 threads, 16x16 tiles
 /// in shared memory, one output per thread. Every thread runs every `__syncthreads`.
 fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
+    if let Some(v) = &g.vec {
+        return gemm_tc_async(name, spec, g, v);
+    }
     if g.tensor_cores {
         return gemm_tc(name, spec, g);
     }
@@ -292,46 +295,12 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
     } else {
         (format!("q & {}", c - 1), format!("q >> {cs}"))
     };
-    let (mut ae, be) = (r * bk / 256, c * bk / 256);
-    // Vector loads of A (`Gemm::a8`, tensor cores): `nv` runs of 8 along k per stage, thread
-    // `q` takes row `q / (bk / 8)`, columns `8 (q % (bk / 8))..+8`, into `pa_[8e..8e+8]`.
-    let nv = r * bk / 8;
-    let nva = nv.div_ceil(256);
-    let vguard = if nv.is_multiple_of(256) {
-        String::new()
-    } else {
-        format!("q < {nv} && ")
-    };
-    let (vs, vm) = ((bk / 8).trailing_zeros(), bk / 8 - 1);
-    if g.a8.is_some() {
-        assert!(
-            k_inner,
-            "vector loads are for the tensor cores' [m][k] tiles"
-        );
-        ae = ae.max(8 * nva);
-    }
+    let (ae, be) = (r * bk / 256, c * bk / 256);
     let (a, b, kend) = (g.a.clone(), g.b.clone(), kend.to_string());
-    let a8 = g.a8.clone();
-    let vg = vguard.clone();
     let (ga, gb) = ((a_ml.clone(), a_kl.clone()), (b_nl.clone(), b_kl.clone()));
     let gather = move |kx: &str| {
-        let a_part = match &a8 {
-            Some(a8) => format!(
-                r#"        #pragma unroll
-        for (int e = 0; e < {nva}; ++e) {{
-            const int q = e * 256 + tid;
-            const int ml = q >> {vs}, kl = (q & {vm}) * 8;
-            const int mm = blockIdx.x * {r} + ml, kk = {kx} + kl;
-            float v8[8] = {{0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}};
-            if ({vg}mm < M && kk < {kend}) {{
-{a8}            }}
-            #pragma unroll
-            for (int e8 = 0; e8 < 8; ++e8) pa_[e * 8 + e8] = v8[e8];
-        }}
-"#
-            ),
-            None => format!(
-                r#"        #pragma unroll
+        format!(
+            r#"        #pragma unroll
         for (int e = 0; e < {ae}; ++e) {{
             const int q = e * 256 + tid;
             const int ml = {aml}, kl = {akl};
@@ -341,13 +310,7 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
 {a}            }}
             pa_[e] = v;
         }}
-"#,
-                aml = ga.0,
-                akl = ga.1,
-            ),
-        };
-        format!(
-            r#"{a_part}        #pragma unroll
+        #pragma unroll
         for (int e = 0; e < {be}; ++e) {{
             const int q = e * 256 + tid;
             const int nl = {bnl}, kl = {bkl};
@@ -358,6 +321,8 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
             pb_[e] = v;
         }}
 "#,
+            aml = ga.0,
+            akl = ga.1,
             bnl = gb.0,
             bkl = gb.1,
         )
@@ -367,38 +332,15 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
     } else {
         ("[kl][ml]", "[kl][nl]")
     };
-    let a_store = if g.a8.is_some() {
-        // 8 rounded values, packed two per register, in one 16-byte store (rows of 80 bytes,
-        // `kl` a multiple of 8 halves: 16-byte aligned)
-        format!(
-            r#"        #pragma unroll
-        for (int e = 0; e < {nva}; ++e) {{
-            const int q = e * 256 + tid;
-            const int ml = q >> {vs}, kl = (q & {vm}) * 8;
-            unsigned int h_[4];
-            #pragma unroll
-            for (int e2 = 0; e2 < 4; ++e2)
-                h_[e2] = (unsigned int){round}(pa_[e * 8 + 2 * e2]) | ((unsigned int){round}(pa_[e * 8 + 2 * e2 + 1]) << 16);
-            {st}wrnc_st16(&As{ai}, h_);
-        }}
-"#,
-            st = if nv.is_multiple_of(256) {
-                String::new()
-            } else {
-                format!("if (q < {nv}) ")
-            }
-        )
-    } else {
-        format!(
-            r#"        #pragma unroll
+    let a_store = format!(
+        r#"        #pragma unroll
         for (int e = 0; e < {ae}; ++e) {{
             const int q = e * 256 + tid;
             const int ml = {a_ml}, kl = {a_kl};
             As{ai} = {round}(pa_[e]);
         }}
 "#
-        )
-    };
+    );
     let store = format!(
         r#"{a_store}        #pragma unroll
         for (int e = 0; e < {be}; ++e) {{
@@ -592,6 +534,179 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     )
 }
 
+/// The operands of [`gemm_tc_async`]: runs of 8 consecutive reduction indices of one GEMM row
+/// (A's `mm`, B's `jj`), each 16 contiguous, 16-byte aligned bytes of bf16 in memory.
+struct VecOps {
+    /// A's tensor (the pointer a padding run passes to `cp.async`, which does not read it).
+    a_base: &'static str,
+    /// With `mm < M`, `kk < K` in scope: sets `ok_` (the run lies inside the tensor, not in
+    /// the padding) and, when `ok_`, `src_` (its first element); declares what `a_pro` uses.
+    a_addr: String,
+    /// A's prologue (BN scale-shift, ReLU, dropout) on `xv`, element `e8` of a run, in fp32;
+    /// empty when the conv has none.
+    a_pro: String,
+    /// With `jj < NC`, `kk < K` in scope: sets `src_`.
+    b_addr: String,
+}
+
+/// Pipeline depth of [`gemm_tc_async`] for a tile: as many stages as fit (at most 4) in the
+/// static shared memory left beside the epilogue's reduction arrays (2 x 16 x 17 f32).
+pub fn async_stages(t: TcTile) -> u32 {
+    let per_stage = (t.rows + t.cols) * 80;
+    ((46 * 1024) / per_stage).clamp(2, 4)
+}
+
+/// The tensor-core GEMM of the vector-loading convolutions ([`ConvGeom::vec`]): both operands
+/// arrive by `cp.async` (16 bytes global -> shared, no registers) into a ring of
+/// [`async_stages`] shared-memory stages of 32 reduction indices, so the loads of the next
+/// `stages - 1` stages are in flight while the tensor cores work on the current one.
+///
+/// Algebra: exactly [`gemm_tc`]'s. `C = sum_k bf16(pro(A(m,k))) * B(k,j)` in fp32, where `A`
+/// is bf16 in memory and `B` the packed bf16 weight ([`KernelSpec::PackWeight`]: the same
+/// rounding `gemm_tc` applies to the f32 weight). A run outside the tensor (the conv's
+/// padding, or past `M` / `K` / `NC`) lands as zeros and stays zero. A prologue cannot run
+/// during an asynchronous copy, so it runs in shared memory: once a stage has landed, the
+/// thread that issued a run reads it back, applies `pro` in fp32 and stores the bf16 rounding,
+/// before the barrier that publishes the stage; the values are those `gemm_tc` rounds from
+/// registers, bit for bit.
+///
+/// Ordering (one `cp.async` group per stage, committed even when empty, so the count is
+/// exact): iteration `kt` waits until at most `stages - 2` groups are in flight (stage `kt`
+/// has landed), transforms it, and passes a barrier; only then does it issue stage
+/// `kt + stages - 1` into the slot stage `kt - 1` used, which every warp has finished reading
+/// before that barrier. The epilogue is [`gemm_tc`]'s.
+fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String {
+    let t = g.tile;
+    let (r, c) = (t.rows, t.cols);
+    let (wr, wc) = t.warps();
+    let (wtm, wtn) = (r / wr, c / wc);
+    let (mi, ni) = (wtm / 16, wtn / 8);
+    let ns = async_stages(t);
+    let smem = (ns * (r + c) * 80).max(r * (c + 1) * 4);
+    // this thread's runs of a `rows x 32` stage: run `q` is row `q / 4`, columns `8 (q % 4)..`
+    let runs = |rows: u32, body: &str| -> String {
+        let n = rows * 4;
+        let guard = if n.is_multiple_of(256) {
+            String::new()
+        } else {
+            format!("if (q < {n}) ")
+        };
+        format!(
+            "        #pragma unroll\n        for (int e = 0; e < {}; ++e) {{\n            const int q = e * 256 + tid;\n            {guard}{{\n            const int rl = q >> 2, kl = (q & 3) * 8;\n{body}            }}\n        }}\n",
+            n.div_ceil(256)
+        )
+    };
+    let issue = |kx: &str, slot: &str| -> String {
+        let a = format!(
+            "            const int mm = blockIdx.x * {r} + rl, kk = {kx} + kl;\n            const unsigned short* src_ = {base};\n            bool ok_ = false;\n            if (mm < M && kk < K) {{\n{addr}            }}\n            wrnc_cp_async16(&As_[({slot}) * {r} + rl][kl], src_, ok_);\n",
+            base = v.a_base,
+            addr = v.a_addr
+        );
+        let b = format!(
+            "            const int jj = blockIdx.y * {c} + rl, kk = {kx} + kl;\n            const unsigned short* src_ = w;\n            const bool ok_ = jj < NC && kk < K;\n            if (ok_) {{\n{addr}            }}\n            wrnc_cp_async16(&Bs_[({slot}) * {c} + rl][kl], src_, ok_);\n",
+            addr = v.b_addr
+        );
+        runs(r, &a) + &runs(c, &b)
+    };
+    let transform = if v.a_pro.is_empty() {
+        String::new()
+    } else {
+        runs(
+            r,
+            &format!(
+                r#"            const int mm = blockIdx.x * {r} + rl, kk = kt * 32 + kl;
+            if (mm < M && kk < K) {{
+            const unsigned short* src_ = {base};
+            bool ok_ = false;
+{addr}            (void)src_;
+            if (ok_) {{
+            unsigned short* p_ = &As_[slot_ * {r} + rl][kl];
+            unsigned int u_[4];
+            wrnc_ld16(u_, p_);
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) {{
+            float xv = wrnc_bf16_f32((unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1))));
+{pro}            const unsigned int h_ = wrnc_f32_bf16(xv);
+            u_[e8 >> 1] = (e8 & 1) ? ((u_[e8 >> 1] & 0xffffu) | (h_ << 16)) : ((u_[e8 >> 1] & 0xffff0000u) | h_);
+            }}
+            wrnc_st16(p_, u_);
+            }}
+            }}
+"#,
+                base = v.a_base,
+                addr = v.a_addr,
+                pro = v.a_pro
+            ),
+        )
+    };
+    format!(
+        r#"{header} {{
+{consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
+    unsigned short (*As_)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_);
+    unsigned short (*Bs_)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_ + {boff});
+    float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / {wc}, wn = warp % {wc};
+    const int g = blockIdx.z;
+    const int M = {m}, NC = {ncols}, K = {k};
+    const int NK_ = (K + 31) / 32;
+    float cacc[{mi}][{ni}][4];
+    for (int i = 0; i < {mi}; ++i)
+        for (int jn = 0; jn < {ni}; ++jn)
+            for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
+    for (int s_ = 0; s_ < {pre}; ++s_) {{
+        if (s_ < NK_) {{
+{first}        }}
+        wrnc_cp_async_commit();
+    }}
+    for (int kt = 0; kt < NK_; ++kt) {{
+        const int slot_ = kt % {ns};
+        wrnc_cp_async_wait<{inflight}>();
+{transform}        __syncthreads();
+        {{
+            const int kn_ = kt + {pre};
+            if (kn_ < NK_) {{
+{next}            }}
+            wrnc_cp_async_commit();
+        }}
+        for (int ks = 0; ks < 32; ks += 16) {{
+            unsigned int af[{mi}][4], bfr[{nb}][4];
+            for (int i = 0; i < {mi}; ++i)
+                wrnc_ldmatrix_x4(af[i], &As_[slot_ * {r} + wm * {wtm} + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);
+            for (int jp = 0; jp < {nb}; ++jp)
+                wrnc_ldmatrix_x4(bfr[jp], &Bs_[slot_ * {c} + wn * {wtn} + jp * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);
+            for (int i = 0; i < {mi}; ++i)
+                for (int jn = 0; jn < {ni}; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[jn >> 1][2 * (jn & 1)], cacc[i][jn]);
+        }}
+    }}
+    wrnc_cp_async_wait<0>();
+    __syncthreads();
+    for (int i = 0; i < {mi}; ++i)
+        for (int jn = 0; jn < {ni}; ++jn) {{
+            const int r0 = wm * {wtm} + i * 16 + (lane >> 2), c0 = wn * {wtn} + jn * 8 + 2 * (lane & 3);
+            Cs[r0][c0] = cacc[i][jn][0];
+            Cs[r0][c0 + 1] = cacc[i][jn][1];
+            Cs[r0 + 8][c0] = cacc[i][jn][2];
+            Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
+        }}
+{walk}"#,
+        header = header(name, spec),
+        consts = g.consts,
+        m = g.m,
+        ncols = g.ncols,
+        k = g.k,
+        first = issue("s_ * 32", "s_"),
+        next = issue("kn_ * 32", &format!("kn_ % {ns}")),
+        walk = walk_tile(r, c, &g.epi),
+        boff = ns * r * 80,
+        cp = c + 1,
+        nb = ni / 2,
+        pre = ns - 1,
+        inflight = ns - 2,
+    )
+}
+
 /// Column (channel) sums of two per-thread values over the block's 16 rows, one atomicAdd per
 /// column: `dst[col] += sum s0`, `dst[cols + col] += sum s1`.
 fn column_atomics(s0: &str, s1: &str, col: &str, cols: &str, valid_col: &str) -> String {
@@ -635,14 +750,21 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 split_red(nh, "kk", "icg", "ICG"),
                 prologue(&pro, &li)
             );
-            // 8 channels of one tap per load, each through the prologue as in `a`
-            let a8 = g.vec.then(|| {
-                format!(
-                    "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                if (ih >= 0 && ih < IH && iw >= 0 && iw < IW) {{\n                const int ic0 = g * ICG + icg;\n                unsigned int u_[4];\n                wrnc_ld16(u_, x + ({}));\n                #pragma unroll\n                for (int e8 = 0; e8 < 8; ++e8) {{\n                const int ic = ic0 + e8;\n                float xv = wrnc_bf16_f32((unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1))));\n{}                v8[e8] = xv;\n                }}\n                }}\n",
+            // runs of 8 channels of one tap (cp.async), the prologue applied in shared memory
+            let vec = g.vec.then(|| VecOps {
+                a_base: "x",
+                a_addr: format!(
+                    "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                const int ic0 = g * ICG + icg;\n                ok_ = ih >= 0 && ih < IH && iw >= 0 && iw < IW;\n                if (ok_) src_ = x + ({});\n",
                     split_red(true, "kk", "icg", "ICG"),
                     at(true, "ni", "ic0", "IC", "ih", "IH", "iw", "IW"),
-                    prologue(&pro, &li)
-                )
+                ),
+                a_pro: if pro.any() {
+                    format!("            const int ic = ic0 + e8;\n{}", prologue(&pro, &li))
+                } else {
+                    String::new()
+                },
+                // the packed OHWI weight: a row `jj` of B is contiguous in `kk`
+                b_addr: "                src_ = w + (g * OCG + jj) * KDIM + kk;\n".into(),
             });
             let b = if nh {
                 format!(
@@ -693,7 +815,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "KDIM".into(),
                     a,
                     b,
-                    a8,
+                    vec,
                     epi: e,
                     consts: &consts,
                     // NCHW: a patch row's pixels are contiguous; NHWC: its channels
@@ -716,10 +838,14 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 split_red(nh, "kk", "ocg", "OCG"),
                 at(nh, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"));
             let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", split_red(nh, "kk", "ocg", "OCG"));
-            let a8 = g.vec.then(|| {
-                format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW) {{\n                unsigned int u_[4];\n                wrnc_ld16(u_, dy + ({}));\n                #pragma unroll\n                for (int e8 = 0; e8 < 8; ++e8) v8[e8] = wrnc_bf16_f32((unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1))));\n                }}\n",
+            let vec = g.vec.then(|| VecOps {
+                a_base: "dy",
+                a_addr: format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
                     split_red(true, "kk", "ocg", "OCG"),
-                    at(true, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"))
+                    at(true, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW")),
+                a_pro: String::new(),
+                // the packed `[g][i][kh][kw][o]` weight: a row `jj` of B is contiguous in `kk`
+                b_addr: "                src_ = w + (g * ICG + jj) * (OCG * KS * KS) + kk;\n".into(),
             });
             // the dropout mask's index is the NCHW one
             let (ldecl, lset, lidx) = if nh && chain.dropout {
@@ -762,7 +888,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "OCG * KS * KS".into(),
                     a,
                     b,
-                    a8,
+                    vec,
                     epi: e,
                     consts: &consts,
                     a_m_fast: !nh,
@@ -817,7 +943,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "n * OH * OW".into(),
                     a,
                     b,
-                    a8: None,
+                    vec: None,
                     epi: e,
                     consts: &consts,
                     // NCHW: pixels are contiguous; NHWC: channels (`dy`'s rows, `x`'s columns)
@@ -839,7 +965,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "IN".into(),
                 a: format!("                v = wrnc_ld(x, mm * IN + {});\n", feat(hw, "kk")),
                 b: "                v = w[jj * IN + kk];\n".into(),
-                a8: None,
+                vec: None,
                 epi: "    if (valid) wrnc_st(y, m * OUT + j, acc + bias[j]);\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
@@ -859,7 +985,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "OUT".into(),
                 a: "                v = wrnc_ld(dy, mm * OUT + kk);\n".into(),
                 b: "                v = w[kk * IN + jj];\n".into(),
-                a8: None,
+                vec: None,
                 epi: format!(
                     "    if (valid) {{\n{}    }}\n",
                     acc_store("dx", &format!("m * IN + {}", feat(hw, "j")), "acc", "accum")
@@ -882,7 +1008,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 k: "n".into(),
                 a: "                v = wrnc_ld(dy, kk * OUT + mm);\n".into(),
                 b: format!("                v = wrnc_ld(x, kk * IN + {});\n", feat(hw, "jj")),
-                a8: None,
+                vec: None,
                 epi: "    if (valid) dw[m * IN + j] = acc;\n".into(),
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
@@ -1226,6 +1352,28 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             header(name, spec)
         ),
         Zero => elementwise(name, spec, "count", "", "        y[i] = 0.0f;\n"),
+        PackWeight {
+            k,
+            groups,
+            data_grad,
+        } => {
+            let consts = format!(
+                "    const int KS = {k}, G = {groups};\n    const int ICG = IC / G, OCG = OC / G;\n"
+            );
+            // `i` walks the packed order; `src` is the OIHW index of the same weight
+            let src = if data_grad {
+                "        const int ocg = i % OCG;\n        int t = i / OCG;\n        const int kw = t % KS; t /= KS;\n        const int kh = t % KS; t /= KS;\n        const int icg = t % ICG, gi = t / ICG;\n        const int src = (((gi * OCG + ocg) * ICG + icg) * KS + kh) * KS + kw;\n"
+            } else {
+                "        const int icg = i % ICG;\n        int t = i / ICG;\n        const int kw = t % KS; t /= KS;\n        const int kh = t % KS, oc = t / KS;\n        const int src = ((oc * ICG + icg) * KS + kh) * KS + kw;\n"
+            };
+            elementwise(
+                name,
+                spec,
+                "OC * ICG * KS * KS",
+                &consts,
+                &format!("{src}        unsigned int u = __float_as_uint(w[src]);\n        u += 0x7fffu + ((u >> 16) & 1u);\n        wp[i] = (unsigned short)(u >> 16);\n"),
+            )
+        }
         SplitKReduce => elementwise(
             name,
             spec,

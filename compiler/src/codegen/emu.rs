@@ -75,6 +75,7 @@ int main(int argc, char** argv) {
             let ty = match p.elem {
                 ElemKind::Act => "act_t",
                 ElemKind::F32 => "float",
+                ElemKind::Bf16 => "unsigned short",
                 ElemKind::I32 => "int",
                 ElemKind::U32 => "unsigned int",
             };

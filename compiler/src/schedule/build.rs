@@ -201,6 +201,53 @@ impl<'a> B<'a> {
             .unwrap_or_else(|| panic!("value of {} is not materialised", self.plan.nodes[i].name))
     }
 
+    /// A vector-loading conv's weight operand ([`ConvGeom::vec`]): launches
+    /// [`KernelSpec::PackWeight`] from the f32 OIHW weight `w` into a bf16 scratch buffer named
+    /// `pack.<conv>.<pass>` and returns that buffer (read); `w` itself when `g` is not `vec`.
+    /// The copy lives from this launch to the conv's, so the memory plan reuses its bytes.
+    fn conv_weight(
+        &mut self,
+        w: BufArg,
+        g: &ConvGeom,
+        conv: &crate::graph::Conv2d,
+        node: &str,
+        data_grad: bool,
+    ) -> crate::Result<BufArg> {
+        if !g.vec {
+            return Ok(w);
+        }
+        let pass = if data_grad { "bwd_data" } else { "fwd" };
+        let wp = self.buffer(
+            format!("pack.{node}.{pass}"),
+            w.len,
+            Dtype::Bf16,
+            Role::Scratch,
+        );
+        let out = self.whole(wp, Access::Write);
+        self.launch(
+            KernelSpec::PackWeight {
+                k: g.k,
+                groups: g.groups,
+                data_grad,
+            },
+            B::elem_grid(w.len),
+            [ELEM_BLOCK, 1, 1],
+            vec![
+                out,
+                BufArg {
+                    access: Access::Read,
+                    ..w
+                },
+            ],
+            vec![
+                ScalarArg::I32(conv.out_c as i32),
+                ScalarArg::I32(conv.in_c as i32),
+            ],
+            format!("{node} {pass} weight pack"),
+        )?;
+        Ok(self.whole(wp, Access::Read))
+    }
+
     fn arg(&self, b: usize, access: Access) -> BufArg {
         self.whole(b, access)
     }
@@ -588,13 +635,13 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 };
                 let xb = b.val(src);
                 let mut args = vec![b.arg(y, Access::Write), b.arg(xb, Access::Read)];
-                if let Some(bn) = folded {
+                let w = if folded.is_some() {
                     let w = b.s.buffer(&format!("fold.{name}.weight")).unwrap();
-                    args.push(b.arg(w, Access::Read));
-                    let _ = bn;
+                    b.arg(w, Access::Read)
                 } else {
-                    args.push(b.param(&format!("{name}.weight"), Access::Read, params));
-                }
+                    b.param(&format!("{name}.weight"), Access::Read, params)
+                };
+                args.push(b.conv_weight(w, &g, &conv, &name, false)?);
                 if pflags.affine {
                     let bn = pro.unwrap().bn.unwrap();
                     let aff = b.bn_buf(bn, "affine", Role::Saved);
@@ -1182,6 +1229,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 (conv.in_c / g.groups) as u64,
             );
             let w = b.param(&format!("{name}.weight"), Access::Read, params);
+            let w = b.conv_weight(w, &g, &conv, &name, true)?;
             if let Some(bn) = fu.bwd_for {
                 let p = pro.unwrap();
                 let gbuf = b.grad[bn].unwrap();

@@ -28,6 +28,8 @@ pub enum ElemKind {
     /// Activation storage: `float`, or bf16 bits in `--precision bf16`.
     Act,
     F32,
+    /// bf16 bits in either precision (the tensor cores' packed weights, [`KernelSpec::PackWeight`]).
+    Bf16,
     I32,
     U32,
 }
@@ -55,6 +57,7 @@ impl BufParam {
             (self.elem, d),
             (ElemKind::Act, Dtype::F32 | Dtype::Bf16)
                 | (ElemKind::F32, Dtype::F32)
+                | (ElemKind::Bf16, Dtype::Bf16)
                 | (ElemKind::I32, Dtype::I32)
                 | (ElemKind::U32, Dtype::U32)
         )
@@ -424,6 +427,16 @@ pub enum KernelSpec {
     FoldBn {
         bias: bool,
     },
+    /// The bf16 copy of a conv's f32 OIHW weight (`w`, `OC x IC/groups x k x k`) in the order a
+    /// vector-loading tensor-core conv ([`ConvGeom::vec`]) reads its B operand, so that 8
+    /// consecutive reduction indices are 16 contiguous bytes. `data_grad = false` (forward): OHWI,
+    /// `wp[o][kh][kw][i]`; `true` (data gradient): `wp[g][i][kh][kw][o]` for `o` and `i` within
+    /// group `g`. Every value is rounded to bf16 (nearest even), which the conv would do anyway.
+    PackWeight {
+        k: u32,
+        groups: u32,
+        data_grad: bool,
+    },
 }
 
 macro_rules! b {
@@ -730,6 +743,14 @@ impl KernelSpec {
             Zero => "zero_fill".into(),
             SplitKReduce => "splitk_reduce".into(),
             FoldBn { bias } => format!("fold_bn{}", if *bias { "_bias" } else { "" }),
+            PackWeight {
+                k,
+                groups,
+                data_grad,
+            } => format!(
+                "pack_weight_{}_k{k}g{groups}",
+                if *data_grad { "bwd_data" } else { "fwd" }
+            ),
         }
     }
 
@@ -767,8 +788,8 @@ impl KernelSpec {
             }
         };
         let (mut bufs, mut sc): (Vec<BufParam>, Vec<(&'static str, ScalarKind)>) = match self {
-            ConvFwd { pro, epi, .. } => {
-                let mut v = vec![b!("y", Write, Act), b!("x", Read, Act), b!("w", Read, F32)];
+            ConvFwd { g, pro, epi } => {
+                let mut v = vec![b!("y", Write, Act), b!("x", Read, Act), conv_w(g)];
                 if pro.affine {
                     v.push(b!("affine", Read, F32));
                 }
@@ -787,12 +808,8 @@ impl KernelSpec {
                 }
                 (v, s)
             }
-            ConvBwdData { chain, .. } => {
-                let mut v = vec![
-                    b!("dx", ReadWrite, Act),
-                    b!("dy", Read, Act),
-                    b!("w", Read, F32),
-                ];
+            ConvBwdData { g, chain } => {
+                let mut v = vec![b!("dx", ReadWrite, Act), b!("dy", Read, Act), conv_w(g)];
                 let mut s = vec![
                     ("n", S::I32),
                     ("IC", S::I32),
@@ -1085,6 +1102,10 @@ impl KernelSpec {
                 v.extend([b!("affine", Read, F32)]);
                 (v, vec![("OC", S::I32), ("PER", S::I32)])
             }
+            PackWeight { .. } => (
+                vec![b!("wp", Write, Bf16), b!("w", Read, F32)],
+                vec![("OC", S::I32), ("IC", S::I32)],
+            ),
         };
         // The per-step scalars are read from the `hyper` buffer (`Role::Hyper`), the kernel's
         // last buffer parameter: `step` is `hyper[0]`, `lr` the float in `hyper[1]`.
@@ -1096,6 +1117,16 @@ impl KernelSpec {
         bufs.shrink_to_fit();
         sc.shrink_to_fit();
         (bufs, sc)
+    }
+}
+
+/// A forward or data-gradient conv's weight parameter: the f32 OIHW weight, or with vector loads
+/// ([`ConvGeom::vec`]) its bf16 copy packed by [`KernelSpec::PackWeight`].
+fn conv_w(g: &ConvGeom) -> BufParam {
+    if g.vec {
+        b!("w", Read, Bf16)
+    } else {
+        b!("w", Read, F32)
     }
 }
 
