@@ -824,8 +824,8 @@ const VEC: &str = "conv(3x3, 16)
      dense { bn relu conv(3x3, 8) }
      bn relu conv(1x1, 16) bn relu gap fc";
 
-/// Vector loads: every forward and data-gradient conv of [`VEC`] but the 3-channel stem is
-/// `_v8` (no weight gradient is), and whole steps and inference, fused and unfused, match the
+/// Vector loads: every conv pass of [`VEC`] (forward, data and weight gradient) but the
+/// 3-channel stem's is `_v8` (the `cp.async` engine), and whole steps and inference, fused and unfused, match the
 /// reference launch by launch and the CPU model; the emulation aborts on a 16-byte access that
 /// is not 16-byte aligned.
 #[test]
@@ -839,9 +839,6 @@ fn bf16_vector_loads() {
         .collect();
     for (k, cg) in &convs {
         assert_eq!(cg.vec, k.name.contains("_v8"), "{}", k.name);
-        if matches!(k.spec, KernelSpec::ConvBwdWeight { .. }) {
-            assert!(!cg.vec, "{}", k.name);
-        }
     }
     let count = |what: &str, vec: bool| {
         convs
@@ -852,12 +849,17 @@ fn bf16_vector_loads() {
     let names: Vec<_> = convs.iter().map(|(k, _)| &k.name).collect();
     assert!(count("conv_fwd", true) >= 5, "{names:?}");
     assert!(count("conv_bwd_data", true) >= 4, "{names:?}");
+    assert!(count("conv_bwd_weight", true) >= 5, "{names:?}");
     // the stem reads 3 channels: element by element
     assert_eq!(count("conv_fwd", false), 1, "{names:?}");
     // a `_v8` conv reads a bf16 weight packed for it by the launch just before it
     for (li, l) in s.launches.iter().enumerate() {
         let spec = &s.kernels[l.kernel].spec;
-        if !spec.conv_geom().is_some_and(|cg| cg.vec) {
+        let reads_w = matches!(
+            spec,
+            KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+        );
+        if !reads_w || !spec.conv_geom().is_some_and(|cg| cg.vec) {
             continue;
         }
         let w = spec
@@ -975,7 +977,8 @@ fn bf16_tensor_cores_grouped_strided_and_wide() {
     }
 }
 
-/// Split-K of the tensor-core weight gradient: at 20x20 the 800-pixel reduction (25 steps of
+/// Split-K of the tensor-core weight gradient (both engines: the 3-channel stem's gathers its
+/// operands, the 8-channel conv's is `_v8`): at 20x20 the 800-pixel reduction (25 steps of
 /// 32) is cut into 3 slices of 288, 288 and 224 pixels whose partial gradients a second launch
 /// sums; every launch against the f64 reference (which sums the slices the same way), the
 /// whole step against the CPU model.
@@ -995,6 +998,9 @@ fn bf16_tensor_core_weight_gradient_split_k() {
         })
         .collect();
     assert!(splits.contains(&3), "split-K factors {splits:?}");
+    // the 8 -> 8 conv's is the `cp.async` engine (`_v8`), sliced too
+    assert!(s.kernels.iter().any(|k| matches!(k.spec,
+        schedule::KernelSpec::ConvBwdWeight { g, split_k, .. } if g.vec && split_k > 1)));
     assert!(s
         .kernels
         .iter()

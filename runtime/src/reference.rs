@@ -359,7 +359,11 @@ pub fn launch(
         }
     }
     // a vector-loading conv reads its weight packed (`PackWeight`); the twin reads OIHW
-    if let Some(g) = spec.conv_geom().filter(|g| g.vec) {
+    let packed = matches!(
+        spec,
+        KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+    );
+    if let Some(g) = spec.conv_geom().filter(|g| g.vec && packed) {
         let data_grad = matches!(spec, KernelSpec::ConvBwdData { .. });
         let (ic, oc) = (sc("IC"), sc("OC"));
         let (Some(ic), Some(oc)) = (ic, oc) else {

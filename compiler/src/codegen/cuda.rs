@@ -534,26 +534,45 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     )
 }
 
-/// The operands of [`gemm_tc_async`]: runs of 8 consecutive reduction indices of one GEMM row
-/// (A's `mm`, B's `jj`), each 16 contiguous, 16-byte aligned bytes of bf16 in memory.
+/// The operands of [`gemm_tc_async`]: runs of 8 consecutive elements of one operand tile row,
+/// each 16 contiguous, 16-byte aligned bytes of bf16 in memory. With `kmajor` a run is 8
+/// reduction indices of one GEMM row (A's `mm`, B's `jj`): the forward pass and the data
+/// gradient, whose patches run along channels. Otherwise it is 8 GEMM rows (`mm..mm+8`) or
+/// columns (`jj..jj+8`) at one reduction index `kk`: the weight gradient, whose reduction runs
+/// along pixels while `dy` and `x` are contiguous in channels.
 struct VecOps {
-    /// A's tensor (the pointer a padding run passes to `cp.async`, which does not read it).
-    a_base: &'static str,
-    /// With `mm < M`, `kk < K` in scope: sets `ok_` (the run lies inside the tensor, not in
-    /// the padding) and, when `ok_`, `src_` (its first element); declares what `a_pro` uses.
-    a_addr: String,
-    /// A's prologue (BN scale-shift, ReLU, dropout) on `xv`, element `e8` of a run, in fp32;
-    /// empty when the conv has none.
-    a_pro: String,
-    /// With `jj < NC`, `kk < K` in scope: sets `src_`.
-    b_addr: String,
+    kmajor: bool,
+    a: VecOperand,
+    b: VecOperand,
+}
+
+struct VecOperand {
+    /// The operand's tensor (the pointer a zero-filling `cp.async` gets; it is not read).
+    base: &'static str,
+    /// With the run's `mm` (A) or `jj` (B) and `kk` in range: sets `ok_` (the run lies inside
+    /// the tensor, not in the conv's padding) and, when `ok_`, `src_` (its first element);
+    /// declares what `pro` uses.
+    addr: String,
+    /// The prologue (BN scale-shift, ReLU, dropout) on `xv`, element `e8` of a run, in fp32;
+    /// empty when the operand has none.
+    pro: String,
 }
 
 /// Pipeline depth of [`gemm_tc_async`] for a tile: as many stages as fit (at most 4) in the
 /// static shared memory left beside the epilogue's reduction arrays (2 x 16 x 17 f32).
-pub fn async_stages(t: TcTile) -> u32 {
-    let per_stage = (t.rows + t.cols) * 80;
-    ((46 * 1024) / per_stage).clamp(2, 4)
+pub fn async_stages(t: TcTile, kmajor: bool) -> u32 {
+    ((46 * 1024) / async_stage_bytes(t, kmajor)).clamp(2, 4)
+}
+
+/// Shared memory of one stage of [`gemm_tc_async`]: K-contiguous rows of 32 + 8 halves, or
+/// 32 rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
+/// aligned and put the 8 rows an `ldmatrix` reads in distinct banks).
+fn async_stage_bytes(t: TcTile, kmajor: bool) -> u32 {
+    if kmajor {
+        (t.rows + t.cols) * 80
+    } else {
+        64 * (t.rows + t.cols + 16)
+    }
 }
 
 /// The tensor-core GEMM of the vector-loading convolutions ([`ConvGeom::vec`]): both operands
@@ -561,14 +580,21 @@ pub fn async_stages(t: TcTile) -> u32 {
 /// [`async_stages`] shared-memory stages of 32 reduction indices, so the loads of the next
 /// `stages - 1` stages are in flight while the tensor cores work on the current one.
 ///
-/// Algebra: exactly [`gemm_tc`]'s. `C = sum_k bf16(pro(A(m,k))) * B(k,j)` in fp32, where `A`
-/// is bf16 in memory and `B` the packed bf16 weight ([`KernelSpec::PackWeight`]: the same
-/// rounding `gemm_tc` applies to the f32 weight). A run outside the tensor (the conv's
-/// padding, or past `M` / `K` / `NC`) lands as zeros and stays zero. A prologue cannot run
-/// during an asynchronous copy, so it runs in shared memory: once a stage has landed, the
-/// thread that issued a run reads it back, applies `pro` in fp32 and stores the bf16 rounding,
-/// before the barrier that publishes the stage; the values are those `gemm_tc` rounds from
-/// registers, bit for bit.
+/// Algebra: exactly [`gemm_tc`]'s. `C = sum_k bf16(pro(A(m,k))) * bf16(pro(B(k,j)))` in fp32,
+/// where an operand is bf16 in memory (activations, gradients, or the packed weight of
+/// [`KernelSpec::PackWeight`], which applies the rounding `gemm_tc` applies to the f32 weight)
+/// and `pro` is the identity for an operand without a prologue. A run outside the tensor (the
+/// conv's padding, or past `M` / `NC` / the slice's end) lands as zeros and stays zero. A
+/// prologue cannot run during an asynchronous copy, so it runs in shared memory: once a stage
+/// has landed, the thread that issued a run reads it back, applies `pro` in fp32 and stores
+/// the bf16 rounding, before the barrier that publishes the stage; the values are those
+/// `gemm_tc` rounds from registers, bit for bit. Split-K slices (`g.split_k`) are
+/// `gemm_tc`'s.
+///
+/// With `kmajor` the tiles are `As[m][k]`, `Bs[j][k]` and `ldmatrix` reads fragments as they
+/// are; otherwise they are `As[k][m]`, `Bs[k][j]` and `ldmatrix.trans` transposes each 8x8
+/// matrix on the way (A's fragment `A[g][2t..2t+1]` is column `g`, rows `2t, 2t+1` of the
+/// stored `[k][m]` matrix, which is what `.trans` returns; likewise B's `B[2t..2t+1][g]`).
 ///
 /// Ordering (one `cp.async` group per stage, committed even when empty, so the count is
 /// exact): iteration `kt` waits until at most `stages - 2` groups are in flight (stage `kt`
@@ -581,46 +607,71 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let (wr, wc) = t.warps();
     let (wtm, wtn) = (r / wr, c / wc);
     let (mi, ni) = (wtm / 16, wtn / 8);
-    let ns = async_stages(t);
-    let smem = (ns * (r + c) * 80).max(r * (c + 1) * 4);
-    // this thread's runs of a `rows x 32` stage: run `q` is row `q / 4`, columns `8 (q % 4)..`
-    let runs = |rows: u32, body: &str| -> String {
-        let n = rows * 4;
-        let guard = if n.is_multiple_of(256) {
+    let km = v.kmajor;
+    let ns = async_stages(t, km);
+    let smem = (ns * async_stage_bytes(t, km)).max(r * (c + 1) * 4);
+    // A shared row (halves) and the slot's first row, per operand of `n` tile rows/columns
+    let (arow, brow) = if km { (40, 40) } else { (r + 8, c + 8) };
+    // this thread's runs of a stage: `4 n` runs for `n` rows (or columns) of 32; `rl` is the
+    // run's tile row (column), `kl` its reduction index (of the first of 8 with `kmajor`)
+    let runs = |n: u32, body: &str| -> String {
+        let total = n * 4;
+        let guard = if total.is_multiple_of(256) {
             String::new()
         } else {
-            format!("if (q < {n}) ")
+            format!("if (q < {total}) ")
+        };
+        let map = if km {
+            "const int rl = q >> 2, kl = (q & 3) * 8;".to_string()
+        } else {
+            format!("const int kl = q / {}, rl = (q % {}) * 8;", n / 8, n / 8)
         };
         format!(
-            "        #pragma unroll\n        for (int e = 0; e < {}; ++e) {{\n            const int q = e * 256 + tid;\n            {guard}{{\n            const int rl = q >> 2, kl = (q & 3) * 8;\n{body}            }}\n        }}\n",
-            n.div_ceil(256)
+            "        #pragma unroll\n        for (int e = 0; e < {}; ++e) {{\n            const int q = e * 256 + tid;\n            {guard}{{\n            {map}\n{body}            }}\n        }}\n",
+            total.div_ceil(256)
         )
     };
-    let issue = |kx: &str, slot: &str| -> String {
-        let a = format!(
-            "            const int mm = blockIdx.x * {r} + rl, kk = {kx} + kl;\n            const unsigned short* src_ = {base};\n            bool ok_ = false;\n            if (mm < M && kk < K) {{\n{addr}            }}\n            wrnc_cp_async16(&As_[({slot}) * {r} + rl][kl], src_, ok_);\n",
-            base = v.a_base,
-            addr = v.a_addr
-        );
-        let b = format!(
-            "            const int jj = blockIdx.y * {c} + rl, kk = {kx} + kl;\n            const unsigned short* src_ = w;\n            const bool ok_ = jj < NC && kk < K;\n            if (ok_) {{\n{addr}            }}\n            wrnc_cp_async16(&Bs_[({slot}) * {c} + rl][kl], src_, ok_);\n",
-            addr = v.b_addr
-        );
-        runs(r, &a) + &runs(c, &b)
+    // the shared cell of a run: `[slot][row][k]` or `[slot][k][row]`
+    let cell = |arr: &str, n: u32, slot: &str| -> String {
+        if km {
+            format!("&{arr}[({slot}) * {n} + rl][kl]")
+        } else {
+            format!("&{arr}[({slot}) * 32 + kl][rl]")
+        }
     };
-    let transform = if v.a_pro.is_empty() {
-        String::new()
-    } else {
-        runs(
-            r,
-            &format!(
-                r#"            const int mm = blockIdx.x * {r} + rl, kk = kt * 32 + kl;
-            if (mm < M && kk < K) {{
+    let ops = [
+        (&v.a, "As_", r, "mm", "blockIdx.x", "M"),
+        (&v.b, "Bs_", c, "jj", "blockIdx.y", "NC"),
+    ];
+    let issue = |kx: &str, slot: &str| -> String {
+        ops.iter()
+            .map(|(op, arr, n, idx, blk, lim)| {
+                runs(
+                    *n,
+                    &format!(
+                        "            const int {idx} = {blk} * {n} + rl, kk = {kx} + kl;\n            const unsigned short* src_ = {base};\n            bool ok_ = false;\n            if ({idx} < {lim} && kk < ke_) {{\n{addr}            }}\n            wrnc_cp_async16({cell}, src_, ok_);\n",
+                        base = op.base,
+                        addr = op.addr,
+                        cell = cell(arr, *n, slot)
+                    ),
+                )
+            })
+            .collect()
+    };
+    let transform: String = ops
+        .iter()
+        .filter(|(op, ..)| !op.pro.is_empty())
+        .map(|(op, arr, n, idx, blk, lim)| {
+            runs(
+                *n,
+                &format!(
+                    r#"            const int {idx} = {blk} * {n} + rl, kk = kb_ + kt * 32 + kl;
+            if ({idx} < {lim} && kk < ke_) {{
             const unsigned short* src_ = {base};
             bool ok_ = false;
 {addr}            (void)src_;
             if (ok_) {{
-            unsigned short* p_ = &As_[slot_ * {r} + rl][kl];
+            unsigned short* p_ = {cell};
             unsigned int u_[4];
             wrnc_ld16(u_, p_);
             #pragma unroll
@@ -633,24 +684,42 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             }}
             }}
 "#,
-                base = v.a_base,
-                addr = v.a_addr,
-                pro = v.a_pro
-            ),
+                    base = op.base,
+                    addr = op.addr,
+                    pro = op.pro,
+                    cell = cell(arr, *n, "slot_"),
+                ),
+            )
+        })
+        .collect();
+    let (lda, ldb) = if km {
+        (
+            format!("wrnc_ldmatrix_x4(af[i], &As_[slot_ * {r} + wm * {wtm} + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);"),
+            format!("wrnc_ldmatrix_x4(bfr[jp], &Bs_[slot_ * {c} + wn * {wtn} + jp * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);"),
+        )
+    } else {
+        // matrix `lane / 8` of A: k rows `(lane / 16) * 8`, m columns `((lane / 8) & 1) * 8`;
+        // of B: k rows `((lane / 8) & 1) * 8`, n columns `(lane / 16) * 8`
+        (
+            format!("wrnc_ldmatrix_x4_trans(af[i], &As_[slot_ * 32 + ks + (lane & 7) + (lane >> 4) * 8][wm * {wtm} + i * 16 + ((lane >> 3) & 1) * 8]);"),
+            format!("wrnc_ldmatrix_x4_trans(bfr[jp], &Bs_[slot_ * 32 + ks + (lane & 7) + ((lane >> 3) & 1) * 8][wn * {wtn} + jp * 16 + (lane >> 4) * 8]);"),
         )
     };
     format!(
         r#"{header} {{
 {consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
-    unsigned short (*As_)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_);
-    unsigned short (*Bs_)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_ + {boff});
+    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);
+    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});
     float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / {wc}, wn = warp % {wc};
-    const int g = blockIdx.z;
+    const int SPLIT_ = {split};
+    const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
     const int M = {m}, NC = {ncols}, K = {k};
-    const int NK_ = (K + 31) / 32;
+    const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
+    const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
+    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
     float cacc[{mi}][{ni}][4];
     for (int i = 0; i < {mi}; ++i)
         for (int jn = 0; jn < {ni}; ++jn)
@@ -673,9 +742,9 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         for (int ks = 0; ks < 32; ks += 16) {{
             unsigned int af[{mi}][4], bfr[{nb}][4];
             for (int i = 0; i < {mi}; ++i)
-                wrnc_ldmatrix_x4(af[i], &As_[slot_ * {r} + wm * {wtm} + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);
+                {lda}
             for (int jp = 0; jp < {nb}; ++jp)
-                wrnc_ldmatrix_x4(bfr[jp], &Bs_[slot_ * {c} + wn * {wtn} + jp * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 8]);
+                {ldb}
             for (int i = 0; i < {mi}; ++i)
                 for (int jn = 0; jn < {ni}; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[jn >> 1][2 * (jn & 1)], cacc[i][jn]);
         }}
@@ -696,14 +765,15 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         m = g.m,
         ncols = g.ncols,
         k = g.k,
-        first = issue("s_ * 32", "s_"),
-        next = issue("kn_ * 32", &format!("kn_ % {ns}")),
+        first = issue("kb_ + s_ * 32", "s_"),
+        next = issue("kb_ + kn_ * 32", &format!("kn_ % {ns}")),
         walk = walk_tile(r, c, &g.epi),
-        boff = ns * r * 80,
+        boff = if km { ns * r * 80 } else { ns * 64 * (r + 8) },
         cp = c + 1,
         nb = ni / 2,
         pre = ns - 1,
         inflight = ns - 2,
+        split = g.split_k.max(1),
     )
 }
 
@@ -752,19 +822,26 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             );
             // runs of 8 channels of one tap (cp.async), the prologue applied in shared memory
             let vec = g.vec.then(|| VecOps {
-                a_base: "x",
-                a_addr: format!(
+                kmajor: true,
+                a: VecOperand {
+                base: "x",
+                addr: format!(
                     "                const int ow = mm % OW, t = mm / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                const int ic0 = g * ICG + icg;\n                ok_ = ih >= 0 && ih < IH && iw >= 0 && iw < IW;\n                if (ok_) src_ = x + ({});\n",
                     split_red(true, "kk", "icg", "ICG"),
                     at(true, "ni", "ic0", "IC", "ih", "IH", "iw", "IW"),
                 ),
-                a_pro: if pro.any() {
+                pro: if pro.any() {
                     format!("            const int ic = ic0 + e8;\n{}", prologue(&pro, &li))
                 } else {
                     String::new()
                 },
+                },
                 // the packed OHWI weight: a row `jj` of B is contiguous in `kk`
-                b_addr: "                src_ = w + (g * OCG + jj) * KDIM + kk;\n".into(),
+                b: VecOperand {
+                    base: "w",
+                    addr: "                ok_ = true;\n                src_ = w + (g * OCG + jj) * KDIM + kk;\n".into(),
+                    pro: String::new(),
+                },
             });
             let b = if nh {
                 format!(
@@ -839,13 +916,20 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 at(nh, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"));
             let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", split_red(nh, "kk", "ocg", "OCG"));
             let vec = g.vec.then(|| VecOps {
-                a_base: "dy",
-                a_addr: format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
+                kmajor: true,
+                a: VecOperand {
+                base: "dy",
+                addr: format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
                     split_red(true, "kk", "ocg", "OCG"),
                     at(true, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW")),
-                a_pro: String::new(),
+                pro: String::new(),
+                },
                 // the packed `[g][i][kh][kw][o]` weight: a row `jj` of B is contiguous in `kk`
-                b_addr: "                src_ = w + (g * ICG + jj) * (OCG * KS * KS) + kk;\n".into(),
+                b: VecOperand {
+                    base: "w",
+                    addr: "                ok_ = true;\n                src_ = w + (g * ICG + jj) * (OCG * KS * KS) + kk;\n".into(),
+                    pro: String::new(),
+                },
             });
             // the dropout mask's index is the NCHW one
             let (ldecl, lset, lidx) = if nh && chain.dropout {
@@ -921,6 +1005,32 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     }
                 )
             );
+            // runs of 8 output channels of `dy` / 8 input channels of one tap of `x` at one pixel
+            let li = at(false, "ni", "ic", "IC", "ih", "IH", "iw", "IW");
+            let vec = g.vec.then(|| VecOps {
+                kmajor: false,
+                a: VecOperand {
+                    base: "dy",
+                    addr: format!(
+                        "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                ok_ = true;\n                src_ = dy + ({});\n",
+                        at(true, "ni", "g * OCG + mm", "OC", "oh", "OH", "ow", "OW")
+                    ),
+                    pro: String::new(),
+                },
+                b: VecOperand {
+                    base: "x",
+                    addr: format!(
+                        "                const int ow = kk % OW, t = kk / OW, oh = t % OH, ni = t / OH;\n                {}\n                const int ih = oh * S - P + kh, iw = ow * S - P + kw;\n                const int ic0 = g * ICG + icg;\n                ok_ = ih >= 0 && ih < IH && iw >= 0 && iw < IW;\n                if (ok_) src_ = x + ({});\n",
+                        split_red(true, "jj", "icg", "ICG"),
+                        at(true, "ni", "ic0", "IC", "ih", "IH", "iw", "IW")
+                    ),
+                    pro: if pro.any() {
+                        format!("            const int ic = ic0 + e8;\n{}", prologue(&pro, &li))
+                    } else {
+                        String::new()
+                    },
+                },
+            });
             // the GEMM's column `j` is the reduction index `(c, kh, kw)` in the layout's order;
             // the gradient is stored OIHW
             let col = if nh {
@@ -943,7 +1053,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     k: "n * OH * OW".into(),
                     a,
                     b,
-                    vec: None,
+                    vec,
                     epi: e,
                     consts: &consts,
                     // NCHW: pixels are contiguous; NHWC: channels (`dy`'s rows, `x`'s columns)

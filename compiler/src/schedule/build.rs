@@ -1149,7 +1149,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             let mut g = g;
             g.tile = b.tile_for(
                 &KernelSpec::ConvBwdWeight {
-                    g: ConvGeom { vec: false, ..g },
+                    g,
                     pro: pflags,
                     split_k: 1,
                 },
@@ -1180,7 +1180,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             };
             b.gemm_launch(
                 KernelSpec::ConvBwdWeight {
-                    g: ConvGeom { vec: false, ..g },
+                    g,
                     pro: pflags,
                     split_k,
                 },

@@ -93,10 +93,12 @@ pub struct ConvGeom {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub nhwc: bool,
     /// Vector operand loads (only with `tensor_cores` and `nhwc`, and only where the channels
-    /// per group of both the input and the output are multiples of 8): the forward pass loads
-    /// its input patch, the data gradient its `dy` patch, 8 channels of one tap (16 bytes of
-    /// bf16) per load instead of one element per thread. Changes no value. Name suffix `_v8`.
-    /// Never set on a weight gradient (its operands are not gathered along channels).
+    /// per group of both the input and the output are multiples of 8): every operand moves as
+    /// runs of 8 channels (16 bytes of bf16) by `cp.async` into a multi-stage shared-memory
+    /// ring, instead of one element per thread through registers. The forward and
+    /// data-gradient passes then read a bf16 weight packed for them
+    /// ([`KernelSpec::PackWeight`]); the weight gradient reads `dy` and `x` as they are. Changes
+    /// no value. Name suffix `_v8`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub vec: bool,
 }
