@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info selftest tiles bench train train_bf16 assemble   (default: all)
+#   bench/run_gpu.sh [STAGE...]      stages: info first selftest tiles bench train train_bf16 assemble
+#                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
 #   $WRNC            the prebuilt release binary (default gpu-carry/wrnc)
@@ -10,7 +11,13 @@
 # bench/results/raw/ so a later call on the same (still warm) machine can assemble them;
 # `assemble` writes bench/results/<date>-<gpu>.json (and into $OUT).
 #
-# Budget: each stage is sized for one 10-minute call, every command under `timeout`:
+# With 15 minutes of device time for a whole session (machine start included), spend the first
+# call on `first`: what the must-shows need most, within one call of at most 600 s:
+#   call 0: bench/run_gpu.sh first    (info, the quick selftest, WRN-28-10 f32 + bf16 fused and
+#            unfused, PyTorch eager + compile, assemble; every command under a timeout that sums
+#            to ~560 s; FIRST_BENCH_TIMEOUT, FIRST_PYTORCH_TIMEOUT, FIRST_SELFTEST_TIMEOUT)
+# then, if time is left, `train` (set TRAIN_SECONDS to what remains).
+# With more time, each stage is sized for one 10-minute call, every command under `timeout`:
 #   call 1: bench/run_gpu.sh info selftest          (~3-6 min)
 #   call 1b: bench/run_gpu.sh info tiles            (the bf16 tile search, cached in WRNC_CACHE_DIR,
 #            which stays on the machine while it is warm; time unknown until a GPU runs it)
@@ -39,7 +46,7 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 BENCH_ARGS=${BENCH_ARGS:---warmup 3 --iters 10}
 TILES_TIMEOUT=${TILES_TIMEOUT:-540}
 # bench/rehearse_gpu.sh runs this script on the fake GPU with small values of the above
-mkdir -p "$OUT" "$RAW"
+mkdir -p "$OUT" "$RAW" "$RESULTS"
 export WRNC_CACHE_DIR=${WRNC_CACHE_DIR:-$PWD/gpu-carry/cache}
 
 stages=("$@")
@@ -108,6 +115,16 @@ stage_selftest() {
     run selftest "$SELFTEST_TIMEOUT" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
 }
 
+# the first call of a short GPU budget (see the top): the selftest's built-in networks, and the
+# benches the results format needs, with tighter timeouts and without the NCHW comparison
+stage_first() {
+    stage_info
+    run selftest_quick "${FIRST_SELFTEST_TIMEOUT:-100}" "$WRNC" selftest --device cuda --quick --json
+    BENCH_TIMEOUT=${FIRST_BENCH_TIMEOUT:-140} BENCH_BF16_NCHW=0 \
+        PYTORCH_TIMEOUT=${FIRST_PYTORCH_TIMEOUT:-170} PYTORCH_ITERS=10 stage_bench
+    stage_assemble
+}
+
 stage_tiles() {
     find_nvrtc
     # the tensor-core tiles of every bf16 schedule the bench stage measures, searched on this
@@ -134,8 +151,8 @@ stage_bench() {
     fi
     "$WRNC" compile "$NET" --emit graph >"$OUT/graph.txt" 2>/dev/null
     keep "$OUT/graph.txt"
-    run bench_pytorch 240 python3 bench/pytorch_reference.py --graph "$OUT/graph.txt" \
-        --batch "$BATCH" --precision both --variants eager,compile --warmup 5 --iters 20 \
+    run bench_pytorch "${PYTORCH_TIMEOUT:-240}" python3 bench/pytorch_reference.py --graph "$OUT/graph.txt" \
+        --batch "$BATCH" --precision both --variants eager,compile --warmup 5 --iters "${PYTORCH_ITERS:-20}" \
         --out "$OUT/bench_pytorch.json"
     keep "$OUT/bench_pytorch.json"
 }
@@ -241,9 +258,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|selftest|tiles|bench|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|selftest|tiles|bench|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info selftest tiles bench train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first selftest tiles bench train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"
