@@ -45,7 +45,7 @@ enum Cmd {
         /// A `.net` file or an inline expression (not needed with --list-passes).
         #[arg(required_unless_present = "list_passes")]
         net: Option<String>,
-        /// Comma-separated: expanded, graph, dot, cuda, ptx, schedule.
+        /// Comma-separated: expanded, graph, dot, cuda, ptx, resources, schedule.
         #[arg(long, value_delimiter = ',', default_value = "expanded")]
         emit: Vec<Emit>,
         /// Output directory (default: print to standard output).
@@ -78,7 +78,7 @@ enum Cmd {
         /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
         #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
         layout: wrnc_compiler::schedule::Layout,
-        /// GPU architecture for --emit ptx.
+        /// GPU architecture for --emit ptx and --emit resources.
         #[arg(long, default_value = "sm_90")]
         arch: String,
     },
@@ -145,6 +145,9 @@ enum Emit {
     Cuda,
     /// PTX from NVRTC (needs libnvrtc: `pip install nvidia-cuda-nvrtc==13.0.88`).
     Ptx,
+    /// Per-kernel registers, spilled bytes, stack frame and static shared memory, as ptxas
+    /// reports them for --arch (NVRTC runs ptxas; no GPU needed), as JSON.
+    Resources,
     /// The schedule: buffers, kernels, launches (grid, block, arguments), as JSON.
     Schedule,
 }
@@ -294,7 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut outputs: Vec<(&str, String)> = vec![];
             let needs_schedule = emit
                 .iter()
-                .any(|e| matches!(e, Emit::Cuda | Emit::Ptx | Emit::Schedule))
+                .any(|e| matches!(e, Emit::Cuda | Emit::Ptx | Emit::Resources | Emit::Schedule))
                 || dump_after.is_some();
             let opts = wrnc_compiler::schedule::Options {
                 tiles: Default::default(),
@@ -364,15 +367,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Emit::Schedule => {
                         outputs.push(("schedule.json", schedule.as_ref().expect("built").to_json()))
                     }
-                    Emit::Cuda | Emit::Ptx => {}
+                    Emit::Cuda | Emit::Ptx | Emit::Resources => {}
                 }
             }
-            if emit.iter().any(|e| matches!(e, Emit::Cuda | Emit::Ptx)) {
+            if emit
+                .iter()
+                .any(|e| matches!(e, Emit::Cuda | Emit::Ptx | Emit::Resources))
+            {
                 let s = schedule.as_ref().expect("built");
                 let t = std::time::Instant::now();
                 let cuda = wrnc_compiler::codegen::cuda::write(s, &opts).map_err(diag)?;
                 timing.push(("cuda", t.elapsed().as_secs_f64()));
-                if emit.contains(&Emit::Ptx) {
+                if emit.contains(&Emit::Ptx) || emit.contains(&Emit::Resources) {
                     let need = s.min_compute_capability();
                     if arch_number(&arch).is_some_and(|a| a < need) {
                         return Err(UserError(format!(
@@ -381,11 +387,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         ))
                         .into());
                     }
+                }
+                if emit.contains(&Emit::Ptx) {
                     let t = std::time::Instant::now();
                     let ptx = wrnc_runtime::nvrtc::compile_ptx(&cuda, &arch)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                     timing.push(("nvrtc", t.elapsed().as_secs_f64()));
                     outputs.push(("kernels.ptx", ptx));
+                }
+                if emit.contains(&Emit::Resources) {
+                    let t = std::time::Instant::now();
+                    let r = wrnc_runtime::nvrtc::ptxas_resources(&cuda, &arch)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    timing.push(("ptxas", t.elapsed().as_secs_f64()));
+                    let spill = r
+                        .iter()
+                        .filter(|k| k.spill_stores + k.spill_loads > 0)
+                        .count();
+                    if let Some(k) = r.iter().max_by_key(|k| k.registers) {
+                        eprintln!(
+                            "ptxas {arch}: {} kernels, at most {} registers per thread ({}), {spill} spilling",
+                            r.len(),
+                            k.registers,
+                            k.name
+                        );
+                    }
+                    let mut j = serde_json::to_string_pretty(&r).expect("plain data");
+                    j.push('\n');
+                    outputs.push(("resources.json", j));
                 }
                 if emit.contains(&Emit::Cuda) {
                     outputs.push(("kernels.cu", cuda));

@@ -257,3 +257,31 @@ fn train_checkpoint_resume_eval_plot() {
     );
     assert!(std::fs::metadata(&png).unwrap().len() > 1000);
 }
+
+/// `--emit resources`: ptxas's registers, spills and shared memory per kernel, as JSON, and a
+/// one-line summary; needs NVRTC (skips with the reason without it, except under CI).
+#[test]
+fn compile_emits_ptxas_resources() {
+    if let Err(e) = wrnc_runtime::nvrtc::library() {
+        assert!(std::env::var_os("CI").is_none(), "CI is set and NVRTC is missing: {e}");
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let o = wrnc(&[
+        "compile", "WRN-10-1", "--precision", "bf16", "--batch", "4", "--emit", "resources",
+        "--arch", "sm_80",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let start = stdout.find('[').expect("a JSON array");
+    let v: serde_json::Value = serde_json::from_str(&stdout[start..]).unwrap();
+    let ks = v.as_array().unwrap();
+    assert!(ks.iter().any(|k| k["name"]
+        .as_str()
+        .is_some_and(|n| n.starts_with("conv_fwd") && n.contains("_v8"))));
+    for k in ks {
+        assert!(k["registers"].as_u64().unwrap() > 0, "{k}");
+        assert_eq!(k["spill_stores"].as_u64(), Some(0), "{k}");
+    }
+    assert!(text(&o).contains("ptxas sm_80:"), "{}", text(&o));
+}

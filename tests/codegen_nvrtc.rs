@@ -325,3 +325,52 @@ fn every_tensor_core_tile_compiles_within_static_shared_memory() {
         }
     }
 }
+
+/// Register pressure, from ptxas itself (NVRTC compiling to machine code for sm_80 and sm_90,
+/// `ptxas -v`; no GPU): no kernel of WRN-28-10's fused training step or inference, f32 and
+/// bf16, spills a register, and each reports the registers and static shared memory it uses
+/// (every conv kernel within the 48 KiB a block may have without opting in).
+#[test]
+fn no_kernel_of_wrn_28_10_spills() {
+    let _serial = one_at_a_time();
+    if !nvrtc_available() {
+        return;
+    }
+    let g = graph("network WRN-28-10\ndropout 0.3");
+    for (mode, precision, arch) in [
+        (Mode::Train, Precision::F32, "sm_80"),
+        (Mode::Train, Precision::Bf16, "sm_80"),
+        (Mode::Train, Precision::Bf16, "sm_90"),
+        (Mode::Infer, Precision::Bf16, "sm_90"),
+    ] {
+        let opts = Options {
+            mode,
+            batch: 128,
+            precision,
+            ..Options::default()
+        };
+        let s = schedule::build(&g, &opts).unwrap();
+        let src = cuda::write(&s, &opts).unwrap();
+        let r = nvrtc::ptxas_resources(&src, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let tag = format!("{mode:?} {} {arch}", precision.name());
+        assert_eq!(r.len(), s.kernels.len(), "{tag}: one report per kernel");
+        for k in &r {
+            assert!(
+                s.kernels.iter().any(|x| x.name == k.name),
+                "{tag}: {} is not a kernel of the schedule",
+                k.name
+            );
+            assert!(k.registers > 0 && k.registers <= 255, "{tag}: {k:?}");
+            assert_eq!(k.spill_stores + k.spill_loads, 0, "{tag}: {k:?} spills");
+            assert!(k.shared <= 48 * 1024, "{tag}: {k:?}");
+        }
+        let most = r.iter().max_by_key(|k| k.registers).unwrap();
+        eprintln!(
+            "{tag}: {} kernels, none spills; most registers {} ({}), most shared memory {} bytes",
+            r.len(),
+            most.registers,
+            most.name,
+            r.iter().map(|k| k.shared).max().unwrap()
+        );
+    }
+}

@@ -223,17 +223,90 @@ fn virtual_arch(arch: &str) -> Result<String, NvrtcError> {
 /// (`sm_80`, `sm_90`, ...). On a compile error the message carries NVRTC's program log.
 pub fn compile_ptx(src: &str, arch: &str) -> Result<String, NvrtcError> {
     let varch = virtual_arch(arch)?;
+    compile(src, arch, &[format!("--gpu-architecture={varch}")], true).map(|(_, ptx)| ptx)
+}
+
+/// What ptxas reports for one kernel: its registers per thread, spilled bytes, stack frame and
+/// static shared memory, for the real architecture it was compiled for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub spill_stores: u64,
+    pub spill_loads: u64,
+    pub stack_frame: u64,
+    pub shared: u64,
+}
+
+/// Compiles `src` to machine code for the real architecture `arch` (`sm_80`, `sm_90`; a
+/// `compute_XY` is taken as `sm_XY`) with `ptxas -v`, and returns each kernel's resources in
+/// the order ptxas reports them. No GPU is needed: NVRTC runs ptxas itself.
+pub fn ptxas_resources(src: &str, arch: &str) -> Result<Vec<KernelResources>, NvrtcError> {
+    let real = format!("sm_{}", &virtual_arch(arch)?["compute_".len()..]);
+    let (log, _) = compile(
+        src,
+        arch,
+        &[
+            format!("--gpu-architecture={real}"),
+            "--ptxas-options=-v".into(),
+        ],
+        false,
+    )?;
+    Ok(parse_ptxas_log(&log))
+}
+
+/// The per-kernel figures of a `ptxas -v` log (see [`ptxas_resources`]).
+pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
+    let num = |line: &str, unit: &str| -> Option<u64> {
+        let i = line.find(unit)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    let mut out: Vec<KernelResources> = vec![];
+    let mut cur: Option<KernelResources> = None;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            out.extend(cur.take());
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            cur = Some(KernelResources {
+                name,
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+                stack_frame: 0,
+                shared: 0,
+            });
+        } else if let Some(k) = cur.as_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack_frame = num(line, "bytes stack frame").unwrap_or(0);
+                k.spill_stores = num(line, "bytes spill stores").unwrap_or(0);
+                k.spill_loads = num(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = num(line, "registers").unwrap_or(0) as u32;
+                k.shared = num(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out.extend(cur);
+    out
+}
+
+/// One NVRTC compilation of `src` with `extra` options: the program log, and the PTX when
+/// `want_ptx`. On a compile error the message carries the log.
+fn compile(
+    src: &str,
+    arch: &str,
+    extra: &[String],
+    want_ptx: bool,
+) -> Result<(String, String), NvrtcError> {
     let a = api()?;
     let csrc = CString::new(src).map_err(|_| NvrtcError::Nul)?;
     let name = CString::new("wrnc.cu").expect("no NUL");
-    let opts: Vec<CString> = [
-        format!("--gpu-architecture={varch}"),
-        "--std=c++17".into(),
-        "-default-device".into(),
-    ]
-    .into_iter()
-    .map(|o| CString::new(o).expect("no NUL"))
-    .collect();
+    let opts: Vec<CString> = extra
+        .iter()
+        .cloned()
+        .chain(["--std=c++17".into(), "-default-device".into()])
+        .map(|o| CString::new(o).expect("no NUL"))
+        .collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     let mut prog: Prog = std::ptr::null_mut();
     // SAFETY: valid C strings; zero headers.
@@ -258,22 +331,25 @@ pub fn compile_ptx(src: &str, arch: &str) -> Result<String, NvrtcError> {
     let guard = Guard(a, prog);
     // SAFETY: the program is live; options are valid C strings.
     let r = unsafe { (a.compile)(guard.1, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+    let mut n = 0usize;
+    // SAFETY: live program, valid out-pointer; the buffer has the size NVRTC reported.
+    let log = unsafe {
+        if (a.log_size)(guard.1, &mut n) == 0 && n > 0 {
+            let mut buf = vec![0u8; n];
+            (a.log)(guard.1, buf.as_mut_ptr() as *mut c_char);
+            String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned()
+        } else {
+            String::new()
+        }
+    };
     if r != 0 {
-        let mut n = 0usize;
-        // SAFETY: live program, valid out-pointer; the buffer has the size NVRTC reported.
-        let log = unsafe {
-            if (a.log_size)(guard.1, &mut n) == 0 && n > 0 {
-                let mut buf = vec![0u8; n];
-                (a.log)(guard.1, buf.as_mut_ptr() as *mut c_char);
-                String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned()
-            } else {
-                String::new()
-            }
-        };
         check(a, r, "nvrtcCompileProgram").map_err(|e| NvrtcError::Compile {
             arch: arch.to_string(),
             log: format!("{e}\n{log}"),
         })?;
+    }
+    if !want_ptx {
+        return Ok((log, String::new()));
     }
     let mut n = 0usize;
     // SAFETY: live, compiled program; the buffer has the size NVRTC reported.
@@ -287,12 +363,41 @@ pub fn compile_ptx(src: &str, arch: &str) -> Result<String, NvrtcError> {
         )?;
         String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned()
     };
-    Ok(ptx)
+    Ok((log, ptx))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ptxas_log() {
+        let log = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'k_one' for 'sm_90'
+ptxas info    : Function properties for k_one
+ptxas         .     24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 56 registers, used 1 barriers, 43136 bytes smem
+ptxas info    : Compile time = 168.633 ms
+ptxas info    : Compiling entry function 'k_two' for 'sm_90'
+ptxas info    : Function properties for k_two
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 25 registers, used 0 barriers
+";
+        let r = parse_ptxas_log(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            KernelResources {
+                name: "k_one".into(),
+                registers: 56,
+                spill_stores: 8,
+                spill_loads: 12,
+                stack_frame: 24,
+                shared: 43136
+            }
+        );
+        assert_eq!((r[1].name.as_str(), r[1].registers, r[1].shared), ("k_two", 25, 0));
+    }
 
     #[test]
     fn architectures() {
