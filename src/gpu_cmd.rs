@@ -56,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
     /// Tensor-core tiles (bf16): auto (search on this GPU what the tile cache lacks), default
-    /// (64x64), or one tile for every convolution (128x64, 64x128, 32x64, 64x32).
+    /// (64x64), or one tile for every convolution (128x64, 128x128, 64x128, 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = TileMode::parse)]
     pub tiles: TileMode,
     /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).

@@ -62,8 +62,8 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub precision: Option<crate::gpu_cmd::PrecisionArg>,
     /// Tensor-core tiles on the GPU (bf16): auto (search on this GPU what the tile cache
-    /// lacks), default (64x64), or one tile for every convolution (128x64, 64x128, 32x64,
-    /// 64x32).
+    /// lacks), default (64x64), or one tile for every convolution (128x64, 128x128, 64x128,
+    /// 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = wrnc_runtime::cuda::tune::TileMode::parse)]
     pub tiles: wrnc_runtime::cuda::tune::TileMode,
     /// Activation layout on the GPU: auto (nhwc for bf16, nchw for f32), nchw or nhwc

@@ -263,13 +263,24 @@ fn train_checkpoint_resume_eval_plot() {
 #[test]
 fn compile_emits_ptxas_resources() {
     if let Err(e) = wrnc_runtime::nvrtc::library() {
-        assert!(std::env::var_os("CI").is_none(), "CI is set and NVRTC is missing: {e}");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and NVRTC is missing: {e}"
+        );
         eprintln!("skipping: {e}");
         return;
     }
     let o = wrnc(&[
-        "compile", "WRN-10-1", "--precision", "bf16", "--batch", "4", "--emit", "resources",
-        "--arch", "sm_80",
+        "compile",
+        "WRN-10-1",
+        "--precision",
+        "bf16",
+        "--batch",
+        "4",
+        "--emit",
+        "resources",
+        "--arch",
+        "sm_80",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);

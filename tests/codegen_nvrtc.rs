@@ -328,7 +328,7 @@ fn every_tensor_core_tile_compiles_within_static_shared_memory() {
 
 /// Register pressure, from ptxas itself (NVRTC compiling to machine code for sm_80 and sm_90,
 /// `ptxas -v`; no GPU): no kernel of WRN-28-10's fused training step or inference, f32 and
-/// bf16, spills a register, and each reports the registers and static shared memory it uses
+/// bf16 (the training step with every tensor-core tile), spills a register, and each reports the registers and static shared memory it uses
 /// (every conv kernel within the 48 KiB a block may have without opting in).
 #[test]
 fn no_kernel_of_wrn_28_10_spills() {
@@ -337,22 +337,32 @@ fn no_kernel_of_wrn_28_10_spills() {
         return;
     }
     let g = graph("network WRN-28-10\ndropout 0.3");
-    for (mode, precision, arch) in [
-        (Mode::Train, Precision::F32, "sm_80"),
-        (Mode::Train, Precision::Bf16, "sm_80"),
-        (Mode::Train, Precision::Bf16, "sm_90"),
-        (Mode::Infer, Precision::Bf16, "sm_90"),
-    ] {
+    let default = schedule::TcTile::DEFAULT;
+    let mut cases = vec![
+        (Mode::Train, Precision::F32, "sm_80", default),
+        (Mode::Train, Precision::Bf16, "sm_80", default),
+        (Mode::Train, Precision::Bf16, "sm_90", default),
+        (Mode::Infer, Precision::Bf16, "sm_90", default),
+    ];
+    // and every other tensor-core tile's bf16 training step
+    for t in schedule::TcTile::CANDIDATES
+        .into_iter()
+        .filter(|t| !t.is_default())
+    {
+        cases.push((Mode::Train, Precision::Bf16, "sm_90", t));
+    }
+    for (mode, precision, arch, tile) in cases {
         let opts = Options {
             mode,
             batch: 128,
             precision,
+            tiles: schedule::Tiles::all(tile),
             ..Options::default()
         };
         let s = schedule::build(&g, &opts).unwrap();
         let src = cuda::write(&s, &opts).unwrap();
         let r = nvrtc::ptxas_resources(&src, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
-        let tag = format!("{mode:?} {} {arch}", precision.name());
+        let tag = format!("{mode:?} {} {arch} tile {tile}", precision.name());
         assert_eq!(r.len(), s.kernels.len(), "{tag}: one report per kernel");
         for k in &r {
             assert!(

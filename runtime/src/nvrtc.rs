@@ -396,7 +396,10 @@ ptxas info    : Used 25 registers, used 0 barriers
                 shared: 43136
             }
         );
-        assert_eq!((r[1].name.as_str(), r[1].registers, r[1].shared), ("k_two", 25, 0));
+        assert_eq!(
+            (r[1].name.as_str(), r[1].registers, r[1].shared),
+            ("k_two", 25, 0)
+        );
     }
 
     #[test]

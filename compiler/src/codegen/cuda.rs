@@ -442,6 +442,77 @@ fn walk_tile(r: u32, c: u32, epi: &str) -> String {
     )
 }
 
+/// Row slabs the tensor-core epilogue stages its accumulators in: the whole `rows x (cols + 1)`
+/// f32 tile where it fits in 46 KiB of static shared memory, else two halves of the rows (the
+/// 128x128 tile) one after the other.
+fn tc_cs_halves(t: TcTile) -> u32 {
+    if t.rows * (t.cols + 1) * 4 > 46 * 1024 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Shared memory of the tensor-core epilogue's accumulator slab ([`tc_cs_halves`]).
+fn tc_cs_bytes(t: TcTile) -> u32 {
+    t.rows / tc_cs_halves(t) * (t.cols + 1) * 4
+}
+
+/// The end of a tensor-core GEMM ([`gemm_tc`], [`gemm_tc_async`]) once the reduction's last
+/// barrier is passed: every warp writes its `cacc` fragments (`c[0..1]` = row `lane / 4`,
+/// columns `2 (lane % 4)..+1` of an m16n8 tile, `c[2..3]` eight rows down) into shared `Cs`,
+/// and the block walks `Cs` ([`walk_tile`]). A tile whose accumulators do not fit at once
+/// ([`tc_cs_halves`]) does this per half of its rows: the warps holding that half write it,
+/// the block walks it, and a barrier frees `Cs` for the next half. Either way every output
+/// reaches the same epilogue code once, with the same `m`, `j` and `acc`.
+fn tc_epilogue(t: TcTile, epi: &str) -> String {
+    let (r, c) = (t.rows, t.cols);
+    let (wr, wc) = t.warps();
+    let (wtm, wtn) = (r / wr, c / wc);
+    let (mi, ni) = (wtm / 16, wtn / 8);
+    let halves = tc_cs_halves(t);
+    if halves == 1 {
+        return format!(
+            r#"    for (int i = 0; i < {mi}; ++i)
+        for (int jn = 0; jn < {ni}; ++jn) {{
+            const int r0 = wm * {wtm} + i * 16 + (lane >> 2), c0 = wn * {wtn} + jn * 8 + 2 * (lane & 3);
+            Cs[r0][c0] = cacc[i][jn][0];
+            Cs[r0][c0 + 1] = cacc[i][jn][1];
+            Cs[r0 + 8][c0] = cacc[i][jn][2];
+            Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
+        }}
+{walk}"#,
+            walk = walk_tile(r, c, epi)
+        );
+    }
+    let hr = r / halves;
+    let sc = c / 16;
+    format!(
+        r#"    for (int h_ = 0; h_ < {halves}; ++h_) {{
+    if (wm * {wtm} / {hr} == h_) {{
+        for (int i = 0; i < {mi}; ++i)
+            for (int jn = 0; jn < {ni}; ++jn) {{
+                const int r0 = wm * {wtm} - h_ * {hr} + i * 16 + (lane >> 2), c0 = wn * {wtn} + jn * 8 + 2 * (lane & 3);
+                Cs[r0][c0] = cacc[i][jn][0];
+                Cs[r0][c0 + 1] = cacc[i][jn][1];
+                Cs[r0 + 8][c0] = cacc[i][jn][2];
+                Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
+            }}
+    }}
+    __syncthreads();
+    for (int sub = 0; sub < {subs}; ++sub) {{
+    const int m = blockIdx.x * {r} + h_ * {hr} + (sub / {sc}) * 16 + ty, j = blockIdx.y * {c} + (sub % {sc}) * 16 + tx;
+    const bool valid = m < M && j < NC;
+    const float acc = Cs[(sub / {sc}) * 16 + ty][(sub % {sc}) * 16 + tx];
+{epi}    __syncthreads();
+    }}
+    }}
+}}
+"#,
+        subs = (hr / 16) * sc
+    )
+}
+
 /// The same GEMM on the tensor cores: `R x C` outputs per block of 16x16 threads (`g.tile`, a
 /// [`TcTile`]: 8 warps in a `WR x WC` grid, each a `R/WR x C/WC` warp tile of `MI x NI` m16n8
 /// `mma.sync` tiles; 64x64 by default: 2x4 warps of 32x16), 32 of the reduction per
@@ -470,7 +541,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let (mi, ni) = (wtm / 16, wtn / 8);
     let st = stages(g, r, c, 32, "ke_", true, "wrnc_f32_bf16");
     // operand tiles (bf16 rows of 40) and the f32 accumulator tile share one byte array
-    let smem = ((r + c) * 80).max(r * (c + 1) * 4);
+    let smem = ((r + c) * 80).max(tc_cs_bytes(t));
     format!(
         r#"{header} {{
 {consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
@@ -507,14 +578,6 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         }}
         __syncthreads();
     }}
-    for (int i = 0; i < {mi}; ++i)
-        for (int jn = 0; jn < {ni}; ++jn) {{
-            const int r0 = wm * {wtm} + i * 16 + (lane >> 2), c0 = wn * {wtn} + jn * 8 + 2 * (lane & 3);
-            Cs[r0][c0] = cacc[i][jn][0];
-            Cs[r0][c0 + 1] = cacc[i][jn][1];
-            Cs[r0 + 8][c0] = cacc[i][jn][2];
-            Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
-        }}
 {walk}"#,
         header = header(name, spec),
         consts = g.consts,
@@ -524,7 +587,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         first = (st.gather)("kb_"),
         next = (st.gather)("(k0 + 32)"),
         store = st.store,
-        walk = walk_tile(r, c, &g.epi),
+        walk = tc_epilogue(t, &g.epi),
         split = g.split_k.max(1),
         boff = r * 80,
         cp = c + 1,
@@ -609,7 +672,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let (mi, ni) = (wtm / 16, wtn / 8);
     let km = v.kmajor;
     let ns = async_stages(t, km);
-    let smem = (ns * async_stage_bytes(t, km)).max(r * (c + 1) * 4);
+    let smem = (ns * async_stage_bytes(t, km)).max(tc_cs_bytes(t));
     // A shared row (halves) and the slot's first row, per operand of `n` tile rows/columns
     let (arow, brow) = if km { (40, 40) } else { (r + 8, c + 8) };
     // this thread's runs of a stage: `4 n` runs for `n` rows (or columns) of 32; `rl` is the
@@ -751,14 +814,6 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     }}
     wrnc_cp_async_wait<0>();
     __syncthreads();
-    for (int i = 0; i < {mi}; ++i)
-        for (int jn = 0; jn < {ni}; ++jn) {{
-            const int r0 = wm * {wtm} + i * 16 + (lane >> 2), c0 = wn * {wtn} + jn * 8 + 2 * (lane & 3);
-            Cs[r0][c0] = cacc[i][jn][0];
-            Cs[r0][c0 + 1] = cacc[i][jn][1];
-            Cs[r0 + 8][c0] = cacc[i][jn][2];
-            Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
-        }}
 {walk}"#,
         header = header(name, spec),
         consts = g.consts,
@@ -767,7 +822,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         k = g.k,
         first = issue("kb_ + s_ * 32", "s_"),
         next = issue("kb_ + kn_ * 32", &format!("kn_ % {ns}")),
-        walk = walk_tile(r, c, &g.epi),
+        walk = tc_epilogue(t, &g.epi),
         boff = if km { ns * r * 80 } else { ns * 64 * (r + 8) },
         cp = c + 1,
         nb = ni / 2,

@@ -108,7 +108,7 @@ pub struct ConvGeom {
 /// m16n8 `mma.sync` tiles). Only the [`TcTile::CANDIDATES`] exist: they keep the warp tile a
 /// multiple of 16 x 16 (B fragments come two n8 tiles per `ldmatrix.x4`) and the block's shared
 /// memory within 48 KiB (the accumulator tile `rows x (cols + 1)` f32 reuses the operand tiles'
-/// memory).
+/// memory; the 128x128 tile's goes through it in two halves of its rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct TcTile {
     pub rows: u32,
@@ -125,11 +125,15 @@ impl TcTile {
     /// The tile a schedule uses where nothing else was chosen (no GPU, no tuning).
     pub const DEFAULT: TcTile = TcTile { rows: 64, cols: 64 };
     /// Every tile the tensor-core engine generates, the default first.
-    pub const CANDIDATES: [TcTile; 5] = [
+    pub const CANDIDATES: [TcTile; 6] = [
         TcTile::DEFAULT,
         TcTile {
             rows: 128,
             cols: 64,
+        },
+        TcTile {
+            rows: 128,
+            cols: 128,
         },
         TcTile {
             rows: 64,
