@@ -298,7 +298,7 @@ pub fn weight_pack_order(
     oc: usize,
     data_grad: bool,
 ) -> Result<Vec<usize>, String> {
-    if groups == 0 || ic % groups != 0 || oc % groups != 0 {
+    if groups == 0 || !ic.is_multiple_of(groups) || !oc.is_multiple_of(groups) {
         return Err(format!("groups {groups} do not divide {ic} / {oc}"));
     }
     let (icg, ocg) = (ic / groups, oc / groups);
