@@ -623,7 +623,7 @@ struct VecOperand {
 
 /// Pipeline depth of [`gemm_tc_async`] for a tile: as many stages as fit (at most 4) in the
 /// static shared memory left beside the epilogue's reduction arrays (2 x 16 x 17 f32).
-pub fn async_stages(t: TcTile, kmajor: bool) -> u32 {
+fn async_stages(t: TcTile, kmajor: bool) -> u32 {
     ((46 * 1024) / async_stage_bytes(t, kmajor)).clamp(2, 4)
 }
 
