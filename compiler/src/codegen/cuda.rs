@@ -442,6 +442,37 @@ fn walk_tile(r: u32, c: u32, epi: &str) -> String {
     )
 }
 
+/// The opening both tensor-core engines share, after their shared-memory arrays: the
+/// accumulator tile's view `Cs` of `smem_`, thread, lane and warp indices, the group `g` and
+/// split-K slice `slice_` of this block (`blockIdx.z = g * split_k + slice_`), the GEMM's sizes,
+/// the slice's reduction range `[kb_, ke_)` (whole 32-steps of `ceil(K / (32 split_k))` each),
+/// and the zeroed accumulators.
+fn tc_prelude(t: TcTile, g: &Gemm) -> String {
+    let (wr, wc) = t.warps();
+    let (mi, ni) = (t.rows / wr / 16, t.cols / wc / 8);
+    format!(
+        r#"    float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / {wc}, wn = warp % {wc};
+    const int SPLIT_ = {split};
+    const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
+    const int M = {m}, NC = {ncols}, K = {k};
+    const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
+    const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
+    float cacc[{mi}][{ni}][4];
+    for (int i = 0; i < {mi}; ++i)
+        for (int jn = 0; jn < {ni}; ++jn)
+            for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
+"#,
+        cp = t.cols + 1,
+        split = g.split_k.max(1),
+        m = g.m,
+        ncols = g.ncols,
+        k = g.k,
+    )
+}
+
 /// Row slabs the tensor-core epilogue stages its accumulators in: the whole `rows x (cols + 1)`
 /// f32 tile where it fits in 46 KiB of static shared memory, else two halves of the rows (the
 /// 128x128 tile) one after the other.
@@ -547,20 +578,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 {consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
     unsigned short (*As)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_);
     unsigned short (*Bs)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_ + {boff});
-    float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp / {wc}, wn = warp % {wc};
-    const int SPLIT_ = {split};
-    const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
-    const int M = {m}, NC = {ncols}, K = {k};
-    const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
-    const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
-    float cacc[{mi}][{ni}][4];
-    for (int i = 0; i < {mi}; ++i)
-        for (int jn = 0; jn < {ni}; ++jn)
-            for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
-    float pa_[{ae}], pb_[{be}];
+{prelude}    float pa_[{ae}], pb_[{be}];
     {{
 {first}    }}
     for (int k0 = kb_; k0 < ke_; k0 += 32) {{
@@ -581,16 +599,12 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 {walk}"#,
         header = header(name, spec),
         consts = g.consts,
-        m = g.m,
-        ncols = g.ncols,
-        k = g.k,
         first = (st.gather)("kb_"),
         next = (st.gather)("(k0 + 32)"),
         store = st.store,
         walk = tc_epilogue(t, &g.epi),
-        split = g.split_k.max(1),
+        prelude = tc_prelude(t, g),
         boff = r * 80,
-        cp = c + 1,
         ae = st.ae,
         be = st.be,
         nb = ni / 2,
@@ -773,20 +787,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
 {consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
     unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);
     unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});
-    float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp / {wc}, wn = warp % {wc};
-    const int SPLIT_ = {split};
-    const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
-    const int M = {m}, NC = {ncols}, K = {k};
-    const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
-    const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
-    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
-    float cacc[{mi}][{ni}][4];
-    for (int i = 0; i < {mi}; ++i)
-        for (int jn = 0; jn < {ni}; ++jn)
-            for (int r = 0; r < 4; ++r) cacc[i][jn][r] = 0.0f;
+{prelude}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
     for (int s_ = 0; s_ < {pre}; ++s_) {{
         if (s_ < NK_) {{
 {first}        }}
@@ -817,18 +818,14 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
 {walk}"#,
         header = header(name, spec),
         consts = g.consts,
-        m = g.m,
-        ncols = g.ncols,
-        k = g.k,
         first = issue("kb_ + s_ * 32", "s_"),
         next = issue("kb_ + kn_ * 32", &format!("kn_ % {ns}")),
         walk = tc_epilogue(t, &g.epi),
         boff = if km { ns * r * 80 } else { ns * 64 * (r + 8) },
-        cp = c + 1,
         nb = ni / 2,
         pre = ns - 1,
         inflight = ns - 2,
-        split = g.split_k.max(1),
+        prelude = tc_prelude(t, g),
     )
 }
 
