@@ -360,7 +360,7 @@ fn tensor_core_tiles_are_searched_once_and_cached() {
     for (k, e) in &entries {
         assert_eq!(
             e["us"].as_object().unwrap().len(),
-            5,
+            wrnc_compiler::schedule::TcTile::CANDIDATES.len(),
             "{k}: every candidate timed: {e}"
         );
         assert_eq!(
