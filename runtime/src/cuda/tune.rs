@@ -250,7 +250,14 @@ mod tests {
                 cols: 64
             }))
         );
-        for bad in ["100x7", "128x128", "x", "", "64"] {
+        assert_eq!(
+            TileMode::parse("128x128"),
+            Ok(TileMode::Fixed(TcTile {
+                rows: 128,
+                cols: 128
+            }))
+        );
+        for bad in ["100x7", "256x64", "x", "", "64"] {
             let e = TileMode::parse(bad).unwrap_err();
             assert!(e.contains("64x32"), "{bad}: {e}");
         }
