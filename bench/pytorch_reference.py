@@ -15,6 +15,7 @@ object (stdout, or --out FILE).
 """
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -225,25 +226,34 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     res["matmul_tflops"] = {"bf16": matmul_tflops(torch.bfloat16), "f32": matmul_tflops(torch.float32)}
     print(f"matmul 8192^3: {res['matmul_tflops']}", file=sys.stderr)
+    res["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32  # PyTorch's default for fp32 convs
     precs = ["f32", "bf16"] if a.precision == "both" else [a.precision]
-    for prec in precs:
-        res["results"][prec] = {}
-        for v in [s.strip() for s in a.variants.split(",") if s.strip()]:
-            key = {"eager": "eager", "compile": "compile"}.get(v)
-            if key is None:
-                p.error(f"unknown variant {v}")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in ("eager", "compile"):
+            p.error(f"unknown variant {v}")
+    # variant by variant (eager first: torch.compile's compilation is the slow part), and the
+    # JSON rewritten after each, so a run stopped by a timeout keeps what it measured
+    for key in variants:
+        # bf16 before f32 under torch.compile: issue 6's targets are bf16
+        for prec in precs if key == "eager" else precs[::-1]:
             try:
                 r = measure(nodes, output, shape, classes, a.batch, prec == "bf16",
                             key == "compile", a.warmup, a.iters)
             except Exception as e:  # report, keep going with the other variants
                 r = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            res["results"][prec][key] = r
+            res["results"].setdefault(prec, {})[key] = r
             print(f"{prec} {key}: {r}", file=sys.stderr)
-    s = json.dumps(res, indent=2)
-    print(s)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(s + "\n")
+            if a.out:
+                write_atomic(a.out, json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

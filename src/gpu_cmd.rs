@@ -9,7 +9,7 @@ use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, Layout, Options, TcTile};
 use wrnc_runtime::cuda::tune::{self, TileMode};
-use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, layout};
+use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, exec, layout};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {
@@ -161,6 +161,27 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     } else {
         (Default::default(), None)
     };
+    // every module measured below compiled at once, on all cores
+    let mut sources = vec![];
+    for &unfused in variants {
+        let mut shapes: Vec<(Mode, u32)> = modes.iter().map(|&m| (m, a.batch)).collect();
+        if !a.no_infer {
+            shapes.push((Mode::Infer, 1));
+        }
+        for (mode, batch) in shapes {
+            let (s, f) = bench::bench_schedule_of(
+                &l.graph, mode, batch, precision, unfused, &tiles, a.layout,
+            )?;
+            sources.push(exec::module_source(&s, &f)?);
+        }
+    }
+    let precompiled = exec::precompile(&gpu, &cache, sources, exec::compile_threads())?;
+    if !a.json && precompiled.compiled > 0 {
+        eprintln!(
+            "compiled {} modules in {:.1} s on {} threads",
+            precompiled.compiled, precompiled.seconds, precompiled.threads
+        );
+    }
     for &mode in modes {
         for &unfused in variants {
             let r = bench::bench_schedule(
@@ -229,6 +250,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "runs": runs,
         "latency_runs": latency,
         "tiles": tile_report,
+        "precompiled": precompiled,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -451,11 +473,24 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             errors.push(format!("{what}: {e}"));
         }
     };
-    report(check::check_augment(&gpu, &cache), "augmentation");
-    for (ni, (name, g)) in nets.iter().enumerate() {
+    // Every comparison, listed first so that all their modules compile at once, on all
+    // cores: each precision's own layout (NCHW in f32, NHWC in bf16) for every network, the
+    // other one too for the built-in networks; then every other tensor-core tile on the first
+    // built-in network's fused training step (forward, data and weight gradient convolutions).
+    struct Job {
+        label: String,
+        net: usize,
+        mode: Mode,
+        precision: Precision,
+        unfused: bool,
+        layout: Layout,
+        tiles: schedule::Tiles,
+        /// Launch by launch only (no whole-step comparison).
+        launches_only: bool,
+    }
+    let mut jobs = vec![];
+    for (ni, (name, _)) in nets.iter().enumerate() {
         for precision in [Precision::F32, Precision::Bf16] {
-            // each precision's own layout (NCHW in f32, NHWC in bf16) for every network, the
-            // other one too for the built-in networks
             let mut layouts = vec![(name.clone(), Layout::Auto)];
             if ni < BUILTIN.len() {
                 let other = match Layout::Auto.resolve(precision) {
@@ -464,66 +499,103 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 };
                 layouts.push((format!("{name} {}", other.name()), other));
             }
-            for (label, layout) in &layouts {
+            for (label, layout) in layouts {
                 for mode in [Mode::Train, Mode::Infer] {
                     for unfused in [false, true] {
-                        let what =
-                            format!("{label} {mode:?} unfused={unfused} {}", precision.name());
-                        report(
-                            check::check_launches(
-                                &gpu,
-                                &cache,
-                                label,
-                                g,
-                                mode,
-                                a.batch as usize,
-                                precision,
-                                unfused,
-                                &Default::default(),
-                                *layout,
-                            ),
-                            &format!("{what} every launch"),
-                        );
-                        report(
-                            check::check_graph(
-                                &gpu,
-                                &cache,
-                                label,
-                                g,
-                                mode,
-                                a.batch as usize,
-                                precision,
-                                unfused,
-                                &Default::default(),
-                                *layout,
-                            ),
-                            &what,
-                        );
+                        jobs.push(Job {
+                            label: label.clone(),
+                            net: ni,
+                            mode,
+                            precision,
+                            unfused,
+                            layout,
+                            tiles: Default::default(),
+                            launches_only: false,
+                        });
                     }
                 }
             }
         }
     }
-    // every other tensor-core tile, on the first built-in network's fused training step
-    // (forward, data and weight gradient convolutions)
-    let (name, g) = &nets[0];
     for tile in TcTile::CANDIDATES.into_iter().filter(|t| !t.is_default()) {
-        let label = format!("{name} tile {tile}");
+        jobs.push(Job {
+            label: format!("{} tile {tile}", nets[0].0),
+            net: 0,
+            mode: Mode::Train,
+            precision: Precision::Bf16,
+            unfused: false,
+            layout: Layout::Auto,
+            tiles: schedule::Tiles::all(tile),
+            launches_only: true,
+        });
+    }
+    let sources: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| {
+            let (s, f) = bench::bench_schedule_of(
+                &nets[j.net].1,
+                j.mode,
+                a.batch,
+                j.precision,
+                j.unfused,
+                &j.tiles,
+                j.layout,
+            )
+            .ok()?;
+            exec::module_source(&s, &f).ok()
+        })
+        .collect();
+    match exec::precompile(&gpu, &cache, sources, exec::compile_threads()) {
+        Ok(p) if !a.json => eprintln!(
+            "{} modules: {} compiled in {:.1} s on {} threads, the rest from the cache",
+            p.modules, p.compiled, p.seconds, p.threads
+        ),
+        Ok(_) => {}
+        // the checks below compile again and report the error per network
+        Err(e) => eprintln!("warning: precompiling failed: {e}"),
+    }
+    report(check::check_augment(&gpu, &cache), "augmentation");
+    for j in &jobs {
+        let g = &nets[j.net].1;
+        let what = format!(
+            "{} {:?} unfused={} {}",
+            j.label,
+            j.mode,
+            j.unfused,
+            j.precision.name()
+        );
         report(
             check::check_launches(
                 &gpu,
                 &cache,
-                &label,
+                &j.label,
                 g,
-                Mode::Train,
+                j.mode,
                 a.batch as usize,
-                Precision::Bf16,
-                false,
-                &schedule::Tiles::all(tile),
-                Layout::Auto,
+                j.precision,
+                j.unfused,
+                &j.tiles,
+                j.layout,
             ),
-            &format!("{label} Train bf16 every launch"),
+            &format!("{what} every launch"),
         );
+        if !j.launches_only {
+            report(
+                check::check_graph(
+                    &gpu,
+                    &cache,
+                    &j.label,
+                    g,
+                    j.mode,
+                    a.batch as usize,
+                    j.precision,
+                    j.unfused,
+                    &j.tiles,
+                    j.layout,
+                ),
+                &what,
+            );
+        }
     }
     let failed = results.iter().filter(|r| !r.passed).count();
     let max_f32 = results

@@ -5,7 +5,7 @@
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Layout, Options, Tiles};
+use wrnc_compiler::schedule::{self, Layout, Options, Schedule, Tiles};
 
 use super::cache::PtxCache;
 use super::device::Gpu;
@@ -89,14 +89,10 @@ pub fn hyper(step: u32) -> Hyper {
     }
 }
 
-/// A schedule of `graph` (tensor-core convolutions with `tiles`) compiled, loaded and ready to
-/// run: weights as `Model::new`, a random
-/// normal input batch, labels `0..classes`, setup launches done. Also returns the seconds the
-/// kernels took to compile (or load from the cache) and the free device memory before.
+/// The schedule [`prepare`] measures, with its fusion (also what to hand
+/// [`super::exec::precompile`] before a series of benches).
 #[allow(clippy::too_many_arguments)]
-pub fn prepare(
-    gpu: &Gpu,
-    cache: &PtxCache,
+pub fn bench_schedule_of(
     graph: &Graph,
     mode: Mode,
     batch: u32,
@@ -104,7 +100,7 @@ pub fn prepare(
     unfused: bool,
     tiles: &Tiles,
     layout: Layout,
-) -> Result<(Executor, f64, u64), CudaError> {
+) -> Result<(Schedule, Fusion), CudaError> {
     let fusion = Fusion {
         unfused,
         disabled: vec![],
@@ -121,6 +117,26 @@ pub fn prepare(
         },
     )
     .map_err(|e| CudaError::Plan(e.message))?;
+    Ok((s, fusion))
+}
+
+/// A schedule of `graph` (tensor-core convolutions with `tiles`) compiled, loaded and ready to
+/// run: weights as `Model::new`, a random
+/// normal input batch, labels `0..classes`, setup launches done. Also returns the seconds the
+/// kernels took to compile (or load from the cache) and the free device memory before.
+#[allow(clippy::too_many_arguments)]
+pub fn prepare(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    graph: &Graph,
+    mode: Mode,
+    batch: u32,
+    precision: Precision,
+    unfused: bool,
+    tiles: &Tiles,
+    layout: Layout,
+) -> Result<(Executor, f64, u64), CudaError> {
+    let (s, fusion) = bench_schedule_of(graph, mode, batch, precision, unfused, tiles, layout)?;
     gpu.synchronize("bench setup")?;
     let before = gpu.mem_info()?;
     let t0 = std::time::Instant::now();

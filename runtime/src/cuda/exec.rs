@@ -151,15 +151,7 @@ impl Executor {
                 total,
             });
         }
-        let opts = Options {
-            tiles: Default::default(),
-            layout: s.layout,
-            mode: s.mode,
-            batch: s.batch,
-            precision: s.precision,
-            fusion: fusion.clone(),
-        };
-        let source = codegen::cuda::write(&s, &opts).map_err(|e| CudaError::Plan(e.message))?;
+        let source = module_source(&s, fusion)?;
         let names: Vec<String> = s.kernels.iter().map(|k| k.name.clone()).collect();
         let (module, cache_hit) = load_cached(gpu, cache, &source, &names)?;
         let own = gpu.alloc(layout.own_bytes, &what, s.batch)?;
@@ -556,6 +548,91 @@ impl Executor {
         }
         Ok(arena)
     }
+}
+
+/// The CUDA C of `s` exactly as [`Executor::new`] compiles it (one definition, so that
+/// [`precompile`] fills the cache with the entries the executors look up).
+pub fn module_source(s: &Schedule, fusion: &Fusion) -> Result<String, CudaError> {
+    let opts = Options {
+        tiles: Default::default(),
+        layout: s.layout,
+        mode: s.mode,
+        batch: s.batch,
+        precision: s.precision,
+        fusion: fusion.clone(),
+    };
+    codegen::cuda::write(s, &opts).map_err(|e| CudaError::Plan(e.message))
+}
+
+/// What [`precompile`] did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Precompiled {
+    /// Distinct modules asked for.
+    pub modules: usize,
+    /// Of those, how many NVRTC compiled now (the rest were cached already).
+    pub compiled: usize,
+    /// Threads used.
+    pub threads: usize,
+    pub seconds: f64,
+}
+
+/// Compiles the distinct `sources` into `cache` for `gpu`, on up to `threads` threads at once
+/// (NVRTC compiles separate programs concurrently), so that the executors built next find
+/// their PTX cached instead of compiling one module after another. A source that fails to
+/// compile is skipped: its executor compiles it again and reports the error itself. Without
+/// a cache (`WRNC_NO_CACHE`) nothing is done.
+pub fn precompile(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    sources: Vec<String>,
+    threads: usize,
+) -> Result<Precompiled, CudaError> {
+    let t0 = std::time::Instant::now();
+    let mut distinct: Vec<String> = vec![];
+    for s in sources {
+        if !distinct.contains(&s) {
+            distinct.push(s);
+        }
+    }
+    let arch = gpu.info().arch();
+    let version = crate::nvrtc::version()?;
+    let todo: Vec<&String> = distinct
+        .iter()
+        .filter(|s| cache.root().is_some() && cache.get(&super::cache::key(s, &arch, version)).is_none())
+        .collect();
+    let threads = threads.clamp(1, todo.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let compiled = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(src) = todo.get(i) else { break };
+                if let Ok(c) =
+                    cache.get_or_compile(src, &arch, version, crate::nvrtc::compile_ptx)
+                {
+                    if !c.hit {
+                        compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    Ok(Precompiled {
+        modules: distinct.len(),
+        compiled: compiled.into_inner(),
+        threads,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Threads for [`precompile`]: the machine's cores (`WRNC_JOBS` overrides).
+pub fn compile_threads() -> usize {
+    std::env::var("WRNC_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Compiles `source` through the cache and loads it; a cached entry that fails to load is

@@ -173,6 +173,9 @@ pub fn choose_tiles(
         let t0 = std::time::Instant::now();
         // times[key][candidate] = median microseconds
         let mut times: BTreeMap<String, BTreeMap<TcTile, f64>> = BTreeMap::new();
+        // which schedule times which GEMM with which tile: the first schedule holding it
+        let mut runs = vec![];
+        let mut planned: Vec<(String, TcTile)> = vec![];
         for t in TcTile::CANDIDATES {
             for o in bases {
                 let s = build(o, Tiles::all(t))?;
@@ -180,18 +183,30 @@ pub fn choose_tiles(
                     .tile_keys()
                     .into_iter()
                     .filter(|(_, k)| {
-                        missing.contains(&k) && !times.get(k).is_some_and(|m| m.contains_key(&t))
+                        let fresh = missing.contains(&k) && !planned.contains(&(k.clone(), t));
+                        if fresh {
+                            planned.push((k.clone(), t));
+                        }
+                        fresh
                     })
                     .collect();
-                if todo.is_empty() {
-                    continue;
+                if !todo.is_empty() {
+                    runs.push((t, o, s, todo));
                 }
-                let mut shared = Shared::new();
-                let ex = Executor::new(gpu, s, &o.fusion, &mut shared, cache)?;
-                for (li, k) in todo {
-                    let us = ex.time_launch(gpu, &hyper(0), li, REPS)?;
-                    times.entry(k).or_default().insert(t, us);
-                }
+            }
+        }
+        // every candidate module compiled at once, on all cores, before any is timed
+        let sources = runs
+            .iter()
+            .map(|(_, o, s, _)| super::exec::module_source(s, &o.fusion))
+            .collect::<Result<Vec<_>, _>>()?;
+        super::exec::precompile(gpu, cache, sources, super::exec::compile_threads())?;
+        for (t, o, s, todo) in runs {
+            let mut shared = Shared::new();
+            let ex = Executor::new(gpu, s, &o.fusion, &mut shared, cache)?;
+            for (li, k) in todo {
+                let us = ex.time_launch(gpu, &hyper(0), li, REPS)?;
+                times.entry(k).or_default().insert(t, us);
             }
         }
         for k in &missing {
