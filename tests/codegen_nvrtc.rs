@@ -384,3 +384,46 @@ fn no_kernel_of_wrn_28_10_spills() {
         );
     }
 }
+
+/// `precompile_for` compiles a run's modules on several threads at once (as `wrnc selftest`,
+/// `wrnc bench` and the tile search do before their first executor): each cache entry is the
+/// PTX that NVRTC gives the same source compiled alone, duplicates compile once, and a second
+/// call finds everything cached.
+#[test]
+fn precompiling_on_threads_matches_one_by_one() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    let g = graph("WRN-10-2");
+    let mut sources = vec![];
+    for mode in [Mode::Train, Mode::Infer] {
+        for unfused in [false, true] {
+            let opts = Options {
+                mode,
+                batch: 2,
+                precision: Precision::Bf16,
+                fusion: Fusion {
+                    unfused,
+                    disabled: vec![],
+                },
+                ..Options::default()
+            };
+            let s = schedule::build(&g, &opts).unwrap();
+            sources.push(wrnc_runtime::cuda::exec::module_source(&s, &opts.fusion).unwrap());
+        }
+    }
+    sources.push(sources[0].clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = wrnc_runtime::cuda::cache::PtxCache::new(Some(dir.path().to_path_buf()));
+    let p = wrnc_runtime::cuda::exec::precompile_for("sm_90", &cache, sources.clone(), 4).unwrap();
+    assert_eq!((p.modules, p.compiled, p.threads), (4, 4, 4), "{p:?}");
+    let version = nvrtc::version().unwrap();
+    for src in &sources[..4] {
+        let key = wrnc_runtime::cuda::cache::key(src, "sm_90", version);
+        let cached = cache.get(&key).expect("an entry per source");
+        assert_eq!(cached, nvrtc::compile_ptx(src, "sm_90").unwrap());
+    }
+    let again = wrnc_runtime::cuda::exec::precompile_for("sm_90", &cache, sources, 4).unwrap();
+    assert_eq!((again.modules, again.compiled), (4, 0), "{again:?}");
+}

@@ -587,6 +587,16 @@ pub fn precompile(
     sources: Vec<String>,
     threads: usize,
 ) -> Result<Precompiled, CudaError> {
+    precompile_for(&gpu.info().arch(), cache, sources, threads)
+}
+
+/// [`precompile`] for an architecture such as `sm_90` (no GPU needed: NVRTC alone).
+pub fn precompile_for(
+    arch: &str,
+    cache: &PtxCache,
+    sources: Vec<String>,
+    threads: usize,
+) -> Result<Precompiled, CudaError> {
     let t0 = std::time::Instant::now();
     let mut distinct: Vec<String> = vec![];
     for s in sources {
@@ -594,11 +604,12 @@ pub fn precompile(
             distinct.push(s);
         }
     }
-    let arch = gpu.info().arch();
     let version = crate::nvrtc::version()?;
     let todo: Vec<&String> = distinct
         .iter()
-        .filter(|s| cache.root().is_some() && cache.get(&super::cache::key(s, &arch, version)).is_none())
+        .filter(|s| {
+            cache.root().is_some() && cache.get(&super::cache::key(s, arch, version)).is_none()
+        })
         .collect();
     let threads = threads.clamp(1, todo.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -608,9 +619,7 @@ pub fn precompile(
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(src) = todo.get(i) else { break };
-                if let Ok(c) =
-                    cache.get_or_compile(src, &arch, version, crate::nvrtc::compile_ptx)
-                {
+                if let Ok(c) = cache.get_or_compile(src, arch, version, crate::nvrtc::compile_ptx) {
                     if !c.hit {
                         compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
