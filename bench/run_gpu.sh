@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest tiles bench train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest tiles bench wgmma train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -134,6 +134,11 @@ stage_session() {
     unpack_data &
     local unpack=$!
     stage_first
+    # Hopper's warpgroup MMA (issue 6's sm_90 step), fused, beside `first`'s mma.sync figures
+    if [ "${BENCH_WGMMA:-1}" = 1 ]; then
+        stage_wgmma
+        stage_assemble >/dev/null
+    fi
     wait "$unpack"
     local left=$((budget - (SECONDS - t0) - 15))
     log "session: ${left}s left for train + selftest"
@@ -144,6 +149,14 @@ stage_session() {
         wait "$train"
         stage_assemble >/dev/null
     fi
+}
+
+# bf16 with --wgmma (sm_90 only), fused only: the same bench as bench_wrnc_bf16 otherwise
+stage_wgmma() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_bf16_wgmma "${WGMMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+        --wgmma --fused-only $BENCH_ARGS --json
 }
 
 # the dataset archives (gpu-carry/{train,test}.tar.xz, as in ../shared/datasets/cifar10-jpeg)
@@ -266,6 +279,12 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         "train_tflops": (b or {}).get("train_tflops"),
         "matmul_tflops": (pt.get("matmul_tflops") or {}).get(prec),
     }
+wg = load("bench_wrnc_bf16_wgmma.out")
+if wg:
+    out["bf16"]["train_step_ms"]["wrnc_fused_wgmma"] = wr(wg, "train_step_ms", "fused")
+    out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
+    out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
+    out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
 nchw = load("bench_wrnc_bf16_nchw.out")
 if nchw:
     out["bf16"]["train_step_ms"]["wrnc_fused_nchw"] = wr(nchw, "train_step_ms", "fused")
@@ -293,9 +312,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|tiles|bench|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|tiles|bench|wgmma|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest tiles bench train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest tiles bench wgmma train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

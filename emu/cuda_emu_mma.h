@@ -169,3 +169,97 @@ inline void wrnc_cp_async_wait() {
         st.groups.pop_front();
     }
 }
+
+// Warpgroup MMA (wgmma, sm_90a; contracts in compiler/src/codegen/cuda.rs, wgmma_cuh).
+// A descriptor's start address is the byte offset from the block's shared array `base` that the
+// kernel passes along; its fields are packed and unpacked exactly as on the GPU (bits 0-13
+// address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4, 62-63 swizzle,
+// which must be 0: none). Like cp.async, an mma is only queued when issued: it reads shared
+// memory and updates the accumulators when a wrnc_wgmma_wait<N>() retires its group, so a
+// kernel that overwrites an operand stage or reads an accumulator too early gets wrong values
+// here too. Each thread computes its own fragment (rows 16 (warp % 4) + lane / 4 (+ 8),
+// columns 8 i + 2 (lane % 4) (+ 1)), multiplying bf16 exactly and summing in f32 in k order.
+namespace wrnc_emu_mma {
+
+struct Wgmma {
+    float* d;
+    const unsigned char* base;
+    std::uint64_t da, db;
+    unsigned int n;
+};
+
+struct WgmmaState {
+    std::vector<Wgmma> open;
+    std::deque<std::vector<Wgmma>> groups;
+};
+inline thread_local WgmmaState tl_wgmma;
+
+inline const unsigned short* wg_elem(const unsigned char* base, std::uint64_t desc, unsigned int row,
+                                     unsigned int k) {
+    if ((desc >> 62) != 0) {
+        std::fprintf(stderr, "cuda_emu_mma: wgmma descriptor with a swizzle mode\n");
+        std::abort();
+    }
+    const std::uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
+                        sbo = ((desc >> 32) & 0x3FFF) << 4;
+    const std::uint64_t off = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    return reinterpret_cast<const unsigned short*>(base + off);
+}
+
+inline float bf_bits(unsigned short h) {
+    std::uint32_t bits = (std::uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline void wg_perform(const Wgmma& m) {
+    const unsigned int lin = wrnc_emu::tl_linear, lane = lin % 32, w4 = (lin / 32) % 4;
+    for (unsigned int i = 0; i < m.n / 8; ++i)
+        for (unsigned int v = 0; v < 4; ++v) {
+            const unsigned int row = 16 * w4 + lane / 4 + 8 * (v >> 1);
+            const unsigned int col = 8 * i + 2 * (lane % 4) + (v & 1);
+            float acc = m.d[4 * i + v];
+            for (unsigned int k = 0; k < 16; ++k)
+                acc += bf_bits(*wg_elem(m.base, m.da, row, k)) * bf_bits(*wg_elem(m.base, m.db, col, k));
+            m.d[4 * i + v] = acc;
+        }
+}
+
+}  // namespace wrnc_emu_mma
+
+inline unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
+    const std::ptrdiff_t off = (const unsigned char*)p - (const unsigned char*)base;
+    if (off < 0 || off % 16 != 0 || off >= (1 << 18)) {
+        std::fprintf(stderr, "cuda_emu_mma: wgmma operand at offset %td of shared memory\n", off);
+        std::abort();
+    }
+    return ((unsigned long long)off >> 4) | ((128ull >> 4) << 16) | ((512ull >> 4) << 32);
+}
+inline void wrnc_wgmma_fence() {}
+inline void wrnc_fence_proxy_async() {}
+inline void wrnc_wgmma_commit() {
+    auto& st = wrnc_emu_mma::tl_wgmma;
+    st.groups.push_back(std::move(st.open));
+    st.open.clear();
+}
+template <int N>
+inline void wrnc_wgmma_wait() {
+    auto& st = wrnc_emu_mma::tl_wgmma;
+    while (st.groups.size() > (std::size_t)N) {
+        for (const auto& m : st.groups.front()) wrnc_emu_mma::wg_perform(m);
+        st.groups.pop_front();
+    }
+}
+#define WRNC_EMU_WGMMA(N)                                                                     \
+    inline void wrnc_wgmma_m64n##N##k16(float* d, const void* base, unsigned long long da,     \
+                                        unsigned long long db) {                              \
+        wrnc_emu_mma::tl_wgmma.open.push_back(                                                \
+            {d, (const unsigned char*)base, (std::uint64_t)da, (std::uint64_t)db, N});        \
+    }                                                                                         \
+    inline void wrnc_wgmma_fence_acc##N(float*) {}
+WRNC_EMU_WGMMA(16)
+WRNC_EMU_WGMMA(32)
+WRNC_EMU_WGMMA(64)
+WRNC_EMU_WGMMA(128)
+#undef WRNC_EMU_WGMMA

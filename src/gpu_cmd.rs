@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
     #[arg(long, default_value = "auto", value_parser = Layout::parse)]
     pub layout: Layout,
+    /// bf16: the NHWC forward and data-gradient convolutions on Hopper's warpgroup MMA
+    /// (`wgmma`, sm_90 GPUs only) instead of `mma.sync`.
+    #[arg(long)]
+    pub wgmma: bool,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -84,6 +88,10 @@ pub struct SelftestArgs {
     /// Which GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// Only the comparisons whose description contains this text (e.g. `wgmma`, `resnext
+    /// Train`), to rerun one that failed.
+    #[arg(long, value_name = "TEXT")]
+    pub only: Option<String>,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -143,7 +151,10 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                     unfused,
                     disabled: vec![],
                 },
-                tiles: Default::default(),
+                tiles: schedule::Tiles {
+                    wgmma: a.wgmma,
+                    ..Default::default()
+                },
                 layout: a.layout,
             };
             for &mode in modes {
@@ -153,7 +164,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                 bases.push(base(Mode::Infer, 1));
             }
         }
-        let (t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &bases, a.tiles)?;
+        let (mut t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &bases, a.tiles)?;
+        t.wgmma = a.wgmma;
         if !a.json {
             eprintln!("{}", tile_summary(&r));
         }
@@ -318,6 +330,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("pyramidnet", "conv(3x3, 4) bn residual { body bn conv(3x3, 5) bn relu conv(3x3, 5) bn shortcut zeropad survival 0.5 } residual { body bn conv(3x3, 6, stride=2) bn relu conv(3x3, 6) bn shortcut zeropad survival 0.5 } bn relu gap fc"),
     ("stem-maxpool", "conv(3x3, 4, stride=2, bias) bn relu maxpool(3x3, stride=2, pad=1) bn relu gap fc"),
 ];
+
+/// A small network whose convolutions (but the stem) have multiples of 8 channels: the
+/// vector-loading convs that `--wgmma` moves to Hopper's warpgroup MMA.
+const WGMMA_NET: &str = "conv(3x3, 8) residual { pre bn relu body conv(3x3, 16, stride=2) bn relu dropout(0.3) conv(3x3, 16) shortcut proj } residual { body bn relu conv(3x3, 16) bn relu conv(3x3, 16) } bn relu gap fc";
 
 fn builtin(body: &str) -> anyhow::Result<Graph> {
     let text = format!("network \"t\" {{ input 3x8x8 classes 3 {body} }}");
@@ -529,7 +545,56 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             launches_only: true,
         });
     }
-    let sources: Vec<String> = jobs
+    // Hopper's warpgroup MMA (`--wgmma`) on a Hopper GPU, on a network of 8- and 16-channel
+    // convs: every launch of the fused training step at the default tile (n32 per warpgroup)
+    // and at 128x128 (n128, the largest), inference launch by launch and whole. (Its whole
+    // training step is not compared: with 16 channels and batch 2, bf16 storage alone puts
+    // running means 2e-2 from the f64 CPU model, with mma.sync exactly as with wgmma.)
+    if gpu.info().compute_capability == (9, 0) {
+        nets.push(("vec8".into(), builtin(WGMMA_NET)?));
+        for (mode, tile, launches_only) in [
+            (Mode::Train, TcTile::DEFAULT, true),
+            (Mode::Infer, TcTile::DEFAULT, false),
+            (
+                Mode::Train,
+                TcTile {
+                    rows: 128,
+                    cols: 128,
+                },
+                true,
+            ),
+        ] {
+            jobs.push(Job {
+                label: format!("vec8 wgmma tile {tile}"),
+                net: nets.len() - 1,
+                mode,
+                precision: Precision::Bf16,
+                unfused: false,
+                layout: Layout::Auto,
+                tiles: schedule::Tiles {
+                    wgmma: true,
+                    ..schedule::Tiles::all(tile)
+                },
+                launches_only,
+            });
+        }
+    }
+    if let Some(only) = &a.only {
+        jobs.retain(|j| {
+            format!(
+                "{} {:?} unfused={} {}",
+                j.label,
+                j.mode,
+                j.unfused,
+                j.precision.name()
+            )
+            .contains(only.as_str())
+        });
+        if jobs.is_empty() {
+            return Err(UserError(format!("error: no selftest comparison matches --only `{only}`")).into());
+        }
+    }
+    let sources: Vec<exec::ModuleSource> = jobs
         .iter()
         .filter_map(|j| {
             let (s, f) = bench::bench_schedule_of(
@@ -545,6 +610,25 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             exec::module_source(&s, &f).ok()
         })
         .collect();
+    // a wgmma check whose schedule has no wgmma kernel would check nothing of it
+    for j in jobs.iter().filter(|j| j.tiles.wgmma) {
+        let uses = bench::bench_schedule_of(
+            &nets[j.net].1,
+            j.mode,
+            a.batch,
+            j.precision,
+            j.unfused,
+            &j.tiles,
+            j.layout,
+        )
+        .is_ok_and(|(s, _)| s.uses_wgmma());
+        if !uses {
+            report(
+                Err(cuda::CudaError::Plan("no wgmma kernel in the schedule".into())),
+                &format!("{} {:?}", j.label, j.mode),
+            );
+        }
+    }
     match exec::precompile(&gpu, &cache, sources, exec::compile_threads()) {
         Ok(p) if !a.json => eprintln!(
             "{} modules: {} compiled in {:.1} s on {} threads, the rest from the cache",

@@ -81,6 +81,10 @@ enum Cmd {
         /// GPU architecture for --emit ptx and --emit resources.
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// bf16: run the NHWC forward and data-gradient convolutions on Hopper's warpgroup MMA
+        /// (`wgmma`, sm_90 only; compiled for sm_90a) instead of `mma.sync`.
+        #[arg(long)]
+        wgmma: bool,
     },
     /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
@@ -283,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             precision,
             arch,
             layout,
+            wgmma,
         } => {
             if list_passes {
                 for (name, _) in wrnc_compiler::passes::PIPELINE {
@@ -300,7 +305,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .any(|e| matches!(e, Emit::Cuda | Emit::Ptx | Emit::Resources | Emit::Schedule))
                 || dump_after.is_some();
             let opts = wrnc_compiler::schedule::Options {
-                tiles: Default::default(),
+                tiles: wrnc_compiler::schedule::Tiles {
+                    wgmma,
+                    ..Default::default()
+                },
                 layout,
                 mode: if infer {
                     wrnc_compiler::passes::Mode::Infer
@@ -379,6 +387,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let cuda = wrnc_compiler::codegen::cuda::write(s, &opts).map_err(diag)?;
                 timing.push(("cuda", t.elapsed().as_secs_f64()));
                 if emit.contains(&Emit::Ptx) || emit.contains(&Emit::Resources) {
+                    if s.uses_wgmma() && arch != "sm_90" {
+                        return Err(UserError(format!(
+                            "--arch {arch}: --wgmma needs sm_90 (Hopper's warpgroup MMA)"
+                        ))
+                        .into());
+                    }
                     let need = s.min_compute_capability();
                     if arch_number(&arch).is_some_and(|a| a < need) {
                         return Err(UserError(format!(
@@ -388,6 +402,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .into());
                     }
                 }
+                // sm_90a where the module uses wgmma
+                let arch = s.nvrtc_arch(&arch);
                 if emit.contains(&Emit::Ptx) {
                     let t = std::time::Instant::now();
                     let ptx = wrnc_runtime::nvrtc::compile_ptx(&cuda, &arch)

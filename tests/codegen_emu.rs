@@ -408,6 +408,8 @@ struct Prec {
     tile: TcTile,
     /// Activation layout (`Auto`: NHWC in bf16, NCHW in f32).
     layout: Layout,
+    /// Hopper's warpgroup MMA for the `_v8` forward and data-gradient convs (`Tiles::wgmma`).
+    wgmma: bool,
 }
 
 const F32: Prec = Prec {
@@ -416,6 +418,7 @@ const F32: Prec = Prec {
     e2e: 1e-4,
     tile: TcTile::DEFAULT,
     layout: Layout::Auto,
+    wgmma: false,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -437,6 +440,7 @@ const BF16: Prec = Prec {
     e2e: 1e-2,
     tile: TcTile::DEFAULT,
     layout: Layout::Auto,
+    wgmma: false,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -460,6 +464,7 @@ fn build_tiled(
             layout: Layout::Auto,
             kernel: 0.0,
             e2e: 0.0,
+            wgmma: false,
         },
     )
 }
@@ -469,11 +474,15 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         precision,
         tile,
         layout,
+        wgmma,
         ..
     } = prec;
     let opts = Options {
         layout,
-        tiles: Tiles::all(tile),
+        tiles: Tiles {
+            wgmma,
+            ..Tiles::all(tile)
+        },
         mode,
         batch: BATCH as u32,
         precision,
@@ -533,13 +542,14 @@ fn check_step_of(name: &str, g: Graph, prec: Prec) -> (usize, usize) {
     let mut results = vec![];
     for unfused in [true, false] {
         let tag = format!(
-            "{name}-{}{}{}",
+            "{name}-{}{}{}{}",
             if unfused { "unfused" } else { "fused" },
             match (prec.precision, prec.tile.is_default()) {
                 (Precision::Bf16, true) => "-bf16".to_string(),
                 (Precision::Bf16, false) => format!("-bf16-t{}", prec.tile),
                 _ => String::new(),
             },
+            if prec.wgmma { "-wg" } else { "" },
             layout_tag(prec)
         );
         let s = build_in(&g, Mode::Train, unfused, prec);
@@ -885,6 +895,71 @@ fn bf16_vector_loads() {
     }
     let _ = check_step_in("vec", VEC, BF16);
     check_infer_in("vec", VEC, BF16);
+}
+
+/// Hopper's warpgroup MMA (`wgmma.mma_async` from shared-memory descriptors, emulated as
+/// `emu/cuda_emu_mma.h` says: queued at issue, performed at `wgmma.wait_group`) in the `_v8`
+/// forward and data-gradient convs, at every tile it takes (64 or 128 rows: one m64 slab per
+/// warpgroup, stacked or side by side; n32, n64 and n128): which kernels use it, every launch
+/// against the f64 reference and the step against the CPU model, and inference logits bit for
+/// bit those of `mma.sync` at the same tile (both sum each k16 step in k order from the
+/// accumulator).
+#[test]
+fn bf16_wgmma_forward_and_data_gradient() {
+    let g = graph(VEC);
+    let ri = reference(&g, Mode::Infer);
+    for tile in TcTile::CANDIDATES.into_iter().filter(|t| t.rows >= 64) {
+        let prec = Prec {
+            tile,
+            wgmma: true,
+            ..BF16
+        };
+        let s = build_in(&g, Mode::Train, false, prec);
+        let mut wg = 0;
+        for k in &s.kernels {
+            if let Some(cg) = k.spec.conv_geom() {
+                let want = cg.vec
+                    && matches!(
+                        k.spec,
+                        KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+                    );
+                assert_eq!(cg.wgmma, want, "{}", k.name);
+                assert_eq!(k.name.contains("_v8_wg"), want, "{}", k.name);
+                wg += want as usize;
+            }
+        }
+        assert!(wg >= 9, "{tile}: {wg} wgmma kernels");
+        assert!(s.uses_wgmma());
+        assert_eq!(s.min_compute_capability(), 90);
+        assert_eq!(s.nvrtc_arch("sm_90"), "sm_90a");
+        let _ = check_step_of(&format!("wg{tile}"), g.clone(), prec);
+        let logits = |p: Prec, tag: &str| {
+            let s = build_in(&g, Mode::Infer, false, p);
+            let out = emulate(tag, &s, &ri, BF16.kernel);
+            out[&s.buffers[s.logits].name].clone()
+        };
+        assert!(
+            logits(prec, &format!("wg-infer-{tile}"))
+                == logits(Prec { tile, ..BF16 }, &format!("mma-infer-{tile}")),
+            "{tile}: wgmma's inference logits differ from mma.sync's"
+        );
+    }
+    // a tile of 32 rows has no m64 slab: mma.sync stays
+    let t32 = TcTile::CANDIDATES
+        .into_iter()
+        .find(|t| t.rows == 32)
+        .unwrap();
+    let s = build_in(
+        &g,
+        Mode::Train,
+        false,
+        Prec {
+            tile: t32,
+            wgmma: true,
+            ..BF16
+        },
+    );
+    assert!(!s.uses_wgmma());
 }
 
 /// The tensor-core engine on NCHW activations (`--layout nchw`), the bf16 default before NHWC.

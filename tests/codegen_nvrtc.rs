@@ -420,10 +420,58 @@ fn precompiling_on_threads_matches_one_by_one() {
     assert_eq!((p.modules, p.compiled, p.threads), (4, 4, 4), "{p:?}");
     let version = nvrtc::version().unwrap();
     for src in &sources[..4] {
-        let key = wrnc_runtime::cuda::cache::key(src, "sm_90", version);
+        assert!(!src.wgmma);
+        let key = wrnc_runtime::cuda::cache::key(&src.text, "sm_90", version);
         let cached = cache.get(&key).expect("an entry per source");
-        assert_eq!(cached, nvrtc::compile_ptx(src, "sm_90").unwrap());
+        assert_eq!(cached, nvrtc::compile_ptx(&src.text, "sm_90").unwrap());
     }
     let again = wrnc_runtime::cuda::exec::precompile_for("sm_90", &cache, sources, 4).unwrap();
     assert_eq!((again.modules, again.compiled), (4, 0), "{again:?}");
+}
+
+/// The warpgroup-MMA engine (`Tiles::wgmma`) compiles for `sm_90a` at every tile it takes,
+/// and ptxas (run by NVRTC) reports no spills and at most 48 KiB of static shared memory for
+/// WRN-28-10's training step and inference in bf16.
+#[test]
+fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    let g = graph("WRN-28-10");
+    for tile in schedule::TcTile::CANDIDATES
+        .into_iter()
+        .filter(|t| t.rows >= 64)
+    {
+        for mode in [Mode::Train, Mode::Infer] {
+            let opts = Options {
+                mode,
+                batch: 128,
+                precision: Precision::Bf16,
+                tiles: schedule::Tiles {
+                    wgmma: true,
+                    ..schedule::Tiles::all(tile)
+                },
+                ..Options::default()
+            };
+            let s = schedule::build(&g, &opts).unwrap();
+            assert!(s.uses_wgmma());
+            let arch = s.nvrtc_arch("sm_90");
+            let src = cuda::write(&s, &opts).unwrap();
+            let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
+            let wg: Vec<_> = r.iter().filter(|k| k.name.contains("_wg")).collect();
+            assert!(!wg.is_empty(), "{tile} {mode:?}: no wgmma kernel");
+            for k in &r {
+                assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
+                assert!(k.shared <= 48 * 1024, "{tile}: {k:?}");
+            }
+            let most = wg.iter().max_by_key(|k| k.registers).unwrap();
+            eprintln!(
+                "{mode:?} tile {tile} {arch}: {} wgmma kernels, most registers {} ({})",
+                wg.len(),
+                most.registers,
+                most.name
+            );
+        }
+    }
 }

@@ -53,11 +53,94 @@ pub fn write(schedule: &Schedule, options: &Options) -> Result<String, crate::Er
     if schedule.uses_tensor_cores() {
         s.push_str(super::mma::MMA_CUH);
     }
+    if schedule.uses_wgmma() {
+        s.push_str(&wgmma_cuh());
+    }
     for k in &schedule.kernels {
         s.push('\n');
         s.push_str(&kernel(&k.name, &k.spec));
     }
     Ok(s)
+}
+
+/// Widths `N` of the `wgmma.m64nNk16` shapes the engine uses (a warpgroup's columns).
+const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
+
+/// The warpgroup MMA helpers (sm_90a), included after `mma.cuh` in modules that use them.
+/// On the GPU each is one PTX instruction; `emu/cuda_emu_mma.h` defines `WRNC_MMA_EMU` and
+/// its own versions, which follow the same contracts:
+///
+/// - `wrnc_wgmma_desc(base, p)`: the shared-memory matrix descriptor (PTX ISA, "Matrix
+///   Descriptor Format") of a K-major bf16 operand without swizzling whose first 8x8 core
+///   matrix (8 rows of 16 contiguous bytes, 128 bytes) is at `p`: the next core matrix along
+///   K is 128 bytes on (the leading dimension byte offset), along M or N 512 bytes on (the
+///   stride dimension byte offset). `base` is the block's shared array holding `p` (the
+///   emulation's origin; unused on the GPU).
+/// - `wrnc_wgmma_m64n<N>k16(d, base, da, db)`: the warpgroup's `D (64 x N, f32) += A (64 x 16,
+///   at da) * B (16 x N, at db, K-major: stored as N rows of K)`, issued asynchronously. Warp
+///   `w % 4` of the warpgroup holds rows `16 (w % 4)..+16` as `N / 8` fragments of mma.sync's
+///   C layout: `d[4 i .. 4 i + 3]` are columns `8 i..8 i + 7`. `d` is not to be touched
+///   until `wrnc_wgmma_wait<0>()` and `wrnc_wgmma_fence_acc<N>(d)`.
+/// - `wrnc_wgmma_fence()`, `wrnc_wgmma_commit()`, `wrnc_wgmma_wait<N>()`: `wgmma.fence`,
+///   `wgmma.commit_group`, `wgmma.wait_group N`.
+/// - `wrnc_fence_proxy_async()`: this thread's earlier shared-memory writes (stores,
+///   `cp.async`) become visible to the async proxy that `wgmma` reads through.
+fn wgmma_cuh() -> String {
+    let mut s = String::from(
+        r#"
+// wrnc warpgroup MMA helpers (sm_90a): see codegen::cuda::wgmma_cuh for the contracts.
+#ifndef WRNC_MMA_EMU
+__device__ __forceinline__ unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
+    (void)base;
+    const unsigned long long a = wrnc_smem_addr(p);
+    return ((a & 0x3FFFFull) >> 4) | ((128ull >> 4) << 16) | ((512ull >> 4) << 32);
+}
+__device__ __forceinline__ void wrnc_wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wrnc_wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wrnc_wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void wrnc_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+"#,
+    );
+    for n in WGMMA_NS {
+        let regs = n / 2;
+        let list: Vec<String> = (0..regs).map(|i| format!("%{i}")).collect();
+        let outs: Vec<String> = (0..regs).map(|i| format!("\"+f\"(d[{i}])")).collect();
+        writeln!(
+            s,
+            r#"__device__ __forceinline__ void wrnc_wgmma_m64n{n}k16(float* d, const void* base, unsigned long long da, unsigned long long db) {{
+    (void)base;
+    asm volatile(
+        "{{\n.reg .pred p;\nsetp.ne.b32 p, %{sc}, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{list}}}, %{da}, %{db}, p, 1, 1, 0, 0;\n}}\n"
+        : {outs}
+        : "l"(da), "l"(db), "r"(1));
+}}
+__device__ __forceinline__ void wrnc_wgmma_fence_acc{n}(float* d) {{
+#pragma unroll
+    for (int i = 0; i < {regs}; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}}"#,
+            list = list.join(", "),
+            outs = outs.join(", "),
+            da = regs,
+            db = regs + 1,
+            sc = regs + 2,
+        )
+        .unwrap();
+    }
+    s.push_str(
+        "#endif  // WRNC_MMA_EMU
+",
+    );
+    s
 }
 
 /// The parameter list of a kernel.
@@ -442,19 +525,56 @@ fn walk_tile(r: u32, c: u32, epi: &str) -> String {
     )
 }
 
+/// How a tensor-core GEMM's 8 warps cover its block tile: a `wr x wc` grid of warp tiles of
+/// `rows / wr x cols / wc`, warp `w` at `(wm, wn)`. `mma.sync` numbers warps along rows
+/// (`wm = w / wc`: [`TcTile::warps`]); `wgmma` down columns (`wm = w % wr`), so that the four
+/// warps of a warpgroup (`w / 4`) hold its 64 consecutive rows, 16 each.
+#[derive(Clone, Copy)]
+struct WarpGrid {
+    wr: u32,
+    wc: u32,
+    col_major: bool,
+}
+
+impl WarpGrid {
+    fn mma(t: TcTile) -> WarpGrid {
+        let (wr, wc) = t.warps();
+        WarpGrid {
+            wr,
+            wc,
+            col_major: false,
+        }
+    }
+
+    /// Two warpgroups of m64: stacked (128-row tiles) or side by side (64-row tiles).
+    fn wgmma(t: TcTile) -> WarpGrid {
+        let wr = t.rows / 16;
+        WarpGrid {
+            wr,
+            wc: 8 / wr,
+            col_major: true,
+        }
+    }
+}
+
 /// The opening both tensor-core engines share, after their shared-memory arrays: the
 /// accumulator tile's view `Cs` of `smem_`, thread, lane and warp indices, the group `g` and
 /// split-K slice `slice_` of this block (`blockIdx.z = g * split_k + slice_`), the GEMM's sizes,
 /// the slice's reduction range `[kb_, ke_)` (whole 32-steps of `ceil(K / (32 split_k))` each),
 /// and the zeroed accumulators.
-fn tc_prelude(t: TcTile, g: &Gemm) -> String {
-    let (wr, wc) = t.warps();
+fn tc_prelude(t: TcTile, g: &Gemm, grid: WarpGrid) -> String {
+    let WarpGrid { wr, wc, col_major } = grid;
     let (mi, ni) = (t.rows / wr / 16, t.cols / wc / 8);
+    let place = if col_major {
+        format!("const int wm = warp % {wr}, wn = warp / {wr};")
+    } else {
+        format!("const int wm = warp / {wc}, wn = warp % {wc};")
+    };
     format!(
         r#"    float (*Cs)[{cp}] = reinterpret_cast<float (*)[{cp}]>(smem_);
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int tid = ty * 16 + tx, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp / {wc}, wn = warp % {wc};
+    {place}
     const int SPLIT_ = {split};
     const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
     const int M = {m}, NC = {ncols}, K = {k};
@@ -496,9 +616,9 @@ fn tc_cs_bytes(t: TcTile) -> u32 {
 /// ([`tc_cs_halves`]) does this per half of its rows: the warps holding that half write it,
 /// the block walks it, and a barrier frees `Cs` for the next half. Either way every output
 /// reaches the same epilogue code once, with the same `m`, `j` and `acc`.
-fn tc_epilogue(t: TcTile, epi: &str) -> String {
+fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
     let (r, c) = (t.rows, t.cols);
-    let (wr, wc) = t.warps();
+    let (wr, wc) = (grid.wr, grid.wc);
     let (wtm, wtn) = (r / wr, c / wc);
     let (mi, ni) = (wtm / 16, wtn / 8);
     let halves = tc_cs_halves(t);
@@ -602,8 +722,8 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         first = (st.gather)("kb_"),
         next = (st.gather)("(k0 + 32)"),
         store = st.store,
-        walk = tc_epilogue(t, &g.epi),
-        prelude = tc_prelude(t, g),
+        walk = tc_epilogue(t, WarpGrid::mma(t), &g.epi),
+        prelude = tc_prelude(t, g, WarpGrid::mma(t)),
         boff = r * 80,
         ae = st.ae,
         be = st.be,
@@ -619,6 +739,8 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 /// along pixels while `dy` and `x` are contiguous in channels.
 struct VecOps {
     kmajor: bool,
+    /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; only with `kmajor`).
+    wgmma: bool,
     a: VecOperand,
     b: VecOperand,
 }
@@ -637,15 +759,18 @@ struct VecOperand {
 
 /// Pipeline depth of [`gemm_tc_async`] for a tile: as many stages as fit (at most 4) in the
 /// static shared memory left beside the epilogue's reduction arrays (2 x 16 x 17 f32).
-fn async_stages(t: TcTile, kmajor: bool) -> u32 {
-    ((46 * 1024) / async_stage_bytes(t, kmajor)).clamp(2, 4)
+fn async_stages(t: TcTile, kmajor: bool, wgmma: bool) -> u32 {
+    ((46 * 1024) / async_stage_bytes(t, kmajor, wgmma)).clamp(2, 4)
 }
 
-/// Shared memory of one stage of [`gemm_tc_async`]: K-contiguous rows of 32 + 8 halves, or
+/// Shared memory of one stage of [`gemm_tc_async`]: 8x8 core matrices of 128 bytes, unpadded
+/// (`wgmma`), K-contiguous rows of 32 + 8 halves, or
 /// 32 rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
 /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks).
-fn async_stage_bytes(t: TcTile, kmajor: bool) -> u32 {
-    if kmajor {
+fn async_stage_bytes(t: TcTile, kmajor: bool, wgmma: bool) -> u32 {
+    if wgmma {
+        (t.rows + t.cols) * 64
+    } else if kmajor {
         (t.rows + t.cols) * 80
     } else {
         64 * (t.rows + t.cols + 16)
@@ -681,12 +806,18 @@ fn async_stage_bytes(t: TcTile, kmajor: bool) -> u32 {
 fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String {
     let t = g.tile;
     let (r, c) = (t.rows, t.cols);
-    let (wr, wc) = t.warps();
+    let wg = v.wgmma && v.kmajor && r >= 64;
+    let grid = if wg {
+        WarpGrid::wgmma(t)
+    } else {
+        WarpGrid::mma(t)
+    };
+    let (wr, wc) = (grid.wr, grid.wc);
     let (wtm, wtn) = (r / wr, c / wc);
     let (mi, ni) = (wtm / 16, wtn / 8);
     let km = v.kmajor;
-    let ns = async_stages(t, km);
-    let smem = (ns * async_stage_bytes(t, km)).max(tc_cs_bytes(t));
+    let ns = async_stages(t, km, wg);
+    let smem = (ns * async_stage_bytes(t, km, wg)).max(tc_cs_bytes(t));
     // A shared row (halves) and the slot's first row, per operand of `n` tile rows/columns
     let (arow, brow) = if km { (40, 40) } else { (r + 8, c + 8) };
     // this thread's runs of a stage: `4 n` runs for `n` rows (or columns) of 32; `rl` is the
@@ -710,7 +841,12 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     // the shared cell of a run: `[slot][row][k]` or `[slot][k][row]`
     let cell = |arr: &str, n: u32, slot: &str| -> String {
-        if km {
+        if wg {
+            format!(
+                "&{arr}[({slot}) * {} + (rl >> 3) * 256 + (kl >> 3) * 64 + (rl & 7) * 8]",
+                n * 32
+            )
+        } else if km {
             format!("&{arr}[({slot}) * {n} + rl][kl]")
         } else {
             format!("&{arr}[({slot}) * 32 + kl][rl]")
@@ -782,28 +918,46 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             format!("wrnc_ldmatrix_x4_trans(bfr[jp], &Bs_[slot_ * 32 + ks + (lane & 7) + ((lane >> 3) & 1) * 8][wn * {wtn} + jp * 16 + (lane >> 4) * 8]);"),
         )
     };
-    format!(
-        r#"{header} {{
-{consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
-    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);
-    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});
-{prelude}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
-    for (int s_ = 0; s_ < {pre}; ++s_) {{
-        if (s_ < NK_) {{
-{first}        }}
-        wrnc_cp_async_commit();
-    }}
-    for (int kt = 0; kt < NK_; ++kt) {{
-        const int slot_ = kt % {ns};
-        wrnc_cp_async_wait<{inflight}>();
-{transform}        __syncthreads();
-        {{
-            const int kn_ = kt + {pre};
-            if (kn_ < NK_) {{
-{next}            }}
-            wrnc_cp_async_commit();
-        }}
-        for (int ks = 0; ks < 32; ks += 16) {{
+    let boff = if wg {
+        ns * r * 64
+    } else if km {
+        ns * r * 80
+    } else {
+        ns * 64 * (r + 8)
+    };
+    let decl = if wg {
+        format!(
+            "    __shared__ __align__(128) unsigned char smem_[{smem}];\n    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
+        )
+    } else {
+        format!(
+            "    __shared__ __align__(16) unsigned char smem_[{smem}];\n    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);\n    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});\n"
+        )
+    };
+    let compute = if wg {
+        // the warpgroup's A rows (128-row tiles: one m64 slab each) or B columns (64-row
+        // tiles: half the columns each), in halves from the slot's start; a k16 step is two
+        // core matrices (128 halves) along K
+        let (a0, b0) = if r >= 128 {
+            ("(warp >> 2) * 2048".to_string(), "0".to_string())
+        } else {
+            ("0".to_string(), format!("(warp >> 2) * {}", wtn / 8 * 256))
+        };
+        format!(
+            r#"        wrnc_wgmma_fence();
+        #pragma unroll
+        for (int ks = 0; ks < 2; ++ks)
+            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 128), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 128));
+        wrnc_wgmma_commit();
+        wrnc_wgmma_wait<0>();
+        wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
+"#,
+            as_ = r * 32,
+            bs_ = c * 32,
+        )
+    } else {
+        format!(
+            r#"        for (int ks = 0; ks < 32; ks += 16) {{
             unsigned int af[{mi}][4], bfr[{nb}][4];
             for (int i = 0; i < {mi}; ++i)
                 {lda}
@@ -812,7 +966,29 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             for (int i = 0; i < {mi}; ++i)
                 for (int jn = 0; jn < {ni}; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[jn >> 1][2 * (jn & 1)], cacc[i][jn]);
         }}
+"#,
+            nb = ni / 2,
+        )
+    };
+    format!(
+        r#"{header} {{
+{consts}{decl}{prelude}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
+    for (int s_ = 0; s_ < {pre}; ++s_) {{
+        if (s_ < NK_) {{
+{first}        }}
+        wrnc_cp_async_commit();
     }}
+    for (int kt = 0; kt < NK_; ++kt) {{
+        const int slot_ = kt % {ns};
+        wrnc_cp_async_wait<{inflight}>();
+{transform}{fence}        __syncthreads();
+        {{
+            const int kn_ = kt + {pre};
+            if (kn_ < NK_) {{
+{next}            }}
+            wrnc_cp_async_commit();
+        }}
+{compute}    }}
     wrnc_cp_async_wait<0>();
     __syncthreads();
 {walk}"#,
@@ -820,12 +996,17 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         consts = g.consts,
         first = issue("kb_ + s_ * 32", "s_"),
         next = issue("kb_ + kn_ * 32", &format!("kn_ % {ns}")),
-        walk = tc_epilogue(t, &g.epi),
-        boff = if km { ns * r * 80 } else { ns * 64 * (r + 8) },
-        nb = ni / 2,
+        walk = tc_epilogue(t, grid, &g.epi),
+        // the stage's generic-proxy writes (cp.async, the prologue's stores) made visible to
+        // wgmma's async proxy before the barrier
+        fence = if wg {
+            "        wrnc_fence_proxy_async();\n"
+        } else {
+            ""
+        },
         pre = ns - 1,
         inflight = ns - 2,
-        prelude = tc_prelude(t, g),
+        prelude = tc_prelude(t, g, grid),
     )
 }
 
@@ -875,6 +1056,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             // runs of 8 channels of one tap (cp.async), the prologue applied in shared memory
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
+                wgmma: g.wgmma,
                 a: VecOperand {
                 base: "x",
                 addr: format!(
@@ -969,6 +1151,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", split_red(nh, "kk", "ocg", "OCG"));
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
+                wgmma: g.wgmma,
                 a: VecOperand {
                 base: "dy",
                 addr: format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
@@ -1061,6 +1244,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let li = at(false, "ni", "ic", "IC", "ih", "IH", "iw", "IW");
             let vec = g.vec.then(|| VecOps {
                 kmajor: false,
+                wgmma: false,
                 a: VecOperand {
                     base: "dy",
                     addr: format!(

@@ -165,8 +165,13 @@ impl<'a> B<'a> {
     ) -> crate::Result<()> {
         let mut spec = spec;
         let tile = self.tile_for(&spec, &scalars);
+        let kmajor = matches!(
+            spec,
+            KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+        );
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
+            g.wgmma = self.tiles.wgmma && g.vec && kmajor && tile.rows >= 64;
         }
         let (tr, tc) = spec.conv_geom().map_or((TILE, TILE), |g| g.block_tile());
         let grid = [
@@ -348,6 +353,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
         // whole 16-byte runs of channels in every patch the forward and data-gradient passes
         // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
         vec: tensor_cores && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
+        wgmma: false,
     }
 }
 

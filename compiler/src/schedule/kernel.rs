@@ -101,6 +101,11 @@ pub struct ConvGeom {
     /// no value. Name suffix `_v8`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub vec: bool,
+    /// Hopper's warpgroup MMA (`wgmma.mma_async`, sm_90a) instead of `mma.sync` (only with
+    /// `vec`, in the forward and data-gradient passes, and with a tile of at least 64 rows; see
+    /// [`super::Tiles::wgmma`]). Changes no value's algebra. Name suffix `_wg`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub wgmma: bool,
 }
 
 /// A tensor-core block tile: `rows x cols` GEMM outputs per block of 256 threads (8 warps in a
@@ -186,7 +191,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -201,7 +206,8 @@ impl ConvGeom {
                 (true, false) => format!("_tc_t{}", self.tile),
             },
             if self.nhwc { "_nhwc" } else { "" },
-            if self.vec { "_v8" } else { "" }
+            if self.vec { "_v8" } else { "" },
+            if self.wgmma { "_wg" } else { "" }
         )
     }
 }
@@ -627,6 +633,7 @@ impl KernelSpec {
             return None;
         }
         g.tile = TcTile::DEFAULT;
+        g.wgmma = false;
         if let KernelSpec::ConvBwdWeight { split_k, .. } = &mut spec {
             *split_k = 1;
         }

@@ -291,6 +291,11 @@ impl Layout {
 pub struct Tiles {
     pub default: TcTile,
     pub by_key: std::collections::BTreeMap<String, TcTile>,
+    /// The forward and data-gradient passes of the vector-loading convolutions
+    /// ([`ConvGeom::vec`]) with tiles of at least 64 rows run on Hopper's warpgroup MMA
+    /// (`wgmma`, sm_90a) instead of `mma.sync` (`ConvGeom::wgmma`). Off by default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub wgmma: bool,
 }
 
 impl Tiles {
@@ -299,11 +304,22 @@ impl Tiles {
         Tiles {
             default: t,
             by_key: Default::default(),
+            wgmma: false,
         }
     }
 
     pub fn get(&self, key: &str) -> TcTile {
         self.by_key.get(key).copied().unwrap_or(self.default)
+    }
+}
+
+/// The architecture NVRTC compiles a module for on a GPU of architecture `arch` (`sm_90`):
+/// the architecture-specific `sm_90a` where the module uses `wgmma`, else `arch`.
+pub fn nvrtc_arch(arch: &str, wgmma: bool) -> String {
+    if wgmma && arch == "sm_90" {
+        "sm_90a".into()
+    } else {
+        arch.into()
     }
 }
 
@@ -367,11 +383,27 @@ impl Schedule {
 
     /// The oldest compute capability (`major * 10 + minor`) the generated code runs on.
     pub fn min_compute_capability(&self) -> u32 {
-        if self.uses_tensor_cores() {
+        if self.uses_wgmma() {
+            90
+        } else if self.uses_tensor_cores() {
             80
         } else {
             0
         }
+    }
+
+    /// Some kernel runs on Hopper's warpgroup MMA ([`ConvGeom::wgmma`]): the module must be
+    /// compiled for the architecture-specific target `sm_90a` ([`Schedule::nvrtc_arch`]).
+    pub fn uses_wgmma(&self) -> bool {
+        self.kernels
+            .iter()
+            .any(|k| k.spec.conv_geom().is_some_and(|g| g.wgmma))
+    }
+
+    /// The architecture to compile this schedule's module for on a GPU of architecture
+    /// `arch` (e.g. `sm_90`): `sm_90a` where [`Schedule::uses_wgmma`], else `arch`.
+    pub fn nvrtc_arch(&self, arch: &str) -> String {
+        nvrtc_arch(arch, self.uses_wgmma())
     }
 
     /// Checks the module invariants.

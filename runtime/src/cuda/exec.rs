@@ -141,6 +141,12 @@ impl Executor {
                 gpu.info().name
             )));
         }
+        if s.uses_wgmma() && (major, minor) != (9, 0) {
+            return Err(CudaError::Plan(format!(
+                "{what} uses Hopper's warpgroup MMA (--wgmma), which runs only on sm_90; {} is sm_{major}{minor}",
+                gpu.info().name
+            )));
+        }
         let (free, total) = gpu.mem_info()?;
         if need > free {
             return Err(CudaError::OutOfMemory {
@@ -153,7 +159,8 @@ impl Executor {
         }
         let source = module_source(&s, fusion)?;
         let names: Vec<String> = s.kernels.iter().map(|k| k.name.clone()).collect();
-        let (module, cache_hit) = load_cached(gpu, cache, &source, &names)?;
+        let arch = source.arch(&gpu.info().arch());
+        let (module, cache_hit) = load_cached(gpu, cache, &arch, &source.text, &names)?;
         let own = gpu.alloc(layout.own_bytes, &what, s.batch)?;
         let mut mine = BTreeMap::new();
         for p in &layout.places {
@@ -552,7 +559,7 @@ impl Executor {
 
 /// The CUDA C of `s` exactly as [`Executor::new`] compiles it (one definition, so that
 /// [`precompile`] fills the cache with the entries the executors look up).
-pub fn module_source(s: &Schedule, fusion: &Fusion) -> Result<String, CudaError> {
+pub fn module_source(s: &Schedule, fusion: &Fusion) -> Result<ModuleSource, CudaError> {
     let opts = Options {
         tiles: Default::default(),
         layout: s.layout,
@@ -561,7 +568,25 @@ pub fn module_source(s: &Schedule, fusion: &Fusion) -> Result<String, CudaError>
         precision: s.precision,
         fusion: fusion.clone(),
     };
-    codegen::cuda::write(s, &opts).map_err(|e| CudaError::Plan(e.message))
+    Ok(ModuleSource {
+        text: codegen::cuda::write(s, &opts).map_err(|e| CudaError::Plan(e.message))?,
+        wgmma: s.uses_wgmma(),
+    })
+}
+
+/// A schedule's CUDA C and what its target depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleSource {
+    pub text: String,
+    /// Uses Hopper's `wgmma` ([`Schedule::uses_wgmma`]): compiled for `sm_90a`.
+    pub wgmma: bool,
+}
+
+impl ModuleSource {
+    /// The architecture to compile for on a GPU of architecture `gpu_arch`.
+    pub fn arch(&self, gpu_arch: &str) -> String {
+        schedule::nvrtc_arch(gpu_arch, self.wgmma)
+    }
 }
 
 /// What [`precompile`] did.
@@ -584,7 +609,7 @@ pub struct Precompiled {
 pub fn precompile(
     gpu: &Gpu,
     cache: &PtxCache,
-    sources: Vec<String>,
+    sources: Vec<ModuleSource>,
     threads: usize,
 ) -> Result<Precompiled, CudaError> {
     precompile_for(&gpu.info().arch(), cache, sources, threads)
@@ -594,21 +619,22 @@ pub fn precompile(
 pub fn precompile_for(
     arch: &str,
     cache: &PtxCache,
-    sources: Vec<String>,
+    sources: Vec<ModuleSource>,
     threads: usize,
 ) -> Result<Precompiled, CudaError> {
     let t0 = std::time::Instant::now();
-    let mut distinct: Vec<String> = vec![];
+    let mut distinct: Vec<ModuleSource> = vec![];
     for s in sources {
         if !distinct.contains(&s) {
             distinct.push(s);
         }
     }
     let version = crate::nvrtc::version()?;
-    let todo: Vec<&String> = distinct
+    let todo: Vec<(String, &str)> = distinct
         .iter()
-        .filter(|s| {
-            cache.root().is_some() && cache.get(&super::cache::key(s, arch, version)).is_none()
+        .map(|m| (m.arch(arch), m.text.as_str()))
+        .filter(|(a, s)| {
+            cache.root().is_some() && cache.get(&super::cache::key(s, a, version)).is_none()
         })
         .collect();
     let threads = threads.clamp(1, todo.len().max(1));
@@ -618,8 +644,8 @@ pub fn precompile_for(
         for _ in 0..threads {
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(src) = todo.get(i) else { break };
-                if let Ok(c) = cache.get_or_compile(src, arch, version, crate::nvrtc::compile_ptx) {
+                let Some((a, src)) = todo.get(i) else { break };
+                if let Ok(c) = cache.get_or_compile(src, a, version, crate::nvrtc::compile_ptx) {
                     if !c.hit {
                         compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -649,12 +675,12 @@ pub fn compile_threads() -> usize {
 fn load_cached(
     gpu: &Gpu,
     cache: &PtxCache,
+    arch: &str,
     source: &str,
     names: &[String],
 ) -> Result<(Module, bool), CudaError> {
-    let arch = gpu.info().arch();
     let version = crate::nvrtc::version()?;
-    let c = cache.get_or_compile(source, &arch, version, crate::nvrtc::compile_ptx)?;
+    let c = cache.get_or_compile(source, arch, version, crate::nvrtc::compile_ptx)?;
     if let Some(w) = &c.warning {
         eprintln!("warning: {w}");
     }
@@ -662,7 +688,7 @@ fn load_cached(
         Ok(m) => Ok((m, c.hit)),
         Err(e) if c.hit => {
             cache.remove(&c.key);
-            let ptx = crate::nvrtc::compile_ptx(source, &arch)?;
+            let ptx = crate::nvrtc::compile_ptx(source, arch)?;
             let _ = cache.put(&c.key, &ptx);
             gpu.load_module(&ptx, names)
                 .map(|m| (m, false))
@@ -681,5 +707,5 @@ pub fn load_source(
     source: &str,
     names: &[String],
 ) -> Result<Module, CudaError> {
-    load_cached(gpu, cache, source, names).map(|(m, _)| m)
+    load_cached(gpu, cache, &gpu.info().arch(), source, names).map(|(m, _)| m)
 }

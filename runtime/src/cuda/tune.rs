@@ -85,7 +85,7 @@ pub struct TuneReport {
 }
 
 /// The cache file for `gpu` under the PTX cache's folder.
-pub fn cache_path(gpu: &Gpu, cache: &PtxCache) -> Option<PathBuf> {
+pub fn cache_path(gpu: &Gpu, cache: &PtxCache, wgmma: bool) -> Option<PathBuf> {
     let info = gpu.info();
     let slug: String = info
         .name
@@ -104,9 +104,12 @@ pub fn cache_path(gpu: &Gpu, cache: &PtxCache) -> Option<PathBuf> {
         .collect::<Vec<_>>()
         .join("-");
     let (ma, mi) = info.compute_capability;
-    cache
-        .root()
-        .map(|d| d.join("tiles").join(format!("{slug}-sm{ma}{mi}.json")))
+    cache.root().map(|d| {
+        d.join("tiles").join(format!(
+            "{slug}-sm{ma}{mi}{}.json",
+            if wgmma { "-wgmma" } else { "" }
+        ))
+    })
 }
 
 fn load(path: &Option<PathBuf>) -> BTreeMap<String, Choice> {
@@ -125,7 +128,10 @@ pub fn choose_tiles(
     bases: &[Options],
     mode: TileMode,
 ) -> Result<(Tiles, TuneReport), CudaError> {
+    // the engine (`wgmma`) is the bases'; the search times candidates on it
+    let wgmma = bases.iter().any(|o| o.tiles.wgmma);
     let build = |o: &Options, tiles: Tiles| {
+        let tiles = Tiles { wgmma, ..tiles };
         schedule::build(graph, &Options { tiles, ..o.clone() })
             .map_err(|e| CudaError::Plan(e.message))
     };
@@ -137,7 +143,7 @@ pub fn choose_tiles(
             }
         }
     }
-    let path = cache_path(gpu, cache);
+    let path = cache_path(gpu, cache, wgmma);
     let mut report = TuneReport {
         mode: match mode {
             TileMode::Auto => "auto".into(),
@@ -158,7 +164,13 @@ pub fn choose_tiles(
     };
     if let Some(t) = fixed {
         report.tiles = keys.iter().map(|k| (k.clone(), t.to_string())).collect();
-        return Ok((Tiles::all(t), report));
+        return Ok((
+            Tiles {
+                wgmma,
+                ..Tiles::all(t)
+            },
+            report,
+        ));
     }
     let mut cached = load(&path);
     let missing: Vec<&String> = keys
@@ -238,7 +250,10 @@ pub fn choose_tiles(
             }
         }
     }
-    let mut tiles = Tiles::default();
+    let mut tiles = Tiles {
+        wgmma,
+        ..Tiles::default()
+    };
     for k in &keys {
         let t = cached
             .get(k)
