@@ -589,7 +589,10 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             .contains(only.as_str())
         });
         if jobs.is_empty() {
-            return Err(UserError(format!("error: no selftest comparison matches --only `{only}`")).into());
+            return Err(UserError(format!(
+                "error: no selftest comparison matches --only `{only}`"
+            ))
+            .into());
         }
     }
     let sources: Vec<exec::ModuleSource> = jobs
@@ -622,7 +625,9 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         .is_ok_and(|(s, _)| s.uses_wgmma());
         if !uses {
             report(
-                Err(cuda::CudaError::Plan("no wgmma kernel in the schedule".into())),
+                Err(cuda::CudaError::Plan(
+                    "no wgmma kernel in the schedule".into(),
+                )),
                 &format!("{} {:?}", j.label, j.mode),
             );
         }

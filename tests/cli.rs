@@ -83,6 +83,21 @@ fn commands_and_exit_codes() {
     );
     check(
         &[
+            "compile",
+            "WRN-10-1",
+            "--precision",
+            "bf16",
+            "--wgmma",
+            "--arch",
+            "sm_80",
+            "--emit",
+            "ptx",
+        ],
+        2,
+        "--wgmma needs sm_90",
+    );
+    check(
+        &[
             "run",
             "WRN-10-1",
             "--train",
@@ -295,4 +310,21 @@ fn compile_emits_ptxas_resources() {
         assert_eq!(k["spill_stores"].as_u64(), Some(0), "{k}");
     }
     assert!(text(&o).contains("ptxas sm_80:"), "{}", text(&o));
+    // --wgmma compiles for sm_90a, and its kernels say so
+    let o = wrnc(&[
+        "compile",
+        "WRN-10-1",
+        "--precision",
+        "bf16",
+        "--batch",
+        "4",
+        "--wgmma",
+        "--emit",
+        "resources",
+        "--arch",
+        "sm_90",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("ptxas sm_90a:"), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("_v8_wg"));
 }
