@@ -472,12 +472,15 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         Ok(r) => {
             if !a.json {
                 println!(
-                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}",
+                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}{}",
                     if r.passed { "ok  " } else { "FAIL" },
                     r.what,
                     r.max_rel_err,
                     r.tol,
-                    r.worst
+                    r.worst,
+                    r.logits_vs_f64_model
+                        .map(|v| format!("; logits {v:.2e} from the unrounded f64 model"))
+                        .unwrap_or_default()
                 );
             }
             results.push(r);
@@ -595,10 +598,11 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    let sources: Vec<exec::ModuleSource> = jobs
+    // every job's schedule, built once here for its module and the check below
+    let built: Vec<Option<(schedule::Schedule, Fusion)>> = jobs
         .iter()
-        .filter_map(|j| {
-            let (s, f) = bench::bench_schedule_of(
+        .map(|j| {
+            bench::bench_schedule_of(
                 &nets[j.net].1,
                 j.mode,
                 a.batch,
@@ -607,23 +611,17 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 &j.tiles,
                 j.layout,
             )
-            .ok()?;
-            exec::module_source(&s, &f).ok()
+            .ok()
         })
         .collect();
+    let sources: Vec<exec::ModuleSource> = built
+        .iter()
+        .flatten()
+        .filter_map(|(s, f)| exec::module_source(s, f).ok())
+        .collect();
     // a wgmma check whose schedule has no wgmma kernel would check nothing of it
-    for j in jobs.iter().filter(|j| j.tiles.wgmma) {
-        let uses = bench::bench_schedule_of(
-            &nets[j.net].1,
-            j.mode,
-            a.batch,
-            j.precision,
-            j.unfused,
-            &j.tiles,
-            j.layout,
-        )
-        .is_ok_and(|(s, _)| s.uses_wgmma());
-        if !uses {
+    for (j, b) in jobs.iter().zip(&built).filter(|(j, _)| j.tiles.wgmma) {
+        if !b.as_ref().is_some_and(|(s, _)| s.uses_wgmma()) {
             report(
                 Err(cuda::CudaError::Plan(
                     "no wgmma kernel in the schedule".into(),
