@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest tiles bench wgmma train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench wgmma train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -115,6 +115,21 @@ stage_selftest() {
     run selftest "$SELFTEST_TIMEOUT" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
 }
 
+# the examples' selftest, one process per example network, SELFTEST_JOBS (6) at a time: the
+# checks are CPU-bound (the f64 reference, NVRTC) and the GPU has room for them all; each
+# example's log is selftest_ex_<name>.out, and `assemble` adds their summary lines up
+stage_selftest_par() {
+    find_nvrtc
+    export -f run log keep
+    export OUT RAW WRNC EXAMPLES
+    [ -n "${WRNC_NVRTC:-}" ] && export WRNC_NVRTC
+    local t=${SELFTEST_TIMEOUT:-420}
+    for f in "$EXAMPLES"/*.net; do basename "$f" .net; done |
+        WRNC_JOBS=${SELFTEST_COMPILE_JOBS:-3} xargs -P "${SELFTEST_JOBS:-6}" -I{} bash -c \
+            'run "selftest_ex_$1" "$2" "$WRNC" selftest --device cuda --examples "$EXAMPLES" --only "$1 "' \
+            _ {} "$t"
+}
+
 # the first call of a short GPU budget (see the top): the selftest's built-in networks, and the
 # benches the results format needs, with tighter timeouts and without the NCHW comparison
 stage_first() {
@@ -145,7 +160,7 @@ stage_session() {
     if [ "$left" -gt 45 ]; then
         TRAIN_SECONDS=$left stage_train &
         local train=$!
-        run selftest "$left" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
+        SELFTEST_TIMEOUT=$left stage_selftest_par
         wait "$train"
         stage_assemble >/dev/null
     fi
@@ -254,6 +269,21 @@ full_summary = None
 if m:
     full_summary = {"checks": int(m.group(1)), "failed": int(m.group(2)), "errors": int(m.group(3)),
                     "max_rel_err_vs_cpu": {"f32": float(m.group(4)), "bf16": float(m.group(5))}}
+# stage selftest_par: one log per example network, their summary lines added up
+par = sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)
+                 if f.startswith("selftest_ex_") and f.endswith(".out")))
+if par and not full_summary:
+    full_summary = {"checks": 0, "failed": 0, "errors": 0, "max_rel_err_vs_cpu": {"f32": 0.0, "bf16": 0.0},
+                    "networks": len(par), "incomplete": []}
+    for f in par:
+        mm = re.search(r"(\d+) checks, (\d+) failed, (\d+) errors; max rel err vs CPU: f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)", text(f))
+        if not mm:
+            full_summary["incomplete"].append(f[len("selftest_ex_"):-len(".out")])
+            continue
+        for i, k in [(1, "checks"), (2, "failed"), (3, "errors")]:
+            full_summary[k] += int(mm.group(i))
+        for i, k in [(4, "f32"), (5, "bf16")]:
+            full_summary["max_rel_err_vs_cpu"][k] = max(full_summary["max_rel_err_vs_cpu"][k], float(mm.group(i)))
 device = (f32 or bf16 or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -312,9 +342,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|tiles|bench|wgmma|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|wgmma|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest tiles bench wgmma train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench wgmma train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

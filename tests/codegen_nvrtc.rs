@@ -430,8 +430,9 @@ fn precompiling_on_threads_matches_one_by_one() {
 }
 
 /// The warpgroup-MMA engine (`Tiles::wgmma`) compiles for `sm_90a` at every tile it takes,
-/// and ptxas (run by NVRTC) reports no spills and at most 48 KiB of static shared memory for
-/// WRN-28-10's training step and inference in bf16.
+/// and ptxas (run by NVRTC) reports no spills, no stack frame, no warning or performance note
+/// (such as serialized `wgmma`) and at most 48 KiB of static shared memory for WRN-28-10's
+/// training step and inference in bf16.
 #[test]
 fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
     if !nvrtc_available() {
@@ -464,6 +465,12 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
             for k in &r {
                 assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
                 assert!(k.shared <= 48 * 1024, "{tile}: {k:?}");
+                assert_eq!(
+                    k.stack_frame, 0,
+                    "{tile}: {k:?}: accumulators in local memory"
+                );
+                // ptxas serializes wgmma (C7515) when it cannot keep the accumulators in place
+                assert!(k.notes.is_empty(), "{tile}: {k:?}");
             }
             let most = wg.iter().max_by_key(|k| k.registers).unwrap();
             eprintln!(

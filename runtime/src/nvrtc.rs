@@ -236,6 +236,10 @@ pub struct KernelResources {
     pub spill_loads: u64,
     pub stack_frame: u64,
     pub shared: u64,
+    /// ptxas's warnings and performance notes naming this kernel (e.g. `wgmma.mma_async`
+    /// instructions serialized), as printed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Compiles `src` to machine code for the real architecture `arch` (`sm_80`, `sm_90`; a
@@ -274,6 +278,7 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
                 spill_loads: 0,
                 stack_frame: 0,
                 shared: 0,
+                notes: vec![],
             });
         } else if let Some(k) = cur.as_mut() {
             if line.contains("bytes stack frame") {
@@ -287,6 +292,17 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
         }
     }
     out.extend(cur);
+    // warnings and performance notes name their function: `... in the function 'NAME'`
+    for line in log.lines().filter(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains("warning") || l.contains("performance")
+    }) {
+        for k in out.iter_mut() {
+            if line.contains(&format!("'{}'", k.name)) {
+                k.notes.push(line.trim().to_string());
+            }
+        }
+    }
     out
 }
 
@@ -382,6 +398,7 @@ ptxas info    : Compiling entry function 'k_two' for 'sm_90'
 ptxas info    : Function properties for k_two
 ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 25 registers, used 0 barriers
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function 'k_two'.
 ";
         let r = parse_ptxas_log(log);
         assert_eq!(r.len(), 2);
@@ -393,9 +410,12 @@ ptxas info    : Used 25 registers, used 0 barriers
                 spill_stores: 8,
                 spill_loads: 12,
                 stack_frame: 24,
-                shared: 43136
+                shared: 43136,
+                notes: vec![],
             }
         );
+        assert_eq!(r[1].notes.len(), 1);
+        assert!(r[1].notes[0].contains("serialized"));
         assert_eq!(
             (r[1].name.as_str(), r[1].registers, r[1].shared),
             ("k_two", 25, 0)
