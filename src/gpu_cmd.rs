@@ -331,6 +331,20 @@ const BUILTIN: &[(&str, &str)] = &[
     ("stem-maxpool", "conv(3x3, 4, stride=2, bias) bn relu maxpool(3x3, stride=2, pad=1) bn relu gap fc"),
 ];
 
+/// [`check::check_launches`] and [`check::check_graph`].
+type CheckFn = fn(
+    &Gpu,
+    &PtxCache,
+    &str,
+    &Graph,
+    Mode,
+    usize,
+    Precision,
+    bool,
+    &schedule::Tiles,
+    Layout,
+) -> Result<check::CheckResult, cuda::CudaError>;
+
 /// A small network whose convolutions (but the stem) have multiples of 8 channels: the
 /// vector-loading convs that `--wgmma` moves to Hopper's warpgroup MMA.
 const WGMMA_NET: &str = "conv(3x3, 8) residual { pre bn relu body conv(3x3, 16, stride=2) bn relu dropout(0.3) conv(3x3, 16) shortcut proj } residual { body bn relu conv(3x3, 16) bn relu conv(3x3, 16) } bn relu gap fc";
@@ -649,24 +663,15 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             j.unfused,
             j.precision.name()
         );
-        report(
-            check::check_launches(
-                &gpu,
-                &cache,
-                &j.label,
-                g,
-                j.mode,
-                a.batch as usize,
-                j.precision,
-                j.unfused,
-                &j.tiles,
-                j.layout,
-            ),
-            &format!("{what} every launch"),
-        );
+        // every launch alone, then (unless `launches_only`) the whole step
+        let mut checks: Vec<(CheckFn, String)> =
+            vec![(check::check_launches, format!("{what} every launch"))];
         if !j.launches_only {
+            checks.push((check::check_graph, what));
+        }
+        for (f, what) in checks {
             report(
-                check::check_graph(
+                f(
                     &gpu,
                     &cache,
                     &j.label,
