@@ -623,19 +623,18 @@ pub fn precompile_for(
     threads: usize,
 ) -> Result<Precompiled, CudaError> {
     let t0 = std::time::Instant::now();
-    let mut distinct: Vec<ModuleSource> = vec![];
-    for s in sources {
-        if !distinct.contains(&s) {
-            distinct.push(s);
-        }
-    }
     let version = crate::nvrtc::version()?;
+    // distinct by cache key (the source's hash and target), not by comparing whole sources
+    let mut keys = std::collections::BTreeSet::new();
+    let distinct: Vec<(String, ModuleSource)> = sources
+        .into_iter()
+        .map(|m| (super::cache::key(&m.text, &m.arch(arch), version), m))
+        .filter(|(k, _)| keys.insert(k.clone()))
+        .collect();
     let todo: Vec<(String, &str)> = distinct
         .iter()
-        .map(|m| (m.arch(arch), m.text.as_str()))
-        .filter(|(a, s)| {
-            cache.root().is_some() && cache.get(&super::cache::key(s, a, version)).is_none()
-        })
+        .filter(|(k, _)| cache.root().is_some() && cache.get(k).is_none())
+        .map(|(_, m)| (m.arch(arch), m.text.as_str()))
         .collect();
     let threads = threads.clamp(1, todo.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
