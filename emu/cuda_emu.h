@@ -13,7 +13,12 @@
 // them, as on sm_70+ with a full mask), atomicAdd on float / int / unsigned, rsqrtf,
 // __uint_as_float / __float_as_uint / __int_as_float, and
 //   wrnc_emu::launch(kernel, grid, block, shared_bytes, args...).
-// Not supported: dynamic (extern) shared memory, cooperative groups, textures, streams.
+// Dynamic shared memory: `shared` bytes per launch (at most 227 KiB, sm_90's opt-in limit),
+// 128-byte aligned, filled with 0xff bytes (NaN as f32 and bf16) before the launch so a read
+// of a byte no thread wrote shows, and followed by 4 KiB of guard bytes that must be intact
+// after the launch (a kernel that takes more than its launch gave it aborts); a kernel reaches it through `wrnc_dyn_smem()` (the CUDA
+// twin is in compiler/src/codegen/mma.cuh: `extern __shared__`), not `extern __shared__`.
+// Not supported: cooperative groups, textures, streams.
 //
 // A thread that returns early leaves the block's and its warp's barriers (arrive_and_drop), so
 // guarded early returns before a __syncthreads that only the other threads reach still work.
@@ -52,6 +57,8 @@ inline thread_local unsigned int tl_linear = 0;
 inline thread_local Block* tl_block = nullptr;
 inline dim3 g_block_dim;
 inline dim3 g_grid_dim;
+// The running launch's dynamic shared memory (null when it has none).
+inline unsigned char* g_dyn_smem = nullptr;
 
 template <class T>
 inline T shfl(T v, unsigned int (*src_of)(unsigned int lane, unsigned int arg), unsigned int arg, unsigned int width) {
@@ -77,13 +84,26 @@ inline unsigned int src_down(unsigned int lane, unsigned int d) { return lane + 
 inline unsigned int src_xor(unsigned int lane, unsigned int m) { return lane ^ m; }
 inline unsigned int src_idx(unsigned int, unsigned int s) { return s; }
 
-/// Runs `kernel(args...)` over `grid` x `block` threads. `shared` must be 0 (static shared only).
+/// Runs `kernel(args...)` over `grid` x `block` threads with `shared` bytes of dynamic shared
+/// memory (shared by the block; blocks run one after another, so one buffer serves them all).
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A... args) {
-    if (shared != 0) {
-        std::fprintf(stderr, "cuda_emu: dynamic shared memory is not supported\n");
+    if (shared > 227 * 1024) {
+        std::fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory (> 227 KiB)\n", shared);
         std::abort();
     }
+    struct Free {
+        void operator()(unsigned char* p) const { std::free(p); }
+    };
+    std::unique_ptr<unsigned char, Free> dyn;
+    const std::size_t dyn_guard = 4096;
+    if (shared != 0) {
+        const std::size_t bytes = (shared + 127) / 128 * 128;
+        dyn.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (shared + dyn_guard + 127) / 128 * 128)));
+        std::memset(dyn.get(), 0xff, bytes);
+        std::memset(dyn.get() + shared, 0x5a, dyn_guard);
+    }
+    g_dyn_smem = dyn.get();
     const unsigned int nt = block.x * block.y * block.z;
     if (nt == 0 || nt > 1024) {
         std::fprintf(stderr, "cuda_emu: bad block size %u\n", nt);
@@ -130,6 +150,13 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
         done.arrive_and_wait();
     }
     for (auto& th : threads) th.join();
+    g_dyn_smem = nullptr;
+    for (std::size_t i = 0; shared != 0 && i < dyn_guard; ++i) {
+        if (dyn.get()[shared + i] != 0x5a) {
+            std::fprintf(stderr, "cuda_emu: a kernel used more than its %zu bytes of dynamic shared memory\n", shared);
+            std::abort();
+        }
+    }
 }
 
 }  // namespace wrnc_emu
@@ -144,6 +171,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+
+inline unsigned char* wrnc_dyn_smem() { return wrnc_emu::g_dyn_smem; }
 
 inline void __syncthreads() { wrnc_emu::tl_block->bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned int = 0xffffffffu) {

@@ -22,7 +22,8 @@
 //   after every launch: CUDA_ERROR_ILLEGAL_ADDRESS, sticky);
 // - synchronous copies, memsets, allocations and stream synchronisation while a stream is
 //   being captured (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), block sizes over 1024, dynamic
-//   shared memory (the emulation has none);
+//   shared memory beyond 48 KiB unless the kernel opted in (cuFuncSetAttribute
+//   MAX_DYNAMIC_SHARED_SIZE_BYTES, at most 227 KiB, as on sm_90);
 // - new allocations are filled with 0xff bytes (NaN as floats), so code that reads memory it
 //   never wrote shows up.
 // Memory: WRNC_FAKE_MEM_MB (default 81920) is the device's size; allocations past it fail with
@@ -84,10 +85,18 @@ std::size_t total_mem() {
     return (std::size_t)mb << 20;
 }
 
-using Launch = void (*)(unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+using Launch = void (*)(unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+// The opt-in limit of shared memory per block (sm_90's 227 KiB; WRNC_FAKE_SMEM_OPTIN bytes
+// when set, to play a smaller GPU) and the limit without opting in.
+constexpr unsigned SMEM_DEFAULT = 49152;
+unsigned smem_optin() {
+    const char* e = std::getenv("WRNC_FAKE_SMEM_OPTIN");
+    return e ? (unsigned)std::strtoul(e, nullptr, 10) : 232448u;
+}
 struct Kernel {
     std::string name;
     Launch launch;
+    unsigned max_dynamic = SMEM_DEFAULT;  // cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)
     std::vector<std::size_t> arg_size;
     std::vector<bool> arg_ptr;
 };
@@ -97,7 +106,7 @@ struct Module {
 };
 struct Recorded {
     Kernel* k;
-    unsigned g[3], b[3];
+    unsigned g[3], b[3], shared;
     std::vector<std::vector<unsigned char>> args;
 };
 struct Graph {
@@ -149,7 +158,7 @@ bool guards_ok(const Alloc& a) {
 }
 
 // Captured or not: checks and runs one launch.
-CUresult run_launch(Kernel* k, const unsigned g[3], const unsigned b[3], void** args) {
+CUresult run_launch(Kernel* k, const unsigned g[3], const unsigned b[3], unsigned shared, void** args) {
     if (g_sticky) return g_sticky;
     for (std::size_t i = 0; i < k->arg_ptr.size(); ++i) {
         if (!k->arg_ptr[i]) continue;
@@ -162,7 +171,7 @@ CUresult run_launch(Kernel* k, const unsigned g[3], const unsigned b[3], void** 
             return g_sticky = ILLEGAL_ADDRESS;
         }
     }
-    k->launch(g[0], g[1], g[2], b[0], b[1], b[2], args);
+    k->launch(g[0], g[1], g[2], b[0], b[1], b[2], shared, args);
     for (auto& [p, a] : g_allocs)
         if (!guards_ok(a)) {
             std::fprintf(stderr,
@@ -232,7 +241,8 @@ void* load_so(const std::string& src, std::string& err) {
     const std::string dir = build_dir();
     mkdir(dir.c_str(), 0700);
     // the emulation headers are part of the key: a changed header rebuilds every module
-    std::string key = src;
+    // (and the wrapper's version: v2 passes dynamic shared memory)
+    std::string key = src + "\n//fakecuda wrapper v2\n";
     for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h"}) {
         if (FILE* f = std::fopen((std::string(WRNC_FAKE_EMU_DIR) + h).c_str(), "rb")) {
             char buf[4096];
@@ -248,22 +258,22 @@ void* load_so(const std::string& src, std::string& err) {
             "#include \"cuda_emu.h\"\n#include \"cuda_emu_mma.h\"\n#include \"" + id +
             ".cu\"\n#include <type_traits>\n#include <utility>\n"
             "template <class... P, std::size_t... I>\n"
-            "void fk_call(void (*k)(P...), dim3 g, dim3 b, void** a, std::index_sequence<I...>) {\n"
-            "    wrnc_emu::launch(k, g, b, 0, *static_cast<std::remove_cv_t<P>*>(a[I])...);\n}\n"
+            "void fk_call(void (*k)(P...), dim3 g, dim3 b, unsigned sh, void** a, std::index_sequence<I...>) {\n"
+            "    wrnc_emu::launch(k, g, b, sh, *static_cast<std::remove_cv_t<P>*>(a[I])...);\n}\n"
             "template <class... P> void fk_launch(void (*k)(P...), unsigned gx, unsigned gy, unsigned gz,\n"
-            "    unsigned bx, unsigned by, unsigned bz, void** a) {\n"
-            "    fk_call(k, dim3(gx, gy, gz), dim3(bx, by, bz), a, std::index_sequence_for<P...>{});\n}\n"
+            "    unsigned bx, unsigned by, unsigned bz, unsigned sh, void** a) {\n"
+            "    fk_call(k, dim3(gx, gy, gz), dim3(bx, by, bz), sh, a, std::index_sequence_for<P...>{});\n}\n"
             "template <class... P> int fk_argc(void (*)(P...)) { return sizeof...(P); }\n"
             "template <class... P> unsigned long fk_size(void (*)(P...), int i) {\n"
             "    unsigned long s[] = {sizeof(P)..., 0}; return s[i]; }\n"
             "template <class... P> int fk_ptr(void (*)(P...), int i) {\n"
             "    int s[] = {(int)std::is_pointer_v<P>..., 0}; return s[i]; }\n"
             "struct FkEntry { const char* name; void (*launch)(unsigned, unsigned, unsigned, unsigned,"
-            " unsigned, unsigned, void**); int argc; unsigned long (*size)(int); int (*ptr)(int); };\n"
+            " unsigned, unsigned, unsigned, void**); int argc; unsigned long (*size)(int); int (*ptr)(int); };\n"
             "static FkEntry FK[] = {\n";
         for (auto& n : names) {
             w += "  {\"" + n + "\", [](unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,"
-                 " unsigned bz, void** a) { fk_launch(" + n + ", gx, gy, gz, bx, by, bz, a); }, fk_argc(" +
+                 " unsigned bz, unsigned sh, void** a) { fk_launch(" + n + ", gx, gy, gz, bx, by, bz, sh, a); }, fk_argc(" +
                  n + "), [](int i) { return fk_size(" + n + ", i); }, [](int i) { return fk_ptr(" + n +
                  ", i); }},\n";
         }
@@ -350,7 +360,8 @@ API CUresult cuDeviceGetName(char* name, int len, int) {
 }
 API CUresult cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
-        case 8: *v = 49152; return OK;   // max shared memory per block
+        case 8: *v = SMEM_DEFAULT; return OK;  // max shared memory per block
+        case 97: *v = (int)smem_optin(); return OK;  // ... with the opt-in
         case 16: *v = 132; return OK;    // multiprocessors
         case 75: *v = 9; return OK;      // compute capability major
         case 76: *v = 0; return OK;      // minor
@@ -474,7 +485,7 @@ API CUresult cuModuleLoadDataEx(void** mod, const void* image, unsigned nopt, in
     auto* m = new Module{so, {}};
     FkEntry* e = entries();
     for (int i = 0; i < count(); ++i) {
-        auto* k = new Kernel{e[i].name, e[i].launch, {}, {}};
+        auto* k = new Kernel{e[i].name, e[i].launch, SMEM_DEFAULT, {}, {}};
         for (int a = 0; a < e[i].argc; ++a) {
             k->arg_size.push_back(e[i].size(a));
             k->arg_ptr.push_back(e[i].ptr(a) != 0);
@@ -492,6 +503,23 @@ API CUresult cuModuleGetFunction(void** f, void* mod, const char* name) {
     *f = it->second;
     return OK;
 }
+// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8) only; the emulation's kernels declare
+// their static shared memory as host statics, so SHARED_SIZE_BYTES (1) reads 0.
+API CUresult cuFuncSetAttribute(void* f, int attr, int v) {
+    std::lock_guard l(g_mu);
+    auto* k = (Kernel*)f;
+    if (!k || attr != 8 || v < 0 || (unsigned)v > smem_optin()) return fail(INVALID_VALUE, "cuFuncSetAttribute");
+    k->max_dynamic = (unsigned)v;
+    return OK;
+}
+API CUresult cuFuncGetAttribute(int* v, int attr, void* f) {
+    if (!f || !v) return INVALID_VALUE;
+    switch (attr) {
+        case 1: *v = 0; return OK;                            // static shared memory
+        case 8: *v = (int)((Kernel*)f)->max_dynamic; return OK;
+        default: return fail(INVALID_VALUE, "cuFuncGetAttribute");
+    }
+}
 API CUresult cuModuleUnload(void* mod) {
     std::lock_guard l(g_mu);
     auto* m = (Module*)mod;
@@ -505,13 +533,14 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
     std::lock_guard l(g_mu);
     auto* k = (Kernel*)f;
     if (!k || !params || extra) return fail(INVALID_VALUE, "cuLaunchKernel arguments");
-    if (shared != 0) return fail(INVALID_VALUE, "cuLaunchKernel with dynamic shared memory");
+    if (shared > k->max_dynamic)
+        return fail(INVALID_VALUE, "cuLaunchKernel: more dynamic shared memory than the kernel's limit");
     if (gx * gy * gz == 0 || bx * by * bz == 0 || bx * by * bz > 1024)
         return fail(INVALID_VALUE, "cuLaunchKernel launch dimensions");
     const unsigned g[3] = {gx, gy, gz}, b[3] = {bx, by, bz};
     auto* s = (Stream*)stream;
     if (s && s->capture) {
-        Recorded r{k, {gx, gy, gz}, {bx, by, bz}, {}};
+        Recorded r{k, {gx, gy, gz}, {bx, by, bz}, shared, {}};
         for (std::size_t i = 0; i < k->arg_size.size(); ++i) {
             auto* p = (unsigned char*)params[i];
             r.args.emplace_back(p, p + k->arg_size[i]);
@@ -520,7 +549,7 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
         return OK;
     }
     ++g_stats.stream_kernels;
-    return run_launch(k, g, b, params);
+    return run_launch(k, g, b, shared, params);
 }
 
 // ---- streams, events, graphs ----
@@ -590,7 +619,7 @@ API CUresult cuGraphLaunch(void* exec, void* stream) {
     for (auto& r : ((Graph*)exec)->launches) {
         std::vector<void*> ptrs;
         for (auto& a : r.args) ptrs.push_back(a.data());
-        if (CUresult e = run_launch(r.k, r.g, r.b, ptrs.data())) return e;
+        if (CUresult e = run_launch(r.k, r.g, r.b, r.shared, ptrs.data())) return e;
     }
     return OK;
 }

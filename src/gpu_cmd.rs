@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// (`wgmma`, sm_90 GPUs only) instead of `mma.sync`.
     #[arg(long)]
     pub wgmma: bool,
+    /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic shared
+    /// memory where they need more than 48 KiB (default: as many as fit in 48 KiB, at most 4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
+    pub stages: Option<u32>,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -153,6 +157,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                 },
                 tiles: schedule::Tiles {
                     wgmma: a.wgmma,
+                    stages: a.stages.unwrap_or(0),
                     ..Default::default()
                 },
                 layout: a.layout,
@@ -166,6 +171,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         }
         let (mut t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &bases, a.tiles)?;
         t.wgmma = a.wgmma;
+        t.stages = a.stages.unwrap_or(0);
         if !a.json {
             eprintln!("{}", tile_summary(&r));
         }
@@ -255,6 +261,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "batch": a.batch,
         "precision": precision.name(),
         "layout": a.layout.resolve(precision),
+        "wgmma": a.wgmma,
+        "stages": a.stages,
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},
         "latency_b1_ms": {"fused": pick(&latency, "infer", true), "unfused": pick(&latency, "infer", false)},
@@ -562,32 +570,61 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             launches_only: true,
         });
     }
-    // Hopper's warpgroup MMA (`--wgmma`) on a Hopper GPU, on a network of 8- and 16-channel
-    // convs: the fused training step and inference at the default tile (n32 per warpgroup),
-    // launch by launch and whole, and the training step's launches at 128x128 (n128)
-    if gpu.info().compute_capability == (9, 0) {
-        nets.push(("vec8".into(), builtin(WGMMA_NET)?));
-        for (mode, tile, launches_only) in [
-            (Mode::Train, TcTile::DEFAULT, false),
-            (Mode::Infer, TcTile::DEFAULT, false),
-            (
-                Mode::Train,
-                TcTile {
-                    rows: 128,
-                    cols: 128,
+    // a network of 8- and 16-channel convs, all on the `cp.async` engine
+    nets.push(("vec8".into(), builtin(WGMMA_NET)?));
+    let vec8 = nets.len() - 1;
+    let t128 = TcTile {
+        rows: 128,
+        cols: 128,
+    };
+    // deep pipelines (`--stages`) in dynamic shared memory beyond 48 KiB: 4 stages of
+    // 128x128 (80 KiB; the 3x3 convs' 5 k-tiles wrap around the ring) and 5 of 128x64
+    // (75 KiB; they fill every slot), training step and inference, launch by launch and whole
+    let t128x64 = TcTile {
+        rows: 128,
+        cols: 64,
+    };
+    for (tile, stages) in [(t128, 4), (t128x64, 5)] {
+        for mode in [Mode::Train, Mode::Infer] {
+            jobs.push(Job {
+                label: format!("vec8 stages {stages} tile {tile}"),
+                net: vec8,
+                mode,
+                precision: Precision::Bf16,
+                unfused: false,
+                layout: Layout::Auto,
+                tiles: schedule::Tiles {
+                    stages,
+                    ..schedule::Tiles::all(tile)
                 },
-                true,
-            ),
+                launches_only: false,
+            });
+        }
+    }
+    // Hopper's warpgroup MMA (`--wgmma`) on a Hopper GPU: the fused training step and
+    // inference at the default tile (n32 per warpgroup), launch by launch and whole, and the
+    // training step's launches at 128x128 (n128), with 2 stages and with 4 (dynamic)
+    if gpu.info().compute_capability == (9, 0) {
+        for (mode, tile, launches_only, stages) in [
+            (Mode::Train, TcTile::DEFAULT, false, 0),
+            (Mode::Infer, TcTile::DEFAULT, false, 0),
+            (Mode::Train, t128, true, 0),
+            (Mode::Train, t128, true, 4),
         ] {
             jobs.push(Job {
-                label: format!("vec8 wgmma tile {tile}"),
-                net: nets.len() - 1,
+                label: if stages == 0 {
+                    format!("vec8 wgmma tile {tile}")
+                } else {
+                    format!("vec8 wgmma stages {stages} tile {tile}")
+                },
+                net: vec8,
                 mode,
                 precision: Precision::Bf16,
                 unfused: false,
                 layout: Layout::Auto,
                 tiles: schedule::Tiles {
                     wgmma: true,
+                    stages,
                     ..schedule::Tiles::all(tile)
                 },
                 launches_only,
@@ -633,13 +670,20 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         .flatten()
         .filter_map(|(s, f)| exec::module_source(s, f).ok())
         .collect();
-    // a wgmma check whose schedule has no wgmma kernel would check nothing of it
-    for (j, b) in jobs.iter().zip(&built).filter(|(j, _)| j.tiles.wgmma) {
-        if !b.as_ref().is_some_and(|(s, _)| s.uses_wgmma()) {
+    // a wgmma check whose schedule has no wgmma kernel, or a stages check none of whose
+    // launches uses dynamic shared memory, would check nothing of it
+    for (j, b) in jobs.iter().zip(&built) {
+        let missing = match b {
+            Some((s, _)) if j.tiles.wgmma && !s.uses_wgmma() => Some("no wgmma kernel"),
+            Some((s, _)) if j.tiles.stages != 0 && s.launches.iter().all(|l| l.shared == 0) => {
+                Some("no launch with dynamic shared memory")
+            }
+            None if j.tiles.wgmma || j.tiles.stages != 0 => Some("no schedule"),
+            _ => None,
+        };
+        if let Some(m) = missing {
             report(
-                Err(cuda::CudaError::Plan(
-                    "no wgmma kernel in the schedule".into(),
-                )),
+                Err(cuda::CudaError::Plan(format!("{m} in the schedule"))),
                 &format!("{} {:?}", j.label, j.mode),
             );
         }

@@ -85,6 +85,11 @@ enum Cmd {
         /// (`wgmma`, sm_90 only; compiled for sm_90a) instead of `mma.sync`.
         #[arg(long)]
         wgmma: bool,
+        /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic
+        /// shared memory where they need more than 48 KiB (default: as many as fit in 48 KiB,
+        /// at most 4).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
+        stages: Option<u32>,
     },
     /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
@@ -288,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             arch,
             layout,
             wgmma,
+            stages,
         } => {
             if list_passes {
                 for (name, _) in wrnc_compiler::passes::PIPELINE {
@@ -307,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = wrnc_compiler::schedule::Options {
                 tiles: wrnc_compiler::schedule::Tiles {
                     wgmma,
+                    stages: stages.unwrap_or(0),
                     ..Default::default()
                 },
                 layout,
@@ -413,8 +420,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if emit.contains(&Emit::Resources) {
                     let t = std::time::Instant::now();
-                    let r = wrnc_runtime::nvrtc::ptxas_resources(&cuda, &arch)
+                    let mut r = wrnc_runtime::nvrtc::ptxas_resources(&cuda, &arch)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    for k in &mut r {
+                        if let Some(x) = s.kernels.iter().find(|x| x.name == k.name) {
+                            k.dynamic_shared = x.spec.dynamic_smem() as u64;
+                        }
+                    }
                     timing.push(("ptxas", t.elapsed().as_secs_f64()));
                     let spill = r
                         .iter()

@@ -98,6 +98,18 @@ fn commands_and_exit_codes() {
     );
     check(
         &[
+            "compile",
+            "WRN-10-1",
+            "--precision",
+            "bf16",
+            "--stages",
+            "9",
+        ],
+        2,
+        "2..=8",
+    );
+    check(
+        &[
             "run",
             "WRN-10-1",
             "--train",
@@ -327,4 +339,33 @@ fn compile_emits_ptxas_resources() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("ptxas sm_90a:"), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("_v8_wg"));
+    // --stages 8: 8 stages of 64x64 (80 KiB) in dynamic shared memory, which the report shows
+    let o = wrnc(&[
+        "compile",
+        "WRN-10-1",
+        "--precision",
+        "bf16",
+        "--batch",
+        "4",
+        "--stages",
+        "8",
+        "--emit",
+        "resources",
+        "--arch",
+        "sm_80",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('[').unwrap()..]).unwrap();
+    let deep: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["dynamic_shared"].as_u64().is_some_and(|d| d > 48 * 1024))
+        .collect();
+    assert!(deep.len() >= 3, "{v}");
+    for k in deep {
+        assert!(k["name"].as_str().unwrap().contains("_v8_s8"), "{k}");
+        assert_eq!(k["spill_stores"].as_u64(), Some(0), "{k}");
+    }
 }

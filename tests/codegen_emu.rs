@@ -410,6 +410,8 @@ struct Prec {
     layout: Layout,
     /// Hopper's warpgroup MMA for the `_v8` forward and data-gradient convs (`Tiles::wgmma`).
     wgmma: bool,
+    /// `cp.async` pipeline stages of the `_v8` convs (`Tiles::stages`; 0: automatic).
+    stages: u32,
 }
 
 const F32: Prec = Prec {
@@ -419,6 +421,7 @@ const F32: Prec = Prec {
     tile: TcTile::DEFAULT,
     layout: Layout::Auto,
     wgmma: false,
+    stages: 0,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -441,6 +444,7 @@ const BF16: Prec = Prec {
     tile: TcTile::DEFAULT,
     layout: Layout::Auto,
     wgmma: false,
+    stages: 0,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -465,6 +469,7 @@ fn build_tiled(
             kernel: 0.0,
             e2e: 0.0,
             wgmma: false,
+            stages: 0,
         },
     )
 }
@@ -475,12 +480,14 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         tile,
         layout,
         wgmma,
+        stages,
         ..
     } = prec;
     let opts = Options {
         layout,
         tiles: Tiles {
             wgmma,
+            stages,
             ..Tiles::all(tile)
         },
         mode,
@@ -897,6 +904,13 @@ fn bf16_vector_loads() {
     check_infer_in("vec", VEC, BF16);
 }
 
+/// The emulated inference logits of `g` in `prec` (every launch checked on the way), as bytes.
+fn infer_logits(g: &Graph, ri: &Reference, prec: Prec, tag: &str) -> Vec<u8> {
+    let s = build_in(g, Mode::Infer, false, prec);
+    let out = emulate(tag, &s, ri, BF16.kernel);
+    out[&s.buffers[s.logits].name].clone()
+}
+
 /// Hopper's warpgroup MMA (`wgmma.mma_async` from shared-memory descriptors, emulated as
 /// `emu/cuda_emu_mma.h` says: queued at issue, performed at `wgmma.wait_group`) in the `_v8`
 /// forward and data-gradient convs, at every tile it takes (64 or 128 rows: one m64 slab per
@@ -933,11 +947,7 @@ fn bf16_wgmma_forward_and_data_gradient() {
         assert_eq!(s.min_compute_capability(), 90);
         assert_eq!(s.nvrtc_arch("sm_90"), "sm_90a");
         let _ = check_step_of(&format!("wg{tile}"), g.clone(), prec);
-        let logits = |p: Prec, tag: &str| {
-            let s = build_in(&g, Mode::Infer, false, p);
-            let out = emulate(tag, &s, &ri, BF16.kernel);
-            out[&s.buffers[s.logits].name].clone()
-        };
+        let logits = |p: Prec, tag: &str| infer_logits(&g, &ri, p, tag);
         assert!(
             logits(prec, &format!("wg-infer-{tile}"))
                 == logits(Prec { tile, ..BF16 }, &format!("mma-infer-{tile}")),
@@ -960,6 +970,69 @@ fn bf16_wgmma_forward_and_data_gradient() {
         },
     );
     assert!(!s.uses_wgmma());
+}
+
+/// Deep `cp.async` pipelines (`--stages`) whose ring outgrows the 48 KiB of static shared
+/// memory, in the launch's dynamic shared memory (the emulation fills it with NaN bytes
+/// before each launch and aborts when a kernel reaches past it): which kernels and launches
+/// take it, every launch against the f64 reference and the step against the CPU model, and
+/// inference logits bit for bit those of the automatic depth at the same tile (the ring's
+/// depth changes when an operand lands, not what is summed in which order). VEC's 3x3 convs
+/// reduce over 5 k-tiles: 4 stages wrap around the ring.
+#[test]
+fn bf16_deep_pipelines_in_dynamic_shared_memory() {
+    let g = graph(VEC);
+    let ri = reference(&g, Mode::Infer);
+    let t = |rows, cols| TcTile { rows, cols };
+    for (tile, stages, wgmma) in [
+        (t(128, 128), 4, false),
+        (t(64, 64), 6, false),
+        (t(128, 64), 4, true),
+    ] {
+        let prec = Prec {
+            tile,
+            stages,
+            wgmma,
+            ..BF16
+        };
+        let tag = format!("s{stages}{}-{tile}", if wgmma { "wg" } else { "" });
+        let s = build_in(&g, Mode::Train, false, prec);
+        let mut dynamic = 0;
+        for k in &s.kernels {
+            if let Some(cg) = k.spec.conv_geom() {
+                assert_eq!(cg.stages, if cg.vec { stages } else { 0 }, "{}", k.name);
+                assert_eq!(
+                    k.name.contains(&format!("_s{stages}")),
+                    cg.vec,
+                    "{}",
+                    k.name
+                );
+                let d = k.spec.dynamic_smem();
+                assert!(d == 0 || d > schedule::TC_STATIC_SMEM, "{}: {d}", k.name);
+                dynamic += (d > 0) as usize;
+            }
+        }
+        // the forward and data-gradient `_v8` convs at least
+        assert!(
+            dynamic >= 9,
+            "{tag}: {dynamic} kernels with dynamic shared memory"
+        );
+        for l in &s.launches {
+            assert_eq!(
+                l.shared,
+                s.kernels[l.kernel].spec.dynamic_smem(),
+                "{}",
+                l.note
+            );
+        }
+        let _ = check_step_of(&tag, g.clone(), prec);
+        let logits = |p: Prec, tag: &str| infer_logits(&g, &ri, p, tag);
+        assert!(
+            logits(prec, &format!("{tag}-infer"))
+                == logits(Prec { stages: 0, ..prec }, &format!("{tag}-auto-infer")),
+            "{tag}: inference logits differ from the automatic depth's"
+        );
+    }
 }
 
 /// The tensor-core engine on NCHW activations (`--layout nchw`), the bf16 default before NHWC.

@@ -482,3 +482,63 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
         }
     }
 }
+
+/// Deep pipelines (`Tiles::stages`) whose `cp.async` ring lives in dynamic shared memory
+/// compile for sm_80 (`mma.sync`) and sm_90a (`wgmma`) in WRN-28-10's bf16 training step: no
+/// spills, no stack frame, no ptxas note; the kernels that take dynamic shared memory declare
+/// almost none statically (the epilogue's reduction arrays), and static plus dynamic stay
+/// within sm_80's opt-in limit of 163 KiB per block.
+#[test]
+fn deep_pipelines_of_wrn_28_10_compile_in_dynamic_shared_memory() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    let g = graph("WRN-28-10");
+    let t = |rows, cols| schedule::TcTile { rows, cols };
+    for (arch, tile, stages, wgmma) in [
+        ("sm_80", t(128, 128), 4, false),
+        ("sm_90", t(128, 64), 4, true),
+    ] {
+        let opts = Options {
+            batch: 128,
+            precision: Precision::Bf16,
+            tiles: schedule::Tiles {
+                wgmma,
+                stages,
+                ..schedule::Tiles::all(tile)
+            },
+            ..Options::default()
+        };
+        let s = schedule::build(&g, &opts).unwrap();
+        let src = cuda::write(&s, &opts).unwrap();
+        let arch = s.nvrtc_arch(arch);
+        let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let mut dynamic = 0;
+        for k in &r {
+            let spec = &s.kernels.iter().find(|x| x.name == k.name).unwrap().spec;
+            let d = spec.dynamic_smem() as u64;
+            assert_eq!(k.spill_stores + k.spill_loads, 0, "{arch}: {k:?} spills");
+            assert_eq!(k.stack_frame, 0, "{arch}: {k:?}");
+            assert!(k.notes.is_empty(), "{arch}: {k:?}");
+            if d > 0 {
+                dynamic += 1;
+                assert!(d > 48 * 1024 - 4096, "{arch}: {k:?}: {d}");
+                assert!(
+                    k.shared <= 4096,
+                    "{arch}: {k:?}: static shared beside the dynamic ring"
+                );
+                assert!(k.shared + d <= 163 * 1024, "{arch}: {k:?}: {d} dynamic");
+            }
+        }
+        assert!(
+            dynamic >= 10,
+            "{arch} {tile} s{stages}: {dynamic} kernels with dynamic shared memory"
+        );
+        let most = r.iter().max_by_key(|k| k.registers).unwrap();
+        eprintln!(
+            "{arch} tile {tile} stages {stages}: {dynamic} kernels in dynamic shared memory, most registers {} ({})",
+            most.registers, most.name
+        );
+    }
+}

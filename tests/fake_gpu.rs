@@ -121,6 +121,13 @@ fn selftest_passes_on_the_fake_gpu() {
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("wgmma"))
         .count();
     assert!(wg >= 5, "{wg} wgmma checks");
+    // deep pipelines in dynamic shared memory (`--stages`): two tiles, training and inference,
+    // launch by launch and whole, and wgmma's 128x128 training launches
+    let deep = checks
+        .iter()
+        .filter(|c| c["what"].as_str().unwrap_or_default().contains("stages"))
+        .count();
+    assert!(deep >= 9, "{deep} stages checks");
     assert!(
         v["device"]["name"]
             .as_str()
@@ -389,6 +396,68 @@ fn tensor_core_tiles_are_searched_once_and_cached() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("use auto, default or one of"),
+        "{err}"
+    );
+}
+
+/// Deep pipelines (`--stages`) on the fake GPU, which refuses a launch with more than 48 KiB
+/// of dynamic shared memory unless its kernel opted in (`cuFuncSetAttribute`), as a GPU does:
+/// the runtime opts every such kernel in, the run completes and its JSON says how many
+/// stages; a GPU that allows a block less shared memory than a kernel needs is refused before
+/// any launch, naming the kernel and what to do.
+#[test]
+fn deep_pipelines_opt_in_to_dynamic_shared_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("v8.net");
+    std::fs::write(
+        &net,
+        "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }\nbatch 4\nlr 0.05\n",
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let bench = |optin: &str| {
+        let a = [
+            "bench",
+            net.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--precision",
+            "bf16",
+            "--fused-only",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--tiles",
+            "128x128",
+            "--stages",
+            "4",
+            "--json",
+        ];
+        let mut env = vec![("WRNC_CACHE_DIR", cache.to_str().unwrap())];
+        if !optin.is_empty() {
+            env.push(("WRNC_FAKE_SMEM_OPTIN", optin));
+        }
+        wrnc(&a, &env)
+    };
+    let v = json(&bench(""));
+    assert_eq!(v["stages"], 4, "{v}");
+    assert!(
+        v["train_step_ms"]["fused"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+    assert!(
+        v["infer_ms"]["fused"].as_f64().is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+    // 4 stages of 128x128 take 80 KiB; a GPU allowing 64 KiB per block cannot run them
+    let o = bench("65536");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("_s4") && err.contains("65536 bytes") && err.contains("use fewer --stages"),
         "{err}"
     );
 }

@@ -235,7 +235,12 @@ pub struct KernelResources {
     pub spill_stores: u64,
     pub spill_loads: u64,
     pub stack_frame: u64,
+    /// Static shared memory, bytes.
     pub shared: u64,
+    /// Dynamic shared memory its launches take, bytes (not ptxas's: the caller fills it in
+    /// from the schedule, `KernelSpec::dynamic_smem`; 0 here).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dynamic_shared: u64,
     /// ptxas's warnings and performance notes naming this kernel (e.g. `wgmma.mma_async`
     /// instructions serialized), as printed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -259,6 +264,10 @@ pub fn ptxas_resources(src: &str, arch: &str) -> Result<Vec<KernelResources>, Nv
     Ok(parse_ptxas_log(&log))
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 /// The per-kernel figures of a `ptxas -v` log (see [`ptxas_resources`]).
 pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     let num = |line: &str, unit: &str| -> Option<u64> {
@@ -278,6 +287,7 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
                 spill_loads: 0,
                 stack_frame: 0,
                 shared: 0,
+                dynamic_shared: 0,
                 notes: vec![],
             });
         } else if let Some(k) = cur.as_mut() {
@@ -411,6 +421,7 @@ ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions
                 spill_loads: 12,
                 stack_frame: 24,
                 shared: 43136,
+                dynamic_shared: 0,
                 notes: vec![],
             }
         );

@@ -2,15 +2,17 @@
 //!
 //! Output is deterministic: kernels in the schedule's order (first use), names derived from
 //! their specs, no hash-map iteration. The code stays inside the subset `emu/cuda_emu.h`
-//! emulates on the host (static `__shared__`, `__syncthreads`, `__shfl_down_sync`,
-//! `atomicAdd(float*)`), so every kernel is tested without a GPU, and compiles with NVRTC
-//! (no system headers).
+//! emulates on the host (static `__shared__`, dynamic shared memory through `wrnc_dyn_smem()`,
+//! `__syncthreads`, `__shfl_down_sync`, `atomicAdd(float*)`), so every kernel is tested
+//! without a GPU, and compiles with NVRTC (no system headers).
 //!
 //! Kernel parameters follow [`KernelSpec::signature`] exactly: buffers first (`act_t*` for
 //! activations, `float*` / `int*` / `unsigned int*` otherwise), then scalars.
 
 use crate::ast::Precision;
-use crate::schedule::{Access, ElemKind, KernelSpec, Options, ScalarKind, Schedule, TcTile};
+use crate::schedule::{
+    Access, AsyncSmem, ElemKind, KernelSpec, Options, ScalarKind, Schedule, TcTile,
+};
 use std::fmt::Write;
 
 /// The static helpers, included verbatim.
@@ -593,27 +595,11 @@ fn tc_prelude(t: TcTile, g: &Gemm, grid: WarpGrid) -> String {
     )
 }
 
-/// Row slabs the tensor-core epilogue stages its accumulators in: the whole `rows x (cols + 1)`
-/// f32 tile where it fits in 46 KiB of static shared memory, else two halves of the rows (the
-/// 128x128 tile) one after the other.
-fn tc_cs_halves(t: TcTile) -> u32 {
-    if t.rows * (t.cols + 1) * 4 > 46 * 1024 {
-        2
-    } else {
-        1
-    }
-}
-
-/// Shared memory of the tensor-core epilogue's accumulator slab ([`tc_cs_halves`]).
-fn tc_cs_bytes(t: TcTile) -> u32 {
-    t.rows / tc_cs_halves(t) * (t.cols + 1) * 4
-}
-
 /// The end of a tensor-core GEMM ([`gemm_tc`], [`gemm_tc_async`]) once the reduction's last
 /// barrier is passed: every warp writes its `cacc` fragments (`c[0..1]` = row `lane / 4`,
 /// columns `2 (lane % 4)..+1` of an m16n8 tile, `c[2..3]` eight rows down) into shared `Cs`,
 /// and the block walks `Cs` ([`walk_tile`]). A tile whose accumulators do not fit at once
-/// ([`tc_cs_halves`]) does this per half of its rows: the warps holding that half write it,
+/// ([`TcTile::cs_halves`]) does this per half of its rows: the warps holding that half write it,
 /// the block walks it, and a barrier frees `Cs` for the next half. Either way every output
 /// reaches the same epilogue code once, with the same `m`, `j` and `acc`.
 fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
@@ -621,7 +607,7 @@ fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
     let (wr, wc) = (grid.wr, grid.wc);
     let (wtm, wtn) = (r / wr, c / wc);
     let (mi, ni) = (wtm / 16, wtn / 8);
-    let halves = tc_cs_halves(t);
+    let halves = t.cs_halves();
     if halves == 1 {
         return format!(
             r#"    for (int i = 0; i < {mi}; ++i)
@@ -692,7 +678,7 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let (mi, ni) = (wtm / 16, wtn / 8);
     let st = stages(g, r, c, 32, "ke_", true, "wrnc_f32_bf16");
     // operand tiles (bf16 rows of 40) and the f32 accumulator tile share one byte array
-    let smem = ((r + c) * 80).max(tc_cs_bytes(t));
+    let smem = ((r + c) * 80).max(t.cs_bytes());
     format!(
         r#"{header} {{
 {consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
@@ -741,6 +727,8 @@ struct VecOps {
     kmajor: bool,
     /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; only with `kmajor`).
     wgmma: bool,
+    /// The stage ring in shared memory ([`ConvGeom::async_smem`] for this pass).
+    smem: AsyncSmem,
     a: VecOperand,
     b: VecOperand,
 }
@@ -757,30 +745,13 @@ struct VecOperand {
     pro: String,
 }
 
-/// Pipeline depth of [`gemm_tc_async`] for a tile: as many stages as fit (at most 4) in the
-/// static shared memory left beside the epilogue's reduction arrays (2 x 16 x 17 f32).
-fn async_stages(t: TcTile, kmajor: bool, wgmma: bool) -> u32 {
-    ((46 * 1024) / async_stage_bytes(t, kmajor, wgmma)).clamp(2, 4)
-}
-
-/// Shared memory of one stage of [`gemm_tc_async`]: 8x8 core matrices of 128 bytes, unpadded
-/// (`wgmma`), K-contiguous rows of 32 + 8 halves, or
-/// 32 rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
-/// aligned and put the 8 rows an `ldmatrix` reads in distinct banks).
-fn async_stage_bytes(t: TcTile, kmajor: bool, wgmma: bool) -> u32 {
-    if wgmma {
-        (t.rows + t.cols) * 64
-    } else if kmajor {
-        (t.rows + t.cols) * 80
-    } else {
-        64 * (t.rows + t.cols + 16)
-    }
-}
-
 /// The tensor-core GEMM of the vector-loading convolutions ([`ConvGeom::vec`]): both operands
 /// arrive by `cp.async` (16 bytes global -> shared, no registers) into a ring of
-/// [`async_stages`] shared-memory stages of 32 reduction indices, so the loads of the next
-/// `stages - 1` stages are in flight while the tensor cores work on the current one.
+/// shared-memory stages of 32 reduction indices ([`ConvGeom::async_smem`]), so the loads of
+/// the next `stages - 1` stages are in flight while the tensor cores work on the current one.
+/// A ring larger than static shared memory allows lives in the launch's dynamic shared memory
+/// (`wrnc_dyn_smem()`; [`KernelSpec::dynamic_smem`] bytes), which changes no address within
+/// it.
 ///
 /// Algebra: exactly [`gemm_tc`]'s. `C = sum_k bf16(pro(A(m,k))) * bf16(pro(B(k,j)))` in fp32,
 /// where an operand is bf16 in memory (activations, gradients, or the packed weight of
@@ -816,8 +787,8 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let (wtm, wtn) = (r / wr, c / wc);
     let (mi, ni) = (wtm / 16, wtn / 8);
     let km = v.kmajor;
-    let ns = async_stages(t, km, wg);
-    let smem = (ns * async_stage_bytes(t, km, wg)).max(tc_cs_bytes(t));
+    let ns = v.smem.stages;
+    let smem = v.smem.bytes;
     // A shared row (halves) and the slot's first row, per operand of `n` tile rows/columns
     let (arow, brow) = if km { (40, 40) } else { (r + 8, c + 8) };
     // this thread's runs of a stage: `4 n` runs for `n` rows (or columns) of 32; `rl` is the
@@ -925,13 +896,20 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     } else {
         ns * 64 * (r + 8)
     };
+    let array = if v.smem.dynamic {
+        "    unsigned char* smem_ = wrnc_dyn_smem();\n".to_string()
+    } else if wg {
+        format!("    __shared__ __align__(128) unsigned char smem_[{smem}];\n")
+    } else {
+        format!("    __shared__ __align__(16) unsigned char smem_[{smem}];\n")
+    };
     let decl = if wg {
         format!(
-            "    __shared__ __align__(128) unsigned char smem_[{smem}];\n    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
+            "{array}    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
         )
     } else {
         format!(
-            "    __shared__ __align__(16) unsigned char smem_[{smem}];\n    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);\n    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});\n"
+            "{array}    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);\n    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});\n"
         )
     };
     let compute = if wg {
@@ -1057,6 +1035,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
                 wgmma: g.wgmma,
+                smem: g.async_smem(true),
                 a: VecOperand {
                 base: "x",
                 addr: format!(
@@ -1152,6 +1131,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
                 wgmma: g.wgmma,
+                smem: g.async_smem(true),
                 a: VecOperand {
                 base: "dy",
                 addr: format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
@@ -1245,6 +1225,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let vec = g.vec.then(|| VecOps {
                 kmajor: false,
                 wgmma: false,
+                smem: g.async_smem(false),
                 a: VecOperand {
                     base: "dy",
                     addr: format!(

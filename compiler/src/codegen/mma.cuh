@@ -29,6 +29,12 @@
 #define WRNC_MMA_CUH
 
 #ifndef WRNC_MMA_EMU
+// The block's dynamic shared memory (the launch's `sharedMemBytes`, 128-byte aligned).
+__device__ __forceinline__ unsigned char* wrnc_dyn_smem() {
+    extern __shared__ __align__(128) unsigned char wrnc_dsmem_[];
+    return wrnc_dsmem_;
+}
+
 __device__ __forceinline__ unsigned int wrnc_smem_addr(const void* p) {
     return (unsigned int)__cvta_generic_to_shared(p);
 }

@@ -135,7 +135,7 @@ impl<'a> B<'a> {
             kernel,
             grid: grid.map(|g| g as u32),
             block,
-            shared: 0,
+            shared: spec.dynamic_smem(),
             buffers,
             scalars,
             note,
@@ -172,6 +172,7 @@ impl<'a> B<'a> {
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
             g.wgmma = self.tiles.wgmma && g.vec && kmajor && tile.rows >= 64;
+            g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
         let (tr, tc) = spec.conv_geom().map_or((TILE, TILE), |g| g.block_tile());
         let grid = [
@@ -354,6 +355,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
         // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
         vec: tensor_cores && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
         wgmma: false,
+        stages: 0,
     }
 }
 
@@ -364,6 +366,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         return Err(err("batch size must be at least 1"));
     }
     plan.verify().map_err(err)?;
+    opts.tiles.check().map_err(err)?;
     let train = plan.mode == Mode::Train;
     let act = match opts.precision {
         Precision::F32 => Dtype::F32,

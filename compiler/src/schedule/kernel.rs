@@ -106,6 +106,42 @@ pub struct ConvGeom {
     /// [`super::Tiles::wgmma`]). Changes no value's algebra. Name suffix `_wg`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wgmma: bool,
+    /// Shared-memory stages of the `cp.async` ring of a vector-loading convolution (only with
+    /// `vec`; see [`super::Tiles::stages`]): 0 chooses as many (2 to 4) as fit in static
+    /// shared memory; 2 to 8 asks for that many, in dynamic shared memory where they need more
+    /// than static shared memory holds ([`ConvGeom::async_smem`]). Changes no value. Name
+    /// suffix `_s<n>` when not 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub stages: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Shared memory a block may declare statically, without opting in to more: 48 KiB.
+pub const STATIC_SMEM: u32 = 48 * 1024;
+
+/// What a tensor-core GEMM's own shared-memory array may take of [`STATIC_SMEM`]: the
+/// epilogue's reduction arrays (2 x 16 x 17 f32) and small prelude arrays need the rest.
+pub const TC_STATIC_SMEM: u32 = 46 * 1024;
+
+/// Most pipeline stages a vector-loading convolution may ask for ([`ConvGeom::stages`]).
+pub const MAX_STAGES: u32 = 8;
+
+/// The shared memory of a vector-loading convolution's GEMM (`gemm_tc_async` in
+/// `codegen::cuda`): a ring of `stages` stages of `stage_bytes`, whose bytes the epilogue's
+/// accumulator slab ([`TcTile::cs_bytes`]) reuses once the reduction is done.
+///
+/// Invariant: `bytes = max(stages * stage_bytes, tile.cs_bytes())`; `dynamic` exactly when
+/// `bytes > TC_STATIC_SMEM`, and then the kernel declares no array of its own for them but
+/// takes them from the launch's dynamic shared memory ([`super::Launch::shared`] = `bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsyncSmem {
+    pub stages: u32,
+    pub stage_bytes: u32,
+    pub bytes: u32,
+    pub dynamic: bool,
 }
 
 /// A tensor-core block tile: `rows x cols` GEMM outputs per block of 256 threads (8 warps in a
@@ -152,6 +188,22 @@ impl TcTile {
         *self == TcTile::DEFAULT
     }
 
+    /// Row slabs the tensor-core epilogue stages its accumulators in: the whole
+    /// `rows x (cols + 1)` f32 tile where it fits in [`TC_STATIC_SMEM`], else two halves of
+    /// the rows (the 128x128 tile) one after the other.
+    pub fn cs_halves(self) -> u32 {
+        if self.rows * (self.cols + 1) * 4 > TC_STATIC_SMEM {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Bytes of the epilogue's accumulator slab ([`TcTile::cs_halves`]).
+    pub fn cs_bytes(self) -> u32 {
+        self.rows / self.cs_halves() * (self.cols + 1) * 4
+    }
+
     /// The warp grid `(warp rows, warp columns)`: 4 x 2 for tall tiles, else 2 x 4.
     pub fn warps(self) -> (u32, u32) {
         if self.rows > self.cols {
@@ -191,7 +243,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -207,8 +259,43 @@ impl ConvGeom {
             },
             if self.nhwc { "_nhwc" } else { "" },
             if self.vec { "_v8" } else { "" },
-            if self.wgmma { "_wg" } else { "" }
+            if self.wgmma { "_wg" } else { "" },
+            if self.stages != 0 {
+                format!("_s{}", self.stages)
+            } else {
+                String::new()
+            }
         )
+    }
+
+    /// The shared memory of this convolution's `cp.async` GEMM (meaningful with `vec`) for a
+    /// pass whose operands are stored K-contiguous (`kmajor`: forward and data gradient) or
+    /// not (weight gradient). A stage holds 32 reduction indices of both operands: 8x8 core
+    /// matrices of 128 bytes, unpadded (`wgmma`), K-contiguous rows of 32 + 8 halves, or 32
+    /// rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
+    /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks). Stages: `stages`
+    /// when set, else as many as fit in [`TC_STATIC_SMEM`], 2 to 4.
+    pub fn async_smem(&self, kmajor: bool) -> AsyncSmem {
+        let t = self.tile;
+        let stage_bytes = if self.wgmma && kmajor && t.rows >= 64 {
+            (t.rows + t.cols) * 64
+        } else if kmajor {
+            (t.rows + t.cols) * 80
+        } else {
+            64 * (t.rows + t.cols + 16)
+        };
+        let stages = if self.stages != 0 {
+            self.stages
+        } else {
+            (TC_STATIC_SMEM / stage_bytes).clamp(2, 4)
+        };
+        let bytes = (stages * stage_bytes).max(t.cs_bytes());
+        AsyncSmem {
+            stages,
+            stage_bytes,
+            bytes,
+            dynamic: bytes > TC_STATIC_SMEM,
+        }
     }
 }
 
@@ -482,6 +569,27 @@ impl KernelSpec {
         }
     }
 
+    /// Bytes of dynamic shared memory every launch of this kernel needs
+    /// ([`ConvGeom::async_smem`]): a vector-loading tensor-core convolution whose ring does
+    /// not fit in static shared memory; 0 for every other kernel.
+    pub fn dynamic_smem(&self) -> u32 {
+        let kmajor = matches!(
+            self,
+            KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+        );
+        match self.conv_geom() {
+            Some(g) if g.tensor_cores && g.vec => {
+                let s = g.async_smem(kmajor);
+                if s.dynamic {
+                    s.bytes
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        }
+    }
+
     /// The `nhwc` flag of a layout-dependent kernel that has one (all but the linear layers,
     /// whose layout is their input's `hw > 1`).
     fn nhwc_flag(&mut self) -> Option<&mut bool> {
@@ -634,6 +742,7 @@ impl KernelSpec {
         }
         g.tile = TcTile::DEFAULT;
         g.wgmma = false;
+        g.stages = 0;
         if let KernelSpec::ConvBwdWeight { split_k, .. } = &mut spec {
             *split_k = 1;
         }
@@ -1145,4 +1254,78 @@ fn conv_w(g: &ConvGeom) -> BufParam {
 
 fn is_one(v: &u32) -> bool {
     *v == 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(rows: u32, cols: u32, stages: u32, wgmma: bool) -> ConvGeom {
+        ConvGeom {
+            in_h: 8,
+            in_w: 8,
+            out_h: 8,
+            out_w: 8,
+            k: 3,
+            stride: 1,
+            pad: 1,
+            groups: 1,
+            tensor_cores: true,
+            tile: TcTile { rows, cols },
+            nhwc: true,
+            vec: true,
+            wgmma,
+            stages,
+        }
+    }
+
+    /// `(tile, stages, wgmma, kmajor)` -> `(stages, stage bytes, bytes, dynamic)`: the automatic
+    /// depth stays in static shared memory; an asked-for depth moves beyond it only when it
+    /// must; the accumulator slab is the floor.
+    #[test]
+    fn async_smem_of_each_tile() {
+        let check = |rows, cols, stages, wgmma, kmajor, want: (u32, u32, u32, bool)| {
+            let s = geom(rows, cols, stages, wgmma).async_smem(kmajor);
+            assert_eq!(
+                (s.stages, s.stage_bytes, s.bytes, s.dynamic),
+                want,
+                "{rows}x{cols} s{stages} wgmma={wgmma} kmajor={kmajor}"
+            );
+        };
+        check(64, 64, 0, false, true, (4, 10240, 40960, false));
+        check(128, 64, 0, false, true, (3, 15360, 46080, false));
+        check(128, 128, 0, false, true, (2, 20480, 40960, false));
+        check(128, 128, 0, false, false, (2, 17408, 34816, false));
+        check(32, 64, 0, false, true, (4, 7680, 30720, false));
+        check(64, 64, 4, false, true, (4, 10240, 40960, false));
+        check(64, 64, 2, false, true, (2, 10240, 20480, false));
+        // the 64x64 accumulator slab (64 x 65 f32) is larger than two small stages
+        check(64, 64, 2, true, true, (2, 8192, 16640, false));
+        check(64, 64, 6, false, true, (6, 10240, 61440, true));
+        check(128, 128, 4, false, true, (4, 20480, 81920, true));
+        check(128, 128, 4, true, true, (4, 16384, 65536, true));
+        check(128, 128, 8, false, false, (8, 17408, 139264, true));
+        // wgmma never applies to a 32-row tile or the weight gradient
+        check(32, 64, 4, true, true, (4, 7680, 30720, false));
+        check(128, 64, 4, true, false, (4, 13312, 53248, true));
+    }
+
+    #[test]
+    fn stages_are_part_of_the_name_and_not_of_the_tile_key() {
+        let spec = |stages| KernelSpec::ConvFwd {
+            g: geom(128, 128, stages, false),
+            pro: Default::default(),
+            epi: Default::default(),
+        };
+        assert!(spec(4).name().contains("_v8_s4"), "{}", spec(4).name());
+        assert!(!spec(0).name().contains("_s"), "{}", spec(0).name());
+        assert_eq!(spec(4).dynamic_smem(), 81920);
+        assert_eq!(spec(0).dynamic_smem(), 0);
+        let scalars: Vec<super::super::ScalarArg> = (0..spec(0).signature().1.len())
+            .map(|_| super::super::ScalarArg::I32(16))
+            .collect();
+        let key = spec(4).tile_key(&scalars, 8);
+        assert!(key.as_ref().is_some_and(|k| !k.contains("_s4")), "{key:?}");
+        assert_eq!(key, spec(0).tile_key(&scalars, 8));
+    }
 }

@@ -20,8 +20,8 @@ mod kernel;
 
 pub use build::{build, lower, sgd_table};
 pub use kernel::{
-    Access, BufParam, ConvGeom, ElemKind, EpilogueFlags, KernelSpec, PrologueFlags, ScalarKind,
-    TcTile,
+    Access, AsyncSmem, BufParam, ConvGeom, ElemKind, EpilogueFlags, KernelSpec, PrologueFlags,
+    ScalarKind, TcTile, MAX_STAGES, STATIC_SMEM, TC_STATIC_SMEM,
 };
 
 use crate::ast::Precision;
@@ -187,7 +187,8 @@ pub struct Launch {
     pub kernel: usize,
     pub grid: [u32; 3],
     pub block: [u32; 3],
-    /// Dynamic shared memory bytes (the generated kernels use static shared memory: 0).
+    /// Dynamic shared memory bytes: [`KernelSpec::dynamic_smem`] of the launch's kernel (0
+    /// unless a vector-loading convolution's `cp.async` ring outgrows static shared memory).
     pub shared: u32,
     pub buffers: Vec<BufArg>,
     pub scalars: Vec<ScalarArg>,
@@ -296,6 +297,16 @@ pub struct Tiles {
     /// (`wgmma`, sm_90a) instead of `mma.sync` (`ConvGeom::wgmma`). Off by default.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wgmma: bool,
+    /// `cp.async` pipeline stages of the vector-loading convolutions ([`ConvGeom::stages`]):
+    /// 0 (the default) as many as fit in static shared memory (2 to 4), else 2 to
+    /// [`kernel::MAX_STAGES`], in dynamic shared memory beyond 48 KiB (the runtime opts the
+    /// kernel in and checks the GPU's limit). Checked by [`Tiles::check`].
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub stages: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Tiles {
@@ -305,7 +316,20 @@ impl Tiles {
             default: t,
             by_key: Default::default(),
             wgmma: false,
+            stages: 0,
         }
+    }
+
+    /// `stages` is 0 or within 2 to [`kernel::MAX_STAGES`].
+    pub fn check(&self) -> Result<(), String> {
+        if self.stages != 0 && !(2..=kernel::MAX_STAGES).contains(&self.stages) {
+            return Err(format!(
+                "{} pipeline stages: the tensor-core engine takes 2 to {}",
+                self.stages,
+                kernel::MAX_STAGES
+            ));
+        }
+        Ok(())
     }
 
     pub fn get(&self, key: &str) -> TcTile {

@@ -193,6 +193,11 @@ impl Gpu {
             get_attr(attr::COMPUTE_CAPABILITY_MINOR, "compute capability minor")?,
         );
         let sms = get_attr(attr::MULTIPROCESSOR_COUNT, "multiprocessor count")?;
+        let smem_optin = get_attr(
+            attr::MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "max shared memory per block (opt-in)",
+        )?
+        .max(0) as u32;
         let mut total: usize = 0;
         // SAFETY: valid out-pointer.
         api.check(
@@ -227,6 +232,7 @@ impl Gpu {
                 name,
                 compute_capability: cc,
                 multiprocessors: sms,
+                smem_optin_bytes: smem_optin,
                 total_bytes: total as u64,
                 free_bytes: 0,
                 driver_version: version,
@@ -430,6 +436,53 @@ impl Gpu {
             m.functions.push(f);
         }
         Ok(m)
+    }
+
+    /// Lets every launch of function `index` of `module` (kernel `kernel`) use `bytes` of
+    /// dynamic shared memory: beyond 48 KiB a kernel must opt in
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`). Refused, naming the kernel, where
+    /// its static and dynamic shared memory together exceed what this GPU allows a block.
+    pub fn allow_dynamic_smem(
+        &self,
+        module: &Module,
+        index: usize,
+        bytes: u32,
+        kernel: &str,
+    ) -> Result<(), CudaError> {
+        let f = *module
+            .functions
+            .get(index)
+            .ok_or_else(|| CudaError::Module {
+                detail: format!("no function {index} in the module ({kernel})"),
+            })?;
+        let mut stat: c_int = 0;
+        // SAFETY: a function of a loaded module, valid out-pointer.
+        self.api().check(
+            unsafe {
+                (self.api().func_get_attribute)(&mut stat, driver::FUNC_SHARED_SIZE_BYTES, f)
+            },
+            &format!("cuFuncGetAttribute({kernel}, SHARED_SIZE_BYTES)"),
+        )?;
+        let total = stat.max(0) as u64 + bytes as u64;
+        if total > self.info.smem_optin_bytes as u64 {
+            return Err(CudaError::Module {
+                detail: format!(
+                    "kernel {kernel} needs {total} bytes of shared memory per block ({stat} static + {bytes} dynamic); {} allows {} bytes: use fewer --stages",
+                    self.info.name, self.info.smem_optin_bytes
+                ),
+            });
+        }
+        // SAFETY: as above; the value is within the device's limit.
+        self.api().check(
+            unsafe {
+                (self.api().func_set_attribute)(
+                    f,
+                    driver::FUNC_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as c_int,
+                )
+            },
+            &format!("cuFuncSetAttribute({kernel}, MAX_DYNAMIC_SHARED_SIZE_BYTES, {bytes})"),
+        )
     }
 
     /// Launches function `index` of `module` on the stream with `args` (packed per [`super::layout::pack`]).

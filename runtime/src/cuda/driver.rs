@@ -36,6 +36,8 @@ pub const ERROR_UNSUPPORTED_PTX_VERSION: CuResult = 222;
 pub mod attr {
     pub const MAX_SHARED_MEMORY_PER_BLOCK: i32 = 8;
     pub const MULTIPROCESSOR_COUNT: i32 = 16;
+    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
+    pub const MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: i32 = 97;
     pub const COMPUTE_CAPABILITY_MAJOR: i32 = 75;
     pub const COMPUTE_CAPABILITY_MINOR: i32 = 76;
 }
@@ -43,6 +45,10 @@ pub mod attr {
 /// `CU_JIT_ERROR_LOG_BUFFER` / `CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES`.
 pub const JIT_ERROR_LOG_BUFFER: c_int = 5;
 pub const JIT_ERROR_LOG_BUFFER_SIZE_BYTES: c_int = 6;
+/// `CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES` (a kernel's static shared memory).
+pub const FUNC_SHARED_SIZE_BYTES: c_int = 1;
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+pub const FUNC_MAX_DYNAMIC_SHARED_SIZE_BYTES: c_int = 8;
 /// `CU_STREAM_NON_BLOCKING`.
 pub const STREAM_NON_BLOCKING: c_uint = 1;
 /// `CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`.
@@ -80,6 +86,8 @@ pub struct Api {
     ) -> CuResult,
     pub module_get_function: unsafe extern "C" fn(*mut Handle, Handle, *const c_char) -> CuResult,
     pub module_unload: unsafe extern "C" fn(Handle) -> CuResult,
+    pub func_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, Handle) -> CuResult,
+    pub func_set_attribute: unsafe extern "C" fn(Handle, c_int, c_int) -> CuResult,
     #[allow(clippy::type_complexity)]
     pub launch_kernel: unsafe extern "C" fn(
         Handle,
@@ -182,6 +190,8 @@ pub fn load_from(candidates: &[PathBuf]) -> Result<Api, CudaError> {
             module_load_data_ex: sym!("cuModuleLoadDataEx"),
             module_get_function: sym!("cuModuleGetFunction"),
             module_unload: sym!("cuModuleUnload"),
+            func_get_attribute: sym!("cuFuncGetAttribute"),
+            func_set_attribute: sym!("cuFuncSetAttribute"),
             launch_kernel: sym!("cuLaunchKernel"),
             stream_create: sym!("cuStreamCreate"),
             stream_destroy: sym!("cuStreamDestroy_v2", "cuStreamDestroy"),

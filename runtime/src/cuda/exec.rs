@@ -161,6 +161,16 @@ impl Executor {
         let names: Vec<String> = s.kernels.iter().map(|k| k.name.clone()).collect();
         let arch = source.arch(&gpu.info().arch());
         let (module, cache_hit) = load_cached(gpu, cache, &arch, &source.text, &names)?;
+        // kernels whose shared memory outgrows the static 48 KiB opt in to what they launch with
+        let mut dynamic = vec![0u32; s.kernels.len()];
+        for l in s.launches.iter().chain(&s.setup) {
+            dynamic[l.kernel] = dynamic[l.kernel].max(l.shared);
+        }
+        for (i, &bytes) in dynamic.iter().enumerate() {
+            if bytes > 0 {
+                gpu.allow_dynamic_smem(&module, i, bytes, &s.kernels[i].name)?;
+            }
+        }
         let own = gpu.alloc(layout.own_bytes, &what, s.batch)?;
         let mut mine = BTreeMap::new();
         for p in &layout.places {

@@ -96,6 +96,9 @@ pub struct DeviceInfo {
     /// `(major, minor)`.
     pub compute_capability: (i32, i32),
     pub multiprocessors: i32,
+    /// Shared memory one block may use when its kernel opts in
+    /// (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`: 227 KiB on sm_90, 163 KiB on sm_80).
+    pub smem_optin_bytes: u32,
     pub total_bytes: u64,
     pub free_bytes: u64,
     /// `cuDriverGetVersion`: e.g. 13000 for CUDA 13.0.

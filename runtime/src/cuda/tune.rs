@@ -84,8 +84,9 @@ pub struct TuneReport {
     pub tiles: BTreeMap<String, String>,
 }
 
-/// The cache file for `gpu` under the PTX cache's folder.
-pub fn cache_path(gpu: &Gpu, cache: &PtxCache, wgmma: bool) -> Option<PathBuf> {
+/// The cache file for `gpu` under the PTX cache's folder, one per engine: `-wgmma` for
+/// Hopper's warpgroup MMA, `-s<n>` for `n` pipeline stages ([`Tiles::stages`]).
+pub fn cache_path(gpu: &Gpu, cache: &PtxCache, wgmma: bool, stages: u32) -> Option<PathBuf> {
     let info = gpu.info();
     let slug: String = info
         .name
@@ -106,8 +107,13 @@ pub fn cache_path(gpu: &Gpu, cache: &PtxCache, wgmma: bool) -> Option<PathBuf> {
     let (ma, mi) = info.compute_capability;
     cache.root().map(|d| {
         d.join("tiles").join(format!(
-            "{slug}-sm{ma}{mi}{}.json",
-            if wgmma { "-wgmma" } else { "" }
+            "{slug}-sm{ma}{mi}{}{}.json",
+            if wgmma { "-wgmma" } else { "" },
+            if stages != 0 {
+                format!("-s{stages}")
+            } else {
+                String::new()
+            }
         ))
     })
 }
@@ -128,10 +134,15 @@ pub fn choose_tiles(
     bases: &[Options],
     mode: TileMode,
 ) -> Result<(Tiles, TuneReport), CudaError> {
-    // the engine (`wgmma`) is the bases'; the search times candidates on it
+    // the engine (`wgmma`, `stages`) is the bases'; the search times candidates on it
     let wgmma = bases.iter().any(|o| o.tiles.wgmma);
+    let stages = bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0);
     let build = |o: &Options, tiles: Tiles| {
-        let tiles = Tiles { wgmma, ..tiles };
+        let tiles = Tiles {
+            wgmma,
+            stages,
+            ..tiles
+        };
         schedule::build(graph, &Options { tiles, ..o.clone() })
             .map_err(|e| CudaError::Plan(e.message))
     };
@@ -143,7 +154,7 @@ pub fn choose_tiles(
             }
         }
     }
-    let path = cache_path(gpu, cache, wgmma);
+    let path = cache_path(gpu, cache, wgmma, stages);
     let mut report = TuneReport {
         mode: match mode {
             TileMode::Auto => "auto".into(),
@@ -167,6 +178,7 @@ pub fn choose_tiles(
         return Ok((
             Tiles {
                 wgmma,
+                stages,
                 ..Tiles::all(t)
             },
             report,
@@ -252,6 +264,7 @@ pub fn choose_tiles(
     }
     let mut tiles = Tiles {
         wgmma,
+        stages,
         ..Tiles::default()
     };
     for k in &keys {
