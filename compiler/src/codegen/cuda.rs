@@ -988,6 +988,82 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     )
 }
 
+/// One pass of [`nhwc_channel_reduce`]: double sums `sums`, declared after `setup`, each
+/// pixel's terms added by `body` (with `q` and `ch`), the block's totals `t_[i]` stored by
+/// `store`.
+struct NhwcPass<'a> {
+    sums: &'a [&'a str],
+    setup: &'a str,
+    body: &'a str,
+    store: &'a str,
+}
+
+/// A per-channel reduction over an NHWC tensor (`n * HW` pixels of `C` channels), launched as
+/// [`crate::schedule::channel_reduce_shape`] says: block `b` owns channels `b * CH ..`, thread
+/// `(cl, lane)` channel `ch = b * CH + cl` and the pixels `q = lane, lane + LANES, ...`; a
+/// half-warp thus reads `CH` consecutive channels of one pixel, one contiguous run, where one
+/// block per channel would read each element `C` elements from the last.
+///
+/// Algebra: each named double sum is `sum_q f(q, ch)` (`body` adds one pixel's terms), split
+/// into `LANES` partial sums by `q % LANES` and added in lane order by lane 0 (`t_[i]`, then
+/// `store`): the same sum in a fixed order, so the result is deterministic. The optional
+/// second pass runs after a barrier, so its `setup` can read what the first stored in shared
+/// `mean_[cl]` (ChannelSums' centred squares); its `sh_` writes follow the barrier after
+/// which lane 0 read the first pass's. Threads of channels `>= C` add nothing and
+/// store nothing, but reach every barrier.
+fn nhwc_channel_reduce(
+    name: &str,
+    spec: &KernelSpec,
+    first: &NhwcPass,
+    second: Option<&NhwcPass>,
+) -> String {
+    use crate::schedule::{NHWC_RED_CH as CH, NHWC_RED_LANES as LANES};
+    let pass = |p: &NhwcPass| -> String {
+        let (sums, setup, body, store) = (p.sums, p.setup, p.body, p.store);
+        let k = sums.len();
+        let decl: String = sums
+            .iter()
+            .map(|s| format!("    double {s} = 0.0;\n"))
+            .collect();
+        let publish: String = sums
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("    sh_[{i}][lane][cl] = {s};\n"))
+            .collect();
+        format!(
+            r#"{setup}{decl}    if (ch < C)
+    for (int q = lane; q < total; q += {LANES}) {{
+{body}    }}
+{publish}    __syncthreads();
+    if (lane == 0 && ch < C) {{
+        double t_[{k}];
+        for (int i = 0; i < {k}; ++i) {{
+            t_[i] = 0.0;
+            for (int l = 0; l < {LANES}; ++l) t_[i] += sh_[i][l][cl];
+        }}
+{store}    }}
+"#
+        )
+    };
+    let second_code = second.map_or(String::new(), |p| {
+        format!("    __syncthreads();\n{}", pass(p))
+    });
+    format!(
+        r#"{header} {{
+    __shared__ double sh_[{k}][{LANES}][{CH} + 1];
+    __shared__ double mean_[{CH}];
+    const int cl = threadIdx.x, lane = threadIdx.y;
+    const int ch = blockIdx.x * {CH} + cl;
+    const int total = n * HW;
+    (void)mean_;
+{first}{second_code}}}
+"#,
+        header = header(name, spec),
+        k = first.sums.len().max(second.map_or(0, |p| p.sums.len())),
+        first = pass(first),
+    )
+}
+
 /// Column (channel) sums of two per-thread values over the block's 16 rows, one atomicAdd per
 /// column: `dst[col] += sum s0`, `dst[cols + col] += sum s1`.
 fn column_atomics(s0: &str, s1: &str, col: &str, cols: &str, valid_col: &str) -> String {
@@ -1348,13 +1424,24 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is
         // ill-conditioned, and these kernels are memory-bound, so the wider adds cost nothing.
-        ChannelSums { squares, nhwc } => {
-            // NHWC: one block still sums one channel, at a stride of C
-            let xi = if nhwc {
-                "(ni * HW + p_) * C + ch"
-            } else {
-                "(ni * C + ch) * HW + p_"
-            };
+        ChannelSums { squares, nhwc: true } => nhwc_channel_reduce(
+            name,
+            spec,
+            &NhwcPass {
+                sums: &["s"],
+                setup: "",
+                body: "        s += (double)wrnc_ld(x, q * C + ch);\n",
+                store: "        out[ch] = (float)t_[0];\n        mean_[cl] = t_[0] / (double)total;\n",
+            },
+            squares.then_some(&NhwcPass {
+                sums: &["sq"],
+                setup: "    const double mean = ch < C ? mean_[cl] : 0.0;\n",
+                body: "        const double d = (double)wrnc_ld(x, q * C + ch) - mean;\n        sq += d * d;\n",
+                store: "        out[C + ch] = (float)t_[0];\n",
+            }),
+        ),
+        ChannelSums { squares, nhwc: false } => {
+            let xi = "(ni * C + ch) * HW + p_";
             format!(
             r#"{} {{
     __shared__ double sh[32];
@@ -1440,6 +1527,26 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         // Sums in double, like ChannelSums: dbeta of a BN whose output gradient has (nearly)
         // zero mean per channel is ill-conditioned.
+        BnBwdReduce { chain, nhwc: true } => nhwc_channel_reduce(
+            name,
+            spec,
+            &NhwcPass {
+                sums: &["sg", "sgx"],
+                setup: "    const double mean = ch < C ? saved[ch] : 0.0, rstd = ch < C ? saved[C + ch] : 0.0;\n",
+                body: &format!(
+                    "        const float xv = wrnc_ld(x, q * C + ch);\n        float d = wrnc_ld(dy, q * C + ch);\n{}{}        sg += (double)d;\n        sgx += (double)d * (((double)xv - mean) * rstd);\n",
+                    if chain.dropout {
+                        // the mask's index is the element's NCHW one
+                        "        const int ni = q / HW, p_ = q - ni * HW;\n        const int lidx = (ni * C + ch) * HW + p_;\n"
+                    } else {
+                        ""
+                    },
+                    chain_code(&chain, "ch", "lidx")
+                ),
+                store: "        dbeta[ch] = (float)t_[0];\n        dgamma[ch] = (float)t_[1];\n",
+            },
+            None,
+        ),
         BnBwdReduce { chain, nhwc } => format!(
             r#"{} {{
     __shared__ double sh[32];

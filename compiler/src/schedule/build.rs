@@ -711,13 +711,14 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                             b.slice(sb, so, 2 * c as u64, Access::Write),
                             b.arg(xb, Access::Read),
                         ];
+                        let (grid, block) = channel_reduce_shape(b.nhwc, c as u64);
                         b.launch(
                             KernelSpec::ChannelSums {
                                 squares: true,
                                 nhwc: b.nhwc,
                             },
-                            [c as u64, 1, 1],
-                            [ELEM_BLOCK, 1, 1],
+                            grid,
+                            block,
                             args,
                             vec![
                                 ScalarArg::I32(ni),
@@ -1212,13 +1213,14 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             }
             if conv.bias {
                 let args = vec![b.param(&format!("{name}.bias"), Access::Write, grads), dya];
+                let (grid, block) = channel_reduce_shape(b.nhwc, conv.out_c as u64);
                 b.launch(
                     KernelSpec::ChannelSums {
                         squares: false,
                         nhwc: b.nhwc,
                     },
-                    [conv.out_c as u64, 1, 1],
-                    blk,
+                    grid,
+                    block,
                     args,
                     vec![
                         ScalarArg::I32(ni),
@@ -1347,13 +1349,14 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 .into_iter()
                 .chain(rng.iter().copied())
                 .collect();
+                let (grid, block) = channel_reduce_shape(b.nhwc, c as u64);
                 b.launch(
                     KernelSpec::BnBwdReduce {
                         chain,
                         nhwc: b.nhwc,
                     },
-                    [c as u64, 1, 1],
-                    blk,
+                    grid,
+                    block,
                     args,
                     sc,
                     format!("{name} bwd_reduce"),

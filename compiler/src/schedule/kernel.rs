@@ -126,6 +126,29 @@ pub const STATIC_SMEM: u32 = 48 * 1024;
 /// epilogue's reduction arrays (2 x 16 x 17 f32) and small prelude arrays need the rest.
 pub const TC_STATIC_SMEM: u32 = 46 * 1024;
 
+/// Channels per block of an NHWC channel reduction ([`KernelSpec::ChannelSums`],
+/// [`KernelSpec::BnBwdReduce`]): `threadIdx.x`, so a half-warp reads 16 consecutive channels
+/// of one pixel (32 contiguous bytes in bf16, 64 in f32).
+pub const NHWC_RED_CH: u32 = 16;
+/// Pixel lanes per block of an NHWC channel reduction (`threadIdx.y`): lane `l` sums pixels
+/// `l, l + 32, ...`, and the block adds the lanes in lane order.
+pub const NHWC_RED_LANES: u32 = 32;
+
+/// Grid and block of a per-channel reduction over `c` channels: NCHW one block of 256 threads
+/// per channel (each reads its channel's contiguous planes); NHWC one block of
+/// [`NHWC_RED_CH`] x [`NHWC_RED_LANES`] threads per [`NHWC_RED_CH`] channels, since one
+/// channel of an NHWC tensor is strided by `c` elements.
+pub fn channel_reduce_shape(nhwc: bool, c: u64) -> ([u64; 3], [u32; 3]) {
+    if nhwc {
+        (
+            [c.div_ceil(NHWC_RED_CH as u64), 1, 1],
+            [NHWC_RED_CH, NHWC_RED_LANES, 1],
+        )
+    } else {
+        ([c, 1, 1], [256, 1, 1])
+    }
+}
+
 /// Most pipeline stages a vector-loading convolution may ask for ([`ConvGeom::stages`]).
 pub const MAX_STAGES: u32 = 8;
 
@@ -407,7 +430,8 @@ pub enum KernelSpec {
     },
     /// `out[ch] = sum_{n,p} x[n,ch,p]` (and, with `squares`, the centred second moment
     /// `out[c + ch] = sum (x - mean)^2`, two passes): BN batch statistics and bias gradients.
-    /// One block per channel, deterministic.
+    /// Deterministic. NCHW: one block per channel. NHWC: [`channel_reduce_shape`] (a block of
+    /// [`NHWC_RED_CH`] consecutive channels, read as contiguous runs).
     ChannelSums {
         squares: bool,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
