@@ -127,6 +127,12 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         .into());
     }
     let precision = a.precision.get();
+    if precision == Precision::F32 && (a.wgmma || a.stages.is_some()) {
+        return Err(UserError(
+            "error: --wgmma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
+        )
+        .into());
+    }
     let gpu = open_gpu(a.gpu)?;
     let cache = PtxCache::default_location();
     if !a.json {

@@ -341,6 +341,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             opts.fusion
                 .validate()
                 .map_err(|m| UserError(format!("error: {m}")))?;
+            if opts.precision == wrnc_compiler::ast::Precision::F32 && (wgmma || stages.is_some()) {
+                return Err(UserError(
+                    "error: --wgmma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
+                )
+                .into());
+            }
             if let Some(p) = &dump_after {
                 if !wrnc_compiler::passes::pass_names().contains(&p.as_str()) {
                     return Err(UserError(format!(

@@ -109,6 +109,16 @@ fn commands_and_exit_codes() {
         "2..=8",
     );
     check(
+        &["compile", "WRN-10-1", "--stages", "4"],
+        2,
+        "only with --precision bf16",
+    );
+    check(
+        &["bench", "WRN-10-1", "--wgmma"],
+        2,
+        "only with --precision bf16",
+    );
+    check(
         &[
             "run",
             "WRN-10-1",

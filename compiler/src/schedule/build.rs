@@ -367,6 +367,11 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
     }
     plan.verify().map_err(err)?;
     opts.tiles.check().map_err(err)?;
+    if opts.precision == Precision::F32 && (opts.tiles.wgmma || opts.tiles.stages != 0) {
+        return Err(err(
+            "--wgmma and --stages change the tensor-core convolutions, which run only with --precision bf16",
+        ));
+    }
     let train = plan.mode == Mode::Train;
     let act = match opts.precision {
         Precision::F32 => Dtype::F32,
