@@ -12,10 +12,12 @@
 // (the hardware's internal summation order within one mma is unspecified; the kernels are
 // checked against references with a tolerance that covers any order).
 //
-// cp.async is emulated asynchronously: a copy is queued on its thread's current group and
-// performed only when a wrnc_cp_async_wait<N>() retires that group, so a kernel that reads a
-// stage before waiting for it sees stale data here, as it could on the GPU. Addresses are
-// checked for the 16-byte alignment the instructions require (abort otherwise).
+// cp.async is emulated asynchronously: the destination is poisoned (NaN bytes) at issue, and
+// the copy is queued on its thread's current group and performed only when a
+// wrnc_cp_async_wait<N>() retires that group. So a kernel that reads a stage before waiting
+// for it, or reads a slot's old contents after its refill was issued, sees NaN here; on the
+// GPU it could see either. Addresses are checked for the 16-byte alignment the instructions
+// require (abort otherwise).
 #pragma once
 
 #include <deque>
@@ -154,6 +156,11 @@ inline void wrnc_st16(unsigned short* p, const unsigned int* r) {
 inline void wrnc_cp_async16(unsigned short* dst, const unsigned short* src, bool valid) {
     wrnc_emu_mma::check_align(dst, "cp.async shared");
     if (valid) wrnc_emu_mma::check_align(src, "cp.async global");
+    // Between issue and the wait that retires it, the destination's contents are undefined on
+    // the GPU (the copy may land at any moment): poison them now (0xff: NaN in bf16), so a
+    // read before the wait and a read of the old contents after the issue (a slot refilled
+    // while a warp or an in-flight wgmma still reads it) both show.
+    std::memset(dst, 0xff, 16);
     wrnc_emu_mma::tl_async.open.push_back({dst, src, valid});
 }
 inline void wrnc_cp_async_commit() {

@@ -912,6 +912,9 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             "{array}    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);\n    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});\n"
         )
     };
+    // wgmma groups left in flight at the end of an iteration ([`wgmma_in_flight`]); each one
+    // delays a slot's refill by an iteration, so the prefetch distance shrinks by as many
+    let lag = if wg { wgmma_in_flight(ns) } else { 0 };
     let compute = if wg {
         // the warpgroup's A rows (128-row tiles: one m64 slab each) or B columns (64-row
         // tiles: half the columns each), in halves from the slot's start; a k16 step is two
@@ -927,7 +930,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         for (int ks = 0; ks < 2; ++ks)
             wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 128), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 128));
         wrnc_wgmma_commit();
-        wrnc_wgmma_wait<0>();
+        wrnc_wgmma_wait<{lag}>();
         wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
 "#,
             as_ = r * 32,
@@ -967,7 +970,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             wrnc_cp_async_commit();
         }}
 {compute}    }}
-    wrnc_cp_async_wait<0>();
+{drain}    wrnc_cp_async_wait<0>();
     __syncthreads();
 {walk}"#,
         header = header(name, spec),
@@ -982,10 +985,34 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         } else {
             ""
         },
-        pre = ns - 1,
-        inflight = ns - 2,
+        pre = ns - 1 - lag,
+        inflight = ns - 2 - lag,
+        drain = if lag > 0 {
+            format!("    wrnc_wgmma_wait<0>();\n    wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);\n")
+        } else {
+            String::new()
+        },
         prelude = tc_prelude(t, g, grid),
     )
+}
+
+/// `wgmma` groups [`gemm_tc_async`] leaves in flight at the end of an iteration: 1 with a
+/// ring of at least 4 stages, else 0.
+///
+/// Ordering with one in flight: iteration `kt` commits stage `kt`'s wgmma and waits until at
+/// most 1 group is pending, i.e. until its stage `kt - 1` wgmma has read its operands, so the
+/// tensor cores work on stage `kt` through iteration `kt + 1`'s wait, prologue and barrier.
+/// Iteration `kt` refills the slot of stage `kt - 2` (stage `kt + stages - 2`): every warpgroup
+/// finished reading it before the end of iteration `kt - 1`, which precedes this barrier.
+/// Loads then run `stages - 2` stages ahead instead of `stages - 1`, hence at least 4 stages.
+/// The loop ends with `wait_group 0`. Accumulators chain through in-flight wgmmas of one shape
+/// (the PTX ISA orders those), so the values and their summation order are unchanged.
+fn wgmma_in_flight(stages: u32) -> u32 {
+    if stages >= 4 {
+        1
+    } else {
+        0
+    }
 }
 
 /// One pass of [`nhwc_channel_reduce`]: double sums `sums`, declared after `setup`, each
