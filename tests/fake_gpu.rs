@@ -415,7 +415,7 @@ fn deep_pipelines_opt_in_to_dynamic_shared_memory() {
     )
     .unwrap();
     let cache = tmp.path().join("cache");
-    let bench = |optin: &str| {
+    let bench = |optin: &str, tiles: &str| {
         let a = [
             "bench",
             net.to_str().unwrap(),
@@ -429,7 +429,7 @@ fn deep_pipelines_opt_in_to_dynamic_shared_memory() {
             "--iters",
             "1",
             "--tiles",
-            "128x128",
+            tiles,
             "--stages",
             "4",
             "--json",
@@ -440,7 +440,7 @@ fn deep_pipelines_opt_in_to_dynamic_shared_memory() {
         }
         wrnc(&a, &env)
     };
-    let v = json(&bench(""));
+    let v = json(&bench("", "128x128"));
     assert_eq!(v["stages"], 4, "{v}");
     assert!(
         v["train_step_ms"]["fused"]
@@ -453,13 +453,40 @@ fn deep_pipelines_opt_in_to_dynamic_shared_memory() {
         "{v}"
     );
     // 4 stages of 128x128 take 80 KiB; a GPU allowing 64 KiB per block cannot run them
-    let o = bench("65536");
+    let o = bench("65536", "128x128");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(
         err.contains("_s4") && err.contains("65536 bytes") && err.contains("use fewer --stages"),
         "{err}"
     );
+    // the tile search on that GPU times only the candidates that fit (not 128x128's 80 KiB)
+    let v = json(&bench("65536", "auto"));
+    let tiles = v["tiles"]["tiles"].as_object().unwrap();
+    assert!(!tiles.is_empty(), "{v}");
+    assert!(tiles.values().all(|t| t != "128x128"), "{v}");
+    let file = cache
+        .join("tiles")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(
+        file.to_string_lossy().ends_with("-s4.json"),
+        "{}",
+        file.display()
+    );
+    let entries: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    for (k, e) in &entries {
+        let us = e["us"].as_object().unwrap();
+        assert!(
+            us.contains_key("64x64") && !us.contains_key("128x128"),
+            "{k}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -203,6 +203,16 @@ pub fn choose_tiles(
         for t in TcTile::CANDIDATES {
             for o in bases {
                 let s = build(o, Tiles::all(t))?;
+                // a candidate whose ring (`--stages`) needs more shared memory than this GPU
+                // gives a block is not timed (the kernels beside a dynamic ring declare at
+                // most 4 KiB statically: `codegen_nvrtc`)
+                let optin = gpu.info().smem_optin_bytes as u64;
+                if s.launches
+                    .iter()
+                    .any(|l| l.shared > 0 && l.shared as u64 + 4096 > optin)
+                {
+                    continue;
+                }
                 let todo: Vec<(usize, String)> = s
                     .tile_keys()
                     .into_iter()
