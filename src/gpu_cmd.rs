@@ -590,52 +590,47 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         rows: 128,
         cols: 64,
     };
+    // (mode, tile, launches only, stages, wgmma)
+    let mut vec8_checks = vec![];
     for (tile, stages) in [(t128, 4), (t128x64, 5)] {
         for mode in [Mode::Train, Mode::Infer] {
-            jobs.push(Job {
-                label: format!("vec8 stages {stages} tile {tile}"),
-                net: vec8,
-                mode,
-                precision: Precision::Bf16,
-                unfused: false,
-                layout: Layout::Auto,
-                tiles: schedule::Tiles {
-                    stages,
-                    ..schedule::Tiles::all(tile)
-                },
-                launches_only: false,
-            });
+            vec8_checks.push((mode, tile, false, stages, false));
         }
     }
     // Hopper's warpgroup MMA (`--wgmma`) on a Hopper GPU: the fused training step and
     // inference at the default tile (n32 per warpgroup), launch by launch and whole, and the
     // training step's launches at 128x128 (n128), with 2 stages and with 4 (dynamic)
     if gpu.info().compute_capability == (9, 0) {
-        for (mode, tile, launches_only, stages) in [
-            (Mode::Train, TcTile::DEFAULT, false, 0),
-            (Mode::Infer, TcTile::DEFAULT, false, 0),
-            (Mode::Train, t128, true, 0),
-            (Mode::Train, t128, true, 4),
-        ] {
-            jobs.push(Job {
-                label: if stages == 0 {
-                    format!("vec8 wgmma tile {tile}")
+        vec8_checks.extend([
+            (Mode::Train, TcTile::DEFAULT, false, 0, true),
+            (Mode::Infer, TcTile::DEFAULT, false, 0, true),
+            (Mode::Train, t128, true, 0, true),
+            (Mode::Train, t128, true, 4, true),
+        ]);
+    }
+    for (mode, tile, launches_only, stages, wgmma) in vec8_checks {
+        jobs.push(Job {
+            label: format!(
+                "vec8{}{} tile {tile}",
+                if wgmma { " wgmma" } else { "" },
+                if stages != 0 {
+                    format!(" stages {stages}")
                 } else {
-                    format!("vec8 wgmma stages {stages} tile {tile}")
-                },
-                net: vec8,
-                mode,
-                precision: Precision::Bf16,
-                unfused: false,
-                layout: Layout::Auto,
-                tiles: schedule::Tiles {
-                    wgmma: true,
-                    stages,
-                    ..schedule::Tiles::all(tile)
-                },
-                launches_only,
-            });
-        }
+                    String::new()
+                }
+            ),
+            net: vec8,
+            mode,
+            precision: Precision::Bf16,
+            unfused: false,
+            layout: Layout::Auto,
+            tiles: schedule::Tiles {
+                wgmma,
+                stages,
+                ..schedule::Tiles::all(tile)
+            },
+            launches_only,
+        });
     }
     if let Some(only) = &a.only {
         jobs.retain(|j| {
