@@ -20,10 +20,16 @@
 // require (abort otherwise).
 #pragma once
 
+#include <chrono>
 #include <deque>
+#include <map>
+#include <mutex>
+
+#include "cuda_emu_tma.h"
 
 #define WRNC_MMA_EMU 1
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 
 namespace wrnc_emu_mma {
 
@@ -243,6 +249,14 @@ inline unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
     }
     return ((unsigned long long)off >> 4) | ((128ull >> 4) << 16) | ((512ull >> 4) << 32);
 }
+inline unsigned long long wrnc_wgmma_desc_ls(const void* base, const void* p, unsigned lbo, unsigned sbo) {
+    const unsigned long long d = wrnc_wgmma_desc(base, p) & 0xFFFFull;
+    if (lbo % 16 != 0 || sbo % 16 != 0 || (lbo >> 4) > 0x3FFF || (sbo >> 4) > 0x3FFF) {
+        std::fprintf(stderr, "cuda_emu_mma: wgmma descriptor offsets %u / %u\n", lbo, sbo);
+        std::abort();
+    }
+    return d | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
 inline void wrnc_wgmma_fence() {}
 inline void wrnc_fence_proxy_async() {}
 inline void wrnc_wgmma_commit() {
@@ -270,3 +284,142 @@ WRNC_EMU_WGMMA(32)
 WRNC_EMU_WGMMA(64)
 WRNC_EMU_WGMMA(128)
 #undef WRNC_EMU_WGMMA
+
+// The tensor memory accelerator (cp.async.bulk.tensor) and mbarriers (sm_90; contracts in
+// compiler/src/codegen/cuda.rs, wgmma_cuh). An mbarrier's state lives in a table keyed by its
+// address (its 8 bytes are not used). A TMA copy is asynchronous here too: its destination is
+// poisoned (0xff bytes) at issue and the box is copied only when a thread waits on the copy's
+// mbarrier, which then counts its bytes; a phase completes when its arrivals and its expected
+// bytes are all in. So a kernel that reads a slot before waiting for its phase, waits on the
+// wrong parity, expects the wrong byte count, or refills a slot an in-flight wgmma still
+// reads, sees NaN or never completes (a wait that has not completed after 60 s aborts).
+// The box lands densely, innermost dimension first; elements outside the tensor are zeros.
+namespace wrnc_emu_mma {
+
+struct TmaCopy {
+    unsigned char* dst;
+    wrnc_tmap map;
+    int c[3];
+};
+
+struct Mbar {
+    std::uint64_t phase = 0;  // phases completed
+    unsigned expected = 0, pending = 0;
+    long long tx = 0;  // bytes expected and not yet arrived in this phase
+    std::vector<TmaCopy> copies;
+};
+
+inline std::mutex g_mbar_mu;
+inline std::map<const void*, Mbar> g_mbars;
+
+inline void tma_perform(const TmaCopy& cp) {
+    const wrnc_tmap& t = cp.map;
+    const std::uint64_t elem = t.w[3];
+    const std::uint64_t b0 = t.w[9], b1 = t.w[10], b2 = t.w[11];
+    for (std::uint64_t i2 = 0; i2 < b2; ++i2)
+        for (std::uint64_t i1 = 0; i1 < b1; ++i1)
+            for (std::uint64_t i0 = 0; i0 < b0; ++i0) {
+                const long long x0 = cp.c[0] + (long long)i0, x1 = cp.c[1] + (long long)i1, x2 = cp.c[2] + (long long)i2;
+                unsigned char* d = cp.dst + ((i2 * b1 + i1) * b0 + i0) * elem;
+                const bool in = x0 >= 0 && x1 >= 0 && x2 >= 0 && (std::uint64_t)x0 < t.w[4] &&
+                                (std::uint64_t)x1 < t.w[5] && (std::uint64_t)x2 < t.w[6];
+                if (in)
+                    std::memcpy(d, reinterpret_cast<const unsigned char*>(t.w[1]) + x0 * elem + x1 * t.w[7] + x2 * t.w[8], elem);
+                else
+                    std::memset(d, 0, elem);
+            }
+}
+
+// With g_mbar_mu held: lands the barrier's queued copies and completes its phase when due.
+inline void mbar_progress(Mbar& m) {
+    for (const TmaCopy& cp : m.copies) {
+        tma_perform(cp);
+        m.tx -= (long long)wrnc_emu_tma::box_bytes(cp.map);
+    }
+    m.copies.clear();
+    if (m.pending == 0 && m.tx == 0) {
+        ++m.phase;
+        m.pending = m.expected;
+    }
+}
+
+inline Mbar& mbar(const void* bar, const char* what) {
+    auto it = g_mbars.find(bar);
+    if (it == g_mbars.end() || it->second.expected == 0) {
+        std::fprintf(stderr, "cuda_emu_mma: %s on an mbarrier that was never initialised\n", what);
+        std::abort();
+    }
+    return it->second;
+}
+
+}  // namespace wrnc_emu_mma
+
+inline void wrnc_mbar_init(unsigned long long* bar, unsigned count) {
+    std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
+    if (reinterpret_cast<std::uintptr_t>(bar) % 8 != 0 || count == 0) {
+        std::fprintf(stderr, "cuda_emu_mma: mbarrier.init of a misaligned barrier or 0 arrivals\n");
+        std::abort();
+    }
+    wrnc_emu_mma::Mbar& m = wrnc_emu_mma::g_mbars[bar];
+    m = wrnc_emu_mma::Mbar{};
+    m.expected = m.pending = count;
+}
+inline void wrnc_mbar_fence_init() {}
+inline void wrnc_mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
+    wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "mbarrier.arrive.expect_tx");
+    if (m.pending == 0) {
+        std::fprintf(stderr, "cuda_emu_mma: more arrivals on an mbarrier than its phase expects\n");
+        std::abort();
+    }
+    m.tx += bytes;
+    --m.pending;
+}
+inline void wrnc_mbar_wait(unsigned long long* bar, unsigned parity) {
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+        {
+            std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
+            wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "mbarrier.try_wait");
+            if ((m.phase & 1) != (parity & 1)) return;
+            wrnc_emu_mma::mbar_progress(m);
+            if ((m.phase & 1) != (parity & 1)) return;
+            if (std::chrono::steady_clock::now() - start > std::chrono::seconds(60)) {
+                std::fprintf(stderr,
+                             "cuda_emu_mma: an mbarrier wait for parity %u never completed (phase %llu, "
+                             "%u arrivals and %lld bytes outstanding)\n",
+                             parity, (unsigned long long)m.phase, m.pending, m.tx);
+                std::abort();
+            }
+        }
+        std::this_thread::yield();
+    }
+}
+inline void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, unsigned long long* bar) {
+    if (map->w[0] != wrnc_emu_tma::MAGIC) {
+        std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor with a tensor map that was never encoded\n");
+        std::abort();
+    }
+    if (reinterpret_cast<std::uintptr_t>(dst) % 128 != 0) {
+        std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor destination %p is not 128-byte aligned\n", dst);
+        std::abort();
+    }
+    std::memset(dst, 0xff, wrnc_emu_tma::box_bytes(*map));
+    std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
+    wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "cp.async.bulk.tensor");
+    m.copies.push_back({static_cast<unsigned char*>(dst), *map, {c0, c1, c2}});
+}
+
+// The emulation driver's (compiler/src/codegen/emu.rs) tensor-map argument: a dense bf16
+// tensor of 3 dimensions at `p` (aborts where cuTensorMapEncodeTiled would refuse it).
+inline wrnc_tmap wrnc_emu_tmap(const unsigned short* p, std::uint64_t d0, std::uint64_t d1, std::uint64_t d2,
+                               std::uint32_t b0, std::uint32_t b1, std::uint32_t b2) {
+    const std::uint64_t dims[3] = {d0, d1, d2}, strides[2] = {d0 * 2, d0 * d1 * 2};
+    const std::uint32_t box[3] = {b0, b1, b2};
+    wrnc_tmap t;
+    if (const char* e = wrnc_emu_tma::encode(&t, p, 3, 2, dims, strides, box)) {
+        std::fprintf(stderr, "cuda_emu_mma: tensor map: %s\n", e);
+        std::abort();
+    }
+    return t;
+}

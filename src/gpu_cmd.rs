@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// (`wgmma`, sm_90 GPUs only) instead of `mma.sync`.
     #[arg(long)]
     pub wgmma: bool,
+    /// bf16: the weight operand of the warpgroup-MMA convolutions by Hopper's tensor memory
+    /// accelerator (TMA). Implies --wgmma.
+    #[arg(long)]
+    pub tma: bool,
     /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic shared
     /// memory where they need more than 48 KiB (default: as many as fit in 48 KiB, at most 4).
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
@@ -127,9 +131,10 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         .into());
     }
     let precision = a.precision.get();
-    if precision == Precision::F32 && (a.wgmma || a.stages.is_some()) {
+    let wgmma = a.wgmma || a.tma;
+    if precision == Precision::F32 && (wgmma || a.stages.is_some()) {
         return Err(UserError(
-            "error: --wgmma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
+            "error: --wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
         )
         .into());
     }
@@ -162,7 +167,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                     disabled: vec![],
                 },
                 tiles: schedule::Tiles {
-                    wgmma: a.wgmma,
+                    wgmma,
+                    tma: a.tma,
                     stages: a.stages.unwrap_or(0),
                     ..Default::default()
                 },
@@ -176,7 +182,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
             }
         }
         let (mut t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &bases, a.tiles)?;
-        t.wgmma = a.wgmma;
+        t.wgmma = wgmma;
+        t.tma = a.tma;
         t.stages = a.stages.unwrap_or(0);
         if !a.json {
             eprintln!("{}", tile_summary(&r));
@@ -267,7 +274,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "batch": a.batch,
         "precision": precision.name(),
         "layout": a.layout.resolve(precision),
-        "wgmma": a.wgmma,
+        "wgmma": wgmma,
+        "tma": a.tma,
         "stages": a.stages,
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},

@@ -85,6 +85,10 @@ enum Cmd {
         /// (`wgmma`, sm_90 only; compiled for sm_90a) instead of `mma.sync`.
         #[arg(long)]
         wgmma: bool,
+        /// bf16: the weight operand of the warpgroup-MMA convolutions arrives by Hopper's tensor
+        /// memory accelerator (TMA, `cp.async.bulk.tensor` on an mbarrier). Implies --wgmma.
+        #[arg(long)]
+        tma: bool,
         /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic
         /// shared memory where they need more than 48 KiB (default: as many as fit in 48 KiB,
         /// at most 4).
@@ -293,8 +297,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             arch,
             layout,
             wgmma,
+            tma,
             stages,
         } => {
+            let wgmma = wgmma || tma;
             if list_passes {
                 for (name, _) in wrnc_compiler::passes::PIPELINE {
                     println!("{name}");
@@ -313,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = wrnc_compiler::schedule::Options {
                 tiles: wrnc_compiler::schedule::Tiles {
                     wgmma,
+                    tma,
                     stages: stages.unwrap_or(0),
                     ..Default::default()
                 },
@@ -343,7 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|m| UserError(format!("error: {m}")))?;
             if opts.precision == wrnc_compiler::ast::Precision::F32 && (wgmma || stages.is_some()) {
                 return Err(UserError(
-                    "error: --wgmma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
+                    "error: --wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
                 )
                 .into());
             }

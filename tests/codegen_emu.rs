@@ -412,6 +412,8 @@ struct Prec {
     wgmma: bool,
     /// `cp.async` pipeline stages of the `_v8` convs (`Tiles::stages`; 0: automatic).
     stages: u32,
+    /// The weight operand of the `wgmma` convs by TMA (`Tiles::tma`).
+    tma: bool,
 }
 
 const F32: Prec = Prec {
@@ -422,6 +424,7 @@ const F32: Prec = Prec {
     layout: Layout::Auto,
     wgmma: false,
     stages: 0,
+    tma: false,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -445,6 +448,7 @@ const BF16: Prec = Prec {
     layout: Layout::Auto,
     wgmma: false,
     stages: 0,
+    tma: false,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -470,6 +474,7 @@ fn build_tiled(
             e2e: 0.0,
             wgmma: false,
             stages: 0,
+            tma: false,
         },
     )
 }
@@ -481,6 +486,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         layout,
         wgmma,
         stages,
+        tma,
         ..
     } = prec;
     let opts = Options {
@@ -488,6 +494,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         tiles: Tiles {
             wgmma,
             stages,
+            tma,
             ..Tiles::all(tile)
         },
         mode,
@@ -1031,6 +1038,59 @@ fn bf16_deep_pipelines_in_dynamic_shared_memory() {
             logits(prec, &format!("{tag}-infer"))
                 == logits(Prec { stages: 0, ..prec }, &format!("{tag}-auto-infer")),
             "{tag}: inference logits differ from the automatic depth's"
+        );
+    }
+}
+
+/// Hopper's tensor memory accelerator for the weight operand of the `wgmma` convs (`--tma`):
+/// exactly the `wgmma` kernels take it, each of their launches passes one tensor map over its
+/// packed weight, and the emulation's TMA (asynchronous: the slot is NaN from issue until a
+/// wait on its mbarrier lands the box, zeros outside the tensor) gives every launch the f64
+/// reference's values, the step the CPU model's, and inference logits bit for bit those of
+/// `cp.async` (TMA changes how B lands, not what is summed in which order). VEC's grouped
+/// conv checks the group dimension, its 16 channels a box of 64 or 128 rows hanging over the
+/// tensor's edge; 64x64 (4 stages) and `--stages 4` at 128x128 keep a wgmma in flight, so a
+/// slot is refilled by TMA while the previous stage's wgmma may still run.
+#[test]
+fn bf16_tma_weights_on_mbarriers() {
+    let g = graph(VEC);
+    let ri = reference(&g, Mode::Infer);
+    let t = |rows, cols| TcTile { rows, cols };
+    for (tile, stages) in [(t(128, 64), 0), (t(64, 64), 0), (t(128, 128), 4)] {
+        let prec = Prec {
+            tile,
+            stages,
+            wgmma: true,
+            tma: true,
+            ..BF16
+        };
+        let tag = format!("tma-s{stages}-{tile}");
+        let s = build_in(&g, Mode::Train, false, prec);
+        let mut tma = 0;
+        for k in &s.kernels {
+            if let Some(cg) = k.spec.conv_geom() {
+                assert_eq!(cg.tma, cg.wgmma, "{}", k.name);
+                assert_eq!(k.name.contains("_tma"), cg.wgmma, "{}", k.name);
+                tma += cg.tma as usize;
+            }
+        }
+        assert!(tma >= 9, "{tag}: {tma} TMA kernels");
+        for l in &s.launches {
+            let k = &s.kernels[l.kernel];
+            let want = k.spec.conv_geom().is_some_and(|g| g.tma);
+            assert_eq!(l.tmaps.len(), want as usize, "{}", l.note);
+            for tm in &l.tmaps {
+                assert_eq!(tm.box_dim, [8, tile.cols, 1], "{}", l.note);
+                assert_eq!(tm.dims[0] % 8, 0, "{}", l.note);
+            }
+        }
+        s.validate().unwrap();
+        let _ = check_step_of(&tag, g.clone(), prec);
+        let logits = |p: Prec, tag: &str| infer_logits(&g, &ri, p, tag);
+        assert!(
+            logits(prec, &format!("{tag}-infer"))
+                == logits(Prec { tma: false, ..prec }, &format!("{tag}-cp-infer")),
+            "{tag}: TMA's inference logits differ from cp.async's"
         );
     }
 }

@@ -87,6 +87,26 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 ///   `wgmma.commit_group`, `wgmma.wait_group N`.
 /// - `wrnc_fence_proxy_async()`: this thread's earlier shared-memory writes (stores,
 ///   `cp.async`) become visible to the async proxy that `wgmma` reads through.
+/// - `wrnc_wgmma_desc_ls(base, p, lbo, sbo)`: as `wrnc_wgmma_desc` with a leading (K) byte
+///   offset `lbo` and a stride (M/N) byte offset `sbo` of the caller's.
+///
+/// The tensor memory accelerator (TMA, `--tma`):
+/// - `wrnc_tmap`: an opaque 128-byte, 64-byte aligned `CUtensorMap`, passed to a kernel by
+///   value as a `const __grid_constant__` parameter (the host encodes it,
+///   `cuTensorMapEncodeTiled`).
+/// - `wrnc_mbar_init(bar, count)`: initialises the shared-memory `mbarrier` `bar` (8 bytes,
+///   8-byte aligned) for `count` arrivals per phase, current phase 0;
+///   `wrnc_mbar_fence_init()` makes the initialisation visible to the async proxy (then a
+///   `__syncthreads` to the block) before any use.
+/// - `wrnc_mbar_expect_tx(bar, bytes)`: one arrival that also expects `bytes` more of
+///   transactions in the current phase; the phase completes when every arrival and byte is in.
+/// - `wrnc_mbar_wait(bar, parity)`: waits until the phase of parity `parity` (0 for phases
+///   0, 2, ...) has completed; the bytes it counted are then visible to the waiting thread and
+///   to the `wgmma` it issues.
+/// - `wrnc_tma_load_3d(dst, map, c0, c1, c2, bar)`: copies the box of `map` at element
+///   coordinates `(c0, c1, c2)` (innermost first) into shared memory at `dst` (128-byte
+///   aligned), densely, innermost first; elements outside the tensor land as zeros. It counts
+///   the box's bytes as transactions on `bar`.
 fn wgmma_cuh() -> String {
     let mut s = String::from(
         r#"
@@ -109,6 +129,37 @@ __device__ __forceinline__ void wrnc_wgmma_wait() {
 }
 __device__ __forceinline__ void wrnc_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ unsigned long long wrnc_wgmma_desc_ls(const void* base, const void* p, unsigned lbo, unsigned sbo) {
+    (void)base;
+    const unsigned long long a = wrnc_smem_addr(p);
+    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
+struct __align__(64) wrnc_tmap {
+    unsigned long long w[16];
+};
+__device__ __forceinline__ void wrnc_mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(wrnc_smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void wrnc_mbar_fence_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void wrnc_mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(wrnc_smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void wrnc_mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done = 0;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(wrnc_smem_addr(bar)), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 ::"r"(wrnc_smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(wrnc_smem_addr(bar))
+                 : "memory");
 }
 "#,
     );
@@ -171,6 +222,9 @@ pub fn params(spec: &KernelSpec) -> String {
             ScalarKind::F32 => "float",
         };
         v.push(format!("{ty} {n}"));
+    }
+    for n in spec.tmap_params() {
+        v.push(format!("const __grid_constant__ wrnc_tmap {n}"));
     }
     v.join(", ")
 }
@@ -727,6 +781,9 @@ struct VecOps {
     kmajor: bool,
     /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; only with `kmajor`).
     wgmma: bool,
+    /// B (the packed weight, no prologue) by the tensor memory accelerator from the kernel's
+    /// `tmw` tensor map ([`ConvGeom::tma`]; only with `wgmma`).
+    tma: bool,
     /// The stage ring in shared memory ([`ConvGeom::async_smem`] for this pass).
     smem: AsyncSmem,
     a: VecOperand,
@@ -827,7 +884,21 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         (&v.a, "As_", r, "mm", "blockIdx.x", "M"),
         (&v.b, "Bs_", c, "jj", "blockIdx.y", "NC"),
     ];
+    // B by TMA: 4 boxes of 8 reduction indices x `c` rows, each a core-matrix column
+    // (`c` rows of 16 bytes) at `kc * c * 8` halves in the slot, on the slot's mbarrier
+    let tma = wg && v.tma;
     let issue = |kx: &str, slot: &str| -> String {
+        let tma_b = if tma {
+            format!(
+                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                #pragma unroll\n                for (int kc_ = 0; kc_ < 4; ++kc_)\n                    wrnc_tma_load_3d(Bs_ + ({slot}) * {bs} + kc_ * {kcs}, &tmw, {kx} + kc_ * 8, blockIdx.y * {c}, g, bar_);\n            }}\n",
+                bytes = c * 64,
+                bs = c * 32,
+                kcs = c * 8,
+            )
+        } else {
+            String::new()
+        };
+        let ops = if tma { &ops[..1] } else { &ops[..] };
         ops.iter()
             .map(|(op, arr, n, idx, blk, lim)| {
                 runs(
@@ -840,6 +911,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                     ),
                 )
             })
+            .chain(std::iter::once(tma_b))
             .collect()
     };
     let transform: String = ops
@@ -903,9 +975,15 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     } else {
         format!("    __shared__ __align__(16) unsigned char smem_[{smem}];\n")
     };
+    // one mbarrier per slot, completing once per stage that TMA fills into it
+    let bars = if tma {
+        format!("    __shared__ __align__(8) unsigned long long bars_[{ns}];\n")
+    } else {
+        String::new()
+    };
     let decl = if wg {
         format!(
-            "{array}    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
+            "{array}{bars}    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
         )
     } else {
         format!(
@@ -919,22 +997,40 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         // the warpgroup's A rows (128-row tiles: one m64 slab each) or B columns (64-row
         // tiles: half the columns each), in halves from the slot's start; a k16 step is two
         // core matrices (128 halves) along K
+        // B as TMA lands it: core matrices 64 halves (128 bytes) apart along N, core-matrix
+        // columns `c * 8` halves apart along K (leading byte offset `c * 16`, stride 128)
+        let (ncore, kcore) = if tma { (64, c * 8) } else { (256, 64) };
         let (a0, b0) = if r >= 128 {
             ("(warp >> 2) * 2048".to_string(), "0".to_string())
         } else {
-            ("0".to_string(), format!("(warp >> 2) * {}", wtn / 8 * 256))
+            (
+                "0".to_string(),
+                format!("(warp >> 2) * {}", wtn / 8 * ncore),
+            )
+        };
+        let bdesc = if tma {
+            format!(
+                "wrnc_wgmma_desc_ls(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * {kstep}, {lbo}, 128)",
+                bs_ = c * 32,
+                kstep = 2 * kcore,
+                lbo = c * 16,
+            )
+        } else {
+            format!(
+                "wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 128)",
+                bs_ = c * 32
+            )
         };
         format!(
             r#"        wrnc_wgmma_fence();
         #pragma unroll
         for (int ks = 0; ks < 2; ++ks)
-            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 128), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 128));
+            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 128), {bdesc});
         wrnc_wgmma_commit();
         wrnc_wgmma_wait<{lag}>();
         wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
 "#,
             as_ = r * 32,
-            bs_ = c * 32,
         )
     } else {
         format!(
@@ -953,7 +1049,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     format!(
         r#"{header} {{
-{consts}{decl}{prelude}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
+{consts}{decl}{prelude}{init}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
     for (int s_ = 0; s_ < {pre}; ++s_) {{
         if (s_ < NK_) {{
 {first}        }}
@@ -962,7 +1058,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     for (int kt = 0; kt < NK_; ++kt) {{
         const int slot_ = kt % {ns};
         wrnc_cp_async_wait<{inflight}>();
-{transform}{fence}        __syncthreads();
+{tma_wait}{transform}{fence}        __syncthreads();
         {{
             const int kn_ = kt + {pre};
             if (kn_ < NK_) {{
@@ -987,6 +1083,18 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         },
         pre = ns - 1 - lag,
         inflight = ns - 2 - lag,
+        // the mbarriers are initialised and published (to the threads and to TMA's async
+        // proxy) before the first copy; stage `kt` is the `kt / ns`-th phase of its slot's
+        init = if tma {
+            format!("    if (tid == 0) {{\n        for (int i = 0; i < {ns}; ++i) wrnc_mbar_init(&bars_[i], 1);\n        wrnc_mbar_fence_init();\n    }}\n    __syncthreads();\n")
+        } else {
+            String::new()
+        },
+        tma_wait = if tma {
+            format!("        wrnc_mbar_wait(&bars_[slot_], (kt / {ns}) & 1);\n")
+        } else {
+            String::new()
+        },
         drain = if lag > 0 {
             format!("    wrnc_wgmma_wait<0>();\n    wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);\n")
         } else {
@@ -1138,6 +1246,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
                 wgmma: g.wgmma,
+                tma: g.tma,
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "x",
@@ -1234,6 +1343,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
                 wgmma: g.wgmma,
+                tma: g.tma,
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "dy",
@@ -1328,6 +1438,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let vec = g.vec.then(|| VecOps {
                 kmajor: false,
                 wgmma: false,
+                tma: false,
                 smem: g.async_smem(false),
                 a: VecOperand {
                     base: "dy",

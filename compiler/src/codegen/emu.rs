@@ -7,7 +7,9 @@
 //! - allocates every buffer zero-filled and loads `DIR/in/<buffer name>.bin` (raw
 //!   little-endian elements, exactly the buffer's size) where present,
 //! - writes `step` and `lr` into the `hyper` buffer (`Role::Hyper`), as the runtime does,
-//! - runs the setup launches, then the step's launches in order,
+//! - runs the setup launches, then the step's launches in order (a tensor-map argument is
+//!   encoded from its buffer by `wrnc_emu_tmap`, as the runtime encodes it with
+//!   `cuTensorMapEncodeTiled`),
 //! - writes every buffer to `DIR/out/<buffer name>.bin`.
 //!
 //! With a second argument `trace`, it also writes every buffer a launch wrote to
@@ -94,6 +96,20 @@ int main(int argc, char** argv) {
                 ScalarArg::Nesterov => "nesterov".into(),
                 ScalarArg::LabelSmoothing => "smoothing".into(),
             });
+        }
+        for t in &l.tmaps {
+            let a = &l.buffers[t.buffer];
+            args.push(format!(
+                "wrnc_emu_tmap(((unsigned short*)B[{}].data()) + {}, {}ull, {}ull, {}ull, {}u, {}u, {}u)",
+                a.buffer,
+                a.offset,
+                t.dims[0],
+                t.dims[1],
+                t.dims[2],
+                t.box_dim[0],
+                t.box_dim[1],
+                t.box_dim[2]
+            ));
         }
         writeln!(o, "    // {li}: {}", l.note).unwrap();
         writeln!(

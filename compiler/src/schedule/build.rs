@@ -136,6 +136,7 @@ impl<'a> B<'a> {
             grid: grid.map(|g| g as u32),
             block,
             shared: spec.dynamic_smem(),
+            tmaps: spec.tmaps(&buffers, &scalars),
             buffers,
             scalars,
             note,
@@ -172,6 +173,7 @@ impl<'a> B<'a> {
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
             g.wgmma = self.tiles.wgmma && g.vec && kmajor && tile.rows >= 64;
+            g.tma = self.tiles.tma && g.wgmma;
             g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
         let (tr, tc) = spec.conv_geom().map_or((TILE, TILE), |g| g.block_tile());
@@ -356,6 +358,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
         vec: tensor_cores && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
         wgmma: false,
         stages: 0,
+        tma: false,
     }
 }
 
@@ -367,9 +370,11 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
     }
     plan.verify().map_err(err)?;
     opts.tiles.check().map_err(err)?;
-    if opts.precision == Precision::F32 && (opts.tiles.wgmma || opts.tiles.stages != 0) {
+    if opts.precision == Precision::F32
+        && (opts.tiles.wgmma || opts.tiles.stages != 0 || opts.tiles.tma)
+    {
         return Err(err(
-            "--wgmma and --stages change the tensor-core convolutions, which run only with --precision bf16",
+            "--wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16",
         ));
     }
     let train = plan.mode == Mode::Train;

@@ -8,7 +8,7 @@
 //! layer with the same geometry and fusion, which keeps networks whose width changes block by
 //! block (PyramidNet) to a few hundred kernels.
 
-use super::Dtype;
+use super::{BufArg, Dtype, ScalarArg, TmapArg};
 use crate::graph::Pool;
 use serde::Serialize;
 
@@ -113,6 +113,14 @@ pub struct ConvGeom {
     /// suffix `_s<n>` when not 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub stages: u32,
+    /// The weight operand (B) of a `wgmma` pass arrives by the tensor memory accelerator
+    /// (only with `wgmma`; see [`super::Tiles::tma`]): per stage, thread 0 issues one
+    /// `cp.async.bulk.tensor` of 8 reduction indices x `tile.cols` rows for each of the
+    /// stage's 4 core-matrix columns, completing on the slot's `mbarrier`, and the launch
+    /// passes the weight's tensor map ([`super::TmapArg`]) by value. Changes no value. Name
+    /// suffix `_tma`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tma: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -266,7 +274,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -287,7 +295,8 @@ impl ConvGeom {
                 format!("_s{}", self.stages)
             } else {
                 String::new()
-            }
+            },
+            if self.tma { "_tma" } else { "" },
         )
     }
 
@@ -581,6 +590,58 @@ impl KernelSpec {
             | KernelSpec::ConvBwdWeight { g, .. } => Some(g),
             _ => None,
         }
+    }
+
+    /// Names of the kernel's tensor-map parameters, after its scalars: `tmw` (the packed bf16
+    /// weight `w`) for a forward or data-gradient convolution with [`ConvGeom::tma`].
+    pub fn tmap_params(&self) -> Vec<&'static str> {
+        match self {
+            KernelSpec::ConvFwd { g, .. } | KernelSpec::ConvBwdData { g, .. } if g.tma => {
+                vec!["tmw"]
+            }
+            _ => vec![],
+        }
+    }
+
+    /// The tensor maps a launch of this kernel with `buffers` and `scalars` passes
+    /// ([`KernelSpec::tmap_params`]). The weight is the packed `[g][row][k]` matrix the pass
+    /// reads ([`KernelSpec::PackWeight`]): `dims = [k, rows per group, groups]` with `k` the
+    /// reduction length (`ICG * K * K` forward, `OCG * K * K` for the data gradient) and
+    /// `rows` the B operand's columns (`OCG` forward, `ICG` data gradient); the box is 8
+    /// reduction indices of `tile.cols` rows, one core-matrix column of a stage's B tile.
+    pub fn tmaps(&self, buffers: &[BufArg], scalars: &[ScalarArg]) -> Vec<TmapArg> {
+        let (g, fwd) = match self {
+            KernelSpec::ConvFwd { g, .. } if g.tma => (g, true),
+            KernelSpec::ConvBwdData { g, .. } if g.tma => (g, false),
+            _ => return vec![],
+        };
+        let (params, names) = self.signature();
+        let int = |name: &str| -> u64 {
+            names
+                .iter()
+                .zip(scalars)
+                .find(|((n, _), _)| *n == name)
+                .map_or(0, |(_, s)| match *s {
+                    ScalarArg::I32(v) => v.max(0) as u64,
+                    _ => 0,
+                })
+        };
+        let (icg, ocg) = (int("IC") / g.groups as u64, int("OC") / g.groups as u64);
+        let kk = (g.k * g.k) as u64;
+        let (red, rows) = if fwd {
+            (icg * kk, ocg)
+        } else {
+            (ocg * kk, icg)
+        };
+        let Some(w) = params.iter().position(|p| p.name == "w") else {
+            return vec![];
+        };
+        debug_assert!(w < buffers.len());
+        vec![TmapArg {
+            buffer: w,
+            dims: [red, rows, g.groups as u64],
+            box_dim: [8, g.tile.cols, 1],
+        }]
     }
 
     /// [`KernelSpec::conv_geom`], mutable.

@@ -193,8 +193,33 @@ pub struct Launch {
     pub shared: u32,
     pub buffers: Vec<BufArg>,
     pub scalars: Vec<ScalarArg>,
+    /// Tensor maps passed by value after the scalars, in [`KernelSpec::tmap_params`] order
+    /// (empty unless the kernel loads an operand by TMA, [`ConvGeom::tma`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tmaps: Vec<TmapArg>,
     /// The graph node this launch belongs to, and what part of it (`fwd`, `bwd_data`, ...).
     pub note: String,
+}
+
+/// A tensor map argument (a `CUtensorMap` the host encodes with `cuTensorMapEncodeTiled`, a
+/// kernel's `const __grid_constant__ wrnc_tmap` parameter): a dense bf16 tensor of up to 3
+/// dimensions, innermost first, inside one of the launch's buffer arguments.
+///
+/// Invariants (checked by [`Schedule::validate`]): `buffer` indexes `Launch::buffers` and that
+/// argument is bf16 and holds at least `dims[0] * dims[1] * dims[2]` elements; `dims[0]` is a
+/// multiple of 8 (every row starts 16-byte aligned, as TMA requires); `1 <= box_dim[i] <= 256`
+/// and `box_dim[0] * 2` is a multiple of 16 bytes. A box may hang over the tensor's edge: TMA
+/// fills the elements outside it with zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TmapArg {
+    /// Index into the launch's `buffers` of the tensor.
+    pub buffer: usize,
+    /// Elements per dimension, innermost first; strides are dense (`dims[0] * 2` bytes, then
+    /// `dims[0] * dims[1] * 2`).
+    pub dims: [u64; 3],
+    /// Elements one copy moves per dimension (the box), landing in shared memory innermost
+    /// first, densely: element `(i0, i1, i2)` at `((i2 * box[1]) + i1) * box[0] + i0`.
+    pub box_dim: [u32; 3],
 }
 
 /// A trainable tensor's slot in the `params` / `grads` / `momentum` arenas.
@@ -304,6 +329,12 @@ pub struct Tiles {
     /// kernel in and checks the GPU's limit). Checked by [`Tiles::check`].
     #[serde(skip_serializing_if = "is_zero_u32")]
     pub stages: u32,
+    /// With `wgmma`: the weight operand of the warpgroup-MMA convolutions arrives by Hopper's
+    /// tensor memory accelerator (one `cp.async.bulk.tensor` per 8 reduction indices of a
+    /// stage, completing on an `mbarrier`) instead of per-thread `cp.async` ([`ConvGeom::tma`]).
+    /// Off by default; meaningless without `wgmma`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tma: bool,
 }
 
 fn is_zero_u32(v: &u32) -> bool {
@@ -318,11 +349,15 @@ impl Tiles {
             by_key: Default::default(),
             wgmma: false,
             stages: 0,
+            tma: false,
         }
     }
 
-    /// `stages` is 0 or within 2 to [`kernel::MAX_STAGES`].
+    /// `stages` is 0 or within 2 to [`kernel::MAX_STAGES`]; `tma` only with `wgmma`.
     pub fn check(&self) -> Result<(), String> {
+        if self.tma && !self.wgmma {
+            return Err("--tma feeds Hopper's warpgroup MMA: it needs --wgmma".to_string());
+        }
         if self.stages != 0 && !(2..=kernel::MAX_STAGES).contains(&self.stages) {
             return Err(format!(
                 "{} pipeline stages: the tensor-core engine takes 2 to {}",
@@ -482,6 +517,36 @@ impl Schedule {
                         p.0,
                         s.kind()
                     ));
+                }
+            }
+            let tnames = k.spec.tmap_params();
+            if tnames.len() != l.tmaps.len() {
+                return Err(format!(
+                    "launch {li} ({}): {} tensor maps, kernel {} wants {}",
+                    l.note,
+                    l.tmaps.len(),
+                    k.name,
+                    tnames.len()
+                ));
+            }
+            for (t, name) in l.tmaps.iter().zip(tnames) {
+                let bad = |why: &str| format!("launch {li} ({}): tensor map {name} {why}", l.note);
+                let a = l
+                    .buffers
+                    .get(t.buffer)
+                    .ok_or_else(|| bad("has no buffer"))?;
+                let b = &self.buffers[a.buffer];
+                if b.dtype != Dtype::Bf16 {
+                    return Err(bad("is not over a bf16 buffer"));
+                }
+                if t.dims.iter().product::<u64>() > a.len || t.dims.contains(&0) {
+                    return Err(bad("is larger than its buffer argument"));
+                }
+                if t.dims[0] % 8 != 0 || (a.offset * 2) % 16 != 0 {
+                    return Err(bad("is not 16-byte aligned"));
+                }
+                if t.box_dim.iter().any(|&d| d == 0 || d > 256) || (t.box_dim[0] * 2) % 16 != 0 {
+                    return Err(bad("has a box TMA cannot move"));
                 }
             }
         }
