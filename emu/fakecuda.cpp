@@ -51,6 +51,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_emu_tma.h"
+
 #ifndef WRNC_FAKE_EMU_DIR
 #error "build with -DWRNC_FAKE_EMU_DIR='\"<repo>/emu\"'"
 #endif
@@ -243,7 +245,7 @@ void* load_so(const std::string& src, std::string& err) {
     // the emulation headers are part of the key: a changed header rebuilds every module
     // (and the wrapper's version: v2 passes dynamic shared memory)
     std::string key = src + "\n//fakecuda wrapper v2\n";
-    for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h"}) {
+    for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h", "/cuda_emu_tma.h"}) {
         if (FILE* f = std::fopen((std::string(WRNC_FAKE_EMU_DIR) + h).c_str(), "rb")) {
             char buf[4096];
             for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) key.append(buf, n);
@@ -454,6 +456,37 @@ API CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, std::size_t n) {
 }
 
 // ---- modules and launches ----
+
+// The emulation's tensor map (emu/cuda_emu_tma.h), with what the real driver requires of the
+// arguments wrnc passes; the tensor must also lie inside one live allocation (the real driver
+// does not check that, but a TMA copy outside it would fault).
+API CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* addr, const std::uint64_t* dims,
+                                    const std::uint64_t* strides, const unsigned* box, const unsigned* elem_strides,
+                                    int interleave, int swizzle, int l2, int oob) {
+    std::lock_guard l(g_mu);
+    if (!map || reinterpret_cast<std::uintptr_t>(map) % 64 != 0)
+        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: tensor map not 64-byte aligned");
+    unsigned elem = 0;
+    switch (dtype) {
+        case 1: case 6: case 9: elem = 2; break;  // UINT16, FLOAT16, BFLOAT16
+        case 7: elem = 4; break;                  // FLOAT32
+        default: return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: data type");
+    }
+    if (interleave != 0 || swizzle != 0 || oob != 0 || l2 < 0 || l2 > 3)
+        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: only interleave/swizzle/oob-fill none are emulated");
+    for (unsigned i = 0; i < rank && i < 5; ++i)
+        if (elem_strides[i] != 1) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: element strides other than 1");
+    wrnc_tmap t;
+    if (const char* e = wrnc_emu_tma::encode(&t, addr, rank, elem, dims, strides, box)) {
+        std::fprintf(stderr, "fakecuda: cuTensorMapEncodeTiled: %s\n", e);
+        return INVALID_VALUE;
+    }
+    const std::uint64_t begin = t.w[1], end = wrnc_emu_tma::extent(t);
+    if (!find((CUdeviceptr)begin, end - begin))
+        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: the tensor is not inside one allocation");
+    std::memcpy(map, &t, sizeof t);
+    return OK;
+}
 
 API CUresult cuModuleLoadDataEx(void** mod, const void* image, unsigned nopt, int* opts, void** vals) {
     std::lock_guard l(g_mu);

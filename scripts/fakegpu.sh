@@ -10,7 +10,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 home="${WRNC_FAKE_HOME:-${TMPDIR:-/tmp}/wrnc-fakegpu-$(id -u)}"
 mkdir -p "$home"
 lib="$home/libwrnc_fakecuda.so"
-if [ ! -f "$lib" ] || [ "$root/emu/fakecuda.cpp" -nt "$lib" ]; then
+if [ ! -f "$lib" ] || [ "$root/emu/fakecuda.cpp" -nt "$lib" ] || [ "$root/emu/cuda_emu_tma.h" -nt "$lib" ]; then
     g++ -O1 -std=c++20 -shared -fPIC -pthread -DWRNC_FAKE_EMU_DIR="\"$root/emu\"" \
         "$root/emu/fakecuda.cpp" -o "$lib.tmp" -ldl
     mv "$lib.tmp" "$lib"

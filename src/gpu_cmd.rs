@@ -598,11 +598,11 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         rows: 128,
         cols: 64,
     };
-    // (mode, tile, launches only, stages, wgmma)
+    // (mode, tile, launches only, stages, wgmma, tma)
     let mut vec8_checks = vec![];
     for (tile, stages) in [(t128, 4), (t128x64, 5)] {
         for mode in [Mode::Train, Mode::Infer] {
-            vec8_checks.push((mode, tile, false, stages, false));
+            vec8_checks.push((mode, tile, false, stages, false, false));
         }
     }
     // Hopper's warpgroup MMA (`--wgmma`) on a Hopper GPU: the fused training step and
@@ -610,17 +610,24 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     // training step's launches at 128x128 (n128), with 2 stages and with 4 (dynamic)
     if gpu.info().compute_capability == (9, 0) {
         vec8_checks.extend([
-            (Mode::Train, TcTile::DEFAULT, false, 0, true),
-            (Mode::Infer, TcTile::DEFAULT, false, 0, true),
-            (Mode::Train, t128, true, 0, true),
-            (Mode::Train, t128, true, 4, true),
+            (Mode::Train, TcTile::DEFAULT, false, 0, true, false),
+            (Mode::Infer, TcTile::DEFAULT, false, 0, true, false),
+            (Mode::Train, t128, true, 0, true, false),
+            (Mode::Train, t128, true, 4, true, false),
+            // the weight operand by the tensor memory accelerator (`--tma`): the same
+            // training step and inference, and a 4-stage ring that keeps a wgmma in flight
+            // while TMA refills a slot
+            (Mode::Train, TcTile::DEFAULT, false, 0, true, true),
+            (Mode::Infer, TcTile::DEFAULT, false, 0, true, true),
+            (Mode::Train, t128, true, 4, true, true),
         ]);
     }
-    for (mode, tile, launches_only, stages, wgmma) in vec8_checks {
+    for (mode, tile, launches_only, stages, wgmma, tma) in vec8_checks {
         jobs.push(Job {
             label: format!(
-                "vec8{}{} tile {tile}",
+                "vec8{}{}{} tile {tile}",
                 if wgmma { " wgmma" } else { "" },
+                if tma { " tma" } else { "" },
                 if stages != 0 {
                     format!(" stages {stages}")
                 } else {
@@ -635,6 +642,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             tiles: schedule::Tiles {
                 wgmma,
                 stages,
+                tma,
                 ..schedule::Tiles::all(tile)
             },
             launches_only,
@@ -679,11 +687,15 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         .flatten()
         .filter_map(|(s, f)| exec::module_source(s, f).ok())
         .collect();
-    // a wgmma check whose schedule has no wgmma kernel, or a stages check none of whose
-    // launches uses dynamic shared memory, would check nothing of it
+    // a wgmma check whose schedule has no wgmma kernel, a tma check none of whose launches
+    // passes a tensor map, or a stages check none of whose launches uses dynamic shared
+    // memory, would check nothing of it
     for (j, b) in jobs.iter().zip(&built) {
         let missing = match b {
             Some((s, _)) if j.tiles.wgmma && !s.uses_wgmma() => Some("no wgmma kernel"),
+            Some((s, _)) if j.tiles.tma && s.launches.iter().all(|l| l.tmaps.is_empty()) => {
+                Some("no launch with a tensor map")
+            }
             Some((s, _)) if j.tiles.stages != 0 && s.launches.iter().all(|l| l.shared == 0) => {
                 Some("no launch with dynamic shared memory")
             }

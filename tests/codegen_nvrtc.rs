@@ -542,3 +542,69 @@ fn deep_pipelines_of_wrn_28_10_compile_in_dynamic_shared_memory() {
         );
     }
 }
+
+/// The weight operand by Hopper's tensor memory accelerator (`Tiles::tma`) in WRN-28-10's bf16
+/// training step compiles for sm_90a with real NVRTC and ptxas, at the default tile (3 stages)
+/// and at 128x64 with 4 (dynamic shared memory, a wgmma in flight): every `wgmma` kernel and
+/// only those take a tensor map and issue `cp.async.bulk.tensor` on `mbarrier`s, with no
+/// spills, no stack frame and no ptxas note (a serialized wgmma would be one), and at most 64
+/// bytes of mbarriers beside the ring.
+#[test]
+fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    let g = graph("WRN-28-10");
+    let t = |rows, cols| schedule::TcTile { rows, cols };
+    for (tile, stages) in [(schedule::TcTile::DEFAULT, 0), (t(128, 64), 4)] {
+        let opts = Options {
+            batch: 128,
+            precision: Precision::Bf16,
+            tiles: schedule::Tiles {
+                wgmma: true,
+                tma: true,
+                stages,
+                ..schedule::Tiles::all(tile)
+            },
+            ..Options::default()
+        };
+        let s = schedule::build(&g, &opts).unwrap();
+        let src = cuda::write(&s, &opts).unwrap();
+        let arch = s.nvrtc_arch("sm_90");
+        assert_eq!(arch, "sm_90a");
+        let ptx = nvrtc::compile_ptx(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
+        assert!(ptx.contains(
+            "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        ));
+        assert!(ptx.contains("mbarrier.try_wait.parity.shared::cta.b64"));
+        let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
+        let mut tma = 0;
+        for k in &r {
+            let spec = &s.kernels.iter().find(|x| x.name == k.name).unwrap().spec;
+            let g = spec.conv_geom();
+            assert_eq!(
+                g.is_some_and(|g| g.tma),
+                g.is_some_and(|g| g.wgmma),
+                "{}",
+                k.name
+            );
+            assert_eq!(spec.tmap_params().len(), g.is_some_and(|g| g.tma) as usize);
+            assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
+            assert_eq!(k.stack_frame, 0, "{tile}: {k:?}");
+            assert!(k.notes.is_empty(), "{tile}: {k:?}");
+            if g.is_some_and(|g| g.tma) {
+                tma += 1;
+                let ring = g.unwrap().async_smem(true);
+                let stat = if ring.dynamic { 0 } else { ring.bytes as u64 };
+                assert!(k.shared <= stat + 64 + 4096, "{tile}: {k:?}");
+            }
+        }
+        assert!(tma >= 20, "{tile} s{stages}: {tma} TMA kernels");
+        let most = r.iter().max_by_key(|k| k.registers).unwrap();
+        eprintln!(
+            "sm_90a tile {tile} stages {stages}: {tma} TMA kernels, most registers {} ({})",
+            most.registers, most.name
+        );
+    }
+}

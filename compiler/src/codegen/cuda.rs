@@ -147,14 +147,13 @@ __device__ __forceinline__ void wrnc_mbar_fence_init() {
 __device__ __forceinline__ void wrnc_mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(wrnc_smem_addr(bar)), "r"(bytes) : "memory");
 }
+// The spin loop is inside the asm block (its label is local to the braces): a loop in C++
+// would sit, for NVVM, between a wgmma's issue and its wait (a wgmma in flight), and ptxas
+// then serializes the wgmma (C7515) for the accumulator copies NVVM places around it.
 __device__ __forceinline__ void wrnc_mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned done = 0;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(wrnc_smem_addr(bar)), "r"(parity)
-                     : "memory");
-    } while (!done);
+    asm volatile("{\n.reg .pred p;\nwrnc_mbar_wait_again:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra wrnc_mbar_wait_again;\n}\n"
+                 ::"r"(wrnc_smem_addr(bar)), "r"(parity)
+                 : "memory");
 }
 __device__ __forceinline__ void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, unsigned long long* bar) {
     asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
@@ -1049,7 +1048,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     format!(
         r#"{header} {{
-{consts}{decl}{prelude}{init}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
+{consts}{decl}{prelude}{pin}{init}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
     for (int s_ = 0; s_ < {pre}; ++s_) {{
         if (s_ < NK_) {{
 {first}        }}
@@ -1083,6 +1082,15 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         },
         pre = ns - 1 - lag,
         inflight = ns - 2 - lag,
+        // the prelude's zero accumulators pinned in registers before the loop: else NVVM may
+        // set them late, on the path that skips an empty reduction, where it joins the
+        // loop's exit before the drain's wait; ptxas then sees accumulators defined under an
+        // in-flight wgmma and serializes every wgmma of the kernel (C7515)
+        pin = if lag > 0 {
+            format!("    wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);\n")
+        } else {
+            String::new()
+        },
         // the mbarriers are initialised and published (to the threads and to TMA's async
         // proxy) before the first copy; stage `kt` is the `kt / ns`-th phase of its slot's
         init = if tma {

@@ -485,6 +485,51 @@ impl Gpu {
         )
     }
 
+    /// Encodes the tensor map of a dense bf16 tensor at `addr` (innermost dimension first,
+    /// [`ArgValue::TensorMap`]) into `slot` with `cuTensorMapEncodeTiled`: no interleave or
+    /// swizzle, element strides 1, zeros outside the tensor.
+    fn encode_tensor_map(
+        &self,
+        slot: &mut ArgSlot,
+        addr: u64,
+        dims: [u64; 3],
+        box_dim: [u32; 3],
+    ) -> Result<(), CudaError> {
+        let encode = self.api().tensor_map_encode_tiled.ok_or_else(|| CudaError::Call {
+            call: "cuTensorMapEncodeTiled".into(),
+            code: 0,
+            name: "missing".into(),
+            message: format!(
+                "the CUDA driver {} has no cuTensorMapEncodeTiled (TMA needs a CUDA 12.0 or later driver); run without --tma",
+                self.api().path
+            ),
+        })?;
+        let strides = [dims[0] * 2, dims[0] * dims[1] * 2];
+        let elem_strides = [1u32; 3];
+        // SAFETY: `slot` is 128 writable, 64-byte aligned bytes; the arrays hold `rank` (3)
+        // dimensions and `rank - 1` strides, as the prototype reads them.
+        let r = unsafe {
+            encode(
+                slot.0.as_mut_ptr() as *mut c_void,
+                driver::TENSOR_MAP_BF16,
+                3,
+                addr as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                box_dim.as_ptr(),
+                elem_strides.as_ptr(),
+                0,
+                0,
+                driver::TENSOR_MAP_L2_128B,
+                0,
+            )
+        };
+        self.api().check(
+            r,
+            &format!("cuTensorMapEncodeTiled(bf16 {dims:?} at {addr:#x}, box {box_dim:?})"),
+        )
+    }
+
     /// Launches function `index` of `module` on the stream with `args` (packed per [`super::layout::pack`]).
     #[allow(clippy::too_many_arguments)]
     pub fn launch(
@@ -506,16 +551,36 @@ impl Gpu {
                 note: note.to_string(),
                 detail: format!("no function {index} in the module"),
             })?;
-        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
-        let mut ptrs: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
         let fail = |e: CudaError| CudaError::Launch {
             kernel: kernel.to_string(),
             note: note.to_string(),
             detail: e.to_string(),
         };
+        // one 64-byte aligned, 128-byte slot per argument: a scalar or pointer in its first 8
+        // bytes, a tensor map (which must be 64-byte aligned) in all of it
+        let mut slots: Vec<ArgSlot> = Vec::with_capacity(args.len());
+        for a in args {
+            let mut s = ArgSlot([0; 16]);
+            match (a.slot(), a) {
+                (Some(v), _) => s.0[0] = v,
+                (
+                    None,
+                    &ArgValue::TensorMap {
+                        addr,
+                        dims,
+                        box_dim,
+                    },
+                ) => self
+                    .encode_tensor_map(&mut s, addr, dims, box_dim)
+                    .map_err(fail)?,
+                (None, _) => unreachable!("only tensor maps have no 8-byte slot"),
+            }
+            slots.push(s);
+        }
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut ArgSlot as *mut c_void)
+            .collect();
         // SAFETY: `f` comes from a loaded module (kept alive by `module`); `ptrs` holds one pointer per kernel
         // parameter (the schedule was validated against the kernel's signature), each to an
         // 8-byte slot that outlives the call (the driver copies the values).
@@ -631,3 +696,8 @@ impl Gpu {
         )
     }
 }
+
+/// One kernel argument as `cuLaunchKernel` reads it: 128 bytes, 64-byte aligned (a
+/// `CUtensorMap`'s size and alignment; a scalar or pointer uses the first 8).
+#[repr(C, align(64))]
+struct ArgSlot([u64; 16]);

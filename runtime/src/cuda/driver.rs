@@ -118,7 +118,31 @@ pub struct Api {
     pub graph_destroy: unsafe extern "C" fn(Handle) -> CuResult,
     pub error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     pub error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    /// `cuTensorMapEncodeTiled` (CUDA 12.0+ drivers; `None` in older ones): only launches
+    /// with a tensor map (`--tma`) need it.
+    #[allow(clippy::type_complexity)]
+    pub tensor_map_encode_tiled: Option<
+        unsafe extern "C" fn(
+            *mut c_void,
+            c_int,
+            c_uint,
+            *mut c_void,
+            *const u64,
+            *const u64,
+            *const c_uint,
+            *const c_uint,
+            c_int,
+            c_int,
+            c_int,
+            c_int,
+        ) -> CuResult,
+    >,
 }
+
+/// `CU_TENSOR_MAP_DATA_TYPE_BFLOAT16`.
+pub const TENSOR_MAP_BF16: c_int = 9;
+/// `CU_TENSOR_MAP_L2_PROMOTION_L2_128B`.
+pub const TENSOR_MAP_L2_128B: c_int = 2;
 
 // SAFETY: the driver API is thread-safe; the struct holds only function pointers and the
 // library handle.
@@ -209,6 +233,10 @@ pub fn load_from(candidates: &[PathBuf]) -> Result<Api, CudaError> {
             graph_destroy: sym!("cuGraphDestroy"),
             error_name: sym!("cuGetErrorName"),
             error_string: sym!("cuGetErrorString"),
+            // SAFETY: the driver API's documented prototype of cuTensorMapEncodeTiled.
+            tensor_map_encode_tiled: unsafe { lib.get(b"cuTensorMapEncodeTiled\0") }
+                .ok()
+                .map(|s| *s),
             path,
             _lib: lib,
         };

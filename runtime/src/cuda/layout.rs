@@ -171,17 +171,27 @@ pub enum ArgValue {
     I32(i32),
     U32(u32),
     F32(f32),
+    /// A `CUtensorMap` passed by value (128 bytes), to be encoded at launch
+    /// (`cuTensorMapEncodeTiled`) from the dense bf16 tensor at device address `addr`
+    /// ([`wrnc_compiler::schedule::TmapArg`]).
+    TensorMap {
+        addr: u64,
+        dims: [u64; 3],
+        box_dim: [u32; 3],
+    },
 }
 
 impl ArgValue {
     /// The argument as the 8-byte slot `cuLaunchKernel` reads it from: pointers as 64 bits,
-    /// 32-bit scalars in the low 4 bytes (little-endian), the rest zero.
-    pub fn slot(self) -> u64 {
+    /// 32-bit scalars in the low 4 bytes (little-endian), the rest zero. `None` for a tensor
+    /// map, which the launch encodes into 128 bytes of its own.
+    pub fn slot(self) -> Option<u64> {
         match self {
-            ArgValue::Ptr(p) => p,
-            ArgValue::I32(v) => v as u32 as u64,
-            ArgValue::U32(v) => v as u64,
-            ArgValue::F32(v) => v.to_bits() as u64,
+            ArgValue::Ptr(p) => Some(p),
+            ArgValue::I32(v) => Some(v as u32 as u64),
+            ArgValue::U32(v) => Some(v as u64),
+            ArgValue::F32(v) => Some(v.to_bits() as u64),
+            ArgValue::TensorMap { .. } => None,
         }
     }
 }
@@ -230,6 +240,22 @@ pub fn pack(
             ScalarArg::WeightDecay => ArgValue::F32(h.weight_decay),
             ScalarArg::Nesterov => ArgValue::I32(h.nesterov as i32),
             ScalarArg::LabelSmoothing => ArgValue::F32(h.label_smoothing),
+        });
+    }
+    for t in &l.tmaps {
+        let addr = match v.get(t.buffer) {
+            Some(&ArgValue::Ptr(p)) if t.buffer < l.buffers.len() => p,
+            _ => {
+                return Err(CudaError::Plan(format!(
+                    "{}: tensor map over no buffer argument",
+                    l.note
+                )))
+            }
+        };
+        v.push(ArgValue::TensorMap {
+            addr,
+            dims: t.dims,
+            box_dim: t.box_dim,
         });
     }
     Ok(v)
