@@ -119,6 +119,27 @@ fn commands_and_exit_codes() {
         "only with --precision bf16",
     );
     check(
+        &["compile", "WRN-10-1", "--tma", "--emit", "cuda"],
+        2,
+        "--wgmma, --tma and --stages change the tensor-core convolutions",
+    );
+    // --tma implies --wgmma, so it too needs sm_90
+    check(
+        &[
+            "compile",
+            "WRN-10-1",
+            "--precision",
+            "bf16",
+            "--tma",
+            "--arch",
+            "sm_80",
+            "--emit",
+            "ptx",
+        ],
+        2,
+        "--wgmma needs sm_90",
+    );
+    check(
         &[
             "run",
             "WRN-10-1",
@@ -349,6 +370,45 @@ fn compile_emits_ptxas_resources() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("ptxas sm_90a:"), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("_v8_wg"));
+    // --tma: the wgmma kernels take the weight's tensor map and load it with TMA, and the
+    // schedule's launches carry the maps
+    let o = wrnc(&[
+        "compile",
+        "WRN-10-1",
+        "--precision",
+        "bf16",
+        "--batch",
+        "4",
+        "--tma",
+        "--emit",
+        "cuda",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let cu = String::from_utf8_lossy(&o.stdout);
+    assert!(cu.contains("_v8_wg_tma(") && cu.contains("const __grid_constant__ wrnc_tmap tmw"));
+    assert!(cu.contains("wrnc_tma_load_3d(") && cu.contains("wrnc_mbar_wait("));
+    let o = wrnc(&[
+        "compile",
+        "WRN-10-1",
+        "--precision",
+        "bf16",
+        "--batch",
+        "4",
+        "--tma",
+        "--emit",
+        "schedule",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    let maps: Vec<_> = v["launches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.get("tmaps"))
+        .collect();
+    assert!(maps.len() >= 4, "{maps:?}");
+    assert!(maps.iter().all(|m| m[0]["box_dim"][0] == 8), "{maps:?}");
     // --stages 8: 8 stages of 64x64 (80 KiB) in dynamic shared memory, which the report shows
     let o = wrnc(&[
         "compile",

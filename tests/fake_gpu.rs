@@ -576,3 +576,53 @@ fn without_device_a_usable_gpu_is_chosen_and_named() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("device: cpu (no usable GPU"), "{err}");
 }
+
+/// `wrnc bench --tma` on the fake Hopper: the runtime encodes each TMA launch's tensor map with
+/// `cuTensorMapEncodeTiled` (the fake driver refuses one not 64-byte aligned, not over one live
+/// allocation, or with a box TMA cannot move), captures the step as a graph with the maps
+/// in the launch arguments, and the JSON says which engine ran; `--tma` implies `--wgmma`, and
+/// with f32 it is refused.
+#[test]
+fn tma_bench_runs_on_the_fake_hopper() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("v8.net");
+    std::fs::write(
+        &net,
+        "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }\nbatch 4\nlr 0.05\n",
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let args = |precision: &'static str| {
+        vec![
+            "bench",
+            net.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--precision",
+            precision,
+            "--fused-only",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--tiles",
+            "default",
+            "--tma",
+            "--json",
+        ]
+    };
+    let env = [("WRNC_CACHE_DIR", cache.to_str().unwrap())];
+    let v = json(&wrnc(&args("bf16"), &env));
+    assert_eq!(v["tma"], true, "{v}");
+    assert_eq!(v["wgmma"], true, "{v}");
+    for part in ["train_step_ms", "infer_ms"] {
+        assert!(
+            v[part]["fused"].as_f64().is_some_and(|x| x > 0.0),
+            "{part}: {v}"
+        );
+    }
+    let o = wrnc(&args("f32"), &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--tma"), "{err}");
+}

@@ -68,6 +68,24 @@ fn schedules(g: &Graph, batch: u32) -> Vec<(String, Schedule)> {
                     s,
                 ));
             }
+            // bf16 with Hopper's warpgroup MMA and the weights by TMA (tensor-map arguments)
+            let opts = Options {
+                tiles: schedule::Tiles {
+                    wgmma: true,
+                    tma: true,
+                    ..Default::default()
+                },
+                layout: Default::default(),
+                mode,
+                batch,
+                precision: Precision::Bf16,
+                fusion: Fusion {
+                    unfused,
+                    disabled: vec![],
+                },
+            };
+            let s = schedule::build(g, &opts).unwrap();
+            v.push((format!("{mode:?} unfused={unfused} bf16 tma"), s));
         }
     }
     v
@@ -149,12 +167,30 @@ fn check_layout(what: &str, s: &Schedule) {
     for launch in s.setup.iter().chain(&s.launches) {
         let args = layout::pack(s, launch, &addr, &h).unwrap();
         let (bufs, scalars) = s.kernels[launch.kernel].spec.signature();
+        let tmaps = s.kernels[launch.kernel].spec.tmap_params();
         assert_eq!(
             args.len(),
-            bufs.len() + scalars.len(),
+            bufs.len() + scalars.len() + tmaps.len(),
             "{what}: {}",
             launch.note
         );
+        // a tensor map after the scalars, over its buffer argument's address
+        for (t, v) in launch.tmaps.iter().zip(&args[bufs.len() + scalars.len()..]) {
+            assert_eq!(
+                *v,
+                ArgValue::TensorMap {
+                    addr: match args[t.buffer] {
+                        ArgValue::Ptr(p) => p,
+                        _ => panic!("{what}: {}: not a pointer", launch.note),
+                    },
+                    dims: t.dims,
+                    box_dim: t.box_dim,
+                },
+                "{what}: {}",
+                launch.note
+            );
+            assert_eq!(v.slot(), None);
+        }
         for (a, v) in launch.buffers.iter().zip(&args) {
             let want = addr[a.buffer].unwrap() + a.offset * s.buffers[a.buffer].dtype.bytes();
             assert_eq!(*v, ArgValue::Ptr(want), "{what}: {}", launch.note);
@@ -218,10 +254,13 @@ fn packing_refuses_buffers_without_storage() {
 
 #[test]
 fn argument_slots_are_little_endian_low_bytes() {
-    assert_eq!(ArgValue::Ptr(0x1234_5678_9abc).slot(), 0x1234_5678_9abc);
-    assert_eq!(ArgValue::I32(-1).slot(), 0xffff_ffff);
-    assert_eq!(ArgValue::U32(7).slot(), 7);
-    assert_eq!(ArgValue::F32(1.0).slot(), 0x3f80_0000);
+    assert_eq!(
+        ArgValue::Ptr(0x1234_5678_9abc).slot(),
+        Some(0x1234_5678_9abc)
+    );
+    assert_eq!(ArgValue::I32(-1).slot(), Some(0xffff_ffff));
+    assert_eq!(ArgValue::U32(7).slot(), Some(7));
+    assert_eq!(ArgValue::F32(1.0).slot(), Some(0x3f80_0000));
 }
 
 #[test]
@@ -330,4 +369,32 @@ fn timing_summaries() {
     let e = Timing::from_samples(vec![2.0, 1.0]);
     assert_eq!(e.median_ms, 1.5);
     assert_eq!(Timing::from_samples(vec![]).runs, 0);
+}
+
+/// `Schedule::validate` holds every tensor map to what TMA can take: over a bf16 buffer
+/// argument that holds the whole tensor, rows 16-byte aligned, a box of 1 to 256 elements per
+/// dimension whose inner one is a multiple of 16 bytes.
+#[test]
+fn tensor_maps_are_validated() {
+    let (_, g) = graphs().into_iter().next().unwrap();
+    let s = schedules(&g, 2)
+        .into_iter()
+        .find(|(what, _)| what.ends_with("tma") && what.starts_with("Train"))
+        .unwrap()
+        .1;
+    s.validate().unwrap();
+    let li = s.launches.iter().position(|l| !l.tmaps.is_empty()).unwrap();
+    let broken = |f: &dyn Fn(&mut schedule::TmapArg)| {
+        let mut s = s.clone();
+        f(&mut s.launches[li].tmaps[0]);
+        s.validate().unwrap_err()
+    };
+    assert!(broken(&|t| t.dims[0] -= 4).contains("not 16-byte aligned"));
+    assert!(broken(&|t| t.dims[2] *= 1000).contains("larger than its buffer"));
+    assert!(broken(&|t| t.box_dim[1] = 512).contains("box TMA cannot move"));
+    assert!(broken(&|t| t.box_dim[0] = 4).contains("box TMA cannot move"));
+    assert!(broken(&|t| t.buffer = 99).contains("has no buffer"));
+    let mut s2 = s.clone();
+    s2.launches[li].tmaps.clear();
+    assert!(s2.validate().unwrap_err().contains("tensor maps"));
 }

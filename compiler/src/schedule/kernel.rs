@@ -1360,6 +1360,7 @@ mod tests {
             nhwc: true,
             vec: true,
             wgmma,
+            tma: false,
             stages,
         }
     }

@@ -85,8 +85,15 @@ pub struct TuneReport {
 }
 
 /// The cache file for `gpu` under the PTX cache's folder, one per engine: `-wgmma` for
-/// Hopper's warpgroup MMA, `-s<n>` for `n` pipeline stages ([`Tiles::stages`]).
-pub fn cache_path(gpu: &Gpu, cache: &PtxCache, wgmma: bool, stages: u32) -> Option<PathBuf> {
+/// Hopper's warpgroup MMA, `-tma` for its weights by TMA ([`Tiles::tma`]), `-s<n>` for `n`
+/// pipeline stages ([`Tiles::stages`]).
+pub fn cache_path(
+    gpu: &Gpu,
+    cache: &PtxCache,
+    wgmma: bool,
+    tma: bool,
+    stages: u32,
+) -> Option<PathBuf> {
     let info = gpu.info();
     let slug: String = info
         .name
@@ -107,8 +114,9 @@ pub fn cache_path(gpu: &Gpu, cache: &PtxCache, wgmma: bool, stages: u32) -> Opti
     let (ma, mi) = info.compute_capability;
     cache.root().map(|d| {
         d.join("tiles").join(format!(
-            "{slug}-sm{ma}{mi}{}{}.json",
+            "{slug}-sm{ma}{mi}{}{}{}.json",
             if wgmma { "-wgmma" } else { "" },
+            if tma { "-tma" } else { "" },
             if stages != 0 {
                 format!("-s{stages}")
             } else {
@@ -134,12 +142,14 @@ pub fn choose_tiles(
     bases: &[Options],
     mode: TileMode,
 ) -> Result<(Tiles, TuneReport), CudaError> {
-    // the engine (`wgmma`, `stages`) is the bases'; the search times candidates on it
+    // the engine (`wgmma`, `tma`, `stages`) is the bases'; the search times candidates on it
     let wgmma = bases.iter().any(|o| o.tiles.wgmma);
+    let tma = bases.iter().any(|o| o.tiles.tma);
     let stages = bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0);
     let build = |o: &Options, tiles: Tiles| {
         let tiles = Tiles {
             wgmma,
+            tma,
             stages,
             ..tiles
         };
@@ -154,7 +164,7 @@ pub fn choose_tiles(
             }
         }
     }
-    let path = cache_path(gpu, cache, wgmma, stages);
+    let path = cache_path(gpu, cache, wgmma, tma, stages);
     let mut report = TuneReport {
         mode: match mode {
             TileMode::Auto => "auto".into(),
@@ -178,6 +188,7 @@ pub fn choose_tiles(
         return Ok((
             Tiles {
                 wgmma,
+                tma,
                 stages,
                 ..Tiles::all(t)
             },
@@ -274,6 +285,7 @@ pub fn choose_tiles(
     }
     let mut tiles = Tiles {
         wgmma,
+        tma,
         stages,
         ..Tiles::default()
     };
