@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench wgmma deep train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench wgmma tma deep train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -154,6 +154,11 @@ stage_session() {
         stage_wgmma
         stage_assemble >/dev/null
     fi
+    # the weight operand by TMA (--tma, sm_90), when asked: off by default, like `deep`
+    if [ "${BENCH_TMA:-0}" = 1 ]; then
+        stage_tma
+        stage_assemble >/dev/null
+    fi
     # deep pipelines in dynamic shared memory (--stages 4), when asked: off by default so the
     # training run and the examples' selftest keep their time
     if [ "${BENCH_DEEP:-0}" = 1 ]; then
@@ -178,6 +183,15 @@ stage_wgmma() {
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_wgmma "${WGMMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --wgmma --fused-only $BENCH_ARGS --json
+}
+
+# bf16 with --tma (wgmma with the weights by the tensor memory accelerator, sm_90 only; its
+# own tile search and cache), fused only: the same bench as bench_wrnc_bf16_wgmma otherwise
+stage_tma() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_bf16_tma "${TMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+        --tma --fused-only $BENCH_ARGS --json
 }
 
 # bf16 with --stages ${DEEP_STAGES:-4} (cp.async rings beyond 48 KiB in dynamic shared memory;
@@ -330,6 +344,11 @@ if wg:
     out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
     out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
     out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
+tma = load("bench_wrnc_bf16_tma.out")
+if tma:
+    out["bf16"]["train_step_ms"]["wrnc_fused_tma"] = wr(tma, "train_step_ms", "fused")
+    out["bf16"]["infer_ms"]["wrnc_fused_tma"] = wr(tma, "infer_ms", "fused")
+    out["bf16"]["train_tflops_tma"] = (tma.get("train_tflops") or {}).get("fused")
 deep = load("bench_wrnc_bf16_deep.out")
 if deep:
     out["bf16"]["train_step_ms"]["wrnc_fused_deep"] = wr(deep, "train_step_ms", "fused")
@@ -362,9 +381,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|wgmma|deep|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|wgmma|tma|deep|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench wgmma deep train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench wgmma tma deep train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"
