@@ -128,6 +128,13 @@ fn selftest_passes_on_the_fake_gpu() {
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("stages"))
         .count();
     assert!(deep >= 9, "{deep} stages checks");
+    // the weights by TMA (`--tma`): training and inference at the default tile, launch by
+    // launch and whole, and the 4-stage 128x128 training launches
+    let tma = checks
+        .iter()
+        .filter(|c| c["what"].as_str().unwrap_or_default().contains("wgmma tma"))
+        .count();
+    assert!(tma >= 5, "{tma} tma checks");
     assert!(
         v["device"]["name"]
             .as_str()
