@@ -485,6 +485,23 @@ impl Gpu {
         )
     }
 
+    /// The driver can encode tensor maps (`cuTensorMapEncodeTiled`, CUDA 12.0+), which a
+    /// schedule with TMA launches (`--tma`) needs; else an error that says so.
+    pub fn check_tma(&self) -> Result<(), CudaError> {
+        match self.api().tensor_map_encode_tiled {
+            Some(_) => Ok(()),
+            None => Err(CudaError::Call {
+                call: "cuTensorMapEncodeTiled".into(),
+                code: 0,
+                name: "missing".into(),
+                message: format!(
+                    "the CUDA driver {} has no cuTensorMapEncodeTiled (TMA needs a CUDA 12.0 or later driver); run without --tma",
+                    self.api().path
+                ),
+            }),
+        }
+    }
+
     /// Encodes the tensor map of a dense bf16 tensor at `addr` (innermost dimension first,
     /// [`ArgValue::TensorMap`]) into `slot` with `cuTensorMapEncodeTiled`: no interleave or
     /// swizzle, element strides 1, zeros outside the tensor.
@@ -495,15 +512,10 @@ impl Gpu {
         dims: [u64; 3],
         box_dim: [u32; 3],
     ) -> Result<(), CudaError> {
-        let encode = self.api().tensor_map_encode_tiled.ok_or_else(|| CudaError::Call {
-            call: "cuTensorMapEncodeTiled".into(),
-            code: 0,
-            name: "missing".into(),
-            message: format!(
-                "the CUDA driver {} has no cuTensorMapEncodeTiled (TMA needs a CUDA 12.0 or later driver); run without --tma",
-                self.api().path
-            ),
-        })?;
+        let Some(encode) = self.api().tensor_map_encode_tiled else {
+            // the error that says which driver and what to do
+            return self.check_tma();
+        };
         let strides = [dims[0] * 2, dims[0] * dims[1] * 2];
         let elem_strides = [1u32; 3];
         // SAFETY: `slot` is 128 writable, 64-byte aligned bytes; the arrays hold `rank` (3)

@@ -147,6 +147,9 @@ impl Executor {
                 gpu.info().name
             )));
         }
+        if s.launches.iter().chain(&s.setup).any(|l| !l.tmaps.is_empty()) {
+            gpu.check_tma()?;
+        }
         let (free, total) = gpu.mem_info()?;
         if need > free {
             return Err(CudaError::OutOfMemory {
