@@ -45,6 +45,32 @@ fn tiny_wrn_cuda_train_fused_bf16_nhwc() {
     );
 }
 
+/// Hopper's path (`--tma`, implying `--wgmma`) on a network whose convs take 8 and 16
+/// channels (the `_v8` engine), inference: `_wg_tma` forward kernels with a `wrnc_tmap`
+/// parameter, an mbarrier per stage, TMA for the weights, and the launches' tensor maps.
+#[test]
+fn tiny_vec8_infer_tma() {
+    let net = "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }";
+    let o = Options {
+        precision: wrnc_compiler::ast::Precision::Bf16,
+        tiles: schedule::Tiles {
+            wgmma: true,
+            tma: true,
+            ..Default::default()
+        },
+        ..opts(Mode::Infer)
+    };
+    let s = schedule::build(&graph(net), &o).unwrap();
+    insta::assert_snapshot!("tiny_vec8_infer_tma_cu", cuda::write(&s, &o).unwrap());
+    let maps: Vec<String> = s
+        .launches
+        .iter()
+        .filter(|l| !l.tmaps.is_empty())
+        .map(|l| format!("{}: {:?}", l.note, l.tmaps))
+        .collect();
+    insta::assert_snapshot!("tiny_vec8_infer_tma_maps", maps.join("\n"));
+}
+
 #[test]
 fn tiny_wrn_schedule_json() {
     let s = schedule::build(&graph(NET), &opts(Mode::Train)).unwrap();
