@@ -102,6 +102,9 @@ fn stats(path: &Path) -> (u64, u64) {
 
 const TINY: &str = "network \"tiny\" { conv(3x3, 4, stride=4) residual { body bn relu conv(3x3, 4) } bn relu gap fc }\nbatch 8\nlr 0.05\n";
 
+/// A network whose convs (but the stem) take 8 and 16 channels: the `_v8` engine.
+const V8_NET: &str = "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }\nbatch 4\nlr 0.05\n";
+
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-3)
 }
@@ -416,11 +419,7 @@ fn tensor_core_tiles_are_searched_once_and_cached() {
 fn deep_pipelines_opt_in_to_dynamic_shared_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let net = tmp.path().join("v8.net");
-    std::fs::write(
-        &net,
-        "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }\nbatch 4\nlr 0.05\n",
-    )
-    .unwrap();
+    std::fs::write(&net, V8_NET).unwrap();
     let cache = tmp.path().join("cache");
     let bench = |optin: &str, tiles: &str| {
         let a = [
@@ -593,11 +592,7 @@ fn without_device_a_usable_gpu_is_chosen_and_named() {
 fn tma_bench_runs_on_the_fake_hopper() {
     let tmp = tempfile::tempdir().unwrap();
     let net = tmp.path().join("v8.net");
-    std::fs::write(
-        &net,
-        "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }\nbatch 4\nlr 0.05\n",
-    )
-    .unwrap();
+    std::fs::write(&net, V8_NET).unwrap();
     let cache = tmp.path().join("cache");
     let args = |precision: &'static str| {
         vec![

@@ -147,7 +147,11 @@ impl Executor {
                 gpu.info().name
             )));
         }
-        if s.launches.iter().chain(&s.setup).any(|l| !l.tmaps.is_empty()) {
+        if s.launches
+            .iter()
+            .chain(&s.setup)
+            .any(|l| !l.tmaps.is_empty())
+        {
             gpu.check_tma()?;
         }
         let (free, total) = gpu.mem_info()?;
