@@ -409,7 +409,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if emit.contains(&Emit::Ptx) || emit.contains(&Emit::Resources) {
                     if s.uses_wgmma() && arch != "sm_90" {
                         return Err(UserError(format!(
-                            "--arch {arch}: --wgmma needs sm_90 (Hopper's warpgroup MMA)"
+                            "--arch {arch}: {} needs sm_90 (Hopper's warpgroup MMA)",
+                            if tma { "--tma" } else { "--wgmma" }
                         ))
                         .into());
                     }

@@ -137,7 +137,7 @@ fn commands_and_exit_codes() {
             "ptx",
         ],
         2,
-        "--wgmma needs sm_90",
+        "--tma needs sm_90",
     );
     check(
         &[
