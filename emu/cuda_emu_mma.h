@@ -142,6 +142,48 @@ inline void wrnc_mma_bf16_16816(float* d, const unsigned int* a, const unsigned 
     for (int r = 0; r < 4; ++r) d[r] = out[r];
 }
 
+// TF32 m16n8k8 (PTX ISA 9.7.14.5.7): A[row][k] is lane (row % 8) * 4 + k % 4, register
+// row / 8 + 2 (k / 4); B[k][n] is lane n * 4 + k % 4, register k / 4. The hardware reads only
+// an operand's tf32 bits (the low 13 bits are ignored); the products of two tf32 values are
+// exact in f32, accumulated in k order from C.
+inline void wrnc_mma_tf32_1688(float* d, const unsigned int* a, const unsigned int* b,
+                               const float* c) {
+    using namespace wrnc_emu_mma;
+    const unsigned int lin = wrnc_emu::tl_linear, lane = lin % 32;
+    for (int i = 0; i < 4; ++i) g_slots[lin].a[i] = a[i];
+    for (int i = 0; i < 2; ++i) g_slots[lin].b[i] = b[i];
+    warp_bar().arrive_and_wait();
+    const Slot* s = warp_slots();
+    const unsigned int g = lane >> 2, t = lane & 3;
+    auto tf = [](std::uint32_t bits) {
+        bits &= 0xffffe000u;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    };
+    float out[4];
+    for (unsigned int r = 0; r < 4; ++r) {
+        const unsigned int row = g + (r >> 1) * 8, col = 2 * t + (r & 1);
+        float acc = c[r];
+        for (unsigned int k = 0; k < 8; ++k)
+            acc += tf(s[(row % 8) * 4 + k % 4].a[row / 8 + 2 * (k / 4)]) *
+                   tf(s[col * 4 + k % 4].b[k / 4]);
+        out[r] = acc;
+    }
+    warp_bar().arrive_and_wait();
+    for (int r = 0; r < 4; ++r) d[r] = out[r];
+}
+
+// cvt.rna.tf32.f32: to nearest, ties away from zero (add half an ulp of tf32 to the
+// magnitude, then truncate); NaN stays NaN.
+inline unsigned int wrnc_tf32(float x) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffffffu;  // NaN
+    if ((u & 0x7fffffffu) == 0x7f800000u) return u;          // inf
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
 inline void wrnc_ldmatrix_x4(unsigned int* r, const unsigned short* p) {
     wrnc_emu_mma::ldmatrix(r, p, false);
 }

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// memory where they need more than 48 KiB (default: as many as fit in 48 KiB, at most 4).
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
     pub stages: Option<u32>,
+    /// f32: the convolutions on the tensor cores as 3xTF32 (fp32 accuracy, sm_80 and later),
+    /// with tiles as `--tiles` says, instead of as fp32 FMAs.
+    #[arg(long)]
+    pub tf32x3: bool,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -138,6 +142,12 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         )
         .into());
     }
+    if precision == Precision::Bf16 && a.tf32x3 {
+        return Err(UserError(
+            "error: --tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already".into(),
+        )
+        .into());
+    }
     let gpu = open_gpu(a.gpu)?;
     let cache = PtxCache::default_location();
     if !a.json {
@@ -155,7 +165,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         &[Mode::Train, Mode::Infer]
     };
     // the tensor-core tiles of every schedule measured below, chosen once
-    let (tiles, tile_report) = if precision == Precision::Bf16 {
+    let (tiles, tile_report) = if precision == Precision::Bf16 || a.tf32x3 {
         let mut bases = vec![];
         for &unfused in variants {
             let base = |mode, batch| Options {
@@ -170,6 +180,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                     wgmma,
                     tma: a.tma,
                     stages: a.stages.unwrap_or(0),
+                    tf32x3: a.tf32x3,
                     ..Default::default()
                 },
                 layout: a.layout,
@@ -185,6 +196,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         t.wgmma = wgmma;
         t.tma = a.tma;
         t.stages = a.stages.unwrap_or(0);
+        t.tf32x3 = a.tf32x3;
         if !a.json {
             eprintln!("{}", tile_summary(&r));
         }
@@ -276,6 +288,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "layout": a.layout.resolve(precision),
         "wgmma": wgmma,
         "tma": a.tma,
+        "tf32x3": a.tf32x3,
         "stages": a.stages,
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},
@@ -584,6 +597,31 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             launches_only: true,
         });
     }
+    // f32 convolutions on the tensor cores as 3xTF32 (`--tf32x3`): the first built-in
+    // network's fused training step and inference at the default tile, launch by launch and
+    // whole (split-K weight gradients included), the training step's launches at 128x128
+    // (the two-slab epilogue) and at 32x64, and the unfused training step
+    for (mode, tile, launches_only, unfused) in [
+        (Mode::Train, TcTile::DEFAULT, false, false),
+        (Mode::Infer, TcTile::DEFAULT, false, false),
+        (Mode::Train, TcTile { rows: 128, cols: 128 }, true, false),
+        (Mode::Train, TcTile { rows: 32, cols: 64 }, true, false),
+        (Mode::Train, TcTile::DEFAULT, true, true),
+    ] {
+        jobs.push(Job {
+            label: format!("{} tf32x3 tile {tile}", nets[0].0),
+            net: 0,
+            mode,
+            precision: Precision::F32,
+            unfused,
+            layout: Layout::Auto,
+            tiles: schedule::Tiles {
+                tf32x3: true,
+                ..schedule::Tiles::all(tile)
+            },
+            launches_only,
+        });
+    }
     // a network of 8- and 16-channel convs, all on the `cp.async` engine
     nets.push(("vec8".into(), builtin(WGMMA_NET)?));
     let vec8 = nets.len() - 1;
@@ -693,13 +731,22 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     for (j, b) in jobs.iter().zip(&built) {
         let missing = match b {
             Some((s, _)) if j.tiles.wgmma && !s.uses_wgmma() => Some("no wgmma kernel"),
+            Some((s, _))
+                if j.tiles.tf32x3
+                    && !s
+                        .kernels
+                        .iter()
+                        .any(|k| k.spec.conv_geom().is_some_and(|g| g.tf32x3)) =>
+            {
+                Some("no 3xTF32 convolution")
+            }
             Some((s, _)) if j.tiles.tma && s.launches.iter().all(|l| l.tmaps.is_empty()) => {
                 Some("no launch with a tensor map")
             }
             Some((s, _)) if j.tiles.stages != 0 && s.launches.iter().all(|l| l.shared == 0) => {
                 Some("no launch with dynamic shared memory")
             }
-            None if j.tiles.wgmma || j.tiles.stages != 0 => Some("no schedule"),
+            None if j.tiles.wgmma || j.tiles.stages != 0 || j.tiles.tf32x3 => Some("no schedule"),
             _ => None,
         };
         if let Some(m) = missing {

@@ -94,6 +94,10 @@ enum Cmd {
         /// at most 4).
         #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
         stages: Option<u32>,
+        /// f32: the convolutions on the tensor cores as 3xTF32 (`mma.sync` TF32, fp32
+        /// accuracy; sm_80 and later) instead of as fp32 FMAs.
+        #[arg(long)]
+        tf32x3: bool,
     },
     /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
@@ -299,6 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wgmma,
             tma,
             stages,
+            tf32x3,
         } => {
             let wgmma = wgmma || tma;
             if list_passes {
@@ -321,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     wgmma,
                     tma,
                     stages: stages.unwrap_or(0),
+                    tf32x3,
                     ..Default::default()
                 },
                 layout,
@@ -351,6 +357,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if opts.precision == wrnc_compiler::ast::Precision::F32 && (wgmma || stages.is_some()) {
                 return Err(UserError(
                     "error: --wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
+                )
+                .into());
+            }
+            if opts.precision == wrnc_compiler::ast::Precision::Bf16 && tf32x3 {
+                return Err(UserError(
+                    "error: --tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already".into(),
                 )
                 .into());
             }

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = wrnc_runtime::cuda::tune::TileMode::parse)]
     pub tiles: wrnc_runtime::cuda::tune::TileMode,
+    /// f32 on the GPU: the convolutions on the tensor cores as 3xTF32 (fp32 accuracy, sm_80
+    /// and later; tiles as `--tiles` says) instead of as fp32 FMAs.
+    #[arg(long)]
+    pub tf32x3: bool,
     /// Activation layout on the GPU: auto (nhwc for bf16, nchw for f32), nchw or nhwc
     /// (channels last). Checkpoints are the same in every layout.
     #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
@@ -245,6 +249,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     Default::default(),
                     seed,
                     args.tiles,
+                    args.tf32x3,
                     args.layout,
                 )
                 .map_err(gpu_err)?;
@@ -372,6 +377,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 Default::default(),
                 seed,
                 args.tiles,
+                args.tf32x3,
                 args.layout,
             )
             .map_err(gpu_err)?;

@@ -414,6 +414,8 @@ struct Prec {
     stages: u32,
     /// The weight operand of the `wgmma` convs by TMA (`Tiles::tma`).
     tma: bool,
+    /// f32 convs on the tensor cores as 3xTF32 (`Tiles::tf32x3`).
+    tf32x3: bool,
 }
 
 const F32: Prec = Prec {
@@ -425,6 +427,7 @@ const F32: Prec = Prec {
     wgmma: false,
     stages: 0,
     tma: false,
+    tf32x3: false,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -449,6 +452,7 @@ const BF16: Prec = Prec {
     wgmma: false,
     stages: 0,
     tma: false,
+    tf32x3: false,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -475,6 +479,7 @@ fn build_tiled(
             wgmma: false,
             stages: 0,
             tma: false,
+            tf32x3: false,
         },
     )
 }
@@ -487,6 +492,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         wgmma,
         stages,
         tma,
+        tf32x3,
         ..
     } = prec;
     let opts = Options {
@@ -495,6 +501,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
             wgmma,
             stages,
             tma,
+            tf32x3,
             ..Tiles::all(tile)
         },
         mode,
@@ -1402,6 +1409,62 @@ fn a_nan_loss_skips_the_update() {
 /// reference and the logits bit for bit those of the default tile (a tile changes which block
 /// computes an output, not how; inference has no atomics). The kernels are named by their
 /// tile.
+/// f32 convolutions on the tensor cores as 3xTF32 (`--tf32x3`): every conv kernel is `_tc_x3`
+/// (and none packs a bf16 weight); the WRN's fused and unfused training steps and inference,
+/// and a 3-channel stem at 20x20 whose weight gradients are split-K, held to the f32
+/// tolerances (each kernel 1e-5, the step 1e-4), which plain TF32 (2^-11) would miss; then the
+/// 128x128 tile (the epilogue's two slabs) and 32x64 on the WRN's step.
+#[test]
+fn f32_tf32x3_tensor_cores() {
+    let x3 = Prec {
+        tf32x3: true,
+        ..F32
+    };
+    let g = graph(WRN);
+    for mode in [Mode::Train, Mode::Infer] {
+        let s = build_in(&g, mode, false, x3);
+        let convs: Vec<_> = s.kernels.iter().filter(|k| k.spec.conv_geom().is_some()).collect();
+        assert!(!convs.is_empty());
+        for k in &convs {
+            let cg = k.spec.conv_geom().unwrap();
+            assert!(cg.tensor_cores && cg.tf32x3 && !cg.vec, "{}", k.name);
+            assert!(k.name.contains("_tc_x3"), "{}", k.name);
+        }
+        assert!(!s.kernels.iter().any(|k| matches!(k.spec, schedule::KernelSpec::PackWeight { .. })));
+        assert!(s.uses_tensor_cores());
+    }
+    // bf16 with --tf32x3 is refused
+    let bad = Options {
+        precision: Precision::Bf16,
+        tiles: Tiles {
+            tf32x3: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = schedule::build(&g, &bad).err().expect("bf16 --tf32x3 refused");
+    assert!(e.message.contains("--tf32x3"), "{}", e.message);
+    let _ = check_step_in("x3wrn", WRN, x3);
+    check_infer_in("x3wrn", WRN, x3);
+    let stem = graph_in(
+        "input 3x20x20",
+        "conv(3x3, 8) bn relu conv(3x3, 8) bn relu gap fc",
+    );
+    let s = build_in(&stem, Mode::Train, false, x3);
+    assert!(s.kernels.iter().any(|k| matches!(k.spec,
+        schedule::KernelSpec::ConvBwdWeight { g, split_k, .. } if g.tf32x3 && split_k > 1)));
+    let _ = check_step_of("x3splitk", stem, x3);
+    for tile in [
+        TcTile {
+            rows: 128,
+            cols: 128,
+        },
+        TcTile { rows: 32, cols: 64 },
+    ] {
+        let _ = check_step_of(&format!("x3tile{tile}"), graph(WRN), Prec { tile, ..x3 });
+    }
+}
+
 #[test]
 fn bf16_every_tensor_core_tile() {
     let body = "conv(3x3, 8) bn relu conv(1x1, 72, stride=2) bn relu conv(3x3, 72) bn relu gap fc";

@@ -92,7 +92,9 @@ pub fn bf16_bits(v: f32) -> u16 {
 }
 
 /// A tensor-core GEMM operand as the kernel sees it: every value rounded (through f32) to
-/// bf16, to nearest even. Identity for fp32 (SIMT) kernels.
+/// bf16, to nearest even. Identity for fp32 kernels, the FMA engine's and 3xTF32's
+/// ([`ConvGeom::tf32x3`](wrnc_compiler::schedule::ConvGeom::tf32x3), whose products are
+/// within about 2^-21 of fp32's: the reference takes its operands as exact).
 fn tc_operand(tensor_cores: bool, v: &mut [f64]) {
     if tensor_cores {
         for x in v {
@@ -431,12 +433,12 @@ fn launch_nchw(
             }
             let x = t4(a.buf("x")?, [n, ic, g.in_h as usize, g.in_w as usize])?;
             let mut x = prologue(&x, &pro, &a)?;
-            tc_operand(g.tensor_cores, &mut x.data);
+            tc_operand(g.tensor_cores && !g.tf32x3, &mut x.data);
             let mut w = a.buf("w")?.to_vec();
             if w.len() != conv_w_len(&g, ic, oc) {
                 return Err("conv weight length".into());
             }
-            tc_operand(g.tensor_cores, &mut w);
+            tc_operand(g.tensor_cores && !g.tf32x3, &mut w);
             let w = &w[..];
             let mut op = conv_op(&g, ic, oc);
             op.bias = epi.bias;
@@ -465,12 +467,12 @@ fn launch_nchw(
             }
             let xs = [n, ic, g.in_h as usize, g.in_w as usize];
             let mut dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
-            tc_operand(g.tensor_cores, &mut dy.data);
+            tc_operand(g.tensor_cores && !g.tf32x3, &mut dy.data);
             let mut w = a.buf("w")?.to_vec();
             if w.len() != conv_w_len(&g, ic, oc) {
                 return Err("conv weight length".into());
             }
-            tc_operand(g.tensor_cores, &mut w);
+            tc_operand(g.tensor_cores && !g.tf32x3, &mut w);
             let w = &w[..];
             let zeros = Tensor::zeros(&xs);
             let dact = conv::conv2d_backward(&zeros, &conv_op(&g, ic, oc), w, &dy, true)
@@ -501,9 +503,9 @@ fn launch_nchw(
             }
             let x = t4(a.buf("x")?, [n, ic, g.in_h as usize, g.in_w as usize])?;
             let mut x = prologue(&x, &pro, &a)?;
-            tc_operand(g.tensor_cores, &mut x.data);
+            tc_operand(g.tensor_cores && !g.tf32x3, &mut x.data);
             let mut dy = t4(a.buf("dy")?, [n, oc, g.out_h as usize, g.out_w as usize])?;
-            tc_operand(g.tensor_cores, &mut dy.data);
+            tc_operand(g.tensor_cores && !g.tf32x3, &mut dy.data);
             let w0 = vec![0.0; conv_w_len(&g, ic, oc)];
             let op = conv_op(&g, ic, oc);
             if split_k <= 1 {

@@ -39,6 +39,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
+        false,
         Default::default(),
     )
     .err()
@@ -60,9 +61,26 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
+        false,
         Default::default(),
     )
     .err()
     .unwrap();
     assert!(e.to_string().contains("batch sizes"), "{e}");
+    // so is 3xTF32 with bf16 (its convolutions are on the tensor cores already)
+    let e = cuda::trainer::GpuTrainer::new(
+        0,
+        &g,
+        4,
+        4,
+        wrnc_compiler::ast::Precision::Bf16,
+        Default::default(),
+        1,
+        cuda::tune::TileMode::Auto,
+        true,
+        Default::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("--tf32x3"), "{e}");
 }

@@ -337,6 +337,8 @@ struct Gemm<'a> {
     b_k_fast: bool,
     /// On the tensor cores ([`gemm_tc`]), else fp32 FMAs ([`gemm`]).
     tensor_cores: bool,
+    /// With `tensor_cores`: fp32 operands as 3xTF32 ([`gemm_tc_x3`]) instead of bf16.
+    tf32x3: bool,
     /// The tensor-core block tile.
     tile: TcTile,
     /// fp32 only: 64x64 block tiles with a 4x4 register tile per thread ([`gemm_rt`], the
@@ -353,6 +355,9 @@ struct Gemm<'a> {
 fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     if let Some(v) = &g.vec {
         return gemm_tc_async(name, spec, g, v);
+    }
+    if g.tensor_cores && g.tf32x3 {
+        return gemm_tc_x3(name, spec, g);
     }
     if g.tensor_cores {
         return gemm_tc(name, spec, g);
@@ -767,6 +772,82 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         ae = st.ae,
         be = st.be,
         nb = ni / 2,
+    )
+}
+
+/// The same GEMM on the tensor cores in fp32 ([`ConvGeom::tf32x3`]): [`gemm_tc`]'s block
+/// tiles, warp grid, pipeline, split-K slices and epilogue, with f32 operand tiles in shared
+/// memory (`As[m][k]`, `Bs[j][k]`, rows of 36 floats: the fragment reads of a warp, rows
+/// `lane / 4` and columns `lane % 4`, fall in 32 distinct banks) and `mma.sync.m16n8k8.tf32`,
+/// 8 of the reduction per step.
+///
+/// Algebra (3xTF32): each operand `x` is split as `hi = tf32(x)` (`cvt.rna`: 11 significant
+/// bits) and `lo = tf32(x - hi)` (`x - hi` is exact in f32), so `x = hi + lo` to within
+/// `2^-22 |x|`, and `a b = hi_a hi_b + hi_a lo_b + lo_a hi_b + lo_a lo_b`. The last term
+/// (at most `2^-22 |a b|`) is dropped; the others are tf32 x tf32 products, exact in the
+/// fp32 accumulation, added small terms first (`lo_a hi_b`, `hi_a lo_b`, then `hi_a hi_b`)
+/// into the one fp32 accumulator. Each product is therefore within about `2^-21 |a b|` of
+/// the exact one (fp32's own rounding is `2^-24`), where plain TF32 would be `2^-11`. Zero
+/// operands outside `M x K` / `K x NC` split into zeros and add nothing, as in [`gemm_tc`].
+fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
+    let t = g.tile;
+    let (r, c) = (t.rows, t.cols);
+    let (wr, wc) = t.warps();
+    let (wtm, wtn) = (r / wr, c / wc);
+    let (mi, ni) = (wtm / 16, wtn / 8);
+    let st = stages(g, r, c, 32, "ke_", true, "");
+    // operand tiles (f32 rows of 36) and the f32 accumulator tile share one byte array
+    let smem = ((r + c) * 144).max(t.cs_bytes());
+    format!(
+        r#"{header} {{
+{consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
+    float (*As)[36] = reinterpret_cast<float (*)[36]>(smem_);
+    float (*Bs)[36] = reinterpret_cast<float (*)[36]>(smem_ + {boff});
+{prelude}    float pa_[{ae}], pb_[{be}];
+    {{
+{first}    }}
+    for (int k0 = kb_; k0 < ke_; k0 += 32) {{
+{store}        __syncthreads();
+        if (k0 + 32 < ke_) {{
+{next}        }}
+        for (int ks = 0; ks < 32; ks += 8) {{
+            unsigned int ah[{mi}][4], al[{mi}][4], bh[{ni}][2], bl[{ni}][2];
+            for (int i = 0; i < {mi}; ++i) {{
+                const float* p_ = &As[wm * {wtm} + i * 16 + (lane >> 2)][ks + (lane & 3)];
+                const float x_[4] = {{p_[0], p_[8 * 36], p_[4], p_[8 * 36 + 4]}};
+                for (int q = 0; q < 4; ++q) {{
+                    ah[i][q] = wrnc_tf32(x_[q]);
+                    al[i][q] = wrnc_tf32(x_[q] - __uint_as_float(ah[i][q]));
+                }}
+            }}
+            for (int jn = 0; jn < {ni}; ++jn) {{
+                const float* p_ = &Bs[wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)];
+                const float y_[2] = {{p_[0], p_[4]}};
+                for (int q = 0; q < 2; ++q) {{
+                    bh[jn][q] = wrnc_tf32(y_[q]);
+                    bl[jn][q] = wrnc_tf32(y_[q] - __uint_as_float(bh[jn][q]));
+                }}
+            }}
+            for (int i = 0; i < {mi}; ++i)
+                for (int jn = 0; jn < {ni}; ++jn) {{
+                    wrnc_mma_tf32_1688(cacc[i][jn], al[i], bh[jn], cacc[i][jn]);
+                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bl[jn], cacc[i][jn]);
+                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn]);
+                }}
+        }}
+        __syncthreads();
+    }}
+{walk}"#,
+        header = header(name, spec),
+        consts = g.consts,
+        first = (st.gather)("kb_"),
+        next = (st.gather)("(k0 + 32)"),
+        store = st.store,
+        walk = tc_epilogue(t, WarpGrid::mma(t), &g.epi),
+        prelude = tc_prelude(t, g, WarpGrid::mma(t)),
+        boff = r * 144,
+        ae = st.ae,
+        be = st.be,
     )
 }
 
@@ -1332,6 +1413,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: !nh,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
+                tf32x3: g.tf32x3,
                     tile: g.tile,
                     wide: true,
                     split_k: 1,
@@ -1414,6 +1496,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: !nh,
                     b_k_fast: g.k > 1,
                     tensor_cores: g.tensor_cores,
+                tf32x3: g.tf32x3,
                     tile: g.tile,
                     wide: true,
                     split_k: 1,
@@ -1499,6 +1582,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: nh,
                     b_k_fast: !nh,
                     tensor_cores: g.tensor_cores,
+                tf32x3: g.tf32x3,
                     tile: g.tile,
                     wide: true,
                     split_k,
@@ -1520,6 +1604,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                tf32x3: false,
                 tile: TcTile::DEFAULT,
                 wide: false,
                 split_k: 1,
@@ -1543,6 +1628,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                tf32x3: false,
                 tile: TcTile::DEFAULT,
                 wide: false,
                 split_k: 1,
@@ -1563,6 +1649,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
+                tf32x3: false,
                 tile: TcTile::DEFAULT,
                 wide: false,
                 split_k: 1,

@@ -12,6 +12,12 @@
 //   16 bits): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
 //   a[3] = A[g+8][2t+8..]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];
 //   c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]. d may alias c.
+// - wrnc_mma_tf32_1688(d, a, b, c): the warp's D (16x8, f32) = A (16x8, tf32, row) *
+//   B (8x8, tf32, col) + C (PTX ISA 9.7.14.5.7, .tf32 m16n8k8; a register holds one tf32 in
+//   an f32's bits, low 13 bits zero): a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4],
+//   a[3] = A[g+8][t+4]; b[0] = B[t][g], b[1] = B[t+4][g]; c and d as for bf16.
+// - wrnc_tf32(x): cvt.rna.tf32.f32, x rounded to 10 mantissa bits, to nearest, ties away
+//   from zero; the f32 bits of the result.
 // - wrnc_ldmatrix_x4(r, p): four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give
 //   the 16-byte-aligned addresses of rows 0..7 of matrix i; r[i] = matrix i's
 //   [lane >> 2][2 (lane & 3) .. +1]. The _trans form gives r[i] = matrix i's
@@ -47,6 +53,22 @@ __device__ __forceinline__ void wrnc_mma_bf16_16816(float* d, const unsigned int
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
           "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void wrnc_mma_tf32_1688(float* d, const unsigned int* a,
+                                                   const unsigned int* b, const float* c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+          "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ unsigned int wrnc_tf32(float x) {
+    unsigned int r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
 }
 
 __device__ __forceinline__ void wrnc_ldmatrix_x4(unsigned int* r, const unsigned short* p) {

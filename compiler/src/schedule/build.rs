@@ -45,8 +45,10 @@ struct B<'a> {
     /// For a chained BN: the node whose gradient is the chain's activation gradient.
     chain_last: Vec<Option<usize>>,
     in_setup: bool,
-    /// Convolutions run on the tensor cores (`--precision bf16`).
+    /// Convolutions run on the tensor cores (`--precision bf16`, or f32 with `--tf32x3`).
     tensor_cores: bool,
+    /// ... as 3xTF32 (f32 operands; [`ConvGeom::tf32x3`]).
+    tf32x3: bool,
     /// Their block tiles.
     tiles: Tiles,
     /// Activations are NHWC (`Layout::Nhwc`).
@@ -334,8 +336,9 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
     s as u32
 }
 
-/// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`).
-fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
+/// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`, or f32
+/// with [`Tiles::tf32x3`]: `tf32x3`).
+fn geom(p: &Plan, i: usize, tensor_cores: bool, tf32x3: bool, nhwc: bool) -> ConvGeom {
     let Op::Conv2d(c) = p.nodes[i].op else {
         unreachable!()
     };
@@ -355,10 +358,11 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, nhwc: bool) -> ConvGeom {
         nhwc,
         // whole 16-byte runs of channels in every patch the forward and data-gradient passes
         // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
-        vec: tensor_cores && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
+        vec: tensor_cores && !tf32x3 && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
         wgmma: false,
         stages: 0,
         tma: false,
+        tf32x3: tensor_cores && tf32x3,
     }
 }
 
@@ -375,6 +379,11 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
     {
         return Err(err(
             "--wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16",
+        ));
+    }
+    if opts.precision == Precision::Bf16 && opts.tiles.tf32x3 {
+        return Err(err(
+            "--tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already",
         ));
     }
     let train = plan.mode == Mode::Train;
@@ -416,7 +425,8 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         chain_bn: vec![None; nn],
         chain_last: vec![None; nn],
         in_setup: false,
-        tensor_cores: opts.precision == Precision::Bf16,
+        tensor_cores: opts.precision == Precision::Bf16 || opts.tiles.tf32x3,
+        tf32x3: opts.precision == Precision::F32 && opts.tiles.tf32x3,
         tiles: opts.tiles.clone(),
         nhwc: layout == Layout::Nhwc,
     };
@@ -631,7 +641,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         match node.op {
             Op::Input => {}
             Op::Conv2d(conv) => {
-                let g = geom(plan, i, b.tensor_cores, b.nhwc);
+                let g = geom(plan, i, b.tensor_cores, b.tf32x3, b.nhwc);
                 let pro = fu.prologue;
                 let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
                 let pflags = PrologueFlags {
@@ -1130,7 +1140,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
     match node.op {
         Op::Input => {}
         Op::Conv2d(conv) => {
-            let g = geom(plan, i, b.tensor_cores, b.nhwc);
+            let g = geom(plan, i, b.tensor_cores, b.tf32x3, b.nhwc);
             let pro = fu.prologue;
             let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
             let pflags = PrologueFlags {

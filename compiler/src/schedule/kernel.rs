@@ -121,6 +121,14 @@ pub struct ConvGeom {
     /// suffix `_tma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tma: bool,
+    /// An f32 convolution on the tensor cores (only with `tensor_cores`, never with `vec`;
+    /// see [`super::Tiles::tf32x3`]): fp32 operands, each split into a TF32 high part and the
+    /// TF32 rounding of its remainder, and three `mma.sync.m16n8k8.tf32` per fragment pair
+    /// (`lo*hi + hi*lo + hi*hi`, fp32 accumulation), which keeps fp32's accuracy (relative
+    /// error of a product about 2^-21) at tensor-core speed. Operands and results stay f32;
+    /// the reference treats the operands as exact. Name suffix `_x3` (after `_tc`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tf32x3: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -274,7 +282,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -288,6 +296,7 @@ impl ConvGeom {
                 (true, true) => "_tc".into(),
                 (true, false) => format!("_tc_t{}", self.tile),
             },
+            if self.tf32x3 { "_x3" } else { "" },
             if self.nhwc { "_nhwc" } else { "" },
             if self.vec { "_v8" } else { "" },
             if self.wgmma { "_wg" } else { "" },
@@ -1362,6 +1371,7 @@ mod tests {
             wgmma,
             tma: false,
             stages,
+            tf32x3: false,
         }
     }
 

@@ -242,7 +242,8 @@ pub struct Options {
     pub batch: u32,
     pub precision: Precision,
     pub fusion: Fusion,
-    /// Block tiles of the tensor-core convolutions (`--precision bf16`; ignored in f32).
+    /// Block tiles of the tensor-core convolutions (`--precision bf16`, or f32 with
+    /// [`Tiles::tf32x3`]; otherwise ignored in f32).
     pub tiles: Tiles,
     /// Activation layout ([`Layout::Auto`]: NHWC in bf16, NCHW in f32).
     pub layout: Layout,
@@ -335,6 +336,11 @@ pub struct Tiles {
     /// Off by default; meaningless without `wgmma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tma: bool,
+    /// `--precision f32` only: the convolutions run on the tensor cores as 3xTF32
+    /// ([`ConvGeom::tf32x3`]) with this struct's block tiles, instead of as fp32 FMAs. Off by
+    /// default (refused with bf16).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tf32x3: bool,
 }
 
 fn is_zero_u32(v: &u32) -> bool {
@@ -350,6 +356,7 @@ impl Tiles {
             wgmma: false,
             stages: 0,
             tma: false,
+            tf32x3: false,
         }
     }
 
@@ -433,8 +440,8 @@ impl Schedule {
             .collect()
     }
 
-    /// Whether some kernel runs on the tensor cores (bf16 `mma.sync`: compute capability 8.0
-    /// or later).
+    /// Whether some kernel runs on the tensor cores (bf16 or TF32 `mma.sync`: compute
+    /// capability 8.0 or later).
     pub fn uses_tensor_cores(&self) -> bool {
         self.kernels
             .iter()

@@ -106,8 +106,9 @@ fn cfg_err(m: impl Into<String>) -> GpuTrainError {
 }
 
 impl GpuTrainer {
-    /// Opens GPU `ordinal`, chooses the tensor-core tiles (bf16 only) as `tiles` says (see
-    /// [`super::tune`]), compiles the training step of `graph` for `batch` with activations in
+    /// Opens GPU `ordinal`, chooses the tensor-core tiles (bf16, or f32 with `tf32x3`: the
+    /// convolutions as 3xTF32, [`Tiles::tf32x3`]) as `tiles` says (see [`super::tune`]),
+    /// compiles the training step of `graph` for `batch` with activations in
     /// `layout` and initialises the weights as [`crate::cpu::Model::new`] does with `seed`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -119,6 +120,7 @@ impl GpuTrainer {
         fusion: Fusion,
         seed: u64,
         tiles: TileMode,
+        tf32x3: bool,
         layout: Layout,
     ) -> Result<GpuTrainer, GpuTrainError> {
         if batch == 0 || batch > 1 << 16 || eval_batch == 0 || eval_batch > 1 << 16 {
@@ -127,16 +129,24 @@ impl GpuTrainer {
             )));
         }
         crate::cpu::validate(graph)?;
+        if tf32x3 && precision == Precision::Bf16 {
+            return Err(cfg_err(
+                "--tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already",
+            ));
+        }
         let gpu = Gpu::open(ordinal)?;
         let cache = PtxCache::default_location();
         let aug = Augmenter::new(&gpu, precision, batch.max(eval_batch), &cache)?;
-        let (tiles, tile_report) = if precision == Precision::Bf16 {
+        let (tiles, tile_report) = if precision == Precision::Bf16 || tf32x3 {
             let base = |mode, batch: usize| Options {
                 mode,
                 batch: batch as u32,
                 precision,
                 fusion: fusion.clone(),
-                tiles: Tiles::default(),
+                tiles: Tiles {
+                    tf32x3,
+                    ..Tiles::default()
+                },
                 layout,
             };
             let bases = [base(Mode::Train, batch), base(Mode::Infer, eval_batch)];
@@ -182,7 +192,7 @@ impl GpuTrainer {
         self.gpu.info()
     }
 
-    /// How the tensor-core tiles were chosen (`None` in f32: no tensor cores).
+    /// How the tensor-core tiles were chosen (`None` in f32 without 3xTF32: no tensor cores).
     pub fn tile_report(&self) -> Option<&TuneReport> {
         self.tile_report.as_ref()
     }

@@ -146,11 +146,13 @@ pub fn choose_tiles(
     let wgmma = bases.iter().any(|o| o.tiles.wgmma);
     let tma = bases.iter().any(|o| o.tiles.tma);
     let stages = bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0);
+    let tf32x3 = bases.iter().any(|o| o.tiles.tf32x3);
     let build = |o: &Options, tiles: Tiles| {
         let tiles = Tiles {
             wgmma,
             tma,
             stages,
+            tf32x3,
             ..tiles
         };
         schedule::build(graph, &Options { tiles, ..o.clone() })
@@ -190,6 +192,7 @@ pub fn choose_tiles(
                 wgmma,
                 tma,
                 stages,
+                tf32x3,
                 ..Tiles::all(t)
             },
             report,
@@ -287,6 +290,7 @@ pub fn choose_tiles(
         wgmma,
         tma,
         stages,
+        tf32x3,
         ..Tiles::default()
     };
     for k in &keys {
