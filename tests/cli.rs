@@ -123,6 +123,14 @@ fn commands_and_exit_codes() {
         2,
         "--wgmma, --tma and --stages change the tensor-core convolutions",
     );
+    // 3xTF32 is for f32: bf16 convolutions are on the tensor cores already
+    for cmd in ["compile", "bench", "run"] {
+        check(
+            &[cmd, "WRN-10-1", "--precision", "bf16", "--tf32x3"],
+            2,
+            "--tf32x3 moves the f32 convolutions to the tensor cores",
+        );
+    }
     // --tma implies --wgmma, so it too needs sm_90
     check(
         &[
@@ -370,6 +378,14 @@ fn compile_emits_ptxas_resources() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("ptxas sm_90a:"), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("_v8_wg"));
+    // --tf32x3: every f32 conv on the tensor cores, three TF32 mmas per fragment pair
+    let o = wrnc(&[
+        "compile", "WRN-10-1", "--batch", "4", "--tf32x3", "--emit", "cuda",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let cu = String::from_utf8_lossy(&o.stdout);
+    assert!(cu.contains("conv_fwd_i32x32_o32x32_k3s1p1g1_tc_x3"), "{cu}");
+    assert!(cu.contains("wrnc_mma_tf32_1688(") && !cu.contains("wrnc_mma_bf16_16816(cacc"));
     // --tma: the wgmma kernels take the weight's tensor map and load it with TMA, and the
     // schedule's launches carry the maps
     let o = wrnc(&[
