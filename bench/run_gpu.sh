@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench wgmma tma deep train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench wgmma tf32x3 tma deep train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -154,6 +154,12 @@ stage_session() {
         stage_wgmma
         stage_assemble >/dev/null
     fi
+    # f32 on the tensor cores as 3xTF32 (--tf32x3), fused and unfused: issue 5's f32 ratio
+    # with the convolutions at tensor-core speed, beside `first`'s FMA-engine figures
+    if [ "${BENCH_TF32X3:-1}" = 1 ]; then
+        stage_tf32x3
+        stage_assemble >/dev/null
+    fi
     # the weight operand by TMA (--tma, sm_90), when asked: off by default, like `deep`
     if [ "${BENCH_TMA:-0}" = 1 ]; then
         stage_tma
@@ -183,6 +189,15 @@ stage_wgmma() {
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_wgmma "${WGMMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --wgmma --fused-only $BENCH_ARGS --json
+}
+
+# f32 with --tf32x3 (every convolution on the tensor cores as 3xTF32, fp32 accuracy), fused
+# and unfused, training step only, tiles TF32X3_TILES (default: the default tile, no search)
+stage_tf32x3() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_f32_tf32x3 "${TF32X3_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 \
+        --tf32x3 --tiles "${TF32X3_TILES:-default}" --no-infer $BENCH_ARGS --json
 }
 
 # bf16 with --tma (wgmma with the weights by the tensor memory accelerator, sm_90 only; its
@@ -344,6 +359,12 @@ if wg:
     out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
     out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
     out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
+x3 = load("bench_wrnc_f32_tf32x3.out")
+if x3:
+    for which in ["fused", "unfused"]:
+        out["f32"]["train_step_ms"][f"wrnc_{which}_tf32x3"] = wr(x3, "train_step_ms", which)
+        out["f32"]["peak_mem_mb"][f"wrnc_{which}_tf32x3"] = wr(x3, "peak_mem_mb", which)
+    out["f32"]["train_tflops_tf32x3"] = x3.get("train_tflops")
 tma = load("bench_wrnc_bf16_tma.out")
 if tma:
     out["bf16"]["train_step_ms"]["wrnc_fused_tma"] = wr(tma, "train_step_ms", "fused")
@@ -381,9 +402,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|wgmma|tma|deep|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|wgmma|tf32x3|tma|deep|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench wgmma tma deep train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench wgmma tf32x3 tma deep train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

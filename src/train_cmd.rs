@@ -205,6 +205,12 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
             .map(|p| p.value)
             .unwrap_or_default(),
     };
+    if args.tf32x3 && precision == wrnc_compiler::ast::Precision::Bf16 {
+        return Err(UserError(
+            "error: --tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already".into(),
+        )
+        .into());
+    }
     let s = &l.file.settings;
     let seed = args.seed.or(s.seed.map(|v| v.value)).unwrap_or(1);
     if let Some(ds_name) = &args.eval {
@@ -363,6 +369,9 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     "note: the CPU backend computes in f32 (precision {} applies on the GPU)",
                     precision.name()
                 );
+            }
+            if args.tf32x3 && !quiet {
+                eprintln!("note: --tf32x3 applies on the GPU; the CPU backend computes in f32");
             }
             let mut model: Model = Model::new(l.graph.clone(), seed)?;
             train::train(&mut model, &train_ds, Some(&test_ds), &cfg, &mut on_event)

@@ -138,6 +138,17 @@ fn selftest_passes_on_the_fake_gpu() {
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("wgmma tma"))
         .count();
     assert!(tma >= 5, "{tma} tma checks");
+    // f32 convolutions as 3xTF32 (`--tf32x3`): training and inference, launch by launch and
+    // whole, two more tiles' training launches and the unfused step, at f32's tolerance
+    let x3: Vec<_> = checks
+        .iter()
+        .filter(|c| c["what"].as_str().unwrap_or_default().contains("tf32x3"))
+        .collect();
+    assert!(x3.len() >= 5, "{} tf32x3 checks", x3.len());
+    assert!(
+        x3.iter().all(|c| c["tol"].as_f64() == Some(1e-4)),
+        "{x3:?}"
+    );
     assert!(
         v["device"]["name"]
             .as_str()
@@ -581,6 +592,56 @@ fn without_device_a_usable_gpu_is_chosen_and_named() {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{err}");
     assert!(err.contains("device: cpu (no usable GPU"), "{err}");
+}
+
+/// `wrnc bench --tf32x3` (f32 on the tensor cores) on the fake GPU: the JSON says so and the
+/// step runs; with bf16 it is refused.
+#[test]
+fn tf32x3_bench_runs_on_the_fake_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("tiny.net");
+    std::fs::write(&net, TINY).unwrap();
+    let cache = tmp.path().join("cache");
+    let args = |precision: &'static str| {
+        vec![
+            "bench",
+            net.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--precision",
+            precision,
+            "--fused-only",
+            "--no-infer",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--tiles",
+            "default",
+            "--tf32x3",
+            "--json",
+        ]
+    };
+    let env = [("WRNC_CACHE_DIR", cache.to_str().unwrap())];
+    let v = json(&wrnc(&args("f32"), &env));
+    assert_eq!(v["tf32x3"], true, "{v}");
+    assert_eq!(v["precision"], "f32", "{v}");
+    assert!(
+        v["train_step_ms"]["fused"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+    assert!(
+        v["tiles"]["tiles"]
+            .as_object()
+            .is_some_and(|t| !t.is_empty() && t.keys().all(|k| k.contains("_x3"))),
+        "{v}"
+    );
+    let o = wrnc(&args("bf16"), &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--tf32x3"), "{err}");
 }
 
 /// `wrnc bench --tma` on the fake Hopper: the runtime encodes each TMA launch's tensor map with
