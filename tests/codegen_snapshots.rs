@@ -45,6 +45,21 @@ fn tiny_wrn_cuda_train_fused_bf16_nhwc() {
     );
 }
 
+/// f32 on the tensor cores (`--tf32x3`), inference: `_tc_x3` convs with f32 operand tiles and
+/// three TF32 `mma.sync` per fragment pair.
+#[test]
+fn tiny_wrn_cuda_infer_tf32x3() {
+    let o = Options {
+        tiles: schedule::Tiles {
+            tf32x3: true,
+            ..Default::default()
+        },
+        ..opts(Mode::Infer)
+    };
+    let s = schedule::build(&graph(NET), &o).unwrap();
+    insta::assert_snapshot!("tiny_wrn_infer_tf32x3_cu", cuda::write(&s, &o).unwrap());
+}
+
 /// Hopper's path (`--tma`, implying `--wgmma`) on a network whose convs take 8 and 16
 /// channels (the `_v8` engine), inference: `_wg_tma` forward kernels with a `wrnc_tmap`
 /// parameter, an mbarrier per stage, TMA for the weights, and the launches' tensor maps.
