@@ -328,7 +328,7 @@ if par and not full_summary:
             full_summary[k] += int(mm.group(i))
         for i, k in [(4, "f32"), (5, "bf16")]:
             full_summary["max_rel_err_vs_cpu"][k] = max(full_summary["max_rel_err_vs_cpu"][k], float(mm.group(i)))
-device = (f32 or bf16 or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
+device = (f32 or bf16 or load("bench_wrnc_f32_tf32x3.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except Exception:
