@@ -604,7 +604,15 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     for (mode, tile, launches_only, unfused) in [
         (Mode::Train, TcTile::DEFAULT, false, false),
         (Mode::Infer, TcTile::DEFAULT, false, false),
-        (Mode::Train, TcTile { rows: 128, cols: 128 }, true, false),
+        (
+            Mode::Train,
+            TcTile {
+                rows: 128,
+                cols: 128,
+            },
+            true,
+            false,
+        ),
         (Mode::Train, TcTile { rows: 32, cols: 64 }, true, false),
         (Mode::Train, TcTile::DEFAULT, true, true),
     ] {

@@ -1423,14 +1423,21 @@ fn f32_tf32x3_tensor_cores() {
     let g = graph(WRN);
     for mode in [Mode::Train, Mode::Infer] {
         let s = build_in(&g, mode, false, x3);
-        let convs: Vec<_> = s.kernels.iter().filter(|k| k.spec.conv_geom().is_some()).collect();
+        let convs: Vec<_> = s
+            .kernels
+            .iter()
+            .filter(|k| k.spec.conv_geom().is_some())
+            .collect();
         assert!(!convs.is_empty());
         for k in &convs {
             let cg = k.spec.conv_geom().unwrap();
             assert!(cg.tensor_cores && cg.tf32x3 && !cg.vec, "{}", k.name);
             assert!(k.name.contains("_tc_x3"), "{}", k.name);
         }
-        assert!(!s.kernels.iter().any(|k| matches!(k.spec, schedule::KernelSpec::PackWeight { .. })));
+        assert!(!s
+            .kernels
+            .iter()
+            .any(|k| matches!(k.spec, schedule::KernelSpec::PackWeight { .. })));
         assert!(s.uses_tensor_cores());
     }
     // bf16 with --tf32x3 is refused
@@ -1442,7 +1449,9 @@ fn f32_tf32x3_tensor_cores() {
         },
         ..Default::default()
     };
-    let e = schedule::build(&g, &bad).err().expect("bf16 --tf32x3 refused");
+    let Err(e) = schedule::build(&g, &bad) else {
+        panic!("bf16 --tf32x3 was not refused");
+    };
     assert!(e.message.contains("--tf32x3"), "{}", e.message);
     let _ = check_step_in("x3wrn", WRN, x3);
     check_infer_in("x3wrn", WRN, x3);

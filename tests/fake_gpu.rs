@@ -145,10 +145,7 @@ fn selftest_passes_on_the_fake_gpu() {
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("tf32x3"))
         .collect();
     assert!(x3.len() >= 5, "{} tf32x3 checks", x3.len());
-    assert!(
-        x3.iter().all(|c| c["tol"].as_f64() == Some(1e-4)),
-        "{x3:?}"
-    );
+    assert!(x3.iter().all(|c| c["tol"].as_f64() == Some(1e-4)), "{x3:?}");
     assert!(
         v["device"]["name"]
             .as_str()

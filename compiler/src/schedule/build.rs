@@ -358,7 +358,11 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, tf32x3: bool, nhwc: bool) -> Con
         nhwc,
         // whole 16-byte runs of channels in every patch the forward and data-gradient passes
         // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
-        vec: tensor_cores && !tf32x3 && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
+        vec: tensor_cores
+            && !tf32x3
+            && nhwc
+            && (c.in_c / c.groups) % 8 == 0
+            && (c.out_c / c.groups) % 8 == 0,
         wgmma: false,
         stages: 0,
         tma: false,
