@@ -120,11 +120,12 @@ inline void perform(const std::vector<Copy>& g) {
     }
 }
 
-}  // namespace wrnc_emu_mma
-
-inline void wrnc_mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b,
-                                const float* c) {
-    using namespace wrnc_emu_mma;
+// One warp-wide m16n8kK mma: every lane publishes its fragments, then computes its four
+// accumulators D[g][2t..2t+1], D[g+8][2t..2t+1] (g = lane / 4, t = lane % 4) from C as
+// sum over k of ab(slots, row, k, col), in k order, in f32.
+template <unsigned int K, class AB>
+inline void warp_mma(float* d, const unsigned int* a, const unsigned int* b, const float* c,
+                     AB ab) {
     const unsigned int lin = wrnc_emu::tl_linear, lane = lin % 32;
     for (int i = 0; i < 4; ++i) g_slots[lin].a[i] = a[i];
     for (int i = 0; i < 2; ++i) g_slots[lin].b[i] = b[i];
@@ -135,43 +136,41 @@ inline void wrnc_mma_bf16_16816(float* d, const unsigned int* a, const unsigned 
     for (unsigned int r = 0; r < 4; ++r) {
         const unsigned int row = g + (r >> 1) * 8, col = 2 * t + (r & 1);
         float acc = c[r];
-        for (unsigned int k = 0; k < 16; ++k) acc += a_elem(s, row, k) * b_elem(s, k, col);
+        for (unsigned int k = 0; k < K; ++k) acc += ab(s, row, k, col);
         out[r] = acc;
     }
     warp_bar().arrive_and_wait();
     for (int r = 0; r < 4; ++r) d[r] = out[r];
 }
 
+// A register's tf32 value: the hardware reads only the tf32 bits (the low 13 are ignored).
+inline float tf32_of(std::uint32_t bits) {
+    bits &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+}  // namespace wrnc_emu_mma
+
+inline void wrnc_mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b,
+                                const float* c) {
+    using namespace wrnc_emu_mma;
+    warp_mma<16>(d, a, b, c, [](const Slot* s, unsigned int row, unsigned int k, unsigned int col) {
+        return a_elem(s, row, k) * b_elem(s, k, col);
+    });
+}
+
 // TF32 m16n8k8 (PTX ISA 9.7.14.5.7): A[row][k] is lane (row % 8) * 4 + k % 4, register
-// row / 8 + 2 (k / 4); B[k][n] is lane n * 4 + k % 4, register k / 4. The hardware reads only
-// an operand's tf32 bits (the low 13 bits are ignored); the products of two tf32 values are
-// exact in f32, accumulated in k order from C.
+// row / 8 + 2 (k / 4); B[k][n] is lane n * 4 + k % 4, register k / 4. The products of two
+// tf32 values are exact in f32.
 inline void wrnc_mma_tf32_1688(float* d, const unsigned int* a, const unsigned int* b,
                                const float* c) {
     using namespace wrnc_emu_mma;
-    const unsigned int lin = wrnc_emu::tl_linear, lane = lin % 32;
-    for (int i = 0; i < 4; ++i) g_slots[lin].a[i] = a[i];
-    for (int i = 0; i < 2; ++i) g_slots[lin].b[i] = b[i];
-    warp_bar().arrive_and_wait();
-    const Slot* s = warp_slots();
-    const unsigned int g = lane >> 2, t = lane & 3;
-    auto tf = [](std::uint32_t bits) {
-        bits &= 0xffffe000u;
-        float f;
-        std::memcpy(&f, &bits, 4);
-        return f;
-    };
-    float out[4];
-    for (unsigned int r = 0; r < 4; ++r) {
-        const unsigned int row = g + (r >> 1) * 8, col = 2 * t + (r & 1);
-        float acc = c[r];
-        for (unsigned int k = 0; k < 8; ++k)
-            acc += tf(s[(row % 8) * 4 + k % 4].a[row / 8 + 2 * (k / 4)]) *
-                   tf(s[col * 4 + k % 4].b[k / 4]);
-        out[r] = acc;
-    }
-    warp_bar().arrive_and_wait();
-    for (int r = 0; r < 4; ++r) d[r] = out[r];
+    warp_mma<8>(d, a, b, c, [](const Slot* s, unsigned int row, unsigned int k, unsigned int col) {
+        return tf32_of(s[(row % 8) * 4 + k % 4].a[row / 8 + 2 * (k / 4)]) *
+               tf32_of(s[col * 4 + k % 4].b[k / 4]);
+    });
 }
 
 // cvt.rna.tf32.f32: to nearest, ties away from zero (add half an ulp of tf32 to the

@@ -737,19 +737,15 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let st = stages(g, r, c, 32, "ke_", true, "wrnc_f32_bf16");
     // operand tiles (bf16 rows of 40) and the f32 accumulator tile share one byte array
     let smem = ((r + c) * 80).max(t.cs_bytes());
-    format!(
-        r#"{header} {{
-{consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
+    let arrays = format!(
+        r#"    __shared__ __align__(16) unsigned char smem_[{smem}];
     unsigned short (*As)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_);
     unsigned short (*Bs)[40] = reinterpret_cast<unsigned short (*)[40]>(smem_ + {boff});
-{prelude}    float pa_[{ae}], pb_[{be}];
-    {{
-{first}    }}
-    for (int k0 = kb_; k0 < ke_; k0 += 32) {{
-{store}        __syncthreads();
-        if (k0 + 32 < ke_) {{
-{next}        }}
-        for (int ks = 0; ks < 32; ks += 16) {{
+"#,
+        boff = r * 80
+    );
+    let math = format!(
+        r#"        for (int ks = 0; ks < 32; ks += 16) {{
             unsigned int af[{mi}][4], bfr[{nb}][4];
             for (int i = 0; i < {mi}; ++i)
                 wrnc_ldmatrix_x4(af[i], &As[wm * {wtm} + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 8]);
@@ -758,7 +754,35 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
             for (int i = 0; i < {mi}; ++i)
                 for (int jn = 0; jn < {ni}; ++jn) wrnc_mma_bf16_16816(cacc[i][jn], af[i], &bfr[jn >> 1][2 * (jn & 1)], cacc[i][jn]);
         }}
-        __syncthreads();
+"#,
+        nb = ni / 2,
+    );
+    tc_frame(name, spec, g, &st, &arrays, &math)
+}
+
+/// The kernel around a register-staged tensor-core GEMM ([`gemm_tc`], [`gemm_tc_x3`]): the
+/// shared arrays `arrays` declare, [`tc_prelude`], the first stage's gather, then per stage of
+/// 32 reduction indices: store it into shared memory, a barrier, the next stage's gather into
+/// registers, the warps' `math` on the stored stage, a barrier; then [`tc_epilogue`].
+fn tc_frame(
+    name: &str,
+    spec: &KernelSpec,
+    g: &Gemm,
+    st: &Stages,
+    arrays: &str,
+    math: &str,
+) -> String {
+    let t = g.tile;
+    format!(
+        r#"{header} {{
+{consts}{arrays}{prelude}    float pa_[{ae}], pb_[{be}];
+    {{
+{first}    }}
+    for (int k0 = kb_; k0 < ke_; k0 += 32) {{
+{store}        __syncthreads();
+        if (k0 + 32 < ke_) {{
+{next}        }}
+{math}        __syncthreads();
     }}
 {walk}"#,
         header = header(name, spec),
@@ -768,10 +792,8 @@ fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         store = st.store,
         walk = tc_epilogue(t, WarpGrid::mma(t), &g.epi),
         prelude = tc_prelude(t, g, WarpGrid::mma(t)),
-        boff = r * 80,
         ae = st.ae,
         be = st.be,
-        nb = ni / 2,
     )
 }
 
@@ -798,19 +820,15 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let st = stages(g, r, c, 32, "ke_", true, "");
     // operand tiles (f32 rows of 36) and the f32 accumulator tile share one byte array
     let smem = ((r + c) * 144).max(t.cs_bytes());
-    format!(
-        r#"{header} {{
-{consts}    __shared__ __align__(16) unsigned char smem_[{smem}];
+    let arrays = format!(
+        r#"    __shared__ __align__(16) unsigned char smem_[{smem}];
     float (*As)[36] = reinterpret_cast<float (*)[36]>(smem_);
     float (*Bs)[36] = reinterpret_cast<float (*)[36]>(smem_ + {boff});
-{prelude}    float pa_[{ae}], pb_[{be}];
-    {{
-{first}    }}
-    for (int k0 = kb_; k0 < ke_; k0 += 32) {{
-{store}        __syncthreads();
-        if (k0 + 32 < ke_) {{
-{next}        }}
-        for (int ks = 0; ks < 32; ks += 8) {{
+"#,
+        boff = r * 144
+    );
+    let math = format!(
+        r#"        for (int ks = 0; ks < 32; ks += 8) {{
             unsigned int ah[{mi}][4], al[{mi}][4], bh[{ni}][2], bl[{ni}][2];
             for (int i = 0; i < {mi}; ++i) {{
                 const float* p_ = &As[wm * {wtm} + i * 16 + (lane >> 2)][ks + (lane & 3)];
@@ -835,20 +853,9 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
                     wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn]);
                 }}
         }}
-        __syncthreads();
-    }}
-{walk}"#,
-        header = header(name, spec),
-        consts = g.consts,
-        first = (st.gather)("kb_"),
-        next = (st.gather)("(k0 + 32)"),
-        store = st.store,
-        walk = tc_epilogue(t, WarpGrid::mma(t), &g.epi),
-        prelude = tc_prelude(t, g, WarpGrid::mma(t)),
-        boff = r * 144,
-        ae = st.ae,
-        be = st.be,
-    )
+"#
+    );
+    tc_frame(name, spec, g, &st, &arrays, &math)
 }
 
 /// The operands of [`gemm_tc_async`]: runs of 8 consecutive elements of one operand tile row,
