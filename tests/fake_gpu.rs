@@ -591,36 +591,52 @@ fn without_device_a_usable_gpu_is_chosen_and_named() {
     assert!(err.contains("device: cpu (no usable GPU"), "{err}");
 }
 
+/// A one-iteration fused `wrnc bench --json` of `net` (written into `dir`) at the default
+/// tile, with `extra` flags: its JSON on success, else the exit code and stderr.
+fn bench_once(
+    dir: &Path,
+    net: &str,
+    precision: &str,
+    extra: &[&str],
+) -> Result<Value, (Option<i32>, String)> {
+    let file = dir.join("net.net");
+    std::fs::write(&file, net).unwrap();
+    let cache = dir.join("cache");
+    let mut args = vec![
+        "bench",
+        file.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--precision",
+        precision,
+        "--fused-only",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--tiles",
+        "default",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = wrnc(&args, &[("WRNC_CACHE_DIR", cache.to_str().unwrap())]);
+    if o.status.success() {
+        Ok(json(&o))
+    } else {
+        Err((
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ))
+    }
+}
+
 /// `wrnc bench --tf32x3` (f32 on the tensor cores) on the fake GPU: the JSON says so and the
 /// step runs; with bf16 it is refused.
 #[test]
 fn tf32x3_bench_runs_on_the_fake_gpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let net = tmp.path().join("tiny.net");
-    std::fs::write(&net, TINY).unwrap();
-    let cache = tmp.path().join("cache");
-    let args = |precision: &'static str| {
-        vec![
-            "bench",
-            net.to_str().unwrap(),
-            "--batch",
-            "4",
-            "--precision",
-            precision,
-            "--fused-only",
-            "--no-infer",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--tiles",
-            "default",
-            "--tf32x3",
-            "--json",
-        ]
-    };
-    let env = [("WRNC_CACHE_DIR", cache.to_str().unwrap())];
-    let v = json(&wrnc(&args("f32"), &env));
+    let flags = ["--no-infer", "--tf32x3"];
+    let v = bench_once(tmp.path(), TINY, "f32", &flags).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(v["tf32x3"], true, "{v}");
     assert_eq!(v["precision"], "f32", "{v}");
     assert!(
@@ -635,9 +651,8 @@ fn tf32x3_bench_runs_on_the_fake_gpu() {
             .is_some_and(|t| !t.is_empty() && t.keys().all(|k| k.contains("_x3"))),
         "{v}"
     );
-    let o = wrnc(&args("bf16"), &env);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let (code, err) = bench_once(tmp.path(), TINY, "bf16", &flags).unwrap_err();
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--tf32x3"), "{err}");
 }
 
@@ -649,30 +664,7 @@ fn tf32x3_bench_runs_on_the_fake_gpu() {
 #[test]
 fn tma_bench_runs_on_the_fake_hopper() {
     let tmp = tempfile::tempdir().unwrap();
-    let net = tmp.path().join("v8.net");
-    std::fs::write(&net, V8_NET).unwrap();
-    let cache = tmp.path().join("cache");
-    let args = |precision: &'static str| {
-        vec![
-            "bench",
-            net.to_str().unwrap(),
-            "--batch",
-            "4",
-            "--precision",
-            precision,
-            "--fused-only",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--tiles",
-            "default",
-            "--tma",
-            "--json",
-        ]
-    };
-    let env = [("WRNC_CACHE_DIR", cache.to_str().unwrap())];
-    let v = json(&wrnc(&args("bf16"), &env));
+    let v = bench_once(tmp.path(), V8_NET, "bf16", &["--tma"]).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(v["tma"], true, "{v}");
     assert_eq!(v["wgmma"], true, "{v}");
     for part in ["train_step_ms", "infer_ms"] {
@@ -681,8 +673,7 @@ fn tma_bench_runs_on_the_fake_hopper() {
             "{part}: {v}"
         );
     }
-    let o = wrnc(&args("f32"), &env);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let (code, err) = bench_once(tmp.path(), V8_NET, "f32", &["--tma"]).unwrap_err();
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--tma"), "{err}");
 }
