@@ -4,8 +4,9 @@
 //!
 //! `cargo bench -p wrnc-runtime --bench gpu_step`. Without a usable GPU (no driver, no device,
 //! no NVRTC) it prints why and measures nothing. `WRNC_BENCH_NET` (default `WRN-16-4`),
-//! `WRNC_BENCH_BATCH` (default 128) and `WRNC_BENCH_PRECISION` (`f32` or `bf16`, default f32)
-//! choose what is measured.
+//! `WRNC_BENCH_BATCH` (default 128) and `WRNC_BENCH_PRECISION` (`f32`, `bf16`, or `tf32x3`:
+//! f32 with the convolutions on the tensor cores as 3xTF32; default f32) choose what is
+//! measured, at the default tensor-core tile.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::Duration;
@@ -25,9 +26,14 @@ fn bench(c: &mut Criterion) {
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(128);
-    let precision = match std::env::var("WRNC_BENCH_PRECISION").as_deref() {
-        Ok("bf16") => Precision::Bf16,
-        _ => Precision::F32,
+    let (precision, tf32x3) = match std::env::var("WRNC_BENCH_PRECISION").as_deref() {
+        Ok("bf16") => (Precision::Bf16, false),
+        Ok("tf32x3") => (Precision::F32, true),
+        _ => (Precision::F32, false),
+    };
+    let tiles = wrnc_compiler::schedule::Tiles {
+        tf32x3,
+        ..Default::default()
     };
     let src = wrnc_grammar::Source::inline(format!("network {expr}"));
     let graph = wrnc_grammar::build(&src).unwrap_or_else(|d| panic!("{expr}: {}", d.message));
@@ -35,14 +41,15 @@ fn bench(c: &mut Criterion) {
     let cache = PtxCache::default_location();
     for mode in [Mode::Train, Mode::Infer] {
         let mut group = c.benchmark_group(format!(
-            "{}-{}-b{batch}-{}",
+            "{}-{}-b{batch}-{}{}",
             graph.name,
             if mode == Mode::Train {
                 "train"
             } else {
                 "infer"
             },
-            precision.name()
+            precision.name(),
+            if tf32x3 { "-tf32x3" } else { "" }
         ));
         group.throughput(Throughput::Elements(batch as u64));
         group.sample_size(20);
@@ -56,7 +63,7 @@ fn bench(c: &mut Criterion) {
                 batch,
                 precision,
                 unfused,
-                &Default::default(),
+                &tiles,
                 Default::default(),
             )
             .unwrap_or_else(|e| panic!("{e}"));
