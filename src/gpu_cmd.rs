@@ -55,7 +55,7 @@ pub struct BenchArgs {
     /// Which GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
-    /// Tensor-core tiles (bf16): auto (search on this GPU what the tile cache lacks), default
+    /// Tensor-core tiles (bf16, or f32 with --tf32x3): auto (search on this GPU what the tile cache lacks), default
     /// (64x64), or one tile for every convolution (128x64, 128x128, 64x128, 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = TileMode::parse)]
     pub tiles: TileMode,

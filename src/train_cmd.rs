@@ -61,7 +61,7 @@ pub struct RunArgs {
     /// always computes in f32.
     #[arg(long, value_enum)]
     pub precision: Option<crate::gpu_cmd::PrecisionArg>,
-    /// Tensor-core tiles on the GPU (bf16): auto (search on this GPU what the tile cache
+    /// Tensor-core tiles on the GPU (bf16, or f32 with --tf32x3): auto (search on this GPU what the tile cache
     /// lacks), default (64x64), or one tile for every convolution (128x64, 128x128, 64x128,
     /// 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = wrnc_runtime::cuda::tune::TileMode::parse)]
