@@ -428,9 +428,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     let need = s.min_compute_capability();
                     if arch_number(&arch).is_some_and(|a| a < need) {
+                        let engine = if s.precision == wrnc_compiler::ast::Precision::F32 {
+                            "--tf32x3 runs the f32 convolutions on TF32"
+                        } else {
+                            "--precision bf16 runs the convolutions on bf16"
+                        };
                         return Err(UserError(format!(
-                            "--arch {arch}: --precision {} runs the convolutions on bf16 tensor cores, which need sm_{need} or later",
-                            s.precision.name()
+                            "--arch {arch}: {engine} tensor cores, which need sm_{need} or later"
                         ))
                         .into());
                     }

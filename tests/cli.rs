@@ -83,6 +83,13 @@ fn commands_and_exit_codes() {
     );
     check(
         &[
+            "compile", "WRN-10-1", "--tf32x3", "--arch", "sm_75", "--emit", "ptx",
+        ],
+        2,
+        "--tf32x3 runs the f32 convolutions on TF32 tensor cores, which need sm_80 or later",
+    );
+    check(
+        &[
             "compile",
             "WRN-10-1",
             "--precision",

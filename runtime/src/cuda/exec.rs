@@ -132,10 +132,20 @@ impl Executor {
         let (major, minor) = gpu.info().compute_capability;
         let need_cc = s.min_compute_capability();
         if ((major * 10 + minor) as u32) < need_cc {
+            let (engine, instead) = if s.precision == wrnc_compiler::ast::Precision::F32 {
+                (
+                    "--tf32x3 runs the f32 convolutions on TF32",
+                    "run without --tf32x3",
+                )
+            } else {
+                (
+                    "--precision bf16 runs the convolutions on bf16",
+                    "use --precision f32",
+                )
+            };
             return Err(CudaError::Plan(format!(
-                "{what}: --precision {} runs the convolutions on bf16 tensor cores, which need \
-                 compute capability {}.{} or later; {} is {major}.{minor}. Use --precision f32",
-                s.precision.name(),
+                "{what}: {engine} tensor cores, which need compute capability {}.{} or later; \
+                 {} is {major}.{minor}. {instead}",
                 need_cc / 10,
                 need_cc % 10,
                 gpu.info().name
