@@ -14,7 +14,7 @@
 // __uint_as_float / __float_as_uint / __int_as_float, and
 //   wrnc_emu::launch(kernel, grid, block, shared_bytes, args...).
 // Dynamic shared memory: `shared` bytes per launch (at most 227 KiB, sm_90's opt-in limit),
-// 128-byte aligned, filled with 0xff bytes (NaN as f32 and bf16) before the launch so a read
+// 1024-byte aligned, filled with 0xff bytes (NaN as f32 and bf16) before the launch so a read
 // of a byte no thread wrote shows, and followed by 4 KiB of guard bytes that must be intact
 // after the launch (a kernel that takes more than its launch gave it aborts); a kernel reaches it through `wrnc_dyn_smem()` (the CUDA
 // twin is in compiler/src/codegen/mma.cuh: `extern __shared__`), not `extern __shared__`.
@@ -99,7 +99,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
     const std::size_t dyn_guard = 4096;
     if (shared != 0) {
         const std::size_t bytes = (shared + 127) / 128 * 128;
-        dyn.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (shared + dyn_guard + 127) / 128 * 128)));
+        dyn.reset(static_cast<unsigned char*>(std::aligned_alloc(1024, (shared + dyn_guard + 1023) / 1024 * 1024)));
         std::memset(dyn.get(), 0xff, bytes);
         std::memset(dyn.get() + shared, 0x5a, dyn_guard);
     }

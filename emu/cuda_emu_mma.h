@@ -227,8 +227,17 @@ inline void wrnc_cp_async_wait() {
 // Warpgroup MMA (wgmma, sm_90a; contracts in compiler/src/codegen/cuda.rs, wgmma_cuh).
 // A descriptor's start address is the byte offset from the block's shared array `base` that the
 // kernel passes along; its fields are packed and unpacked exactly as on the GPU (bits 0-13
-// address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4, 62-63 swizzle,
-// which must be 0: none). Like cp.async, an mma is only queued when issued: it reads shared
+// address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4, 62-63 swizzle:
+// 0 none, 1 128 bytes, 2 64 bytes, 3 32 bytes). Without swizzle an operand is 8x8 core matrices
+// (8 rows of 16 contiguous bytes), the leading byte offset apart along K and the stride byte
+// offset along M/N. In a swizzle mode of W bytes (K-major, as the PTX ISA's canonical layouts
+// and CUTLASS's Swizzle<b,4,3> have it) row `r` of an 8-row atom is W bytes on from the
+// previous one, atoms are the stride byte offset apart, the leading byte offset is unused, and
+// the byte address `a = start + (r / 8) * sbo + (r % 8) * W + 2 k` is read at
+// `a ^ (((a >> 7) & (W / 16 - 1)) << 4)`: its 16-byte chunk XORed with address bits 7 and up.
+// The address is the offset from `base`, which the kernel checks to be 1024-byte aligned
+// (wrnc_smem_align_check), so its low bits are the GPU's. An operand's K (16 elements) must
+// not run past its row's W bytes. Like cp.async, an mma is only queued when issued: it reads shared
 // memory and updates the accumulators when a wrnc_wgmma_wait<N>() retires its group, so a
 // kernel that overwrites an operand stage or reads an accumulator too early gets wrong values
 // here too. Each thread computes its own fragment (rows 16 (warp % 4) + lane / 4 (+ 8),
@@ -250,14 +259,24 @@ inline thread_local WgmmaState tl_wgmma;
 
 inline const unsigned short* wg_elem(const unsigned char* base, std::uint64_t desc, unsigned int row,
                                      unsigned int k) {
-    if ((desc >> 62) != 0) {
-        std::fprintf(stderr, "cuda_emu_mma: wgmma descriptor with a swizzle mode\n");
+    const std::uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
+                        sbo = ((desc >> 32) & 0x3FFF) << 4, mode = desc >> 62;
+    if (((desc >> 49) & 7) != 0) {
+        std::fprintf(stderr, "cuda_emu_mma: wgmma descriptor with a matrix base offset\n");
         std::abort();
     }
-    const std::uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
-                        sbo = ((desc >> 32) & 0x3FFF) << 4;
-    const std::uint64_t off = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
-    return reinterpret_cast<const unsigned short*>(base + off);
+    if (mode == 0) {
+        const std::uint64_t off = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+        return reinterpret_cast<const unsigned short*>(base + off);
+    }
+    const std::uint64_t w = mode == 1 ? 128 : mode == 2 ? 64 : 32;
+    if (start % w + 2 * k >= w) {
+        std::fprintf(stderr, "cuda_emu_mma: wgmma operand's K runs past its %llu-byte swizzle row\n",
+                     (unsigned long long)w);
+        std::abort();
+    }
+    const std::uint64_t a = start + (row / 8) * sbo + (row % 8) * w + 2 * k;
+    return reinterpret_cast<const unsigned short*>(base + (a ^ (((a >> 7) & (w / 16 - 1)) << 4)));
 }
 
 inline float bf_bits(unsigned short h) {
@@ -288,15 +307,13 @@ inline unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
         std::fprintf(stderr, "cuda_emu_mma: wgmma operand at offset %td of shared memory\n", off);
         std::abort();
     }
-    return ((unsigned long long)off >> 4) | ((128ull >> 4) << 16) | ((512ull >> 4) << 32);
+    return ((unsigned long long)off >> 4) | (1ull << 16) | ((512ull >> 4) << 32) | (2ull << 62);
 }
-inline unsigned long long wrnc_wgmma_desc_ls(const void* base, const void* p, unsigned lbo, unsigned sbo) {
-    const unsigned long long d = wrnc_wgmma_desc(base, p) & 0xFFFFull;
-    if (lbo % 16 != 0 || sbo % 16 != 0 || (lbo >> 4) > 0x3FFF || (sbo >> 4) > 0x3FFF) {
-        std::fprintf(stderr, "cuda_emu_mma: wgmma descriptor offsets %u / %u\n", lbo, sbo);
+inline void wrnc_smem_align_check(const void* base) {
+    if (reinterpret_cast<std::uintptr_t>(base) % 1024 != 0) {
+        std::fprintf(stderr, "cuda_emu_mma: shared array %p of a wgmma kernel is not 1024-byte aligned\n", base);
         std::abort();
     }
-    return d | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
 }
 inline void wrnc_wgmma_fence() {}
 inline void wrnc_fence_proxy_async() {}
@@ -334,7 +351,10 @@ WRNC_EMU_WGMMA(128)
 // bytes are all in. So a kernel that reads a slot before waiting for its phase, waits on the
 // wrong parity, expects the wrong byte count, or refills a slot an in-flight wgmma still
 // reads, sees NaN or never completes (a wait that has not completed after 60 s aborts).
-// The box lands densely, innermost dimension first; elements outside the tensor are zeros.
+// The box lands densely, innermost dimension first, in the map's swizzle mode (the byte at
+// shared address `a` moved to `a ^ (((a >> 7) & (W / 16 - 1)) << 4)` for W = 32, 64, 128 bytes,
+// the pattern wgmma's descriptors read; host addresses of the emulation's shared memory are
+// 1024-byte aligned, so their low bits are the GPU's); elements outside the tensor are zeros.
 namespace wrnc_emu_mma {
 
 struct TmaCopy {
@@ -361,7 +381,7 @@ inline void tma_perform(const TmaCopy& cp) {
         for (std::uint64_t i1 = 0; i1 < b1; ++i1)
             for (std::uint64_t i0 = 0; i0 < b0; ++i0) {
                 const long long x0 = cp.c[0] + (long long)i0, x1 = cp.c[1] + (long long)i1, x2 = cp.c[2] + (long long)i2;
-                unsigned char* d = cp.dst + ((i2 * b1 + i1) * b0 + i0) * elem;
+                unsigned char* d = wrnc_emu_tma::swizzled(t, cp.dst + ((i2 * b1 + i1) * b0 + i0) * elem);
                 const bool in = x0 >= 0 && x1 >= 0 && x2 >= 0 && (std::uint64_t)x0 < t.w[4] &&
                                 (std::uint64_t)x1 < t.w[5] && (std::uint64_t)x2 < t.w[6];
                 if (in)
@@ -441,8 +461,10 @@ inline void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, in
         std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor with a tensor map that was never encoded\n");
         std::abort();
     }
-    if (reinterpret_cast<std::uintptr_t>(dst) % 128 != 0) {
-        std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor destination %p is not 128-byte aligned\n", dst);
+    const std::uint64_t align = map->w[12] ? map->w[12] * 8 : 128;
+    if (reinterpret_cast<std::uintptr_t>(dst) % align != 0) {
+        std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor destination %p is not %llu-byte aligned\n", dst,
+                     (unsigned long long)align);
         std::abort();
     }
     std::memset(dst, 0xff, wrnc_emu_tma::box_bytes(*map));
@@ -452,13 +474,14 @@ inline void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, in
 }
 
 // The emulation driver's (compiler/src/codegen/emu.rs) tensor-map argument: a dense bf16
-// tensor of 3 dimensions at `p` (aborts where cuTensorMapEncodeTiled would refuse it).
+// tensor of 3 dimensions at `p`, swizzled in rows of `swizzle` bytes (0: none) (aborts where
+// cuTensorMapEncodeTiled would refuse it).
 inline wrnc_tmap wrnc_emu_tmap(const unsigned short* p, std::uint64_t d0, std::uint64_t d1, std::uint64_t d2,
-                               std::uint32_t b0, std::uint32_t b1, std::uint32_t b2) {
+                               std::uint32_t b0, std::uint32_t b1, std::uint32_t b2, std::uint32_t swizzle) {
     const std::uint64_t dims[3] = {d0, d1, d2}, strides[2] = {d0 * 2, d0 * d1 * 2};
     const std::uint32_t box[3] = {b0, b1, b2};
     wrnc_tmap t;
-    if (const char* e = wrnc_emu_tma::encode(&t, p, 3, 2, dims, strides, box)) {
+    if (const char* e = wrnc_emu_tma::encode(&t, p, 3, 2, dims, strides, box, swizzle)) {
         std::fprintf(stderr, "cuda_emu_mma: tensor map: %s\n", e);
         std::abort();
     }

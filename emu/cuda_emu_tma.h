@@ -5,8 +5,8 @@
 // A real CUtensorMap is opaque; ours holds, in 64-bit words: [0] a magic number, [1] the
 // global address, [2] the rank (1 to 3), [3] the element size in bytes, [4..6] the elements
 // per dimension (innermost first), [7..8] the byte strides of dimensions 1 and 2, [9..11] the
-// box (elements per dimension). Only what wrnc uses is supported: interleave and swizzle none,
-// element strides 1, zero fill outside the tensor.
+// box (elements per dimension), [12] the swizzle's row in bytes (0: none; 32, 64 or 128). Only
+// what wrnc uses is supported: no interleave, element strides 1, zero fill outside the tensor.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +24,7 @@ inline constexpr std::uint64_t MAGIC = 0x414d545f434e5257ull;  // "WRNC_TMA"
 // requirement of the driver API (the real driver returns CUDA_ERROR_INVALID_VALUE for it).
 inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigned elem,
                           const std::uint64_t* dims, const std::uint64_t* strides,
-                          const std::uint32_t* box) {
+                          const std::uint32_t* box, std::uint32_t swizzle) {
     if (rank < 1 || rank > 3) return "rank outside 1..3 (the emulation's limit)";
     if (reinterpret_cast<std::uintptr_t>(addr) % 16 != 0) return "global address not 16-byte aligned";
     for (unsigned i = 0; i < rank; ++i) {
@@ -34,6 +34,9 @@ inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigne
             return "a stride not a multiple of 16 bytes below 2^40";
     }
     if (box[0] * elem % 16 != 0) return "the box's inner dimension not a multiple of 16 bytes";
+    if (swizzle != 0 && swizzle != 32 && swizzle != 64 && swizzle != 128) return "a swizzle other than 32, 64 or 128 bytes";
+    // the driver takes narrower boxes too; how they land is not emulated
+    if (swizzle != 0 && box[0] * elem != swizzle) return "a swizzled box's inner dimension other than the swizzle's row (the emulation's limit)";
     std::memset(t, 0, sizeof *t);
     t->w[0] = MAGIC;
     t->w[1] = reinterpret_cast<std::uintptr_t>(addr);
@@ -44,7 +47,17 @@ inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigne
         t->w[9 + i] = i < rank ? box[i] : 1;
     }
     for (unsigned i = 1; i < 3; ++i) t->w[6 + i] = i < rank ? strides[i - 1] : 0;
+    t->w[12] = swizzle;
     return nullptr;
+}
+
+// Where the byte a box puts at shared address `p` lands in `t`'s swizzle mode: its 16-byte chunk
+// XORed with address bits 7 and up (as many bits as the swizzle's row has chunks beyond one).
+template <class T>
+inline T* swizzled(const wrnc_tmap& t, T* p) {
+    if (t.w[12] == 0) return p;
+    const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+    return reinterpret_cast<T*>(a ^ (((a >> 7) & (t.w[12] / 16 - 1)) << 4));
 }
 
 // The bytes one copy of `t`'s box moves.

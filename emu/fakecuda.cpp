@@ -472,12 +472,15 @@ API CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* a
         case 7: elem = 4; break;                  // FLOAT32
         default: return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: data type");
     }
-    if (interleave != 0 || swizzle != 0 || oob != 0 || l2 < 0 || l2 > 3)
-        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: only interleave/swizzle/oob-fill none are emulated");
+    if (interleave != 0 || oob != 0 || l2 < 0 || l2 > 3)
+        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: only interleave and oob-fill none are emulated");
+    if (swizzle < 0 || swizzle > 3)  // CU_TENSOR_MAP_SWIZZLE_NONE, _32B, _64B, _128B
+        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: swizzle mode");
     for (unsigned i = 0; i < rank && i < 5; ++i)
         if (elem_strides[i] != 1) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: element strides other than 1");
     wrnc_tmap t;
-    if (const char* e = wrnc_emu_tma::encode(&t, addr, rank, elem, dims, strides, box)) {
+    if (const char* e = wrnc_emu_tma::encode(&t, addr, rank, elem, dims, strides, box,
+                                             swizzle == 0 ? 0u : 16u << swizzle)) {
         std::fprintf(stderr, "fakecuda: cuTensorMapEncodeTiled: %s\n", e);
         return INVALID_VALUE;
     }

@@ -431,7 +431,11 @@ fn compile_emits_ptxas_resources() {
         .filter_map(|l| l.get("tmaps"))
         .collect();
     assert!(maps.len() >= 4, "{maps:?}");
-    assert!(maps.iter().all(|m| m[0]["box_dim"][0] == 8), "{maps:?}");
+    assert!(
+        maps.iter()
+            .all(|m| m[0]["box_dim"][0] == 32 && m[0]["swizzle"] == 64),
+        "{maps:?}"
+    );
     // --stages 8: 8 stages of 64x64 (80 KiB) in dynamic shared memory, which the report shows
     let o = wrnc(&[
         "compile",

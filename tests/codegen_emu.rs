@@ -1087,7 +1087,8 @@ fn bf16_tma_weights_on_mbarriers() {
             let want = k.spec.conv_geom().is_some_and(|g| g.tma);
             assert_eq!(l.tmaps.len(), want as usize, "{}", l.note);
             for tm in &l.tmaps {
-                assert_eq!(tm.box_dim, [8, tile.cols, 1], "{}", l.note);
+                assert_eq!(tm.box_dim, [32, tile.cols, 1], "{}", l.note);
+                assert_eq!(tm.swizzle, 64, "{}", l.note);
                 assert_eq!(tm.dims[0] % 8, 0, "{}", l.note);
             }
         }

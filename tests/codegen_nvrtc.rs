@@ -547,8 +547,8 @@ fn deep_pipelines_of_wrn_28_10_compile_in_dynamic_shared_memory() {
 /// training step compiles for sm_90a with real NVRTC and ptxas, at the default tile (3 stages)
 /// and at 128x64 with 4 (dynamic shared memory, a wgmma in flight): every `wgmma` kernel and
 /// only those take a tensor map and issue `cp.async.bulk.tensor` on `mbarrier`s, with no
-/// spills, no stack frame and no ptxas note (a serialized wgmma would be one), and at most 64
-/// bytes of mbarriers beside the ring.
+/// spills, no stack frame and no ptxas note (a serialized wgmma would be one), and little
+/// beside the ring (mbarriers, and the padding of the ring's 1024-byte alignment).
 #[test]
 fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
     if !nvrtc_available() {
@@ -578,6 +578,16 @@ fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
             "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
         ));
         assert!(ptx.contains("mbarrier.try_wait.parity.shared::cta.b64"));
+        // the 64-byte swizzle is a function of address bits: the rings are 1024-byte aligned
+        // (static arrays at the default tile, dynamic shared memory at 4 stages), and each
+        // kernel checks it
+        let align = if stages == 0 {
+            ".shared .align 1024 .b8"
+        } else {
+            ".extern .shared .align 1024 .b8 wrnc_dsmem_"
+        };
+        assert!(ptx.contains(align), "{tile} s{stages}: no `{align}`");
+        assert!(ptx.contains("trap;"), "{tile} s{stages}");
         let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
         let mut tma = 0;
         for k in &r {

@@ -185,6 +185,7 @@ fn check_layout(what: &str, s: &Schedule) {
                     },
                     dims: t.dims,
                     box_dim: t.box_dim,
+                    swizzle: t.swizzle,
                 },
                 "{what}: {}",
                 launch.note
@@ -393,6 +394,8 @@ fn tensor_maps_are_validated() {
     assert!(broken(&|t| t.dims[2] *= 1000).contains("larger than its buffer"));
     assert!(broken(&|t| t.box_dim[1] = 512).contains("box TMA cannot move"));
     assert!(broken(&|t| t.box_dim[0] = 4).contains("box TMA cannot move"));
+    assert!(broken(&|t| t.box_dim[0] = 16).contains("swizzle that does not match"));
+    assert!(broken(&|t| t.swizzle = 48).contains("swizzle that does not match"));
     assert!(broken(&|t| t.buffer = 99).contains("has no buffer"));
     let mut s2 = s.clone();
     s2.launches[li].tmaps.clear();

@@ -73,11 +73,14 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 /// its own versions, which follow the same contracts:
 ///
 /// - `wrnc_wgmma_desc(base, p)`: the shared-memory matrix descriptor (PTX ISA, "Matrix
-///   Descriptor Format") of a K-major bf16 operand without swizzling whose first 8x8 core
-///   matrix (8 rows of 16 contiguous bytes, 128 bytes) is at `p`: the next core matrix along
-///   K is 128 bytes on (the leading dimension byte offset), along M or N 512 bytes on (the
-///   stride dimension byte offset). `base` is the block's shared array holding `p` (the
-///   emulation's origin; unused on the GPU).
+///   Descriptor Format") of a K-major bf16 operand in the 64-byte swizzle mode (swizzle field
+///   2) whose first row starts at `p`: rows of 64 bytes (32 elements of K), 8-row atoms of 512
+///   bytes (the stride dimension byte offset; the leading one is unused and set to 16), the
+///   16-byte chunk `c` of row `r` stored at chunk `c ^ ((r / 2) % 4)` (address bits 4-5
+///   XOR bits 7-8). `p` is an atom's start or 32 bytes on (the second k16 step); atoms are
+///   512-byte aligned in a 1024-byte aligned `base`, the block's shared array holding `p` (the
+///   emulation's origin; unused on the GPU). `wrnc_smem_align_check(base)` traps when `base`
+///   is not 1024-byte aligned.
 /// - `wrnc_wgmma_m64n<N>k16(d, base, da, db)`: the warpgroup's `D (64 x N, f32) += A (64 x 16,
 ///   at da) * B (16 x N, at db, K-major: stored as N rows of K)`, issued asynchronously. Warp
 ///   `w % 4` of the warpgroup holds rows `16 (w % 4)..+16` as `N / 8` fragments of mma.sync's
@@ -87,8 +90,6 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 ///   `wgmma.commit_group`, `wgmma.wait_group N`.
 /// - `wrnc_fence_proxy_async()`: this thread's earlier shared-memory writes (stores,
 ///   `cp.async`) become visible to the async proxy that `wgmma` reads through.
-/// - `wrnc_wgmma_desc_ls(base, p, lbo, sbo)`: as `wrnc_wgmma_desc` with a leading (K) byte
-///   offset `lbo` and a stride (M/N) byte offset `sbo` of the caller's.
 ///
 /// The tensor memory accelerator (TMA, `--tma`):
 /// - `wrnc_tmap`: an opaque 128-byte, 64-byte aligned `CUtensorMap`, passed to a kernel by
@@ -104,9 +105,10 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 ///   0, 2, ...) has completed; the bytes it counted are then visible to the waiting thread and
 ///   to the `wgmma` it issues.
 /// - `wrnc_tma_load_3d(dst, map, c0, c1, c2, bar)`: copies the box of `map` at element
-///   coordinates `(c0, c1, c2)` (innermost first) into shared memory at `dst` (128-byte
-///   aligned), densely, innermost first; elements outside the tensor land as zeros. It counts
-///   the box's bytes as transactions on `bar`.
+///   coordinates `(c0, c1, c2)` (innermost first) into shared memory at `dst` (512-byte
+///   aligned), densely, innermost first, in the map's swizzle mode (wrnc encodes 64 bytes:
+///   box rows of 64 bytes, chunks XORed as `wrnc_wgmma_desc` reads them); elements outside
+///   the tensor land as zeros. It counts the box's bytes as transactions on `bar`.
 fn wgmma_cuh() -> String {
     let mut s = String::from(
         r#"
@@ -115,7 +117,14 @@ fn wgmma_cuh() -> String {
 __device__ __forceinline__ unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
     (void)base;
     const unsigned long long a = wrnc_smem_addr(p);
-    return ((a & 0x3FFFFull) >> 4) | ((128ull >> 4) << 16) | ((512ull >> 4) << 32);
+    return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | ((512ull >> 4) << 32) | (2ull << 62);
+}
+// The address through an opaque asm: with the intrinsic, NVVM folds the test away, since it
+// trusts the declared alignment this is to check.
+__device__ __forceinline__ void wrnc_smem_align_check(const void* base) {
+    unsigned long long a;
+    asm volatile("cvta.to.shared.u64 %0, %1;\n" : "=l"(a) : "l"(base));
+    if (a & 1023ull) __trap();
 }
 __device__ __forceinline__ void wrnc_wgmma_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -129,11 +138,6 @@ __device__ __forceinline__ void wrnc_wgmma_wait() {
 }
 __device__ __forceinline__ void wrnc_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ unsigned long long wrnc_wgmma_desc_ls(const void* base, const void* p, unsigned lbo, unsigned sbo) {
-    (void)base;
-    const unsigned long long a = wrnc_smem_addr(p);
-    return ((a & 0x3FFFFull) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
 }
 struct __align__(64) wrnc_tmap {
     unsigned long long w[16];
@@ -954,11 +958,13 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             total.div_ceil(256)
         )
     };
-    // the shared cell of a run: `[slot][row][k]` or `[slot][k][row]`
+    // the shared cell of a run: `[slot][row][k]` or `[slot][k][row]`; for wgmma, rows of 64
+    // bytes in the 64-byte swizzle mode ([`wgmma_cuh`]'s `wrnc_wgmma_desc`): the run's
+    // 16-byte chunk `kl / 8` of row `rl` at chunk `(kl / 8) ^ ((rl / 2) % 4)`
     let cell = |arr: &str, n: u32, slot: &str| -> String {
         if wg {
             format!(
-                "&{arr}[({slot}) * {} + (rl >> 3) * 256 + (kl >> 3) * 64 + (rl & 7) * 8]",
+                "&{arr}[({slot}) * {} + rl * 32 + (((kl >> 3) ^ ((rl >> 1) & 3)) << 3)]",
                 n * 32
             )
         } else if km {
@@ -971,16 +977,15 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         (&v.a, "As_", r, "mm", "blockIdx.x", "M"),
         (&v.b, "Bs_", c, "jj", "blockIdx.y", "NC"),
     ];
-    // B by TMA: 4 boxes of 8 reduction indices x `c` rows, each a core-matrix column
-    // (`c` rows of 16 bytes) at `kc * c * 8` halves in the slot, on the slot's mbarrier
+    // B by TMA: one box of 32 reduction indices x `c` rows, landing in the 64-byte swizzle
+    // mode exactly as the `cp.async` runs would (`cell`), on the slot's mbarrier
     let tma = wg && v.tma;
     let issue = |kx: &str, slot: &str| -> String {
         let tma_b = if tma {
             format!(
-                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                #pragma unroll\n                for (int kc_ = 0; kc_ < 4; ++kc_)\n                    wrnc_tma_load_3d(Bs_ + ({slot}) * {bs} + kc_ * {kcs}, &tmw, {kx} + kc_ * 8, blockIdx.y * {c}, g, bar_);\n            }}\n",
+                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                wrnc_tma_load_3d(Bs_ + ({slot}) * {bs}, &tmw, {kx}, blockIdx.y * {c}, g, bar_);\n            }}\n",
                 bytes = c * 64,
                 bs = c * 32,
-                kcs = c * 8,
             )
         } else {
             String::new()
@@ -1058,7 +1063,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let array = if v.smem.dynamic {
         "    unsigned char* smem_ = wrnc_dyn_smem();\n".to_string()
     } else if wg {
-        format!("    __shared__ __align__(128) unsigned char smem_[{smem}];\n")
+        format!("    __shared__ __align__(1024) unsigned char smem_[{smem}];\n")
     } else {
         format!("    __shared__ __align__(16) unsigned char smem_[{smem}];\n")
     };
@@ -1069,8 +1074,10 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         String::new()
     };
     let decl = if wg {
+        // the swizzle is a function of address bits 4-8: atoms must be where the descriptors
+        // and TMA take them to be
         format!(
-            "{array}{bars}    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
+            "{array}{bars}    wrnc_smem_align_check(smem_);\n    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
         )
     } else {
         format!(
@@ -1082,42 +1089,25 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let lag = if wg { wgmma_in_flight(ns) } else { 0 };
     let compute = if wg {
         // the warpgroup's A rows (128-row tiles: one m64 slab each) or B columns (64-row
-        // tiles: half the columns each), in halves from the slot's start; a k16 step is two
-        // core matrices (128 halves) along K
-        // B as TMA lands it: core matrices 64 halves (128 bytes) apart along N, core-matrix
-        // columns `c * 8` halves apart along K (leading byte offset `c * 16`, stride 128)
-        let (ncore, kcore) = if tma { (64, c * 8) } else { (256, 64) };
+        // tiles: half the columns each), in halves from the slot's start (rows of 32 halves;
+        // whole 512-byte atoms); a k16 step is 16 halves (32 bytes) along a row, the swizzle
+        // applied by the hardware to the address
         let (a0, b0) = if r >= 128 {
             ("(warp >> 2) * 2048".to_string(), "0".to_string())
         } else {
-            (
-                "0".to_string(),
-                format!("(warp >> 2) * {}", wtn / 8 * ncore),
-            )
-        };
-        let bdesc = if tma {
-            format!(
-                "wrnc_wgmma_desc_ls(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * {kstep}, {lbo}, 128)",
-                bs_ = c * 32,
-                kstep = 2 * kcore,
-                lbo = c * 16,
-            )
-        } else {
-            format!(
-                "wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 128)",
-                bs_ = c * 32
-            )
+            ("0".to_string(), format!("(warp >> 2) * {}", wtn * 32))
         };
         format!(
             r#"        wrnc_wgmma_fence();
         #pragma unroll
         for (int ks = 0; ks < 2; ++ks)
-            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 128), {bdesc});
+            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 16), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 16));
         wrnc_wgmma_commit();
         wrnc_wgmma_wait<{lag}>();
         wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
 "#,
             as_ = r * 32,
+            bs_ = c * 32,
         )
     } else {
         format!(

@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
         for t in &l.tmaps {
             let a = &l.buffers[t.buffer];
             args.push(format!(
-                "wrnc_emu_tmap(((unsigned short*)B[{}].data()) + {}, {}ull, {}ull, {}ull, {}u, {}u, {}u)",
+                "wrnc_emu_tmap(((unsigned short*)B[{}].data()) + {}, {}ull, {}ull, {}ull, {}u, {}u, {}u, {}u)",
                 a.buffer,
                 a.offset,
                 t.dims[0],
@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
                 t.dims[2],
                 t.box_dim[0],
                 t.box_dim[1],
-                t.box_dim[2]
+                t.box_dim[2],
+                t.swizzle
             ));
         }
         writeln!(o, "    // {li}: {}", l.note).unwrap();

@@ -35,9 +35,10 @@
 #define WRNC_MMA_CUH
 
 #ifndef WRNC_MMA_EMU
-// The block's dynamic shared memory (the launch's `sharedMemBytes`, 128-byte aligned).
+// The block's dynamic shared memory (the launch's `sharedMemBytes`, 1024-byte aligned, as the
+// wgmma engine's swizzled stages need).
 __device__ __forceinline__ unsigned char* wrnc_dyn_smem() {
-    extern __shared__ __align__(128) unsigned char wrnc_dsmem_[];
+    extern __shared__ __align__(1024) unsigned char wrnc_dsmem_[];
     return wrnc_dsmem_;
 }
 

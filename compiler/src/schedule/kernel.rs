@@ -616,8 +616,9 @@ impl KernelSpec {
     /// ([`KernelSpec::tmap_params`]). The weight is the packed `[g][row][k]` matrix the pass
     /// reads ([`KernelSpec::PackWeight`]): `dims = [k, rows per group, groups]` with `k` the
     /// reduction length (`ICG * K * K` forward, `OCG * K * K` for the data gradient) and
-    /// `rows` the B operand's columns (`OCG` forward, `ICG` data gradient); the box is 8
-    /// reduction indices of `tile.cols` rows, one core-matrix column of a stage's B tile.
+    /// `rows` the B operand's columns (`OCG` forward, `ICG` data gradient); the box is a
+    /// stage's B tile, 32 reduction indices (64 bytes) of `tile.cols` rows, in the 64-byte
+    /// swizzle mode the `wgmma` engine's stages use.
     pub fn tmaps(&self, buffers: &[BufArg], scalars: &[ScalarArg]) -> Vec<TmapArg> {
         let (g, fwd) = match self {
             KernelSpec::ConvFwd { g, .. } if g.tma => (g, true),
@@ -649,7 +650,8 @@ impl KernelSpec {
         vec![TmapArg {
             buffer: w,
             dims: [red, rows, g.groups as u64],
-            box_dim: [8, g.tile.cols, 1],
+            box_dim: [32, g.tile.cols, 1],
+            swizzle: 64,
         }]
     }
 

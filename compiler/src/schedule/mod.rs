@@ -208,8 +208,9 @@ pub struct Launch {
 /// Invariants (checked by [`Schedule::validate`]): `buffer` indexes `Launch::buffers` and that
 /// argument is bf16 and holds at least `dims[0] * dims[1] * dims[2]` elements; `dims[0]` is a
 /// multiple of 8 (every row starts 16-byte aligned, as TMA requires); `1 <= box_dim[i] <= 256`
-/// and `box_dim[0] * 2` is a multiple of 16 bytes. A box may hang over the tensor's edge: TMA
-/// fills the elements outside it with zeros.
+/// and `box_dim[0] * 2` is a multiple of 16 bytes; `swizzle` is 0, 32, 64 or 128 and, when
+/// not 0, equals `box_dim[0] * 2`. A box may hang over the tensor's edge: TMA fills the
+/// elements outside it with zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TmapArg {
     /// Index into the launch's `buffers` of the tensor.
@@ -218,8 +219,14 @@ pub struct TmapArg {
     /// `dims[0] * dims[1] * 2`).
     pub dims: [u64; 3],
     /// Elements one copy moves per dimension (the box), landing in shared memory innermost
-    /// first, densely: element `(i0, i1, i2)` at `((i2 * box[1]) + i1) * box[0] + i0`.
+    /// first, densely: element `(i0, i1, i2)` at `((i2 * box[1]) + i1) * box[0] + i0`, then
+    /// swizzled.
     pub box_dim: [u32; 3],
+    /// The swizzle mode's row in bytes (`CU_TENSOR_MAP_SWIZZLE_<n>B`), 0 for none: the
+    /// 16-byte chunk of the byte that lands at shared address `a` moves to chunk
+    /// `(a / 16) % (swizzle / 16) ^ (a / 128) % (swizzle / 16)` of its row, the layout
+    /// `wgmma` reads through a descriptor of the same mode.
+    pub swizzle: u32,
 }
 
 /// A trainable tensor's slot in the `params` / `grads` / `momentum` arenas.
@@ -554,6 +561,11 @@ impl Schedule {
                 }
                 if t.box_dim.iter().any(|&d| d == 0 || d > 256) || (t.box_dim[0] * 2) % 16 != 0 {
                     return Err(bad("has a box TMA cannot move"));
+                }
+                if t.swizzle != 0
+                    && (![32, 64, 128].contains(&t.swizzle) || t.box_dim[0] * 2 != t.swizzle)
+                {
+                    return Err(bad("has a swizzle that does not match its box"));
                 }
             }
         }

@@ -503,14 +503,15 @@ impl Gpu {
     }
 
     /// Encodes the tensor map of a dense bf16 tensor at `addr` (innermost dimension first,
-    /// [`ArgValue::TensorMap`]) into `slot` with `cuTensorMapEncodeTiled`: no interleave or
-    /// swizzle, element strides 1, zeros outside the tensor.
+    /// [`ArgValue::TensorMap`]) into `slot` with `cuTensorMapEncodeTiled`: no interleave, the
+    /// swizzle mode of `swizzle` bytes (0: none), element strides 1, zeros outside the tensor.
     fn encode_tensor_map(
         &self,
         slot: &mut ArgSlot,
         addr: u64,
         dims: [u64; 3],
         box_dim: [u32; 3],
+        swizzle: u32,
     ) -> Result<(), CudaError> {
         let Some(encode) = self.api().tensor_map_encode_tiled else {
             // the error that says which driver and what to do
@@ -518,6 +519,17 @@ impl Gpu {
         };
         let strides = [dims[0] * 2, dims[0] * dims[1] * 2];
         let elem_strides = [1u32; 3];
+        let swizzle_mode = match swizzle {
+            0 => driver::TENSOR_MAP_SWIZZLE_NONE,
+            32 => driver::TENSOR_MAP_SWIZZLE_32B,
+            64 => driver::TENSOR_MAP_SWIZZLE_64B,
+            128 => driver::TENSOR_MAP_SWIZZLE_128B,
+            other => {
+                return Err(CudaError::Plan(format!(
+                    "a tensor map with a {other}-byte swizzle (TMA has 32, 64 and 128)"
+                )))
+            }
+        };
         // SAFETY: `slot` is 128 writable, 64-byte aligned bytes; the arrays hold `rank` (3)
         // dimensions and `rank - 1` strides, as the prototype reads them.
         let r = unsafe {
@@ -531,14 +543,14 @@ impl Gpu {
                 box_dim.as_ptr(),
                 elem_strides.as_ptr(),
                 0,
-                0,
+                swizzle_mode,
                 driver::TENSOR_MAP_L2_128B,
                 0,
             )
         };
         self.api().check(
             r,
-            &format!("cuTensorMapEncodeTiled(bf16 {dims:?} at {addr:#x}, box {box_dim:?})"),
+            &format!("cuTensorMapEncodeTiled(bf16 {dims:?} at {addr:#x}, box {box_dim:?}, swizzle {swizzle} bytes)"),
         )
     }
 
@@ -581,9 +593,10 @@ impl Gpu {
                         addr,
                         dims,
                         box_dim,
+                        swizzle,
                     },
                 ) => self
-                    .encode_tensor_map(&mut s, addr, dims, box_dim)
+                    .encode_tensor_map(&mut s, addr, dims, box_dim, swizzle)
                     .map_err(fail)?,
                 (None, _) => unreachable!("only tensor maps have no 8-byte slot"),
             }

@@ -141,6 +141,11 @@ pub struct Api {
 
 /// `CU_TENSOR_MAP_DATA_TYPE_BFLOAT16`.
 pub const TENSOR_MAP_BF16: c_int = 9;
+/// `CU_TENSOR_MAP_SWIZZLE_NONE`, `_32B`, `_64B`, `_128B`.
+pub const TENSOR_MAP_SWIZZLE_NONE: c_int = 0;
+pub const TENSOR_MAP_SWIZZLE_32B: c_int = 1;
+pub const TENSOR_MAP_SWIZZLE_64B: c_int = 2;
+pub const TENSOR_MAP_SWIZZLE_128B: c_int = 3;
 /// `CU_TENSOR_MAP_L2_PROMOTION_L2_128B`.
 pub const TENSOR_MAP_L2_128B: c_int = 2;
 

@@ -178,6 +178,8 @@ pub enum ArgValue {
         addr: u64,
         dims: [u64; 3],
         box_dim: [u32; 3],
+        /// The swizzle mode's row in bytes, 0 for none.
+        swizzle: u32,
     },
 }
 
@@ -256,6 +258,7 @@ pub fn pack(
             addr,
             dims: t.dims,
             box_dim: t.box_dim,
+            swizzle: t.swizzle,
         });
     }
     Ok(v)
