@@ -360,7 +360,7 @@ namespace wrnc_emu_mma {
 struct TmaCopy {
     unsigned char* dst;
     wrnc_tmap map;
-    int c[3];
+    int c[4];
 };
 
 struct Mbar {
@@ -376,19 +376,23 @@ inline std::map<const void*, Mbar> g_mbars;
 inline void tma_perform(const TmaCopy& cp) {
     const wrnc_tmap& t = cp.map;
     const std::uint64_t elem = t.w[3];
-    const std::uint64_t b0 = t.w[9], b1 = t.w[10], b2 = t.w[11];
-    for (std::uint64_t i2 = 0; i2 < b2; ++i2)
-        for (std::uint64_t i1 = 0; i1 < b1; ++i1)
-            for (std::uint64_t i0 = 0; i0 < b0; ++i0) {
-                const long long x0 = cp.c[0] + (long long)i0, x1 = cp.c[1] + (long long)i1, x2 = cp.c[2] + (long long)i2;
-                unsigned char* d = wrnc_emu_tma::swizzled(t, cp.dst + ((i2 * b1 + i1) * b0 + i0) * elem);
-                const bool in = x0 >= 0 && x1 >= 0 && x2 >= 0 && (std::uint64_t)x0 < t.w[4] &&
-                                (std::uint64_t)x1 < t.w[5] && (std::uint64_t)x2 < t.w[6];
-                if (in)
-                    std::memcpy(d, reinterpret_cast<const unsigned char*>(t.w[1]) + x0 * elem + x1 * t.w[7] + x2 * t.w[8], elem);
-                else
-                    std::memset(d, 0, elem);
-            }
+    const std::uint64_t b[4] = {t.w[11], t.w[12], t.w[13], t.w[14]};
+    for (std::uint64_t i = 0; i < b[0] * b[1] * b[2] * b[3]; ++i) {
+        // box element i, innermost first, and its tensor coordinates
+        std::uint64_t rest = i, src = 0;
+        bool in = true;
+        for (unsigned d = 0; d < 4; ++d) {
+            const long long x = cp.c[d] + (long long)(rest % b[d]);
+            rest /= b[d];
+            in = in && x >= 0 && (std::uint64_t)x < t.w[4 + d];
+            src += (std::uint64_t)x * (d == 0 ? elem : t.w[7 + d]);
+        }
+        unsigned char* dst = wrnc_emu_tma::swizzled(t, cp.dst + i * elem);
+        if (in)
+            std::memcpy(dst, reinterpret_cast<const unsigned char*>(t.w[1]) + src, elem);
+        else
+            std::memset(dst, 0, elem);
+    }
 }
 
 // With g_mbar_mu held: lands the barrier's queued copies and completes its phase when due.
@@ -456,12 +460,17 @@ inline void wrnc_mbar_wait(unsigned long long* bar, unsigned parity) {
         std::this_thread::yield();
     }
 }
-inline void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, unsigned long long* bar) {
+inline void wrnc_tma_load_4d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, int c3, unsigned long long* bar) {
     if (map->w[0] != wrnc_emu_tma::MAGIC) {
         std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor with a tensor map that was never encoded\n");
         std::abort();
     }
-    const std::uint64_t align = map->w[12] ? map->w[12] * 8 : 128;
+    if (map->w[2] != 4) {
+        std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor.4d with a tensor map of rank %llu\n",
+                     (unsigned long long)map->w[2]);
+        std::abort();
+    }
+    const std::uint64_t align = map->w[15] ? map->w[15] * 8 : 128;
     if (reinterpret_cast<std::uintptr_t>(dst) % align != 0) {
         std::fprintf(stderr, "cuda_emu_mma: cp.async.bulk.tensor destination %p is not %llu-byte aligned\n", dst,
                      (unsigned long long)align);
@@ -470,18 +479,19 @@ inline void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, in
     std::memset(dst, 0xff, wrnc_emu_tma::box_bytes(*map));
     std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
     wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "cp.async.bulk.tensor");
-    m.copies.push_back({static_cast<unsigned char*>(dst), *map, {c0, c1, c2}});
+    m.copies.push_back({static_cast<unsigned char*>(dst), *map, {c0, c1, c2, c3}});
 }
 
 // The emulation driver's (compiler/src/codegen/emu.rs) tensor-map argument: a dense bf16
-// tensor of 3 dimensions at `p`, swizzled in rows of `swizzle` bytes (0: none) (aborts where
+// tensor of 4 dimensions at `p`, swizzled in rows of `swizzle` bytes (0: none) (aborts where
 // cuTensorMapEncodeTiled would refuse it).
 inline wrnc_tmap wrnc_emu_tmap(const unsigned short* p, std::uint64_t d0, std::uint64_t d1, std::uint64_t d2,
-                               std::uint32_t b0, std::uint32_t b1, std::uint32_t b2, std::uint32_t swizzle) {
-    const std::uint64_t dims[3] = {d0, d1, d2}, strides[2] = {d0 * 2, d0 * d1 * 2};
-    const std::uint32_t box[3] = {b0, b1, b2};
+                               std::uint64_t d3, std::uint32_t b0, std::uint32_t b1, std::uint32_t b2,
+                               std::uint32_t b3, std::uint32_t swizzle) {
+    const std::uint64_t dims[4] = {d0, d1, d2, d3}, strides[3] = {d0 * 2, d0 * d1 * 2, d0 * d1 * d2 * 2};
+    const std::uint32_t box[4] = {b0, b1, b2, b3};
     wrnc_tmap t;
-    if (const char* e = wrnc_emu_tma::encode(&t, p, 3, 2, dims, strides, box, swizzle)) {
+    if (const char* e = wrnc_emu_tma::encode(&t, p, 4, 2, dims, strides, box, swizzle)) {
         std::fprintf(stderr, "cuda_emu_mma: tensor map: %s\n", e);
         std::abort();
     }

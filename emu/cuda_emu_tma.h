@@ -3,9 +3,10 @@
 // cuTensorMapEncodeTiled), so the two agree on the 128 opaque bytes.
 //
 // A real CUtensorMap is opaque; ours holds, in 64-bit words: [0] a magic number, [1] the
-// global address, [2] the rank (1 to 3), [3] the element size in bytes, [4..6] the elements
-// per dimension (innermost first), [7..8] the byte strides of dimensions 1 and 2, [9..11] the
-// box (elements per dimension), [12] the swizzle's row in bytes (0: none; 32, 64 or 128). Only
+// global address, [2] the rank (1 to 4), [3] the element size in bytes, [4..7] the elements
+// per dimension (innermost first), [8..10] the byte strides of dimensions 1 to 3, [11..14] the
+// box (elements per dimension), [15] the swizzle's row in bytes (0: none; 32, 64 or 128); a
+// dimension past the rank has 1 element. Only
 // what wrnc uses is supported: no interleave, element strides 1, zero fill outside the tensor.
 #pragma once
 
@@ -25,7 +26,7 @@ inline constexpr std::uint64_t MAGIC = 0x414d545f434e5257ull;  // "WRNC_TMA"
 inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigned elem,
                           const std::uint64_t* dims, const std::uint64_t* strides,
                           const std::uint32_t* box, std::uint32_t swizzle) {
-    if (rank < 1 || rank > 3) return "rank outside 1..3 (the emulation's limit)";
+    if (rank < 1 || rank > 4) return "rank outside 1..4 (the emulation's limit)";
     if (reinterpret_cast<std::uintptr_t>(addr) % 16 != 0) return "global address not 16-byte aligned";
     for (unsigned i = 0; i < rank; ++i) {
         if (dims[i] == 0 || dims[i] > (1ull << 32)) return "a dimension outside 1..2^32";
@@ -42,12 +43,12 @@ inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigne
     t->w[1] = reinterpret_cast<std::uintptr_t>(addr);
     t->w[2] = rank;
     t->w[3] = elem;
-    for (unsigned i = 0; i < 3; ++i) {
+    for (unsigned i = 0; i < 4; ++i) {
         t->w[4 + i] = i < rank ? dims[i] : 1;
-        t->w[9 + i] = i < rank ? box[i] : 1;
+        t->w[11 + i] = i < rank ? box[i] : 1;
     }
-    for (unsigned i = 1; i < 3; ++i) t->w[6 + i] = i < rank ? strides[i - 1] : 0;
-    t->w[12] = swizzle;
+    for (unsigned i = 1; i < 4; ++i) t->w[7 + i] = i < rank ? strides[i - 1] : 0;
+    t->w[15] = swizzle;
     return nullptr;
 }
 
@@ -55,18 +56,18 @@ inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigne
 // XORed with address bits 7 and up (as many bits as the swizzle's row has chunks beyond one).
 template <class T>
 inline T* swizzled(const wrnc_tmap& t, T* p) {
-    if (t.w[12] == 0) return p;
+    if (t.w[15] == 0) return p;
     const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
-    return reinterpret_cast<T*>(a ^ (((a >> 7) & (t.w[12] / 16 - 1)) << 4));
+    return reinterpret_cast<T*>(a ^ (((a >> 7) & (t.w[15] / 16 - 1)) << 4));
 }
 
 // The bytes one copy of `t`'s box moves.
-inline std::uint64_t box_bytes(const wrnc_tmap& t) { return t.w[3] * t.w[9] * t.w[10] * t.w[11]; }
+inline std::uint64_t box_bytes(const wrnc_tmap& t) { return t.w[3] * t.w[11] * t.w[12] * t.w[13] * t.w[14]; }
 
 // The highest byte address (exclusive) the tensor of `t` reaches.
 inline std::uint64_t extent(const wrnc_tmap& t) {
     std::uint64_t last = (t.w[4] - 1) * t.w[3];
-    for (unsigned i = 1; i < 3; ++i) last += (t.w[4 + i] - 1) * t.w[6 + i];
+    for (unsigned i = 1; i < 4; ++i) last += (t.w[4 + i] - 1) * t.w[7 + i];
     return t.w[1] + last + t.w[3];
 }
 

@@ -86,7 +86,9 @@ enum Cmd {
         #[arg(long)]
         wgmma: bool,
         /// bf16: the weight operand of the warpgroup-MMA convolutions arrives by Hopper's tensor
-        /// memory accelerator (TMA, `cp.async.bulk.tensor` on an mbarrier). Implies --wgmma.
+        /// memory accelerator (TMA, `cp.async.bulk.tensor` on an mbarrier), and so does the
+        /// activation operand of the stride-1 ones with 32k channels per group whose tiles are
+        /// boxes of the image. Implies --wgmma.
         #[arg(long)]
         tma: bool,
         /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic

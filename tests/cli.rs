@@ -409,7 +409,9 @@ fn compile_emits_ptxas_resources() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let cu = String::from_utf8_lossy(&o.stdout);
     assert!(cu.contains("_v8_wg_tma(") && cu.contains("const __grid_constant__ wrnc_tmap tmw"));
-    assert!(cu.contains("wrnc_tma_load_3d(") && cu.contains("wrnc_mbar_wait("));
+    assert!(cu.contains("wrnc_tma_load_4d(") && cu.contains("wrnc_mbar_wait("));
+    // the 32- and 64-channel stride-1 convs take their activations by TMA too
+    assert!(cu.contains("_v8_wg_tmaa_") && cu.contains("const __grid_constant__ wrnc_tmap tmx"));
     let o = wrnc(&[
         "compile",
         "WRN-10-1",
@@ -435,6 +437,10 @@ fn compile_emits_ptxas_resources() {
         maps.iter()
             .all(|m| m[0]["box_dim"][0] == 32 && m[0]["swizzle"] == 64),
         "{maps:?}"
+    );
+    assert!(
+        maps.iter().any(|m| m[1]["box_dim"][0] == 32),
+        "no activation map: {maps:?}"
     );
     // --stages 8: 8 stages of 64x64 (80 KiB) in dynamic shared memory, which the report shows
     let o = wrnc(&[

@@ -1057,13 +1057,44 @@ fn bf16_deep_pipelines_in_dynamic_shared_memory() {
 /// `cp.async` (TMA changes how B lands, not what is summed in which order). VEC's grouped
 /// conv checks the group dimension, its 16 channels a box of 64 or 128 rows hanging over the
 /// tensor's edge; 64x64 (4 stages) and `--stages 4` at 128x128 keep a wgmma in flight, so a
-/// slot is refilled by TMA while the previous stage's wgmma may still run.
+/// slot is refilled by TMA while the previous stage's wgmma may still run. VEC's channels
+/// per group (8, 16) are no multiple of 32, so its activations stay on `cp.async`.
 #[test]
 fn bf16_tma_weights_on_mbarriers() {
-    let g = graph(VEC);
-    let ri = reference(&g, Mode::Infer);
     let t = |rows, cols| TcTile { rows, cols };
-    for (tile, stages) in [(t(128, 64), 0), (t(64, 64), 0), (t(128, 128), 4)] {
+    let tiles = [(t(128, 64), 0), (t(64, 64), 0), (t(128, 128), 4)];
+    check_tma(VEC, "input 3x6x6", "tma", &tiles, false);
+}
+
+/// TMA for the activation operand too (`ConvGeom::tma_a`): on TMAA (32 channels per group, a
+/// grouped conv, a 1x1 conv), the stride-1 forward and data-gradient convs take a second map,
+/// `tmx`, over `x` or `dy` as `[C, W, H, n]`, with a box of whole image rows (16x16), whole
+/// images (8x8), or whole images past the batch of 2 (4x4 with 64 or 128 rows: they land as
+/// zeros), shifted by the tap so that TMA's zero fill is the padding; the BN-ReLU and
+/// dropout prologue still runs in shared memory on what TMA landed. The same checks as the
+/// weights' TMA, at 128x64 (3 stages) and 64x64 (4, a wgmma in flight).
+#[test]
+fn bf16_tma_activations_as_image_boxes() {
+    let t = |rows, cols| TcTile { rows, cols };
+    check_tma(
+        TMAA,
+        "input 3x16x16",
+        "tmaa",
+        &[(t(128, 64), 0), (t(64, 64), 0)],
+        true,
+    );
+}
+
+const TMAA: &str = "conv(3x3, 32)
+     residual { pre bn relu body conv(3x3, 32) bn relu dropout(0.3) conv(1x1, 32) }
+     residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64, groups=2) shortcut proj }
+     residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj }
+     bn relu gap fc";
+
+fn check_tma(body: &str, input: &str, name: &str, tiles: &[(TcTile, u32)], act: bool) {
+    let g = graph_in(input, body);
+    let ri = reference(&g, Mode::Infer);
+    for &(tile, stages) in tiles {
         let prec = Prec {
             tile,
             stages,
@@ -1071,26 +1102,53 @@ fn bf16_tma_weights_on_mbarriers() {
             tma: true,
             ..BF16
         };
-        let tag = format!("tma-s{stages}-{tile}");
+        let tag = format!("{name}-s{stages}-{tile}");
         let s = build_in(&g, Mode::Train, false, prec);
-        let mut tma = 0;
+        let (mut tma, mut tma_a) = (0, 0);
+        let mut boxes = std::collections::BTreeSet::new();
         for k in &s.kernels {
             if let Some(cg) = k.spec.conv_geom() {
                 assert_eq!(cg.tma, cg.wgmma, "{}", k.name);
                 assert_eq!(k.name.contains("_tma"), cg.wgmma, "{}", k.name);
+                assert_eq!(k.name.contains("_tmaa"), cg.tma_a, "{}", k.name);
+                assert!(!cg.tma_a || (cg.tma && cg.stride == 1), "{}", k.name);
                 tma += cg.tma as usize;
+                tma_a += cg.tma_a as usize;
             }
         }
         assert!(tma >= 9, "{tag}: {tma} TMA kernels");
+        if act {
+            // forward and data gradient of the 3x3/32, 1x1/32, 3x3/64 grouped convs
+            assert!(tma_a >= 6, "{tag}: {tma_a} kernels with activations by TMA");
+        } else {
+            assert_eq!(tma_a, 0, "{tag}");
+        }
         for l in &s.launches {
             let k = &s.kernels[l.kernel];
-            let want = k.spec.conv_geom().is_some_and(|g| g.tma);
-            assert_eq!(l.tmaps.len(), want as usize, "{}", l.note);
-            for tm in &l.tmaps {
-                assert_eq!(tm.box_dim, [32, tile.cols, 1], "{}", l.note);
+            let cg = k.spec.conv_geom();
+            let want = cg.is_some_and(|g| g.tma) as usize + cg.is_some_and(|g| g.tma_a) as usize;
+            assert_eq!(l.tmaps.len(), want, "{}", l.note);
+            for (i, tm) in l.tmaps.iter().enumerate() {
                 assert_eq!(tm.swizzle, 64, "{}", l.note);
                 assert_eq!(tm.dims[0] % 8, 0, "{}", l.note);
+                if i == 0 {
+                    assert_eq!(tm.box_dim, [32, tile.cols, 1, 1], "{}", l.note);
+                } else {
+                    // a box of the tile's pixels: whole image rows, or whole images
+                    let [c, w, h, n] = tm.box_dim;
+                    assert_eq!((c, w * h * n), (32, tile.rows), "{}: {tm:?}", l.note);
+                    assert_eq!(w as u64, tm.dims[1], "{}: {tm:?}", l.note);
+                    assert!(n == 1 || h as u64 == tm.dims[2], "{}: {tm:?}", l.note);
+                    assert_eq!(tm.dims[3], BATCH as u64, "{}", l.note);
+                    boxes.insert((w, h, n));
+                }
             }
+        }
+        if act {
+            // rows of a 16x16 image, one or two 8x8 images, 4x4 images past the batch
+            let r = tile.rows;
+            let want = [(16, r / 16, 1), (8, 8, r / 64), (4, 4, r / 16)];
+            assert!(want.iter().all(|b| boxes.contains(b)), "{tag}: {boxes:?}");
         }
         s.validate().unwrap();
         let _ = check_step_of(&tag, g.clone(), prec);

@@ -575,7 +575,7 @@ fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
         assert_eq!(arch, "sm_90a");
         let ptx = nvrtc::compile_ptx(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
         assert!(ptx.contains(
-            "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+            "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
         ));
         assert!(ptx.contains("mbarrier.try_wait.parity.shared::cta.b64"));
         // the 64-byte swizzle is a function of address bits: the rings are 1024-byte aligned
@@ -589,7 +589,7 @@ fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
         assert!(ptx.contains(align), "{tile} s{stages}: no `{align}`");
         assert!(ptx.contains("trap;"), "{tile} s{stages}");
         let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
-        let mut tma = 0;
+        let (mut tma, mut tma_a) = (0, 0);
         for k in &r {
             let spec = &s.kernels.iter().find(|x| x.name == k.name).unwrap().spec;
             let g = spec.conv_geom();
@@ -599,7 +599,11 @@ fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
                 "{}",
                 k.name
             );
-            assert_eq!(spec.tmap_params().len(), g.is_some_and(|g| g.tma) as usize);
+            assert_eq!(
+                spec.tmap_params().len(),
+                g.is_some_and(|g| g.tma) as usize + g.is_some_and(|g| g.tma_a) as usize
+            );
+            tma_a += g.is_some_and(|g| g.tma_a) as usize;
             assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
             assert_eq!(k.stack_frame, 0, "{tile}: {k:?}");
             assert!(k.notes.is_empty(), "{tile}: {k:?}");
@@ -611,9 +615,15 @@ fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
             }
         }
         assert!(tma >= 20, "{tile} s{stages}: {tma} TMA kernels");
+        // the stride-1 convs of 160 to 640 channels take their activations by TMA too: at
+        // 32x32, 16x16 and 8x8, every tile of 64 or 128 pixels is a box of the image
+        assert!(
+            tma_a >= 12,
+            "{tile} s{stages}: {tma_a} kernels with activations by TMA"
+        );
         let most = r.iter().max_by_key(|k| k.registers).unwrap();
         eprintln!(
-            "sm_90a tile {tile} stages {stages}: {tma} TMA kernels, most registers {} ({})",
+            "sm_90a tile {tile} stages {stages}: {tma} TMA kernels ({tma_a} with activations), most registers {} ({})",
             most.registers, most.name
         );
     }

@@ -138,6 +138,17 @@ fn selftest_passes_on_the_fake_gpu() {
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("wgmma tma"))
         .count();
     assert!(tma >= 5, "{tma} tma checks");
+    // the activations by TMA too (a 32-channel network): the training step's launches
+    let tmaa = checks
+        .iter()
+        .filter(|c| {
+            c["what"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("tmaa wgmma tma")
+        })
+        .count();
+    assert!(tmaa >= 1, "{tmaa} tmaa checks");
     // f32 convolutions as 3xTF32 (`--tf32x3`): training and inference, launch by launch and
     // whole, two more tiles' training launches and the unfused step, at f32's tolerance
     let x3: Vec<_> = checks

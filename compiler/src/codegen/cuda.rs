@@ -104,8 +104,8 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 /// - `wrnc_mbar_wait(bar, parity)`: waits until the phase of parity `parity` (0 for phases
 ///   0, 2, ...) has completed; the bytes it counted are then visible to the waiting thread and
 ///   to the `wgmma` it issues.
-/// - `wrnc_tma_load_3d(dst, map, c0, c1, c2, bar)`: copies the box of `map` at element
-///   coordinates `(c0, c1, c2)` (innermost first) into shared memory at `dst` (512-byte
+/// - `wrnc_tma_load_4d(dst, map, c0, c1, c2, c3, bar)`: copies the box of the 4-D `map` at
+///   element coordinates `(c0, c1, c2, c3)` (innermost first) into shared memory at `dst` (512-byte
 ///   aligned), densely, innermost first, in the map's swizzle mode (wrnc encodes 64 bytes:
 ///   box rows of 64 bytes, chunks XORed as `wrnc_wgmma_desc` reads them); elements outside
 ///   the tensor land as zeros. It counts the box's bytes as transactions on `bar`.
@@ -159,9 +159,9 @@ __device__ __forceinline__ void wrnc_mbar_wait(unsigned long long* bar, unsigned
                  ::"r"(wrnc_smem_addr(bar)), "r"(parity)
                  : "memory");
 }
-__device__ __forceinline__ void wrnc_tma_load_3d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
-                 ::"r"(wrnc_smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(wrnc_smem_addr(bar))
+__device__ __forceinline__ void wrnc_tma_load_4d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, int c3, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(wrnc_smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(wrnc_smem_addr(bar))
                  : "memory");
 }
 "#,
@@ -875,6 +875,10 @@ struct VecOps {
     /// B (the packed weight, no prologue) by the tensor memory accelerator from the kernel's
     /// `tmw` tensor map ([`ConvGeom::tma`]; only with `wgmma`).
     tma: bool,
+    /// A by TMA too, from the kernel's `tmx` tensor map ([`ConvGeom::tma_a`]; only with
+    /// `tma`): with the stage's first reduction index `kx_` in scope, declares the box's
+    /// coordinates `c0_` to `c3_` ([`KernelSpec::act_box`]).
+    tma_a: Option<String>,
     /// The stage ring in shared memory ([`ConvGeom::async_smem`] for this pass).
     smem: AsyncSmem,
     a: VecOperand,
@@ -980,17 +984,32 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // B by TMA: one box of 32 reduction indices x `c` rows, landing in the 64-byte swizzle
     // mode exactly as the `cp.async` runs would (`cell`), on the slot's mbarrier
     let tma = wg && v.tma;
+    // A by TMA as well: one box of the stage's tap, 32 channels x the tile's pixels, landing
+    // as the `cp.async` runs would, on the same mbarrier
+    let tma_a = v.tma_a.as_deref().filter(|_| tma);
     let issue = |kx: &str, slot: &str| -> String {
         let tma_b = if tma {
+            let a = tma_a.map_or(String::new(), |coords| {
+                format!(
+                    "                {{\n                    const int kx_ = {kx};\n{coords}                    wrnc_tma_load_4d(As_ + ({slot}) * {as_}, &tmx, c0_, c1_, c2_, c3_, bar_);\n                }}\n",
+                    as_ = r * 32,
+                )
+            });
             format!(
-                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                wrnc_tma_load_3d(Bs_ + ({slot}) * {bs}, &tmw, {kx}, blockIdx.y * {c}, g, bar_);\n            }}\n",
-                bytes = c * 64,
+                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                wrnc_tma_load_4d(Bs_ + ({slot}) * {bs}, &tmw, {kx}, blockIdx.y * {c}, g, 0, bar_);\n{a}            }}\n",
+                bytes = c * 64 + if tma_a.is_some() { r * 64 } else { 0 },
                 bs = c * 32,
             )
         } else {
             String::new()
         };
-        let ops = if tma { &ops[..1] } else { &ops[..] };
+        let ops = if tma_a.is_some() {
+            &ops[..0]
+        } else if tma {
+            &ops[..1]
+        } else {
+            &ops[..]
+        };
         ops.iter()
             .map(|(op, arr, n, idx, blk, lim)| {
                 runs(
@@ -1190,6 +1209,23 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     )
 }
 
+/// The coordinates `c0_` to `c3_` (channel, x, y, image) of the TMA box of a stage of the
+/// activation operand ([`KernelSpec::act_box`]) whose first reduction index is `kx_`: tap
+/// `(kha_, kwa_)`, channels `ca_..ca_ + 32` of group `g`, the tile's first pixel `m0_` moved
+/// by the tap, `(kw - P, kh - P)` forward (`x`) or `(P - kw, P - kh)` in the data gradient
+/// (`dy`; stride 1 only, so every tap is a whole shifted box). The channel and tap are those
+/// of `split_red`'s `(kh, kw, c)` order; off-image coordinates land as the padding's zeros.
+fn tma_a_coords(fwd: bool, rows: u32) -> String {
+    let (ch, w, h, dx, dy) = if fwd {
+        ("ICG", "OW", "OH", "- P + kwa_", "- P + kha_")
+    } else {
+        ("OCG", "IW", "IH", "+ P - kwa_", "+ P - kha_")
+    };
+    format!(
+        "                    const int ca_ = kx_ % {ch}, ta_ = kx_ / {ch}, kwa_ = ta_ % KS, kha_ = ta_ / KS;\n                    const int m0_ = blockIdx.x * {rows}, xa_ = m0_ % {w}, ya_ = (m0_ / {w}) % {h};\n                    const int c0_ = g * {ch} + ca_, c1_ = xa_ {dx}, c2_ = ya_ {dy}, c3_ = m0_ / ({w} * {h});\n"
+    )
+}
+
 /// `wgmma` groups [`gemm_tc_async`] leaves in flight at the end of an iteration: 1 with a
 /// ring of at least 4 stages, else 0.
 ///
@@ -1333,6 +1369,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 kmajor: true,
                 wgmma: g.wgmma,
                 tma: g.tma,
+                tma_a: g.tma_a.then(|| tma_a_coords(true, g.tile.rows)),
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "x",
@@ -1431,6 +1468,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 kmajor: true,
                 wgmma: g.wgmma,
                 tma: g.tma,
+                tma_a: g.tma_a.then(|| tma_a_coords(false, g.tile.rows)),
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "dy",
@@ -1527,6 +1565,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 kmajor: false,
                 wgmma: false,
                 tma: false,
+                tma_a: None,
                 smem: g.async_smem(false),
                 a: VecOperand {
                     base: "dy",

@@ -100,15 +100,17 @@ int main(int argc, char** argv) {
         for t in &l.tmaps {
             let a = &l.buffers[t.buffer];
             args.push(format!(
-                "wrnc_emu_tmap(((unsigned short*)B[{}].data()) + {}, {}ull, {}ull, {}ull, {}u, {}u, {}u, {}u)",
+                "wrnc_emu_tmap(((unsigned short*)B[{}].data()) + {}, {}ull, {}ull, {}ull, {}ull, {}u, {}u, {}u, {}u, {}u)",
                 a.buffer,
                 a.offset,
                 t.dims[0],
                 t.dims[1],
                 t.dims[2],
+                t.dims[3],
                 t.box_dim[0],
                 t.box_dim[1],
                 t.box_dim[2],
+                t.box_dim[3],
                 t.swizzle
             ));
         }

@@ -178,6 +178,12 @@ impl<'a> B<'a> {
             g.tma = self.tiles.tma && g.wgmma;
             g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
+        // the activation operand by TMA where the tile is a box of the image (after the above:
+        // it depends on the tile and on `tma`)
+        let tma_a = spec.act_box(&scalars).is_some();
+        if let Some(g) = spec.conv_geom_mut() {
+            g.tma_a = tma_a;
+        }
         let (tr, tc) = spec.conv_geom().map_or((TILE, TILE), |g| g.block_tile());
         let grid = [
             ceil_div(rows, tr as u64),
@@ -366,6 +372,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, tf32x3: bool, nhwc: bool) -> Con
         wgmma: false,
         stages: 0,
         tma: false,
+        tma_a: false,
         tf32x3: tensor_cores && tf32x3,
     }
 }

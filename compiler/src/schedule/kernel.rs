@@ -115,12 +115,20 @@ pub struct ConvGeom {
     pub stages: u32,
     /// The weight operand (B) of a `wgmma` pass arrives by the tensor memory accelerator
     /// (only with `wgmma`; see [`super::Tiles::tma`]): per stage, thread 0 issues one
-    /// `cp.async.bulk.tensor` of 8 reduction indices x `tile.cols` rows for each of the
-    /// stage's 4 core-matrix columns, completing on the slot's `mbarrier`, and the launch
-    /// passes the weight's tensor map ([`super::TmapArg`]) by value. Changes no value. Name
-    /// suffix `_tma`.
+    /// `cp.async.bulk.tensor` of 32 reduction indices x `tile.cols` rows (64-byte swizzle),
+    /// completing on the slot's `mbarrier`, and the launch passes the weight's tensor map
+    /// ([`super::TmapArg`]) by value. Changes no value. Name suffix `_tma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tma: bool,
+    /// The activation operand (A: `x` forward, `dy` data gradient) arrives by TMA too (only
+    /// with `tma`, where [`KernelSpec::act_box`] finds the tile to be a box of the image): per
+    /// stage one 4-D box of 32 channels of the tile's pixels, shifted by the stage's tap, on
+    /// the same `mbarrier`; TMA's zero fill outside the image is the conv's zero padding, and
+    /// the prologue still runs in shared memory (padding skipped). The launch passes the
+    /// activation's tensor map `tmx` after `tmw`. Changes no value. Name suffix `_tmaa`
+    /// (instead of `_tma`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tma_a: bool,
     /// An f32 convolution on the tensor cores (only with `tensor_cores`, never with `vec`;
     /// see [`super::Tiles::tf32x3`]): fp32 operands, each split into a TF32 high part and the
     /// TF32 rounding of its remainder, and three `mma.sync.m16n8k8.tf32` per fragment pair
@@ -305,7 +313,13 @@ impl ConvGeom {
             } else {
                 String::new()
             },
-            if self.tma { "_tma" } else { "" },
+            if self.tma_a {
+                "_tmaa"
+            } else if self.tma {
+                "_tma"
+            } else {
+                ""
+            },
         )
     }
 
@@ -602,41 +616,96 @@ impl KernelSpec {
     }
 
     /// Names of the kernel's tensor-map parameters, after its scalars: `tmw` (the packed bf16
-    /// weight `w`) for a forward or data-gradient convolution with [`ConvGeom::tma`].
+    /// weight `w`) for a forward or data-gradient convolution with [`ConvGeom::tma`], then
+    /// `tmx` (the activation operand) with [`ConvGeom::tma_a`].
     pub fn tmap_params(&self) -> Vec<&'static str> {
         match self {
             KernelSpec::ConvFwd { g, .. } | KernelSpec::ConvBwdData { g, .. } if g.tma => {
-                vec!["tmw"]
+                if g.tma_a {
+                    vec!["tmw", "tmx"]
+                } else {
+                    vec!["tmw"]
+                }
             }
             _ => vec![],
         }
     }
 
+    /// A scalar argument named `name` of a launch of this kernel with `scalars` (0 when
+    /// absent or negative).
+    fn scalar_u64(&self, scalars: &[ScalarArg], name: &str) -> u64 {
+        let (_, names) = self.signature();
+        names
+            .iter()
+            .zip(scalars)
+            .find(|((n, _), _)| *n == name)
+            .map_or(0, |(_, s)| match *s {
+                ScalarArg::I32(v) => v.max(0) as u64,
+                _ => 0,
+            })
+    }
+
+    /// The TMA box of the activation operand (A) of a forward or data-gradient convolution
+    /// with [`ConvGeom::tma`] launched with `scalars`, innermost first `[32, w, h, n]`, when
+    /// one stage of A is such a box; `None` otherwise (A then arrives by `cp.async`).
+    ///
+    /// A stage is 32 reduction indices `(kh, kw, c)` with `c` fastest, so it is one tap's
+    /// 32 consecutive channels when the channels per group (`ICG` forward, `OCG` data
+    /// gradient) are a multiple of 32. Its rows are the tile's `rows` consecutive pixels `m`
+    /// of the GEMM's image grid (`OH x OW` forward, `IH x IW` data gradient), which are a box
+    /// of the NHWC tensor when they are part of one image row (`W % rows == 0`), whole rows
+    /// of one image (`rows % W == 0`, `(H W) % rows == 0`) or whole images (`rows % (H W) ==
+    /// 0`; the last tile's images past `n` land as zeros). At stride 1 the tap shifts the box
+    /// by `(kw - P, kh - P)` (forward) or `(P - kw, P - kh)` (data gradient) pixels, and TMA's
+    /// zero fill outside the tensor is the conv's zero padding.
+    pub fn act_box(&self, scalars: &[ScalarArg]) -> Option<[u32; 4]> {
+        let (g, ch, h, w) = match self {
+            KernelSpec::ConvFwd { g, .. } if g.tma => {
+                (g, self.scalar_u64(scalars, "IC"), g.out_h, g.out_w)
+            }
+            KernelSpec::ConvBwdData { g, .. } if g.tma => {
+                (g, self.scalar_u64(scalars, "OC"), g.in_h, g.in_w)
+            }
+            _ => return None,
+        };
+        let r = g.tile.rows;
+        let cg = ch / g.groups as u64;
+        if g.stride != 1 || cg == 0 || !cg.is_multiple_of(32) || w == 0 || h == 0 {
+            return None;
+        }
+        let bx = if w.is_multiple_of(r) {
+            [32, r, 1, 1]
+        } else if r.is_multiple_of(w) && (h * w).is_multiple_of(r) {
+            [32, w, r / w, 1]
+        } else if r.is_multiple_of(h * w) {
+            [32, w, h, r / (h * w)]
+        } else {
+            return None;
+        };
+        bx.iter().all(|&d| d <= 256).then_some(bx)
+    }
+
     /// The tensor maps a launch of this kernel with `buffers` and `scalars` passes
-    /// ([`KernelSpec::tmap_params`]). The weight is the packed `[g][row][k]` matrix the pass
-    /// reads ([`KernelSpec::PackWeight`]): `dims = [k, rows per group, groups]` with `k` the
-    /// reduction length (`ICG * K * K` forward, `OCG * K * K` for the data gradient) and
-    /// `rows` the B operand's columns (`OCG` forward, `ICG` data gradient); the box is a
-    /// stage's B tile, 32 reduction indices (64 bytes) of `tile.cols` rows, in the 64-byte
-    /// swizzle mode the `wgmma` engine's stages use.
+    /// ([`KernelSpec::tmap_params`]), in the 64-byte swizzle mode the `wgmma` engine's stages
+    /// use.
+    ///
+    /// - `tmw`: the packed `[g][row][k]` weight the pass reads ([`KernelSpec::PackWeight`]):
+    ///   `dims = [k, rows per group, groups, 1]` with `k` the reduction length (`ICG * K * K`
+    ///   forward, `OCG * K * K` for the data gradient) and `rows` the B operand's columns
+    ///   (`OCG` forward, `ICG` data gradient); the box is a stage's B tile, 32 reduction
+    ///   indices (64 bytes) of `tile.cols` rows.
+    /// - `tmx` ([`ConvGeom::tma_a`]): the NHWC activation operand (`x` forward, `dy` data
+    ///   gradient), `dims = [C, W, H, n]`, with the box of [`KernelSpec::act_box`].
     pub fn tmaps(&self, buffers: &[BufArg], scalars: &[ScalarArg]) -> Vec<TmapArg> {
         let (g, fwd) = match self {
             KernelSpec::ConvFwd { g, .. } if g.tma => (g, true),
             KernelSpec::ConvBwdData { g, .. } if g.tma => (g, false),
             _ => return vec![],
         };
-        let (params, names) = self.signature();
-        let int = |name: &str| -> u64 {
-            names
-                .iter()
-                .zip(scalars)
-                .find(|((n, _), _)| *n == name)
-                .map_or(0, |(_, s)| match *s {
-                    ScalarArg::I32(v) => v.max(0) as u64,
-                    _ => 0,
-                })
-        };
-        let (icg, ocg) = (int("IC") / g.groups as u64, int("OC") / g.groups as u64);
+        let (params, _) = self.signature();
+        let int = |name: &str| self.scalar_u64(scalars, name);
+        let (ic, oc) = (int("IC"), int("OC"));
+        let (icg, ocg) = (ic / g.groups as u64, oc / g.groups as u64);
         let kk = (g.k * g.k) as u64;
         let (red, rows) = if fwd {
             (icg * kk, ocg)
@@ -647,12 +716,31 @@ impl KernelSpec {
             return vec![];
         };
         debug_assert!(w < buffers.len());
-        vec![TmapArg {
+        let mut maps = vec![TmapArg {
             buffer: w,
-            dims: [red, rows, g.groups as u64],
-            box_dim: [32, g.tile.cols, 1],
+            dims: [red, rows, g.groups as u64, 1],
+            box_dim: [32, g.tile.cols, 1, 1],
             swizzle: 64,
-        }]
+        }];
+        if g.tma_a {
+            let (name, c, h, wd) = if fwd {
+                ("x", ic, g.in_h, g.in_w)
+            } else {
+                ("dy", oc, g.out_h, g.out_w)
+            };
+            if let (Some(a), Some(bx)) = (
+                params.iter().position(|p| p.name == name),
+                self.act_box(scalars),
+            ) {
+                maps.push(TmapArg {
+                    buffer: a,
+                    dims: [c, wd as u64, h as u64, int("n")],
+                    box_dim: bx,
+                    swizzle: 64,
+                });
+            }
+        }
+        maps
     }
 
     /// [`KernelSpec::conv_geom`], mutable.
@@ -1372,6 +1460,7 @@ mod tests {
             vec: true,
             wgmma,
             tma: false,
+            tma_a: false,
             stages,
             tf32x3: false,
         }

@@ -202,11 +202,12 @@ pub struct Launch {
 }
 
 /// A tensor map argument (a `CUtensorMap` the host encodes with `cuTensorMapEncodeTiled`, a
-/// kernel's `const __grid_constant__ wrnc_tmap` parameter): a dense bf16 tensor of up to 3
-/// dimensions, innermost first, inside one of the launch's buffer arguments.
+/// kernel's `const __grid_constant__ wrnc_tmap` parameter): a dense bf16 tensor of 4
+/// dimensions (trailing ones of 1 where it has fewer), innermost first, inside one of the
+/// launch's buffer arguments.
 ///
 /// Invariants (checked by [`Schedule::validate`]): `buffer` indexes `Launch::buffers` and that
-/// argument is bf16 and holds at least `dims[0] * dims[1] * dims[2]` elements; `dims[0]` is a
+/// argument is bf16 and holds at least the product of `dims` elements; `dims[0]` is a
 /// multiple of 8 (every row starts 16-byte aligned, as TMA requires); `1 <= box_dim[i] <= 256`
 /// and `box_dim[0] * 2` is a multiple of 16 bytes; `swizzle` is 0, 32, 64 or 128 and, when
 /// not 0, equals `box_dim[0] * 2`. A box may hang over the tensor's edge: TMA fills the
@@ -216,12 +217,12 @@ pub struct TmapArg {
     /// Index into the launch's `buffers` of the tensor.
     pub buffer: usize,
     /// Elements per dimension, innermost first; strides are dense (`dims[0] * 2` bytes, then
-    /// `dims[0] * dims[1] * 2`).
-    pub dims: [u64; 3],
+    /// `dims[0] * dims[1] * 2`, ...).
+    pub dims: [u64; 4],
     /// Elements one copy moves per dimension (the box), landing in shared memory innermost
-    /// first, densely: element `(i0, i1, i2)` at `((i2 * box[1]) + i1) * box[0] + i0`, then
-    /// swizzled.
-    pub box_dim: [u32; 3],
+    /// first, densely: element `(i0, i1, i2, i3)` at
+    /// `(((i3 * box[2]) + i2) * box[1] + i1) * box[0] + i0`, then swizzled.
+    pub box_dim: [u32; 4],
     /// The swizzle mode's row in bytes (`CU_TENSOR_MAP_SWIZZLE_<n>B`), 0 for none: the
     /// 16-byte chunk of the byte that lands at shared address `a` moves to chunk
     /// `(a / 16) % (swizzle / 16) ^ (a / 128) % (swizzle / 16)` of its row, the layout
@@ -338,8 +339,9 @@ pub struct Tiles {
     #[serde(skip_serializing_if = "is_zero_u32")]
     pub stages: u32,
     /// With `wgmma`: the weight operand of the warpgroup-MMA convolutions arrives by Hopper's
-    /// tensor memory accelerator (one `cp.async.bulk.tensor` per 8 reduction indices of a
-    /// stage, completing on an `mbarrier`) instead of per-thread `cp.async` ([`ConvGeom::tma`]).
+    /// tensor memory accelerator (one `cp.async.bulk.tensor` per stage, completing on an
+    /// `mbarrier`) instead of per-thread `cp.async` ([`ConvGeom::tma`]), and so does the
+    /// activation operand of those whose tile is a box of the image ([`ConvGeom::tma_a`]).
     /// Off by default; meaningless without `wgmma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tma: bool,

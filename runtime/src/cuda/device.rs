@@ -509,16 +509,20 @@ impl Gpu {
         &self,
         slot: &mut ArgSlot,
         addr: u64,
-        dims: [u64; 3],
-        box_dim: [u32; 3],
+        dims: [u64; 4],
+        box_dim: [u32; 4],
         swizzle: u32,
     ) -> Result<(), CudaError> {
         let Some(encode) = self.api().tensor_map_encode_tiled else {
             // the error that says which driver and what to do
             return self.check_tma();
         };
-        let strides = [dims[0] * 2, dims[0] * dims[1] * 2];
-        let elem_strides = [1u32; 3];
+        let strides = [
+            dims[0] * 2,
+            dims[0] * dims[1] * 2,
+            dims[0] * dims[1] * dims[2] * 2,
+        ];
+        let elem_strides = [1u32; 4];
         let swizzle_mode = match swizzle {
             0 => driver::TENSOR_MAP_SWIZZLE_NONE,
             32 => driver::TENSOR_MAP_SWIZZLE_32B,
@@ -530,13 +534,13 @@ impl Gpu {
                 )))
             }
         };
-        // SAFETY: `slot` is 128 writable, 64-byte aligned bytes; the arrays hold `rank` (3)
+        // SAFETY: `slot` is 128 writable, 64-byte aligned bytes; the arrays hold `rank` (4)
         // dimensions and `rank - 1` strides, as the prototype reads them.
         let r = unsafe {
             encode(
                 slot.0.as_mut_ptr() as *mut c_void,
                 driver::TENSOR_MAP_BF16,
-                3,
+                4,
                 addr as *mut c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),

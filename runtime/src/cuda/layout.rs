@@ -176,8 +176,8 @@ pub enum ArgValue {
     /// ([`wrnc_compiler::schedule::TmapArg`]).
     TensorMap {
         addr: u64,
-        dims: [u64; 3],
-        box_dim: [u32; 3],
+        dims: [u64; 4],
+        box_dim: [u32; 4],
         /// The swizzle mode's row in bytes, 0 for none.
         swizzle: u32,
     },
