@@ -1515,4 +1515,76 @@ mod tests {
         assert!(key.as_ref().is_some_and(|k| !k.contains("_s4")), "{key:?}");
         assert_eq!(key, spec(0).tile_key(&scalars, 8));
     }
+
+    /// [`KernelSpec::act_box`], one line per case: `(pass, image, k, stride, groups, channels
+    /// in, channels out, tile rows) -> box`. The forward pass tiles the output image, the data
+    /// gradient the input one; channels per group of A (in forward, out in the data gradient)
+    /// must be a multiple of 32.
+    #[test]
+    fn activation_boxes() {
+        use super::super::ScalarArg::I32;
+        #[allow(clippy::too_many_arguments)]
+        fn check(
+            fwd: bool,
+            hw: u32,
+            k: u32,
+            stride: u32,
+            groups: u32,
+            ic: i32,
+            oc: i32,
+            rows: u32,
+            want: Option<[u32; 4]>,
+        ) {
+            let out = (hw + 2 * (k / 2) - k) / stride + 1;
+            let g = ConvGeom {
+                in_h: hw,
+                in_w: hw,
+                out_h: out,
+                out_w: out,
+                k,
+                stride,
+                pad: k / 2,
+                groups,
+                tma: true,
+                ..geom(rows, 64, 0, true)
+            };
+            let spec = if fwd {
+                KernelSpec::ConvFwd {
+                    g,
+                    pro: Default::default(),
+                    epi: Default::default(),
+                }
+            } else {
+                KernelSpec::ConvBwdData {
+                    g,
+                    chain: Default::default(),
+                }
+            };
+            let mut scalars = vec![I32(2), I32(ic), I32(oc)];
+            scalars.resize(spec.signature().1.len(), I32(0));
+            assert_eq!(
+                spec.act_box(&scalars),
+                want,
+                "fwd={fwd} {hw}x{hw} k{k}s{stride}g{groups} {ic}->{oc} rows {rows}"
+            );
+        }
+        let (f, d) = (true, false);
+        check(f, 32, 3, 1, 1, 160, 160, 64, Some([32, 32, 2, 1])); // two rows
+        check(f, 32, 3, 1, 1, 160, 160, 128, Some([32, 32, 4, 1]));
+        check(f, 16, 1, 1, 1, 320, 320, 64, Some([32, 16, 4, 1]));
+        check(f, 8, 3, 1, 1, 640, 640, 64, Some([32, 8, 8, 1])); // one image
+        check(f, 8, 3, 1, 1, 640, 640, 128, Some([32, 8, 8, 2])); // two images
+        check(f, 4, 3, 1, 1, 64, 64, 128, Some([32, 4, 4, 8])); // images past a small batch
+        check(f, 128, 3, 1, 1, 32, 32, 64, Some([32, 64, 1, 1])); // part of a row
+        check(f, 8, 3, 1, 2, 64, 64, 64, Some([32, 8, 8, 1])); // 32 channels per group
+        check(f, 32, 3, 1, 1, 16, 160, 64, None); // 16 channels in
+        check(d, 32, 3, 1, 1, 16, 160, 64, Some([32, 32, 2, 1])); // ...but 160 out
+        check(d, 32, 3, 1, 1, 160, 48, 64, None);
+        check(f, 8, 3, 1, 4, 64, 64, 64, None); // 16 channels per group
+        check(f, 32, 3, 2, 1, 160, 320, 64, None); // stride 2
+        check(d, 32, 3, 2, 1, 160, 320, 64, None);
+        check(f, 6, 3, 1, 1, 32, 32, 64, None); // 36 pixels an image: no box of 64
+        check(f, 24, 3, 1, 1, 32, 32, 64, None); // rows of 24: no box of 64
+        check(f, 512, 1, 1, 1, 32, 32, 64, Some([32, 64, 1, 1]));
+    }
 }
