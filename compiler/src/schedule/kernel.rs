@@ -325,8 +325,8 @@ impl ConvGeom {
 
     /// The shared memory of this convolution's `cp.async` GEMM (meaningful with `vec`) for a
     /// pass whose operands are stored K-contiguous (`kmajor`: forward and data gradient) or
-    /// not (weight gradient). A stage holds 32 reduction indices of both operands: 8x8 core
-    /// matrices of 128 bytes, unpadded (`wgmma`), K-contiguous rows of 32 + 8 halves, or 32
+    /// not (weight gradient). A stage holds 32 reduction indices of both operands: rows of 64
+    /// bytes in the 64-byte swizzle mode, unpadded (`wgmma`), K-contiguous rows of 32 + 8 halves, or 32
     /// rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
     /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks). Stages: `stages`
     /// when set, else as many as fit in [`TC_STATIC_SMEM`], 2 to 4.
