@@ -1,9 +1,17 @@
 // cuda_emu.h: run the CUDA subset wrnc generates on the host, with g++ -std=c++20 -pthread.
 //
-// Model: a launch runs its blocks one after another; the threads of a block run concurrently,
-// one std::thread each (the same threads serve every block of a launch), so __syncthreads is a
-// real std::barrier and the kernel's own code decides the interleaving (races in a kernel show
-// up here as they would on a GPU).
+// Model: a launch runs its blocks one after another; the threads of a block are fibers (one
+// stack each, switched in user space) that the launching thread runs one at a time, each until
+// it blocks: at __syncthreads, at a warp-collective operation (__syncwarp, the shuffles, and
+// cuda_emu_mma.h's ldmatrix / mma), or in a wait that is not yet satisfied (an mbarrier's
+// phase). So __syncthreads is a real barrier and the kernel's own code decides where threads
+// interleave. The order is deterministic and alternates: the block's threads run in increasing
+// linear id in even blocks and in decreasing id in odd ones, so a thread that reads shared
+// memory another thread writes before the barrier that orders them reads the old contents in
+// one of the two orders whichever thread comes first (with a grid of at least two blocks).
+// When every unfinished thread of a block is waiting and none of them can go on (a barrier
+// that some threads never reach, an mbarrier phase that never completes), the launch aborts
+// and says so: on a GPU the kernel would hang.
 //
 // Supported: threadIdx / blockIdx / blockDim / gridDim, __global__ / __device__ /
 // __forceinline__ / __launch_bounds__, static __shared__ arrays declared in the kernel body
@@ -18,23 +26,29 @@
 // of a byte no thread wrote shows, and followed by 4 KiB of guard bytes that must be intact
 // after the launch (a kernel that takes more than its launch gave it aborts); a kernel reaches it through `wrnc_dyn_smem()` (the CUDA
 // twin is in compiler/src/codegen/mma.cuh: `extern __shared__`), not `extern __shared__`.
-// Not supported: cooperative groups, textures, streams.
+// Each thread has a 256 KiB stack (kept for later launches) whose lowest 1 KiB must be intact
+// after the launch (a kernel that overflows its stack aborts). Launches from several host threads at once are not supported (the fake driver
+// serialises them). Not supported: cooperative groups, textures, streams.
 //
 // A thread that returns early leaves the block's and its warp's barriers (arrive_and_drop), so
 // guarded early returns before a __syncthreads that only the other threads reach still work.
 #pragma once
 
+#include <sys/mman.h>
+
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <math.h>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 
 struct dim3 {
     unsigned int x, y, z;
@@ -44,9 +58,46 @@ using uint3 = dim3;
 
 namespace wrnc_emu {
 
+// Bumped by everything that can let a waiting thread go on (an arrival at a barrier, a thread
+// that finishes, an mbarrier's arrival or bytes): a whole round of a block's threads that
+// leaves it unchanged, with every unfinished thread waiting, is a deadlock.
+inline thread_local std::uint64_t tl_progress = 0;
+inline void note_progress() { ++tl_progress; }
+
+void yield();
+
+// A barrier of the block's fibers (the block's, or one warp's): `expected` threads arrive per
+// phase; a thread that leaves drops out of every later phase.
+class Barrier {
+public:
+    explicit Barrier(unsigned int expected) : expected_(expected) {}
+    void arrive_and_wait() {
+        const std::uint64_t ph = phase_;
+        arrive();
+        while (phase_ == ph) yield();
+    }
+    void arrive_and_drop() {
+        --expected_;
+        note_progress();
+        if (arrived_ != 0 && arrived_ >= expected_) complete();
+    }
+
+private:
+    void arrive() {
+        note_progress();
+        if (++arrived_ >= expected_) complete();
+    }
+    void complete() {
+        arrived_ = 0;
+        ++phase_;
+    }
+    unsigned int expected_, arrived_ = 0;
+    std::uint64_t phase_ = 0;
+};
+
 struct Block {
-    std::unique_ptr<std::barrier<>> bar;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    std::unique_ptr<Barrier> bar;
+    std::vector<std::unique_ptr<Barrier>> warp_bars;
     std::vector<std::uint64_t> slots;  // one shuffle slot per thread
     unsigned int nthreads = 0;
 };
@@ -59,6 +110,138 @@ inline dim3 g_block_dim;
 inline dim3 g_grid_dim;
 // The running launch's dynamic shared memory (null when it has none).
 inline unsigned char* g_dyn_smem = nullptr;
+
+// ---- fibers ----
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the stack pointer of the running context in `*from`,
+// and resumes the context whose stack pointer is `to` (System V x86-64: rbx, rbp, r12-r15;
+// the x87 and SSE control words are never changed by the kernels).
+__attribute__((naked, noinline)) inline void fiber_swap(void** /* from: rdi */, void* /* to: rsi */) {
+    asm volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
+}
+#endif
+
+struct Fiber {
+    unsigned char* stack = nullptr;  // its lowest address
+    unsigned int linear = 0;
+    dim3 idx;
+    bool done = false;
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t ctx;
+#endif
+};
+
+// Each thread's stack, and the bytes at its bottom that must still hold their pattern after
+// a launch (a kernel that overflows its stack aborts).
+inline constexpr std::size_t FIBER_STACK = 256 << 10, STACK_CANARY = 1024;
+inline constexpr unsigned char CANARY_BYTE = 0x5c;
+
+// The threads' stacks, one after another in one mapping (one per copy of this header, that
+// is per emulated module), grown to the largest block launched and kept for later launches.
+struct Stacks {
+    unsigned char* base = nullptr;
+    unsigned int count = 0;
+    unsigned char* get(unsigned int n) {
+        if (n > count) {
+            if (base) munmap(base, count * FIBER_STACK);
+            void* m = mmap(nullptr, n * FIBER_STACK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) {
+                std::fprintf(stderr, "cuda_emu: cannot map %u threads' stacks\n", n);
+                std::abort();
+            }
+            base = static_cast<unsigned char*>(m);
+            count = n;
+            for (unsigned int t = 0; t < n; ++t) std::memset(base + t * FIBER_STACK, CANARY_BYTE, STACK_CANARY);
+        }
+        return base;
+    }
+    void check(unsigned int n) const {
+        for (unsigned int t = 0; t < n; ++t)
+            for (std::size_t i = 0; i < STACK_CANARY; ++i)
+                if (base[t * FIBER_STACK + i] != CANARY_BYTE) {
+                    std::fprintf(stderr, "cuda_emu: thread %u overflowed its %zu-byte stack\n", t, FIBER_STACK);
+                    std::abort();
+                }
+    }
+    ~Stacks() {
+        if (base) munmap(base, count * FIBER_STACK);
+    }
+};
+inline Stacks g_stacks;
+inline std::atomic<bool> g_launching{false};
+
+struct Sched {
+    std::vector<Fiber> fibers;
+    Fiber* cur = nullptr;
+    std::function<void()> body;  // runs the kernel for the running fiber
+#if defined(__x86_64__)
+    void* host_sp = nullptr;
+#else
+    ucontext_t host;
+#endif
+};
+inline thread_local Sched* tl_sched = nullptr;
+
+// Back to the host's scheduling loop; it resumes this fiber on its next round.
+inline void yield() {
+    Sched* s = tl_sched;
+    Fiber* f = s->cur;
+#if defined(__x86_64__)
+    fiber_swap(&f->sp, s->host_sp);
+#else
+    swapcontext(&f->ctx, &s->host);
+#endif
+    tl_linear = f->linear;
+    tl_thread_idx = f->idx;
+}
+
+[[noreturn]] inline void fiber_main() {
+    Sched* s = tl_sched;
+    s->body();
+    s->cur->done = true;
+    note_progress();
+    yield();
+    std::fprintf(stderr, "cuda_emu: a finished thread was resumed\n");
+    std::abort();
+}
+
+// Makes `f` start at fiber_main when next resumed.
+inline void fiber_reset(Fiber& f) {
+    f.done = false;
+#if defined(__x86_64__)
+    // fiber_swap pops six registers and returns: to fiber_main, with the stack as a call
+    // leaves it (16-byte aligned before the call's return address).
+    auto* top = reinterpret_cast<void**>(f.stack + FIBER_STACK);
+    top[-1] = nullptr;  // fiber_main's return address: it never returns
+    top[-2] = reinterpret_cast<void*>(&fiber_main);
+    for (int i = 3; i <= 8; ++i) top[-i] = nullptr;
+    f.sp = &top[-8];
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = FIBER_STACK;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, (void (*)())fiber_main, 0);
+#endif
+}
+
+inline void resume(Sched& s, Fiber& f) {
+    s.cur = &f;
+    tl_linear = f.linear;
+    tl_thread_idx = f.idx;
+#if defined(__x86_64__)
+    fiber_swap(&s.host_sp, f.sp);
+#else
+    swapcontext(&s.host, &f.ctx);
+#endif
+}
 
 template <class T>
 inline T shfl(T v, unsigned int (*src_of)(unsigned int lane, unsigned int arg), unsigned int arg, unsigned int width) {
@@ -92,6 +275,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
         std::fprintf(stderr, "cuda_emu: %zu bytes of dynamic shared memory (> 227 KiB)\n", shared);
         std::abort();
     }
+    if (tl_sched || g_launching.exchange(true)) {
+        std::fprintf(stderr, "cuda_emu: a launch while another one runs (from a kernel or another host thread)\n");
+        std::abort();
+    }
     struct Free {
         void operator()(unsigned char* p) const { std::free(p); }
     };
@@ -112,44 +299,56 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
     g_block_dim = block;
     g_grid_dim = grid;
     const unsigned int nblocks = grid.x * grid.y * grid.z;
-    // One OS thread per block thread for the whole launch (creating threads per block costs far
-    // more than the kernels at test sizes). The host prepares block i's barriers, opens the
-    // gate, and waits at `done` until every thread has finished block i; so blocks still run
-    // one after another, each with fresh barriers.
-    std::unique_ptr<Block> cur;
-    std::barrier<> gate(nt + 1), done(nt + 1);
-    std::vector<std::thread> threads;
-    threads.reserve(nt);
+    // The host thread runs every block's threads as fibers; the stacks serve the whole launch.
+    Sched sched;
+    sched.fibers.resize(nt);
+    unsigned char* stacks = g_stacks.get(nt);
     for (unsigned int t = 0; t < nt; ++t) {
-        threads.emplace_back([&, t] {
-            tl_linear = t;
-            tl_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            for (unsigned int i = 0; i < nblocks; ++i) {
-                gate.arrive_and_wait();
-                Block* blk = cur.get();
-                tl_block = blk;
-                tl_block_idx = dim3(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
-                kernel(static_cast<P>(args)...);
-                blk->warp_bars[t / 32]->arrive_and_drop();
-                blk->bar->arrive_and_drop();
-                done.arrive_and_wait();
-            }
-        });
+        sched.fibers[t].stack = stacks + t * FIBER_STACK;
+        sched.fibers[t].linear = t;
+        sched.fibers[t].idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     }
+    sched.body = [&] { kernel(static_cast<P>(args)...); };
+    tl_sched = &sched;
     for (unsigned int i = 0; i < nblocks; ++i) {
-        auto blk = std::make_unique<Block>();
-        blk->nthreads = nt;
-        blk->bar = std::make_unique<std::barrier<>>(nt);
+        Block blk;
+        blk.nthreads = nt;
+        blk.bar = std::make_unique<Barrier>(nt);
         for (unsigned int w = 0; w * 32 < nt; ++w) {
             unsigned int lanes = nt - w * 32 < 32 ? nt - w * 32 : 32;
-            blk->warp_bars.push_back(std::make_unique<std::barrier<>>(lanes));
+            blk.warp_bars.push_back(std::make_unique<Barrier>(lanes));
         }
-        blk->slots.assign(nt, 0);
-        cur = std::move(blk);
-        gate.arrive_and_wait();
-        done.arrive_and_wait();
+        blk.slots.assign(nt, 0);
+        tl_block = &blk;
+        tl_block_idx = dim3(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
+        for (Fiber& f : sched.fibers) fiber_reset(f);
+        const bool reverse = i % 2 == 1;
+        for (unsigned int left = nt; left > 0;) {
+            const std::uint64_t before = tl_progress;
+            for (unsigned int j = 0; j < nt; ++j) {
+                Fiber& f = sched.fibers[reverse ? nt - 1 - j : j];
+                if (f.done) continue;
+                resume(sched, f);
+                if (f.done) {
+                    // leave the barriers of this block, as an early return does
+                    blk.warp_bars[f.linear / 32]->arrive_and_drop();
+                    blk.bar->arrive_and_drop();
+                    --left;
+                }
+            }
+            if (left > 0 && tl_progress == before) {
+                std::fprintf(stderr,
+                             "cuda_emu: deadlock in block (%u, %u, %u): all %u unfinished threads wait "
+                             "(a barrier some threads never reach, or a wait that nothing completes)\n",
+                             tl_block_idx.x, tl_block_idx.y, tl_block_idx.z, left);
+                std::abort();
+            }
+        }
+        tl_block = nullptr;
     }
-    for (auto& th : threads) th.join();
+    tl_sched = nullptr;
+    g_stacks.check(nt);
+    g_launching = false;
     g_dyn_smem = nullptr;
     for (std::size_t i = 0; shared != 0 && i < dyn_guard; ++i) {
         if (dyn.get()[shared + i] != 0x5a) {

@@ -23,7 +23,6 @@
 #include <chrono>
 #include <deque>
 #include <map>
-#include <mutex>
 
 #include "cuda_emu_tma.h"
 
@@ -69,7 +68,7 @@ inline void check_align(const void* p, const char* what) {
     }
 }
 
-inline std::barrier<>& warp_bar() {
+inline wrnc_emu::Barrier& warp_bar() {
     return *wrnc_emu::tl_block->warp_bars[wrnc_emu::tl_linear / 32];
 }
 
@@ -109,7 +108,12 @@ struct AsyncState {
     std::vector<Copy> open;               // the group not yet committed
     std::deque<std::vector<Copy>> groups; // committed, oldest first
 };
-inline thread_local AsyncState tl_async;
+// One per thread of the block (the threads are fibers of one host thread, see cuda_emu.h).
+inline std::vector<AsyncState> g_async;
+inline AsyncState& async_state() {
+    if (g_async.size() < 1024) g_async.resize(1024);
+    return g_async[wrnc_emu::tl_linear];
+}
 
 inline void perform(const std::vector<Copy>& g) {
     for (const Copy& c : g) {
@@ -208,16 +212,16 @@ inline void wrnc_cp_async16(unsigned short* dst, const unsigned short* src, bool
     // read before the wait and a read of the old contents after the issue (a slot refilled
     // while a warp or an in-flight wgmma still reads it) both show.
     std::memset(dst, 0xff, 16);
-    wrnc_emu_mma::tl_async.open.push_back({dst, src, valid});
+    wrnc_emu_mma::async_state().open.push_back({dst, src, valid});
 }
 inline void wrnc_cp_async_commit() {
-    auto& st = wrnc_emu_mma::tl_async;
+    auto& st = wrnc_emu_mma::async_state();
     st.groups.push_back(std::move(st.open));
     st.open.clear();
 }
 template <int N>
 inline void wrnc_cp_async_wait() {
-    auto& st = wrnc_emu_mma::tl_async;
+    auto& st = wrnc_emu_mma::async_state();
     while (st.groups.size() > (std::size_t)N) {
         wrnc_emu_mma::perform(st.groups.front());
         st.groups.pop_front();
@@ -255,28 +259,32 @@ struct WgmmaState {
     std::vector<Wgmma> open;
     std::deque<std::vector<Wgmma>> groups;
 };
-inline thread_local WgmmaState tl_wgmma;
+inline std::vector<WgmmaState> g_wgmma;  // one per thread of the block
+inline WgmmaState& wgmma_state() {
+    if (g_wgmma.size() < 1024) g_wgmma.resize(1024);
+    return g_wgmma[wrnc_emu::tl_linear];
+}
 
-inline const unsigned short* wg_elem(const unsigned char* base, std::uint64_t desc, unsigned int row,
-                                     unsigned int k) {
-    const std::uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
-                        sbo = ((desc >> 32) & 0x3FFF) << 4, mode = desc >> 62;
+// A wgmma operand's descriptor, unpacked (and checked) once per mma.
+struct WgOperand {
+    const unsigned char* base;
+    std::uint64_t start, lbo, sbo, w;  // w: the swizzle's row in bytes (0: no swizzle)
+};
+
+inline WgOperand wg_operand(const unsigned char* base, std::uint64_t desc) {
+    const std::uint64_t mode = desc >> 62;
+    const WgOperand o{base, (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4,
+                      mode == 0 ? 0u : mode == 1 ? 128u : mode == 2 ? 64u : 32u};
     if (((desc >> 49) & 7) != 0) {
         std::fprintf(stderr, "cuda_emu_mma: wgmma descriptor with a matrix base offset\n");
         std::abort();
     }
-    if (mode == 0) {
-        const std::uint64_t off = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
-        return reinterpret_cast<const unsigned short*>(base + off);
-    }
-    const std::uint64_t w = mode == 1 ? 128 : mode == 2 ? 64 : 32;
-    if (start % w + 2 * k >= w) {
+    if (o.w != 0 && o.start % o.w + 2 * 16 > o.w) {
         std::fprintf(stderr, "cuda_emu_mma: wgmma operand's K runs past its %llu-byte swizzle row\n",
-                     (unsigned long long)w);
+                     (unsigned long long)o.w);
         std::abort();
     }
-    const std::uint64_t a = start + (row / 8) * sbo + (row % 8) * w + 2 * k;
-    return reinterpret_cast<const unsigned short*>(base + (a ^ (((a >> 7) & (w / 16 - 1)) << 4)));
+    return o;
 }
 
 inline float bf_bits(unsigned short h) {
@@ -286,17 +294,35 @@ inline float bf_bits(unsigned short h) {
     return f;
 }
 
+// The 16 K elements of row `row` (of M for A, of N for B) of an operand, as floats.
+inline void wg_row(const WgOperand& o, unsigned int row, float* out) {
+    for (unsigned int k = 0; k < 16; ++k) {
+        std::uint64_t off;
+        if (o.w == 0) {
+            off = o.start + (row / 8) * o.sbo + (k / 8) * o.lbo + (row % 8) * 16 + (k % 8) * 2;
+        } else {
+            const std::uint64_t a = o.start + (row / 8) * o.sbo + (row % 8) * o.w + 2 * k;
+            off = a ^ (((a >> 7) & (o.w / 16 - 1)) << 4);
+        }
+        unsigned short h;
+        std::memcpy(&h, o.base + off, 2);
+        out[k] = bf_bits(h);
+    }
+}
+
 inline void wg_perform(const Wgmma& m) {
     const unsigned int lin = wrnc_emu::tl_linear, lane = lin % 32, w4 = (lin / 32) % 4;
-    for (unsigned int i = 0; i < m.n / 8; ++i)
+    const WgOperand a = wg_operand(m.base, m.da), b = wg_operand(m.base, m.db);
+    float av[2][16], bv[2][16];  // this thread's two rows of A; two columns of B at a time
+    for (unsigned int h = 0; h < 2; ++h) wg_row(a, 16 * w4 + lane / 4 + 8 * h, av[h]);
+    for (unsigned int i = 0; i < m.n / 8; ++i) {
+        for (unsigned int c = 0; c < 2; ++c) wg_row(b, 8 * i + 2 * (lane % 4) + c, bv[c]);
         for (unsigned int v = 0; v < 4; ++v) {
-            const unsigned int row = 16 * w4 + lane / 4 + 8 * (v >> 1);
-            const unsigned int col = 8 * i + 2 * (lane % 4) + (v & 1);
             float acc = m.d[4 * i + v];
-            for (unsigned int k = 0; k < 16; ++k)
-                acc += bf_bits(*wg_elem(m.base, m.da, row, k)) * bf_bits(*wg_elem(m.base, m.db, col, k));
+            for (unsigned int k = 0; k < 16; ++k) acc += av[v >> 1][k] * bv[v & 1][k];
             m.d[4 * i + v] = acc;
         }
+    }
 }
 
 }  // namespace wrnc_emu_mma
@@ -318,13 +344,13 @@ inline void wrnc_smem_align_check(const void* base) {
 inline void wrnc_wgmma_fence() {}
 inline void wrnc_fence_proxy_async() {}
 inline void wrnc_wgmma_commit() {
-    auto& st = wrnc_emu_mma::tl_wgmma;
+    auto& st = wrnc_emu_mma::wgmma_state();
     st.groups.push_back(std::move(st.open));
     st.open.clear();
 }
 template <int N>
 inline void wrnc_wgmma_wait() {
-    auto& st = wrnc_emu_mma::tl_wgmma;
+    auto& st = wrnc_emu_mma::wgmma_state();
     while (st.groups.size() > (std::size_t)N) {
         for (const auto& m : st.groups.front()) wrnc_emu_mma::wg_perform(m);
         st.groups.pop_front();
@@ -333,7 +359,7 @@ inline void wrnc_wgmma_wait() {
 #define WRNC_EMU_WGMMA(N)                                                                     \
     inline void wrnc_wgmma_m64n##N##k16(float* d, const void* base, unsigned long long da,     \
                                         unsigned long long db) {                              \
-        wrnc_emu_mma::tl_wgmma.open.push_back(                                                \
+        wrnc_emu_mma::wgmma_state().open.push_back(                                                \
             {d, (const unsigned char*)base, (std::uint64_t)da, (std::uint64_t)db, N});        \
     }                                                                                         \
     inline void wrnc_wgmma_fence_acc##N(float*) {}
@@ -350,7 +376,9 @@ WRNC_EMU_WGMMA(128)
 // mbarrier, which then counts its bytes; a phase completes when its arrivals and its expected
 // bytes are all in. So a kernel that reads a slot before waiting for its phase, waits on the
 // wrong parity, expects the wrong byte count, or refills a slot an in-flight wgmma still
-// reads, sees NaN or never completes (a wait that has not completed after 60 s aborts).
+// reads, sees NaN or never completes (when every thread of the block waits and nothing can
+// complete a phase, cuda_emu.h's scheduler reports a deadlock and aborts; a wait that has not
+// completed after 60 s aborts too).
 // The box lands densely, innermost dimension first, in the map's swizzle mode (the byte at
 // shared address `a` moved to `a ^ (((a >> 7) & (W / 16 - 1)) << 4)` for W = 32, 64, 128 bytes,
 // the pattern wgmma's descriptors read; host addresses of the emulation's shared memory are
@@ -370,41 +398,47 @@ struct Mbar {
     std::vector<TmaCopy> copies;
 };
 
-inline std::mutex g_mbar_mu;
 inline std::map<const void*, Mbar> g_mbars;
 
 inline void tma_perform(const TmaCopy& cp) {
     const wrnc_tmap& t = cp.map;
     const std::uint64_t elem = t.w[3];
     const std::uint64_t b[4] = {t.w[11], t.w[12], t.w[13], t.w[14]};
-    for (std::uint64_t i = 0; i < b[0] * b[1] * b[2] * b[3]; ++i) {
-        // box element i, innermost first, and its tensor coordinates
-        std::uint64_t rest = i, src = 0;
-        bool in = true;
-        for (unsigned d = 0; d < 4; ++d) {
-            const long long x = cp.c[d] + (long long)(rest % b[d]);
-            rest /= b[d];
-            in = in && x >= 0 && (std::uint64_t)x < t.w[4 + d];
-            src += (std::uint64_t)x * (d == 0 ? elem : t.w[7 + d]);
-        }
-        unsigned char* dst = wrnc_emu_tma::swizzled(t, cp.dst + i * elem);
-        if (in)
-            std::memcpy(dst, reinterpret_cast<const unsigned char*>(t.w[1]) + src, elem);
-        else
-            std::memset(dst, 0, elem);
-    }
+    const unsigned char* g = reinterpret_cast<const unsigned char*>(t.w[1]);
+    auto inside = [&](unsigned d, long long x) { return x >= 0 && (std::uint64_t)x < t.w[4 + d]; };
+    unsigned char* dst = cp.dst;  // box element (i0, i1, i2, i3), innermost first, densely
+    for (std::uint64_t i3 = 0; i3 < b[3]; ++i3)
+        for (std::uint64_t i2 = 0; i2 < b[2]; ++i2)
+            for (std::uint64_t i1 = 0; i1 < b[1]; ++i1) {
+                const long long x1 = cp.c[1] + (long long)i1, x2 = cp.c[2] + (long long)i2,
+                                x3 = cp.c[3] + (long long)i3;
+                const bool row_in = inside(1, x1) && inside(2, x2) && inside(3, x3);
+                const unsigned char* row =
+                    row_in ? g + (std::uint64_t)x1 * t.w[8] + (std::uint64_t)x2 * t.w[9] + (std::uint64_t)x3 * t.w[10]
+                           : nullptr;
+                for (std::uint64_t i0 = 0; i0 < b[0]; ++i0, dst += elem) {
+                    const long long x0 = cp.c[0] + (long long)i0;
+                    unsigned char* to = wrnc_emu_tma::swizzled(t, dst);
+                    if (row_in && inside(0, x0))
+                        std::memcpy(to, row + (std::uint64_t)x0 * elem, elem);
+                    else
+                        std::memset(to, 0, elem);
+                }
+            }
 }
 
-// With g_mbar_mu held: lands the barrier's queued copies and completes its phase when due.
+// Lands the barrier's queued copies and completes its phase when due.
 inline void mbar_progress(Mbar& m) {
     for (const TmaCopy& cp : m.copies) {
         tma_perform(cp);
         m.tx -= (long long)wrnc_emu_tma::box_bytes(cp.map);
+        wrnc_emu::note_progress();
     }
     m.copies.clear();
     if (m.pending == 0 && m.tx == 0) {
         ++m.phase;
         m.pending = m.expected;
+        wrnc_emu::note_progress();
     }
 }
 
@@ -420,7 +454,6 @@ inline Mbar& mbar(const void* bar, const char* what) {
 }  // namespace wrnc_emu_mma
 
 inline void wrnc_mbar_init(unsigned long long* bar, unsigned count) {
-    std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
     if (reinterpret_cast<std::uintptr_t>(bar) % 8 != 0 || count == 0) {
         std::fprintf(stderr, "cuda_emu_mma: mbarrier.init of a misaligned barrier or 0 arrivals\n");
         std::abort();
@@ -428,10 +461,10 @@ inline void wrnc_mbar_init(unsigned long long* bar, unsigned count) {
     wrnc_emu_mma::Mbar& m = wrnc_emu_mma::g_mbars[bar];
     m = wrnc_emu_mma::Mbar{};
     m.expected = m.pending = count;
+    wrnc_emu::note_progress();
 }
 inline void wrnc_mbar_fence_init() {}
 inline void wrnc_mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
-    std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
     wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "mbarrier.arrive.expect_tx");
     if (m.pending == 0) {
         std::fprintf(stderr, "cuda_emu_mma: more arrivals on an mbarrier than its phase expects\n");
@@ -439,12 +472,12 @@ inline void wrnc_mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
     }
     m.tx += bytes;
     --m.pending;
+    wrnc_emu::note_progress();
 }
 inline void wrnc_mbar_wait(unsigned long long* bar, unsigned parity) {
     const auto start = std::chrono::steady_clock::now();
     for (;;) {
         {
-            std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
             wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "mbarrier.try_wait");
             if ((m.phase & 1) != (parity & 1)) return;
             wrnc_emu_mma::mbar_progress(m);
@@ -457,7 +490,7 @@ inline void wrnc_mbar_wait(unsigned long long* bar, unsigned parity) {
                 std::abort();
             }
         }
-        std::this_thread::yield();
+        wrnc_emu::yield();
     }
 }
 inline void wrnc_tma_load_4d(void* dst, const wrnc_tmap* map, int c0, int c1, int c2, int c3, unsigned long long* bar) {
@@ -477,9 +510,9 @@ inline void wrnc_tma_load_4d(void* dst, const wrnc_tmap* map, int c0, int c1, in
         std::abort();
     }
     std::memset(dst, 0xff, wrnc_emu_tma::box_bytes(*map));
-    std::lock_guard l(wrnc_emu_mma::g_mbar_mu);
     wrnc_emu_mma::Mbar& m = wrnc_emu_mma::mbar(bar, "cp.async.bulk.tensor");
     m.copies.push_back({static_cast<unsigned char*>(dst), *map, {c0, c1, c2, c3}});
+    wrnc_emu::note_progress();
 }
 
 // The emulation driver's (compiler/src/codegen/emu.rs) tensor-map argument: a dense bf16

@@ -9,9 +9,10 @@
 //
 // How a kernel runs. The fake NVRTC's "PTX" is the CUDA source itself behind a marker line
 // (`//WRNC-FAKE-PTX`), so it survives wrnc's on-disk PTX cache. cuModuleLoadDataEx writes a
-// wrapper that includes cuda_emu.h, cuda_emu_mma.h and that source, plus one trampoline per
-// `extern "C" __global__` kernel; g++ builds it into a shared object (kept by source hash in
-// $WRNC_FAKE_BUILD_DIR, default $TMPDIR/wrnc-fakecuda-<uid>), which is dlopen-ed. A trampoline
+// wrapper that includes cuda_emu.h, cuda_emu_mma.h (precompiled once per header version, see
+// pch_dir) and that source, plus one trampoline per `extern "C" __global__` kernel; g++ builds
+// it into a shared object (kept by source hash in $WRNC_FAKE_BUILD_DIR, default
+// $TMPDIR/wrnc-fakecuda-<uid>), which is dlopen-ed. A trampoline
 // unpacks cuLaunchKernel's `void** kernelParams` by the kernel's own C++ parameter types, so
 // the argument marshalling of the runtime is checked exactly as the real driver would read it.
 //
@@ -238,27 +239,62 @@ void set_log(const std::string& msg, unsigned n, int* opts, void** vals) {
     std::fprintf(stderr, "fakecuda: %s\n", msg.c_str());
 }
 
+// How modules are compiled (the precompiled header is built with the same flags).
+const char* const CXX_FLAGS = " -O1 -std=c++20 -pthread -w -fPIC -fvisibility=hidden";
+
+std::string cxx() {
+    const char* c = std::getenv("CXX");
+    return c && *c ? c : "g++";
+}
+
+// The emulation headers' text (part of every module's key: a changed header rebuilds them).
+const std::string& emu_headers() {
+    static const std::string text = [] {
+        std::string t;
+        for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h", "/cuda_emu_tma.h"}) {
+            if (FILE* f = std::fopen((std::string(WRNC_FAKE_EMU_DIR) + h).c_str(), "rb")) {
+                char buf[4096];
+                for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) t.append(buf, n);
+                std::fclose(f);
+            }
+        }
+        return t;
+    }();
+    return text;
+}
+
+// A directory holding `emu_all.h` (the emulation headers and what the wrappers include) and,
+// when g++ could build it, its precompiled `emu_all.h.gch`, which saves every module the
+// parsing of the headers (about 0.4 s each). Built once per header version, atomically (tests
+// build modules from several processes at once); without it the text header is used.
+std::string pch_dir(const std::string& dir) {
+    const std::string p = dir + "/pch-" + hex_hash(emu_headers() + CXX_FLAGS);
+    const std::string gch = p + "/emu_all.h.gch";
+    if (access(gch.c_str(), R_OK) == 0) return p;
+    mkdir(p.c_str(), 0700);
+    const std::string h = "#include \"cuda_emu.h\"\n#include \"cuda_emu_mma.h\"\n#include <type_traits>\n#include <utility>\n";
+    const std::string tmp = p + "/tmp." + std::to_string(getpid());
+    if (!write_file(tmp + ".h", h) || std::rename((tmp + ".h").c_str(), (p + "/emu_all.h").c_str()) != 0) return p;
+    const std::string cmd = cxx() + CXX_FLAGS + " -I '" WRNC_FAKE_EMU_DIR "' -x c++-header '" + p +
+                            "/emu_all.h' -o '" + tmp + ".gch' 2> /dev/null";
+    if (std::system(cmd.c_str()) == 0) std::rename((tmp + ".gch").c_str(), gch.c_str());
+    std::remove((tmp + ".gch").c_str());
+    return p;
+}
+
 // Builds (or reuses) the shared object for `src`; null and a message on failure.
 void* load_so(const std::string& src, std::string& err) {
     const std::string dir = build_dir();
     mkdir(dir.c_str(), 0700);
-    // the emulation headers are part of the key: a changed header rebuilds every module
-    // (and the wrapper's version: v2 passes dynamic shared memory)
-    std::string key = src + "\n//fakecuda wrapper v2\n";
-    for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h", "/cuda_emu_tma.h"}) {
-        if (FILE* f = std::fopen((std::string(WRNC_FAKE_EMU_DIR) + h).c_str(), "rb")) {
-            char buf[4096];
-            for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) key.append(buf, n);
-            std::fclose(f);
-        }
-    }
+    // the emulation headers are part of the key (and the wrapper's version: v3 includes the
+    // precompiled header)
+    const std::string key = src + "\n//fakecuda wrapper v3\n" + emu_headers();
     const std::string id = hex_hash(key);
     const std::string so = dir + "/" + id + ".so";
     if (access(so.c_str(), R_OK) != 0) {
         auto names = kernel_names(src);
         std::string w =
-            "#include \"cuda_emu.h\"\n#include \"cuda_emu_mma.h\"\n#include \"" + id +
-            ".cu\"\n#include <type_traits>\n#include <utility>\n"
+            "#include \"emu_all.h\"\n#include \"" + id + ".cu\"\n"
             "template <class... P, std::size_t... I>\n"
             "void fk_call(void (*k)(P...), dim3 g, dim3 b, unsigned sh, void** a, std::index_sequence<I...>) {\n"
             "    wrnc_emu::launch(k, g, b, sh, *static_cast<std::remove_cv_t<P>*>(a[I])...);\n}\n"
@@ -286,11 +322,9 @@ void* load_so(const std::string& src, std::string& err) {
             err = "cannot write in " + dir;
             return nullptr;
         }
-        const char* cxx = std::getenv("CXX");
-        std::string cmd = std::string(cxx && *cxx ? cxx : "g++") +
-                          " -O1 -std=c++20 -pthread -w -shared -fPIC -fvisibility=hidden"
-                          " -I '" WRNC_FAKE_EMU_DIR "' -I '" + dir + "' '" + tmp + ".wrap.cpp' -o '" +
-                          tmp + ".so' 2> '" + tmp + ".log'";
+        const std::string cmd = cxx() + CXX_FLAGS + " -shared -I '" + pch_dir(dir) +
+                                "' -I '" WRNC_FAKE_EMU_DIR "' -I '" + dir + "' '" + tmp + ".wrap.cpp' -o '" + tmp +
+                                ".so' 2> '" + tmp + ".log'";
         if (std::system(cmd.c_str()) != 0) {
             err = "g++ could not build the emulation of this module; see " + tmp + ".log";
             return nullptr;

@@ -30,9 +30,21 @@ fn emulation_selftest() {
         "xor_shuffle",
         "early_return",
         "indices_2d",
+        "race_shows_in_one_order",
     ] {
         assert!(out.contains(&format!("{name} ok")), "{name} failed:\n{out}");
     }
+    // a barrier only some threads reach hangs a GPU; the emulation stops and says so
+    let d = std::process::Command::new(&prog)
+        .arg("deadlock")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        !d.status.success() && err.contains("cuda_emu: deadlock in block (0, 0, 0)"),
+        "{}\n{err}",
+        d.status
+    );
     let bits: Vec<u32> = out
         .lines()
         .filter_map(|l| l.strip_prefix("rng "))

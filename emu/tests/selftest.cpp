@@ -1,7 +1,9 @@
 // Self-test of cuda_emu.h: each check prints "name ok" or "name FAIL ..." and the process exits
 // non-zero on any failure. Run by tests/emu_header.rs.
 #include "../cuda_emu.h"
+#include "cuda_emu_mma.h"  // from emu/ (the -I of the test's compile)
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "rng_source.cuh"  // wrnc_compiler::rng::CUDA_SOURCE, written by the test
@@ -58,12 +60,40 @@ __global__ void index2d(int* y) {
     atomicAdd(&y[lin], 1);
 }
 
+// A race: each thread reads its neighbour's shared slot with no barrier between the write
+// and the read. The block's threads run in increasing id in block 0 and in decreasing id in
+// block 1, so each block misses the write of the neighbour on one side.
+// (Thread i writes slot i + 1 with 100 (block + 1) + i + 1.)
+__global__ void missing_barrier(int* y) {
+    __shared__ int t[34];
+    const int i = threadIdx.x, b = blockIdx.x;
+    t[i + 1] = 100 * (b + 1) + i + 1;
+    y[b * 64 + i] = t[i];            // the left neighbour's value
+    y[b * 64 + 32 + i] = t[i + 2];  // the right neighbour's
+}
+
+// An mbarrier phase that expects two arrivals and gets one: a GPU hangs; the emulation says so.
+__global__ void stuck_mbarrier(int* y) {
+    __shared__ unsigned long long bar;
+    if (threadIdx.x == 0) wrnc_mbar_init(&bar, 2);
+    __syncthreads();
+    if (threadIdx.x == 0) wrnc_mbar_expect_tx(&bar, 0);
+    wrnc_mbar_wait(&bar, 0);
+    y[threadIdx.x] = 1;
+}
+
 __global__ void rng_bits(unsigned int* y) {
     unsigned int i = threadIdx.x;
     y[i] = wrnc_bits(7u, 0x1234u, 3u, i);
 }
 
-int main() {
+int main(int argc, char** argv) {
+    if (argc > 1 && std::strcmp(argv[1], "deadlock") == 0) {
+        std::vector<int> y(64);
+        wrnc_emu::launch(stuck_mbarrier, dim3(1), dim3(64), 0, y.data());
+        std::printf("deadlock not detected\n");
+        return 0;
+    }
     {
         const int n = 1000;
         std::vector<float> x(n);
@@ -95,6 +125,20 @@ int main() {
         bool ok = true;
         for (int v : y) ok = ok && v == 1;
         check(ok, "indices_2d");
+    }
+    {
+        // block 0 (increasing ids) sees its left neighbours' writes but not its right ones';
+        // block 1 (decreasing ids) the other way round
+        std::vector<int> y(128, -1);
+        wrnc_emu::launch(missing_barrier, dim3(2), dim3(32), 0, y.data());
+        bool b0_left = true, b0_right_missed = false, b1_right = true, b1_left_missed = false;
+        for (int i = 1; i < 31; ++i) {
+            b0_left = b0_left && y[i] == 100 + i;
+            b0_right_missed = b0_right_missed || y[32 + i] != 100 + i + 2;
+            b1_right = b1_right && y[64 + 32 + i] == 200 + i + 2;
+            b1_left_missed = b1_left_missed || y[64 + i] != 200 + i;
+        }
+        check(b0_left && b0_right_missed && b1_right && b1_left_missed, "race_shows_in_one_order");
     }
     {
         std::vector<unsigned int> y(8);
