@@ -9,8 +9,8 @@
 //
 // How a kernel runs. The fake NVRTC's "PTX" is the CUDA source itself behind a marker line
 // (`//WRNC-FAKE-PTX`), so it survives wrnc's on-disk PTX cache. cuModuleLoadDataEx writes a
-// wrapper that includes cuda_emu.h, cuda_emu_mma.h (precompiled once per header version, see
-// pch_dir) and that source, plus one trampoline per `extern "C" __global__` kernel; g++ builds
+// wrapper that includes emu_all.h (cuda_emu.h and cuda_emu_mma.h, precompiled once per header
+// version, see pch_dir) and that source, plus one trampoline per `extern "C" __global__` kernel; g++ builds
 // it into a shared object (kept by source hash in $WRNC_FAKE_BUILD_DIR, default
 // $TMPDIR/wrnc-fakecuda-<uid>), which is dlopen-ed. A trampoline
 // unpacks cuLaunchKernel's `void** kernelParams` by the kernel's own C++ parameter types, so
@@ -251,7 +251,7 @@ std::string cxx() {
 const std::string& emu_headers() {
     static const std::string text = [] {
         std::string t;
-        for (const char* h : {"/cuda_emu.h", "/cuda_emu_mma.h", "/cuda_emu_tma.h"}) {
+        for (const char* h : {"/emu_all.h", "/cuda_emu.h", "/cuda_emu_mma.h", "/cuda_emu_tma.h"}) {
             if (FILE* f = std::fopen((std::string(WRNC_FAKE_EMU_DIR) + h).c_str(), "rb")) {
                 char buf[4096];
                 for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) t.append(buf, n);
@@ -263,20 +263,19 @@ const std::string& emu_headers() {
     return text;
 }
 
-// A directory holding `emu_all.h` (the emulation headers and what the wrappers include) and,
-// when g++ could build it, its precompiled `emu_all.h.gch`, which saves every module the
-// parsing of the headers (about 0.4 s each). Built once per header version, atomically (tests
-// build modules from several processes at once); without it the text header is used.
+// A directory holding, when g++ could build it, `emu_all.h.gch`: emu/emu_all.h precompiled,
+// which saves every module the parsing of the headers (about 0.4 s each). Built once per header
+// version, atomically (tests build modules from several processes at once); searched before
+// the emulation's directory, so that without it (or when g++ finds it invalid) the text header
+// is used.
 std::string pch_dir(const std::string& dir) {
     const std::string p = dir + "/pch-" + hex_hash(emu_headers() + CXX_FLAGS);
     const std::string gch = p + "/emu_all.h.gch";
     if (access(gch.c_str(), R_OK) == 0) return p;
     mkdir(p.c_str(), 0700);
-    const std::string h = "#include \"cuda_emu.h\"\n#include \"cuda_emu_mma.h\"\n#include <type_traits>\n#include <utility>\n";
     const std::string tmp = p + "/tmp." + std::to_string(getpid());
-    if (!write_file(tmp + ".h", h) || std::rename((tmp + ".h").c_str(), (p + "/emu_all.h").c_str()) != 0) return p;
-    const std::string cmd = cxx() + CXX_FLAGS + " -I '" WRNC_FAKE_EMU_DIR "' -x c++-header '" + p +
-                            "/emu_all.h' -o '" + tmp + ".gch' 2> /dev/null";
+    const std::string cmd = cxx() + CXX_FLAGS + " -x c++-header '" WRNC_FAKE_EMU_DIR "/emu_all.h' -o '" + tmp +
+                            ".gch' 2> /dev/null";
     if (std::system(cmd.c_str()) == 0) std::rename((tmp + ".gch").c_str(), gch.c_str());
     std::remove((tmp + ".gch").c_str());
     return p;
@@ -286,8 +285,8 @@ std::string pch_dir(const std::string& dir) {
 void* load_so(const std::string& src, std::string& err) {
     const std::string dir = build_dir();
     mkdir(dir.c_str(), 0700);
-    // the emulation headers are part of the key (and the wrapper's version: v3 includes the
-    // precompiled header)
+    // the emulation headers are part of the key (and the wrapper's version: v3 includes
+    // emu_all.h, maybe precompiled)
     const std::string key = src + "\n//fakecuda wrapper v3\n" + emu_headers();
     const std::string id = hex_hash(key);
     const std::string so = dir + "/" + id + ".so";

@@ -101,8 +101,9 @@ pub struct SelftestArgs {
     /// Which GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
-    /// Only the comparisons whose description contains this text (e.g. `wgmma`, `resnext
-    /// Train`), to rerun one that failed.
+    /// Only the comparisons whose name, as selftest prints it, contains this text (e.g.
+    /// `wgmma`, `resnext train fused`, `preresnet-164 train fused every launch bf16`), to rerun
+    /// one that failed.
     #[arg(long, value_name = "TEXT")]
     pub only: Option<String>,
     /// Machine-readable output (one JSON object).
@@ -531,7 +532,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         Ok(r) => {
             if !a.json {
                 println!(
-                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}{}",
+                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}{}{}",
                     if r.passed { "ok  " } else { "FAIL" },
                     r.what,
                     r.max_rel_err,
@@ -539,7 +540,13 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                     r.worst,
                     r.logits_vs_f64_model
                         .map(|v| format!("; logits {v:.2e} from the unrounded f64 model"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    match (r.precision_noise, r.grad_tol) {
+                        (Some(n), Some(g)) if g > r.tol => format!(
+                            "; held to {g:.1e}: two correct computations of this step at this precision differ by {n:.1e}"
+                        ),
+                        _ => String::new(),
+                    }
                 );
             }
             results.push(r);
@@ -727,15 +734,17 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         });
     }
     if let Some(only) = &a.only {
+        // as selftest prints a check (`wrn train fused bf16`, ` every launch` before the
+        // precision), or as `wrn Train unfused=false bf16`
         jobs.retain(|j| {
-            format!(
-                "{} {:?} unfused={} {}",
-                j.label,
-                j.mode,
-                j.unfused,
-                j.precision.name()
-            )
-            .contains(only.as_str())
+            let (m, u, p) = (j.mode, j.unfused, j.precision);
+            [
+                check::describe(&j.label, m, u, p, ""),
+                check::describe(&j.label, m, u, p, " every launch"),
+                format!("{} {m:?} unfused={u} {}", j.label, p.name()),
+            ]
+            .iter()
+            .any(|s| s.contains(only.as_str()))
         });
         if jobs.is_empty() {
             return Err(UserError(format!(

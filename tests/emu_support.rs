@@ -5,6 +5,52 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
+
+/// The flags every emulated program is compiled with (and its precompiled header).
+const CXX_FLAGS: [&str; 4] = ["-O1", "-std=c++20", "-pthread", "-w"];
+
+/// A directory, searched before `emu/`, holding `emu_all.h.gch`: `emu/emu_all.h` precompiled
+/// with [`CXX_FLAGS`], which saves each compile the parsing of the emulation headers. One per
+/// version of the headers (its name hashes them), shared by test processes and runs, built
+/// atomically. When g++ cannot build it, or finds it invalid, the text header is used.
+fn pch_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        CXX_FLAGS.hash(&mut h);
+        for f in [
+            "emu_all.h",
+            "cuda_emu.h",
+            "cuda_emu_mma.h",
+            "cuda_emu_tma.h",
+        ] {
+            std::fs::read(root().join("emu").join(f))
+                .unwrap_or_default()
+                .hash(&mut h);
+        }
+        let d = std::env::temp_dir().join(format!("wrnc-emu-pch-{:016x}", h.finish()));
+        let gch = d.join("emu_all.h.gch");
+        if !gch.exists() {
+            let _ = std::fs::create_dir_all(&d);
+            let tmp = d.join(format!("tmp.{}.gch", std::process::id()));
+            let built = Command::new("g++")
+                .args(CXX_FLAGS)
+                .args(["-x", "c++-header"])
+                .arg(root().join("emu/emu_all.h"))
+                .arg("-o")
+                .arg(&tmp)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if built {
+                let _ = std::fs::rename(&tmp, &gch);
+            }
+            let _ = std::fs::remove_file(&tmp);
+        }
+        d
+    })
+}
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -19,12 +65,15 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Compiles `main` (a .cpp in `dir`) with `g++ -O1 -std=c++20 -pthread -I emu -I dir` into
-/// `dir/prog`. Panics with a clear message when g++ is missing or compilation fails.
+/// Compiles `main` (a .cpp in `dir`) with `g++ -O1 -std=c++20 -pthread -I emu -I dir` (and the
+/// precompiled `emu_all.h`, [`pch_dir`]) into `dir/prog`. Panics with a clear message when g++
+/// is missing or compilation fails.
 pub fn compile(dir: &Path, main: &str) -> PathBuf {
     let out = dir.join("prog");
     let r = Command::new("g++")
-        .args(["-O1", "-std=c++20", "-pthread", "-w"])
+        .args(CXX_FLAGS)
+        .arg("-I")
+        .arg(pch_dir())
         .arg("-I")
         .arg(root().join("emu"))
         .arg("-I")

@@ -29,8 +29,7 @@ fn emulated_mma_and_ldmatrix_match_fragment_layouts() {
     std::fs::write(dir.join("kernel.cu"), mma::MMA_CUH).unwrap();
     std::fs::write(
         dir.join("main.cpp"),
-        r#"#include "cuda_emu.h"
-#include "cuda_emu_mma.h"
+        r#"#include "emu_all.h"
 #include "kernel.cu"
 // Per warp: A 16x16, B 16x16 (two n8 tiles), C 16x16; A stored row-major [16][24], B stored
 // both as Bt [n][k] ([16][24], for ldmatrix) and Bk [k][n] ([16][24], for ldmatrix.trans).
@@ -182,7 +181,7 @@ fn run(tag: &str, src: &str, bufs: &[Buf], launches: &[Launch]) -> Vec<Vec<f32>>
     let dir = support::temp_dir(tag);
     std::fs::write(dir.join("kernel.cu"), src).unwrap();
     let mut m = String::from(
-        "#include \"cuda_emu.h\"\n#include \"cuda_emu_mma.h\"\n#include \"kernel.cu\"\n#include <string>\n\
+        "#include \"emu_all.h\"\n#include \"kernel.cu\"\n\
          template <class T> static void io(const std::string& path, std::vector<T>& v, bool rd) {\n\
              FILE* f = fopen(path.c_str(), rd ? \"rb\" : \"wb\");\n\
              if (!f) { perror(path.c_str()); exit(2); }\n\

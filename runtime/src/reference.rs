@@ -951,9 +951,32 @@ pub fn gather(l: &Launch, bufs: &[Vec<f64>]) -> Vec<Vec<f64>> {
 /// between kernels.
 pub fn run(
     s: &Schedule,
+    bufs: Vec<Vec<f64>>,
+    h: &HostScalars,
+    round_storage: bool,
+) -> Result<Vec<Vec<f64>>, String> {
+    run_impl(s, bufs, h, round_storage, None)
+}
+
+/// [`run`] with storage rounding, every stored value first moved by 2^-20 of itself up or
+/// down (a fixed pseudo-random sign per value, from `seed`): about what another order of a
+/// kernel's f32 sums moves a value by. Its distance from [`run`]'s result is how finely a
+/// whole step of this schedule at this precision can be checked at all (`selftest`).
+pub fn run_nudged(
+    s: &Schedule,
+    bufs: Vec<Vec<f64>>,
+    h: &HostScalars,
+    seed: u64,
+) -> Result<Vec<Vec<f64>>, String> {
+    run_impl(s, bufs, h, true, Some(seed))
+}
+
+fn run_impl(
+    s: &Schedule,
     mut bufs: Vec<Vec<f64>>,
     h: &HostScalars,
     round_storage: bool,
+    nudge: Option<u64>,
 ) -> Result<Vec<Vec<f64>>, String> {
     set_hyper(s, &mut bufs, h);
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
@@ -963,8 +986,20 @@ pub fn run(
         let mut new = launch(spec, s.batch as usize, &before, &sc)
             .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
         if round_storage {
-            for (a, v) in l.buffers.iter().zip(new.iter_mut()) {
+            for (ai, (a, v)) in l.buffers.iter().zip(new.iter_mut()).enumerate() {
                 if let Some(v) = v {
+                    if let Some(seed) = nudge {
+                        for (i, x) in v.iter_mut().enumerate() {
+                            // splitmix64 of (seed, launch, argument, element): the sign
+                            let mut z = seed ^ ((li as u64) << 40) ^ ((ai as u64) << 32) ^ i as u64;
+                            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                            z ^= z >> 31;
+                            let sign = if z & 1 == 0 { 1.0 } else { -1.0 };
+                            *x *= 1.0 + sign * 2f64.powi(-20);
+                        }
+                    }
                     let dtype = s.buffers[a.buffer].dtype;
                     *v = decode(&encode(v, dtype), dtype);
                 }
@@ -1053,6 +1088,26 @@ pub fn check_kernels(
     trace: &std::collections::BTreeMap<(usize, String), Vec<u8>>,
     h: &HostScalars,
 ) -> Result<Vec<PartErr>, String> {
+    check_kernels_with(s, inputs, h, |li, b| {
+        let name = &s.buffers[b].name;
+        trace
+            .get(&(li, name.clone()))
+            .cloned()
+            .ok_or(format!("no trace of {name}"))
+    })
+}
+
+/// [`check_kernels`], with the traced contents of buffer `b` after launch `li` fetched on
+/// demand by `fetch(li, b)`, in increasing `li` (only for buffers launch `li` writes): a
+/// caller can run the launches as they are asked for and keep no trace, so that the memory
+/// needed is the buffers', not the launches' times the buffers' (pyramidnet-272-200's
+/// gradient arena, 100 MB, is written by some 800 launches).
+pub fn check_kernels_with(
+    s: &Schedule,
+    inputs: &std::collections::BTreeMap<String, Vec<u8>>,
+    h: &HostScalars,
+    mut fetch: impl FnMut(usize, usize) -> Result<Vec<u8>, String>,
+) -> Result<Vec<PartErr>, String> {
     let mut cur: Vec<Vec<f64>> = s
         .buffers
         .iter()
@@ -1073,10 +1128,9 @@ pub fn check_kernels(
         for (a, w) in l.buffers.iter().zip(&want) {
             if w.is_some() && !got_bufs.contains_key(&a.buffer) {
                 let b = &s.buffers[a.buffer];
-                let bytes = trace
-                    .get(&(li, b.name.clone()))
-                    .ok_or(format!("launch {li} ({}): no trace of {}", l.note, b.name))?;
-                got_bufs.insert(a.buffer, decode(bytes, b.dtype));
+                let bytes =
+                    fetch(li, a.buffer).map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
+                got_bufs.insert(a.buffer, decode(&bytes, b.dtype));
             }
         }
         if let KernelSpec::ConvFwd { epi, .. } = k.spec {

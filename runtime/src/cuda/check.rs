@@ -48,6 +48,14 @@ pub struct CheckResult {
     /// storage costs; reported, not held to a tolerance). `None` elsewhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logits_vs_f64_model: Option<f64>,
+    /// Whole training steps: how far the step's precision itself moves the gradients from
+    /// the f64 model (`twin_noise`); `None` elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision_noise: Option<f64>,
+    /// Whole training steps: what the step's comparisons are held to:
+    /// `max(tol, NOISE_FACTOR * precision_noise)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_tol: Option<f64>,
 }
 
 /// `max |a - b| / max(max |b|, floor)`.
@@ -80,6 +88,9 @@ const LR: f64 = 0.1;
 const MOMENTUM: f64 = 0.9;
 const WD: f64 = 5e-4;
 const SMOOTHING: f64 = 0.1;
+/// How many times the precision's own effect on the gradients ([`twin_noise`]) a whole step's
+/// gradients may differ by (observed: 3.9 for preresnet-164 in f32, 0.02 to 1.8 in bf16).
+pub const NOISE_FACTOR: f64 = 10.0;
 
 struct Worst {
     err: f64,
@@ -89,6 +100,9 @@ struct Worst {
 impl Worst {
     fn add(&mut self, name: &str, e: f64) {
         let e = if e.is_nan() { f64::INFINITY } else { e };
+        if std::env::var_os("WRNC_CHECK_TRACE").is_some() {
+            eprintln!("check: {name} {e:.3e}");
+        }
         if e > self.err || self.name.is_empty() {
             self.err = e;
             self.name = name.to_string();
@@ -123,6 +137,94 @@ fn host(h: &Hyper) -> HostScalars {
 
 /// Every persistent buffer of `ex`'s schedule as it is on the device now (the step's inputs:
 /// parameters, state, input, labels, optimizer table and momentum), by name.
+/// How finely a training step can be checked at the schedule's precision at all: the largest
+/// distance (as the gradient comparison measures it) between the step-1 gradients of the
+/// reference the GPU is held to and of a twin that differs from it only as much as two correct
+/// implementations may. f32: the f64 CPU model against the same model in f32. bf16: the f64
+/// steps with bf16 storage rounding (`rounded`) against the same with every stored value
+/// nudged by 2^-20 before rounding ([`reference::run_nudged`]: what another order of the f32
+/// sums does). Deep networks at the selftest's tiny shapes (BN over a handful of values) are so
+/// ill-conditioned that this is large (preresnet-164 in f32: 9e-2); the GPU's distance is then
+/// held to a multiple of it instead of the kernels' tolerance ([`NOISE_FACTOR`]).
+#[allow(clippy::too_many_arguments)]
+fn twin_noise(
+    gpu: &Gpu,
+    graph: &Graph,
+    st: &Start,
+    xt: &Tensor<f64>,
+    labels: &[u32],
+    grads: &BTreeMap<String, Tensor<f64>>,
+    rounded: Option<&Vec<Vec<f64>>>,
+    ex: &Executor,
+) -> Result<f64, CudaError> {
+    let plan_err = |e: crate::cpu::Error| CudaError::Plan(format!("CPU reference: {e}"));
+    let gmax = grads
+        .values()
+        .flat_map(|t| &t.data)
+        .fold(0f64, |a, v| a.max(v.abs()));
+    let mut worst = 0f64;
+    match rounded {
+        None => {
+            let mut m =
+                Model::<f32>::with_state(graph.clone(), st.m32.params.clone(), st.buffers0.clone())
+                    .map_err(plan_err)?;
+            let x32 = Tensor::from_vec(&xt.shape, st.x.clone());
+            let (lg, tape) = m
+                .forward(
+                    &x32,
+                    CpuMode::Train {
+                        seed: SEED,
+                        step: 0,
+                    },
+                )
+                .map_err(plan_err)?;
+            let l = softmax_cross_entropy(&lg, labels, SMOOTHING).map_err(plan_err)?;
+            let g32 = m.backward(tape, &l.dlogits).map_err(plan_err)?;
+            for (n, t) in grads {
+                if let Some(g) = g32.get(n) {
+                    worst = worst.max(rel_err(&g.data, &t.data, 1e-2 * gmax));
+                }
+            }
+        }
+        Some(r) => {
+            let s = &ex.schedule;
+            let gb = s
+                .buffer("grads")
+                .ok_or_else(|| CudaError::Plan("no grads".into()))?;
+            let bufs = decoded(s, &persistent_bytes(gpu, ex)?);
+            let twin = reference::run_nudged(s, bufs, &host(&selftest_hyper(0)), 1)
+                .map_err(|e| CudaError::Plan(format!("f64 reference: {e}")))?;
+            let slot = |bufs: &[Vec<f64>], p: &schedule::ParamSlot| {
+                bufs[gb][p.offset as usize..(p.offset + p.len) as usize].to_vec()
+            };
+            let rmax = s
+                .params
+                .iter()
+                .flat_map(|p| slot(r, p))
+                .fold(0f64, |a, v| a.max(v.abs()));
+            for p in &s.params {
+                let g: Vec<f32> = slot(&twin, p).iter().map(|&v| v as f32).collect();
+                worst = worst.max(rel_err(&g, &slot(r, p), 1e-2 * rmax));
+            }
+        }
+    }
+    if std::env::var_os("WRNC_CHECK_TRACE").is_some() {
+        eprintln!("check: twin noise {worst:.3e}");
+    }
+    Ok(worst)
+}
+
+/// Every buffer of `s` in f64: `inputs`' bytes where it has them, zeros elsewhere.
+fn decoded(s: &schedule::Schedule, inputs: &BTreeMap<String, Vec<u8>>) -> Vec<Vec<f64>> {
+    s.buffers
+        .iter()
+        .map(|b| match inputs.get(&b.name) {
+            Some(bytes) => reference::decode(bytes, b.dtype),
+            None => vec![0.0; b.len as usize],
+        })
+        .collect()
+}
+
 fn persistent_bytes(gpu: &Gpu, ex: &Executor) -> Result<BTreeMap<String, Vec<u8>>, CudaError> {
     let mut m = BTreeMap::new();
     for (i, b) in ex.schedule.buffers.iter().enumerate() {
@@ -142,14 +244,7 @@ fn rounded_steps(
     inputs: &BTreeMap<String, Vec<u8>>,
     hypers: &[Hyper],
 ) -> Result<Vec<Vec<f64>>, CudaError> {
-    let mut bufs: Vec<Vec<f64>> = s
-        .buffers
-        .iter()
-        .map(|b| match inputs.get(&b.name) {
-            Some(bytes) => reference::decode(bytes, b.dtype),
-            None => vec![0.0; b.len as usize],
-        })
-        .collect();
+    let mut bufs = decoded(s, inputs);
     for h in hypers {
         bufs = reference::run(s, bufs, &host(h), true)
             .map_err(|e| CudaError::Plan(format!("f64 reference: {e}")))?;
@@ -171,7 +266,14 @@ fn selftest_hyper(step: u32) -> Hyper {
 }
 
 /// `WRN-16-4 train fused f32` (with `extra` before the precision).
-fn describe(label: &str, mode: Mode, unfused: bool, precision: Precision, extra: &str) -> String {
+/// A check's name as selftest prints it: `wrn train fused bf16` (`extra`: ` every launch`).
+pub fn describe(
+    label: &str,
+    mode: Mode,
+    unfused: bool,
+    precision: Precision,
+    extra: &str,
+) -> String {
     format!(
         "{label} {} {}{extra} {}",
         match mode {
@@ -290,21 +392,35 @@ pub fn check_launches(
     gpu.synchronize(&what)?;
     let inputs = persistent_bytes(gpu, &ex)?;
     let s = &ex.schedule;
-    let mut trace = BTreeMap::new();
-    for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
-        ex.run_one(gpu, &h, li)?;
-        gpu.synchronize(&what)?;
-        for a in &l.buffers {
-            if a.access != schedule::Access::Read {
-                trace.insert(
-                    (li, s.buffers[a.buffer].name.clone()),
-                    ex.read_bytes(gpu, a.buffer)?,
-                );
+    let total = s.setup.len() + s.launches.len();
+    // the launches run as the reference asks for what they wrote (no trace is kept)
+    let mut ran = 0usize;
+    let mut device_err = None;
+    let mut fetch = |li: usize, b: usize| -> Result<Vec<u8>, String> {
+        let r = (|| {
+            while ran <= li {
+                ex.run_one(gpu, &h, ran)?;
+                ran += 1;
             }
-        }
+            gpu.synchronize(&what)?;
+            ex.read_bytes(gpu, b)
+        })();
+        r.map_err(|e: CudaError| {
+            let m = e.to_string();
+            device_err = Some(e);
+            m
+        })
+    };
+    let errs = reference::check_kernels_with(s, &inputs, &host(&h), &mut fetch);
+    if let Some(e) = device_err {
+        return Err(e);
     }
-    let errs = reference::check_kernels(s, &inputs, &trace, &host(&h))
-        .map_err(|e| CudaError::Plan(format!("f64 reference: {e}")))?;
+    let errs = errs.map_err(|e| CudaError::Plan(format!("f64 reference: {e}")))?;
+    // the launches the reference asked nothing of (none write) still run, as before
+    for li in ran..total {
+        ex.run_one(gpu, &h, li)?;
+    }
+    gpu.synchronize(&what)?;
     let mut worst = Worst {
         err: 0.0,
         name: String::new(),
@@ -323,6 +439,8 @@ pub fn check_launches(
         tol,
         worst: worst.name,
         logits_vs_f64_model: None,
+        precision_noise: None,
+        grad_tol: None,
     })
 }
 
@@ -362,6 +480,17 @@ pub fn check_graph(
     let what = describe(label, mode, unfused, precision, "");
     let h = selftest_hyper;
     let mut vs_model = None;
+    // gradients, updates and momentum (tracked apart, to name the worst of each kind); a
+    // training step's comparisons are all held to `tol`, or to NOISE_FACTOR times how far the
+    // precision itself moves the gradients ([`twin_noise`]) where that is more: at init, deep
+    // networks at these shapes are ill-conditioned in the forward pass too (preresnet-164's
+    // step-1 logits: 2.6e-4 in f32, 0.41 in bf16; from the same state one step later, 1.4e-6
+    // and 0)
+    let mut grad_worst = Worst {
+        err: 0.0,
+        name: String::new(),
+    };
+    let mut noise = None;
     match mode {
         Mode::Infer => {
             let want = cpu.infer(&xt).map_err(plan_err)?;
@@ -387,19 +516,25 @@ pub fn check_graph(
             }
         }
         Mode::Train => {
-            // bf16: everything against the f64 steps with bf16 storage rounding (one and two
-            // steps: `reference::run`, the CPU reference of a bf16 schedule), whose distance
-            // from the unrounded model is bf16's, not the kernels'. f32: everything against the
-            // CPU model.
-            let rounded = if precision == Precision::Bf16 {
-                gpu.synchronize(&what)?;
-                let inputs = persistent_bytes(gpu, &ex)?;
-                let one = rounded_steps(&ex.schedule, &inputs, &[h(0)])?;
-                let two = rounded_steps(&ex.schedule, &inputs, &[h(0), h(1)])?;
-                Some((one, two))
-            } else {
-                None
-            };
+            // Each of the two steps is compared from the same state on both sides: after the
+            // first, the GPU's parameters, momentum and BN statistics are copied into the
+            // reference. Two free-running steps of a deep network at these tiny shapes (BN
+            // over a handful of values) are chaotic: f32 rounding noise in the first step's
+            // update grows to O(1) differences in the second (preresnet-164's running
+            // variances, 0.87 in f32 on the fake GPU), which says nothing about the kernels.
+            // bf16: everything against the f64 steps with bf16 storage rounding
+            // (`reference::run`, the CPU reference of a bf16 schedule), whose distance from
+            // the unrounded model is bf16's, not the kernels'. f32: against the CPU model.
+            let bf16 = precision == Precision::Bf16;
+            let rounded_from =
+                |ex: &Executor, step: u32| -> Result<Option<Vec<Vec<f64>>>, CudaError> {
+                    if !bf16 {
+                        return Ok(None);
+                    }
+                    gpu.synchronize(&what)?;
+                    let inputs = persistent_bytes(gpu, ex)?;
+                    Ok(Some(rounded_steps(&ex.schedule, &inputs, &[h(step)])?))
+                };
             let arena = |bufs: &[Vec<f64>], name: &str, p: &schedule::ParamSlot| -> Vec<f64> {
                 let b = ex
                     .schedule
@@ -407,118 +542,167 @@ pub fn check_graph(
                     .expect("train schedules have params and grads");
                 bufs[b][p.offset as usize..(p.offset + p.len) as usize].to_vec()
             };
-            let mut sgd = Sgd::<f64>::new(MOMENTUM, true, WD);
-            for step in 0..2u32 {
-                let (logits, tape) = cpu
-                    .forward(&xt, CpuMode::Train { seed: SEED, step })
-                    .map_err(plan_err)?;
-                let l = softmax_cross_entropy(&logits, &labels, SMOOTHING).map_err(plan_err)?;
-                let grads = cpu.backward(tape, &l.dlogits).map_err(plan_err)?;
-                sgd.step(&mut cpu.params, &grads, LR).map_err(plan_err)?;
-                ex.run(gpu, &h(step))?;
-                gpu.synchronize(&what)?;
-                if step == 0 {
-                    let got = ex.read_f32(gpu, ex.schedule.logits)?;
-                    let lb = ex.schedule.loss.expect("train has loss");
-                    let (want_logits, want_loss) = match &rounded {
-                        Some((one, _)) => (
-                            one[ex.schedule.logits].clone(),
-                            one[lb].iter().sum::<f64>() / one[lb].len().max(1) as f64,
-                        ),
-                        None => (logits.data.clone(), l.loss),
-                    };
-                    worst.add("logits", rel_err(&got, &want_logits, 1e-6));
-                    if rounded.is_some() {
-                        vs_model = Some(rel_err(&got, &logits.data, 1e-6));
-                    }
-                    let loss = ex.read_f32(gpu, lb)?;
-                    let mean = loss.iter().map(|&v| v as f64).sum::<f64>() / loss.len() as f64;
-                    worst.add("loss", (mean - want_loss).abs() / want_loss.abs().max(1.0));
-                    let gb = ex
-                        .schedule
-                        .buffer("grads")
-                        .ok_or_else(|| CudaError::Plan("no grads".into()))?;
-                    let g = ex.read_f32(gpu, gb)?;
-                    let gmax = grads
-                        .values()
-                        .flat_map(|t| &t.data)
-                        .fold(0f64, |m, v| m.max(v.abs()));
-                    let gmax = match &rounded {
-                        Some((one, _)) => ex
-                            .schedule
-                            .params
-                            .iter()
-                            .flat_map(|p| arena(one, "grads", p))
-                            .fold(0f64, |m, v| m.max(v.abs())),
-                        None => gmax,
-                    };
-                    for p in &ex.schedule.params {
-                        let range = p.offset as usize..(p.offset + p.len) as usize;
-                        let want = match &rounded {
-                            Some((one, _)) => Some(arena(one, "grads", p)),
-                            None => grads.get(&p.name).map(|t| t.data.clone()),
-                        };
-                        if let Some(want) = want {
-                            worst.add(
-                                &format!("grad {}", p.name),
-                                rel_err(&g[range], &want, 1e-2 * gmax),
-                            );
-                        }
-                    }
-                }
-            }
             let shapes: BTreeMap<String, Vec<usize>> = graph
                 .params()
                 .into_iter()
                 .map(|(n, p)| (n, p.shape))
                 .collect();
-            let (params, buffers) = ex.save_state(gpu, &shapes)?;
-            let pmax = cpu
-                .params
-                .values()
-                .flat_map(|t| &t.data)
-                .fold(0f64, |m, v| m.max(v.abs()));
-            for (n, want) in &cpu.params {
-                let got = params.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
-                let want = match (&rounded, ex.schedule.params.iter().find(|p| &p.name == n)) {
-                    (Some((_, two)), Some(p)) => arena(two, "params", p),
-                    _ => want.data.clone(),
+            let mut sgd = Sgd::<f64>::new(MOMENTUM, true, WD);
+            for step in 0..2u32 {
+                let rounded = rounded_from(&ex, step)?;
+                let base = cpu.params.clone();
+                let (logits, tape) = cpu
+                    .forward(&xt, CpuMode::Train { seed: SEED, step })
+                    .map_err(plan_err)?;
+                let l = softmax_cross_entropy(&logits, &labels, SMOOTHING).map_err(plan_err)?;
+                let grads = cpu.backward(tape, &l.dlogits).map_err(plan_err)?;
+                if step == 0 {
+                    noise = Some(twin_noise(
+                        gpu,
+                        graph,
+                        &st,
+                        &xt,
+                        &labels,
+                        &grads,
+                        rounded.as_ref(),
+                        &ex,
+                    )?);
+                }
+                sgd.step(&mut cpu.params, &grads, LR).map_err(plan_err)?;
+                ex.run(gpu, &h(step))?;
+                gpu.synchronize(&what)?;
+                let got = ex.read_f32(gpu, ex.schedule.logits)?;
+                let lb = ex.schedule.loss.expect("train has loss");
+                let (want_logits, want_loss) = match &rounded {
+                    Some(one) => (
+                        one[ex.schedule.logits].clone(),
+                        one[lb].iter().sum::<f64>() / one[lb].len().max(1) as f64,
+                    ),
+                    None => (logits.data.clone(), l.loss),
                 };
-                worst.add(&format!("step 2 {n}"), rel_err(got, &want, 1e-3 * pmax));
-            }
-            // running statistics: bf16 against the rounded f64 steps too (a BN over the 8 values
-            // per channel of a batch-2 check at 2x2 is ill-conditioned enough that bf16 storage
-            // alone moves a running variance 13% from the unrounded model's: wrn-10-2's
-            // `3.body.1.running_var[4]`, 0.689 on the fake GPU and in the rounded steps, 0.610 in
-            // the model)
-            let state = ex.schedule.buffer("state");
-            for (n, want) in &cpu.buffers {
-                let got = buffers.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
-                // a BN node's slot holds its running mean, then its running variance
-                let slot = ex.schedule.state.iter().find_map(|(node, off, len)| {
-                    let c = (*len / 2) as usize;
-                    let off = *off as usize;
-                    match n.strip_prefix(node.as_str()) {
-                        Some(".running_mean") => Some(off..off + c),
-                        Some(".running_var") => Some(off + c..off + 2 * c),
-                        _ => None,
-                    }
-                });
-                let want = match (&rounded, state, slot) {
-                    (Some((_, two)), Some(b), Some(r)) => two[b][r].to_vec(),
-                    _ => want.data.clone(),
+                let s = step + 1;
+                worst.add(
+                    &format!("step {s} logits"),
+                    rel_err(&got, &want_logits, 1e-6),
+                );
+                if step == 0 && rounded.is_some() {
+                    vs_model = Some(rel_err(&got, &logits.data, 1e-6));
+                }
+                let loss = ex.read_f32(gpu, lb)?;
+                let mean = loss.iter().map(|&v| v as f64).sum::<f64>() / loss.len() as f64;
+                worst.add(
+                    &format!("step {s} loss"),
+                    (mean - want_loss).abs() / want_loss.abs().max(1.0),
+                );
+                // gradients, the parameters' updates and the momentum, each relative to the
+                // largest of its kind in the network (1% floor), as the emulation tests do
+                let slice = |name: &str| -> Result<Vec<f32>, CudaError> {
+                    let b = ex
+                        .schedule
+                        .buffer(name)
+                        .ok_or_else(|| CudaError::Plan(format!("no {name}")))?;
+                    ex.read_f32(gpu, b)
                 };
-                worst.add(&format!("step 2 {n}"), rel_err(got, &want, 1e-6));
+                let (g, pg, mg) = (slice("grads")?, slice("params")?, slice("momentum")?);
+                let mut want_g = vec![];
+                let mut want_d = vec![];
+                let mut want_m = vec![];
+                for p in &ex.schedule.params {
+                    let b0 = &base[&p.name].data;
+                    let (wg, wp, wm) = match &rounded {
+                        Some(r) => (
+                            arena(r, "grads", p),
+                            arena(r, "params", p),
+                            arena(r, "momentum", p),
+                        ),
+                        None => (
+                            grads
+                                .get(&p.name)
+                                .map(|t| t.data.clone())
+                                .unwrap_or_default(),
+                            cpu.params[&p.name].data.clone(),
+                            sgd.state
+                                .get(&p.name)
+                                .map(|t| t.data.clone())
+                                .unwrap_or_default(),
+                        ),
+                    };
+                    want_g.push(wg);
+                    want_d.push(wp.iter().zip(b0).map(|(a, b)| a - b).collect::<Vec<f64>>());
+                    want_m.push(wm);
+                }
+                let big = |v: &[Vec<f64>]| v.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+                let (gmax, dmax, mmax) = (big(&want_g), big(&want_d), big(&want_m));
+                for (i, p) in ex.schedule.params.iter().enumerate() {
+                    let range = p.offset as usize..(p.offset + p.len) as usize;
+                    let b0 = &base[&p.name].data;
+                    let got_d: Vec<f32> = pg[range.clone()]
+                        .iter()
+                        .zip(b0)
+                        .map(|(a, b)| (*a as f64 - b) as f32)
+                        .collect();
+                    grad_worst.add(
+                        &format!("step {s} grad {}", p.name),
+                        rel_err(&g[range.clone()], &want_g[i], 1e-2 * gmax),
+                    );
+                    grad_worst.add(
+                        &format!("step {s} update {}", p.name),
+                        rel_err(&got_d, &want_d[i], 1e-2 * dmax),
+                    );
+                    grad_worst.add(
+                        &format!("step {s} momentum {}", p.name),
+                        rel_err(&mg[range], &want_m[i], 1e-2 * mmax),
+                    );
+                }
+                // running statistics: bf16 against the rounded f64 step too (a BN over the 8
+                // values per channel of a batch-2 check at 2x2 is ill-conditioned enough that
+                // bf16 storage alone moves a running variance 13% from the unrounded model's:
+                // wrn-10-2's `3.body.1.running_var[4]`, 0.689 on the fake GPU and in the
+                // rounded steps, 0.610 in the model)
+                let (params, buffers) = ex.save_state(gpu, &shapes)?;
+                let state = ex.schedule.buffer("state");
+                for (n, want) in &cpu.buffers {
+                    let got = buffers.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
+                    // a BN node's slot holds its running mean, then its running variance
+                    let slot = ex.schedule.state.iter().find_map(|(node, off, len)| {
+                        let c = (*len / 2) as usize;
+                        let off = *off as usize;
+                        match n.strip_prefix(node.as_str()) {
+                            Some(".running_mean") => Some(off..off + c),
+                            Some(".running_var") => Some(off + c..off + 2 * c),
+                            _ => None,
+                        }
+                    });
+                    let want = match (&rounded, state, slot) {
+                        (Some(r), Some(b), Some(r2)) => r[b][r2].to_vec(),
+                        _ => want.data.clone(),
+                    };
+                    worst.add(&format!("step {s} {n}"), rel_err(got, &want, 1e-6));
+                }
+                // the next step starts from the GPU's state on both sides
+                let momentum = ex.split_arena(&mg, &shapes)?;
+                cpu.params = to64(&params);
+                cpu.buffers = to64(&buffers);
+                sgd.state = to64(&momentum);
             }
         }
     }
+    let grad_tol = noise.map_or(tol, |n: f64| tol.max(NOISE_FACTOR * n));
+    let passed = worst.err.max(grad_worst.err) <= grad_tol;
+    let (max_rel_err, worst_name) = if grad_worst.err > worst.err {
+        (grad_worst.err, grad_worst.name)
+    } else {
+        (worst.err, worst.name)
+    };
     Ok(CheckResult {
-        passed: worst.err <= tol,
+        passed,
         what,
-        max_rel_err: worst.err,
+        max_rel_err,
         tol,
-        worst: worst.name,
+        worst: worst_name,
         logits_vs_f64_model: vs_model,
+        precision_noise: noise,
+        grad_tol: noise.map(|_| grad_tol),
     })
 }
 
@@ -592,5 +776,7 @@ pub fn check_augment(gpu: &Gpu, cache: &PtxCache) -> Result<CheckResult, CudaErr
         worst: format!("{mismatches} elements differ"),
         passed: mismatches == 0,
         logits_vs_f64_model: None,
+        precision_noise: None,
+        grad_tol: None,
     })
 }
