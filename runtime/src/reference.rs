@@ -1169,6 +1169,17 @@ pub fn check_kernels_with(
                 });
                 let scale = w.iter().fold(0f64, |m, y| m.max(y.abs()));
                 let rel = if abs == 0.0 { 0.0 } else { abs / scale };
+                if rel > 1e-2 && std::env::var_os("WRNC_CHECK_TRACE").is_some() {
+                    // the worst elements, to see what kind of error it is
+                    let mut idx: Vec<usize> = (0..g.len()).collect();
+                    idx.sort_by(|&i, &j| (g[j] - w[j]).abs().total_cmp(&(g[i] - w[i]).abs()));
+                    for &i in idx.iter().take(4) {
+                        eprintln!(
+                            "check: launch {li} {part}[{i}]: got {:e}, want {:e} (scale {scale:e})",
+                            g[i], w[i]
+                        );
+                    }
+                }
                 errs.push(PartErr {
                     launch: li,
                     note: l.note.clone(),
