@@ -909,8 +909,17 @@ fn launch_nchw(
     Ok(res)
 }
 
+thread_local! {
+    /// How [`chain_mask`] decides a ReLU whose recomputed activation is zero up to f32
+    /// rounding (`|x * scale + shift| <= 2^-20 (|x * scale| + |shift|)`: a kernel computing it
+    /// in f32 may land on either side): `None`, as f64 does; `Some(on)`, all such ties on or
+    /// all off. And how many ties it met.
+    static RELU_TIES: std::cell::Cell<(Option<bool>, usize)> = const { std::cell::Cell::new((None, 0)) };
+}
+
 /// The gradient through a BN chain's dropout and ReLU (recomputing the activation from the
-/// BN input `x` and the `affine` argument): `d * m / (1 - p) * [x * scale + shift > 0]`.
+/// BN input `x` and the `affine` argument): `d * m / (1 - p) * [x * scale + shift > 0]`,
+/// ties decided as [`RELU_TIES`] says.
 fn chain_mask(
     x: &Tensor<f64>,
     d: Vec<f64>,
@@ -922,16 +931,27 @@ fn chain_mask(
         d = ew::dropout(&d, a.p()?, a.key()?);
     }
     if chain.relu {
-        let act = prologue(
-            x,
-            &PrologueFlags {
-                affine: true,
-                relu: false,
-                dropout: false,
-            },
-            a,
-        )?;
-        d = ew::relu_backward(&act, &d);
+        let [_, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+        let aff = a.buf("affine")?;
+        if aff.len() != 2 * c {
+            return Err("affine length".into());
+        }
+        let (policy, mut ties) = RELU_TIES.get();
+        for (i, v) in d.data.iter_mut().enumerate() {
+            let ch = (i / (h * w)) % c;
+            let (xs, sh) = (x.data[i] * aff[ch], aff[c + ch]);
+            let act = xs + sh;
+            let on = if act.abs() <= (xs.abs() + sh.abs()) * 2f64.powi(-20) {
+                ties += 1;
+                policy.unwrap_or(act > 0.0)
+            } else {
+                act > 0.0
+            };
+            if !on {
+                *v = 0.0;
+            }
+        }
+        RELU_TIES.set((policy, ties));
     }
     Ok(d.data)
 }
@@ -1121,8 +1141,24 @@ pub fn check_kernels_with(
     for (li, l) in s.setup.iter().chain(&s.launches).enumerate() {
         let k = &s.kernels[l.kernel];
         let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
+        RELU_TIES.set((None, 0));
         let mut want = launch(&k.spec, s.batch as usize, &gather(l, &cur), &sc)
             .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
+        // A ReLU recomputed at a tie (see RELU_TIES) may go either way in the kernel: the
+        // launch is also computed with every tie on and with every tie off, and each element
+        // is held to the nearer of the two (exact where a channel's ties all went one way).
+        let ties = if RELU_TIES.get().1 > 0 {
+            let alt = |on: bool| {
+                RELU_TIES.set((Some(on), 0));
+                launch(&k.spec, s.batch as usize, &gather(l, &cur), &sc)
+                    .map_err(|e| format!("launch {li} ({}): {e}", l.note))
+            };
+            let both = (alt(true)?, alt(false)?);
+            RELU_TIES.set((None, 0));
+            Some(both)
+        } else {
+            None
+        };
         let (params, _) = k.spec.signature();
         let mut got_bufs = std::collections::BTreeMap::new();
         for (a, w) in l.buffers.iter().zip(&want) {
@@ -1149,13 +1185,34 @@ pub fn check_kernels_with(
                 want[si] = Some(stats_of(&y, s.batch as usize, oc, &prior));
             }
         }
-        for ((a, w), p) in l.buffers.iter().zip(&want).zip(&params) {
+        for (j, ((a, w), p)) in l.buffers.iter().zip(&want).zip(&params).enumerate() {
             let Some(w) = w else { continue };
             let mut got =
                 got_bufs[&a.buffer][a.offset as usize..(a.offset + a.len) as usize].to_vec();
             if matches!(k.spec, KernelSpec::ConvFwd { .. }) && p.name == "stats" {
                 got = canonical_stats(&got);
             }
+            let nearer;
+            let w = match &ties {
+                Some((on, off)) => match (&on[j], &off[j]) {
+                    (Some(on), Some(off)) => {
+                        nearer = got
+                            .iter()
+                            .zip(on.iter().zip(off))
+                            .map(|(g, (a, b))| {
+                                if (g - a).abs() <= (g - b).abs() {
+                                    *a
+                                } else {
+                                    *b
+                                }
+                            })
+                            .collect::<Vec<f64>>();
+                        &nearer
+                    }
+                    _ => w,
+                },
+                None => w,
+            };
             for (part, r) in parts(&k.spec, p.name, w.len()) {
                 let (g, w) = (&got[r.clone()], &w[r]);
                 // a NaN anywhere is an infinite error (f64::max would skip it)
@@ -1196,4 +1253,59 @@ pub fn check_kernels_with(
         }
     }
     Ok(errs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ReLU recomputed in a BN chain at an activation that is zero up to rounding is a tie:
+    /// counted, decided by the policy (f64's own decision by default), every other element
+    /// decided by its sign.
+    #[test]
+    fn relu_ties_in_a_bn_chain_follow_the_policy() {
+        let spec = KernelSpec::BnBwdApply {
+            chain: PrologueFlags {
+                affine: true,
+                relu: true,
+                dropout: false,
+            },
+            nhwc: false,
+        };
+        let (params, scalars) = spec.signature();
+        // one channel of four values; activation x * 0.5 - 1: exactly 0 at x = 2, a tie
+        let bufs: Vec<Vec<f64>> = params
+            .iter()
+            .map(|p| match p.name {
+                "dx" => vec![0.0; 4],
+                "dy" | "x" => vec![2.0, 3.0, 1.0, 2.5],
+                "saved" => vec![2.0, 1.0],
+                "gamma" => vec![1.0],
+                "dgamma" | "dbeta" => vec![0.0],
+                "affine" => vec![0.5, -1.0],
+                other => panic!("unexpected buffer {other}"),
+            })
+            .collect();
+        let sc: Vec<f64> = scalars
+            .iter()
+            .map(|(n, _)| match *n {
+                "n" => 1.0,
+                "C" => 1.0,
+                "HW" => 4.0,
+                "accum" => 0.0,
+                other => panic!("unexpected scalar {other}"),
+            })
+            .collect();
+        let dx = |policy: Option<bool>| {
+            RELU_TIES.set((policy, 0));
+            let out = launch(&spec, 1, &bufs, &sc).unwrap();
+            let (_, ties) = RELU_TIES.get();
+            RELU_TIES.set((None, 0));
+            (out[0].clone().unwrap(), ties)
+        };
+        // dx = gamma * rstd * d (dgamma = dbeta = 0): d = dy where the ReLU is on
+        assert_eq!(dx(None), (vec![0.0, 3.0, 0.0, 2.5], 1));
+        assert_eq!(dx(Some(false)), (vec![0.0, 3.0, 0.0, 2.5], 1));
+        assert_eq!(dx(Some(true)), (vec![2.0, 3.0, 0.0, 2.5], 1));
+    }
 }
