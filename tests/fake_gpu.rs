@@ -164,6 +164,63 @@ fn selftest_passes_on_the_fake_gpu() {
             .contains("fake"),
         "{v}"
     );
+    // every whole training step reports its resolution and what it was held to
+    let whole_train: Vec<_> = checks
+        .iter()
+        .filter(|c| {
+            let w = c["what"].as_str().unwrap_or_default();
+            w.contains(" train ") && !w.contains("every launch")
+        })
+        .collect();
+    assert!(whole_train.len() >= 20, "{} whole steps", whole_train.len());
+    for c in whole_train {
+        let (noise, held, tol) = (
+            c["precision_noise"].as_f64(),
+            c["grad_tol"].as_f64(),
+            c["tol"].as_f64().unwrap(),
+        );
+        assert!(noise.is_some() && held.is_some_and(|h| h >= tol), "{c}");
+    }
+}
+
+/// The examples' path of selftest (without `--quick`): an example network from a folder, shrunk
+/// to 8x8, every launch alone and whole steps (each from the same state, held to its measured
+/// resolution) in both precisions, train and infer, fused and unfused. (The whole selftest of
+/// every example takes hours on the fake GPU; the GPU session runs it.)
+#[test]
+fn selftest_of_an_example_network_passes_on_the_fake_gpu() {
+    let dir = std::env::temp_dir().join(format!("wrnc-fake-examples-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("examples/wrn-10-2.net"), dir.join("wrn-10-2.net")).unwrap();
+    let o = wrnc(
+        &[
+            "selftest",
+            "--examples",
+            dir.to_str().unwrap(),
+            "--only",
+            "wrn-10-2",
+            "--json",
+        ],
+        &[],
+    );
+    let v = json(&o);
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    let checks = v["checks"].as_array().unwrap();
+    let of_example = checks
+        .iter()
+        .filter(|c| {
+            c["what"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("wrn-10-2 ")
+        })
+        .count();
+    // train and infer, fused and unfused, f32 and bf16, every launch and whole
+    assert_eq!(of_example, 16, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
