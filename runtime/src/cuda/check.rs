@@ -89,7 +89,7 @@ const LR: f64 = 0.1;
 const MOMENTUM: f64 = 0.9;
 const WD: f64 = 5e-4;
 const SMOOTHING: f64 = 0.1;
-/// How many times its resolution ([`twin_noise`]) a whole training step may differ by (on the
+/// How many times its resolution (`twin_noise`) a whole training step may differ by (on the
 /// fake GPU, the deep examples: 1.1 to 3.9 in f32, 0.04 to 1.7 in bf16).
 pub const NOISE_FACTOR: f64 = 10.0;
 
