@@ -58,3 +58,81 @@ fn emulation_selftest() {
         "CUDA RNG twin disagrees with the Rust generator"
     );
 }
+
+/// The device's f32 -> bf16 roundings (`common.cuh`'s `wrnc_bf16_bits`, `wrnc_st` and
+/// `wrnc_stored` in a bf16 module, `mma.cuh`'s `wrnc_f32_bf16`) agree bit for bit with the
+/// host's `reference::bf16_bits`, NaNs included: CUDA's NaN, 0x7fffffff, used to carry into
+/// -0.0 through the rounding add, so a diverging bf16 run trained on zeros.
+#[test]
+fn bf16_rounding_on_the_device_matches_the_host_nans_included() {
+    let dir = support::temp_dir("emu-bf16-round");
+    let patterns: [u32; 14] = [
+        0x3f80_0000,
+        0xc000_0000,
+        0x3f80_8000,
+        0x3f81_8000,
+        0x3f80_8001,
+        0x0000_0001,
+        0x7f7f_ffff,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fff_ffff,
+        0xffff_ffff,
+        0x7f80_0001,
+        0xffc0_0000,
+        0x7fc0_0000,
+    ];
+    let list: Vec<String> = patterns.iter().map(|p| format!("{p:#x}u")).collect();
+    let main = format!(
+        r#"#include "emu_all.h"
+#define WRNC_BF16
+{rng}
+{common}
+{mma}
+__global__ void round_all(const unsigned* in, unsigned* out, int n) {{
+    int i = threadIdx.x;
+    if (i >= n) return;
+    float v = __uint_as_float(in[i]);
+    act_t s[1];
+    wrnc_st(s, 0, v);
+    out[4 * i] = wrnc_bf16_bits(v);
+    out[4 * i + 1] = s[0];
+    out[4 * i + 2] = __float_as_uint(wrnc_stored(v)) >> 16;
+    out[4 * i + 3] = wrnc_f32_bf16(v);
+}}
+int main() {{
+    const unsigned in[] = {{{list}}};
+    const int n = sizeof(in) / sizeof(in[0]);
+    unsigned out[4 * n];
+    wrnc_emu::launch(round_all, dim3(1), dim3(32), 0, (const unsigned*)in, (unsigned*)out, n);
+    for (int i = 0; i < 4 * n; ++i) printf("%u\n", out[i]);
+}}
+"#,
+        rng = wrnc_compiler::rng::CUDA_SOURCE,
+        common = wrnc_compiler::codegen::cuda::COMMON_CUH,
+        mma = wrnc_compiler::codegen::mma::MMA_CUH,
+        list = list.join(", "),
+    );
+    std::fs::write(dir.join("round.cpp"), main).unwrap();
+    let out = support::run(&support::compile(&dir, "round.cpp"), &[]);
+    let got: Vec<u32> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(got.len(), 4 * patterns.len(), "{out}");
+    for (i, &p) in patterns.iter().enumerate() {
+        let want = wrnc_runtime::reference::bf16_bits(f32::from_bits(p)) as u32;
+        let helpers = ["wrnc_bf16_bits", "wrnc_st", "wrnc_stored", "wrnc_f32_bf16"];
+        for (j, h) in helpers.iter().enumerate() {
+            assert_eq!(
+                got[4 * i + j],
+                want,
+                "{h}({p:#010x}): device {:#06x}, host {want:#06x}",
+                got[4 * i + j]
+            );
+        }
+        if f32::from_bits(p).is_nan() {
+            assert!(
+                f32::from_bits(want << 16).is_nan(),
+                "{p:#x} must stay a NaN"
+            );
+        }
+    }
+}

@@ -85,9 +85,13 @@ pub fn decode(bytes: &[u8], dtype: Dtype) -> Vec<f64> {
     }
 }
 
-/// f32 -> bf16 bits, round to nearest even (the generated `wrnc_st`).
+/// f32 -> bf16 bits, round to nearest even; a NaN stays a quiet NaN of its sign (the
+/// generated `wrnc_bf16_bits`, behind `wrnc_st`).
 pub fn bf16_bits(v: f32) -> u16 {
     let u = v.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
     (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 

@@ -273,6 +273,14 @@ fn bf16_rounds_to_nearest_even_and_round_trips() {
         (f32::from_bits(0x3f80_8000), 0x3f80), // tie -> even
         (f32::from_bits(0x3f81_8000), 0x3f82), // tie -> even (up)
         (f32::from_bits(0x3f80_8001), 0x3f81),
+        (f32::from_bits(0x7f7f_ffff), 0x7f80), // the largest f32 rounds to inf
+        (f32::INFINITY, 0x7f80),
+        (f32::NEG_INFINITY, 0xff80),
+        // NaNs stay NaNs (CUDA's 0x7fffffff would carry into -0.0 by the rounding add alone)
+        (f32::from_bits(0x7fff_ffff), 0x7fff),
+        (f32::from_bits(0xffff_ffff), 0xffff),
+        (f32::from_bits(0x7f80_0001), 0x7fc0),
+        (f32::from_bits(0xffc0_0000), 0xffc0),
     ] {
         assert_eq!(f32_to_bf16(x), bits, "{x}");
     }

@@ -1,22 +1,26 @@
 // wrnc common device helpers (included verbatim by the generator).
 // Only the CUDA subset emu/cuda_emu.h emulates: no system headers, no dynamic shared memory.
 
+// f32 -> bf16 bits, rounded to nearest even. A NaN stays a quiet NaN of its sign: the rounding
+// add alone carries CUDA's NaN (0x7fffffff) into 0x8000, -0.0, and a diverging run would
+// silently train on zeros.
+__device__ __forceinline__ unsigned short wrnc_bf16_bits(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
 #ifdef WRNC_BF16
 typedef unsigned short act_t;
 // bf16 storage, fp32 arithmetic: round to nearest even on store.
 __device__ __forceinline__ float wrnc_ld(const act_t* p, int i) {
     return __uint_as_float(((unsigned int)p[i]) << 16);
 }
-__device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) {
-    unsigned int u = __float_as_uint(v);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (unsigned short)(u >> 16);
-}
+__device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) { p[i] = wrnc_bf16_bits(v); }
 // The value wrnc_st stores, as a float.
 __device__ __forceinline__ float wrnc_stored(float v) {
-    unsigned int u = __float_as_uint(v);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return __uint_as_float(u & 0xffff0000u);
+    return __uint_as_float(((unsigned int)wrnc_bf16_bits(v)) << 16);
 }
 #else
 typedef float act_t;

@@ -2074,7 +2074,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 spec,
                 "OC * ICG * KS * KS",
                 &consts,
-                &format!("{src}        unsigned int u = __float_as_uint(w[src]);\n        u += 0x7fffu + ((u >> 16) & 1u);\n        wp[i] = (unsigned short)(u >> 16);\n"),
+                &format!("{src}        wp[i] = wrnc_bf16_bits(w[src]);\n"),
             )
         }
         SplitKReduce => elementwise(

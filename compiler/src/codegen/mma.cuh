@@ -121,6 +121,7 @@ __device__ __forceinline__ float wrnc_bf16_f32(unsigned short h) {
 }
 __device__ __forceinline__ unsigned short wrnc_f32_bf16(float v) {
     unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }

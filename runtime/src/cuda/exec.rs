@@ -38,11 +38,9 @@ impl Shared {
     }
 }
 
-/// `f32` -> bf16 bits, round to nearest even (the generated code's `wrnc_st`).
+/// `f32` -> bf16 bits, round to nearest even, NaN kept (the generated code's `wrnc_st`).
 pub fn f32_to_bf16(v: f32) -> u16 {
-    let u = v.to_bits();
-    let u = u.wrapping_add(0x7fff + ((u >> 16) & 1));
-    (u >> 16) as u16
+    crate::reference::bf16_bits(v)
 }
 
 /// bf16 bits -> `f32` (exact).
