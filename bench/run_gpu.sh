@@ -308,25 +308,29 @@ f32, bf16 = load("bench_wrnc_f32.out"), load("bench_wrnc_bf16.out")
 pt = load("bench_pytorch.json") or {}
 st = load("selftest_quick.out") or {}
 full = text("selftest.out")
-m = re.search(r"(\d+) checks, (\d+) failed, (\d+) errors; max rel err vs CPU: f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)", full)
+# selftest's last line: "N checks, F failed, U unresolved (--), E errors; max rel err vs CPU
+# (resolved checks): f32 X, bf16 Y"
+SUMMARY = r"(\d+) checks, (\d+) failed, (\d+) unresolved \(--\), (\d+) errors; max rel err vs CPU \(resolved checks\): f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)"
+m = re.search(SUMMARY, full)
 full_summary = None
 if m:
-    full_summary = {"checks": int(m.group(1)), "failed": int(m.group(2)), "errors": int(m.group(3)),
-                    "max_rel_err_vs_cpu": {"f32": float(m.group(4)), "bf16": float(m.group(5))}}
+    full_summary = {"checks": int(m.group(1)), "failed": int(m.group(2)), "unresolved": int(m.group(3)),
+                    "errors": int(m.group(4)),
+                    "max_rel_err_vs_cpu": {"f32": float(m.group(5)), "bf16": float(m.group(6))}}
 # stage selftest_par: one log per example network, their summary lines added up
 par = sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)
                  if f.startswith("selftest_ex_") and f.endswith(".out")))
 if par and not full_summary:
-    full_summary = {"checks": 0, "failed": 0, "errors": 0, "max_rel_err_vs_cpu": {"f32": 0.0, "bf16": 0.0},
+    full_summary = {"checks": 0, "failed": 0, "unresolved": 0, "errors": 0, "max_rel_err_vs_cpu": {"f32": 0.0, "bf16": 0.0},
                     "networks": len(par), "incomplete": []}
     for f in par:
-        mm = re.search(r"(\d+) checks, (\d+) failed, (\d+) errors; max rel err vs CPU: f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)", text(f))
+        mm = re.search(SUMMARY, text(f))
         if not mm:
             full_summary["incomplete"].append(f[len("selftest_ex_"):-len(".out")])
             continue
-        for i, k in [(1, "checks"), (2, "failed"), (3, "errors")]:
+        for i, k in [(1, "checks"), (2, "failed"), (3, "unresolved"), (4, "errors")]:
             full_summary[k] += int(mm.group(i))
-        for i, k in [(4, "f32"), (5, "bf16")]:
+        for i, k in [(5, "f32"), (6, "bf16")]:
             full_summary["max_rel_err_vs_cpu"][k] = max(full_summary["max_rel_err_vs_cpu"][k], float(mm.group(i)))
 device = (f32 or bf16 or load("bench_wrnc_f32_tf32x3.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
@@ -383,7 +387,7 @@ if nchw:
 # top-level keys for the f32 run, as the results format asks
 out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_ms", "infer_ms", "peak_mem_mb"]})
 out["max_rel_err_vs_cpu"] = (full_summary or {}).get("max_rel_err_vs_cpu") or st.get("max_rel_err_vs_cpu")
-out["selftest_quick"] = {"failed": st.get("failed"), "errors": st.get("errors"), "checks": len(st.get("checks") or [])} if st else None
+out["selftest_quick"] = {"failed": st.get("failed"), "unresolved": st.get("unresolved"), "errors": st.get("errors"), "checks": len(st.get("checks") or [])} if st else None
 out["selftest_examples"] = full_summary or ({"incomplete": full.count("\n")} if full else None)
 metrics = [json.loads(l) for l in text("train_metrics.jsonl").splitlines() if l.strip()]
 out["training"] = {"net": os.environ.get("TRAIN_NET", "WRN-16-4"), "epochs": metrics} if metrics else None

@@ -16,6 +16,7 @@
 
 use crate::ops::{conv, elementwise as ew, linear, pool};
 use crate::Tensor;
+use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Conv2d;
 use wrnc_compiler::schedule::{Access, ConvGeom, Dtype, KernelSpec, PrologueFlags, ScalarArg};
 use wrnc_compiler::schedule::{Launch, Role, Schedule, HYPER_LEN, HYPER_NONFINITE};
@@ -103,7 +104,7 @@ fn tc_operand(tensor_cores: bool, v: &mut [f64]) {
     if tensor_cores {
         if let Some((seed, call)) = NUDGE.get() {
             NUDGE.set(Some((seed, call + 1)));
-            nudge(v, seed ^ (call << 48) ^ (1 << 47));
+            nudge(v, seed ^ (call << 48) ^ (1 << 47), BF16_NUDGE);
         }
         for x in v {
             *x = f32::from_bits((bf16_bits(*x as f32) as u32) << 16) as f64;
@@ -117,16 +118,25 @@ thread_local! {
     static NUDGE: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
 }
 
-/// Moves each value by 2^-23 of itself, up or down by a pseudo-random sign (splitmix64 of
+/// How far [`run_nudged`] moves a value it stores as bf16 (before rounding): about what
+/// another order of a kernel's f32 sums moves it by, a few f32 ulps.
+const BF16_NUDGE: i32 = -23;
+
+/// How far [`run_nudged`] moves an f32 activation or activation gradient it stores: about one
+/// f32 kernel's own error (selftest's launch checks measure up to about 1e-6 of a part's
+/// largest value; sums of hundreds of f32 products in another order).
+const F32_NUDGE: i32 = -20;
+
+/// Moves each value by 2^exp of itself, up or down by a pseudo-random sign (splitmix64 of
 /// `key` and the element's index).
-fn nudge(v: &mut [f64], key: u64) {
+fn nudge(v: &mut [f64], key: u64, exp: i32) {
     for (i, x) in v.iter_mut().enumerate() {
         let mut z = key ^ i as u64;
         z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        *x *= 1.0 + if z & 1 == 0 { 1.0 } else { -1.0 } * 2f64.powi(-23);
+        *x *= 1.0 + if z & 1 == 0 { 1.0 } else { -1.0 } * 2f64.powi(exp);
     }
 }
 
@@ -1024,10 +1034,13 @@ pub fn run(
 /// [`run`] with storage rounding, every value stored as bf16 first moved by 2^-23 of itself up
 /// or down (a fixed pseudo-random sign per value, from `seed`): about what another order of a
 /// kernel's f32 sums moves a value by (a few f32 ulps), which decides some of bf16's roundings
-/// the other way; and every ReLU tie of a BN chain (see `RELU_TIES`) decided on. f32 buffers are left alone (some hold compensated sums, far finer than that,
-/// from which variances are taken). (At 2^-20 instead, wrn-10-2's gradients moved 37%, while
-/// the fake GPU's are 1e-3 from `run`'s: the nudge is calibrated to what f32 sums do.) Its distance from [`run`]'s result is how finely a whole step of this
-/// schedule at this precision can be checked at all (`selftest`).
+/// the other way; and every ReLU tie of a BN chain (see `RELU_TIES`) decided on. (At 2^-20
+/// instead, wrn-10-2's gradients moved 37%, while the fake GPU's are 1e-3 from `run`'s: the
+/// nudge is calibrated to what f32 sums do.) In an f32 schedule, the activations and their
+/// gradients are moved by [`F32_NUDGE`], one f32 kernel's error; other f32 buffers are left
+/// alone (some hold compensated sums, far finer than that, from which variances are taken).
+/// Its distance from [`run`]'s result is how finely a whole step of this schedule at this
+/// precision can be checked at all (`selftest`).
 pub fn run_nudged(
     s: &Schedule,
     bufs: Vec<Vec<f64>>,
@@ -1073,8 +1086,16 @@ fn run_steps(
             for (ai, (a, v)) in l.buffers.iter().zip(new.iter_mut()).enumerate() {
                 if let Some(v) = v {
                     let dtype = s.buffers[a.buffer].dtype;
-                    if let (Some(seed), Dtype::Bf16) = (nudge_seed, dtype) {
-                        nudge(v, seed ^ ((li as u64) << 40) ^ ((ai as u64) << 32));
+                    if let Some(seed) = nudge_seed {
+                        let key = seed ^ ((li as u64) << 40) ^ ((ai as u64) << 32);
+                        let role = s.buffers[a.buffer].role;
+                        if dtype == Dtype::Bf16 {
+                            nudge(v, key, BF16_NUDGE);
+                        } else if s.precision == Precision::F32
+                            && matches!(role, Role::Activation | Role::ActivationGrad)
+                        {
+                            nudge(v, key, F32_NUDGE);
+                        }
                     }
                     *v = decode(&encode(v, dtype), dtype);
                 }
