@@ -22,7 +22,8 @@
 // __uint_as_float / __float_as_uint / __int_as_float, and
 //   wrnc_emu::launch(kernel, grid, block, shared_bytes, args...).
 // Dynamic shared memory: `shared` bytes per launch (at most 227 KiB, sm_90's opt-in limit),
-// 1024-byte aligned, filled with 0xff bytes (NaN as f32 and bf16) before the launch so a read
+// starting 16 bytes past a 1024-byte boundary (all a GPU guarantees: a wgmma ring rounds up
+// with `wrnc_dyn_smem_1024()`), filled with 0xff bytes (NaN as f32 and bf16) before the launch so a read
 // of a byte no thread wrote shows, and followed by 4 KiB of guard bytes that must be intact
 // after the launch (a kernel that takes more than its launch gave it aborts); a kernel reaches it through `wrnc_dyn_smem()` (the CUDA
 // twin is in compiler/src/codegen/mma.cuh: `extern __shared__`), not `extern __shared__`.
@@ -284,13 +285,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
     };
     std::unique_ptr<unsigned char, Free> dyn;
     const std::size_t dyn_guard = 4096;
+    // 16 bytes past a 1024-byte boundary: all a GPU guarantees (see wrnc_dyn_smem_1024)
+    const std::size_t dyn_off = 16;
     if (shared != 0) {
-        const std::size_t bytes = (shared + 127) / 128 * 128;
-        dyn.reset(static_cast<unsigned char*>(std::aligned_alloc(1024, (shared + dyn_guard + 1023) / 1024 * 1024)));
-        std::memset(dyn.get(), 0xff, bytes);
-        std::memset(dyn.get() + shared, 0x5a, dyn_guard);
+        dyn.reset(static_cast<unsigned char*>(std::aligned_alloc(1024, (dyn_off + shared + dyn_guard + 1023) / 1024 * 1024)));
+        std::memset(dyn.get() + dyn_off, 0xff, shared);
+        std::memset(dyn.get() + dyn_off + shared, 0x5a, dyn_guard);
     }
-    g_dyn_smem = dyn.get();
+    g_dyn_smem = shared != 0 ? dyn.get() + dyn_off : nullptr;
     const unsigned int nt = block.x * block.y * block.z;
     if (nt == 0 || nt > 1024) {
         std::fprintf(stderr, "cuda_emu: bad block size %u\n", nt);
@@ -351,7 +353,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
     g_launching = false;
     g_dyn_smem = nullptr;
     for (std::size_t i = 0; shared != 0 && i < dyn_guard; ++i) {
-        if (dyn.get()[shared + i] != 0x5a) {
+        if (dyn.get()[dyn_off + shared + i] != 0x5a) {
             std::fprintf(stderr, "cuda_emu: a kernel used more than its %zu bytes of dynamic shared memory\n", shared);
             std::abort();
         }
@@ -372,6 +374,13 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared, A..
 #define __shared__ static
 
 inline unsigned char* wrnc_dyn_smem() { return wrnc_emu::g_dyn_smem; }
+// Rounded up to 1024 bytes, as the CUDA twin does (the emulation's dynamic shared memory starts
+// 16 bytes past a 1024-byte boundary, all a GPU guarantees, so a wgmma ring that did not round
+// fails its alignment check and one that rounds without its 1024 bytes of slack its guard).
+inline unsigned char* wrnc_dyn_smem_1024() {
+    const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(wrnc_emu::g_dyn_smem);
+    return wrnc_emu::g_dyn_smem + ((1024u - (unsigned)(a & 1023u)) & 1023u);
+}
 
 inline void __syncthreads() { wrnc_emu::tl_block->bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned int = 0xffffffffu) {

@@ -31,6 +31,9 @@ inline const char* encode(wrnc_tmap* t, const void* addr, unsigned rank, unsigne
     for (unsigned i = 0; i < rank; ++i) {
         if (dims[i] == 0 || dims[i] > (1ull << 32)) return "a dimension outside 1..2^32";
         if (box[i] == 0 || box[i] > 256) return "a box dimension outside 1..256";
+        // the driver API documents only the 256; CUDA faults on the copies otherwise
+        // (pytorch/helion#2555), so the emulation refuses it here
+        if (box[i] > dims[i]) return "a box dimension larger than the tensor's";
         if (i > 0 && (strides[i - 1] % 16 != 0 || strides[i - 1] >= (1ull << 40)))
             return "a stride not a multiple of 16 bytes below 2^40";
     }

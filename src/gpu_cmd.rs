@@ -390,10 +390,13 @@ type CheckFn = fn(
 /// vector-loading convs that `--wgmma` moves to Hopper's warpgroup MMA.
 const WGMMA_NET: &str = "conv(3x3, 8) residual { pre bn relu body conv(3x3, 16, stride=2) bn relu dropout(0.3) conv(3x3, 16) shortcut proj } residual { body bn relu conv(3x3, 16) bn relu conv(3x3, 16) } bn relu gap fc";
 
-/// 32 channels per group at 16x16, 8x8 (a grouped conv) and 4x4: stride-1 convs whose tiles
-/// are boxes of the image (whole rows, whole images, images past a small batch), so `--tma`
-/// loads their activations by TMA too (`ConvGeom::tma_a`).
-const TMAA_NET: &str = "conv(3x3, 32) residual { pre bn relu body conv(3x3, 32) bn relu dropout(0.3) conv(1x1, 32) } residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64, groups=2) shortcut proj } residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj } bn relu gap fc";
+/// `--tma`'s network: no box of a tensor map may be larger than its tensor, so the weights
+/// come by TMA only where a group has at least a tile's columns of output (forward) or input
+/// (data gradient) channels: 64 and 128 here, at 16x16 and 8x8 (a grouped conv), stride-1
+/// convs whose tiles are boxes of the image (whole rows, whole images), so their activations
+/// come by TMA too (`ConvGeom::tma_a`); the data gradient of the grouped conv (64 input
+/// channels, at 128 columns) keeps its weights on `cp.async`.
+const TMAA_NET: &str = "conv(3x3, 64) residual { pre bn relu body conv(3x3, 64) bn relu dropout(0.3) conv(1x1, 64) } residual { body bn relu conv(3x3, 128, stride=2) bn relu conv(3x3, 128, groups=2) shortcut proj } bn relu gap fc";
 
 fn builtin(body: &str) -> anyhow::Result<Graph> {
     builtin_in("3x8x8", body)
@@ -708,35 +711,40 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             (Mode::Infer, TcTile::DEFAULT, false, 0, true, false),
             (Mode::Train, t128, true, 0, true, false),
             (Mode::Train, t128, true, 4, true, false),
-            // the weight operand by the tensor memory accelerator (`--tma`): the same
-            // training step and inference, and a 4-stage ring that keeps a wgmma in flight
-            // while TMA refills a slot
-            (Mode::Train, TcTile::DEFAULT, false, 0, true, true),
-            (Mode::Infer, TcTile::DEFAULT, false, 0, true, true),
-            (Mode::Train, t128, true, 4, true, true),
         ]);
     }
-    // the activations by TMA as well (`ConvGeom::tma_a`), on a network with 32 channels per
-    // group: the fused training step's launches at the default tile. Not the whole step: two
-    // bf16 steps of this network move its BN biases by more than the tolerance from the
-    // rounded f64 steps with or without TMA (0.26 with the plain `mma.sync` engine on the fake
-    // GPU, 1.2e-2 without the 4x4 block), while every launch is within 3.5e-3
+    // the tensor memory accelerator (`--tma`) on its own network (TMAA_NET: no box larger
+    // than its tensor): the weights, and the activations of the stride-1 convs, by TMA; the
+    // fused training step and inference at the default tile, launch by launch and whole, and
+    // a 4-stage 128x64 ring that keeps a wgmma in flight while TMA refills a slot
     if gpu.info().compute_capability == (9, 0) {
         nets.push(("tmaa".into(), builtin_in("3x16x16", TMAA_NET)?));
-        jobs.push(Job {
-            label: format!("tmaa wgmma tma tile {}", TcTile::DEFAULT),
-            net: nets.len() - 1,
-            mode: Mode::Train,
-            precision: Precision::Bf16,
-            unfused: false,
-            layout: Layout::Auto,
-            tiles: schedule::Tiles {
-                wgmma: true,
-                tma: true,
-                ..schedule::Tiles::all(TcTile::DEFAULT)
-            },
-            launches_only: true,
-        });
+        let net = nets.len() - 1;
+        for (mode, tile, stages, launches_only) in [
+            (Mode::Train, TcTile::DEFAULT, 0, false),
+            (Mode::Infer, TcTile::DEFAULT, 0, false),
+            (Mode::Train, t128x64, 4, true),
+        ] {
+            jobs.push(Job {
+                label: if stages == 0 {
+                    format!("tmaa wgmma tma tile {tile}")
+                } else {
+                    format!("tmaa wgmma tma stages {stages} tile {tile}")
+                },
+                net,
+                mode,
+                precision: Precision::Bf16,
+                unfused: false,
+                layout: Layout::Auto,
+                tiles: schedule::Tiles {
+                    wgmma: true,
+                    tma: true,
+                    stages,
+                    ..schedule::Tiles::all(tile)
+                },
+                launches_only,
+            });
+        }
     }
     for (mode, tile, launches_only, stages, wgmma, tma) in vec8_checks {
         jobs.push(Job {

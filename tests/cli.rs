@@ -408,9 +408,12 @@ fn compile_emits_ptxas_resources() {
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let cu = String::from_utf8_lossy(&o.stdout);
-    assert!(cu.contains("_v8_wg_tma(") && cu.contains("const __grid_constant__ wrnc_tmap tmw"));
+    assert!(cu.contains("_v8_wg_tma_") && cu.contains("const __grid_constant__ wrnc_tmap tmw"));
     assert!(cu.contains("wrnc_tma_load_4d(") && cu.contains("wrnc_mbar_wait("));
-    // the 32- and 64-channel stride-1 convs take their activations by TMA too
+    // no box larger than its tensor: the weights of the 16- and 32-channel convs (fewer
+    // output channels than the tile's 64 columns) stay on cp.async
+    assert!(cu.contains("conv_fwd_i32x32_o32x32_k3s1p1g1_tc_nhwc_v8_wg_pro_bnrelu_stats("));
+    // the 64-channel stride-1 convs take their activations by TMA too
     assert!(cu.contains("_v8_wg_tmaa_") && cu.contains("const __grid_constant__ wrnc_tmap tmx"));
     let o = wrnc(&[
         "compile",

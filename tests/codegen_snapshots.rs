@@ -60,12 +60,14 @@ fn tiny_wrn_cuda_infer_tf32x3() {
     insta::assert_snapshot!("tiny_wrn_infer_tf32x3_cu", cuda::write(&s, &o).unwrap());
 }
 
-/// Hopper's path (`--tma`, implying `--wgmma`) on a network whose convs take 8 and 16
+/// Hopper's path (`--tma`, implying `--wgmma`) on a network whose convs take 32 and 64
 /// channels (the `_v8` engine), inference: `_wg_tma` forward kernels with a `wrnc_tmap`
-/// parameter, an mbarrier per stage, TMA for the weights, and the launches' tensor maps.
+/// parameter, an mbarrier per stage, TMA for the weights of the 64-channel convs (a box of
+/// 32 x 64, no larger than their tensors), the activations of the stride-1 conv by TMA too
+/// (`_tmaa`, a box of one 8x8 image), and the launches' tensor maps.
 #[test]
-fn tiny_vec8_infer_tma() {
-    let net = "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }";
+fn tiny_wide_infer_tma() {
+    let net = "network \"w64\" { input 3x16x16 classes 3 conv(3x3, 32) residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj } bn relu gap fc }";
     let o = Options {
         precision: wrnc_compiler::ast::Precision::Bf16,
         tiles: schedule::Tiles {
@@ -76,14 +78,14 @@ fn tiny_vec8_infer_tma() {
         ..opts(Mode::Infer)
     };
     let s = schedule::build(&graph(net), &o).unwrap();
-    insta::assert_snapshot!("tiny_vec8_infer_tma_cu", cuda::write(&s, &o).unwrap());
+    insta::assert_snapshot!("tiny_wide_infer_tma_cu", cuda::write(&s, &o).unwrap());
     let maps: Vec<String> = s
         .launches
         .iter()
         .filter(|l| !l.tmaps.is_empty())
         .map(|l| format!("{}: {:?}", l.note, l.tmaps))
         .collect();
-    insta::assert_snapshot!("tiny_vec8_infer_tma_maps", maps.join("\n"));
+    insta::assert_snapshot!("tiny_wide_infer_tma_maps", maps.join("\n"));
 }
 
 #[test]

@@ -105,6 +105,9 @@ const TINY: &str = "network \"tiny\" { conv(3x3, 4, stride=4) residual { body bn
 /// A network whose convs (but the stem) take 8 and 16 channels: the `_v8` engine.
 const V8_NET: &str = "network \"v8\" { input 3x8x8 classes 3 conv(3x3, 8) residual { body bn relu conv(3x3, 16, stride=2) bn relu conv(3x3, 16) shortcut proj } bn relu gap fc }\nbatch 4\nlr 0.05\n";
 
+/// 64-channel convs: TMA for every box (`--tma`).
+const WIDE_NET: &str = "network \"w64\" { input 3x8x8 classes 3 conv(3x3, 64) residual { body bn relu conv(3x3, 64) bn relu conv(3x3, 64) } bn relu gap fc }\nbatch 4\nlr 0.05\n";
+
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-3)
 }
@@ -131,14 +134,15 @@ fn selftest_passes_on_the_fake_gpu() {
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("stages"))
         .count();
     assert!(deep >= 9, "{deep} stages checks");
-    // the weights by TMA (`--tma`): training and inference at the default tile, launch by
-    // launch and whole, and the 4-stage 128x128 training launches
+    // the weights by TMA (`--tma`, a 64/128-channel network: no box larger than its tensor):
+    // training and inference at the default tile, launch by launch and whole, and the
+    // 4-stage 128x128 training launches
     let tma = checks
         .iter()
         .filter(|c| c["what"].as_str().unwrap_or_default().contains("wgmma tma"))
         .count();
     assert!(tma >= 5, "{tma} tma checks");
-    // the activations by TMA too (a 32-channel network): the training step's launches
+    // the activations by TMA too (the same 64/128-channel network): its checks above
     let tmaa = checks
         .iter()
         .filter(|c| {
@@ -745,9 +749,19 @@ fn tf32x3_bench_runs_on_the_fake_gpu() {
 #[test]
 fn tma_bench_runs_on_the_fake_hopper() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = bench_once(tmp.path(), V8_NET, "bf16", &["--tma"]).unwrap_or_else(|e| panic!("{e:?}"));
+    let v =
+        bench_once(tmp.path(), WIDE_NET, "bf16", &["--tma"]).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(v["tma"], true, "{v}");
     assert_eq!(v["wgmma"], true, "{v}");
+    // the 64-channel convs take tensor maps (no box larger than its tensor)
+    for r in v["runs"].as_array().unwrap() {
+        assert!(r["tma_launches"].as_u64().unwrap() >= 2, "{r}");
+    }
+    // and a network of 8 and 16 channels none: every box would be larger than its tensor
+    let v = bench_once(tmp.path(), V8_NET, "bf16", &["--tma"]).unwrap_or_else(|e| panic!("{e:?}"));
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(r["tma_launches"], 0, "{r}");
+    }
     for part in ["train_step_ms", "infer_ms"] {
         assert!(
             v[part]["fused"].as_f64().is_some_and(|x| x > 0.0),

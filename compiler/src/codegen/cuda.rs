@@ -1079,7 +1079,10 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     } else {
         ns * 64 * (r + 8)
     };
-    let array = if v.smem.dynamic {
+    let array = if v.smem.dynamic && wg {
+        // the swizzled stages need 1024-byte alignment; the launch gives 1024 bytes of slack
+        "    unsigned char* smem_ = wrnc_dyn_smem_1024();\n".to_string()
+    } else if v.smem.dynamic {
         "    unsigned char* smem_ = wrnc_dyn_smem();\n".to_string()
     } else if wg {
         format!("    __shared__ __align__(1024) unsigned char smem_[{smem}];\n")

@@ -41,6 +41,16 @@ __device__ __forceinline__ unsigned char* wrnc_dyn_smem() {
     extern __shared__ __align__(1024) unsigned char wrnc_dsmem_[];
     return wrnc_dsmem_;
 }
+// The same rounded up to a 1024-byte boundary (the launch gives 1024 bytes of slack): CUDA
+// does not document that dynamic shared memory after a kernel's static arrays honours the
+// declared alignment. The address goes through an opaque asm, or NVVM would trust the
+// declaration and fold the rounding away.
+__device__ __forceinline__ unsigned char* wrnc_dyn_smem_1024() {
+    unsigned char* p = wrnc_dyn_smem();
+    unsigned long long a;
+    asm volatile("cvta.to.shared.u64 %0, %1;\n" : "=l"(a) : "l"(p));
+    return p + ((1024u - (unsigned int)(a & 1023ull)) & 1023u);
+}
 
 __device__ __forceinline__ unsigned int wrnc_smem_addr(const void* p) {
     return (unsigned int)__cvta_generic_to_shared(p);

@@ -172,10 +172,13 @@ impl<'a> B<'a> {
             spec,
             KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
         );
+        let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols);
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
             g.wgmma = self.tiles.wgmma && g.vec && kmajor && tile.rows >= 64;
-            g.tma = self.tiles.tma && g.wgmma;
+            // TMA where no box is larger than its tensor (CUDA requires it, [`TmapArg`]);
+            // elsewhere the operands come by `cp.async`
+            g.tma = self.tiles.tma && g.wgmma && weight_box_fits;
             g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
         // the activation operand by TMA where the tile is a box of the image (after the above:

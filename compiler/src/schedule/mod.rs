@@ -209,9 +209,10 @@ pub struct Launch {
 /// Invariants (checked by [`Schedule::validate`]): `buffer` indexes `Launch::buffers` and that
 /// argument is bf16 and holds at least the product of `dims` elements; `dims[0]` is a
 /// multiple of 8 (every row starts 16-byte aligned, as TMA requires); `1 <= box_dim[i] <= 256`
-/// and `box_dim[0] * 2` is a multiple of 16 bytes; `swizzle` is 0, 32, 64 or 128 and, when
-/// not 0, equals `box_dim[0] * 2`. A box may hang over the tensor's edge: TMA fills the
-/// elements outside it with zeros.
+/// and `box_dim[0] * 2` is a multiple of 16 bytes; `box_dim[i] <= dims[i]` (pytorch/helion#2555:
+/// on CUDA a larger box makes a tensor map whose copies fault); `swizzle` is 0, 32, 64 or 128
+/// and, when not 0, equals `box_dim[0] * 2`. A box may hang over the tensor's edge where a
+/// copy starts near it: TMA fills the elements outside the tensor with zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TmapArg {
     /// Index into the launch's `buffers` of the tensor.
@@ -563,6 +564,13 @@ impl Schedule {
                 }
                 if t.box_dim.iter().any(|&d| d == 0 || d > 256) || (t.box_dim[0] * 2) % 16 != 0 {
                     return Err(bad("has a box TMA cannot move"));
+                }
+                if t.box_dim
+                    .iter()
+                    .zip(&t.dims)
+                    .any(|(&b, &d)| u64::from(b) > d)
+                {
+                    return Err(bad("has a box larger than its tensor"));
                 }
                 if t.swizzle != 0
                     && (![32, 64, 128].contains(&t.swizzle) || t.box_dim[0] * 2 != t.swizzle)

@@ -59,6 +59,9 @@ pub struct ScheduleBench {
     pub batch: u32,
     pub kernels: usize,
     pub launches: usize,
+    /// Launches that take a tensor map (`--tma`: their weights, and some their activations,
+    /// arrive by TMA; none where every box would be larger than its tensor).
+    pub tma_launches: usize,
     /// Per step / batch, launches enqueued one by one.
     pub stream: Timing,
     /// Per step / batch, the whole step replayed as one CUDA graph.
@@ -231,6 +234,12 @@ pub fn bench_schedule(
         batch,
         kernels: ex.schedule.kernels.len(),
         launches: ex.schedule.launches.len(),
+        tma_launches: ex
+            .schedule
+            .launches
+            .iter()
+            .filter(|l| !l.tmaps.is_empty())
+            .count(),
         stream,
         graph: graph_t,
         images_per_s: batch as f64 / (best / 1000.0),
