@@ -118,6 +118,7 @@ struct Graph {
 struct Stream {
     Graph* capture = nullptr;
     bool invalidated = false;
+    bool non_blocking = false;  // CU_STREAM_NON_BLOCKING: no ordering with the legacy stream
 };
 struct Event {
     std::chrono::steady_clock::time_point t;
@@ -125,6 +126,22 @@ struct Event {
 };
 
 bool any_capture = false;  // some stream is capturing (thread-local mode: ours is the only thread)
+// A copy or memset on the legacy (NULL) stream that a GPU may still be running: the
+// synchronous cuMemcpyHtoD from pageable memory returns once the data is staged, before the
+// DMA lands, cuMemsetD8 and cuMemcpyDtoD return at once; nothing orders them before work on
+// a non-blocking stream. Cleared by what waits for the legacy stream (cuCtxSynchronize,
+// cuStreamSynchronize(0), a cuMemcpyDtoH). A launch on a non-blocking stream meanwhile fails.
+bool g_legacy_pending = false;
+static CUresult legacy_order_check(void* stream, const char* what) {
+    if (g_legacy_pending && stream && ((Stream*)stream)->non_blocking) {
+        std::fprintf(stderr,
+                     "fakecuda: %s on a non-blocking stream while a copy or memset on the legacy stream "
+                     "may still run (on a GPU nothing orders them: copy on the stream instead)\n",
+                     what);
+        return INVALID_VALUE;
+    }
+    return OK;
+}
 
 // What WRNC_FAKE_STATS reports at exit.
 struct Stats {
@@ -417,13 +434,16 @@ API CUresult cuCtxSetCurrent(void*) { return OK; }
 API CUresult cuCtxSynchronize() {
     std::lock_guard l(g_mu);
     if (any_capture) return fail(CAPTURE_UNSUPPORTED, "cuCtxSynchronize during capture");
+    g_legacy_pending = false;
     return g_sticky;
 }
 
 // ---- memory ----
 
+// After a fault every call that touches the context returns it again, as on a GPU.
 API CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
     std::lock_guard l(g_mu);
+    if (g_sticky) return g_sticky;
     *total = total_mem();
     *free = *total - g_used;
     return OK;
@@ -431,6 +451,7 @@ API CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t bytes) {
     std::lock_guard l(g_mu);
     if (any_capture) return fail(CAPTURE_UNSUPPORTED, "cuMemAlloc during capture");
+    if (g_sticky) return g_sticky;
     if (bytes == 0) return INVALID_VALUE;
     if (g_used + bytes > total_mem()) return fail(OUT_OF_MEMORY, "cuMemAlloc");
     auto* base = (unsigned char*)std::aligned_alloc(256, ((bytes + 2 * GUARD) + 255) / 256 * 256);
@@ -466,12 +487,14 @@ API CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, std::size_t n) {
     std::lock_guard l(g_mu);
     if (CUresult r = copy_check(d, n, "cuMemcpyHtoD")) return r;
     std::memcpy((void*)(std::uintptr_t)d, h, n);
+    g_legacy_pending = true;
     return OK;
 }
 API CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, std::size_t n) {
     std::lock_guard l(g_mu);
     if (CUresult r = copy_check(d, n, "cuMemcpyDtoH")) return r;
     std::memcpy(h, (void*)(std::uintptr_t)d, n);
+    g_legacy_pending = false;
     return OK;
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, std::size_t n) {
@@ -479,11 +502,38 @@ API CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, std::size_t n) {
     if (CUresult r = copy_check(d, n, "cuMemcpyDtoD (destination)")) return r;
     if (CUresult r = copy_check(s, n, "cuMemcpyDtoD (source)")) return r;
     std::memmove((void*)(std::uintptr_t)d, (void*)(std::uintptr_t)s, n);
+    g_legacy_pending = true;
     return OK;
 }
 API CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, std::size_t n) {
     std::lock_guard l(g_mu);
     if (CUresult r = copy_check(d, n, "cuMemsetD8")) return r;
+    std::memset((void*)(std::uintptr_t)d, v, n);
+    g_legacy_pending = true;
+    return OK;
+}
+// The stream-ordered forms (what wrnc uses): performed at once, in order with the stream's
+// launches (the emulation runs everything in issue order); from pageable host memory the
+// real driver stages the bytes before it returns, so the host buffer may go at once.
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, std::size_t n, void* stream) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemcpyHtoDAsync")) return r;
+    if (CUresult r = legacy_order_check(stream, "cuMemcpyHtoDAsync")) return r;
+    std::memcpy((void*)(std::uintptr_t)d, h, n);
+    return OK;
+}
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, std::size_t n, void* stream) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemcpyDtoDAsync (destination)")) return r;
+    if (CUresult r = copy_check(s, n, "cuMemcpyDtoDAsync (source)")) return r;
+    if (CUresult r = legacy_order_check(stream, "cuMemcpyDtoDAsync")) return r;
+    std::memmove((void*)(std::uintptr_t)d, (void*)(std::uintptr_t)s, n);
+    return OK;
+}
+API CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, std::size_t n, void* stream) {
+    std::lock_guard l(g_mu);
+    if (CUresult r = copy_check(d, n, "cuMemsetD8Async")) return r;
+    if (CUresult r = legacy_order_check(stream, "cuMemsetD8Async")) return r;
     std::memset((void*)(std::uintptr_t)d, v, n);
     return OK;
 }
@@ -526,6 +576,7 @@ API CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* a
 
 API CUresult cuModuleLoadDataEx(void** mod, const void* image, unsigned nopt, int* opts, void** vals) {
     std::lock_guard l(g_mu);
+    if (g_sticky) return g_sticky;
     const char* text = (const char*)image;
     const std::size_t ml = std::strlen(MARKER);
     if (std::strncmp(text, MARKER, ml) != 0) {
@@ -607,6 +658,7 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
     if (gx * gy * gz == 0 || bx * by * bz == 0 || bx * by * bz > 1024)
         return fail(INVALID_VALUE, "cuLaunchKernel launch dimensions");
     const unsigned g[3] = {gx, gy, gz}, b[3] = {bx, by, bz};
+    if (CUresult r = legacy_order_check(stream, "cuLaunchKernel")) return r;
     auto* s = (Stream*)stream;
     if (s && s->capture) {
         Recorded r{k, {gx, gy, gz}, {bx, by, bz}, shared, {}};
@@ -623,8 +675,10 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
 
 // ---- streams, events, graphs ----
 
-API CUresult cuStreamCreate(void** s, unsigned) {
-    *s = new Stream;
+API CUresult cuStreamCreate(void** s, unsigned flags) {
+    auto* st = new Stream;
+    st->non_blocking = (flags & 1u) != 0;  // CU_STREAM_NON_BLOCKING
+    *s = st;
     return OK;
 }
 API CUresult cuStreamDestroy_v2(void* s) {
@@ -634,6 +688,7 @@ API CUresult cuStreamDestroy_v2(void* s) {
 API CUresult cuStreamSynchronize(void* s) {
     std::lock_guard l(g_mu);
     if (s && ((Stream*)s)->capture) return fail(CAPTURE_UNSUPPORTED, "cuStreamSynchronize during capture");
+    if (!s) g_legacy_pending = false;
     return g_sticky;
 }
 API CUresult cuEventCreate(void** e, unsigned) {
@@ -683,6 +738,7 @@ API CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long
 API CUresult cuGraphLaunch(void* exec, void* stream) {
     std::lock_guard l(g_mu);
     if (stream && ((Stream*)stream)->capture) return fail(CAPTURE_INVALIDATED, "cuGraphLaunch during capture");
+    if (CUresult r = legacy_order_check(stream, "cuGraphLaunch")) return r;
     ++g_stats.graph_launches;
     g_stats.graph_kernels += ((Graph*)exec)->launches.size();
     for (auto& r : ((Graph*)exec)->launches) {

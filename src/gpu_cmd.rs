@@ -863,7 +863,12 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         Err(e) => eprintln!("warning: precompiling failed: {e}"),
     }
     report(check::check_augment(&gpu, &cache), "augmentation");
-    for j in &jobs {
+    // after a kernel fault the context is unusable: every later check would fail at its first
+    // driver call without naming anything, so the run stops at the one that names the kernel
+    let mut poisoned = None;
+    let total_checks: usize = jobs.iter().map(|j| 1 + !j.launches_only as usize).sum();
+    let mut ran = 0usize;
+    'jobs: for j in &jobs {
         let g = &nets[j.net].1;
         let what = format!(
             "{} {:?} unfused={} {}",
@@ -879,22 +884,40 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             checks.push((check::check_graph, what));
         }
         for (f, what) in checks {
-            report(
-                f(
-                    &gpu,
-                    &cache,
-                    &j.label,
-                    g,
-                    j.mode,
-                    a.batch as usize,
-                    j.precision,
-                    j.unfused,
-                    &j.tiles,
-                    j.layout,
-                ),
-                &what,
+            let r = f(
+                &gpu,
+                &cache,
+                &j.label,
+                g,
+                j.mode,
+                a.batch as usize,
+                j.precision,
+                j.unfused,
+                &j.tiles,
+                j.layout,
             );
+            ran += 1;
+            let sticky = r
+                .as_ref()
+                .err()
+                .filter(|e| e.poisons_context())
+                .map(|e| e.to_string());
+            report(r, &what);
+            if let Some(e) = sticky {
+                poisoned = Some(e);
+                break 'jobs;
+            }
         }
+    }
+    if let Some(e) = &poisoned {
+        let left = total_checks - ran;
+        let msg = format!(
+            "stopped: the CUDA context cannot be used after that error ({e}); {left} comparisons not run (rerun with --only to check them)"
+        );
+        if !a.json {
+            println!("{msg}");
+        }
+        errors.push(msg);
     }
     let failed = results.iter().filter(|r| !r.passed).count();
     let unresolved = results.iter().filter(|r| r.passed && !r.resolved).count();

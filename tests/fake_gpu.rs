@@ -632,13 +632,21 @@ fn fake_driver_catches_a_write_past_an_allocation() {
     let mut out = vec![0u8; 20];
     gpu.download(buf.ptr(), &mut out).unwrap();
     assert!(out.chunks(4).all(|c| c == 1f32.to_le_bytes()));
-    let e = launch(5).expect_err("y[5] is past the end").to_string();
+    let err = launch(5).expect_err("y[5] is past the end");
     // the fake reports at the launch (a GPU at the next synchronisation, where
     // WRNC_CUDA_SYNC=1 makes wrnc name the kernel too)
+    let e = err.to_string();
     assert!(
         e.contains("ILLEGAL_ADDRESS") && e.contains("kernel fill"),
         "{e}"
     );
+    // and, as on a GPU, the context stays unusable (selftest stops at such an error)
+    assert!(err.poisons_context(), "{e}");
+    let again = match gpu.alloc(4, "z", 1) {
+        Ok(_) => panic!("a poisoned context allocates nothing"),
+        Err(e) => e.to_string(),
+    };
+    assert!(again.contains("ILLEGAL_ADDRESS"), "{again}");
 }
 
 /// Without `--device`, `wrnc run` takes the GPU when one is usable and says so; with no driver

@@ -2,9 +2,11 @@
 //! [`super::driver`].
 //!
 //! One [`Gpu`] holds the device's primary context and one non-blocking stream; everything
-//! runs on that stream in order. Host copies are synchronous: they first wait for the
-//! stream, so a download sees every launch before it and an upload is complete before the
-//! next launch. Objects keep the context alive (`Rc`) and free their resource when dropped.
+//! runs on that stream in order, uploads, device copies and zero fills included (the
+//! stream-ordered `cuMemcpyHtoDAsync` etc.: the synchronous forms run on the legacy stream,
+//! which nothing orders before a non-blocking stream's launches, and an upload from pageable
+//! memory returns before its DMA lands). A download first waits for the stream, so it sees
+//! every launch before it. Objects keep the context alive (`Rc`) and free their resource when dropped.
 //! None of these types is `Send`: one thread drives one GPU.
 //!
 //! With `WRNC_CUDA_SYNC=1` in the environment, every launch is followed by a stream
@@ -303,18 +305,22 @@ impl Gpu {
         Ok(b)
     }
 
-    /// Zeroes `bytes` at `ptr` (synchronously).
+    /// Zeroes `bytes` at `ptr`, in order on the stream (before any later launch).
     pub fn memset(&self, ptr: u64, bytes: u64) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
         self.ctx.bind()?;
         self.synchronize("memset")?;
         // SAFETY: the range lies in an allocation of this context (callers pass their own).
         self.api().check(
-            unsafe { (self.api().memset_d8)(ptr, 0, bytes as usize) },
-            "cuMemsetD8",
+            unsafe { (self.api().memset_d8_async)(ptr, 0, bytes as usize, self.stream) },
+            "cuMemsetD8Async",
         )
     }
 
-    /// Copies host bytes to `ptr`, after the stream's pending work.
+    /// Copies host bytes to `ptr`, after the stream's pending work and before any later launch
+    /// (stream-ordered; the driver stages `data` before it returns).
     ///
     /// Callers guarantee that `[ptr, ptr + data.len())` lies inside one of their allocations
     /// (the executor checks ranges against its layout).
@@ -326,8 +332,15 @@ impl Gpu {
         self.synchronize("upload")?;
         // SAFETY: valid host slice; device range per the contract above.
         self.api().check(
-            unsafe { (self.api().memcpy_htod)(ptr, data.as_ptr() as *const c_void, data.len()) },
-            "cuMemcpyHtoD",
+            unsafe {
+                (self.api().memcpy_htod_async)(
+                    ptr,
+                    data.as_ptr() as *const c_void,
+                    data.len(),
+                    self.stream,
+                )
+            },
+            "cuMemcpyHtoDAsync",
         )
     }
 
@@ -354,8 +367,8 @@ impl Gpu {
         self.synchronize("copy")?;
         // SAFETY: both ranges lie in allocations of this context (callers' contract).
         self.api().check(
-            unsafe { (self.api().memcpy_dtod)(dst, src, bytes as usize) },
-            "cuMemcpyDtoD",
+            unsafe { (self.api().memcpy_dtod_async)(dst, src, bytes as usize, self.stream) },
+            "cuMemcpyDtoDAsync",
         )
     }
 
@@ -699,7 +712,13 @@ impl Gpu {
         let mut graph: Handle = std::ptr::null_mut();
         // SAFETY: ends the capture begun above (also after a failed body).
         let r = unsafe { (self.api().stream_end_capture)(self.stream, &mut graph) };
-        res?;
+        if let Err(e) = res {
+            if !graph.is_null() {
+                // SAFETY: the partial graph the capture made, destroyed once.
+                unsafe { (self.api().graph_destroy)(graph) };
+            }
+            return Err(e);
+        }
         self.api().check(r, "cuStreamEndCapture")?;
         let mut exec: Handle = std::ptr::null_mut();
         // SAFETY: a captured graph, valid out-pointer.

@@ -73,10 +73,15 @@ pub struct Api {
     pub mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
     pub mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
     pub mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
-    pub memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
+    /// Stream-ordered (`cuMemcpyHtoDAsync_v2`): from pageable memory the driver stages the
+    /// bytes before it returns. The synchronous forms run on the legacy stream, which nothing
+    /// orders before work on wrnc's non-blocking stream.
+    pub memcpy_htod_async:
+        unsafe extern "C" fn(CuDevicePtr, *const c_void, usize, Handle) -> CuResult,
     pub memcpy_dtoh: unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize) -> CuResult,
-    pub memcpy_dtod: unsafe extern "C" fn(CuDevicePtr, CuDevicePtr, usize) -> CuResult,
-    pub memset_d8: unsafe extern "C" fn(CuDevicePtr, u8, usize) -> CuResult,
+    pub memcpy_dtod_async:
+        unsafe extern "C" fn(CuDevicePtr, CuDevicePtr, usize, Handle) -> CuResult,
+    pub memset_d8_async: unsafe extern "C" fn(CuDevicePtr, u8, usize, Handle) -> CuResult,
     pub module_load_data_ex: unsafe extern "C" fn(
         *mut Handle,
         *const c_void,
@@ -212,10 +217,10 @@ pub fn load_from(candidates: &[PathBuf]) -> Result<Api, CudaError> {
             mem_get_info: sym!("cuMemGetInfo_v2"),
             mem_alloc: sym!("cuMemAlloc_v2"),
             mem_free: sym!("cuMemFree_v2"),
-            memcpy_htod: sym!("cuMemcpyHtoD_v2"),
+            memcpy_htod_async: sym!("cuMemcpyHtoDAsync_v2"),
             memcpy_dtoh: sym!("cuMemcpyDtoH_v2"),
-            memcpy_dtod: sym!("cuMemcpyDtoD_v2"),
-            memset_d8: sym!("cuMemsetD8_v2"),
+            memcpy_dtod_async: sym!("cuMemcpyDtoDAsync_v2"),
+            memset_d8_async: sym!("cuMemsetD8Async"),
             module_load_data_ex: sym!("cuModuleLoadDataEx"),
             module_get_function: sym!("cuModuleGetFunction"),
             module_unload: sym!("cuModuleUnload"),

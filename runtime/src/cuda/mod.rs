@@ -83,6 +83,37 @@ pub enum CudaError {
     Input(String),
 }
 
+/// The driver's errors after which the CUDA context cannot be used again (the process must
+/// start over): a kernel that faulted, trapped, asserted or timed out.
+const STICKY_ERRORS: [&str; 10] = [
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_UNKNOWN",
+];
+
+impl CudaError {
+    /// Whether the context is unusable after this error (every later driver call returns
+    /// it again): a kernel fault, reported by the launch, a synchronisation or a copy.
+    pub fn poisons_context(&self) -> bool {
+        let text = match self {
+            CudaError::Call { name, .. } => name.clone(),
+            CudaError::Launch { detail, .. } | CudaError::Fault { detail, .. } => detail.clone(),
+            _ => return false,
+        };
+        STICKY_ERRORS.iter().any(|e| {
+            text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|w| w == *e)
+        })
+    }
+}
+
 /// `12.3 MiB`.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -144,4 +175,45 @@ impl std::fmt::Display for DeviceInfo {
 /// its properties, and where NVRTC is (or why it is not usable).
 pub fn is_available() -> Result<DeviceInfo, CudaError> {
     device::Gpu::open(0).map(|g| g.info().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaError;
+
+    /// A kernel fault poisons the context wherever it surfaces; other errors do not.
+    #[test]
+    fn which_errors_poison_the_context() {
+        let call = |name: &str| CudaError::Call {
+            call: "cuStreamSynchronize".into(),
+            code: 0,
+            name: name.into(),
+            message: String::new(),
+        };
+        assert!(call("CUDA_ERROR_ILLEGAL_ADDRESS").poisons_context());
+        assert!(call("CUDA_ERROR_LAUNCH_FAILED").poisons_context());
+        assert!(!call("CUDA_ERROR_INVALID_VALUE").poisons_context());
+        assert!(!call("CUDA_ERROR_OUT_OF_MEMORY").poisons_context());
+        let launch = |detail: &str| CudaError::Launch {
+            kernel: "conv_fwd".into(),
+            note: "1 fwd".into(),
+            detail: detail.into(),
+        };
+        assert!(
+            launch("cuStreamSynchronize failed: CUDA_ERROR_MISALIGNED_ADDRESS: misaligned")
+                .poisons_context()
+        );
+        assert!(!launch(
+            "cuLaunchKernel failed: CUDA_ERROR_INVALID_VALUE: CUDA_ERROR_INVALID_VALUE"
+        )
+        .poisons_context());
+        // a name that merely contains a sticky one is not it
+        assert!(!launch("CUDA_ERROR_UNKNOWN_THING").poisons_context());
+        let fault = CudaError::Fault {
+            during: "download".into(),
+            detail: "CUDA_ERROR_ILLEGAL_INSTRUCTION".into(),
+        };
+        assert!(fault.poisons_context());
+        assert!(!CudaError::Plan("CUDA_ERROR_ILLEGAL_ADDRESS".into()).poisons_context());
+    }
 }

@@ -249,12 +249,32 @@ pub fn choose_tiles(
             .map(|(_, o, s, _)| super::exec::module_source(s, &o.fusion))
             .collect::<Result<Vec<_>, _>>()?;
         super::exec::precompile(gpu, cache, sources, super::exec::compile_threads())?;
+        // a candidate this GPU refuses (e.g. more shared memory than a block may have, which
+        // only a real GPU's static sizes show) is skipped, not the whole search; a kernel
+        // fault poisons the context and ends it
+        let skip = |t: TcTile, e: CudaError| -> Result<(), CudaError> {
+            if e.poisons_context() {
+                return Err(e);
+            }
+            eprintln!("warning: tile {t} not timed: {e}");
+            Ok(())
+        };
         for (t, o, s, todo) in runs {
             let mut shared = Shared::new();
-            let ex = Executor::new(gpu, s, &o.fusion, &mut shared, cache)?;
+            let ex = match Executor::new(gpu, s, &o.fusion, &mut shared, cache) {
+                Ok(ex) => ex,
+                Err(e) => {
+                    skip(t, e)?;
+                    continue;
+                }
+            };
             for (li, k) in todo {
-                let us = ex.time_launch(gpu, &hyper(0), li, REPS)?;
-                times.entry(k).or_default().insert(t, us);
+                match ex.time_launch(gpu, &hyper(0), li, REPS) {
+                    Ok(us) => {
+                        times.entry(k).or_default().insert(t, us);
+                    }
+                    Err(e) => skip(t, e)?,
+                }
             }
         }
         for k in &missing {
