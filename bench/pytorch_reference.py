@@ -163,11 +163,13 @@ def measure(nodes, output, shape, classes, batch, bf16, compiled, warmup, iters)
         opt.step()
 
     model.train()
-    torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     step()
     torch.cuda.synchronize()
     first_s = time.time() - t0
+    # the steady step's peak: not the first step's cuDNN algorithm search (cudnn.benchmark)
+    # or torch.compile's compilation, which wrnc's planned bytes do not count either
+    torch.cuda.reset_peak_memory_stats()
     train_ms = time_ms(step, warmup, iters)
     peak = torch.cuda.max_memory_allocated() / 2**20
     model.eval()

@@ -30,7 +30,13 @@
 set -u
 cd "$(dirname "$0")/.."
 WRNC=${WRNC:-gpu-carry/wrnc}
-DATA=${WRNC_DATA_DIR:-gpu-carry/cifar10-jpeg}
+# wrnc reads DIR/{train,test}.tar.xz without unpacking (runtime/src/data/folder.rs), so the
+# carried archives are the data set as they are
+if [ -z "${WRNC_DATA_DIR:-}" ] && [ -f gpu-carry/train.tar.xz ] && [ -f gpu-carry/test.tar.xz ]; then
+    DATA=gpu-carry
+else
+    DATA=${WRNC_DATA_DIR:-gpu-carry/cifar10-jpeg}
+fi
 OUT=${OUT:-$PWD/gpu-out}
 RESULTS=${RESULTS:-bench/results}
 RAW=${RAW:-$RESULTS/raw}
@@ -59,7 +65,7 @@ run() {
     local name=$1 t=$2; shift 2
     log "$name: $* (timeout ${t}s)"
     local t0=$SECONDS
-    timeout "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+    timeout -k 5 "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
     local rc=$?
     echo "$rc" >"$OUT/$name.rc"
     log "$name: rc=$rc in $((SECONDS - t0))s"
@@ -117,70 +123,118 @@ stage_selftest() {
 
 # the examples' selftest, one process per example network, SELFTEST_JOBS (6) at a time: the
 # checks are CPU-bound (the f64 reference, NVRTC) and the GPU has room for them all; each
-# example's log is selftest_ex_<name>.out, and `assemble` adds their summary lines up
+# example's log is selftest_ex_<name>.out, and `assemble` adds their summary lines up. The
+# slowest examples start first, and every process ends by one deadline (DEADLINE, epoch
+# seconds; default SELFTEST_TIMEOUT from now): one that would start with under 15 s left is
+# skipped, so a late start cannot outrun the session.
 stage_selftest_par() {
     find_nvrtc
     export -f run log keep
     export OUT RAW WRNC EXAMPLES
     [ -n "${WRNC_NVRTC:-}" ] && export WRNC_NVRTC
-    local t=${SELFTEST_TIMEOUT:-420}
-    for f in "$EXAMPLES"/*.net; do basename "$f" .net; done |
+    DEADLINE=${DEADLINE:-$(($(date +%s) + ${SELFTEST_TIMEOUT:-420}))}
+    export DEADLINE
+    local names=() n f
+    for n in pyramidnet-272-200-bottleneck resnet-50-imagenet wrn-50-2-imagenet densenet-bc-100-12 \
+             preresnet-164 wrn-28-10 wrn-28-10-cifar100 wrn-28-10-sd; do
+        [ -f "$EXAMPLES/$n.net" ] && names+=("$n")
+    done
+    for f in "$EXAMPLES"/*.net; do
+        n=$(basename "$f" .net)
+        [[ " ${names[*]} " == *" $n "* ]] || names+=("$n")
+    done
+    printf '%s\n' "${names[@]}" |
         WRNC_JOBS=${SELFTEST_COMPILE_JOBS:-3} xargs -P "${SELFTEST_JOBS:-6}" -I{} bash -c \
-            'run "selftest_ex_$1" "$2" "$WRNC" selftest --device cuda --examples "$EXAMPLES" --only "$1 "' \
-            _ {} "$t"
+            't=$((DEADLINE - $(date +%s))); if [ "$t" -lt 15 ]; then log "selftest_ex_$1: not started (${t}s left)"; exit 0; fi
+             run "selftest_ex_$1" "$t" "$WRNC" selftest --device cuda --examples "$EXAMPLES" --only "$1 "' \
+            _ {}
+}
+
+# the results so far, copied where the device call fetches them (PACK_TO: the call's own
+# $OUT), so a call cut off by its time limit still brings back every figure assembled before
+pack() {
+    [ -n "${PACK_TO:-}" ] || return 0
+    mkdir -p "$PACK_TO"
+    cp -f "$OUT"/2*.json "$OUT/run_gpu.log" "$PACK_TO"/ 2>/dev/null
+    tar czf "$PACK_TO/gpuout.tgz.tmp" --exclude='*ckpt*' -C "$(dirname "$OUT")" "$(basename "$OUT")" \
+        2>/dev/null && mv -f "$PACK_TO/gpuout.tgz.tmp" "$PACK_TO/gpuout.tgz"
+    return 0
+}
+
+# assemble, print one line of it, pack
+assemble_pack() {
+    stage_assemble >"$OUT/assemble.out" 2>&1
+    log "assembled: $(grep -c . "$OUT/assemble.out") lines; $(tail -n 1 "$OUT/assemble.out")"
+    pack
 }
 
 # the first call of a short GPU budget (see the top): the selftest's built-in networks, and the
 # benches the results format needs, with tighter timeouts and without the NCHW comparison
 stage_first() {
     stage_info
+    pack
     run selftest_quick "${FIRST_SELFTEST_TIMEOUT:-100}" "$WRNC" selftest --device cuda --quick --json
-    BENCH_TIMEOUT=${FIRST_BENCH_TIMEOUT:-140} BENCH_BF16_NCHW=0 \
+    # bf16 at the default tile: a tile search on a fresh machine (its time unknown until a GPU
+    # runs it) could eat the bench's whole limit, and `--json` prints only at the end
+    BENCH_TIMEOUT=${FIRST_BENCH_TIMEOUT:-140} BENCH_BF16_NCHW=0 BENCH_BF16_TILES=${FIRST_TILES:-default} \
         PYTORCH_TIMEOUT=${FIRST_PYTORCH_TIMEOUT:-170} PYTORCH_ITERS=10 stage_bench
     stage_assemble
+    pack
 }
 
 # ONE call that does what the must-shows need, in priority order, inside SESSION_SECONDS
-# (default 570): `first` (measured alone), then, with the time left, the CIFAR-10 training
-# run and the examples' selftest side by side (the selftest is CPU-bound: its f64 reference
-# and NVRTC; neither run's speed is reported), then assemble again.
+# (default 570; set it from the device's budget left): `first` (measured alone); the optional
+# benches (wgmma, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
+# (240 s) for the rest; then the CIFAR-10 training run (foreground) and the examples'
+# selftest (background, the slowest first) side by side until one deadline 25 s before the
+# budget ends (the selftest is CPU-bound: its f64 reference and NVRTC; neither run's speed is
+# reported). Every assemble is packed into PACK_TO, so a call cut off keeps what it had.
 stage_session() {
-    local t0=$SECONDS budget=${SESSION_SECONDS:-570}
+    local t0 budget end reserve
+    t0=$(date +%s)
+    budget=${SESSION_SECONDS:-570}
+    end=$((t0 + budget - 25))
+    reserve=${SESSION_RESERVE:-240}
+    left() { echo $((end - $(date +%s))); }
+    # an optional stage runs only if its limit still leaves the reserve
+    room() { [ $(($(left) - $1)) -ge "$reserve" ]; }
     unpack_data &
     local unpack=$!
     stage_first
     # Hopper's warpgroup MMA (issue 6's sm_90 step), fused, beside `first`'s mma.sync figures
-    if [ "${BENCH_WGMMA:-1}" = 1 ]; then
-        stage_wgmma
-        stage_assemble >/dev/null
+    if [ "${BENCH_WGMMA:-1}" = 1 ] && room "${WGMMA_TIMEOUT:-120}"; then
+        WGMMA_TILES=${WGMMA_TILES:-default} stage_wgmma
+        assemble_pack
     fi
     # f32 on the tensor cores as 3xTF32 (--tf32x3), fused and unfused: issue 5's f32 ratio
     # with the convolutions at tensor-core speed, beside `first`'s FMA-engine figures
-    if [ "${BENCH_TF32X3:-1}" = 1 ]; then
+    if [ "${BENCH_TF32X3:-1}" = 1 ] && room "${TF32X3_TIMEOUT:-150}"; then
         stage_tf32x3
-        stage_assemble >/dev/null
+        assemble_pack
     fi
     # the weight operand by TMA (--tma, sm_90), when asked: off by default, like `deep`
-    if [ "${BENCH_TMA:-0}" = 1 ]; then
+    if [ "${BENCH_TMA:-0}" = 1 ] && room "${TMA_TIMEOUT:-120}"; then
         stage_tma
-        stage_assemble >/dev/null
+        assemble_pack
     fi
     # deep pipelines in dynamic shared memory (--stages 4), when asked: off by default so the
     # training run and the examples' selftest keep their time
-    if [ "${BENCH_DEEP:-0}" = 1 ]; then
+    if [ "${BENCH_DEEP:-0}" = 1 ] && room "${DEEP_TIMEOUT:-120}"; then
         stage_deep
-        stage_assemble >/dev/null
+        assemble_pack
     fi
     wait "$unpack"
-    local left=$((budget - (SECONDS - t0) - 15))
-    log "session: ${left}s left for train + selftest"
-    if [ "$left" -gt 45 ]; then
-        TRAIN_SECONDS=$left stage_train &
-        local train=$!
-        SELFTEST_TIMEOUT=$left stage_selftest_par
-        wait "$train"
-        stage_assemble >/dev/null
+    local l
+    l=$(left)
+    log "session: ${l}s left for train + selftest"
+    if [ "$l" -gt 45 ]; then
+        DEADLINE=$end stage_selftest_par &
+        local st=$!
+        TRAIN_SECONDS=$((l - 5)) stage_train
+        assemble_pack
+        wait "$st"
     fi
+    assemble_pack
 }
 
 # bf16 with --wgmma (sm_90 only), fused only: the same bench as bench_wrnc_bf16 otherwise
@@ -188,7 +242,7 @@ stage_wgmma() {
     find_nvrtc
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_wgmma "${WGMMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
-        --wgmma --fused-only $BENCH_ARGS --json
+        --wgmma --fused-only --tiles "${WGMMA_TILES:-auto}" $BENCH_ARGS --json
 }
 
 # f32 with --tf32x3 (every convolution on the tensor cores as 3xTF32, fp32 accuracy), fused
@@ -221,7 +275,7 @@ stage_deep() {
 # the dataset archives (gpu-carry/{train,test}.tar.xz, as in ../shared/datasets/cifar10-jpeg)
 # unpacked into $DATA when it is not there yet
 unpack_data() {
-    if [ ! -d "$DATA/train" ] && [ -f "${DATA_ARCHIVES:-gpu-carry}/train.tar.xz" ]; then
+    if [ ! -d "$DATA/train" ] && [ ! -f "$DATA/train.tar.xz" ] && [ -f "${DATA_ARCHIVES:-gpu-carry}/train.tar.xz" ]; then
         mkdir -p "$DATA"
         for f in train test; do
             tar -xJf "${DATA_ARCHIVES:-gpu-carry}/$f.tar.xz" -C "$DATA" || log "unpack $f failed"
@@ -244,10 +298,11 @@ stage_tiles() {
 
 stage_bench() {
     find_nvrtc
-    for p in f32 bf16; do
-        # shellcheck disable=SC2086
-        run "bench_wrnc_$p" "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision "$p" $BENCH_ARGS --json
-    done
+    # shellcheck disable=SC2086
+    run bench_wrnc_f32 "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 $BENCH_ARGS --json
+    # shellcheck disable=SC2086
+    run bench_wrnc_bf16 "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+        --tiles "${BENCH_BF16_TILES:-auto}" $BENCH_ARGS --json
     # the tensor cores on NCHW activations too (bf16's default is NHWC): the layouts side by side
     if [ "${BENCH_BF16_NCHW:-1}" = 1 ]; then
         # shellcheck disable=SC2086
@@ -265,7 +320,7 @@ stage_bench() {
 stage_train() {
     find_nvrtc
     unpack_data
-    rm -rf "$OUT/train_ckpt"
+    rm -rf "$OUT/train_ckpt" "$OUT/train_metrics.jsonl"
     # as many epochs as TRAIN_SECONDS allow: metrics and the checkpoint are written per epoch
     # shellcheck disable=SC2086
     run train "$TRAIN_SECONDS" "$WRNC" run "$TRAIN_NET" --train cifar10 --data "$DATA" --device cuda \
@@ -278,7 +333,7 @@ stage_train() {
 stage_train_bf16() {
     find_nvrtc
     unpack_data
-    rm -rf "$OUT/train_bf16_ckpt"
+    rm -rf "$OUT/train_bf16_ckpt" "$OUT/train_bf16_metrics.jsonl"
     run train_bf16 "$TRAIN_SECONDS" "$WRNC" run "$TRAIN_NET" --train cifar10 --data "$DATA" --device cuda \
         --precision bf16 --epochs "$TRAIN_EPOCHS" --metrics "$OUT/train_bf16_metrics.jsonl" \
         --checkpoint "$OUT/train_bf16_ckpt" --quiet $TRAIN_ARGS
@@ -337,6 +392,9 @@ try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except Exception:
     commit = ""
+if not commit and os.path.exists("gpu-carry/COMMIT"):
+    # the device machine's copy of the tree has no .git: the commit the binary was built at
+    commit = open("gpu-carry/COMMIT").read().strip()
 def wr(b, key, which):
     return None if not b else (b.get(key) or {}).get(which)
 def ptv(prec, variant, key):
@@ -386,7 +444,13 @@ if nchw:
     out["bf16"]["layout"] = (bf16 or {}).get("layout")
 # top-level keys for the f32 run, as the results format asks
 out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_ms", "infer_ms", "peak_mem_mb"]})
-out["max_rel_err_vs_cpu"] = (full_summary or {}).get("max_rel_err_vs_cpu") or st.get("max_rel_err_vs_cpu")
+# the largest (resolved) errors of every selftest that finished: the quick one's and the
+# examples' that printed their summary; null where none did
+errs = [e for e in [st.get("max_rel_err_vs_cpu") if st else None,
+                    (full_summary or {}).get("max_rel_err_vs_cpu") if (full_summary or {}).get("checks") else None] if e]
+out["max_rel_err_vs_cpu"] = {k: max(e.get(k) or 0.0 for e in errs) for k in ["f32", "bf16"]} if errs else None
+# what PyTorch ran: its versions, and whether its fp32 convolutions were TF32 (its default)
+out["pytorch"] = {k: pt.get(k) for k in ["torch", "cuda", "cudnn", "cudnn_allow_tf32", "device"]} if pt else None
 out["selftest_quick"] = {"failed": st.get("failed"), "unresolved": st.get("unresolved"), "errors": st.get("errors"), "checks": len(st.get("checks") or [])} if st else None
 out["selftest_examples"] = full_summary or ({"incomplete": full.count("\n")} if full else None)
 metrics = [json.loads(l) for l in text("train_metrics.jsonl").splitlines() if l.strip()]
