@@ -1037,7 +1037,7 @@ pub fn run(
 /// the other way; and every ReLU tie of a BN chain (see `RELU_TIES`) decided on. (At 2^-20
 /// instead, wrn-10-2's gradients moved 37%, while the fake GPU's are 1e-3 from `run`'s: the
 /// nudge is calibrated to what f32 sums do.) In an f32 schedule, the activations and their
-/// gradients are moved by [`F32_NUDGE`], one f32 kernel's error; other f32 buffers are left
+/// gradients are moved by 2^-20 of themselves (`F32_NUDGE`), one f32 kernel's error; other f32 buffers are left
 /// alone (some hold compensated sums, far finer than that, from which variances are taken).
 /// Its distance from [`run`]'s result is how finely a whole step of this schedule at this
 /// precision can be checked at all (`selftest`).
