@@ -413,9 +413,12 @@ fn builtin_in(input: &str, body: &str) -> anyhow::Result<Graph> {
 /// every BN at least 2x2 values a channel per image, else the first that lowers, else the
 /// original. (At 32x32, ResNet-50's last BNs see 1x1: over a batch of 2, two values, whose
 /// normalisation's gradient is 1 / |x1 - x2|; its step overflowed.)
-fn shrink(file: &NetFile, original: &Graph, want: Option<u32>) -> Graph {
+/// The example at the first of 8, 16, 32, 64 pixels a side at which it builds and every BN
+/// keeps 2x2 values a channel per image (else its own size); at `want` exactly (`--side`),
+/// or an error naming the network where it does not build.
+fn shrink(file: &NetFile, original: &Graph, want: Option<u32>) -> Result<Graph, UserError> {
     let Ok(mut f) = wrnc_compiler::expand::expand_file(file) else {
-        return original.clone();
+        return Ok(original.clone());
     };
     let s = original.input_shape();
     let min_bn = |g: &Graph| {
@@ -440,14 +443,21 @@ fn shrink(file: &NetFile, original: &Graph, want: Option<u32>) -> Graph {
             let span = st.input.map(|i| i.span).unwrap_or_default();
             st.input = Some(Spanned::new([s.c as u64, side, side], span));
         }
-        if let Ok(g) = wrnc_compiler::build(&f) {
-            if want.is_some() || min_bn(&g) >= 4 {
-                return g;
+        match wrnc_compiler::build(&f) {
+            Ok(g) if want.is_some() || min_bn(&g) >= 4 => return Ok(g),
+            Ok(g) => {
+                first.get_or_insert(g);
             }
-            first.get_or_insert(g);
+            Err(d) if want.is_some() => {
+                return Err(UserError(format!(
+                    "error: --side {side}: {} does not build at {side}x{side}: {}",
+                    original.name, d.message
+                )))
+            }
+            Err(_) => {}
         }
     }
-    first.unwrap_or_else(|| original.clone())
+    Ok(first.unwrap_or_else(|| original.clone()))
 }
 
 fn examples(dir: &Path, side: Option<u32>) -> anyhow::Result<Vec<(String, Graph)>> {
@@ -469,7 +479,7 @@ fn examples(dir: &Path, side: Option<u32>) -> anyhow::Result<Vec<(String, Graph)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        v.push((name, shrink(&l.file, &l.graph, side)));
+        v.push((name, shrink(&l.file, &l.graph, side)?));
     }
     Ok(v)
 }

@@ -63,6 +63,11 @@ fn commands_and_exit_codes() {
     );
     check(&["info", "--bogus", "WRN-16-4"], 2, "unexpected argument");
     check(
+        &["selftest", "--device", "cpu", "--side", "0"],
+        2,
+        "--side 0: custom-preact does not build at 0x0",
+    );
+    check(
         &["compile", "WRN-16-4", "--no-fuse", "nope", "--emit", "cuda"],
         2,
         "unknown pass `nope`",
