@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench wgmma tf32x3 tma deep train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -184,7 +184,7 @@ stage_first() {
 
 # ONE call that does what the must-shows need, in priority order, inside SESSION_SECONDS
 # (default 570; set it from the device's budget left): `first` (measured alone); the optional
-# benches (wgmma, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
+# benches (tf32, fusion, wgmma, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
 # (240 s) for the rest; then the CIFAR-10 training run (foreground) and the examples'
 # selftest (background, the slowest first) side by side until one deadline 25 s before the
 # budget ends (the selftest is CPU-bound: its f64 reference and NVRTC; neither run's speed is
@@ -201,6 +201,19 @@ stage_session() {
     unpack_data &
     local unpack=$!
     stage_first
+    # f32 storage with the convolutions in plain TF32 (--tf32: what PyTorch's f32 convolutions
+    # run as by default), fused and unfused: issue 5's f32 ratio with the convolutions at
+    # tensor-core speed, and the f32 standing against PyTorch on the same arithmetic
+    if [ "${BENCH_TF32:-1}" = 1 ] && room "${TF32_TIMEOUT:-150}"; then
+        stage_tf32
+        assemble_pack
+    fi
+    # fused against unfused where the arithmetic says fusion can show 1.3x (docs/gpu.md, "What
+    # fusion can buy a step"): PreResNet-164's f32 training step
+    if [ "${BENCH_FUSION:-1}" = 1 ] && room "${FUSION_TIMEOUT:-120}"; then
+        stage_fusion
+        assemble_pack
+    fi
     # Hopper's warpgroup MMA (issue 6's sm_90 step), fused, beside `first`'s mma.sync figures
     if [ "${BENCH_WGMMA:-1}" = 1 ] && room "${WGMMA_TIMEOUT:-120}"; then
         WGMMA_TILES=${WGMMA_TILES:-default} stage_wgmma
@@ -243,6 +256,26 @@ stage_wgmma() {
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_wgmma "${WGMMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --wgmma --fused-only --tiles "${WGMMA_TILES:-auto}" $BENCH_ARGS --json
+}
+
+# f32 with --tf32 (every convolution on the tensor cores in plain TF32, as PyTorch's f32
+# convolutions by default), fused and unfused, training step only, tiles TF32_TILES (default:
+# the default tile, no search)
+stage_tf32() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_f32_tf32 "${TF32_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 \
+        --tf32 --tiles "${TF32_TILES:-default}" --no-infer $BENCH_ARGS --json
+}
+
+# fused against unfused on a network whose step is mostly element-wise traffic (FUSION_NET,
+# default examples/preresnet-164.net: fusion can give 1.3x there at 12 TFLOP/s of GEMMs),
+# f32, training step only, at the bench's batch
+stage_fusion() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_f32_fusion "${FUSION_TIMEOUT:-120}" "$WRNC" bench "${FUSION_NET:-examples/preresnet-164.net}" \
+        --batch "$BATCH" --precision f32 --no-infer $BENCH_ARGS --json
 }
 
 # f32 with --tf32x3 (every convolution on the tensor cores as 3xTF32, fp32 accuracy), fused
@@ -387,7 +420,7 @@ if par and not full_summary:
             full_summary[k] += int(mm.group(i))
         for i, k in [(5, "f32"), (6, "bf16")]:
             full_summary["max_rel_err_vs_cpu"][k] = max(full_summary["max_rel_err_vs_cpu"][k], float(mm.group(i)))
-device = (f32 or bf16 or load("bench_wrnc_f32_tf32x3.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
+device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32x3.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except Exception:
@@ -421,12 +454,19 @@ if wg:
     out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
     out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
     out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
-x3 = load("bench_wrnc_f32_tf32x3.out")
-if x3:
-    for which in ["fused", "unfused"]:
-        out["f32"]["train_step_ms"][f"wrnc_{which}_tf32x3"] = wr(x3, "train_step_ms", which)
-        out["f32"]["peak_mem_mb"][f"wrnc_{which}_tf32x3"] = wr(x3, "peak_mem_mb", which)
-    out["f32"]["train_tflops_tf32x3"] = x3.get("train_tflops")
+for eng in ["tf32x3", "tf32"]:
+    x3 = load(f"bench_wrnc_f32_{eng}.out")
+    if x3:
+        for which in ["fused", "unfused"]:
+            out["f32"]["train_step_ms"][f"wrnc_{which}_{eng}"] = wr(x3, "train_step_ms", which)
+            out["f32"]["peak_mem_mb"][f"wrnc_{which}_{eng}"] = wr(x3, "peak_mem_mb", which)
+        out["f32"][f"train_tflops_{eng}"] = x3.get("train_tflops")
+fu = load("bench_wrnc_f32_fusion.out")
+if fu:
+    out["fusion_net"] = {"net": fu.get("net"), "batch": fu.get("batch"), "precision": fu.get("precision"),
+                         "train_step_ms": {w: wr(fu, "train_step_ms", w) for w in ["fused", "unfused"]},
+                         "peak_mem_mb": {w: wr(fu, "peak_mem_mb", w) for w in ["fused", "unfused"]},
+                         "train_tflops": fu.get("train_tflops")}
 tma = load("bench_wrnc_bf16_tma.out")
 if tma:
     out["bf16"]["train_step_ms"]["wrnc_fused_tma"] = wr(tma, "train_step_ms", "fused")
@@ -448,7 +488,7 @@ out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_
 # examples' that printed their summary; null where none did
 errs = [e for e in [st.get("max_rel_err_vs_cpu") if st else None,
                     (full_summary or {}).get("max_rel_err_vs_cpu") if (full_summary or {}).get("checks") else None] if e]
-out["max_rel_err_vs_cpu"] = {k: max(e.get(k) or 0.0 for e in errs) for k in ["f32", "bf16"]} if errs else None
+out["max_rel_err_vs_cpu"] = {k: max(e.get(k) or 0.0 for e in errs) for k in ["f32", "bf16", "tf32"]} if errs else None
 # what PyTorch ran: its versions, and whether its fp32 convolutions were TF32 (its default)
 out["pytorch"] = {k: pt.get(k) for k in ["torch", "cuda", "cudnn", "cudnn_allow_tf32", "device"]} if pt else None
 out["selftest_quick"] = {"failed": st.get("failed"), "unresolved": st.get("unresolved"), "errors": st.get("errors"), "checks": len(st.get("checks") or [])} if st else None
@@ -470,9 +510,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|wgmma|tf32x3|tma|deep|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|fusion|wgmma|tf32x3|tma|deep|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench wgmma tf32x3 tma deep train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

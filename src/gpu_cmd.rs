@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use wrnc_compiler::ast::{NetFile, NetworkSpec, Precision, Spanned};
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Layout, Options, TcTile};
+use wrnc_compiler::schedule::{self, F32Math, Layout, Options, TcTile};
 use wrnc_runtime::cuda::tune::{self, TileMode};
 use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, exec, layout};
 
@@ -55,7 +55,7 @@ pub struct BenchArgs {
     /// Which GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
-    /// Tensor-core tiles (bf16, or f32 with --tf32x3): auto (search on this GPU what the tile cache lacks), default
+    /// Tensor-core tiles (bf16, or f32 with --tf32 or --tf32x3): auto (search on this GPU what the tile cache lacks), default
     /// (64x64), or one tile for every convolution (128x64, 128x128, 64x128, 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = TileMode::parse)]
     pub tiles: TileMode,
@@ -79,6 +79,11 @@ pub struct BenchArgs {
     /// with tiles as `--tiles` says, instead of as fp32 FMAs.
     #[arg(long)]
     pub tf32x3: bool,
+    /// f32: the convolutions on the tensor cores in plain TF32 (as PyTorch runs cuDNN's f32
+    /// convolutions by default; sm_80 and later), with tiles as `--tiles` says, instead of as
+    /// fp32 FMAs.
+    #[arg(long, conflicts_with = "tf32x3")]
+    pub tf32: bool,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -148,11 +153,10 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    if precision == Precision::Bf16 && a.tf32x3 {
-        return Err(UserError(
-            "error: --tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already".into(),
-        )
-        .into());
+    let f32_math =
+        F32Math::from_flags(a.tf32, a.tf32x3).map_err(|e| UserError(format!("error: {e}")))?;
+    if precision == Precision::Bf16 && f32_math.tensor_cores() {
+        return Err(UserError(format!("error: {}", schedule::TF32_WITH_BF16)).into());
     }
     let gpu = open_gpu(a.gpu)?;
     let cache = PtxCache::default_location();
@@ -171,7 +175,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         &[Mode::Train, Mode::Infer]
     };
     // the tensor-core tiles of every schedule measured below, chosen once
-    let (tiles, tile_report) = if precision == Precision::Bf16 || a.tf32x3 {
+    let (tiles, tile_report) = if precision == Precision::Bf16 || f32_math.tensor_cores() {
         let mut bases = vec![];
         for &unfused in variants {
             let base = |mode, batch| Options {
@@ -186,9 +190,9 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                     wgmma,
                     tma: a.tma,
                     stages: a.stages.unwrap_or(0),
-                    tf32x3: a.tf32x3,
                     ..Default::default()
-                },
+                }
+                .with_f32_math(f32_math),
                 layout: a.layout,
             };
             for &mode in modes {
@@ -202,7 +206,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         t.wgmma = wgmma;
         t.tma = a.tma;
         t.stages = a.stages.unwrap_or(0);
-        t.tf32x3 = a.tf32x3;
+        let t = t.with_f32_math(f32_math);
         if !a.json {
             eprintln!("{}", tile_summary(&r));
         }
@@ -295,6 +299,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "wgmma": wgmma,
         "tma": a.tma,
         "tf32x3": a.tf32x3,
+        "tf32": a.tf32,
         "stages": a.stages,
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},
@@ -658,36 +663,43 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             launches_only: true,
         });
     }
-    // f32 convolutions on the tensor cores as 3xTF32 (`--tf32x3`): the first built-in
-    // network's fused training step and inference at the default tile, launch by launch and
-    // whole (split-K weight gradients included), the training step's launches at 128x128
-    // (the two-slab epilogue) and at 32x64, and the unfused training step
-    for (mode, tile, launches_only, unfused) in [
-        (Mode::Train, TcTile::DEFAULT, false, false),
-        (Mode::Infer, TcTile::DEFAULT, false, false),
-        (
-            Mode::Train,
-            TcTile {
-                rows: 128,
-                cols: 128,
-            },
-            true,
-            false,
-        ),
-        (Mode::Train, TcTile { rows: 32, cols: 64 }, true, false),
-        (Mode::Train, TcTile::DEFAULT, true, true),
-    ] {
+    // f32 convolutions on the tensor cores as 3xTF32 (`--tf32x3`) and in plain TF32
+    // (`--tf32`): the first built-in network's fused training step and inference at the
+    // default tile, launch by launch and whole (split-K weight gradients included), the
+    // training step's launches at 128x128 (the two-slab epilogue) and at 32x64, and the
+    // unfused training step
+    for (math, (mode, tile, launches_only, unfused)) in
+        [F32Math::Tf32x3, F32Math::Tf32].into_iter().flat_map(|m| {
+            [
+                (Mode::Train, TcTile::DEFAULT, false, false),
+                (Mode::Infer, TcTile::DEFAULT, false, false),
+                (
+                    Mode::Train,
+                    TcTile {
+                        rows: 128,
+                        cols: 128,
+                    },
+                    true,
+                    false,
+                ),
+                (Mode::Train, TcTile { rows: 32, cols: 64 }, true, false),
+                (Mode::Train, TcTile::DEFAULT, true, true),
+            ]
+            .map(|j| (m, j))
+        })
+    {
         jobs.push(Job {
-            label: format!("{} tf32x3 tile {tile}", nets[0].0),
+            label: format!(
+                "{} {} tile {tile}",
+                nets[0].0,
+                math.flag().trim_start_matches('-')
+            ),
             net: 0,
             mode,
             precision: Precision::F32,
             unfused,
             layout: Layout::Auto,
-            tiles: schedule::Tiles {
-                tf32x3: true,
-                ..schedule::Tiles::all(tile)
-            },
+            tiles: schedule::Tiles::all(tile).with_f32_math(math),
             launches_only,
         });
     }
@@ -786,11 +798,11 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         // as selftest prints a check (`wrn train fused bf16`, ` every launch` before the
         // precision), or as `wrn Train unfused=false bf16`
         jobs.retain(|j| {
-            let (m, u, p) = (j.mode, j.unfused, j.precision);
+            let (m, u, p, t) = (j.mode, j.unfused, j.precision, &j.tiles);
             [
-                check::describe(&j.label, m, u, p, ""),
-                check::describe(&j.label, m, u, p, " every launch"),
-                format!("{} {m:?} unfused={u} {}", j.label, p.name()),
+                check::describe(&j.label, m, u, p, t, ""),
+                check::describe(&j.label, m, u, p, t, " every launch"),
+                format!("{} {m:?} unfused={u} {}", j.label, check::arithmetic(p, t)),
             ]
             .iter()
             .any(|s| s.contains(only.as_str()))
@@ -830,13 +842,14 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         let missing = match b {
             Some((s, _)) if j.tiles.wgmma && !s.uses_wgmma() => Some("no wgmma kernel"),
             Some((s, _))
-                if j.tiles.tf32x3
-                    && !s
-                        .kernels
-                        .iter()
-                        .any(|k| k.spec.conv_geom().is_some_and(|g| g.tf32x3)) =>
+                if j.tiles.f32_math().tensor_cores()
+                    && !s.kernels.iter().any(|k| {
+                        k.spec
+                            .conv_geom()
+                            .is_some_and(|g| (g.tf32x3, g.tf32) == (j.tiles.tf32x3, j.tiles.tf32))
+                    }) =>
             {
-                Some("no 3xTF32 convolution")
+                Some("no TF32 convolution")
             }
             Some((s, _)) if j.tiles.tma && s.launches.iter().all(|l| l.tmaps.is_empty()) => {
                 Some("no launch with a tensor map")
@@ -853,7 +866,9 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             Some((s, _)) if j.tiles.stages != 0 && s.launches.iter().all(|l| l.shared == 0) => {
                 Some("no launch with dynamic shared memory")
             }
-            None if j.tiles.wgmma || j.tiles.stages != 0 || j.tiles.tf32x3 => Some("no schedule"),
+            None if j.tiles.wgmma || j.tiles.stages != 0 || j.tiles.f32_math().tensor_cores() => {
+                Some("no schedule")
+            }
             _ => None,
         };
         if let Some(m) = missing {
@@ -885,7 +900,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             j.label,
             j.mode,
             j.unfused,
-            j.precision.name()
+            check::arithmetic(j.precision, &j.tiles)
         );
         // every launch alone, then (unless `launches_only`) the whole step
         let mut checks: Vec<(CheckFn, String)> =
@@ -932,16 +947,14 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     let failed = results.iter().filter(|r| !r.passed).count();
     let unresolved = results.iter().filter(|r| r.passed && !r.resolved).count();
     // the largest errors of the comparisons that can tell right from wrong
-    let max_f32 = results
-        .iter()
-        .filter(|r| r.resolved && r.what.ends_with("f32"))
-        .map(|r| r.max_rel_err)
-        .fold(0f64, f64::max);
-    let max_bf16 = results
-        .iter()
-        .filter(|r| r.resolved && r.what.ends_with("bf16"))
-        .map(|r| r.max_rel_err)
-        .fold(0f64, f64::max);
+    let max_of = |class: &str| {
+        results
+            .iter()
+            .filter(|r| r.resolved && r.what.ends_with(&format!(" {class}")))
+            .map(|r| r.max_rel_err)
+            .fold(0f64, f64::max)
+    };
+    let (max_f32, max_bf16, max_tf32) = (max_of("f32"), max_of("bf16"), max_of("tf32"));
     if a.json {
         println!(
             "{}",
@@ -951,12 +964,12 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 "errors": errors,
                 "failed": failed,
                 "unresolved": unresolved,
-                "max_rel_err_vs_cpu": {"f32": max_f32, "bf16": max_bf16},
+                "max_rel_err_vs_cpu": {"f32": max_f32, "bf16": max_bf16, "tf32": max_tf32},
             }))?
         );
     } else {
         println!(
-            "{} checks, {failed} failed, {unresolved} unresolved (--), {} errors; max rel err vs CPU (resolved checks): f32 {max_f32:.2e}, bf16 {max_bf16:.2e}",
+            "{} checks, {failed} failed, {unresolved} unresolved (--), {} errors; max rel err vs CPU (resolved checks): f32 {max_f32:.2e}, bf16 {max_bf16:.2e}, tf32 {max_tf32:.2e}",
             results.len(),
             errors.len()
         );

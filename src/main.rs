@@ -100,6 +100,11 @@ enum Cmd {
         /// accuracy; sm_80 and later) instead of as fp32 FMAs.
         #[arg(long)]
         tf32x3: bool,
+        /// f32: the convolutions on the tensor cores in plain TF32 (operands rounded to 11
+        /// significant bits, as PyTorch runs cuDNN's f32 convolutions by default; sm_80 and
+        /// later) instead of as fp32 FMAs.
+        #[arg(long, conflicts_with = "tf32x3")]
+        tf32: bool,
     },
     /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
@@ -177,7 +182,25 @@ enum PrecisionArg {
     Bf16,
 }
 
+/// A closed standard output (`wrnc compile ... | head`) ends the process quietly, as it ends
+/// other Unix tools, instead of making `println!` panic: Rust starts programs with SIGPIPE
+/// ignored, so writes fail with EPIPE; this puts the default action back.
+#[cfg(unix)]
+fn quiet_on_closed_pipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: signal(2) with the default disposition, before any other thread starts
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    quiet_on_closed_pipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -306,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tma,
             stages,
             tf32x3,
+            tf32,
         } => {
             let wgmma = wgmma || tma;
             if list_passes {
@@ -329,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tma,
                     stages: stages.unwrap_or(0),
                     tf32x3,
+                    tf32,
                     ..Default::default()
                 },
                 layout,
@@ -362,10 +387,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .into());
             }
-            if opts.precision == wrnc_compiler::ast::Precision::Bf16 && tf32x3 {
-                return Err(UserError(
-                    "error: --tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already".into(),
-                )
+            if opts.precision == wrnc_compiler::ast::Precision::Bf16 && (tf32x3 || tf32) {
+                return Err(UserError(format!(
+                    "error: {}",
+                    wrnc_compiler::schedule::TF32_WITH_BF16
+                ))
                 .into());
             }
             if let Some(p) = &dump_after {
@@ -431,7 +457,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let need = s.min_compute_capability();
                     if arch_number(&arch).is_some_and(|a| a < need) {
                         let engine = if s.precision == wrnc_compiler::ast::Precision::F32 {
-                            "--tf32x3 runs the f32 convolutions on TF32"
+                            "--tf32 and --tf32x3 run the f32 convolutions on TF32"
                         } else {
                             "--precision bf16 runs the convolutions on bf16"
                         };

@@ -61,7 +61,7 @@ pub struct RunArgs {
     /// always computes in f32.
     #[arg(long, value_enum)]
     pub precision: Option<crate::gpu_cmd::PrecisionArg>,
-    /// Tensor-core tiles on the GPU (bf16, or f32 with --tf32x3): auto (search on this GPU what the tile cache
+    /// Tensor-core tiles on the GPU (bf16, or f32 with --tf32 or --tf32x3): auto (search on this GPU what the tile cache
     /// lacks), default (64x64), or one tile for every convolution (128x64, 128x128, 64x128,
     /// 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = wrnc_runtime::cuda::tune::TileMode::parse)]
@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// and later; tiles as `--tiles` says) instead of as fp32 FMAs.
     #[arg(long)]
     pub tf32x3: bool,
+    /// f32 on the GPU: the convolutions on the tensor cores in plain TF32 (as PyTorch runs
+    /// cuDNN's f32 convolutions by default; sm_80 and later; tiles as `--tiles` says) instead
+    /// of as fp32 FMAs.
+    #[arg(long, conflicts_with = "tf32x3")]
+    pub tf32: bool,
     /// Activation layout on the GPU: auto (nhwc for bf16, nchw for f32), nchw or nhwc
     /// (channels last). Checkpoints are the same in every layout.
     #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
@@ -205,10 +210,13 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
             .map(|p| p.value)
             .unwrap_or_default(),
     };
-    if args.tf32x3 && precision == wrnc_compiler::ast::Precision::Bf16 {
-        return Err(UserError(
-            "error: --tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already".into(),
-        )
+    let f32_math = wrnc_compiler::schedule::F32Math::from_flags(args.tf32, args.tf32x3)
+        .map_err(|e| UserError(format!("error: {e}")))?;
+    if f32_math.tensor_cores() && precision == wrnc_compiler::ast::Precision::Bf16 {
+        return Err(UserError(format!(
+            "error: {}",
+            wrnc_compiler::schedule::TF32_WITH_BF16
+        ))
         .into());
     }
     let s = &l.file.settings;
@@ -255,7 +263,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     Default::default(),
                     seed,
                     args.tiles,
-                    args.tf32x3,
+                    f32_math,
                     args.layout,
                 )
                 .map_err(gpu_err)?;
@@ -370,8 +378,11 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     precision.name()
                 );
             }
-            if args.tf32x3 && !quiet {
-                eprintln!("note: --tf32x3 applies on the GPU; the CPU backend computes in f32");
+            if f32_math.tensor_cores() && !quiet {
+                eprintln!(
+                    "note: {} applies on the GPU; the CPU backend computes in f32",
+                    f32_math.flag()
+                );
             }
             let mut model: Model = Model::new(l.graph.clone(), seed)?;
             train::train(&mut model, &train_ds, Some(&test_ds), &cfg, &mut on_event)
@@ -386,7 +397,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 Default::default(),
                 seed,
                 args.tiles,
-                args.tf32x3,
+                f32_math,
                 args.layout,
             )
             .map_err(gpu_err)?;

@@ -416,6 +416,8 @@ struct Prec {
     tma: bool,
     /// f32 convs on the tensor cores as 3xTF32 (`Tiles::tf32x3`).
     tf32x3: bool,
+    /// f32 convs on the tensor cores in plain TF32 (`Tiles::tf32`).
+    tf32: bool,
 }
 
 const F32: Prec = Prec {
@@ -428,6 +430,7 @@ const F32: Prec = Prec {
     stages: 0,
     tma: false,
     tf32x3: false,
+    tf32: false,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -453,6 +456,7 @@ const BF16: Prec = Prec {
     stages: 0,
     tma: false,
     tf32x3: false,
+    tf32: false,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -480,6 +484,7 @@ fn build_tiled(
             stages: 0,
             tma: false,
             tf32x3: false,
+            tf32: false,
         },
     )
 }
@@ -493,6 +498,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         stages,
         tma,
         tf32x3,
+        tf32,
         ..
     } = prec;
     let opts = Options {
@@ -502,6 +508,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
             stages,
             tma,
             tf32x3,
+            tf32,
             ..Tiles::all(tile)
         },
         mode,
@@ -574,7 +581,8 @@ fn check_step_of(name: &str, g: Graph, prec: Prec) -> (usize, usize) {
             layout_tag(prec)
         );
         let s = build_in(&g, Mode::Train, unfused, prec);
-        if prec.precision == Precision::F32 {
+        // (plain TF32's reference rounds the conv operands: not the CPU model's chain)
+        if prec.precision == Precision::F32 && !prec.tf32 {
             check_reference_chain(&tag, &s, &r);
         }
         let out = emulate(&tag, &s, &r, prec.kernel);
@@ -599,7 +607,8 @@ fn check_step_of(name: &str, g: Graph, prec: Prec) -> (usize, usize) {
         // channel) are too ill-conditioned for bf16 storage to come within 1e-2 of them
         // (measured: up to 0.6 relative), while the logits, loss and running statistics above
         // are held to the CPU model directly.
-        let (want_grads, want_params) = if prec.precision == Precision::F32 {
+        // Plain TF32 likewise, against the f64 step with its conv operands rounded to TF32.
+        let (want_grads, want_params) = if prec.precision == Precision::F32 && !prec.tf32 {
             (r.grads.clone(), r.params1.clone())
         } else {
             rounded_reference(&s, &r)
@@ -699,7 +708,7 @@ fn check_infer_in(name: &str, body: &str, prec: Prec) {
             layout_tag(prec)
         );
         let s = build_in(&g, Mode::Infer, unfused, prec);
-        if prec.precision == Precision::F32 {
+        if prec.precision == Precision::F32 && !prec.tf32 {
             check_reference_chain(&tag, &s, &r);
         }
         let out = emulate(&tag, &s, &r, prec.kernel);
@@ -1555,6 +1564,80 @@ fn f32_tf32x3_tensor_cores() {
         let _ = check_step_of(&format!("x3tile{tile}"), graph(WRN), Prec { tile, ..x3 });
     }
 }
+
+/// f32 convolutions on the tensor cores in plain TF32 (`--tf32`): every conv kernel is
+/// `_tc_tf32` with one TF32 product per fragment pair; the WRN's fused and unfused training
+/// steps and inference, every kernel against the reference with its operands rounded to TF32
+/// as `cvt.rna` rounds (1e-5: the rounding itself is 2^-11, so a kernel that rounded
+/// otherwise, or not at all, would miss it), the gradients and updates against the f64 step
+/// rounded so, the logits, loss and running statistics against the unrounded CPU model
+/// (`TF32.e2e`); a split-K stem and the 128x128 tile likewise.
+#[test]
+fn f32_plain_tf32_tensor_cores() {
+    let g = graph(WRN);
+    for mode in [Mode::Train, Mode::Infer] {
+        let s = build_in(&g, mode, false, TF32);
+        let convs: Vec<_> = s
+            .kernels
+            .iter()
+            .filter_map(|k| k.spec.conv_geom().map(|cg| (k, cg)))
+            .collect();
+        assert!(!convs.is_empty());
+        for (k, cg) in &convs {
+            assert!(
+                cg.tensor_cores && cg.tf32 && !cg.tf32x3 && !cg.vec,
+                "{}",
+                k.name
+            );
+            assert!(k.name.contains("_tc_tf32"), "{}", k.name);
+        }
+        let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
+        assert!(cu.contains("wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn])"));
+        assert!(!cu.contains("al[i]"), "plain TF32 computes no remainders");
+    }
+    // --tf32 with --tf32x3, or with bf16, is refused
+    for (precision, x3) in [(Precision::F32, true), (Precision::Bf16, false)] {
+        let bad = Options {
+            precision,
+            tiles: Tiles {
+                tf32: true,
+                tf32x3: x3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let Err(e) = schedule::build(&g, &bad) else {
+            panic!("--tf32 with {precision:?}, --tf32x3 {x3} was not refused");
+        };
+        assert!(e.message.contains("--tf32"), "{}", e.message);
+    }
+    let _ = check_step_in("tf32wrn", WRN, TF32);
+    check_infer_in("tf32wrn", WRN, TF32);
+    let stem = graph_in(
+        "input 3x20x20",
+        "conv(3x3, 8) bn relu conv(3x3, 8) bn relu gap fc",
+    );
+    let s = build_in(&stem, Mode::Train, false, TF32);
+    assert!(s.kernels.iter().any(|k| matches!(k.spec,
+        schedule::KernelSpec::ConvBwdWeight { g, split_k, .. } if g.tf32 && split_k > 1)));
+    let _ = check_step_of("tf32splitk", stem, TF32);
+    let tile = TcTile {
+        rows: 128,
+        cols: 128,
+    };
+    let _ = check_step_of("tf32tile128x128", graph(WRN), Prec { tile, ..TF32 });
+}
+
+/// f32 storage, conv operands in plain TF32 (`--tf32`): each kernel exactly as the reference
+/// rounds (f32 sums in another order; measured up to 9.4e-7, and 4.8e-4 against a reference
+/// that does not round); the step, against the unrounded model, as TF32 costs (the WRN's
+/// logits: 5.8e-4).
+const TF32: Prec = Prec {
+    kernel: 1e-5,
+    e2e: 5e-3,
+    tf32: true,
+    ..F32
+};
 
 #[test]
 fn bf16_every_tensor_core_tile() {

@@ -60,6 +60,21 @@ fn tiny_wrn_cuda_infer_tf32x3() {
     insta::assert_snapshot!("tiny_wrn_infer_tf32x3_cu", cuda::write(&s, &o).unwrap());
 }
 
+/// f32 on the tensor cores in plain TF32 (`--tf32`), inference: `_tc_tf32` convs, one TF32
+/// `mma.sync` per fragment pair.
+#[test]
+fn tiny_wrn_cuda_infer_tf32() {
+    let o = Options {
+        tiles: schedule::Tiles {
+            tf32: true,
+            ..Default::default()
+        },
+        ..opts(Mode::Infer)
+    };
+    let s = schedule::build(&graph(NET), &o).unwrap();
+    insta::assert_snapshot!("tiny_wrn_infer_tf32_cu", cuda::write(&s, &o).unwrap());
+}
+
 /// Hopper's path (`--tma`, implying `--wgmma`) on a network whose convs take 32 and 64
 /// channels (the `_v8` engine), inference: `_wg_tma` forward kernels with a `wrnc_tmap`
 /// parameter, an mbarrier per stage, TMA for the weights of the 64-channel convs (a box of

@@ -4,9 +4,9 @@
 //!
 //! `cargo bench -p wrnc-runtime --bench gpu_step`. Without a usable GPU (no driver, no device,
 //! no NVRTC) it prints why and measures nothing. `WRNC_BENCH_NET` (default `WRN-16-4`),
-//! `WRNC_BENCH_BATCH` (default 128) and `WRNC_BENCH_PRECISION` (`f32`, `bf16`, or `tf32x3`:
-//! f32 with the convolutions on the tensor cores as 3xTF32; default f32) choose what is
-//! measured, at the default tensor-core tile.
+//! `WRNC_BENCH_BATCH` (default 128) and `WRNC_BENCH_PRECISION` (`f32`, `bf16`, `tf32x3`:
+//! f32 with the convolutions on the tensor cores as 3xTF32, or `tf32`: in plain TF32; default
+//! f32) choose what is measured, at the default tensor-core tile.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::Duration;
@@ -26,15 +26,14 @@ fn bench(c: &mut Criterion) {
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(128);
-    let (precision, tf32x3) = match std::env::var("WRNC_BENCH_PRECISION").as_deref() {
-        Ok("bf16") => (Precision::Bf16, false),
-        Ok("tf32x3") => (Precision::F32, true),
-        _ => (Precision::F32, false),
+    use wrnc_compiler::schedule::F32Math;
+    let (precision, math) = match std::env::var("WRNC_BENCH_PRECISION").as_deref() {
+        Ok("bf16") => (Precision::Bf16, F32Math::Fma),
+        Ok("tf32x3") => (Precision::F32, F32Math::Tf32x3),
+        Ok("tf32") => (Precision::F32, F32Math::Tf32),
+        _ => (Precision::F32, F32Math::Fma),
     };
-    let tiles = wrnc_compiler::schedule::Tiles {
-        tf32x3,
-        ..Default::default()
-    };
+    let tiles = wrnc_compiler::schedule::Tiles::default().with_f32_math(math);
     let src = wrnc_grammar::Source::inline(format!("network {expr}"));
     let graph = wrnc_grammar::build(&src).unwrap_or_else(|d| panic!("{expr}: {}", d.message));
     let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("{e}"));
@@ -49,7 +48,7 @@ fn bench(c: &mut Criterion) {
                 "infer"
             },
             precision.name(),
-            if tf32x3 { "-tf32x3" } else { "" }
+            math.flag().trim_start_matches('-').replace("tf", "-tf")
         ));
         group.throughput(Throughput::Elements(batch as u64));
         group.sample_size(20);

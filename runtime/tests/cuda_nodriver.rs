@@ -39,7 +39,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
-        false,
+        Default::default(),
         Default::default(),
     )
     .err()
@@ -61,13 +61,13 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
-        false,
+        Default::default(),
         Default::default(),
     )
     .err()
     .unwrap();
     assert!(e.to_string().contains("batch sizes"), "{e}");
-    // so is 3xTF32 with bf16 (its convolutions are on the tensor cores already)
+    // so is 3xTF32 (or TF32) with bf16 (its convolutions are on the tensor cores already)
     let e = cuda::trainer::GpuTrainer::new(
         0,
         &g,
@@ -77,7 +77,7 @@ fn missing_driver_is_an_error_that_says_what_to_install() {
         Default::default(),
         1,
         cuda::tune::TileMode::Auto,
-        true,
+        wrnc_compiler::schedule::F32Math::Tf32x3,
         Default::default(),
     )
     .err()

@@ -341,8 +341,10 @@ struct Gemm<'a> {
     b_k_fast: bool,
     /// On the tensor cores ([`gemm_tc`]), else fp32 FMAs ([`gemm`]).
     tensor_cores: bool,
-    /// With `tensor_cores`: fp32 operands as 3xTF32 ([`gemm_tc_x3`]) instead of bf16.
-    tf32x3: bool,
+    /// With `tensor_cores`: fp32 operands as TF32 ([`gemm_tc_x3`]) instead of bf16, with
+    /// this many products per fragment pair: 3 (3xTF32, [`ConvGeom::tf32x3`]) or 1 (plain
+    /// TF32, [`ConvGeom::tf32`]); 0: bf16.
+    tf32: u32,
     /// The tensor-core block tile.
     tile: TcTile,
     /// fp32 only: 64x64 block tiles with a 4x4 register tile per thread ([`gemm_rt`], the
@@ -354,13 +356,24 @@ struct Gemm<'a> {
     split_k: u32,
 }
 
+/// [`Gemm::tf32`] of a convolution: TF32 products per fragment pair.
+fn tf32_products(g: &crate::schedule::ConvGeom) -> u32 {
+    if g.tf32x3 {
+        3
+    } else if g.tf32 {
+        1
+    } else {
+        0
+    }
+}
+
 /// Tiled GEMM `C[m][j] = sum_k A(m,k) B(k,j)` per group `blockIdx.z`, 16x16 threads, 16x16 tiles
 /// in shared memory, one output per thread. Every thread runs every `__syncthreads`.
 fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     if let Some(v) = &g.vec {
         return gemm_tc_async(name, spec, g, v);
     }
-    if g.tensor_cores && g.tf32x3 {
+    if g.tensor_cores && g.tf32 != 0 {
         return gemm_tc_x3(name, spec, g);
     }
     if g.tensor_cores {
@@ -815,6 +828,10 @@ fn tc_frame(
 /// into the one fp32 accumulator. Each product is therefore within about `2^-21 |a b|` of
 /// the exact one (fp32's own rounding is `2^-24`), where plain TF32 would be `2^-11`. Zero
 /// operands outside `M x K` / `K x NC` split into zeros and add nothing, as in [`gemm_tc`].
+///
+/// Plain TF32 ([`ConvGeom::tf32`], `g.tf32 == 1`) is the same kernel with only the `hi*hi`
+/// product: each operand rounded once to TF32, relative error of a product up to about
+/// `2^-11`, as cuDNN's TF32 convolutions.
 fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let t = g.tile;
     let (r, c) = (t.rows, t.cols);
@@ -831,30 +848,48 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 "#,
         boff = r * 144
     );
+    let x3 = g.tf32 == 3;
+    // 3xTF32: the remainders' fragments and the two small products first; plain TF32: none
+    let (lo_decl, a_lo, b_lo, lo_mma) = if x3 {
+        (
+            format!(", al[{mi}][4], bl[{ni}][2]"),
+            "\n                    al[i][q] = wrnc_tf32(x_[q] - __uint_as_float(ah[i][q]));",
+            "\n                    bl[jn][q] = wrnc_tf32(y_[q] - __uint_as_float(bh[jn][q]));",
+            "                    wrnc_mma_tf32_1688(cacc[i][jn], al[i], bh[jn], cacc[i][jn]);
+                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bl[jn], cacc[i][jn]);
+",
+        )
+    } else {
+        (String::new(), "", "", "")
+    };
+    // plain TF32 with a 64x32 warp tile (128x128 blocks): unrolled, ptxas hoists every
+    // k-step's fragments and the weight gradient's split-K kernel spills 48 bytes at 255
+    // registers (3xTF32's longer steps it does not); one k-step at a time takes 218
+    let unroll = if !x3 && mi * ni >= 16 {
+        "        #pragma unroll 1\n"
+    } else {
+        ""
+    };
     let math = format!(
-        r#"        for (int ks = 0; ks < 32; ks += 8) {{
-            unsigned int ah[{mi}][4], al[{mi}][4], bh[{ni}][2], bl[{ni}][2];
+        r#"{unroll}        for (int ks = 0; ks < 32; ks += 8) {{
+            unsigned int ah[{mi}][4], bh[{ni}][2]{lo_decl};
             for (int i = 0; i < {mi}; ++i) {{
                 const float* p_ = &As[wm * {wtm} + i * 16 + (lane >> 2)][ks + (lane & 3)];
                 const float x_[4] = {{p_[0], p_[8 * 36], p_[4], p_[8 * 36 + 4]}};
                 for (int q = 0; q < 4; ++q) {{
-                    ah[i][q] = wrnc_tf32(x_[q]);
-                    al[i][q] = wrnc_tf32(x_[q] - __uint_as_float(ah[i][q]));
+                    ah[i][q] = wrnc_tf32(x_[q]);{a_lo}
                 }}
             }}
             for (int jn = 0; jn < {ni}; ++jn) {{
                 const float* p_ = &Bs[wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)];
                 const float y_[2] = {{p_[0], p_[4]}};
                 for (int q = 0; q < 2; ++q) {{
-                    bh[jn][q] = wrnc_tf32(y_[q]);
-                    bl[jn][q] = wrnc_tf32(y_[q] - __uint_as_float(bh[jn][q]));
+                    bh[jn][q] = wrnc_tf32(y_[q]);{b_lo}
                 }}
             }}
             for (int i = 0; i < {mi}; ++i)
                 for (int jn = 0; jn < {ni}; ++jn) {{
-                    wrnc_mma_tf32_1688(cacc[i][jn], al[i], bh[jn], cacc[i][jn]);
-                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bl[jn], cacc[i][jn]);
-                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn]);
+{lo_mma}                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn]);
                 }}
         }}
 "#
@@ -1450,7 +1485,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: !nh,
                     b_k_fast: true,
                     tensor_cores: g.tensor_cores,
-                tf32x3: g.tf32x3,
+                    tf32: tf32_products(&g),
                     tile: g.tile,
                     wide: true,
                     split_k: 1,
@@ -1534,7 +1569,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: !nh,
                     b_k_fast: g.k > 1,
                     tensor_cores: g.tensor_cores,
-                tf32x3: g.tf32x3,
+                    tf32: tf32_products(&g),
                     tile: g.tile,
                     wide: true,
                     split_k: 1,
@@ -1621,7 +1656,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     a_m_fast: nh,
                     b_k_fast: !nh,
                     tensor_cores: g.tensor_cores,
-                tf32x3: g.tf32x3,
+                    tf32: tf32_products(&g),
                     tile: g.tile,
                     wide: true,
                     split_k,
@@ -1643,7 +1678,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
-                tf32x3: false,
+                tf32: 0,
                 tile: TcTile::DEFAULT,
                 wide: false,
                 split_k: 1,
@@ -1667,7 +1702,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
-                tf32x3: false,
+                tf32: 0,
                 tile: TcTile::DEFAULT,
                 wide: false,
                 split_k: 1,
@@ -1688,7 +1723,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 a_m_fast: false,
                 b_k_fast: false,
                 tensor_cores: false,
-                tf32x3: false,
+                tf32: 0,
                 tile: TcTile::DEFAULT,
                 wide: false,
                 split_k: 1,

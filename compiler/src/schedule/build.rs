@@ -47,8 +47,8 @@ struct B<'a> {
     in_setup: bool,
     /// Convolutions run on the tensor cores (`--precision bf16`, or f32 with `--tf32x3`).
     tensor_cores: bool,
-    /// ... as 3xTF32 (f32 operands; [`ConvGeom::tf32x3`]).
-    tf32x3: bool,
+    /// How f32 convolutions compute (fp32 FMAs unless `tensor_cores`).
+    f32: F32Math,
     /// Their block tiles.
     tiles: Tiles,
     /// Activations are NHWC (`Layout::Nhwc`).
@@ -346,8 +346,8 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
 }
 
 /// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`, or f32
-/// with [`Tiles::tf32x3`]: `tf32x3`).
-fn geom(p: &Plan, i: usize, tensor_cores: bool, tf32x3: bool, nhwc: bool) -> ConvGeom {
+/// with [`Tiles::tf32x3`] or [`Tiles::tf32`]: `f32`, which says how).
+fn geom(p: &Plan, i: usize, tensor_cores: bool, f32: F32Math, nhwc: bool) -> ConvGeom {
     let Op::Conv2d(c) = p.nodes[i].op else {
         unreachable!()
     };
@@ -368,7 +368,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, tf32x3: bool, nhwc: bool) -> Con
         // whole 16-byte runs of channels in every patch the forward and data-gradient passes
         // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
         vec: tensor_cores
-            && !tf32x3
+            && f32 == F32Math::Fma
             && nhwc
             && (c.in_c / c.groups) % 8 == 0
             && (c.out_c / c.groups) % 8 == 0,
@@ -376,7 +376,8 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, tf32x3: bool, nhwc: bool) -> Con
         stages: 0,
         tma: false,
         tma_a: false,
-        tf32x3: tensor_cores && tf32x3,
+        tf32x3: tensor_cores && f32 == F32Math::Tf32x3,
+        tf32: tensor_cores && f32 == F32Math::Tf32,
     }
 }
 
@@ -395,10 +396,8 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             "--wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16",
         ));
     }
-    if opts.precision == Precision::Bf16 && opts.tiles.tf32x3 {
-        return Err(err(
-            "--tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already",
-        ));
+    if opts.precision == Precision::Bf16 && (opts.tiles.tf32x3 || opts.tiles.tf32) {
+        return Err(err(TF32_WITH_BF16));
     }
     let train = plan.mode == Mode::Train;
     let act = match opts.precision {
@@ -439,8 +438,8 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         chain_bn: vec![None; nn],
         chain_last: vec![None; nn],
         in_setup: false,
-        tensor_cores: opts.precision == Precision::Bf16 || opts.tiles.tf32x3,
-        tf32x3: opts.precision == Precision::F32 && opts.tiles.tf32x3,
+        tensor_cores: opts.precision == Precision::Bf16 || opts.tiles.f32_math().tensor_cores(),
+        f32: opts.tiles.f32_math(),
         tiles: opts.tiles.clone(),
         nhwc: layout == Layout::Nhwc,
     };
@@ -655,7 +654,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         match node.op {
             Op::Input => {}
             Op::Conv2d(conv) => {
-                let g = geom(plan, i, b.tensor_cores, b.tf32x3, b.nhwc);
+                let g = geom(plan, i, b.tensor_cores, b.f32, b.nhwc);
                 let pro = fu.prologue;
                 let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
                 let pflags = PrologueFlags {
@@ -1154,7 +1153,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
     match node.op {
         Op::Input => {}
         Op::Conv2d(conv) => {
-            let g = geom(plan, i, b.tensor_cores, b.tf32x3, b.nhwc);
+            let g = geom(plan, i, b.tensor_cores, b.f32, b.nhwc);
             let pro = fu.prologue;
             let src = pro.map(|p| p.src).unwrap_or(node.inputs[0]);
             let pflags = PrologueFlags {

@@ -137,6 +137,16 @@ pub struct ConvGeom {
     /// the reference treats the operands as exact. Name suffix `_x3` (after `_tc`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tf32x3: bool,
+    /// An f32 convolution on the tensor cores in plain TF32 (only with `tensor_cores`, never
+    /// with `vec` or `tf32x3`; see [`super::Tiles::tf32`]): the 3xTF32 kernel with only its
+    /// `hi*hi` product, one `mma.sync.m16n8k8.tf32` per fragment pair, as cuDNN's convolutions
+    /// run under PyTorch's default (`torch.backends.cudnn.allow_tf32`). Each operand is
+    /// rounded to TF32 (`cvt.rna`: 11 significant bits, ties away from zero) as the fragment
+    /// is read; the products are exact in the fp32 accumulator. Operands and results stay
+    /// f32 in memory; the reference rounds the operands as the kernel does
+    /// (`reference::tf32_round`). Name suffix `_tf32` (after `_tc`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -290,7 +300,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -305,6 +315,7 @@ impl ConvGeom {
                 (true, false) => format!("_tc_t{}", self.tile),
             },
             if self.tf32x3 { "_x3" } else { "" },
+            if self.tf32 { "_tf32" } else { "" },
             if self.nhwc { "_nhwc" } else { "" },
             if self.vec { "_v8" } else { "" },
             if self.wgmma { "_wg" } else { "" },
@@ -1494,6 +1505,7 @@ mod tests {
             tma_a: false,
             stages,
             tf32x3: false,
+            tf32: false,
         }
     }
 

@@ -252,7 +252,7 @@ pub struct Options {
     pub precision: Precision,
     pub fusion: Fusion,
     /// Block tiles of the tensor-core convolutions (`--precision bf16`, or f32 with
-    /// [`Tiles::tf32x3`]; otherwise ignored in f32).
+    /// [`Tiles::tf32x3`] or [`Tiles::tf32`]; otherwise ignored in f32).
     pub tiles: Tiles,
     /// Activation layout ([`Layout::Auto`]: NHWC in bf16, NCHW in f32).
     pub layout: Layout,
@@ -351,7 +351,58 @@ pub struct Tiles {
     /// default (refused with bf16).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tf32x3: bool,
+    /// `--precision f32` only: the convolutions run on the tensor cores in plain TF32
+    /// ([`ConvGeom::tf32`]: one TF32 product per fragment pair, operands rounded to 11
+    /// significant bits, as PyTorch runs cuDNN's f32 convolutions by default), with this
+    /// struct's block tiles. Off by default (refused with bf16 and with `tf32x3`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
 }
+
+/// How the convolutions of a `--precision f32` schedule compute ([`Tiles::tf32`],
+/// [`Tiles::tf32x3`]; the CLI's `--tf32`, `--tf32x3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum F32Math {
+    /// fp32 FMAs (the default).
+    #[default]
+    Fma,
+    /// Tensor cores, plain TF32 ([`ConvGeom::tf32`]).
+    Tf32,
+    /// Tensor cores, 3xTF32 ([`ConvGeom::tf32x3`]).
+    Tf32x3,
+}
+
+impl F32Math {
+    /// From the CLI's two flags; both at once is an error.
+    pub fn from_flags(tf32: bool, tf32x3: bool) -> Result<F32Math, String> {
+        match (tf32, tf32x3) {
+            (true, true) => Err(TF32_AND_TF32X3.to_string()),
+            (true, false) => Ok(F32Math::Tf32),
+            (false, true) => Ok(F32Math::Tf32x3),
+            (false, false) => Ok(F32Math::Fma),
+        }
+    }
+
+    /// On the tensor cores.
+    pub fn tensor_cores(self) -> bool {
+        self != F32Math::Fma
+    }
+
+    /// The CLI flag that asks for it (`""` for the default).
+    pub fn flag(self) -> &'static str {
+        match self {
+            F32Math::Fma => "",
+            F32Math::Tf32 => "--tf32",
+            F32Math::Tf32x3 => "--tf32x3",
+        }
+    }
+}
+
+const TF32_AND_TF32X3: &str =
+    "--tf32 (one TF32 product) and --tf32x3 (three, fp32's accuracy) exclude each other";
+
+/// The error of `--tf32` or `--tf32x3` with `--precision bf16`.
+pub const TF32_WITH_BF16: &str = "--tf32 and --tf32x3 move the f32 convolutions to the tensor cores; with --precision bf16 they are there already";
 
 fn is_zero_u32(v: &u32) -> bool {
     *v == 0
@@ -367,6 +418,7 @@ impl Tiles {
             stages: 0,
             tma: false,
             tf32x3: false,
+            tf32: false,
         }
     }
 
@@ -374,6 +426,9 @@ impl Tiles {
     pub fn check(&self) -> Result<(), String> {
         if self.tma && !self.wgmma {
             return Err("--tma feeds Hopper's warpgroup MMA: it needs --wgmma".to_string());
+        }
+        if self.tf32 && self.tf32x3 {
+            return Err(TF32_AND_TF32X3.to_string());
         }
         if self.stages != 0 && !(2..=kernel::MAX_STAGES).contains(&self.stages) {
             return Err(format!(
@@ -383,6 +438,24 @@ impl Tiles {
             ));
         }
         Ok(())
+    }
+
+    /// How f32 convolutions compute ([`Tiles::tf32`], [`Tiles::tf32x3`]; 3xTF32 where both).
+    pub fn f32_math(&self) -> F32Math {
+        match (self.tf32x3, self.tf32) {
+            (true, _) => F32Math::Tf32x3,
+            (false, true) => F32Math::Tf32,
+            (false, false) => F32Math::Fma,
+        }
+    }
+
+    /// Sets [`Tiles::tf32`] and [`Tiles::tf32x3`] as `m` says.
+    pub fn with_f32_math(self, m: F32Math) -> Tiles {
+        Tiles {
+            tf32: m == F32Math::Tf32,
+            tf32x3: m == F32Math::Tf32x3,
+            ..self
+        }
     }
 
     pub fn get(&self, key: &str) -> TcTile {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Layout, Options, Tiles};
+use wrnc_compiler::schedule::{self, F32Math, Layout, Options, Tiles};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
@@ -44,8 +44,9 @@ pub struct CheckResult {
     /// The tensor with the largest error.
     pub worst: String,
     pub passed: bool,
-    /// bf16 whole steps: the logits' distance from the unrounded f64 CPU model (what bf16
-    /// storage costs; reported, not held to a tolerance). `None` elsewhere.
+    /// bf16 and plain-TF32 whole steps: the logits' distance from the unrounded f64 CPU model
+    /// (what bf16 storage or TF32 operands cost; reported, not held to a tolerance). `None`
+    /// elsewhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logits_vs_f64_model: Option<f64>,
     /// Whole training steps and bf16 inference: the comparison's resolution, how far apart two
@@ -155,7 +156,7 @@ fn host(h: &Hyper) -> HostScalars {
 /// reference the GPU is held to and of twins that differ from it only as much as two correct
 /// implementations may. f32: the f64 CPU model against the same model in f32, and against
 /// [`TWIN_SEEDS`] runs of the f64 schedule with its stored activations nudged by about one f32
-/// kernel's error ([`reference::run_nudged`]). bf16: the f64
+/// kernel's error ([`reference::run_nudged`]). bf16 and plain TF32 (`rounded` given): the f64
 /// steps with bf16 storage rounding (`rounded`) against the same with every bf16 value nudged
 /// by 2^-23 before rounding ([`reference::run_nudged`]: what another order of the f32 sums
 /// does). Deep networks at the selftest's tiny shapes (BN over a handful of values) are so
@@ -312,6 +313,7 @@ pub fn describe(
     mode: Mode,
     unfused: bool,
     precision: Precision,
+    tiles: &Tiles,
     extra: &str,
 ) -> String {
     format!(
@@ -321,8 +323,17 @@ pub fn describe(
             Mode::Infer => "infer",
         },
         if unfused { "unfused" } else { "fused" },
-        precision.name()
+        arithmetic(precision, tiles)
     )
+}
+
+/// The arithmetic class a check reports its error in (the last word of its name): `f32`
+/// (3xTF32 included: fp32's accuracy), `tf32` (plain TF32 conv operands, `--tf32`), `bf16`.
+pub fn arithmetic(precision: Precision, tiles: &Tiles) -> &'static str {
+    match precision {
+        Precision::F32 if tiles.f32_math() == F32Math::Tf32 => "tf32",
+        p => p.name(),
+    }
 }
 
 /// What both checks start from: the f32 weights `Model::new` gives (seed 11), non-trivial BN
@@ -428,7 +439,7 @@ pub fn check_launches(
         gpu, cache, graph, mode, precision, unfused, &st, tiles, layout,
     )?;
     let h = selftest_hyper(0);
-    let what = describe(label, mode, unfused, precision, " every launch");
+    let what = describe(label, mode, unfused, precision, tiles, " every launch");
     gpu.synchronize(&what)?;
     let inputs = persistent_bytes(gpu, &ex)?;
     let s = &ex.schedule;
@@ -518,8 +529,11 @@ pub fn check_graph(
         err: 0.0,
         name: String::new(),
     };
-    let what = describe(label, mode, unfused, precision, "");
+    let what = describe(label, mode, unfused, precision, tiles, "");
     let h = selftest_hyper;
+    // bf16 and plain TF32 round on the way (storage; the TF32 operands inside the kernels):
+    // whole steps are held to the f64 schedule with the same roundings (`reference::run`)
+    let rounding = precision == Precision::Bf16 || tiles.f32_math() == F32Math::Tf32;
     let mut vs_model = None;
     // gradients, updates and momentum (tracked apart, to name the worst of each kind); a
     // training step's comparisons are all held to `tol`, or to NOISE_FACTOR times how far the
@@ -538,8 +552,8 @@ pub fn check_graph(
             // bf16: against the f64 run with bf16 storage rounding (setup included), as the
             // training step below, held to its resolution too (the same run nudged: the logits
             // of a 110-layer PyramidNet move 2e-2 by that alone); the distance from the
-            // unrounded model is reported
-            let rounded = if precision == Precision::Bf16 {
+            // unrounded model is reported (plain TF32 likewise, its operands rounded)
+            let rounded = if rounding {
                 gpu.synchronize(&what)?;
                 let inputs = persistent_bytes(gpu, &ex)?;
                 let r = rounded_steps(&ex.schedule, &inputs, &[h(0)])?;
@@ -578,11 +592,11 @@ pub fn check_graph(
             // variances, 0.87 in f32 on the fake GPU), which says nothing about the kernels.
             // bf16: everything against the f64 steps with bf16 storage rounding
             // (`reference::run`, the CPU reference of a bf16 schedule), whose distance from
-            // the unrounded model is bf16's, not the kernels'. f32: against the CPU model.
-            let bf16 = precision == Precision::Bf16;
+            // the unrounded model is bf16's, not the kernels' (plain TF32 likewise, with its
+            // operands rounded as the kernels round them). f32: against the CPU model.
             let rounded_from =
                 |ex: &Executor, step: u32| -> Result<Option<Vec<Vec<f64>>>, CudaError> {
-                    if !bf16 {
+                    if !rounding {
                         return Ok(None);
                     }
                     gpu.synchronize(&what)?;

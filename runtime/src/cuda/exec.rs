@@ -132,8 +132,8 @@ impl Executor {
         if ((major * 10 + minor) as u32) < need_cc {
             let (engine, instead) = if s.precision == wrnc_compiler::ast::Precision::F32 {
                 (
-                    "--tf32x3 runs the f32 convolutions on TF32",
-                    "run without --tf32x3",
+                    "--tf32 and --tf32x3 run the f32 convolutions on TF32",
+                    "run without them",
                 )
             } else {
                 (

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
-use wrnc_compiler::schedule::{self, Layout, Options, Tiles};
+use wrnc_compiler::schedule::{self, F32Math, Layout, Options, Tiles, TF32_WITH_BF16};
 
 use super::augment::{Augmenter, DeviceDataset};
 use super::cache::PtxCache;
@@ -106,8 +106,8 @@ fn cfg_err(m: impl Into<String>) -> GpuTrainError {
 }
 
 impl GpuTrainer {
-    /// Opens GPU `ordinal`, chooses the tensor-core tiles (bf16, or f32 with `tf32x3`: the
-    /// convolutions as 3xTF32, [`Tiles::tf32x3`]) as `tiles` says (see [`super::tune`]),
+    /// Opens GPU `ordinal`, chooses the tensor-core tiles (bf16, or f32 with `f32_math` on
+    /// the tensor cores: the convolutions in TF32 or 3xTF32, [`F32Math`]) as `tiles` says (see [`super::tune`]),
     /// compiles the training step of `graph` for `batch` with activations in
     /// `layout` and initialises the weights as [`crate::cpu::Model::new`] does with `seed`.
     #[allow(clippy::too_many_arguments)]
@@ -120,7 +120,7 @@ impl GpuTrainer {
         fusion: Fusion,
         seed: u64,
         tiles: TileMode,
-        tf32x3: bool,
+        f32_math: F32Math,
         layout: Layout,
     ) -> Result<GpuTrainer, GpuTrainError> {
         if batch == 0 || batch > 1 << 16 || eval_batch == 0 || eval_batch > 1 << 16 {
@@ -129,24 +129,19 @@ impl GpuTrainer {
             )));
         }
         crate::cpu::validate(graph)?;
-        if tf32x3 && precision == Precision::Bf16 {
-            return Err(cfg_err(
-                "--tf32x3 moves the f32 convolutions to the tensor cores; with --precision bf16 they are there already",
-            ));
+        if f32_math.tensor_cores() && precision == Precision::Bf16 {
+            return Err(cfg_err(TF32_WITH_BF16));
         }
         let gpu = Gpu::open(ordinal)?;
         let cache = PtxCache::default_location();
         let aug = Augmenter::new(&gpu, precision, batch.max(eval_batch), &cache)?;
-        let (tiles, tile_report) = if precision == Precision::Bf16 || tf32x3 {
+        let (tiles, tile_report) = if precision == Precision::Bf16 || f32_math.tensor_cores() {
             let base = |mode, batch: usize| Options {
                 mode,
                 batch: batch as u32,
                 precision,
                 fusion: fusion.clone(),
-                tiles: Tiles {
-                    tf32x3,
-                    ..Tiles::default()
-                },
+                tiles: Tiles::default().with_f32_math(f32_math),
                 layout,
             };
             let bases = [base(Mode::Train, batch), base(Mode::Infer, eval_batch)];

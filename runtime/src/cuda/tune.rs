@@ -146,15 +146,19 @@ pub fn choose_tiles(
     let wgmma = bases.iter().any(|o| o.tiles.wgmma);
     let tma = bases.iter().any(|o| o.tiles.tma);
     let stages = bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0);
-    let tf32x3 = bases.iter().any(|o| o.tiles.tf32x3);
+    let f32_math = bases
+        .iter()
+        .map(|o| o.tiles.f32_math())
+        .find(|m| m.tensor_cores())
+        .unwrap_or_default();
     let build = |o: &Options, tiles: Tiles| {
         let tiles = Tiles {
             wgmma,
             tma,
             stages,
-            tf32x3,
             ..tiles
-        };
+        }
+        .with_f32_math(f32_math);
         schedule::build(graph, &Options { tiles, ..o.clone() })
             .map_err(|e| CudaError::Plan(e.message))
     };
@@ -192,9 +196,9 @@ pub fn choose_tiles(
                 wgmma,
                 tma,
                 stages,
-                tf32x3,
                 ..Tiles::all(t)
-            },
+            }
+            .with_f32_math(f32_math),
             report,
         ));
     }
@@ -310,9 +314,9 @@ pub fn choose_tiles(
         wgmma,
         tma,
         stages,
-        tf32x3,
         ..Tiles::default()
-    };
+    }
+    .with_f32_math(f32_math);
     for k in &keys {
         let t = cached
             .get(k)
