@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What removing element-wise traffic can buy a training step, from the compiler's estimates.
 
-For each network, from `wrnc info --json` (f32, batch 128 unless --batch): F, the step's
+For each network, from `wrnc info --json` (f32 and batch 128 unless --precision, --batch): F, the step's
 convolution and linear FLOPs (3 GEMMs per layer, 2 FLOPs per MAC), and B_f / B_u, the DRAM
 bytes the fused / unfused step moves (the compiler's estimate). In the model most favourable
 to fusion -- the step's time is its GEMM time F/P plus its traffic time B/BW, nothing
@@ -13,7 +13,8 @@ than the unfused one only if the GEMMs run at
 (impossible at any P where B_u <= ratio * B_f). This is arithmetic on estimates, not a
 measurement: it says which targets a GPU run can meet at all, and at what GEMM speed.
 
-    python3 scripts/fusion_bound.py [--wrnc target/release/wrnc] [--bw 3.4] [--ratio 1.3] NET...
+    python3 scripts/fusion_bound.py [--wrnc target/release/wrnc] [--bw 3.4] [--ratio 1.3]
+                                    [--precision f32|bf16] [--batch 128] NET...
 """
 import argparse, json, subprocess
 
@@ -22,12 +23,13 @@ ap.add_argument("--wrnc", default="target/release/wrnc")
 ap.add_argument("--bw", type=float, default=3.4, help="achieved DRAM bandwidth, TB/s")
 ap.add_argument("--ratio", type=float, default=1.3)
 ap.add_argument("--batch", type=int, default=128)
+ap.add_argument("--precision", default="f32", choices=["f32", "bf16"])
 ap.add_argument("nets", nargs="+")
 a = ap.parse_args()
-print(f"# model: step = F/P + B/BW; BW = {a.bw} TB/s; fused {a.ratio}x faster than unfused needs P >= the last column")
+print(f"# {a.precision}, batch {a.batch}; model: step = F/P + B/BW; BW = {a.bw} TB/s; fused {a.ratio}x faster than unfused needs P >= the last column")
 print(f"{'network':34} {'F TFLOP':>8} {'B_f GB':>7} {'B_u GB':>7} {'B_u/B_f':>7}  P needed (TFLOP/s)")
 for net in a.nets:
-    o = subprocess.run([a.wrnc, "info", net, "--json", "--batch", str(a.batch)],
+    o = subprocess.run([a.wrnc, "info", net, "--json", "--batch", str(a.batch), "--precision", a.precision],
                        capture_output=True, text=True, check=True)
     v = json.loads(o.stdout)
     f = 3 * 2 * v["macs"] * v["batch"]

@@ -37,6 +37,10 @@ enum Cmd {
         /// Batch size for the memory figures (default: the file's `batch`, else 128).
         #[arg(long)]
         batch: Option<u32>,
+        /// Precision of the compiled step's DRAM and memory figures (default: the file's
+        /// `precision`, else f32).
+        #[arg(long, value_enum)]
+        precision: Option<gpu_cmd::PrecisionArg>,
     },
     /// Parse and verify a network; print nothing else.
     Check { net: String },
@@ -238,7 +242,12 @@ fn batch_or(batch: Option<u32>, l: &net::Loaded) -> Result<u32, UserError> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Info { net, json, batch } => {
+        Cmd::Info {
+            net,
+            json,
+            batch,
+            precision,
+        } => {
             let l = net::load(&net)?;
             let batch = batch
                 .or(l.file.settings.batch.map(|b| b.value as u32))
@@ -251,16 +260,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
             let i = wrnc_compiler::analysis::info(&l.graph, batch);
-            let precision = l
-                .file
-                .settings
-                .precision
-                .map(|p| p.value)
-                .unwrap_or_default();
+            let precision = match precision {
+                Some(p) => p.get(),
+                None => l
+                    .file
+                    .settings
+                    .precision
+                    .map(|p| p.value)
+                    .unwrap_or_default(),
+            };
             // The compiled step: launches, DRAM traffic and peak memory, fused and unfused.
             let compiled = wrnc_compiler::memplan::summarize(&l.graph, batch, precision);
             if json {
                 let mut v = serde_json::to_value(&i)?;
+                v["precision"] = precision.name().into();
                 match &compiled {
                     Ok(c) => {
                         let c = serde_json::to_value(c)?;
@@ -291,10 +304,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("launches     training step {} fused, {} unfused; inference {} fused, {} unfused",
                             c.launches.train_fused, c.launches.train_unfused, c.launches.infer_fused, c.launches.infer_unfused);
                         println!(
-                            "DRAM/step    {} fused, {} unfused (estimate, batch {})",
+                            "DRAM/step    {} fused, {} unfused (estimate, batch {}, {})",
                             human_bytes(c.dram_bytes.fused),
                             human_bytes(c.dram_bytes.unfused),
-                            i.batch
+                            i.batch,
+                            precision.name()
                         );
                         println!(
                             "peak memory  {} fused, {} unfused (training step, {})",

@@ -48,6 +48,22 @@ fn commands_and_exit_codes() {
     check(&["info", "WRN-28-10"], 0, "MACs/image   5.24G");
     check(&["info", "--json", "WRN-40-4"], 0, "\"params\": 8949210");
     check(&["info", "--json", "WRN-16-4"], 0, "\"train_fused\"");
+    // the compiled step's figures in another precision: bf16 halves the activations' traffic
+    check(
+        &["info", "WRN-28-10", "--precision", "bf16"],
+        0,
+        "DRAM/step    9.49 GiB fused, 16.56 GiB unfused (estimate, batch 128, bf16)",
+    );
+    check(
+        &["info", "WRN-28-10"],
+        0,
+        "DRAM/step    16.86 GiB fused, 31.13 GiB unfused (estimate, batch 128, f32)",
+    );
+    check(
+        &["info", "WRN-28-10", "--precision", "f16"],
+        2,
+        "invalid value 'f16'",
+    );
     check(&["check", "examples/custom.net"], 0, "ok: custom-preact");
     check(&["info", "WRN-27-10"], 2, "<inline>:1:5");
     check(&["info", "WRN-28-0"], 2, "must be at least 1");
