@@ -269,7 +269,7 @@ stage_tf32() {
 }
 
 # fused against unfused on a network whose step is mostly element-wise traffic (FUSION_NET,
-# default examples/preresnet-164.net: fusion can give 1.3x there at 12 TFLOP/s of GEMMs),
+# default examples/preresnet-164.net: fusion can give 1.3x there with GEMMs at 9 to 12 TFLOP/s),
 # f32, training step only, at the bench's batch
 stage_fusion() {
     find_nvrtc
