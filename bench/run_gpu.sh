@@ -397,19 +397,21 @@ pt = load("bench_pytorch.json") or {}
 st = load("selftest_quick.out") or {}
 full = text("selftest.out")
 # selftest's last line: "N checks, F failed, U unresolved (--), E errors; max rel err vs CPU
-# (resolved checks): f32 X, bf16 Y"
-SUMMARY = r"(\d+) checks, (\d+) failed, (\d+) unresolved \(--\), (\d+) errors; max rel err vs CPU \(resolved checks\): f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)"
+# (resolved checks): f32 X, bf16 Y, tf32 Z" (tf32: the plain-TF32 checks; older binaries
+# printed no tf32)
+SUMMARY = r"(\d+) checks, (\d+) failed, (\d+) unresolved \(--\), (\d+) errors; max rel err vs CPU \(resolved checks\): f32 ([0-9.e+-]+|inf|NaN), bf16 ([0-9.e+-]+|inf|NaN)(?:, tf32 ([0-9.e+-]+|inf|NaN))?"
+CLASSES = [(5, "f32"), (6, "bf16"), (7, "tf32")]
 m = re.search(SUMMARY, full)
 full_summary = None
 if m:
     full_summary = {"checks": int(m.group(1)), "failed": int(m.group(2)), "unresolved": int(m.group(3)),
                     "errors": int(m.group(4)),
-                    "max_rel_err_vs_cpu": {"f32": float(m.group(5)), "bf16": float(m.group(6))}}
+                    "max_rel_err_vs_cpu": {k: float(m.group(i)) for i, k in CLASSES if m.group(i) is not None}}
 # stage selftest_par: one log per example network, their summary lines added up
 par = sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)
                  if f.startswith("selftest_ex_") and f.endswith(".out")))
 if par and not full_summary:
-    full_summary = {"checks": 0, "failed": 0, "unresolved": 0, "errors": 0, "max_rel_err_vs_cpu": {"f32": 0.0, "bf16": 0.0},
+    full_summary = {"checks": 0, "failed": 0, "unresolved": 0, "errors": 0, "max_rel_err_vs_cpu": {},
                     "networks": len(par), "incomplete": []}
     for f in par:
         mm = re.search(SUMMARY, text(f))
@@ -418,9 +420,11 @@ if par and not full_summary:
             continue
         for i, k in [(1, "checks"), (2, "failed"), (3, "unresolved"), (4, "errors")]:
             full_summary[k] += int(mm.group(i))
-        for i, k in [(5, "f32"), (6, "bf16")]:
-            full_summary["max_rel_err_vs_cpu"][k] = max(full_summary["max_rel_err_vs_cpu"][k], float(mm.group(i)))
-device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32x3.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
+        for i, k in CLASSES:
+            if mm.group(i) is not None:
+                e = full_summary["max_rel_err_vs_cpu"]
+                e[k] = max(e.get(k, 0.0), float(mm.group(i)))
+device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32x3.out") or load("bench_wrnc_f32_fusion.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except Exception:
@@ -488,7 +492,9 @@ out.update({k: out["f32"][k] for k in ["net", "batch", "precision", "train_step_
 # examples' that printed their summary; null where none did
 errs = [e for e in [st.get("max_rel_err_vs_cpu") if st else None,
                     (full_summary or {}).get("max_rel_err_vs_cpu") if (full_summary or {}).get("checks") else None] if e]
-out["max_rel_err_vs_cpu"] = {k: max(e.get(k) or 0.0 for e in errs) for k in ["f32", "bf16", "tf32"]} if errs else None
+# (a class no selftest that finished reported, e.g. tf32 from an older binary, is left out)
+out["max_rel_err_vs_cpu"] = {k: max(e[k] for e in errs if e.get(k) is not None)
+                             for k in ["f32", "bf16", "tf32"] if any(e.get(k) is not None for e in errs)} if errs else None
 # what PyTorch ran: its versions, and whether its fp32 convolutions were TF32 (its default)
 out["pytorch"] = {k: pt.get(k) for k in ["torch", "cuda", "cudnn", "cudnn_allow_tf32", "device"]} if pt else None
 out["selftest_quick"] = {"failed": st.get("failed"), "unresolved": st.get("unresolved"), "errors": st.get("errors"), "checks": len(st.get("checks") or [])} if st else None

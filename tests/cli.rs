@@ -424,7 +424,9 @@ fn compile_emits_ptxas_resources() {
         cu.contains("conv_fwd_i32x32_o32x32_k3s1p1g1_tc_tf32"),
         "{cu}"
     );
-    assert!(cu.contains("wrnc_mma_tf32_1688(") && !cu.contains("al[i][q]"));
+    // (the helper's definition is in every tensor-core module: look for the call)
+    assert!(cu.contains("wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn])"));
+    assert!(!cu.contains("al[i][q]") && !cu.contains("wrnc_mma_tf32_1688(cacc[i][jn], al[i]"));
     // --tf32x3: every f32 conv on the tensor cores, three TF32 mmas per fragment pair
     let o = wrnc(&[
         "compile", "WRN-10-1", "--batch", "4", "--tf32x3", "--emit", "cuda",
@@ -432,7 +434,8 @@ fn compile_emits_ptxas_resources() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let cu = String::from_utf8_lossy(&o.stdout);
     assert!(cu.contains("conv_fwd_i32x32_o32x32_k3s1p1g1_tc_x3"), "{cu}");
-    assert!(cu.contains("wrnc_mma_tf32_1688(") && !cu.contains("wrnc_mma_bf16_16816(cacc"));
+    assert!(cu.contains("wrnc_mma_tf32_1688(cacc[i][jn], al[i], bh[jn], cacc[i][jn])"));
+    assert!(!cu.contains("wrnc_mma_bf16_16816(cacc"));
     // --tma: the wgmma kernels take the weight's tensor map and load it with TMA, and the
     // schedule's launches carry the maps
     let o = wrnc(&[

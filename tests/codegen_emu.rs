@@ -1673,3 +1673,55 @@ fn bf16_every_tensor_core_tile() {
 fn s_logits(s: &Schedule) -> String {
     s.buffers[s.logits].name.clone()
 }
+
+/// A BN whose gradient reaches it through a 1x1 convolution from a BN in training mode has a
+/// `dbeta` of 0 in exact arithmetic, so the fused data-gradient kernel's `sums.dbeta` is
+/// rounding noise on both sides: the launch check holds it to a share of its terms'
+/// magnitudes (`reference::SUM_L1`), and it passes. Moved by one average term of its channel
+/// (1/n of those magnitudes, what a dropped term would do), it fails, at that launch.
+#[test]
+fn cancelling_bn_sums_pass_and_a_missing_term_fails() {
+    let g = graph_in("input 3x8x8", "conv(3x3, 8) bn conv(1x1, 8) bn relu gap fc");
+    let r = reference(&g, Mode::Train);
+    let s = build_in(&g, Mode::Train, false, F32);
+    let ins = inputs(&s, &r);
+    let (_, trace) = run_schedule_traced("cancel", &s, &ins, HYPER, true);
+    check_kernels("cancel", &s, &ins, &trace, F32.kernel);
+    let all: Vec<&Launch> = s.setup.iter().chain(&s.launches).collect();
+    let (li, l) = all
+        .iter()
+        .enumerate()
+        .find(|(_, l)| {
+            matches!(s.kernels[l.kernel].spec,
+                KernelSpec::ConvBwdData { chain, .. } if chain.any())
+        })
+        .expect("a fused data gradient with a BN chain");
+    let (params, _) = s.kernels[l.kernel].spec.signature();
+    let arg = |name: &str| l.buffers[params.iter().position(|p| p.name == name).unwrap()];
+    let (sums, dx) = (arg("sums"), arg("dx"));
+    let values = |a: &schedule::BufArg| {
+        let v = reference::decode(&trace[&(li, s.buffers[a.buffer].name.clone())], Dtype::F32);
+        v[a.offset as usize..(a.offset + a.len) as usize].to_vec()
+    };
+    // channel 0's average |term| (NCHW: dx[(n * C + 0) * HW + p])
+    let c = sums.len as usize / 2;
+    let d = values(&dx);
+    let hw = d.len() / (BATCH * c);
+    let terms: Vec<f64> = (0..BATCH)
+        .flat_map(|n| d[n * c * hw..n * c * hw + hw].to_vec())
+        .collect();
+    let mean = terms.iter().map(|t| t.abs()).sum::<f64>() / terms.len() as f64;
+    let key = (li, s.buffers[sums.buffer].name.clone());
+    let mut v = reference::decode(&trace[&key], Dtype::F32);
+    v[sums.offset as usize + c] += mean;
+    let mut bad = trace.clone();
+    bad.insert(key, reference::encode(&v, Dtype::F32));
+    let ins: BTreeMap<String, Vec<u8>> = ins.into_iter().collect();
+    let errs = reference::check_kernels(&s, &ins, &bad, &HOST).unwrap();
+    let first = errs.iter().find(|e| e.rel > F32.kernel).expect("caught");
+    assert_eq!((first.launch, first.part.as_str()), (li, "sums.dbeta"));
+    eprintln!(
+        "a missing term: {:.2e} (tolerance {:.0e})",
+        first.rel, F32.kernel
+    );
+}

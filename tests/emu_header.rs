@@ -136,3 +136,52 @@ int main() {{
         }
     }
 }
+
+/// The emulation's `cvt.rna.tf32.f32` (`wrnc_tf32`, behind every TF32 kernel the emulation
+/// runs) rounds as the host's `reference::tf32_round`, which a unit test pins to the PTX ISA's
+/// round-to-nearest, ties away from zero; for finite values bit for bit, NaNs stay NaNs.
+#[test]
+fn tf32_rounding_in_the_emulation_matches_the_host() {
+    let dir = support::temp_dir("emu-tf32-round");
+    let patterns: [u32; 10] = [
+        0x3f80_1000, // 1 + 2^-11: a tie, away from zero
+        0xbf80_1000,
+        0x3f80_0fff,
+        0x3f80_3000, // 1 + 3 * 2^-11
+        0x3fff_f000, // 2 - 2^-11: carries into the exponent
+        0x7f7f_ffff, // the largest finite: rounds to infinity
+        0x0000_1001,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+    ];
+    let list: Vec<String> = patterns.iter().map(|p| format!("{p:#x}u")).collect();
+    let main = format!(
+        r#"#include "emu_all.h"
+__global__ void round_all(const unsigned* in, unsigned* out, int n) {{
+    int i = threadIdx.x;
+    if (i < n) out[i] = wrnc_tf32(__uint_as_float(in[i]));
+}}
+int main() {{
+    const unsigned in[] = {{{list}}};
+    const int n = sizeof(in) / sizeof(in[0]);
+    unsigned out[n];
+    wrnc_emu::launch(round_all, dim3(1), dim3(32), 0, (const unsigned*)in, (unsigned*)out, n);
+    for (int i = 0; i < n; ++i) printf("%u\n", out[i]);
+}}
+"#,
+        list = list.join(", "),
+    );
+    std::fs::write(dir.join("round.cpp"), main).unwrap();
+    let out = support::run(&support::compile(&dir, "round.cpp"), &[]);
+    let got: Vec<u32> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(got.len(), patterns.len(), "{out}");
+    for (&p, &g) in patterns.iter().zip(&got) {
+        let want = wrnc_runtime::reference::tf32_round(f32::from_bits(p));
+        if want.is_nan() {
+            assert!(f32::from_bits(g).is_nan(), "{p:#010x}: device {g:#010x}");
+        } else {
+            assert_eq!(g, want.to_bits(), "{p:#010x}: device {g:#010x}");
+        }
+    }
+}

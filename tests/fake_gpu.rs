@@ -699,8 +699,6 @@ fn without_device_a_usable_gpu_is_chosen_and_named() {
     assert!(err.contains("device: cpu (no usable GPU"), "{err}");
 }
 
-/// A one-iteration fused `wrnc bench --json` of `net` (written into `dir`) at the default
-/// tile, with `extra` flags: its JSON on success, else the exit code and stderr.
 /// A BN whose gradient reaches it through a 1x1 convolution from another BN in training mode
 /// has a `dbeta` of exactly 0 in exact arithmetic (the second BN's input gradient sums to 0
 /// per channel, and a 1x1 convolution without padding keeps per-channel sums), so the fused
@@ -732,6 +730,8 @@ fn selftest_holds_cancelling_sums_to_the_size_of_their_terms() {
     assert!(c["max_rel_err"].as_f64().unwrap() < 1e-5, "{c}");
 }
 
+/// A one-iteration fused `wrnc bench --json` of `net` (written into `dir`) at the default
+/// tile, with `extra` flags: its JSON on success, else the exit code and stderr.
 fn bench_once(
     dir: &Path,
     net: &str,
