@@ -450,6 +450,8 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         "latency_b1_ms": (b or {}).get("latency_b1_ms"),
         # achieved (3 GEMMs per conv per step, 2 FLOPs per MAC) against cuBLAS's square GEMM
         "train_tflops": (b or {}).get("train_tflops"),
+        # fused against unfused: speedup, DRAM bytes removed (estimate), the time between
+        "fusion": (b or {}).get("fusion"),
         "matmul_tflops": (pt.get("matmul_tflops") or {}).get(prec),
     }
 wg = load("bench_wrnc_bf16_wgmma.out")
@@ -465,12 +467,13 @@ for eng in ["tf32x3", "tf32"]:
             out["f32"]["train_step_ms"][f"wrnc_{which}_{eng}"] = wr(x3, "train_step_ms", which)
             out["f32"]["peak_mem_mb"][f"wrnc_{which}_{eng}"] = wr(x3, "peak_mem_mb", which)
         out["f32"][f"train_tflops_{eng}"] = x3.get("train_tflops")
+        out["f32"][f"fusion_{eng}"] = x3.get("fusion")
 fu = load("bench_wrnc_f32_fusion.out")
 if fu:
     out["fusion_net"] = {"net": fu.get("net"), "batch": fu.get("batch"), "precision": fu.get("precision"),
                          "train_step_ms": {w: wr(fu, "train_step_ms", w) for w in ["fused", "unfused"]},
                          "peak_mem_mb": {w: wr(fu, "peak_mem_mb", w) for w in ["fused", "unfused"]},
-                         "train_tflops": fu.get("train_tflops")}
+                         "train_tflops": fu.get("train_tflops"), "fusion": fu.get("fusion")}
 tma = load("bench_wrnc_bf16_tma.out")
 if tma:
     out["bf16"]["train_step_ms"]["wrnc_fused_tma"] = wr(tma, "train_step_ms", "fused")

@@ -286,6 +286,39 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         ms.map(|ms| gemms * 2.0 * macs * batch as f64 / (ms * 1e-3) / 1e12)
     };
     let (tf, tu) = (pick(&runs, "train", true), pick(&runs, "train", false));
+    // what fusion removed and how fast the unfused step had moved it: the DRAM bytes of the
+    // two training steps (the compiler's estimate) and the time between them. Fusion changes
+    // traffic, not arithmetic, so this bandwidth near the GPU's says fusion bought what its
+    // traffic was worth (docs/gpu.md, "What fusion can buy a step")
+    let dram = |fused: bool| {
+        runs.iter()
+            .find(|r| r.mode == "train" && r.fused == fused)
+            .map(|r| r.dram_bytes)
+    };
+    let fusion = match (tf, tu, dram(true), dram(false)) {
+        (Some(f), Some(u), Some(bf), Some(bu)) => {
+            let removed = bu as f64 - bf as f64;
+            let saved_ms = u - f;
+            let bw = (removed > 0.0 && saved_ms > 0.0).then(|| removed / (saved_ms * 1e-3) / 1e12);
+            if !a.json {
+                println!(
+                    "fusion: the training step {:.2}x faster fused; the {:.2} GB of DRAM traffic per step it removes (estimate: {:.2} against {:.2} GB) took the unfused step {saved_ms:.3} ms{}",
+                    u / f,
+                    removed / 1e9,
+                    bf as f64 / 1e9,
+                    bu as f64 / 1e9,
+                    bw.map(|b| format!(", {b:.2} TB/s")).unwrap_or_default()
+                );
+            }
+            Some(serde_json::json!({
+                "speedup": u / f,
+                "dram_bytes": {"fused": bf, "unfused": bu},
+                "saved_ms": saved_ms,
+                "removed_traffic_tb_per_s": bw,
+            }))
+        }
+        _ => None,
+    };
     let (inf, inu) = (pick(&runs, "infer", true), pick(&runs, "infer", false));
     let out = serde_json::json!({
         "device": gpu.info(),
@@ -305,6 +338,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},
         "latency_b1_ms": {"fused": pick(&latency, "infer", true), "unfused": pick(&latency, "infer", false)},
         "peak_mem_mb": {"fused": peak(true), "unfused": peak(false)},
+        "fusion": fusion,
         "runs": runs,
         "latency_runs": latency,
         "tiles": tile_report,

@@ -429,6 +429,20 @@ fn bench_reports_fused_unfused_and_graph_timings() {
     for r in v["runs"].as_array().unwrap() {
         assert!(r["graph"]["median_ms"].as_f64().is_some(), "{r}");
     }
+    // What fusion removed: the two training steps' DRAM bytes (the compiler's estimate, the
+    // fused one smaller), the step times' ratio and the time between them
+    let f = &v["fusion"];
+    let (bf, bu) = (
+        f["dram_bytes"]["fused"].as_u64().unwrap(),
+        f["dram_bytes"]["unfused"].as_u64().unwrap(),
+    );
+    assert!(0 < bf && bf < bu, "{f}");
+    let (tf, tu) = (
+        v["train_step_ms"]["fused"].as_f64().unwrap(),
+        v["train_step_ms"]["unfused"].as_f64().unwrap(),
+    );
+    assert!(close(f["speedup"].as_f64().unwrap(), tu / tf, 1e-9), "{f}");
+    assert!(close(f["saved_ms"].as_f64().unwrap(), tu - tf, 1e-9), "{f}");
     // A second start finds the compiled module in the on-disk cache, and is quick.
     let again = bench(&[
         "--warmup",

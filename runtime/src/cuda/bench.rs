@@ -74,6 +74,9 @@ pub struct ScheduleBench {
     /// Device memory in use measured with `cuMemGetInfo` after the runs, minus before
     /// building the executor (includes the module and the driver's own allocations).
     pub measured_bytes: u64,
+    /// The compiler's estimate of the DRAM bytes one step / batch moves
+    /// (`wrnc_compiler::memplan::dram_bytes`).
+    pub dram_bytes: u64,
     /// Seconds to compile (or load from the cache) and load the kernels.
     pub setup_s: f64,
     pub cache_hit: bool,
@@ -245,6 +248,7 @@ pub fn bench_schedule(
         images_per_s: batch as f64 / (best / 1000.0),
         planned_bytes: ex.own_bytes() + ex.shared_bytes(),
         measured_bytes: free_before.saturating_sub(after.0),
+        dram_bytes: wrnc_compiler::memplan::dram_bytes(&ex.schedule),
         setup_s,
         cache_hit: ex.cache_hit,
     })
