@@ -301,13 +301,19 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
             let saved_ms = u - f;
             let bw = (removed > 0.0 && saved_ms > 0.0).then(|| removed / (saved_ms * 1e-3) / 1e12);
             if !a.json {
+                use wrnc_compiler::analysis::human_bytes;
                 println!(
-                    "fusion: the training step {:.2}x faster fused; the {:.2} GB of DRAM traffic per step it removes (estimate: {:.2} against {:.2} GB) took the unfused step {saved_ms:.3} ms{}",
+                    "fusion: the training step {:.2}x faster fused; the {} of DRAM traffic per step it removes (estimate: {} against {}) took the unfused step {saved_ms:.3} ms{}",
                     u / f,
-                    removed / 1e9,
-                    bf as f64 / 1e9,
-                    bu as f64 / 1e9,
-                    bw.map(|b| format!(", {b:.2} TB/s")).unwrap_or_default()
+                    human_bytes(removed.max(0.0) as u64),
+                    human_bytes(bf),
+                    human_bytes(bu),
+                    bw.map(|b| if b >= 0.1 {
+                        format!(", {b:.2} TB/s")
+                    } else {
+                        format!(", {:.3} GB/s", b * 1e3)
+                    })
+                    .unwrap_or_default()
                 );
             }
             Some(serde_json::json!({
