@@ -424,6 +424,15 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                 "net": l.graph.name, "dataset": k.name(), "steps": report.steps, "stopped_early": report.stopped_early,
                 "device": match backend { Backend::Cpu => "cpu", Backend::Cuda => "cuda" },
                 "precision": match backend { Backend::Cpu => "f32", Backend::Cuda => precision.name() },
+                // how the f32 convolutions computed: fma, tf32 or tf32x3 (null in bf16 or on the CPU)
+                "f32_convolutions": match (&backend, precision) {
+                    (Backend::Cuda, wrnc_compiler::ast::Precision::F32) => Some(match f32_math {
+                        wrnc_compiler::schedule::F32Math::Fma => "fma",
+                        wrnc_compiler::schedule::F32Math::Tf32 => "tf32",
+                        wrnc_compiler::schedule::F32Math::Tf32x3 => "tf32x3",
+                    }),
+                    _ => None,
+                },
                 "layout": match backend { Backend::Cpu => "nchw", Backend::Cuda => args.layout.resolve(precision).name() },
                 "checkpoint": report.checkpoint, "epochs": report.epochs,
                 "tiles": tiles,

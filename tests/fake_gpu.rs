@@ -312,6 +312,10 @@ fn gpu_training_matches_the_cpu_and_checkpoints_move_between_backends() {
     );
     let c = run("cpu", "c", &["--epochs", "2"]);
     assert_eq!(g["device"], "cuda");
+    // the summary says how the f32 convolutions computed (the FMA engine by default; none on
+    // the CPU backend)
+    assert_eq!(g["f32_convolutions"], "fma", "{g}");
+    assert!(c["f32_convolutions"].is_null(), "{c}");
     for (eg, ec) in g["epochs"]
         .as_array()
         .unwrap()
