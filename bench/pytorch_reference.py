@@ -12,6 +12,7 @@ object (stdout, or --out FILE).
 
     python3 bench/pytorch_reference.py --wrnc gpu-carry/wrnc --net WRN-28-10 --batch 128
     python3 bench/pytorch_reference.py --graph graph.txt --batch 128 --variants eager
+    python3 bench/pytorch_reference.py --graph graph.txt --batch 1024 --infer-only --no-matmul
 """
 import argparse
 import json
@@ -145,7 +146,7 @@ def time_ms(fn, warmup, iters):
     return statistics.median(out)
 
 
-def measure(nodes, output, shape, classes, batch, bf16, compiled, warmup, iters):
+def measure(nodes, output, shape, classes, batch, bf16, compiled, warmup, iters, infer_only=False):
     torch.manual_seed(0)
     model = Net(nodes, output).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
@@ -162,16 +163,18 @@ def measure(nodes, output, shape, classes, batch, bf16, compiled, warmup, iters)
         loss.backward()
         opt.step()
 
-    model.train()
-    t0 = time.time()
-    step()
-    torch.cuda.synchronize()
-    first_s = time.time() - t0
-    # the steady step's peak: not the first step's cuDNN algorithm search (cudnn.benchmark)
-    # or torch.compile's compilation, which wrnc's planned bytes do not count either
-    torch.cuda.reset_peak_memory_stats()
-    train_ms = time_ms(step, warmup, iters)
-    peak = torch.cuda.max_memory_allocated() / 2**20
+    train_ms = peak = first_s = None
+    if not infer_only:
+        model.train()
+        t0 = time.time()
+        step()
+        torch.cuda.synchronize()
+        first_s = time.time() - t0
+        # the steady step's peak: not the first step's cuDNN algorithm search (cudnn.benchmark)
+        # or torch.compile's compilation, which wrnc's planned bytes do not count either
+        torch.cuda.reset_peak_memory_stats()
+        train_ms = time_ms(step, warmup, iters)
+        peak = torch.cuda.max_memory_allocated() / 2**20
     model.eval()
     infer_fwd = torch.compile(model) if compiled else model
 
@@ -208,6 +211,9 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="write the JSON here as well as to stdout")
+    p.add_argument("--infer-only", action="store_true",
+                   help="inference only (batch-1 latency, large-batch throughput): no training step")
+    p.add_argument("--no-matmul", action="store_true", help="skip the cuBLAS matmul yardstick")
     a = p.parse_args()
     if a.graph:
         text = open(a.graph).read()
@@ -226,8 +232,10 @@ def main():
            "net": name, "batch": a.batch, "results": {}}
     # the yardstick for achieved TFLOP/s: cuBLAS on a large square GEMM (TF32 off for fp32)
     torch.backends.cuda.matmul.allow_tf32 = False
-    res["matmul_tflops"] = {"bf16": matmul_tflops(torch.bfloat16), "f32": matmul_tflops(torch.float32)}
-    print(f"matmul 8192^3: {res['matmul_tflops']}", file=sys.stderr)
+    if not a.no_matmul:
+        res["matmul_tflops"] = {"bf16": matmul_tflops(torch.bfloat16), "f32": matmul_tflops(torch.float32)}
+        print(f"matmul 8192^3: {res['matmul_tflops']}", file=sys.stderr)
+    res["infer_only"] = a.infer_only
     res["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32  # PyTorch's default for fp32 convs
     precs = ["f32", "bf16"] if a.precision == "both" else [a.precision]
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -241,7 +249,7 @@ def main():
         for prec in precs if key == "eager" else precs[::-1]:
             try:
                 r = measure(nodes, output, shape, classes, a.batch, prec == "bf16",
-                            key == "compile", a.warmup, a.iters)
+                            key == "compile", a.warmup, a.iters, a.infer_only)
             except Exception as e:  # report, keep going with the other variants
                 r = {"error": f"{type(e).__name__}: {e}"[:2000]}
             res["results"].setdefault(prec, {})[key] = r

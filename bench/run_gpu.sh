@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -278,6 +278,37 @@ stage_fusion() {
         --batch "$BATCH" --precision f32 --no-infer $BENCH_ARGS --json
 }
 
+# issue 6's other must-shows, for a session after `session` (not part of it): WRN-16-4 and
+# WRN-40-4 as WRN-28-10 in `first` (bf16, fused and unfused, beside PyTorch eager and
+# torch.compile; batch-1 latency included), and WRN-28-10's inference throughput at batch
+# ISSUE6_BIG_BATCH (1024) and PyTorch's batch-1 latency. Each wrnc bench at the default tile.
+stage_issue6() {
+    find_nvrtc
+    local net slug
+    for net in ${ISSUE6_NETS:-WRN-16-4 WRN-40-4}; do
+        slug=$(echo "$net" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
+        # shellcheck disable=SC2086
+        run "bench_wrnc_bf16_$slug" "${ISSUE6_TIMEOUT:-150}" "$WRNC" bench "$net" --batch "$BATCH" --precision bf16 \
+            --tiles "${ISSUE6_TILES:-default}" $BENCH_ARGS --json
+        "$WRNC" compile "$net" --emit graph >"$OUT/graph_$slug.txt" 2>/dev/null
+        run "bench_pytorch_$slug" "${PYTORCH_TIMEOUT:-240}" python3 bench/pytorch_reference.py \
+            --graph "$OUT/graph_$slug.txt" --batch "$BATCH" --precision bf16 --variants eager,compile \
+            --warmup 5 --iters "${PYTORCH_ITERS:-20}" --no-matmul --out "$OUT/bench_pytorch_$slug.json"
+        keep "$OUT/bench_pytorch_$slug.json"
+    done
+    local big=${ISSUE6_BIG_BATCH:-1024}
+    # shellcheck disable=SC2086
+    run bench_wrnc_bf16_infer_big "${ISSUE6_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$big" --precision bf16 \
+        --no-train --tiles "${ISSUE6_TILES:-default}" $BENCH_ARGS --json
+    "$WRNC" compile "$NET" --emit graph >"$OUT/graph.txt" 2>/dev/null
+    for b in 1 "$big"; do
+        run "bench_pytorch_infer_b$b" "${PYTORCH_TIMEOUT:-240}" python3 bench/pytorch_reference.py \
+            --graph "$OUT/graph.txt" --batch "$b" --precision bf16 --variants eager,compile --infer-only \
+            --warmup 5 --iters "${PYTORCH_ITERS:-20}" --no-matmul --out "$OUT/bench_pytorch_infer_b$b.json"
+        keep "$OUT/bench_pytorch_infer_b$b.json"
+    done
+}
+
 # f32 with --tf32x3 (every convolution on the tensor cores as 3xTF32, fp32 accuracy), fused
 # and unfused, training step only, tiles TF32X3_TILES (default: the default tile, no search)
 stage_tf32x3() {
@@ -424,7 +455,7 @@ if par and not full_summary:
             if mm.group(i) is not None:
                 e = full_summary["max_rel_err_vs_cpu"]
                 e[k] = max(e.get(k, 0.0), float(mm.group(i)))
-device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32x3.out") or load("bench_wrnc_f32_fusion.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
+device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32x3.out") or load("bench_wrnc_f32_fusion.out") or load("bench_wrnc_bf16_infer_big.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except Exception:
@@ -474,6 +505,44 @@ if fu:
                          "train_step_ms": {w: wr(fu, "train_step_ms", w) for w in ["fused", "unfused"]},
                          "peak_mem_mb": {w: wr(fu, "peak_mem_mb", w) for w in ["fused", "unfused"]},
                          "train_tflops": fu.get("train_tflops"), "fusion": fu.get("fusion")}
+# issue 6's other networks (bf16, beside PyTorch) and inference at a large batch / batch 1
+def pt_bf16(pj, key, variant):
+    r = ((pj or {}).get("results") or {}).get("bf16", {}).get(variant) or {}
+    return r.get(key)
+issue6 = {}
+for f in sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)
+                    if f.startswith("bench_wrnc_bf16_wrn-") and f.endswith(".out"))):
+    slug = f[len("bench_wrnc_bf16_"):-len(".out")]
+    b6, p6 = load(f), load(f"bench_pytorch_{slug}.json")
+    if not (b6 or p6):
+        continue
+    issue6[slug] = {
+        "net": (b6 or {}).get("net") or (p6 or {}).get("net"),
+        "batch": (b6 or {}).get("batch"),
+        "precision": "bf16",
+        **{k: {"wrnc_fused": wr(b6, k, "fused"), "wrnc_unfused": wr(b6, k, "unfused"),
+               "pytorch_eager": pt_bf16(p6, k, "eager"), "pytorch_compile": pt_bf16(p6, k, "compile")}
+           for k in ["train_step_ms", "infer_ms", "peak_mem_mb"]},
+        "latency_b1_ms": {"wrnc_fused": wr(b6, "latency_b1_ms", "fused")},
+        "train_tflops": (b6 or {}).get("train_tflops"),
+        "fusion": (b6 or {}).get("fusion"),
+    }
+big = load("bench_wrnc_bf16_infer_big.out")
+if big:
+    pb = {f: load(f"bench_pytorch_infer_b{b}.json") for f, b in [("big", big.get("batch")), ("b1", 1)]}
+    issue6["inference"] = {
+        "net": big.get("net"), "precision": "bf16", "batch": big.get("batch"),
+        "infer_ms": {"wrnc_fused": wr(big, "infer_ms", "fused"), "wrnc_unfused": wr(big, "infer_ms", "unfused"),
+                     "pytorch_eager": pt_bf16(pb["big"], "infer_ms", "eager"),
+                     "pytorch_compile": pt_bf16(pb["big"], "infer_ms", "compile")},
+        "images_per_s_wrnc_fused": (big.get("batch") or 0) / wr(big, "infer_ms", "fused") * 1e3
+            if wr(big, "infer_ms", "fused") else None,
+        "latency_b1_ms": {"wrnc_fused": wr(big, "latency_b1_ms", "fused"),
+                          "pytorch_eager": pt_bf16(pb["b1"], "infer_ms", "eager"),
+                          "pytorch_compile": pt_bf16(pb["b1"], "infer_ms", "compile")},
+    }
+if issue6:
+    out["issue6"] = issue6
 tma = load("bench_wrnc_bf16_tma.out")
 if tma:
     out["bf16"]["train_step_ms"]["wrnc_fused_tma"] = wr(tma, "train_step_ms", "fused")
@@ -519,9 +588,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|tf32|fusion|wgmma|tf32x3|tma|deep|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

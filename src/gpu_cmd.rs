@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Skip inference (training step only).
     #[arg(long)]
     pub no_infer: bool,
+    /// Skip the training step (inference at --batch and at batch 1 only: throughput at large
+    /// batches, e.g. --batch 1024, whose training step would not fit or matter).
+    #[arg(long, conflicts_with = "no_infer")]
+    pub no_train: bool,
     /// Which GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
@@ -171,6 +175,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     };
     let modes: &[Mode] = if a.no_infer {
         &[Mode::Train]
+    } else if a.no_train {
+        &[Mode::Infer]
     } else {
         &[Mode::Train, Mode::Infer]
     };
