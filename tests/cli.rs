@@ -64,6 +64,11 @@ fn commands_and_exit_codes() {
         2,
         "invalid value 'f16'",
     );
+    check(
+        &["bench", "WRN-10-1", "--no-train", "--no-infer"],
+        2,
+        "the argument '--no-train' cannot be used with '--no-infer'",
+    );
     check(&["check", "examples/custom.net"], 0, "ok: custom-preact");
     check(&["info", "WRN-27-10"], 2, "<inline>:1:5");
     check(&["info", "WRN-28-0"], 2, "must be at least 1");

@@ -459,6 +459,23 @@ fn bench_reports_fused_unfused_and_graph_timings() {
     let r = &again["runs"][0];
     assert_eq!(r["cache_hit"], true, "{r}");
     assert!(r["setup_s"].as_f64().unwrap() < 1.0, "{r}");
+    // --no-train: inference only (a large batch's throughput), batch-1 latency included
+    let infer = bench(&[
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--fused-only",
+        "--no-train",
+    ]);
+    assert!(infer["train_step_ms"]["fused"].is_null(), "{infer}");
+    assert!(infer["fusion"].is_null(), "{infer}");
+    for k in ["infer_ms", "latency_b1_ms"] {
+        assert!(
+            infer[k]["fused"].as_f64().is_some_and(|x| x > 0.0),
+            "{k}: {infer}"
+        );
+    }
 }
 
 /// Tensor-core tiles chosen on the device: the first bf16 start times every GEMM with every
