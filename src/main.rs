@@ -78,7 +78,7 @@ enum Cmd {
         batch: Option<u32>,
         /// f32, or bf16 storage with fp32 accumulation (default: the file's `precision`).
         #[arg(long)]
-        precision: Option<PrecisionArg>,
+        precision: Option<gpu_cmd::PrecisionArg>,
         /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
         #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
         layout: wrnc_compiler::schedule::Layout,
@@ -180,12 +180,6 @@ enum Emit {
     Schedule,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PrecisionArg {
-    F32,
-    Bf16,
-}
-
 /// A closed standard output (`wrnc compile ... | head`) ends the process quietly, as it ends
 /// other Unix tools, instead of making `println!` panic: Rust starts programs with SIGPIPE
 /// ignored, so writes fail with EPIPE; this puts the default action back.
@@ -260,15 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .into());
             }
             let i = wrnc_compiler::analysis::info(&l.graph, batch);
-            let precision = match precision {
-                Some(p) => p.get(),
-                None => l
-                    .file
-                    .settings
-                    .precision
-                    .map(|p| p.value)
-                    .unwrap_or_default(),
-            };
+            let precision = l.precision_or(precision);
             // The compiled step: launches, DRAM traffic and peak memory, fused and unfused.
             let compiled = wrnc_compiler::memplan::summarize(&l.graph, batch, precision);
             if json {
@@ -377,16 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     wrnc_compiler::passes::Mode::Train
                 },
                 batch: batch_or(batch, &l)?,
-                precision: match precision {
-                    Some(PrecisionArg::F32) => wrnc_compiler::ast::Precision::F32,
-                    Some(PrecisionArg::Bf16) => wrnc_compiler::ast::Precision::Bf16,
-                    None => l
-                        .file
-                        .settings
-                        .precision
-                        .map(|p| p.value)
-                        .unwrap_or_default(),
-                },
+                precision: l.precision_or(precision),
                 fusion: wrnc_compiler::passes::Fusion {
                     unfused,
                     disabled: no_fuse,

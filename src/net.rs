@@ -1,7 +1,7 @@
 //! Reading a NET argument: a `.net` file or an inline expression.
 
 use std::path::Path;
-use wrnc_compiler::ast::NetFile;
+use wrnc_compiler::ast::{NetFile, Precision};
 use wrnc_compiler::graph::Graph;
 use wrnc_grammar::{Diagnostic, Source};
 
@@ -13,6 +13,22 @@ pub struct Loaded {
     pub source: Source,
     pub file: NetFile,
     pub graph: Graph,
+}
+
+impl Loaded {
+    /// The precision a command runs at: its `--precision` flag, else the file's `precision`
+    /// setting, else f32.
+    pub fn precision_or(&self, flag: Option<crate::gpu_cmd::PrecisionArg>) -> Precision {
+        match flag {
+            Some(p) => p.get(),
+            None => self
+                .file
+                .settings
+                .precision
+                .map(|p| p.value)
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// An error already rendered for the user (exit code 2).

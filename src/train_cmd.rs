@@ -201,15 +201,7 @@ fn bar(quiet: bool) -> ProgressBar {
 
 pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
     let backend = pick_device(args.device, args.quiet || args.json)?;
-    let precision = match args.precision {
-        Some(p) => p.get(),
-        None => l
-            .file
-            .settings
-            .precision
-            .map(|p| p.value)
-            .unwrap_or_default(),
-    };
+    let precision = l.precision_or(args.precision);
     let f32_math = wrnc_compiler::schedule::F32Math::from_flags(args.tf32, args.tf32x3)
         .map_err(|e| UserError(format!("error: {e}")))?;
     if f32_math.tensor_cores() && precision == wrnc_compiler::ast::Precision::Bf16 {
