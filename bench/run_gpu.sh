@@ -288,13 +288,13 @@ stage_issue6() {
     for net in ${ISSUE6_NETS:-WRN-16-4 WRN-40-4}; do
         slug=$(echo "$net" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
         # shellcheck disable=SC2086
-        run "bench_wrnc_bf16_$slug" "${ISSUE6_TIMEOUT:-150}" "$WRNC" bench "$net" --batch "$BATCH" --precision bf16 \
+        run "bench_wrnc_issue6_$slug" "${ISSUE6_TIMEOUT:-150}" "$WRNC" bench "$net" --batch "$BATCH" --precision bf16 \
             --tiles "${ISSUE6_TILES:-default}" $BENCH_ARGS --json
         "$WRNC" compile "$net" --emit graph >"$OUT/graph_$slug.txt" 2>/dev/null
-        run "bench_pytorch_$slug" "${PYTORCH_TIMEOUT:-240}" python3 bench/pytorch_reference.py \
+        run "bench_pytorch_issue6_$slug" "${PYTORCH_TIMEOUT:-240}" python3 bench/pytorch_reference.py \
             --graph "$OUT/graph_$slug.txt" --batch "$BATCH" --precision bf16 --variants eager,compile \
-            --warmup 5 --iters "${PYTORCH_ITERS:-20}" --no-matmul --out "$OUT/bench_pytorch_$slug.json"
-        keep "$OUT/bench_pytorch_$slug.json"
+            --warmup 5 --iters "${PYTORCH_ITERS:-20}" --no-matmul --out "$OUT/bench_pytorch_issue6_$slug.json"
+        keep "$OUT/bench_pytorch_issue6_$slug.json"
     done
     local big=${ISSUE6_BIG_BATCH:-1024}
     # shellcheck disable=SC2086
@@ -511,9 +511,9 @@ def pt_bf16(pj, key, variant):
     return r.get(key)
 issue6 = {}
 for f in sorted(set(f for d in dirs if os.path.isdir(d) for f in os.listdir(d)
-                    if f.startswith("bench_wrnc_bf16_wrn-") and f.endswith(".out"))):
-    slug = f[len("bench_wrnc_bf16_"):-len(".out")]
-    b6, p6 = load(f), load(f"bench_pytorch_{slug}.json")
+                    if f.startswith("bench_wrnc_issue6_") and f.endswith(".out"))):
+    slug = f[len("bench_wrnc_issue6_"):-len(".out")]
+    b6, p6 = load(f), load(f"bench_pytorch_issue6_{slug}.json")
     if not (b6 or p6):
         continue
     issue6[slug] = {

@@ -826,12 +826,12 @@ fn tc_frame(
 /// (at most `2^-22 |a b|`) is dropped; the others are tf32 x tf32 products, exact in the
 /// fp32 accumulation, added small terms first (`lo_a hi_b`, `hi_a lo_b`, then `hi_a hi_b`)
 /// into the one fp32 accumulator. Each product is therefore within about `2^-21 |a b|` of
-/// the exact one (fp32's own rounding is `2^-24`), where plain TF32 would be `2^-11`. Zero
+/// the exact one (fp32's own rounding is `2^-24`), where plain TF32 would be about `2^-10`. Zero
 /// operands outside `M x K` / `K x NC` split into zeros and add nothing, as in [`gemm_tc`].
 ///
 /// Plain TF32 ([`ConvGeom::tf32`], `g.tf32 == 1`) is the same kernel with only the `hi*hi`
-/// product: each operand rounded once to TF32, relative error of a product up to about
-/// `2^-11`, as cuDNN's TF32 convolutions.
+/// product: each operand rounded once to TF32 (within `2^-11` of itself), so a product within
+/// about `2^-10` of the exact one, as cuDNN's TF32 convolutions.
 fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let t = g.tile;
     let (r, c) = (t.rows, t.cols);
