@@ -214,6 +214,11 @@ inline void wrnc_cp_async16(unsigned short* dst, const unsigned short* src, bool
     std::memset(dst, 0xff, 16);
     wrnc_emu_mma::async_state().open.push_back({dst, src, valid});
 }
+// The same 16 bytes as four floats (0xff bytes poison them as NaN too).
+inline void wrnc_cp_async16(float* dst, const float* src, bool valid) {
+    wrnc_cp_async16(reinterpret_cast<unsigned short*>(dst),
+                    reinterpret_cast<const unsigned short*>(src), valid);
+}
 inline void wrnc_cp_async_commit() {
     auto& st = wrnc_emu_mma::async_state();
     st.groups.push_back(std::move(st.open));

@@ -151,17 +151,10 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     }
     let precision = a.precision.get();
     let wgmma = a.wgmma || a.tma;
-    if precision == Precision::F32 && (wgmma || a.stages.is_some()) {
-        return Err(UserError(
-            "error: --wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
-        )
-        .into());
-    }
     let f32_math =
         F32Math::from_flags(a.tf32, a.tf32x3).map_err(|e| UserError(format!("error: {e}")))?;
-    if precision == Precision::Bf16 && f32_math.tensor_cores() {
-        return Err(UserError(format!("error: {}", schedule::TF32_WITH_BF16)).into());
-    }
+    schedule::check_engine_flags(precision, f32_math, wgmma, a.stages.is_some())
+        .map_err(|e| UserError(format!("error: {e}")))?;
     let gpu = open_gpu(a.gpu)?;
     let cache = PtxCache::default_location();
     if !a.json {
@@ -340,7 +333,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "net": l.graph.name,
         "batch": a.batch,
         "precision": precision.name(),
-        "layout": a.layout.resolve(precision),
+        "layout": a.layout.resolve(precision, f32_math),
         "wgmma": wgmma,
         "tma": a.tma,
         "tf32x3": a.tf32x3,
@@ -673,7 +666,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         for precision in [Precision::F32, Precision::Bf16] {
             let mut layouts = vec![(name.clone(), Layout::Auto)];
             if ni < BUILTIN.len() {
-                let other = match Layout::Auto.resolve(precision) {
+                let other = match Layout::Auto.resolve(precision, F32Math::Fma) {
                     Layout::Nhwc => Layout::Nchw,
                     _ => Layout::Nhwc,
                 };
@@ -747,6 +740,20 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             layout: Layout::Auto,
             tiles: schedule::Tiles::all(tile).with_f32_math(math),
             launches_only,
+        });
+    }
+    // the same engines on NCHW activations (`--layout nchw`): no `cp.async`, operands
+    // gathered one element per thread; the fused training step, launch by launch and whole
+    for math in [F32Math::Tf32x3, F32Math::Tf32] {
+        jobs.push(Job {
+            label: format!("{} {} nchw", nets[0].0, math.flag().trim_start_matches('-')),
+            net: 0,
+            mode: Mode::Train,
+            precision: Precision::F32,
+            unfused: false,
+            layout: Layout::Nchw,
+            tiles: schedule::Tiles::default().with_f32_math(math),
+            launches_only: false,
         });
     }
     // a network of 8- and 16-channel convs, all on the `cp.async` engine
@@ -836,6 +843,39 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 stages,
                 tma,
                 ..schedule::Tiles::all(tile)
+            },
+            launches_only,
+        });
+    }
+    // the TF32 engines on the `cp.async` engine (NHWC, 8- and 16-channel convs: f32 runs of 8
+    // channels, an f32 packed weight): the fused training step and inference at the default
+    // tile, launch by launch and whole, for both; plain TF32's training step's launches with a
+    // 4-stage 128x128 ring in dynamic shared memory
+    for (math, mode, tile, stages, launches_only) in [
+        (F32Math::Tf32, Mode::Train, TcTile::DEFAULT, 0, false),
+        (F32Math::Tf32, Mode::Infer, TcTile::DEFAULT, 0, false),
+        (F32Math::Tf32, Mode::Train, t128, 4, true),
+        (F32Math::Tf32x3, Mode::Train, TcTile::DEFAULT, 0, false),
+        (F32Math::Tf32x3, Mode::Infer, TcTile::DEFAULT, 0, false),
+    ] {
+        jobs.push(Job {
+            label: format!(
+                "vec8 {}{} tile {tile}",
+                math.flag().trim_start_matches('-'),
+                if stages != 0 {
+                    format!(" stages {stages}")
+                } else {
+                    String::new()
+                }
+            ),
+            net: vec8,
+            mode,
+            precision: Precision::F32,
+            unfused: false,
+            layout: Layout::Auto,
+            tiles: schedule::Tiles {
+                stages,
+                ..schedule::Tiles::all(tile).with_f32_math(math)
             },
             launches_only,
         });

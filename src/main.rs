@@ -372,19 +372,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             opts.fusion
                 .validate()
                 .map_err(|m| UserError(format!("error: {m}")))?;
-            if opts.precision == wrnc_compiler::ast::Precision::F32 && (wgmma || stages.is_some()) {
-                return Err(UserError(
-                    "error: --wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16".into(),
-                )
-                .into());
-            }
-            if opts.precision == wrnc_compiler::ast::Precision::Bf16 && (tf32x3 || tf32) {
-                return Err(UserError(format!(
-                    "error: {}",
-                    wrnc_compiler::schedule::TF32_WITH_BF16
-                ))
-                .into());
-            }
+            wrnc_compiler::schedule::check_engine_flags(
+                opts.precision,
+                opts.tiles.f32_math(),
+                wgmma || tma,
+                stages.is_some(),
+            )
+            .map_err(|e| UserError(format!("error: {e}")))?;
             if let Some(p) = &dump_after {
                 if !wrnc_compiler::passes::pass_names().contains(&p.as_str()) {
                     return Err(UserError(format!(

@@ -425,7 +425,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     }),
                     _ => None,
                 },
-                "layout": match backend { Backend::Cpu => "nchw", Backend::Cuda => args.layout.resolve(precision).name() },
+                "layout": match backend { Backend::Cpu => "nchw", Backend::Cuda => args.layout.resolve(precision, f32_math).name() },
                 "checkpoint": report.checkpoint, "epochs": report.epochs,
                 "tiles": tiles,
             })

@@ -144,7 +144,7 @@ fn commands_and_exit_codes() {
     check(
         &["compile", "WRN-10-1", "--stages", "4"],
         2,
-        "only with --precision bf16",
+        "which f32 has only with --tf32 or --tf32x3",
     );
     check(
         &["bench", "WRN-10-1", "--wgmma"],
@@ -154,7 +154,7 @@ fn commands_and_exit_codes() {
     check(
         &["compile", "WRN-10-1", "--tma", "--emit", "cuda"],
         2,
-        "--wgmma, --tma and --stages change the tensor-core convolutions",
+        "--wgmma and --tma change the bf16 tensor-core convolutions",
     );
     // TF32 and 3xTF32 are for f32: bf16 convolutions are on the tensor cores already; and
     // they exclude each other

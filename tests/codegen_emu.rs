@@ -1509,6 +1509,7 @@ fn a_nan_loss_skips_the_update() {
 fn f32_tf32x3_tensor_cores() {
     let x3 = Prec {
         tf32x3: true,
+        layout: Layout::Nchw,
         ..F32
     };
     let g = graph(WRN);
@@ -1636,8 +1637,121 @@ const TF32: Prec = Prec {
     kernel: 1e-5,
     e2e: 5e-3,
     tf32: true,
+    layout: Layout::Nchw,
     ..F32
 };
+
+/// f32 convolutions on the tensor cores with vector loads ([`f32_tf32_vector_loads`]).
+const TF32_NHWC: Prec = Prec {
+    layout: Layout::Auto,
+    ..TF32
+};
+
+/// f32 convolutions on the tensor cores with vector loads: `Auto` is NHWC under `--tf32` and
+/// `--tf32x3`, and [`VEC`]'s channel counts put every conv pass but the 3-channel stem's
+/// (gathered element by element, NHWC) on the `cp.async` engine with f32 operands: a run of
+/// 8 floats is two 16-byte copies, the forward and data-gradient passes read an f32 weight
+/// packed for them by the launch before (`pack_weight_*_f32`: the weight's own values; the conv
+/// rounds them to TF32 as it reads its fragments).
+/// Both engines: the training step, fused and unfused, and inference, every launch against
+/// the reference (plain TF32's rounding its operands as `cvt.rna` does, 3xTF32's exact) and
+/// the step against the f64 model; plain TF32 also at 128x128 with 4 stages (a ring in dynamic
+/// shared memory) and at 32x64.
+#[test]
+fn f32_tf32_vector_loads() {
+    let g = graph(VEC);
+    let x3 = Prec {
+        tf32x3: true,
+        layout: Layout::Auto,
+        ..F32
+    };
+    for prec in [TF32_NHWC, x3] {
+        let s = build_in(&g, Mode::Train, false, prec);
+        assert_eq!(s.layout, Layout::Nhwc);
+        let convs: Vec<_> = s
+            .kernels
+            .iter()
+            .filter_map(|k| k.spec.conv_geom().map(|cg| (k, cg)))
+            .collect();
+        let names: Vec<_> = convs.iter().map(|(k, _)| &k.name).collect();
+        for (k, cg) in &convs {
+            assert!(cg.f32_operands() && cg.nhwc, "{}", k.name);
+            assert_eq!(cg.vec, k.name.contains("_v8"), "{}", k.name);
+        }
+        let count = |what: &str| {
+            convs
+                .iter()
+                .filter(|(k, cg)| cg.vec && k.name.starts_with(what))
+                .count()
+        };
+        assert!(count("conv_fwd") >= 5, "{names:?}");
+        assert!(count("conv_bwd_data") >= 4, "{names:?}");
+        assert!(count("conv_bwd_weight") >= 5, "{names:?}");
+        assert_eq!(
+            convs.iter().filter(|(_, cg)| !cg.vec).count(),
+            2,
+            "{names:?}"
+        );
+        for (li, l) in s.launches.iter().enumerate() {
+            let spec = &s.kernels[l.kernel].spec;
+            let reads_w = matches!(
+                spec,
+                KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+            );
+            if !reads_w || !spec.conv_geom().is_some_and(|cg| cg.vec) {
+                continue;
+            }
+            let w = spec
+                .signature()
+                .0
+                .iter()
+                .position(|p| p.name == "w")
+                .unwrap();
+            let wb = &s.buffers[l.buffers[w].buffer];
+            assert!(
+                wb.name.starts_with("pack.") && wb.dtype == Dtype::F32,
+                "{}",
+                l.note
+            );
+            let prev = &s.launches[li - 1];
+            assert!(
+                matches!(
+                    s.kernels[prev.kernel].spec,
+                    KernelSpec::PackWeight { f32: true, .. }
+                ),
+                "{}",
+                l.note
+            );
+            assert!(s.kernels[prev.kernel].name.ends_with("_f32"));
+            assert_eq!(prev.buffers[0].buffer, l.buffers[w].buffer, "{}", l.note);
+        }
+        let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
+        assert!(cu.contains("wrnc_cp_async16(d_ + 4, src_ + 4, ok_);"));
+        let tag = if prec.tf32 { "tf32vec" } else { "x3vec" };
+        let _ = check_step_in(tag, VEC, prec);
+        check_infer_in(tag, VEC, prec);
+    }
+    let t128 = TcTile {
+        rows: 128,
+        cols: 128,
+    };
+    let deep = Prec {
+        tile: t128,
+        stages: 4,
+        ..TF32_NHWC
+    };
+    let s = build_in(&g, Mode::Train, false, deep);
+    assert!(s.kernels.iter().any(|k| k.spec.dynamic_smem() > 0));
+    let _ = check_step_of("tf32vec-t128-s4", g.clone(), deep);
+    let _ = check_step_of(
+        "tf32vec-t32x64",
+        g,
+        Prec {
+            tile: TcTile { rows: 32, cols: 64 },
+            ..TF32_NHWC
+        },
+    );
+}
 
 #[test]
 fn bf16_every_tensor_core_tile() {

@@ -638,7 +638,9 @@ fn tma_kernels_of_wrn_28_10_compile_for_sm_90a() {
 /// warp tile, the most registers), compiles for sm_80 with TF32 `mma.sync` and
 /// `cvt.rna.tf32`, no conv kernel spills, and each stays within 48 KiB of static shared
 /// memory (plain TF32's 128x128 for sm_90 too; on sm_80 it spilled 48 bytes before its
-/// k-steps were kept rolled).
+/// k-steps were kept rolled). Both engines: NCHW (operands gathered element by element) and
+/// NHWC, `Auto`'s choice, where every conv but the stem loads f32 runs by `cp.async`
+/// (`_v8`; the 128x128 ring in dynamic shared memory).
 #[test]
 fn tf32x3_kernels_of_wrn_28_10_compile_for_sm_80_without_spills() {
     if !nvrtc_available() {
@@ -647,24 +649,42 @@ fn tf32x3_kernels_of_wrn_28_10_compile_for_sm_80_without_spills() {
     let _g = one_at_a_time();
     let g = graph("WRN-28-10");
     let t = |rows, cols| schedule::TcTile { rows, cols };
-    for (math, tile, arch) in [
-        (
-            schedule::F32Math::Tf32x3,
-            schedule::TcTile::DEFAULT,
-            "sm_80",
-        ),
-        (schedule::F32Math::Tf32x3, t(128, 128), "sm_80"),
-        (schedule::F32Math::Tf32, schedule::TcTile::DEFAULT, "sm_80"),
-        (schedule::F32Math::Tf32, t(128, 128), "sm_80"),
-        (schedule::F32Math::Tf32, t(128, 128), "sm_90"),
+    let (x3, tf32) = (schedule::F32Math::Tf32x3, schedule::F32Math::Tf32);
+    let (d, nchw, auto) = (
+        schedule::TcTile::DEFAULT,
+        schedule::Layout::Nchw,
+        schedule::Layout::Auto,
+    );
+    for (math, tile, arch, layout) in [
+        (x3, d, "sm_80", nchw),
+        (x3, t(128, 128), "sm_80", nchw),
+        (tf32, d, "sm_80", nchw),
+        (tf32, t(128, 128), "sm_80", nchw),
+        (tf32, t(128, 128), "sm_90", nchw),
+        (x3, d, "sm_80", auto),
+        (x3, t(128, 128), "sm_80", auto),
+        (tf32, d, "sm_80", auto),
+        (tf32, t(128, 128), "sm_80", auto),
+        (tf32, t(128, 128), "sm_90", auto),
     ] {
         let opts = Options {
             batch: 128,
             precision: Precision::F32,
+            layout,
             tiles: schedule::Tiles::all(tile).with_f32_math(math),
             ..Options::default()
         };
         let s = schedule::build(&g, &opts).unwrap();
+        let vec = s
+            .kernels
+            .iter()
+            .filter(|k| k.spec.conv_geom().is_some_and(|g| g.vec))
+            .count();
+        if layout == auto {
+            assert!(vec >= 20, "{math:?} {tile}: {vec} vector-loading convs");
+        } else {
+            assert_eq!(vec, 0);
+        }
         let src = cuda::write(&s, &opts).unwrap();
         let ptx = nvrtc::compile_ptx(&src, arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
         assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
@@ -682,8 +702,10 @@ fn tf32x3_kernels_of_wrn_28_10_compile_for_sm_80_without_spills() {
         assert!(x3 >= 20, "{math:?} {tile}: {x3} TF32 kernels");
         let most = r.iter().max_by_key(|k| k.registers).unwrap();
         eprintln!(
-            "{arch} {math:?} tile {tile}: {x3} conv kernels, most registers {} ({})",
-            most.registers, most.name
+            "{arch} {math:?} {} tile {tile}: {x3} conv kernels ({vec} vector-loading), most registers {} ({})",
+            layout.name(),
+            most.registers,
+            most.name
         );
     }
 }

@@ -926,6 +926,7 @@ fn launch_nchw(
             k,
             groups,
             data_grad,
+            f32,
         } => {
             let (oc, ic) = (dim("OC")?, dim("IC")?);
             let perm = weight_pack_order(k as usize, groups as usize, ic, oc, data_grad)?;
@@ -933,7 +934,10 @@ fn launch_nchw(
             if w.len() != perm.len() {
                 return Err("pack_weight length".into());
             }
-            round_operand(&mut w, false);
+            // bf16 as stored; an f32 copy is the weight itself (the conv rounds it to TF32)
+            if !f32 {
+                round_operand(&mut w, false);
+            }
             let mut wp = vec![0.0; w.len()];
             for (oihw, &p) in perm.iter().enumerate() {
                 wp[p] = w[oihw];

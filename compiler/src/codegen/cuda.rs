@@ -848,7 +848,39 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 "#,
         boff = r * 144
     );
-    let x3 = g.tf32 == 3;
+    let frag = TfFrag {
+        a: format!("&As[wm * {wtm} + i * 16 + (lane >> 2)][ks + (lane & 3)]"),
+        a_row8: 8 * 36,
+        a_k4: 4,
+        b: format!("&Bs[wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)]"),
+        b_k4: 4,
+    };
+    let math = tf32_math(g.tf32, mi, ni, &frag);
+    tc_frame(name, spec, g, &st, &arrays, &math)
+}
+
+/// Where a warp's TF32 fragments lie in shared memory ([`tf32_math`]): `a` is the address of
+/// element `(row g, k t)` of A's `i`-th 16-row fragment (`g = lane / 4`, `t = lane % 4`, with
+/// `ks` the step's first reduction index), `a_row8` / `a_k4` the offsets (in floats) of rows
+/// `g + 8` and of reduction index `t + 4`; `b` is element `(k t, column g)` of B's `jn`-th
+/// 8-column fragment, `b_k4` the offset of `t + 4`.
+struct TfFrag {
+    a: String,
+    a_row8: u32,
+    a_k4: u32,
+    b: String,
+    b_k4: u32,
+}
+
+/// One stage (32 reduction indices) of a warp's TF32 `mma.sync.m16n8k8` products from f32
+/// tiles in shared memory ([`gemm_tc_x3`], [`gemm_tc_async`] with f32 operands): the
+/// fragment elements of the PTX ISA's m16n8k8 `.tf32` layout (A: `a0 = (g, t)`, `a1 =
+/// (g + 8, t)`, `a2 = (g, t + 4)`, `a3 = (g + 8, t + 4)`; B: `b0 = (t, g)`, `b1 = (t + 4, g)`)
+/// read where `f` says, split into TF32 parts as they are read, and `products` `mma`s per
+/// fragment pair (3: 3xTF32, small products first; 1: plain TF32). The algebra is
+/// [`gemm_tc_x3`]'s.
+fn tf32_math(products: u32, mi: u32, ni: u32, f: &TfFrag) -> String {
+    let x3 = products == 3;
     // 3xTF32: the remainders' fragments and the two small products first; plain TF32: none
     let (lo_decl, a_lo, b_lo, lo_mma) = if x3 {
         (
@@ -870,19 +902,20 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     } else {
         ""
     };
-    let math = format!(
+    let (ar8, ak4, bk4) = (f.a_row8, f.a_k4, f.b_k4);
+    format!(
         r#"{unroll}        for (int ks = 0; ks < 32; ks += 8) {{
             unsigned int ah[{mi}][4], bh[{ni}][2]{lo_decl};
             for (int i = 0; i < {mi}; ++i) {{
-                const float* p_ = &As[wm * {wtm} + i * 16 + (lane >> 2)][ks + (lane & 3)];
-                const float x_[4] = {{p_[0], p_[8 * 36], p_[4], p_[8 * 36 + 4]}};
+                const float* p_ = {a};
+                const float x_[4] = {{p_[0], p_[{ar8}], p_[{ak4}], p_[{ar8} + {ak4}]}};
                 for (int q = 0; q < 4; ++q) {{
                     ah[i][q] = wrnc_tf32(x_[q]);{a_lo}
                 }}
             }}
             for (int jn = 0; jn < {ni}; ++jn) {{
-                const float* p_ = &Bs[wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)];
-                const float y_[2] = {{p_[0], p_[4]}};
+                const float* p_ = {b};
+                const float y_[2] = {{p_[0], p_[{bk4}]}};
                 for (int q = 0; q < 2; ++q) {{
                     bh[jn][q] = wrnc_tf32(y_[q]);{b_lo}
                 }}
@@ -892,9 +925,10 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 {lo_mma}                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn]);
                 }}
         }}
-"#
-    );
-    tc_frame(name, spec, g, &st, &arrays, &math)
+"#,
+        a = f.a,
+        b = f.b,
+    )
 }
 
 /// The operands of [`gemm_tc_async`]: runs of 8 consecutive elements of one operand tile row,
@@ -964,7 +998,10 @@ struct VecOperand {
 fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String {
     let t = g.tile;
     let (r, c) = (t.rows, t.cols);
-    let wg = v.wgmma && v.kmajor && r >= 64;
+    // f32 operands multiplied as TF32 (`g.tf32` products per fragment pair), else bf16
+    let f32 = g.tf32 != 0;
+    let et = if f32 { "float" } else { "unsigned short" };
+    let wg = !f32 && v.wgmma && v.kmajor && r >= 64;
     let grid = if wg {
         WarpGrid::wgmma(t)
     } else {
@@ -976,8 +1013,12 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let km = v.kmajor;
     let ns = v.smem.stages;
     let smem = v.smem.bytes;
-    // A shared row (halves) and the slot's first row, per operand of `n` tile rows/columns
-    let (arow, brow) = if km { (40, 40) } else { (r + 8, c + 8) };
+    // A shared row (halves, or floats), per operand of `n` tile rows/columns
+    let (arow, brow) = match (km, f32) {
+        (true, false) => (40, 40),
+        (true, true) => (36, 36),
+        (false, _) => (r + 8, c + 8),
+    };
     // this thread's runs of a stage: `4 n` runs for `n` rows (or columns) of 32; `rl` is the
     // run's tile row (column), `kl` its reduction index (of the first of 8 with `kmajor`)
     let runs = |n: u32, body: &str| -> String {
@@ -1050,10 +1091,15 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                 runs(
                     *n,
                     &format!(
-                        "            const int {idx} = {blk} * {n} + rl, kk = {kx} + kl;\n            const unsigned short* src_ = {base};\n            bool ok_ = false;\n            if ({idx} < {lim} && kk < ke_) {{\n{addr}            }}\n            wrnc_cp_async16({cell}, src_, ok_);\n",
+                        "            const int {idx} = {blk} * {n} + rl, kk = {kx} + kl;\n            const {et}* src_ = {base};\n            bool ok_ = false;\n            if ({idx} < {lim} && kk < ke_) {{\n{addr}            }}\n{copy}",
                         base = op.base,
                         addr = op.addr,
-                        cell = cell(arr, *n, slot)
+                        // a run of 8 floats is two 16-byte copies
+                        copy = if f32 {
+                            format!("            {{\n            float* d_ = {};\n            wrnc_cp_async16(d_, src_, ok_);\n            wrnc_cp_async16(d_ + 4, src_ + 4, ok_);\n            }}\n", cell(arr, *n, slot))
+                        } else {
+                            format!("            wrnc_cp_async16({}, src_, ok_);\n", cell(arr, *n, slot))
+                        }
                     ),
                 )
             })
@@ -1064,6 +1110,34 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         .iter()
         .filter(|(op, ..)| !op.pro.is_empty())
         .map(|(op, arr, n, idx, blk, lim)| {
+            if f32 {
+                // f32 runs: the prologue in place, no rounding (the fragments' TF32 rounding
+                // happens as they are read)
+                return runs(
+                    *n,
+                    &format!(
+                        r#"            const int {idx} = {blk} * {n} + rl, kk = kb_ + kt * 32 + kl;
+            if ({idx} < {lim} && kk < ke_) {{
+            const float* src_ = {base};
+            bool ok_ = false;
+{addr}            (void)src_;
+            if (ok_) {{
+            float* p_ = {cell};
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) {{
+            float xv = p_[e8];
+{pro}            p_[e8] = xv;
+            }}
+            }}
+            }}
+"#,
+                        base = op.base,
+                        addr = op.addr,
+                        pro = op.pro,
+                        cell = cell(arr, *n, "slot_"),
+                    ),
+                );
+            }
             runs(
                 *n,
                 &format!(
@@ -1107,12 +1181,12 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             format!("wrnc_ldmatrix_x4_trans(bfr[jp], &Bs_[slot_ * 32 + ks + (lane & 7) + ((lane >> 3) & 1) * 8][wn * {wtn} + jp * 16 + (lane >> 4) * 8]);"),
         )
     };
-    let boff = if wg {
-        ns * r * 64
-    } else if km {
-        ns * r * 80
-    } else {
-        ns * 64 * (r + 8)
+    let boff = match (wg, km, f32) {
+        (true, ..) => ns * r * 64,
+        (false, true, false) => ns * r * 80,
+        (false, false, false) => ns * 64 * (r + 8),
+        (false, true, true) => ns * r * 144,
+        (false, false, true) => ns * 128 * (r + 8),
     };
     let array = if v.smem.dynamic && wg {
         // the swizzled stages need 1024-byte alignment; the launch gives 1024 bytes of slack
@@ -1138,13 +1212,38 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         )
     } else {
         format!(
-            "{array}    unsigned short (*As_)[{arow}] = reinterpret_cast<unsigned short (*)[{arow}]>(smem_);\n    unsigned short (*Bs_)[{brow}] = reinterpret_cast<unsigned short (*)[{brow}]>(smem_ + {boff});\n"
+            "{array}    {et} (*As_)[{arow}] = reinterpret_cast<{et} (*)[{arow}]>(smem_);\n    {et} (*Bs_)[{brow}] = reinterpret_cast<{et} (*)[{brow}]>(smem_ + {boff});\n"
         )
     };
     // wgmma groups left in flight at the end of an iteration ([`wgmma_in_flight`]); each one
     // delays a slot's refill by an iteration, so the prefetch distance shrinks by as many
     let lag = if wg { wgmma_in_flight(ns) } else { 0 };
-    let compute = if wg {
+    let compute = if f32 {
+        // `As_[slot * r + m][k]`, `Bs_[slot * c + j][k]` (kmajor) or `As_[slot * 32 + k][m]`,
+        // `Bs_[slot * 32 + k][j]`
+        let frag = if km {
+            TfFrag {
+                a: format!(
+                    "&As_[slot_ * {r} + wm * {wtm} + i * 16 + (lane >> 2)][ks + (lane & 3)]"
+                ),
+                a_row8: 8 * arow,
+                a_k4: 4,
+                b: format!(
+                    "&Bs_[slot_ * {c} + wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)]"
+                ),
+                b_k4: 4,
+            }
+        } else {
+            TfFrag {
+                a: format!("&As_[slot_ * 32 + ks + (lane & 3)][wm * {wtm} + i * 16 + (lane >> 2)]"),
+                a_row8: 8,
+                a_k4: 4 * arow,
+                b: format!("&Bs_[slot_ * 32 + ks + (lane & 3)][wn * {wtn} + jn * 8 + (lane >> 2)]"),
+                b_k4: 4 * brow,
+            }
+        };
+        tf32_math(g.tf32, mi, ni, &frag)
+    } else if wg {
         // the warpgroup's A rows (128-row tiles: one m64 slab each) or B columns (64-row
         // tiles: half the columns each), in halves from the slot's start (rows of 32 halves;
         // whole 512-byte atoms); a k16 step is 16 halves (32 bytes) along a row, the swizzle
@@ -2097,6 +2196,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             k,
             groups,
             data_grad,
+            f32,
         } => {
             let consts = format!(
                 "    const int KS = {k}, G = {groups};\n    const int ICG = IC / G, OCG = OC / G;\n"
@@ -2112,7 +2212,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 spec,
                 "OC * ICG * KS * KS",
                 &consts,
-                &format!("{src}        wp[i] = wrnc_bf16_bits(w[src]);\n"),
+                &if f32 {
+                    format!("{src}        wp[i] = w[src];\n")
+                } else {
+                    format!("{src}        wp[i] = wrnc_bf16_bits(w[src]);\n")
+                },
             )
         }
         SplitKReduce => elementwise(

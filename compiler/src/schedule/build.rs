@@ -175,7 +175,8 @@ impl<'a> B<'a> {
         let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols);
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
-            g.wgmma = self.tiles.wgmma && g.vec && kmajor && tile.rows >= 64;
+            // (bf16 operands only: the TF32 engines run `mma.sync`)
+            g.wgmma = self.tiles.wgmma && g.vec && !g.f32_operands() && kmajor && tile.rows >= 64;
             // TMA where no box is larger than its tensor (CUDA requires it, [`TmapArg`]);
             // elsewhere the operands come by `cp.async`
             g.tma = self.tiles.tma && g.wgmma && weight_box_fits;
@@ -221,7 +222,8 @@ impl<'a> B<'a> {
     }
 
     /// A vector-loading conv's weight operand ([`ConvGeom::vec`]): launches
-    /// [`KernelSpec::PackWeight`] from the f32 OIHW weight `w` into a bf16 scratch buffer named
+    /// [`KernelSpec::PackWeight`] from the f32 OIHW weight `w` into a bf16 (f32 for a TF32
+    /// conv, [`ConvGeom::f32_operands`]) scratch buffer named
     /// `pack.<conv>.<pass>` and returns that buffer (read); `w` itself when `g` is not `vec`.
     /// The copy lives from this launch to the conv's, so the memory plan reuses its bytes.
     fn conv_weight(
@@ -239,7 +241,11 @@ impl<'a> B<'a> {
         let wp = self.buffer(
             format!("pack.{node}.{pass}"),
             w.len,
-            Dtype::Bf16,
+            if g.f32_operands() {
+                Dtype::F32
+            } else {
+                Dtype::Bf16
+            },
             Role::Scratch,
         );
         let out = self.whole(wp, Access::Write);
@@ -248,6 +254,7 @@ impl<'a> B<'a> {
                 k: g.k,
                 groups: g.groups,
                 data_grad,
+                f32: g.f32_operands(),
             },
             B::elem_grid(w.len),
             [ELEM_BLOCK, 1, 1],
@@ -367,11 +374,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, f32: F32Math, nhwc: bool) -> Con
         nhwc,
         // whole 16-byte runs of channels in every patch the forward and data-gradient passes
         // gather (and 16-byte aligned ones: every offset is a multiple of 8 channels)
-        vec: tensor_cores
-            && f32 == F32Math::Fma
-            && nhwc
-            && (c.in_c / c.groups) % 8 == 0
-            && (c.out_c / c.groups) % 8 == 0,
+        vec: tensor_cores && nhwc && (c.in_c / c.groups) % 8 == 0 && (c.out_c / c.groups) % 8 == 0,
         wgmma: false,
         stages: 0,
         tma: false,
@@ -389,22 +392,19 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
     }
     plan.verify().map_err(err)?;
     opts.tiles.check().map_err(err)?;
-    if opts.precision == Precision::F32
-        && (opts.tiles.wgmma || opts.tiles.stages != 0 || opts.tiles.tma)
-    {
-        return Err(err(
-            "--wgmma, --tma and --stages change the tensor-core convolutions, which run only with --precision bf16",
-        ));
-    }
-    if opts.precision == Precision::Bf16 && (opts.tiles.tf32x3 || opts.tiles.tf32) {
-        return Err(err(TF32_WITH_BF16));
-    }
+    super::check_engine_flags(
+        opts.precision,
+        opts.tiles.f32_math(),
+        opts.tiles.wgmma || opts.tiles.tma,
+        opts.tiles.stages != 0,
+    )
+    .map_err(err)?;
     let train = plan.mode == Mode::Train;
     let act = match opts.precision {
         Precision::F32 => Dtype::F32,
         Precision::Bf16 => Dtype::Bf16,
     };
-    let layout = opts.layout.resolve(opts.precision);
+    let layout = opts.layout.resolve(opts.precision, opts.tiles.f32_math());
     let nn = plan.nodes.len();
     let mut b = B {
         plan,

@@ -94,11 +94,11 @@ pub struct ConvGeom {
     pub nhwc: bool,
     /// Vector operand loads (only with `tensor_cores` and `nhwc`, and only where the channels
     /// per group of both the input and the output are multiples of 8): every operand moves as
-    /// runs of 8 channels (16 bytes of bf16) by `cp.async` into a multi-stage shared-memory
-    /// ring, instead of one element per thread through registers. The forward and
-    /// data-gradient passes then read a bf16 weight packed for them
-    /// ([`KernelSpec::PackWeight`]); the weight gradient reads `dy` and `x` as they are. Changes
-    /// no value. Name suffix `_v8`.
+    /// runs of 8 channels (16 bytes of bf16, or 32 bytes of f32 with `tf32` / `tf32x3`: two
+    /// 16-byte copies) by `cp.async` into a multi-stage shared-memory ring, instead of one
+    /// element per thread through registers. The forward and data-gradient passes then read a
+    /// weight packed for them ([`KernelSpec::PackWeight`]: bf16, or f32 for the TF32 engines);
+    /// the weight gradient reads `dy` and `x` as they are. Changes no value. Name suffix `_v8`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub vec: bool,
     /// Hopper's warpgroup MMA (`wgmma.mma_async`, sm_90a) instead of `mma.sync` (only with
@@ -129,8 +129,8 @@ pub struct ConvGeom {
     /// (instead of `_tma`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tma_a: bool,
-    /// An f32 convolution on the tensor cores (only with `tensor_cores`, never with `vec`;
-    /// see [`super::Tiles::tf32x3`]): fp32 operands, each split into a TF32 high part and the
+    /// An f32 convolution on the tensor cores (only with `tensor_cores`; with `vec` the
+    /// operands arrive as f32 by `cp.async`; see [`super::Tiles::tf32x3`]): fp32 operands, each split into a TF32 high part and the
     /// TF32 rounding of its remainder, and three `mma.sync.m16n8k8.tf32` per fragment pair
     /// (`lo*hi + hi*lo + hi*hi`, fp32 accumulation), which keeps fp32's accuracy (relative
     /// error of a product about 2^-21) at tensor-core speed. Operands and results stay f32;
@@ -138,7 +138,7 @@ pub struct ConvGeom {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tf32x3: bool,
     /// An f32 convolution on the tensor cores in plain TF32 (only with `tensor_cores`, never
-    /// with `vec` or `tf32x3`; see [`super::Tiles::tf32`]): the 3xTF32 kernel with only its
+    /// with `tf32x3`; with `vec` as `tf32x3`; see [`super::Tiles::tf32`]): the 3xTF32 kernel with only its
     /// `hi*hi` product, one `mma.sync.m16n8k8.tf32` per fragment pair, as cuDNN's convolutions
     /// run under PyTorch's default (`torch.backends.cudnn.allow_tf32`). Each operand is
     /// rounded to TF32 (`cvt.rna`: 11 significant bits, ties away from zero) as the fragment
@@ -298,6 +298,13 @@ impl ConvGeom {
         }
     }
 
+    /// The tensor cores multiply f32 operands as TF32 ([`ConvGeom::tf32`],
+    /// [`ConvGeom::tf32x3`]): operands stay f32 in memory and in shared memory (the packed
+    /// weight of a `vec` pass included), where bf16 operands would be bf16.
+    pub fn f32_operands(&self) -> bool {
+        self.tensor_cores && (self.tf32 || self.tf32x3)
+    }
+
     fn tag(&self) -> String {
         format!(
             "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}{}",
@@ -339,11 +346,20 @@ impl ConvGeom {
     /// not (weight gradient). A stage holds 32 reduction indices of both operands: rows of 64
     /// bytes in the 64-byte swizzle mode, unpadded (`wgmma`), K-contiguous rows of 32 + 8 halves, or 32
     /// rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
-    /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks). Stages: `stages`
-    /// when set, else as many as fit in [`TC_STATIC_SMEM`], 2 to 4.
+    /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks). With f32 operands
+    /// ([`ConvGeom::f32_operands`]) the elements are floats: K-contiguous rows of 32 + 4, or
+    /// rows of `rows + 8` / `cols + 8` (either way the fragment reads of a warp, 8 rows x 4
+    /// reduction indices, fall in 32 distinct banks). Stages: `stages` when set, else as many
+    /// as fit in [`TC_STATIC_SMEM`], 2 to 4.
     pub fn async_smem(&self, kmajor: bool) -> AsyncSmem {
         let t = self.tile;
-        let stage_bytes = if self.wgmma && kmajor && t.rows >= 64 {
+        let stage_bytes = if self.f32_operands() {
+            if kmajor {
+                (t.rows + t.cols) * 144
+            } else {
+                128 * (t.rows + t.cols + 16)
+            }
+        } else if self.wgmma && kmajor && t.rows >= 64 {
             (t.rows + t.cols) * 64
         } else if kmajor {
             (t.rows + t.cols) * 80
@@ -598,10 +614,14 @@ pub enum KernelSpec {
     /// consecutive reduction indices are 16 contiguous bytes. `data_grad = false` (forward): OHWI,
     /// `wp[o][kh][kw][i]`; `true` (data gradient): `wp[g][i][kh][kw][o]` for `o` and `i` within
     /// group `g`. Every value is rounded to bf16 (nearest even), which the conv would do anyway.
+    /// With `f32` (a TF32 conv, [`ConvGeom::f32_operands`]) the copy is f32 and every value
+    /// is the weight's own: the conv rounds it to TF32 as it reads it, as it rounds the OIHW
+    /// weight without vector loads. Name suffix `_f32`.
     PackWeight {
         k: u32,
         groups: u32,
         data_grad: bool,
+        f32: bool,
     },
 }
 
@@ -1095,9 +1115,11 @@ impl KernelSpec {
                 k,
                 groups,
                 data_grad,
+                f32,
             } => format!(
-                "pack_weight_{}_k{k}g{groups}",
-                if *data_grad { "bwd_data" } else { "fwd" }
+                "pack_weight_{}_k{k}g{groups}{}",
+                if *data_grad { "bwd_data" } else { "fwd" },
+                if *f32 { "_f32" } else { "" }
             ),
         }
     }
@@ -1450,6 +1472,10 @@ impl KernelSpec {
                 v.extend([b!("affine", Read, F32)]);
                 (v, vec![("OC", S::I32), ("PER", S::I32)])
             }
+            PackWeight { f32: true, .. } => (
+                vec![b!("wp", Write, F32), b!("w", Read, F32)],
+                vec![("OC", S::I32), ("IC", S::I32)],
+            ),
             PackWeight { .. } => (
                 vec![b!("wp", Write, Bf16), b!("w", Read, F32)],
                 vec![("OC", S::I32), ("IC", S::I32)],
@@ -1469,9 +1495,9 @@ impl KernelSpec {
 }
 
 /// A forward or data-gradient conv's weight parameter: the f32 OIHW weight, or with vector loads
-/// ([`ConvGeom::vec`]) its bf16 copy packed by [`KernelSpec::PackWeight`].
+/// ([`ConvGeom::vec`]) its copy packed by [`KernelSpec::PackWeight`] (bf16, or f32 for TF32).
 fn conv_w(g: &ConvGeom) -> BufParam {
-    if g.vec {
+    if g.vec && !g.f32_operands() {
         b!("w", Read, Bf16)
     } else {
         b!("w", Read, F32)

@@ -278,7 +278,9 @@ impl Default for Options {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Layout {
-    /// NHWC for `--precision bf16` (the tensor cores' layout), NCHW for f32.
+    /// NHWC where the convolutions run on the tensor cores (`--precision bf16`, or f32 with
+    /// `--tf32` / `--tf32x3`: their operands then arrive by `cp.async` as runs of channels),
+    /// NCHW for f32 on the FMA engine.
     #[default]
     Auto,
     /// `[c][h][w]`, PyTorch's default.
@@ -289,10 +291,11 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// `Auto` resolved for `precision`.
-    pub fn resolve(self, precision: Precision) -> Layout {
+    /// `Auto` resolved for `precision` and, in f32, how the convolutions compute (`f32`).
+    pub fn resolve(self, precision: Precision, f32: F32Math) -> Layout {
         match (self, precision) {
             (Layout::Auto, Precision::Bf16) => Layout::Nhwc,
+            (Layout::Auto, Precision::F32) if f32.tensor_cores() => Layout::Nhwc,
             (Layout::Auto, Precision::F32) => Layout::Nchw,
             (l, _) => l,
         }
@@ -403,6 +406,31 @@ const TF32_AND_TF32X3: &str =
 
 /// The error of `--tf32` or `--tf32x3` with `--precision bf16`.
 pub const TF32_WITH_BF16: &str = "--tf32 and --tf32x3 move the f32 convolutions to the tensor cores; with --precision bf16 they are there already";
+
+/// Whether the engine flags go together with `precision` and the f32 engine `f32`: `--wgmma`
+/// and `--tma` (`wgmma_or_tma`) change the bf16 tensor-core convolutions only; `--stages`
+/// (`stages`) the `cp.async` pipelines, which bf16 and the TF32 engines (`--tf32`,
+/// `--tf32x3`) have and the fp32 FMA engine does not; TF32 is for f32. The one check behind
+/// the compiler's and the CLI's errors.
+pub fn check_engine_flags(
+    precision: Precision,
+    f32: F32Math,
+    wgmma_or_tma: bool,
+    stages: bool,
+) -> Result<(), String> {
+    match precision {
+        Precision::F32 if wgmma_or_tma => Err(
+            "--wgmma and --tma change the bf16 tensor-core convolutions, which run only with --precision bf16"
+                .into(),
+        ),
+        Precision::F32 if stages && !f32.tensor_cores() => Err(
+            "--stages sets the cp.async pipeline of the tensor-core convolutions, which f32 has only with --tf32 or --tf32x3 (or use --precision bf16)"
+                .into(),
+        ),
+        Precision::Bf16 if f32.tensor_cores() => Err(TF32_WITH_BF16.into()),
+        _ => Ok(()),
+    }
+}
 
 fn is_zero_u32(v: &u32) -> bool {
     *v == 0
