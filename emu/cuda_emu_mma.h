@@ -190,6 +190,10 @@ inline unsigned int wrnc_tf32(float x) {
 inline void wrnc_ldmatrix_x4(unsigned int* r, const unsigned short* p) {
     wrnc_emu_mma::ldmatrix(r, p, false);
 }
+// On 32-bit elements (the TF32 fragments of an f32 tile): the same 16-byte rows.
+inline void wrnc_ldmatrix_x4(unsigned int* r, const float* p) {
+    wrnc_emu_mma::ldmatrix(r, reinterpret_cast<const unsigned short*>(p), false);
+}
 inline void wrnc_ldmatrix_x4_trans(unsigned int* r, const unsigned short* p) {
     wrnc_emu_mma::ldmatrix(r, p, true);
 }

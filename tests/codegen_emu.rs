@@ -1727,6 +1727,10 @@ fn f32_tf32_vector_loads() {
         }
         let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
         assert!(cu.contains("wrnc_cp_async16(d_ + 4, src_ + 4, ok_);"));
+        // fragments of the K-contiguous stages by ldmatrix, of the weight gradient's
+        // `[k][m]` stages a float at a time
+        assert!(cu.contains("wrnc_ldmatrix_x4(r_, &As_[slot_ * 64 + wm * 32"));
+        assert!(cu.contains("const float* p_ = &As_[slot_ * 32 + ks + (lane & 3)]"));
         let tag = if prec.tf32 { "tf32vec" } else { "x3vec" };
         let _ = check_step_in(tag, VEC, prec);
         check_infer_in(tag, VEC, prec);

@@ -689,6 +689,8 @@ fn tf32x3_kernels_of_wrn_28_10_compile_for_sm_80_without_spills() {
         let ptx = nvrtc::compile_ptx(&src, arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
         assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
         assert!(ptx.contains("cvt.rna.tf32.f32"));
+        // the K-contiguous f32 tiles' fragments are read by ldmatrix (32-bit elements)
+        assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.shared.b16"));
         let r = nvrtc::ptxas_resources(&src, arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
         let mut x3 = 0;
         for k in &r {

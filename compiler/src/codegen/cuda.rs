@@ -854,6 +854,7 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         a_k4: 4,
         b: format!("&Bs[wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)]"),
         b_k4: 4,
+        ldsm: Some(tf32_ldsm("As", "", "Bs", "", wtm, wtn)),
     };
     let math = tf32_math(g.tf32, mi, ni, &frag);
     tc_frame(name, spec, g, &st, &arrays, &math)
@@ -863,13 +864,30 @@ fn gemm_tc_x3(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 /// element `(row g, k t)` of A's `i`-th 16-row fragment (`g = lane / 4`, `t = lane % 4`, with
 /// `ks` the step's first reduction index), `a_row8` / `a_k4` the offsets (in floats) of rows
 /// `g + 8` and of reduction index `t + 4`; `b` is element `(k t, column g)` of B's `jn`-th
-/// 8-column fragment, `b_k4` the offset of `t + 4`.
+/// 8-column fragment, `b_k4` the offset of `t + 4`. With `ldsm` (tiles stored K-contiguous,
+/// rows 16-byte aligned) the fragments are read by `ldmatrix` instead, from the lane
+/// addresses [`tf32_ldsm`] gives, and `a`..`b_k4` are unused.
 struct TfFrag {
     a: String,
     a_row8: u32,
     a_k4: u32,
     b: String,
     b_k4: u32,
+    ldsm: Option<(String, String)>,
+}
+
+/// The lane addresses of `ldmatrix.x4` reading TF32 fragments from K-contiguous f32 tiles
+/// `a[row][k]`, `b[col][k]` (`a_slot` / `b_slot`: the slot's first row, e.g. `slot_ * 64 + `):
+/// an 8x8 b16 matrix is 8 rows of 4 floats, lane `l` receiving float `l % 4` of row `l / 4`,
+/// which is the m16n8k8 `.tf32` layout. A's four matrices (lane `l` addresses row `l % 8` of
+/// matrix `l / 8`) are rows `0-7` and `8-15` at `k 0-3`, then at `k 4-7`: `a0..a3`. B's are
+/// fragment `2 jp` at `k 0-3`, at `k 4-7`, then fragment `2 jp + 1` likewise: `b[2 jp][0..1]`,
+/// `b[2 jp + 1][0..1]`.
+fn tf32_ldsm(a: &str, a_slot: &str, b: &str, b_slot: &str, wtm: u32, wtn: u32) -> (String, String) {
+    (
+        format!("&{a}[{a_slot}wm * {wtm} + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][ks + (lane >> 4) * 4]"),
+        format!("&{b}[{b_slot}wn * {wtn} + jp * 16 + (lane & 7) + (lane >> 4) * 8][ks + ((lane >> 3) & 1) * 4]"),
+    )
 }
 
 /// One stage (32 reduction indices) of a warp's TF32 `mma.sync.m16n8k8` products from f32
@@ -903,6 +921,44 @@ fn tf32_math(products: u32, mi: u32, ni: u32, f: &TfFrag) -> String {
         ""
     };
     let (ar8, ak4, bk4) = (f.a_row8, f.a_k4, f.b_k4);
+    if let Some((la, lb)) = &f.ldsm {
+        let (a_lo, b_lo) = if x3 {
+            (
+                "\n                    al[i][q] = wrnc_tf32(x_ - __uint_as_float(ah[i][q]));",
+                "\n                    bl[jn][q & 1] = wrnc_tf32(y_ - __uint_as_float(bh[jn][q & 1]));",
+            )
+        } else {
+            ("", "")
+        };
+        return format!(
+            r#"{unroll}        for (int ks = 0; ks < 32; ks += 8) {{
+            unsigned int ah[{mi}][4], bh[{ni}][2]{lo_decl};
+            for (int i = 0; i < {mi}; ++i) {{
+                unsigned int r_[4];
+                wrnc_ldmatrix_x4(r_, {la});
+                for (int q = 0; q < 4; ++q) {{
+                    const float x_ = __uint_as_float(r_[q]);
+                    ah[i][q] = wrnc_tf32(x_);{a_lo}
+                }}
+            }}
+            for (int jp = 0; jp < {nb}; ++jp) {{
+                unsigned int r_[4];
+                wrnc_ldmatrix_x4(r_, {lb});
+                for (int q = 0; q < 4; ++q) {{
+                    const float y_ = __uint_as_float(r_[q]);
+                    const int jn = 2 * jp + (q >> 1);
+                    bh[jn][q & 1] = wrnc_tf32(y_);{b_lo}
+                }}
+            }}
+            for (int i = 0; i < {mi}; ++i)
+                for (int jn = 0; jn < {ni}; ++jn) {{
+{lo_mma}                    wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn]);
+                }}
+        }}
+"#,
+            nb = ni / 2,
+        );
+    }
     format!(
         r#"{unroll}        for (int ks = 0; ks < 32; ks += 8) {{
             unsigned int ah[{mi}][4], bh[{ni}][2]{lo_decl};
@@ -1232,6 +1288,14 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                     "&Bs_[slot_ * {c} + wn * {wtn} + jn * 8 + (lane >> 2)][ks + (lane & 3)]"
                 ),
                 b_k4: 4,
+                ldsm: Some(tf32_ldsm(
+                    "As_",
+                    &format!("slot_ * {r} + "),
+                    "Bs_",
+                    &format!("slot_ * {c} + "),
+                    wtm,
+                    wtn,
+                )),
             }
         } else {
             TfFrag {
@@ -1240,6 +1304,9 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                 a_k4: 4 * arow,
                 b: format!("&Bs_[slot_ * 32 + ks + (lane & 3)][wn * {wtn} + jn * 8 + (lane >> 2)]"),
                 b_k4: 4 * brow,
+                // `ldmatrix.trans` moves 16-bit elements: the `[k][m]` tiles are read a float
+                // at a time
+                ldsm: None,
             }
         };
         tf32_math(g.tf32, mi, ni, &frag)

@@ -103,6 +103,13 @@ __device__ __forceinline__ void wrnc_cp_async16(unsigned short* dst, const unsig
                  : "memory");
 }
 
+// ldmatrix on a tile of 32-bit elements (the TF32 engines' f32 tiles, K-contiguous rows): an
+// 8x8 b16 matrix is then 8 rows of 4 floats, and lane i receives float i % 4 of row i / 4,
+// which is the m16n8k8 .tf32 fragment layout (the bits are moved, not converted).
+__device__ __forceinline__ void wrnc_ldmatrix_x4(unsigned int* r, const float* p) {
+    wrnc_ldmatrix_x4(r, reinterpret_cast<const unsigned short*>(p));
+}
+
 // The same 16 bytes as four floats (a run of the TF32 engines' f32 operands).
 __device__ __forceinline__ void wrnc_cp_async16(float* dst, const float* src, bool valid) {
     wrnc_cp_async16(reinterpret_cast<unsigned short*>(dst),
