@@ -432,6 +432,21 @@ fn compile_emits_ptxas_resources() {
     // (the helper's definition is in every tensor-core module: look for the call)
     assert!(cu.contains("wrnc_mma_tf32_1688(cacc[i][jn], ah[i], bh[jn], cacc[i][jn])"));
     assert!(!cu.contains("al[i][q]") && !cu.contains("wrnc_mma_tf32_1688(cacc[i][jn], al[i]"));
+    // its convs load f32 runs by cp.async (Auto is NHWC under --tf32), from f32 packed weights;
+    // --stages sets their ring, as in bf16
+    let o = wrnc(&[
+        "compile", "WRN-10-1", "--batch", "4", "--tf32", "--stages", "3", "--emit", "cuda",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let cu = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        cu.contains("conv_fwd_i32x32_o32x32_k3s1p1g1_tc_tf32_nhwc_v8_s3"),
+        "{cu}"
+    );
+    assert!(
+        cu.contains("pack_weight_fwd_k3g1_f32(float* __restrict__ wp"),
+        "{cu}"
+    );
     // --tf32x3: every f32 conv on the tensor cores, three TF32 mmas per fragment pair
     let o = wrnc(&[
         "compile", "WRN-10-1", "--batch", "4", "--tf32x3", "--emit", "cuda",

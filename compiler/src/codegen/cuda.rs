@@ -988,7 +988,8 @@ fn tf32_math(products: u32, mi: u32, ni: u32, f: &TfFrag) -> String {
 }
 
 /// The operands of [`gemm_tc_async`]: runs of 8 consecutive elements of one operand tile row,
-/// each 16 contiguous, 16-byte aligned bytes of bf16 in memory. With `kmajor` a run is 8
+/// each 16 contiguous, 16-byte aligned bytes of bf16 in memory (32 bytes of f32 for the TF32
+/// engines, [`Gemm::tf32`]). With `kmajor` a run is 8
 /// reduction indices of one GEMM row (A's `mm`, B's `jj`): the forward pass and the data
 /// gradient, whose patches run along channels. Otherwise it is 8 GEMM rows (`mm..mm+8`) or
 /// columns (`jj..jj+8`) at one reduction index `kk`: the weight gradient, whose reduction runs
@@ -1040,6 +1041,13 @@ struct VecOperand {
 /// the bf16 rounding, before the barrier that publishes the stage; the values are those
 /// `gemm_tc` rounds from registers, bit for bit. Split-K slices (`g.split_k`) are
 /// `gemm_tc`'s.
+///
+/// With f32 operands (`g.tf32` products: plain TF32 or 3xTF32) the algebra is
+/// [`gemm_tc_x3`]'s instead: operands are f32 in memory (the packed weight too, unrounded), a
+/// run of 8 is two 16-byte copies, the prologue runs in shared memory in f32 without
+/// rounding, and the fragments are rounded (split) to TF32 as [`tf32_math`] reads them, so the
+/// values are those `gemm_tc_x3` computes from registers. Rows are 32 + 4 floats
+/// (`kmajor`, read by `ldmatrix`) or `rows + 8` floats (read a float at a time).
 ///
 /// With `kmajor` the tiles are `As[m][k]`, `Bs[j][k]` and `ldmatrix` reads fragments as they
 /// are; otherwise they are `As[k][m]`, `Bs[k][j]` and `ldmatrix.trans` transposes each 8x8
