@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -208,6 +208,12 @@ stage_session() {
         stage_tf32
         assemble_pack
     fi
+    # the same with Hopper's warpgroup MMA (--tf32 --wgmma, sm_90 only): TF32 at wgmma's rate,
+    # which issue 5's f32 ratio needs (docs/gpu.md, "What fusion can buy a step")
+    if [ "${BENCH_TF32WG:-1}" = 1 ] && room "${TF32WG_TIMEOUT:-150}"; then
+        stage_tf32wg
+        assemble_pack
+    fi
     # fused against unfused where the arithmetic says fusion can show 1.3x (docs/gpu.md, "What
     # fusion can buy a step"): PreResNet-164's f32 training step
     if [ "${BENCH_FUSION:-1}" = 1 ] && room "${FUSION_TIMEOUT:-120}"; then
@@ -266,6 +272,15 @@ stage_tf32() {
     # shellcheck disable=SC2086
     run bench_wrnc_f32_tf32 "${TF32_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 \
         --tf32 --tiles "${TF32_TILES:-default}" --no-infer $BENCH_ARGS --json
+}
+
+# stage_tf32 with --wgmma (the forward and data-gradient convolutions on Hopper's warpgroup
+# MMA in TF32; sm_90 only), fused and unfused, training step only
+stage_tf32wg() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_f32_tf32wg "${TF32WG_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 \
+        --tf32 --wgmma --tiles "${TF32_TILES:-default}" --no-infer $BENCH_ARGS --json
 }
 
 # fused against unfused on a network whose step is mostly element-wise traffic (FUSION_NET,
@@ -455,7 +470,7 @@ if par and not full_summary:
             if mm.group(i) is not None:
                 e = full_summary["max_rel_err_vs_cpu"]
                 e[k] = max(e.get(k, 0.0), float(mm.group(i)))
-device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32x3.out") or load("bench_wrnc_f32_fusion.out") or load("bench_wrnc_bf16_infer_big.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
+device = (f32 or bf16 or load("bench_wrnc_f32_tf32.out") or load("bench_wrnc_f32_tf32wg.out") or load("bench_wrnc_f32_tf32x3.out") or load("bench_wrnc_f32_fusion.out") or load("bench_wrnc_bf16_infer_big.out") or {}).get("device", {}).get("name") or pt.get("device") or "unknown-gpu"
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except Exception:
@@ -491,7 +506,7 @@ if wg:
     out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
     out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
     out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
-for eng in ["tf32x3", "tf32"]:
+for eng in ["tf32x3", "tf32", "tf32wg"]:
     x3 = load(f"bench_wrnc_f32_{eng}.out")
     if x3:
         for which in ["fused", "unfused"]:
@@ -588,9 +603,9 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|tf32|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

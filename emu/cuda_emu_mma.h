@@ -255,6 +255,10 @@ inline void wrnc_cp_async_wait() {
 // kernel that overwrites an operand stage or reads an accumulator too early gets wrong values
 // here too. Each thread computes its own fragment (rows 16 (warp % 4) + lane / 4 (+ 8),
 // columns 8 i + 2 (lane % 4) (+ 1)), multiplying bf16 exactly and summing in f32 in k order.
+// The TF32 form (wrnc_wgmma_tf32_m64n<N>k8) reads 8 f32 elements of K from the same 32 bytes
+// of a row and aborts on an element that is not a TF32 value (13 low mantissa bits set): the
+// kernels round operands in shared memory first, so the hardware's treatment of those bits
+// never matters.
 namespace wrnc_emu_mma {
 
 struct Wgmma {
@@ -262,6 +266,7 @@ struct Wgmma {
     const unsigned char* base;
     std::uint64_t da, db;
     unsigned int n;
+    bool tf32;  // f32 elements, K = 8 (else bf16, K = 16)
 };
 
 struct WgmmaState {
@@ -303,8 +308,23 @@ inline float bf_bits(unsigned short h) {
     return f;
 }
 
-// The 16 K elements of row `row` (of M for A, of N for B) of an operand, as floats.
-inline void wg_row(const WgOperand& o, unsigned int row, float* out) {
+// The K elements (16 bf16, or 8 TF32) of row `row` (of M for A, of N for B) of an operand,
+// as floats.
+inline void wg_row(const WgOperand& o, unsigned int row, float* out, bool tf32) {
+    if (tf32) {
+        for (unsigned int k = 0; k < 8; ++k) {
+            const std::uint64_t a = o.start + (row / 8) * o.sbo + (row % 8) * o.w + 4 * k;
+            const std::uint64_t off = o.w == 0 ? a : a ^ (((a >> 7) & (o.w / 16 - 1)) << 4);
+            std::uint32_t bits;
+            std::memcpy(&bits, o.base + off, 4);
+            if ((bits & 0x1fffu) != 0 && (bits & 0x7f800000u) != 0x7f800000u) {
+                std::fprintf(stderr, "cuda_emu_mma: a TF32 wgmma operand 0x%08x is not rounded to TF32\n", bits);
+                std::abort();
+            }
+            std::memcpy(&out[k], &bits, 4);
+        }
+        return;
+    }
     for (unsigned int k = 0; k < 16; ++k) {
         std::uint64_t off;
         if (o.w == 0) {
@@ -322,13 +342,14 @@ inline void wg_row(const WgOperand& o, unsigned int row, float* out) {
 inline void wg_perform(const Wgmma& m) {
     const unsigned int lin = wrnc_emu::tl_linear, lane = lin % 32, w4 = (lin / 32) % 4;
     const WgOperand a = wg_operand(m.base, m.da), b = wg_operand(m.base, m.db);
+    const unsigned int kn = m.tf32 ? 8 : 16;
     float av[2][16], bv[2][16];  // this thread's two rows of A; two columns of B at a time
-    for (unsigned int h = 0; h < 2; ++h) wg_row(a, 16 * w4 + lane / 4 + 8 * h, av[h]);
+    for (unsigned int h = 0; h < 2; ++h) wg_row(a, 16 * w4 + lane / 4 + 8 * h, av[h], m.tf32);
     for (unsigned int i = 0; i < m.n / 8; ++i) {
-        for (unsigned int c = 0; c < 2; ++c) wg_row(b, 8 * i + 2 * (lane % 4) + c, bv[c]);
+        for (unsigned int c = 0; c < 2; ++c) wg_row(b, 8 * i + 2 * (lane % 4) + c, bv[c], m.tf32);
         for (unsigned int v = 0; v < 4; ++v) {
             float acc = m.d[4 * i + v];
-            for (unsigned int k = 0; k < 16; ++k) acc += av[v >> 1][k] * bv[v & 1][k];
+            for (unsigned int k = 0; k < kn; ++k) acc += av[v >> 1][k] * bv[v & 1][k];
             m.d[4 * i + v] = acc;
         }
     }
@@ -369,7 +390,12 @@ inline void wrnc_wgmma_wait() {
     inline void wrnc_wgmma_m64n##N##k16(float* d, const void* base, unsigned long long da,     \
                                         unsigned long long db) {                              \
         wrnc_emu_mma::wgmma_state().open.push_back(                                                \
-            {d, (const unsigned char*)base, (std::uint64_t)da, (std::uint64_t)db, N});        \
+            {d, (const unsigned char*)base, (std::uint64_t)da, (std::uint64_t)db, N, false}); \
+    }                                                                                         \
+    inline void wrnc_wgmma_tf32_m64n##N##k8(float* d, const void* base, unsigned long long da, \
+                                            unsigned long long db) {                          \
+        wrnc_emu_mma::wgmma_state().open.push_back(                                                \
+            {d, (const unsigned char*)base, (std::uint64_t)da, (std::uint64_t)db, N, true});  \
     }                                                                                         \
     inline void wrnc_wgmma_fence_acc##N(float*) {}
 WRNC_EMU_WGMMA(16)

@@ -153,7 +153,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     let wgmma = a.wgmma || a.tma;
     let f32_math =
         F32Math::from_flags(a.tf32, a.tf32x3).map_err(|e| UserError(format!("error: {e}")))?;
-    schedule::check_engine_flags(precision, f32_math, wgmma, a.stages.is_some())
+    schedule::check_engine_flags(precision, f32_math, wgmma, a.tma, a.stages.is_some())
         .map_err(|e| UserError(format!("error: {e}")))?;
     let gpu = open_gpu(a.gpu)?;
     let cache = PtxCache::default_location();
@@ -851,17 +851,42 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     // channels, an f32 packed weight): the fused training step and inference at the default
     // tile, launch by launch and whole, for both; plain TF32's training step's launches with a
     // 4-stage 128x128 ring in dynamic shared memory
-    for (math, mode, tile, stages, launches_only) in [
-        (F32Math::Tf32, Mode::Train, TcTile::DEFAULT, 0, false),
-        (F32Math::Tf32, Mode::Infer, TcTile::DEFAULT, 0, false),
-        (F32Math::Tf32, Mode::Train, t128, 4, true),
-        (F32Math::Tf32x3, Mode::Train, TcTile::DEFAULT, 0, false),
-        (F32Math::Tf32x3, Mode::Infer, TcTile::DEFAULT, 0, false),
-    ] {
+    // (on a Hopper GPU also plain TF32 on `wgmma`: the step and inference at the default
+    // tile, and the step's launches with a 4-stage 128x64 ring that keeps a wgmma in flight)
+    let mut tf32_checks = vec![
+        (F32Math::Tf32, Mode::Train, TcTile::DEFAULT, 0, false, false),
+        (F32Math::Tf32, Mode::Infer, TcTile::DEFAULT, 0, false, false),
+        (F32Math::Tf32, Mode::Train, t128, 4, true, false),
+        (
+            F32Math::Tf32x3,
+            Mode::Train,
+            TcTile::DEFAULT,
+            0,
+            false,
+            false,
+        ),
+        (
+            F32Math::Tf32x3,
+            Mode::Infer,
+            TcTile::DEFAULT,
+            0,
+            false,
+            false,
+        ),
+    ];
+    if gpu.info().compute_capability == (9, 0) {
+        tf32_checks.extend([
+            (F32Math::Tf32, Mode::Train, TcTile::DEFAULT, 0, false, true),
+            (F32Math::Tf32, Mode::Infer, TcTile::DEFAULT, 0, false, true),
+            (F32Math::Tf32, Mode::Train, t128x64, 4, true, true),
+        ]);
+    }
+    for (math, mode, tile, stages, launches_only, wgmma) in tf32_checks {
         jobs.push(Job {
             label: format!(
-                "vec8 {}{} tile {tile}",
+                "vec8 {}{}{} tile {tile}",
                 math.flag().trim_start_matches('-'),
+                if wgmma { " wgmma" } else { "" },
                 if stages != 0 {
                     format!(" stages {stages}")
                 } else {
@@ -875,6 +900,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             layout: Layout::Auto,
             tiles: schedule::Tiles {
                 stages,
+                wgmma,
                 ..schedule::Tiles::all(tile).with_f32_math(math)
             },
             launches_only,

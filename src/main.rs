@@ -375,7 +375,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wrnc_compiler::schedule::check_engine_flags(
                 opts.precision,
                 opts.tiles.f32_math(),
-                wgmma || tma,
+                wgmma,
+                tma,
                 stages.is_some(),
             )
             .map_err(|e| UserError(format!("error: {e}")))?;

@@ -149,12 +149,30 @@ fn commands_and_exit_codes() {
     check(
         &["bench", "WRN-10-1", "--wgmma"],
         2,
-        "only with --precision bf16",
+        "--wgmma runs the tensor-core convolutions of --precision bf16 or of --tf32",
     );
     check(
         &["compile", "WRN-10-1", "--tma", "--emit", "cuda"],
         2,
-        "--wgmma and --tma change the bf16 tensor-core convolutions",
+        "--tma loads the bf16 tensor-core convolutions' operands",
+    );
+    check(
+        &["compile", "WRN-10-1", "--tf32", "--tma", "--emit", "cuda"],
+        2,
+        "--tma loads the bf16 tensor-core convolutions' operands",
+    );
+    // plain TF32 runs on wgmma; 3xTF32 does not
+    check(
+        &[
+            "compile", "WRN-10-1", "--tf32x3", "--wgmma", "--emit", "cuda",
+        ],
+        2,
+        "3xTF32 stays on mma.sync",
+    );
+    check(
+        &["compile", "WRN-10-1", "--tf32", "--wgmma", "--emit", "cuda"],
+        0,
+        "wrnc_wgmma_tf32_m64n",
     );
     // TF32 and 3xTF32 are for f32: bf16 convolutions are on the tensor cores already; and
     // they exclude each other

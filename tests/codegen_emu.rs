@@ -934,6 +934,103 @@ fn infer_logits(g: &Graph, ri: &Reference, prec: Prec, tag: &str) -> Vec<u8> {
     out[&s.buffers[s.logits].name].clone()
 }
 
+/// Hopper's warpgroup MMA in plain TF32 (`--wgmma --tf32`): the `_v8` forward and
+/// data-gradient convs of [`VEC`] issue `wgmma ... .tf32` from f32 stages in bf16's swizzled
+/// layout (two halves of 16 reduction indices), after rounding every landed operand to TF32 in
+/// shared memory (the emulation aborts on a wgmma operand that is not a TF32 value); the
+/// weight gradients stay on `mma.sync`. At 64x64, 128x128 and 128x64 with 4 stages (a wgmma
+/// kept in flight): every launch against the rounding reference, the step against the f64
+/// model; and inference logits against `mma.sync`'s at the same tile (both round the same
+/// operands the same way; the sums may differ in order). 3xTF32 with `--wgmma` is refused.
+#[test]
+fn f32_tf32_wgmma_forward_and_data_gradient() {
+    let g = graph(VEC);
+    let ri = reference(&g, Mode::Infer);
+    for (tile, stages) in [
+        (TcTile::DEFAULT, 0),
+        (
+            TcTile {
+                rows: 128,
+                cols: 128,
+            },
+            0,
+        ),
+        (
+            TcTile {
+                rows: 128,
+                cols: 64,
+            },
+            4,
+        ),
+    ] {
+        let prec = Prec {
+            tile,
+            stages,
+            wgmma: true,
+            ..TF32_NHWC
+        };
+        let s = build_in(&g, Mode::Train, false, prec);
+        let mut wg = 0;
+        for k in &s.kernels {
+            if let Some(cg) = k.spec.conv_geom() {
+                let want = cg.vec
+                    && matches!(
+                        k.spec,
+                        KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
+                    );
+                assert_eq!(cg.wgmma, want, "{}", k.name);
+                assert_eq!(k.name.contains("_tf32_nhwc_v8_wg"), want, "{}", k.name);
+                wg += want as usize;
+            }
+        }
+        assert!(wg >= 9, "{tile}: {wg} wgmma kernels");
+        assert_eq!(s.min_compute_capability(), 90);
+        let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
+        assert!(cu.contains("wrnc_wgmma_tf32_m64n"));
+        let tag = format!("tf32wg{tile}s{stages}");
+        let _ = check_step_of(&tag, g.clone(), prec);
+        let out = |p: Prec, tag: &str| {
+            let s = build_in(&g, Mode::Infer, false, p);
+            let out = emulate(tag, &s, &ri, p.kernel);
+            values(&out, &s, &s.buffers[s.logits].name)
+        };
+        let (a, b) = (
+            out(prec, &format!("{tag}-infer")),
+            out(
+                Prec {
+                    wgmma: false,
+                    ..prec
+                },
+                &format!("{tag}-infer-mma"),
+            ),
+        );
+        let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        close(
+            &format!("{tag}: wgmma against mma.sync logits"),
+            &a,
+            &b,
+            1e-5,
+        );
+    }
+    let bad = Options {
+        precision: Precision::F32,
+        tiles: Tiles {
+            wgmma: true,
+            tf32x3: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let Err(e) = schedule::build(&g, &bad) else {
+        panic!("--wgmma --tf32x3 was not refused");
+    };
+    assert!(
+        e.message.contains("3xTF32 stays on mma.sync"),
+        "{}",
+        e.message
+    );
+}
+
 /// Hopper's warpgroup MMA (`wgmma.mma_async` from shared-memory descriptors, emulated as
 /// `emu/cuda_emu_mma.h` says: queued at issue, performed at `wgmma.wait_group`) in the `_v8`
 /// forward and data-gradient convs, at every tile it takes (64 or 128 rows: one m64 slab per

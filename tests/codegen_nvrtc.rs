@@ -483,6 +483,56 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
     }
 }
 
+/// The warpgroup-MMA engine in plain TF32 (`--wgmma --tf32`): WRN-28-10's f32 training step
+/// at 64x64, 128x128 and 128x64 with 4 stages (a wgmma kept in flight) compiles for `sm_90a`
+/// with `wgmma ... .tf32`, and ptxas reports no spills, no stack frame and no note (no
+/// serialized `wgmma`).
+#[test]
+fn tf32_wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    let g = graph("WRN-28-10");
+    let t = |rows, cols| schedule::TcTile { rows, cols };
+    for (tile, stages) in [(t(64, 64), 0), (t(128, 128), 0), (t(128, 64), 4)] {
+        let opts = Options {
+            batch: 128,
+            precision: Precision::F32,
+            tiles: schedule::Tiles {
+                wgmma: true,
+                stages,
+                ..schedule::Tiles::all(tile).with_f32_math(schedule::F32Math::Tf32)
+            },
+            ..Options::default()
+        };
+        let s = schedule::build(&g, &opts).unwrap();
+        assert!(s.uses_wgmma());
+        let arch = s.nvrtc_arch("sm_90");
+        let src = cuda::write(&s, &opts).unwrap();
+        let ptx = nvrtc::compile_ptx(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
+        assert!(ptx.contains(".f32.tf32.tf32"), "{tile}: no TF32 wgmma");
+        let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
+        let wg: Vec<_> = r.iter().filter(|k| k.name.contains("_wg")).collect();
+        assert!(wg.len() >= 15, "{tile}: {} wgmma kernels", wg.len());
+        for k in &r {
+            assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
+            assert_eq!(
+                k.stack_frame, 0,
+                "{tile}: {k:?}: accumulators in local memory"
+            );
+            assert!(k.notes.is_empty(), "{tile}: {k:?}");
+        }
+        let most = wg.iter().max_by_key(|k| k.registers).unwrap();
+        eprintln!(
+            "tf32 tile {tile} stages {stages} {arch}: {} wgmma kernels, most registers {} ({})",
+            wg.len(),
+            most.registers,
+            most.name
+        );
+    }
+}
+
 /// Deep pipelines (`Tiles::stages`) whose `cp.async` ring lives in dynamic shared memory
 /// compile for sm_80 (`mma.sync`) and sm_90a (`wgmma`) in WRN-28-10's bf16 training step: no
 /// spills, no stack frame, no ptxas note; the kernels that take dynamic shared memory declare

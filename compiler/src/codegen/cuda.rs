@@ -86,6 +86,11 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 ///   `w % 4` of the warpgroup holds rows `16 (w % 4)..+16` as `N / 8` fragments of mma.sync's
 ///   C layout: `d[4 i .. 4 i + 3]` are columns `8 i..8 i + 7`. `d` is not to be touched
 ///   until `wrnc_wgmma_wait<0>()` and `wrnc_wgmma_fence_acc<N>(d)`.
+/// - `wrnc_wgmma_tf32_m64n<N>k8(d, base, da, db)`: the same with f32 operands multiplied as
+///   TF32 (`.tf32`, K = 8 per mma: the same 32 bytes of a row as bf16's k16). Each operand
+///   element must already be a TF32 value (its 13 low mantissa bits zero): the kernel rounds
+///   them in shared memory, so whatever the tensor cores do with those bits does not matter
+///   (the emulation aborts on an element that is not).
 /// - `wrnc_wgmma_fence()`, `wrnc_wgmma_commit()`, `wrnc_wgmma_wait<N>()`: `wgmma.fence`,
 ///   `wgmma.commit_group`, `wgmma.wait_group N`.
 /// - `wrnc_fence_proxy_async()`: this thread's earlier shared-memory writes (stores,
@@ -177,6 +182,14 @@ __device__ __forceinline__ void wrnc_tma_load_4d(void* dst, const wrnc_tmap* map
     asm volatile(
         "{{\n.reg .pred p;\nsetp.ne.b32 p, %{sc}, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{list}}}, %{da}, %{db}, p, 1, 1, 0, 0;\n}}\n"
+        : {outs}
+        : "l"(da), "l"(db), "r"(1));
+}}
+__device__ __forceinline__ void wrnc_wgmma_tf32_m64n{n}k8(float* d, const void* base, unsigned long long da, unsigned long long db) {{
+    (void)base;
+    asm volatile(
+        "{{\n.reg .pred p;\nsetp.ne.b32 p, %{sc}, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32 {{{list}}}, %{da}, %{db}, p, 1, 1;\n}}\n"
         : {outs}
         : "l"(da), "l"(db), "r"(1));
 }}
@@ -1065,7 +1078,8 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // f32 operands multiplied as TF32 (`g.tf32` products per fragment pair), else bf16
     let f32 = g.tf32 != 0;
     let et = if f32 { "float" } else { "unsigned short" };
-    let wg = !f32 && v.wgmma && v.kmajor && r >= 64;
+    // (with f32 operands only plain TF32: `ConvGeom::wgmma` is never set for 3xTF32)
+    let wg = v.wgmma && v.kmajor && r >= 64;
     let grid = if wg {
         WarpGrid::wgmma(t)
     } else {
@@ -1117,6 +1131,27 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             format!("&{arr}[({slot}) * 32 + kl][rl]")
         }
     };
+    // f32 runs: the two 16-byte chunks of a run (floats `kl..kl + 4` and `kl + 4..kl + 8`).
+    // For wgmma a stage of an operand of `n` rows is two halves of 16 reduction indices,
+    // each `n` rows of 64 bytes in the 64-byte swizzle mode (bf16's layout, in bytes): the
+    // run's chunks `c0 = (kl % 16) / 4` and `c0 + 1` of row `rl` of half `kl / 16`, at chunks
+    // `c ^ ((rl / 2) % 4)`
+    let cells = |arr: &str, n: u32, slot: &str| -> (String, String) {
+        if wg {
+            let at = |c: &str| {
+                format!(
+                    "&{arr}[({slot}) * {} + (kl >> 4) * {} + rl * 16 + ((({c}) ^ ((rl >> 1) & 3)) << 2)]",
+                    n * 32,
+                    n * 16
+                )
+            };
+            (at("(kl & 15) >> 2"), at("((kl & 15) >> 2) + 1"))
+        } else {
+            let c0 = cell(arr, n, slot);
+            let c1 = format!("{c0} + 4");
+            (c0, c1)
+        }
+    };
     let ops = [
         (&v.a, "As_", r, "mm", "blockIdx.x", "M"),
         (&v.b, "Bs_", c, "jj", "blockIdx.y", "NC"),
@@ -1160,7 +1195,8 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                         addr = op.addr,
                         // a run of 8 floats is two 16-byte copies
                         copy = if f32 {
-                            format!("            {{\n            float* d_ = {};\n            wrnc_cp_async16(d_, src_, ok_);\n            wrnc_cp_async16(d_ + 4, src_ + 4, ok_);\n            }}\n", cell(arr, *n, slot))
+                            let (c0, c1) = cells(arr, *n, slot);
+                            format!("            wrnc_cp_async16({c0}, src_, ok_);\n            wrnc_cp_async16({c1}, src_ + 4, ok_);\n")
                         } else {
                             format!("            wrnc_cp_async16({}, src_, ok_);\n", cell(arr, *n, slot))
                         }
@@ -1172,11 +1208,13 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     let transform: String = ops
         .iter()
-        .filter(|(op, ..)| !op.pro.is_empty())
+        .filter(|(op, ..)| !op.pro.is_empty() || (f32 && wg))
         .map(|(op, arr, n, idx, blk, lim)| {
             if f32 {
-                // f32 runs: the prologue in place, no rounding (the fragments' TF32 rounding
-                // happens as they are read)
+                // f32 runs: the prologue in place; for `mma.sync` no rounding (the fragments'
+                // TF32 rounding happens as they are read), for wgmma, which reads shared
+                // memory as it is, every landed run of both operands rounded to TF32 here
+                let (c0, c1) = cells(arr, *n, "slot_");
                 return runs(
                     *n,
                     &format!(
@@ -1186,11 +1224,13 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             bool ok_ = false;
 {addr}            (void)src_;
             if (ok_) {{
-            float* p_ = {cell};
+            float* p0_ = {c0};
+            float* p1_ = {c1};
             #pragma unroll
             for (int e8 = 0; e8 < 8; ++e8) {{
-            float xv = p_[e8];
-{pro}            p_[e8] = xv;
+            float* q_ = e8 < 4 ? p0_ + e8 : p1_ + (e8 - 4);
+            float xv = *q_;
+{pro}{round}            *q_ = xv;
             }}
             }}
             }}
@@ -1198,7 +1238,11 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                         base = op.base,
                         addr = op.addr,
                         pro = op.pro,
-                        cell = cell(arr, *n, "slot_"),
+                        round = if wg {
+                            "            xv = __uint_as_float(wrnc_tf32(xv));\n"
+                        } else {
+                            ""
+                        },
                     ),
                 );
             }
@@ -1246,7 +1290,8 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         )
     };
     let boff = match (wg, km, f32) {
-        (true, ..) => ns * r * 64,
+        (true, _, false) => ns * r * 64,
+        (true, _, true) => ns * r * 128,
         (false, true, false) => ns * r * 80,
         (false, false, false) => ns * 64 * (r + 8),
         (false, true, true) => ns * r * 144,
@@ -1272,7 +1317,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         // the swizzle is a function of address bits 4-8: atoms must be where the descriptors
         // and TMA take them to be
         format!(
-            "{array}{bars}    wrnc_smem_align_check(smem_);\n    unsigned short* As_ = reinterpret_cast<unsigned short*>(smem_);\n    unsigned short* Bs_ = reinterpret_cast<unsigned short*>(smem_ + {boff});\n"
+            "{array}{bars}    wrnc_smem_align_check(smem_);\n    {et}* As_ = reinterpret_cast<{et}*>(smem_);\n    {et}* Bs_ = reinterpret_cast<{et}*>(smem_ + {boff});\n"
         )
     } else {
         format!(
@@ -1282,7 +1327,30 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // wgmma groups left in flight at the end of an iteration ([`wgmma_in_flight`]); each one
     // delays a slot's refill by an iteration, so the prefetch distance shrinks by as many
     let lag = if wg { wgmma_in_flight(ns) } else { 0 };
-    let compute = if f32 {
+    let compute = if f32 && wg {
+        // per k8 step `ks`: half `ks / 2` of the stage, 32 bytes on in its rows for odd
+        // `ks`; the warpgroup's A rows (128-row tiles) or B columns (64-row tiles) as for bf16,
+        // in floats (rows of 16 floats per half)
+        let (a0, b0) = if r >= 128 {
+            ("(warp >> 2) * 1024".to_string(), "0".to_string())
+        } else {
+            ("0".to_string(), format!("(warp >> 2) * {}", wtn * 16))
+        };
+        format!(
+            r#"        wrnc_wgmma_fence();
+        #pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+            wrnc_wgmma_tf32_m64n{wtn}k8(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + (ks >> 1) * {ah_} + {a0} + (ks & 1) * 8), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + (ks >> 1) * {bh_} + {b0} + (ks & 1) * 8));
+        wrnc_wgmma_commit();
+        wrnc_wgmma_wait<{lag}>();
+        wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
+"#,
+            as_ = r * 32,
+            ah_ = r * 16,
+            bs_ = c * 32,
+            bh_ = c * 16,
+        )
+    } else if f32 {
         // `As_[slot * r + m][k]`, `Bs_[slot * c + j][k]` (kmajor) or `As_[slot * 32 + k][m]`,
         // `Bs_[slot * 32 + k][j]`
         let frag = if km {

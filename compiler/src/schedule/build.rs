@@ -175,11 +175,11 @@ impl<'a> B<'a> {
         let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols);
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
-            // (bf16 operands only: the TF32 engines run `mma.sync`)
-            g.wgmma = self.tiles.wgmma && g.vec && !g.f32_operands() && kmajor && tile.rows >= 64;
+            // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says)
+            g.wgmma = self.tiles.wgmma && g.vec && !g.tf32x3 && kmajor && tile.rows >= 64;
             // TMA where no box is larger than its tensor (CUDA requires it, [`TmapArg`]);
             // elsewhere the operands come by `cp.async`
-            g.tma = self.tiles.tma && g.wgmma && weight_box_fits;
+            g.tma = self.tiles.tma && g.wgmma && !g.f32_operands() && weight_box_fits;
             g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
         // the activation operand by TMA where the tile is a box of the image (after the above:
@@ -395,7 +395,8 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
     super::check_engine_flags(
         opts.precision,
         opts.tiles.f32_math(),
-        opts.tiles.wgmma || opts.tiles.tma,
+        opts.tiles.wgmma,
+        opts.tiles.tma,
         opts.tiles.stages != 0,
     )
     .map_err(err)?;

@@ -102,8 +102,10 @@ pub struct ConvGeom {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub vec: bool,
     /// Hopper's warpgroup MMA (`wgmma.mma_async`, sm_90a) instead of `mma.sync` (only with
-    /// `vec`, in the forward and data-gradient passes, and with a tile of at least 64 rows; see
-    /// [`super::Tiles::wgmma`]). Changes no value's algebra. Name suffix `_wg`.
+    /// `vec`, in the forward and data-gradient passes, and with a tile of at least 64 rows; bf16
+    /// or plain TF32, never 3xTF32; see [`super::Tiles::wgmma`]). Changes no value's algebra
+    /// (TF32 operands are rounded in shared memory, where `mma.sync` rounds its fragments).
+    /// Name suffix `_wg`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wgmma: bool,
     /// Shared-memory stages of the `cp.async` ring of a vector-loading convolution (only with
@@ -349,12 +351,16 @@ impl ConvGeom {
     /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks). With f32 operands
     /// ([`ConvGeom::f32_operands`]) the elements are floats: K-contiguous rows of 32 + 4, or
     /// rows of `rows + 8` / `cols + 8` (either way the fragment reads of a warp, 8 rows x 4
-    /// reduction indices, fall in 32 distinct banks). Stages: `stages` when set, else as many
-    /// as fit in [`TC_STATIC_SMEM`], 2 to 4.
+    /// reduction indices, fall in 32 distinct banks), or for `wgmma` (plain TF32) two halves of
+    /// 16 reduction indices, each in bf16's swizzled rows of 64 bytes. Stages: `stages` when
+    /// set, else as many as fit in [`TC_STATIC_SMEM`], 2 to 4.
     pub fn async_smem(&self, kmajor: bool) -> AsyncSmem {
         let t = self.tile;
         let stage_bytes = if self.f32_operands() {
-            if kmajor {
+            if self.wgmma && kmajor && t.rows >= 64 {
+                // two halves of 16 reduction indices, rows of 64 bytes (the swizzle's)
+                (t.rows + t.cols) * 128
+            } else if kmajor {
                 (t.rows + t.cols) * 144
             } else {
                 128 * (t.rows + t.cols + 16)

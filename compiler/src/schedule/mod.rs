@@ -408,19 +408,24 @@ const TF32_AND_TF32X3: &str =
 pub const TF32_WITH_BF16: &str = "--tf32 and --tf32x3 move the f32 convolutions to the tensor cores; with --precision bf16 they are there already";
 
 /// Whether the engine flags go together with `precision` and the f32 engine `f32`: `--wgmma`
-/// and `--tma` (`wgmma_or_tma`) change the bf16 tensor-core convolutions only; `--stages`
-/// (`stages`) the `cp.async` pipelines, which bf16 and the TF32 engines (`--tf32`,
-/// `--tf32x3`) have and the fp32 FMA engine does not; TF32 is for f32. The one check behind
-/// the compiler's and the CLI's errors.
+/// runs the bf16 and the plain TF32 (`--tf32`) tensor-core convolutions, not 3xTF32's; `--tma`
+/// (`tma`) loads bf16 operands only; `--stages` (`stages`) sets the `cp.async` pipelines,
+/// which bf16 and the TF32 engines (`--tf32`, `--tf32x3`) have and the fp32 FMA engine does
+/// not; TF32 is for f32. The one check behind the compiler's and the CLI's errors.
 pub fn check_engine_flags(
     precision: Precision,
     f32: F32Math,
-    wgmma_or_tma: bool,
+    wgmma: bool,
+    tma: bool,
     stages: bool,
 ) -> Result<(), String> {
     match precision {
-        Precision::F32 if wgmma_or_tma => Err(
-            "--wgmma and --tma change the bf16 tensor-core convolutions, which run only with --precision bf16"
+        Precision::F32 if tma => Err(
+            "--tma loads the bf16 tensor-core convolutions' operands, which run only with --precision bf16"
+                .into(),
+        ),
+        Precision::F32 if wgmma && f32 != F32Math::Tf32 => Err(
+            "--wgmma runs the tensor-core convolutions of --precision bf16 or of --tf32 (plain TF32; 3xTF32 stays on mma.sync)"
                 .into(),
         ),
         Precision::F32 if stages && !f32.tensor_cores() => Err(
