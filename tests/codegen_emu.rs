@@ -938,7 +938,8 @@ fn infer_logits(g: &Graph, ri: &Reference, prec: Prec, tag: &str) -> Vec<u8> {
 /// data-gradient convs of [`VEC`] issue `wgmma ... .tf32` from f32 stages in bf16's swizzled
 /// layout (two halves of 16 reduction indices), after rounding every landed operand to TF32 in
 /// shared memory (the emulation aborts on a wgmma operand that is not a TF32 value); the
-/// weight gradients stay on `mma.sync`. At 64x64, 128x128 and 128x64 with 4 stages (a wgmma
+/// weight gradients too, their `[k][m]` stages transposed into one of two K-major buffers by
+/// that pass. At 64x64, 128x128 and 128x64 with 4 stages (a wgmma
 /// kept in flight): every launch against the rounding reference, the step against the f64
 /// model; and inference logits against `mma.sync`'s at the same tile (both round the same
 /// operands the same way; the sums may differ in order). 3xTF32 with `--wgmma` is refused.
@@ -970,20 +971,21 @@ fn f32_tf32_wgmma_forward_and_data_gradient() {
             ..TF32_NHWC
         };
         let s = build_in(&g, Mode::Train, false, prec);
-        let mut wg = 0;
+        let (mut wg, mut wgrad) = (0, 0);
         for k in &s.kernels {
             if let Some(cg) = k.spec.conv_geom() {
-                let want = cg.vec
-                    && matches!(
-                        k.spec,
-                        KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
-                    );
+                // every `_v8` pass, the weight gradient's too (transposed in shared memory)
+                let want = cg.vec;
                 assert_eq!(cg.wgmma, want, "{}", k.name);
                 assert_eq!(k.name.contains("_tf32_nhwc_v8_wg"), want, "{}", k.name);
                 wg += want as usize;
+                wgrad += (want && matches!(k.spec, KernelSpec::ConvBwdWeight { .. })) as usize;
             }
         }
-        assert!(wg >= 9, "{tile}: {wg} wgmma kernels");
+        assert!(
+            wg >= 14 && wgrad >= 5,
+            "{tile}: {wg} wgmma kernels, {wgrad} weight gradients"
+        );
         assert_eq!(s.min_compute_capability(), 90);
         let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
         assert!(cu.contains("wrnc_wgmma_tf32_m64n"));

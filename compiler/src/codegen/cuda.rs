@@ -1009,7 +1009,8 @@ fn tf32_math(products: u32, mi: u32, ni: u32, f: &TfFrag) -> String {
 /// along pixels while `dy` and `x` are contiguous in channels.
 struct VecOps {
     kmajor: bool,
-    /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; only with `kmajor`).
+    /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; with `kmajor`, or
+    /// for TF32's weight gradient through a transposing pass).
     wgmma: bool,
     /// B (the packed weight, no prologue) by the tensor memory accelerator from the kernel's
     /// `tmw` tensor map ([`ConvGeom::tma`]; only with `wgmma`).
@@ -1078,8 +1079,12 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // f32 operands multiplied as TF32 (`g.tf32` products per fragment pair), else bf16
     let f32 = g.tf32 != 0;
     let et = if f32 { "float" } else { "unsigned short" };
-    // (with f32 operands only plain TF32: `ConvGeom::wgmma` is never set for 3xTF32)
-    let wg = v.wgmma && v.kmajor && r >= 64;
+    // (with f32 operands only plain TF32: `ConvGeom::wgmma` is never set for 3xTF32). `wgk`:
+    // the stages land in wgmma's swizzled K-major layout; `tr`: they land `[k][m]` (the weight
+    // gradient) and a pass transposes them into one of two K-major buffers for wgmma
+    let wg = v.wgmma && r >= 64 && (v.kmajor || f32);
+    let wgk = wg && v.kmajor;
+    let tr = wg && !v.kmajor;
     let grid = if wg {
         WarpGrid::wgmma(t)
     } else {
@@ -1120,7 +1125,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // bytes in the 64-byte swizzle mode ([`wgmma_cuh`]'s `wrnc_wgmma_desc`): the run's
     // 16-byte chunk `kl / 8` of row `rl` at chunk `(kl / 8) ^ ((rl / 2) % 4)`
     let cell = |arr: &str, n: u32, slot: &str| -> String {
-        if wg {
+        if wgk {
             format!(
                 "&{arr}[({slot}) * {} + rl * 32 + (((kl >> 3) ^ ((rl >> 1) & 3)) << 3)]",
                 n * 32
@@ -1137,7 +1142,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // run's chunks `c0 = (kl % 16) / 4` and `c0 + 1` of row `rl` of half `kl / 16`, at chunks
     // `c ^ ((rl / 2) % 4)`
     let cells = |arr: &str, n: u32, slot: &str| -> (String, String) {
-        if wg {
+        if wgk {
             let at = |c: &str| {
                 format!(
                     "&{arr}[({slot}) * {} + (kl >> 4) * {} + rl * 16 + ((({c}) ^ ((rl >> 1) & 3)) << 2)]",
@@ -1210,6 +1215,48 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         .iter()
         .filter(|(op, ..)| !op.pro.is_empty() || (f32 && wg))
         .map(|(op, arr, n, idx, blk, lim)| {
+            if tr {
+                // the weight gradient on wgmma: every run (a zero-filled one too) moves from
+                // its `[k][m]` landing place into the K-major buffer `kt % 2` (row `rl + e8`,
+                // reduction index `kl`, in the 64-byte swizzle), after the prologue (where the
+                // run lies in the tensor) and the TF32 rounding
+                let (c0, c1) = cells(arr, *n, "slot_");
+                let (woff, half) = if *arr == "As_" { (0, r * 16) } else { (r * 32, c * 16) };
+                return runs(
+                    *n,
+                    &format!(
+                        r#"            const int {idx} = {blk} * {n} + rl, kk = kb_ + kt * 32 + kl;
+            const float* p0_ = {c0};
+            const float* p1_ = {c1};
+            float v_[8];
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) v_[e8] = e8 < 4 ? p0_[e8] : p1_[e8 - 4];
+            if ({idx} < {lim} && kk < ke_) {{
+            const float* src_ = {base};
+            bool ok_ = false;
+{addr}            (void)src_;
+            if (ok_) {{
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) {{
+            float xv = v_[e8];
+{pro}            v_[e8] = xv;
+            }}
+            }}
+            }}
+            float* w_ = Tw_ + (kt & 1) * {tw} + {woff} + (kl >> 4) * {half} + (kl & 3);
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) {{
+            const int m_ = rl + e8;
+            w_[m_ * 16 + ((((kl & 15) >> 2) ^ ((m_ >> 1) & 3)) << 2)] = __uint_as_float(wrnc_tf32(v_[e8]));
+            }}
+"#,
+                        base = op.base,
+                        addr = op.addr,
+                        pro = op.pro,
+                        tw = (r + c) * 32,
+                    ),
+                );
+            }
             if f32 {
                 // f32 runs: the prologue in place; for `mma.sync` no rounding (the fragments'
                 // TF32 rounding happens as they are read), for wgmma, which reads shared
@@ -1289,7 +1336,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             format!("wrnc_ldmatrix_x4_trans(bfr[jp], &Bs_[slot_ * 32 + ks + (lane & 7) + ((lane >> 3) & 1) * 8][wn * {wtn} + jp * 16 + (lane >> 4) * 8]);"),
         )
     };
-    let boff = match (wg, km, f32) {
+    let boff = match (wgk, km, f32) {
         (true, _, false) => ns * r * 64,
         (true, _, true) => ns * r * 128,
         (false, true, false) => ns * r * 80,
@@ -1313,7 +1360,14 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     } else {
         String::new()
     };
-    let decl = if wg {
+    let decl = if tr {
+        // landing `[k][m]` as without wgmma; the two K-major buffers after the ring, whose
+        // atoms the descriptors take to be where the swizzle puts them
+        format!(
+            "{array}    wrnc_smem_align_check(smem_);\n    float (*As_)[{arow}] = reinterpret_cast<float (*)[{arow}]>(smem_);\n    float (*Bs_)[{brow}] = reinterpret_cast<float (*)[{brow}]>(smem_ + {boff});\n    float* Tw_ = reinterpret_cast<float*>(smem_ + {twoff});\n",
+            twoff = ns * v.smem.stage_bytes,
+        )
+    } else if wg {
         // the swizzle is a function of address bits 4-8: atoms must be where the descriptors
         // and TMA take them to be
         format!(
@@ -1326,7 +1380,9 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     // wgmma groups left in flight at the end of an iteration ([`wgmma_in_flight`]); each one
     // delays a slot's refill by an iteration, so the prefetch distance shrinks by as many
-    let lag = if wg { wgmma_in_flight(ns) } else { 0 };
+    // (a transposing pass keeps none: its two buffers alternate, and iteration `kt + 1`
+    // refills the one stage `kt - 1`'s wgmma read, which has completed)
+    let lag = if wg && !tr { wgmma_in_flight(ns) } else { 0 };
     let compute = if f32 && wg {
         // per k8 step `ks`: half `ks / 2` of the stage, 32 bytes on in its rows for odd
         // `ks`; the warpgroup's A rows (128-row tiles) or B columns (64-row tiles) as for bf16,
@@ -1336,18 +1392,28 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         } else {
             ("0".to_string(), format!("(warp >> 2) * {}", wtn * 16))
         };
+        // the operands: the stage's slot, or the transposing pass's buffer `kt % 2`
+        let (abase, bbase) = if tr {
+            (
+                format!("Tw_ + (kt & 1) * {}", (r + c) * 32),
+                format!("Tw_ + (kt & 1) * {} + {}", (r + c) * 32, r * 32),
+            )
+        } else {
+            (
+                format!("As_ + slot_ * {}", r * 32),
+                format!("Bs_ + slot_ * {}", c * 32),
+            )
+        };
         format!(
             r#"        wrnc_wgmma_fence();
         #pragma unroll
         for (int ks = 0; ks < 4; ++ks)
-            wrnc_wgmma_tf32_m64n{wtn}k8(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + (ks >> 1) * {ah_} + {a0} + (ks & 1) * 8), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + (ks >> 1) * {bh_} + {b0} + (ks & 1) * 8));
+            wrnc_wgmma_tf32_m64n{wtn}k8(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, {abase} + (ks >> 1) * {ah_} + {a0} + (ks & 1) * 8), wrnc_wgmma_desc(smem_, {bbase} + (ks >> 1) * {bh_} + {b0} + (ks & 1) * 8));
         wrnc_wgmma_commit();
         wrnc_wgmma_wait<{lag}>();
         wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
 "#,
-            as_ = r * 32,
             ah_ = r * 16,
-            bs_ = c * 32,
             bh_ = c * 16,
         )
     } else if f32 {
@@ -1843,7 +1909,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             let li = at(false, "ni", "ic", "IC", "ih", "IH", "iw", "IW");
             let vec = g.vec.then(|| VecOps {
                 kmajor: false,
-                wgmma: false,
+                wgmma: g.wgmma,
                 tma: false,
                 tma_a: None,
                 smem: g.async_smem(false),

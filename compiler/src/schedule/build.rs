@@ -175,8 +175,11 @@ impl<'a> B<'a> {
         let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols);
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
-            // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says)
-            g.wgmma = self.tiles.wgmma && g.vec && !g.tf32x3 && kmajor && tile.rows >= 64;
+            // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says;
+            // bf16's weight gradient stays on `mma.sync`, plain TF32's goes through a
+            // transposing pass in shared memory)
+            g.wgmma =
+                self.tiles.wgmma && g.vec && !g.tf32x3 && (kmajor || g.tf32) && tile.rows >= 64;
             // TMA where no box is larger than its tensor (CUDA requires it, [`TmapArg`]);
             // elsewhere the operands come by `cp.async`
             g.tma = self.tiles.tma && g.wgmma && !g.f32_operands() && weight_box_fits;

@@ -192,7 +192,7 @@ pub const MAX_STAGES: u32 = 8;
 /// `codegen::cuda`): a ring of `stages` stages of `stage_bytes`, whose bytes the epilogue's
 /// accumulator slab ([`TcTile::cs_bytes`]) reuses once the reduction is done.
 ///
-/// Invariant: `bytes = max(stages * stage_bytes, tile.cs_bytes())`; `dynamic` exactly when
+/// Invariant: `bytes = max(stages * stage_bytes + 2 * transposed, tile.cs_bytes())`; `dynamic` exactly when
 /// `bytes > TC_STATIC_SMEM`, and then the kernel declares no array of its own for them but
 /// takes them from the launch's dynamic shared memory ([`super::Launch::shared`] = `bytes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +201,10 @@ pub struct AsyncSmem {
     pub stage_bytes: u32,
     pub bytes: u32,
     pub dynamic: bool,
+    /// Bytes of one of the two K-major stage buffers a transposing `wgmma` pass (the TF32
+    /// weight gradient on `wgmma`) fills from its landed stage, after the ring (at
+    /// `stages * stage_bytes`, 1024-byte aligned); 0 for every other pass.
+    pub transposed: u32,
 }
 
 /// A tensor-core block tile: `rows x cols` GEMM outputs per block of 256 threads (8 warps in a
@@ -372,17 +376,25 @@ impl ConvGeom {
         } else {
             64 * (t.rows + t.cols + 16)
         };
+        // the TF32 weight gradient on wgmma: its stages land `[k][m]` as above and are
+        // transposed into one of two K-major buffers of the 64-byte swizzle
+        let transposed = if self.f32_operands() && self.wgmma && !kmajor && t.rows >= 64 {
+            (t.rows + t.cols) * 128
+        } else {
+            0
+        };
         let stages = if self.stages != 0 {
             self.stages
         } else {
-            (TC_STATIC_SMEM / stage_bytes).clamp(2, 4)
+            ((TC_STATIC_SMEM.saturating_sub(2 * transposed)) / stage_bytes).clamp(2, 4)
         };
-        let bytes = (stages * stage_bytes).max(t.cs_bytes());
+        let bytes = (stages * stage_bytes + 2 * transposed).max(t.cs_bytes());
         AsyncSmem {
             stages,
             stage_bytes,
             bytes,
             dynamic: bytes > TC_STATIC_SMEM,
+            transposed,
         }
     }
 }
@@ -829,7 +841,7 @@ impl KernelSpec {
         match self.conv_geom() {
             Some(g) if g.tensor_cores && g.vec => {
                 let s = g.async_smem(kmajor);
-                match (s.dynamic, g.wgmma && kmajor) {
+                match (s.dynamic, g.wgmma) {
                     (false, _) => 0,
                     (true, false) => s.bytes,
                     // a wgmma ring rounds its start up to 1024 bytes itself
