@@ -63,10 +63,10 @@ pub struct BenchArgs {
     /// (64x64), or one tile for every convolution (128x64, 128x128, 64x128, 32x64, 64x32).
     #[arg(long, default_value = "auto", value_parser = TileMode::parse)]
     pub tiles: TileMode,
-    /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
+    /// Activation layout: auto (nhwc for bf16 and with --tf32 / --tf32x3, nchw for f32), nchw or nhwc (channels last).
     #[arg(long, default_value = "auto", value_parser = Layout::parse)]
     pub layout: Layout,
-    /// bf16: the NHWC forward and data-gradient convolutions on Hopper's warpgroup MMA
+    /// bf16 or --tf32: the NHWC vector-loading convolutions (all three passes) on Hopper's warpgroup MMA
     /// (`wgmma`, sm_90 GPUs only) instead of `mma.sync`.
     #[arg(long)]
     pub wgmma: bool,

@@ -79,14 +79,15 @@ enum Cmd {
         /// f32, or bf16 storage with fp32 accumulation (default: the file's `precision`).
         #[arg(long)]
         precision: Option<gpu_cmd::PrecisionArg>,
-        /// Activation layout: auto (nhwc for bf16, nchw for f32), nchw or nhwc (channels last).
+        /// Activation layout: auto (nhwc for bf16 and with --tf32 / --tf32x3, nchw for f32), nchw or nhwc (channels last).
         #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
         layout: wrnc_compiler::schedule::Layout,
         /// GPU architecture for --emit ptx and --emit resources.
         #[arg(long, default_value = "sm_90")]
         arch: String,
-        /// bf16: run the NHWC forward and data-gradient convolutions on Hopper's warpgroup MMA
-        /// (`wgmma`, sm_90 only; compiled for sm_90a) instead of `mma.sync`.
+        /// bf16 or --tf32: run the NHWC vector-loading convolutions (all three passes) on
+        /// Hopper's warpgroup MMA (`wgmma`, sm_90 only; compiled for sm_90a) instead of
+        /// `mma.sync`.
         #[arg(long)]
         wgmma: bool,
         /// bf16: the weight operand of the warpgroup-MMA convolutions arrives by Hopper's tensor

@@ -75,7 +75,7 @@ pub struct RunArgs {
     /// of as fp32 FMAs.
     #[arg(long, conflicts_with = "tf32x3")]
     pub tf32: bool,
-    /// Activation layout on the GPU: auto (nhwc for bf16, nchw for f32), nchw or nhwc
+    /// Activation layout on the GPU: auto (nhwc for bf16 and with --tf32 / --tf32x3, nchw for f32), nchw or nhwc
     /// (channels last). Checkpoints are the same in every layout.
     #[arg(long, default_value = "auto", value_parser = wrnc_compiler::schedule::Layout::parse)]
     pub layout: wrnc_compiler::schedule::Layout,

@@ -1035,7 +1035,8 @@ fn f32_tf32_wgmma_forward_and_data_gradient() {
 
 /// Hopper's warpgroup MMA (`wgmma.mma_async` from shared-memory descriptors, emulated as
 /// `emu/cuda_emu_mma.h` says: queued at issue, performed at `wgmma.wait_group`) in the `_v8`
-/// forward and data-gradient convs, at every tile it takes (64 or 128 rows: one m64 slab per
+/// convs, all three passes (the weight gradient's `[k][m]` stages transposed in shared memory
+/// into one of two K-major buffers), at every tile it takes (64 or 128 rows: one m64 slab per
 /// warpgroup, stacked or side by side; n32, n64 and n128): which kernels use it, every launch
 /// against the f64 reference and the step against the CPU model, and inference logits bit for
 /// bit those of `mma.sync` at the same tile (both sum each k16 step in k order from the
@@ -1051,20 +1052,20 @@ fn bf16_wgmma_forward_and_data_gradient() {
             ..BF16
         };
         let s = build_in(&g, Mode::Train, false, prec);
-        let mut wg = 0;
+        let (mut wg, mut wgrad) = (0, 0);
         for k in &s.kernels {
             if let Some(cg) = k.spec.conv_geom() {
-                let want = cg.vec
-                    && matches!(
-                        k.spec,
-                        KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
-                    );
+                let want = cg.vec;
                 assert_eq!(cg.wgmma, want, "{}", k.name);
                 assert_eq!(k.name.contains("_v8_wg"), want, "{}", k.name);
                 wg += want as usize;
+                wgrad += (want && matches!(k.spec, KernelSpec::ConvBwdWeight { .. })) as usize;
             }
         }
-        assert!(wg >= 9, "{tile}: {wg} wgmma kernels");
+        assert!(
+            wg >= 14 && wgrad >= 5,
+            "{tile}: {wg} wgmma kernels, {wgrad} weight gradients"
+        );
         assert!(s.uses_wgmma());
         assert_eq!(s.min_compute_capability(), 90);
         assert_eq!(s.nvrtc_arch("sm_90"), "sm_90a");

@@ -1082,7 +1082,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // (with f32 operands only plain TF32: `ConvGeom::wgmma` is never set for 3xTF32). `wgk`:
     // the stages land in wgmma's swizzled K-major layout; `tr`: they land `[k][m]` (the weight
     // gradient) and a pass transposes them into one of two K-major buffers for wgmma
-    let wg = v.wgmma && r >= 64 && (v.kmajor || f32);
+    let wg = v.wgmma && r >= 64;
     let wgk = wg && v.kmajor;
     let tr = wg && !v.kmajor;
     let grid = if wg {
@@ -1213,8 +1213,46 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     let transform: String = ops
         .iter()
-        .filter(|(op, ..)| !op.pro.is_empty() || (f32 && wg))
+        .filter(|(op, ..)| !op.pro.is_empty() || (f32 && wg) || tr)
         .map(|(op, arr, n, idx, blk, lim)| {
+            if tr && !f32 {
+                // bf16's weight gradient on wgmma: as below, 8 halves (one 16-byte chunk) a
+                // run, rounded to bf16 after the prologue; buffer rows of 32 halves
+                let woff = if *arr == "As_" { 0 } else { r * 32 };
+                return runs(
+                    *n,
+                    &format!(
+                        r#"            const int {idx} = {blk} * {n} + rl, kk = kb_ + kt * 32 + kl;
+            unsigned int u_[4];
+            wrnc_ld16(u_, {cell});
+            if ({idx} < {lim} && kk < ke_) {{
+            const unsigned short* src_ = {base};
+            bool ok_ = false;
+{addr}            (void)src_;
+            if (ok_) {{
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) {{
+            float xv = wrnc_bf16_f32((unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1))));
+{pro}            const unsigned int h_ = wrnc_f32_bf16(xv);
+            u_[e8 >> 1] = (e8 & 1) ? ((u_[e8 >> 1] & 0xffffu) | (h_ << 16)) : ((u_[e8 >> 1] & 0xffff0000u) | h_);
+            }}
+            }}
+            }}
+            unsigned short* w_ = Tw_ + (kt & 1) * {tw} + {woff} + (kl & 7);
+            #pragma unroll
+            for (int e8 = 0; e8 < 8; ++e8) {{
+            const int m_ = rl + e8;
+            w_[m_ * 32 + (((kl >> 3) ^ ((m_ >> 1) & 3)) << 3)] = (unsigned short)(u_[e8 >> 1] >> (16 * (e8 & 1)));
+            }}
+"#,
+                        base = op.base,
+                        addr = op.addr,
+                        pro = op.pro,
+                        cell = cell(arr, *n, "slot_"),
+                        tw = (r + c) * 32,
+                    ),
+                );
+            }
             if tr {
                 // the weight gradient on wgmma: every run (a zero-filled one too) moves from
                 // its `[k][m]` landing place into the K-major buffer `kt % 2` (row `rl + e8`,
@@ -1364,7 +1402,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         // landing `[k][m]` as without wgmma; the two K-major buffers after the ring, whose
         // atoms the descriptors take to be where the swizzle puts them
         format!(
-            "{array}    wrnc_smem_align_check(smem_);\n    float (*As_)[{arow}] = reinterpret_cast<float (*)[{arow}]>(smem_);\n    float (*Bs_)[{brow}] = reinterpret_cast<float (*)[{brow}]>(smem_ + {boff});\n    float* Tw_ = reinterpret_cast<float*>(smem_ + {twoff});\n",
+            "{array}    wrnc_smem_align_check(smem_);\n    {et} (*As_)[{arow}] = reinterpret_cast<{et} (*)[{arow}]>(smem_);\n    {et} (*Bs_)[{brow}] = reinterpret_cast<{et} (*)[{brow}]>(smem_ + {boff});\n    {et}* Tw_ = reinterpret_cast<{et}*>(smem_ + {twoff});\n",
             twoff = ns * v.smem.stage_bytes,
         )
     } else if wg {
@@ -1466,13 +1504,21 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             r#"        wrnc_wgmma_fence();
         #pragma unroll
         for (int ks = 0; ks < 2; ++ks)
-            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, As_ + slot_ * {as_} + {a0} + ks * 16), wrnc_wgmma_desc(smem_, Bs_ + slot_ * {bs_} + {b0} + ks * 16));
+            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, {abase} + {a0} + ks * 16), wrnc_wgmma_desc(smem_, {bbase} + {b0} + ks * 16));
         wrnc_wgmma_commit();
         wrnc_wgmma_wait<{lag}>();
         wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
 "#,
-            as_ = r * 32,
-            bs_ = c * 32,
+            abase = if tr {
+                format!("Tw_ + (kt & 1) * {}", (r + c) * 32)
+            } else {
+                format!("As_ + slot_ * {}", r * 32)
+            },
+            bbase = if tr {
+                format!("Tw_ + (kt & 1) * {} + {}", (r + c) * 32, r * 32)
+            } else {
+                format!("Bs_ + slot_ * {}", c * 32)
+            },
         )
     } else {
         format!(

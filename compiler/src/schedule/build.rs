@@ -176,13 +176,11 @@ impl<'a> B<'a> {
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
             // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says;
-            // bf16's weight gradient stays on `mma.sync`, plain TF32's goes through a
-            // transposing pass in shared memory)
-            g.wgmma =
-                self.tiles.wgmma && g.vec && !g.tf32x3 && (kmajor || g.tf32) && tile.rows >= 64;
-            // TMA where no box is larger than its tensor (CUDA requires it, [`TmapArg`]);
-            // elsewhere the operands come by `cp.async`
-            g.tma = self.tiles.tma && g.wgmma && !g.f32_operands() && weight_box_fits;
+            // the weight gradient goes through a transposing pass in shared memory)
+            g.wgmma = self.tiles.wgmma && g.vec && !g.tf32x3 && tile.rows >= 64;
+            // TMA (bf16's forward and data gradient) where no box is larger than its tensor
+            // (CUDA requires it, [`TmapArg`]); elsewhere the operands come by `cp.async`
+            g.tma = self.tiles.tma && g.wgmma && kmajor && !g.f32_operands() && weight_box_fits;
             g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
         // the activation operand by TMA where the tile is a box of the image (after the above:

@@ -102,10 +102,10 @@ pub struct ConvGeom {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub vec: bool,
     /// Hopper's warpgroup MMA (`wgmma.mma_async`, sm_90a) instead of `mma.sync` (only with
-    /// `vec`, in the forward and data-gradient passes, and with a tile of at least 64 rows; bf16
-    /// or plain TF32, never 3xTF32; see [`super::Tiles::wgmma`]). Changes no value's algebra
-    /// (TF32 operands are rounded in shared memory, where `mma.sync` rounds its fragments).
-    /// Name suffix `_wg`.
+    /// `vec`, in all three passes (the weight gradient's stages transposed in shared memory,
+    /// [`AsyncSmem::transposed`]), and with a tile of at least 64 rows; bf16 or plain TF32,
+    /// never 3xTF32; see [`super::Tiles::wgmma`]). Changes no value's algebra (TF32 operands
+    /// are rounded in shared memory, where `mma.sync` rounds its fragments). Name suffix `_wg`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wgmma: bool,
     /// Shared-memory stages of the `cp.async` ring of a vector-loading convolution (only with
@@ -378,10 +378,10 @@ impl ConvGeom {
         };
         // the TF32 weight gradient on wgmma: its stages land `[k][m]` as above and are
         // transposed into one of two K-major buffers of the 64-byte swizzle
-        let transposed = if self.f32_operands() && self.wgmma && !kmajor && t.rows >= 64 {
-            (t.rows + t.cols) * 128
-        } else {
-            0
+        let transposed = match (self.wgmma && !kmajor && t.rows >= 64, self.f32_operands()) {
+            (true, true) => (t.rows + t.cols) * 128,
+            (true, false) => (t.rows + t.cols) * 64,
+            (false, _) => 0,
         };
         let stages = if self.stages != 0 {
             self.stages

@@ -331,9 +331,9 @@ impl Layout {
 pub struct Tiles {
     pub default: TcTile,
     pub by_key: std::collections::BTreeMap<String, TcTile>,
-    /// The forward and data-gradient passes of the vector-loading convolutions
-    /// ([`ConvGeom::vec`]) with tiles of at least 64 rows run on Hopper's warpgroup MMA
-    /// (`wgmma`, sm_90a) instead of `mma.sync` (`ConvGeom::wgmma`). Off by default.
+    /// The vector-loading convolutions ([`ConvGeom::vec`], all three passes; bf16 or plain
+    /// TF32) with tiles of at least 64 rows run on Hopper's warpgroup MMA (`wgmma`, sm_90a)
+    /// instead of `mma.sync` (`ConvGeom::wgmma`). Off by default.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wgmma: bool,
     /// `cp.async` pipeline stages of the vector-loading convolutions ([`ConvGeom::stages`]):
