@@ -821,32 +821,6 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             });
         }
     }
-    for (mode, tile, launches_only, stages, wgmma, tma) in vec8_checks {
-        jobs.push(Job {
-            label: format!(
-                "vec8{}{}{} tile {tile}",
-                if wgmma { " wgmma" } else { "" },
-                if tma { " tma" } else { "" },
-                if stages != 0 {
-                    format!(" stages {stages}")
-                } else {
-                    String::new()
-                }
-            ),
-            net: vec8,
-            mode,
-            precision: Precision::Bf16,
-            unfused: false,
-            layout: Layout::Auto,
-            tiles: schedule::Tiles {
-                wgmma,
-                stages,
-                tma,
-                ..schedule::Tiles::all(tile)
-            },
-            launches_only,
-        });
-    }
     // the TF32 engines on the `cp.async` engine (NHWC, 8- and 16-channel convs: f32 runs of 8
     // channels, an f32 packed weight): the fused training step and inference at the default
     // tile, launch by launch and whole, for both; plain TF32's training step's launches with a
@@ -881,12 +855,34 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             (F32Math::Tf32, Mode::Train, t128x64, 4, true, true),
         ]);
     }
-    for (math, mode, tile, stages, launches_only, wgmma) in tf32_checks {
+    // one job per check: bf16 (`math` None) or an f32 engine on the tensor cores
+    let vec8_all =
+        vec8_checks
+            .into_iter()
+            .map(|(mode, tile, launches_only, stages, wgmma, tma)| {
+                (None, mode, tile, stages, launches_only, wgmma, tma)
+            })
+            .chain(tf32_checks.into_iter().map(
+                |(math, mode, tile, stages, launches_only, wgmma)| {
+                    (Some(math), mode, tile, stages, launches_only, wgmma, false)
+                },
+            ));
+    for (math, mode, tile, stages, launches_only, wgmma, tma) in vec8_all {
+        let tiles = schedule::Tiles {
+            wgmma,
+            stages,
+            tma,
+            ..schedule::Tiles::all(tile)
+        };
         jobs.push(Job {
             label: format!(
-                "vec8 {}{}{} tile {tile}",
-                math.flag().trim_start_matches('-'),
+                "vec8{}{}{}{} tile {tile}",
+                math.map_or(String::new(), |m: F32Math| format!(
+                    " {}",
+                    m.flag().trim_start_matches('-')
+                )),
                 if wgmma { " wgmma" } else { "" },
+                if tma { " tma" } else { "" },
                 if stages != 0 {
                     format!(" stages {stages}")
                 } else {
@@ -895,13 +891,16 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             ),
             net: vec8,
             mode,
-            precision: Precision::F32,
+            precision: if math.is_some() {
+                Precision::F32
+            } else {
+                Precision::Bf16
+            },
             unfused: false,
             layout: Layout::Auto,
-            tiles: schedule::Tiles {
-                stages,
-                wgmma,
-                ..schedule::Tiles::all(tile).with_f32_math(math)
+            tiles: match math {
+                Some(m) => tiles.with_f32_math(m),
+                None => tiles,
             },
             launches_only,
         });

@@ -892,7 +892,14 @@ fn bf16_vector_loads() {
     assert!(count("conv_bwd_weight", true) >= 5, "{names:?}");
     // the stem reads 3 channels: element by element
     assert_eq!(count("conv_fwd", false), 1, "{names:?}");
-    // a `_v8` conv reads a bf16 weight packed for it by the launch just before it
+    assert_packed_weights(&s, Dtype::Bf16);
+    let _ = check_step_in("vec", VEC, BF16);
+    check_infer_in("vec", VEC, BF16);
+}
+
+/// Every `_v8` forward and data-gradient conv of `s` reads a weight of `dtype` packed for it
+/// (`pack.*`, f32 for the TF32 engines) by the launch just before it, for its own pass.
+fn assert_packed_weights(s: &Schedule, dtype: Dtype) {
     for (li, l) in s.launches.iter().enumerate() {
         let spec = &s.kernels[l.kernel].spec;
         let reads_w = matches!(
@@ -910,21 +917,21 @@ fn bf16_vector_loads() {
             .unwrap();
         let wb = &s.buffers[l.buffers[w].buffer];
         assert!(
-            wb.name.starts_with("pack.") && wb.dtype == Dtype::Bf16,
+            wb.name.starts_with("pack.") && wb.dtype == dtype,
             "{}",
             l.note
         );
         let prev = &s.launches[li - 1];
+        let f32 = dtype == Dtype::F32;
         assert!(
-            matches!(s.kernels[prev.kernel].spec, KernelSpec::PackWeight { data_grad, .. }
-                if data_grad == matches!(spec, KernelSpec::ConvBwdData { .. })),
+            matches!(s.kernels[prev.kernel].spec, KernelSpec::PackWeight { data_grad, f32: pf, .. }
+                if data_grad == matches!(spec, KernelSpec::ConvBwdData { .. }) && pf == f32),
             "{}",
             l.note
         );
+        assert_eq!(s.kernels[prev.kernel].name.ends_with("_f32"), f32);
         assert_eq!(prev.buffers[0].buffer, l.buffers[w].buffer, "{}", l.note);
     }
-    let _ = check_step_in("vec", VEC, BF16);
-    check_infer_in("vec", VEC, BF16);
 }
 
 /// The emulated inference logits of `g` in `prec` (every launch checked on the way), as bytes.
@@ -932,6 +939,25 @@ fn infer_logits(g: &Graph, ri: &Reference, prec: Prec, tag: &str) -> Vec<u8> {
     let s = build_in(g, Mode::Infer, false, prec);
     let out = emulate(tag, &s, ri, BF16.kernel);
     out[&s.buffers[s.logits].name].clone()
+}
+
+/// Every `_v8` conv pass of [`VEC`]'s training step `s` runs on wgmma (the weight gradient's
+/// too, transposed in shared memory), named with `suffix`, and no other conv does.
+fn assert_every_vec_pass_on_wgmma(s: &Schedule, suffix: &str, what: &str) {
+    let (mut wg, mut wgrad) = (0, 0);
+    for k in &s.kernels {
+        if let Some(cg) = k.spec.conv_geom() {
+            let want = cg.vec;
+            assert_eq!(cg.wgmma, want, "{}", k.name);
+            assert_eq!(k.name.contains(suffix), want, "{}", k.name);
+            wg += want as usize;
+            wgrad += (want && matches!(k.spec, KernelSpec::ConvBwdWeight { .. })) as usize;
+        }
+    }
+    assert!(
+        wg >= 14 && wgrad >= 5,
+        "{what}: {wg} wgmma kernels, {wgrad} weight gradients"
+    );
 }
 
 /// Hopper's warpgroup MMA in plain TF32 (`--wgmma --tf32`): the `_v8` forward and
@@ -971,21 +997,7 @@ fn f32_tf32_wgmma_forward_and_data_gradient() {
             ..TF32_NHWC
         };
         let s = build_in(&g, Mode::Train, false, prec);
-        let (mut wg, mut wgrad) = (0, 0);
-        for k in &s.kernels {
-            if let Some(cg) = k.spec.conv_geom() {
-                // every `_v8` pass, the weight gradient's too (transposed in shared memory)
-                let want = cg.vec;
-                assert_eq!(cg.wgmma, want, "{}", k.name);
-                assert_eq!(k.name.contains("_tf32_nhwc_v8_wg"), want, "{}", k.name);
-                wg += want as usize;
-                wgrad += (want && matches!(k.spec, KernelSpec::ConvBwdWeight { .. })) as usize;
-            }
-        }
-        assert!(
-            wg >= 14 && wgrad >= 5,
-            "{tile}: {wg} wgmma kernels, {wgrad} weight gradients"
-        );
+        assert_every_vec_pass_on_wgmma(&s, "_tf32_nhwc_v8_wg", &tile.to_string());
         assert_eq!(s.min_compute_capability(), 90);
         let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
         assert!(cu.contains("wrnc_wgmma_tf32_m64n"));
@@ -1052,20 +1064,7 @@ fn bf16_wgmma_forward_and_data_gradient() {
             ..BF16
         };
         let s = build_in(&g, Mode::Train, false, prec);
-        let (mut wg, mut wgrad) = (0, 0);
-        for k in &s.kernels {
-            if let Some(cg) = k.spec.conv_geom() {
-                let want = cg.vec;
-                assert_eq!(cg.wgmma, want, "{}", k.name);
-                assert_eq!(k.name.contains("_v8_wg"), want, "{}", k.name);
-                wg += want as usize;
-                wgrad += (want && matches!(k.spec, KernelSpec::ConvBwdWeight { .. })) as usize;
-            }
-        }
-        assert!(
-            wg >= 14 && wgrad >= 5,
-            "{tile}: {wg} wgmma kernels, {wgrad} weight gradients"
-        );
+        assert_every_vec_pass_on_wgmma(&s, "_v8_wg", &tile.to_string());
         assert!(s.uses_wgmma());
         assert_eq!(s.min_compute_capability(), 90);
         assert_eq!(s.nvrtc_arch("sm_90"), "sm_90a");
@@ -1792,41 +1791,12 @@ fn f32_tf32_vector_loads() {
             2,
             "{names:?}"
         );
-        for (li, l) in s.launches.iter().enumerate() {
-            let spec = &s.kernels[l.kernel].spec;
-            let reads_w = matches!(
-                spec,
-                KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
-            );
-            if !reads_w || !spec.conv_geom().is_some_and(|cg| cg.vec) {
-                continue;
-            }
-            let w = spec
-                .signature()
-                .0
-                .iter()
-                .position(|p| p.name == "w")
-                .unwrap();
-            let wb = &s.buffers[l.buffers[w].buffer];
-            assert!(
-                wb.name.starts_with("pack.") && wb.dtype == Dtype::F32,
-                "{}",
-                l.note
-            );
-            let prev = &s.launches[li - 1];
-            assert!(
-                matches!(
-                    s.kernels[prev.kernel].spec,
-                    KernelSpec::PackWeight { f32: true, .. }
-                ),
-                "{}",
-                l.note
-            );
-            assert!(s.kernels[prev.kernel].name.ends_with("_f32"));
-            assert_eq!(prev.buffers[0].buffer, l.buffers[w].buffer, "{}", l.note);
-        }
+        assert_packed_weights(&s, Dtype::F32);
         let cu = wrnc_compiler::codegen::cuda::write(&s, &Default::default()).unwrap();
-        assert!(cu.contains("wrnc_cp_async16(d_ + 4, src_ + 4, ok_);"));
+        assert!(
+            cu.contains(" + 4, src_ + 4, ok_);"),
+            "a run's second 16-byte copy"
+        );
         // fragments of the K-contiguous stages by ldmatrix, of the weight gradient's
         // `[k][m]` stages a float at a time
         assert!(cu.contains("wrnc_ldmatrix_x4(r_, &As_[slot_ * 64 + wm * 32"));

@@ -462,15 +462,9 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
             let r = nvrtc::ptxas_resources(&src, &arch).unwrap_or_else(|e| panic!("{tile}: {e}"));
             let wg: Vec<_> = r.iter().filter(|k| k.name.contains("_wg")).collect();
             assert!(!wg.is_empty(), "{tile} {mode:?}: no wgmma kernel");
+            assert_no_spill_frame_or_note(&tile.to_string(), &r);
             for k in &r {
-                assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
                 assert!(k.shared <= 48 * 1024, "{tile}: {k:?}");
-                assert_eq!(
-                    k.stack_frame, 0,
-                    "{tile}: {k:?}: accumulators in local memory"
-                );
-                // ptxas serializes wgmma (C7515) when it cannot keep the accumulators in place
-                assert!(k.notes.is_empty(), "{tile}: {k:?}");
             }
             let most = wg.iter().max_by_key(|k| k.registers).unwrap();
             eprintln!(
@@ -480,6 +474,20 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
                 most.name
             );
         }
+    }
+}
+
+/// ptxas's verdict on every kernel of a module (`what` names it in a failure): no spills, no
+/// stack frame (a wgmma's accumulators in local memory), no note (ptxas serializes wgmma,
+/// C7515, when it cannot keep the accumulators in place).
+fn assert_no_spill_frame_or_note(what: &str, r: &[nvrtc::KernelResources]) {
+    for k in r {
+        assert_eq!(k.spill_stores + k.spill_loads, 0, "{what}: {k:?} spills");
+        assert_eq!(
+            k.stack_frame, 0,
+            "{what}: {k:?}: accumulators in local memory"
+        );
+        assert!(k.notes.is_empty(), "{what}: {k:?}");
     }
 }
 
@@ -521,14 +529,7 @@ fn tf32_wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
             .filter(|k| k.name.starts_with("conv_bwd_weight"))
             .count();
         assert!(wgrad >= 5, "{tile}: {wgrad} weight-gradient wgmma kernels");
-        for k in &r {
-            assert_eq!(k.spill_stores + k.spill_loads, 0, "{tile}: {k:?} spills");
-            assert_eq!(
-                k.stack_frame, 0,
-                "{tile}: {k:?}: accumulators in local memory"
-            );
-            assert!(k.notes.is_empty(), "{tile}: {k:?}");
-        }
+        assert_no_spill_frame_or_note(&tile.to_string(), &r);
         let most = wg.iter().max_by_key(|k| k.registers).unwrap();
         eprintln!(
             "tf32 tile {tile} stages {stages} {arch}: {} wgmma kernels, most registers {} ({})",
