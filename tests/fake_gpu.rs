@@ -838,6 +838,37 @@ fn tf32x3_bench_runs_on_the_fake_gpu() {
             .is_some_and(|t| !t.is_empty() && t.keys().all(|k| k.contains("_tf32"))),
         "{v}"
     );
+    // and on the fake Hopper's warpgroup MMA (`--tf32 --wgmma`, an sm_90a module whose `_v8`
+    // passes, the weight gradient's included, are wgmma: `codegen_emu` checks which), NHWC;
+    // 3xTF32 with --wgmma is refused
+    let v = bench_once(
+        tmp.path(),
+        V8_NET,
+        "f32",
+        &["--no-infer", "--tf32", "--wgmma"],
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(
+        (v["tf32"].clone(), v["wgmma"].clone()),
+        (true.into(), true.into()),
+        "{v}"
+    );
+    assert_eq!(v["layout"], "nhwc", "{v}");
+    assert!(
+        v["train_step_ms"]["fused"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v}"
+    );
+    let (code, err) = bench_once(
+        tmp.path(),
+        V8_NET,
+        "f32",
+        &["--no-infer", "--tf32x3", "--wgmma"],
+    )
+    .unwrap_err();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("3xTF32 stays on mma.sync"), "{err}");
 }
 
 /// `wrnc bench --tma` on the fake Hopper: the runtime encodes each TMA launch's tensor map with
