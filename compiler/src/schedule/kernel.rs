@@ -1579,9 +1579,12 @@ mod tests {
         check(128, 128, 4, false, true, (4, 20480, 81920, true));
         check(128, 128, 4, true, true, (4, 16384, 65536, true));
         check(128, 128, 8, false, false, (8, 17408, 139264, true));
-        // wgmma never applies to a 32-row tile or the weight gradient
+        // wgmma never applies to a 32-row tile
         check(32, 64, 4, true, true, (4, 7680, 30720, false));
-        check(128, 64, 4, true, false, (4, 13312, 53248, true));
+        // the weight gradient on wgmma: the ring, then two K-major buffers of (128 + 64) rows
+        // of 64 bytes that its transposing pass fills
+        check(128, 64, 4, true, false, (4, 13312, 77824, true));
+        check(64, 64, 0, true, false, (3, 9216, 44032, false));
     }
 
     #[test]
