@@ -1009,8 +1009,8 @@ fn tf32_math(products: u32, mi: u32, ni: u32, f: &TfFrag) -> String {
 /// along pixels while `dy` and `x` are contiguous in channels.
 struct VecOps {
     kmajor: bool,
-    /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; with `kmajor`, or
-    /// for TF32's weight gradient through a transposing pass).
+    /// Hopper's warpgroup MMA instead of `mma.sync` ([`ConvGeom::wgmma`]; in every pass, the
+    /// weight gradient's, not `kmajor`, through a transposing pass in shared memory).
     wgmma: bool,
     /// B (the packed weight, no prologue) by the tensor memory accelerator from the kernel's
     /// `tmw` tensor map ([`ConvGeom::tma`]; only with `wgmma`).
