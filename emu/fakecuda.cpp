@@ -31,7 +31,10 @@
 // CUDA_ERROR_OUT_OF_MEMORY. Kernels run synchronously at launch; events time host wall clock.
 // Graphs: a capture records launches with copies of their argument bytes; a replay runs them.
 // WRNC_FAKE_REAL_NVRTC, when set to a real libnvrtc, makes nvrtcCompileProgram also compile
-// the source with it (same options), so the fake never accepts what NVRTC would refuse.
+// the source with it (same options, but a real architecture `sm_XY` taken as `compute_XY`:
+// PTX only, without ptxas's time), so the fake never accepts what NVRTC would refuse.
+// The fake's "CUBIN" (nvrtcGetCUBIN) is ELF's 4 magic bytes, then its "PTX": wrnc's module
+// cache keeps only entries that start like an ELF image, and cuModuleLoadDataEx skips them.
 // WRNC_FAKE_STATS=FILE: at exit the process writes its counts there, one `name value` a line:
 // `captures` (graphs captured), `graph_launches`, `graph_kernels` (kernels those ran) and
 // `stream_kernels` (kernels launched outside graphs), so tests can see how work was submitted.
@@ -71,6 +74,8 @@ constexpr std::size_t GUARD = 256;  // guard bytes before and after every alloca
 constexpr unsigned char GUARD_BYTE = 0xa5;
 // carries a `.version` line, as every PTX does (wrnc's PTX cache checks for it)
 const char* MARKER = "//WRNC-FAKE-PTX\n.version 0.0 // the CUDA source follows\n";
+// what the fake's CUBIN starts with, as a real one does
+const char* ELF_MAGIC = "\x7f" "ELF";
 
 std::recursive_mutex g_mu;
 CUresult g_sticky = OK;  // an illegal address poisons the context, as on a GPU
@@ -578,6 +583,7 @@ API CUresult cuModuleLoadDataEx(void** mod, const void* image, unsigned nopt, in
     std::lock_guard l(g_mu);
     if (g_sticky) return g_sticky;
     const char* text = (const char*)image;
+    if (std::strncmp(text, ELF_MAGIC, 4) == 0) text += 4;
     const std::size_t ml = std::strlen(MARKER);
     if (std::strncmp(text, MARKER, ml) != 0) {
         set_log("this image is not from the fake NVRTC (set WRNC_NVRTC to the fake library too)", nopt, opts, vals);
@@ -803,7 +809,16 @@ API int nvrtcCompileProgram(void* prog, int n, const char* const* opts) {
         auto compile = (int (*)(void*, int, const char* const*))dlsym(real, "nvrtcCompileProgram");
         auto log_size = (int (*)(void*, std::size_t*))dlsym(real, "nvrtcGetProgramLogSize");
         auto log = (int (*)(void*, char*))dlsym(real, "nvrtcGetProgramLog");
-        int r = compile(p->real, n, opts);
+        // a real architecture checked as its virtual one: the PTX, not ptxas
+        std::vector<std::string> own(opts, opts + n);
+        std::vector<const char*> ptrs;
+        for (auto& o : own) {
+            const std::string real_arch = "--gpu-architecture=sm_";
+            if (o.compare(0, real_arch.size(), real_arch) == 0)
+                o = "--gpu-architecture=compute_" + o.substr(real_arch.size());
+            ptrs.push_back(o.c_str());
+        }
+        int r = compile(p->real, n, ptrs.data());
         if (r != 0) {
             std::size_t len = 0;
             log_size(p->real, &len);
@@ -829,6 +844,15 @@ API int nvrtcGetPTXSize(void* prog, std::size_t* n) {
 }
 API int nvrtcGetPTX(void* prog, char* out) {
     std::string s = std::string(MARKER) + ((NvrtcProg*)prog)->src;
+    std::memcpy(out, s.c_str(), s.size() + 1);
+    return 0;
+}
+API int nvrtcGetCUBINSize(void* prog, std::size_t* n) {
+    *n = 4 + std::strlen(MARKER) + ((NvrtcProg*)prog)->src.size() + 1;
+    return 0;
+}
+API int nvrtcGetCUBIN(void* prog, char* out) {
+    std::string s = std::string(ELF_MAGIC) + MARKER + ((NvrtcProg*)prog)->src;
     std::memcpy(out, s.c_str(), s.size() + 1);
     return 0;
 }

@@ -9,7 +9,7 @@ use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, F32Math, Layout, Options, TcTile};
 use wrnc_runtime::cuda::tune::{self, TileMode};
-use wrnc_runtime::cuda::{self, bench, cache::PtxCache, check, device::Gpu, exec, layout};
+use wrnc_runtime::cuda::{self, bench, cache::ModuleCache, check, device::Gpu, exec, layout};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {
@@ -141,13 +141,27 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
+/// What `wrnc bench` measures, decided from its flags alone (no GPU): the precision and f32
+/// engine, the variants (fused, then unfused unless `--fused-only`), the modes, and the
+/// schedules whose tensor-core tiles are chosen together (`bases`).
+pub struct BenchPlan {
+    pub precision: Precision,
+    pub f32_math: F32Math,
+    pub wgmma: bool,
+    /// `unfused` values, fused first.
+    pub variants: Vec<bool>,
+    pub modes: Vec<Mode>,
+    /// Every schedule measured, tiles left to the tile choice; empty without tensor cores.
+    pub bases: Vec<Options>,
+}
+
+/// Checks `a`'s flags and plans the bench ([`BenchPlan`]).
+pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, UserError> {
     check_range(a.batch, "batch", 1 << 16)?;
     if a.iters == 0 || a.iters > 100_000 || a.warmup > 100_000 {
         return Err(UserError(
             "error: --iters must lie in 1..=100000 and --warmup in 0..=100000".into(),
-        )
-        .into());
+        ));
     }
     let precision = a.precision.get();
     let wgmma = a.wgmma || a.tma;
@@ -155,28 +169,21 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         F32Math::from_flags(a.tf32, a.tf32x3).map_err(|e| UserError(format!("error: {e}")))?;
     schedule::check_engine_flags(precision, f32_math, wgmma, a.tma, a.stages.is_some())
         .map_err(|e| UserError(format!("error: {e}")))?;
-    let gpu = open_gpu(a.gpu)?;
-    let cache = PtxCache::default_location();
-    if !a.json {
-        eprintln!("{}", gpu.info());
-    }
-    let mut runs = vec![];
-    let variants: &[bool] = if a.fused_only {
-        &[false]
+    let variants = if a.fused_only {
+        vec![false]
     } else {
-        &[false, true]
+        vec![false, true]
     };
-    let modes: &[Mode] = if a.no_infer {
-        &[Mode::Train]
+    let modes = if a.no_infer {
+        vec![Mode::Train]
     } else if a.no_train {
-        &[Mode::Infer]
+        vec![Mode::Infer]
     } else {
-        &[Mode::Train, Mode::Infer]
+        vec![Mode::Train, Mode::Infer]
     };
-    // the tensor-core tiles of every schedule measured below, chosen once
-    let (tiles, tile_report) = if precision == Precision::Bf16 || f32_math.tensor_cores() {
-        let mut bases = vec![];
-        for &unfused in variants {
+    let mut bases = vec![];
+    if precision == Precision::Bf16 || f32_math.tensor_cores() {
+        for &unfused in &variants {
             let base = |mode, batch| Options {
                 mode,
                 batch,
@@ -194,14 +201,67 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                 .with_f32_math(f32_math),
                 layout: a.layout,
             };
-            for &mode in modes {
+            for &mode in &modes {
                 bases.push(base(mode, a.batch));
             }
             if !a.no_infer {
                 bases.push(base(Mode::Infer, 1));
             }
         }
-        let (mut t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &bases, a.tiles)?;
+    }
+    Ok(BenchPlan {
+        precision,
+        f32_math,
+        wgmma,
+        variants,
+        modes,
+        bases,
+    })
+}
+
+/// The modules `wrnc bench` loads once its tiles are chosen: every variant's schedule of
+/// every mode at `--batch`, and inference at batch 1 (unless `--no-infer`).
+pub fn bench_sources(
+    graph: &Graph,
+    a: &BenchArgs,
+    p: &BenchPlan,
+    tiles: &schedule::Tiles,
+) -> anyhow::Result<Vec<exec::ModuleSource>> {
+    let mut sources = vec![];
+    for &unfused in &p.variants {
+        let mut shapes: Vec<(Mode, u32)> = p.modes.iter().map(|&m| (m, a.batch)).collect();
+        if !a.no_infer {
+            shapes.push((Mode::Infer, 1));
+        }
+        for (mode, batch) in shapes {
+            let (s, f) = bench::bench_schedule_of(
+                graph,
+                mode,
+                batch,
+                p.precision,
+                unfused,
+                tiles,
+                a.layout,
+            )?;
+            sources.push(exec::module_source(&s, &f)?);
+        }
+    }
+    Ok(sources)
+}
+
+pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
+    let plan = bench_plan(&a)?;
+    let (precision, f32_math, wgmma) = (plan.precision, plan.f32_math, plan.wgmma);
+    let (variants, modes) = (&plan.variants[..], &plan.modes[..]);
+    let gpu = open_gpu(a.gpu)?;
+    let cache = ModuleCache::default_location();
+    if !a.json {
+        eprintln!("{}", gpu.info());
+    }
+    let mut runs = vec![];
+    // the tensor-core tiles of every schedule measured below, chosen once
+    let (tiles, tile_report) = if !plan.bases.is_empty() {
+        let (mut t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &plan.bases, a.tiles)?;
         t.wgmma = wgmma;
         t.tma = a.tma;
         t.stages = a.stages.unwrap_or(0);
@@ -214,19 +274,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         (Default::default(), None)
     };
     // every module measured below compiled at once, on all cores
-    let mut sources = vec![];
-    for &unfused in variants {
-        let mut shapes: Vec<(Mode, u32)> = modes.iter().map(|&m| (m, a.batch)).collect();
-        if !a.no_infer {
-            shapes.push((Mode::Infer, 1));
-        }
-        for (mode, batch) in shapes {
-            let (s, f) = bench::bench_schedule_of(
-                &l.graph, mode, batch, precision, unfused, &tiles, a.layout,
-            )?;
-            sources.push(exec::module_source(&s, &f)?);
-        }
-    }
+    let sources = bench_sources(&l.graph, &a, &plan, &tiles)?;
     let precompiled = exec::precompile(&gpu, &cache, sources, exec::compile_threads())?;
     if !a.json && precompiled.compiled > 0 {
         eprintln!(
@@ -419,7 +467,7 @@ const BUILTIN: &[(&str, &str)] = &[
 /// [`check::check_launches`] and [`check::check_graph`].
 type CheckFn = fn(
     &Gpu,
-    &PtxCache,
+    &ModuleCache,
     &str,
     &Graph,
     Mode,
@@ -528,8 +576,9 @@ fn examples(dir: &Path, side: Option<u32>) -> anyhow::Result<Vec<(String, Graph)
     Ok(v)
 }
 
-pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
-    check_range(a.batch, "batch", 64)?;
+/// The networks `wrnc selftest` checks: the built-in ones, then (unless `--quick`) every
+/// example, shrunk to small shapes.
+pub fn selftest_nets(a: &SelftestArgs) -> anyhow::Result<Vec<(String, Graph)>> {
     let mut nets: Vec<(String, Graph)> = vec![];
     for (n, body) in BUILTIN {
         nets.push((n.to_string(), builtin(body)?));
@@ -537,130 +586,70 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     if !a.quick {
         nets.extend(examples(&a.examples, a.side)?);
     }
-    // host-side checks: every schedule builds, validates, and reads nothing unwritten
-    let mut host_failures = vec![];
-    for (name, g) in &nets {
-        for mode in [Mode::Train, Mode::Infer] {
-            for unfused in [false, true] {
-                for (precision, layout) in [
-                    (Precision::F32, Layout::Nchw),
-                    (Precision::F32, Layout::Nhwc),
-                    (Precision::Bf16, Layout::Nchw),
-                    (Precision::Bf16, Layout::Nhwc),
-                ] {
-                    let opts = Options {
-                        tiles: Default::default(),
-                        layout,
-                        mode,
-                        batch: a.batch,
-                        precision,
-                        fusion: Fusion {
-                            unfused,
-                            disabled: vec![],
-                        },
-                    };
-                    let r = schedule::build(g, &opts)
-                        .map_err(|e| e.message)
-                        .and_then(|s| s.validate().map(|_| s))
-                        .and_then(|s| layout::check_written_before_read(&s));
-                    if let Err(e) = r {
-                        host_failures.push(format!(
-                            "{name} {mode:?} unfused={unfused} {} {layout:?}: {e}",
-                            precision.name()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if a.device == DeviceArg::Cpu {
-        for f in &host_failures {
-            println!("FAIL {f}");
-        }
-        println!(
-            "host-side checks of {} networks: {}; the GPU comparison was not run (--device cpu)",
-            nets.len(),
-            if host_failures.is_empty() {
-                "ok"
-            } else {
-                "FAILED"
-            }
-        );
-        if !host_failures.is_empty() {
-            anyhow::bail!("{} host-side checks failed", host_failures.len());
-        }
-        return Ok(());
-    }
-    let gpu = match Gpu::open(a.gpu) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("selftest: cannot run on the GPU: {e}");
-            anyhow::bail!(
-                "selftest needs a usable CUDA GPU (use `wrnc selftest --device cpu` for the host-side checks only)"
-            );
-        }
-    };
-    let mut gpu = gpu;
-    // name the failing kernel on a fault
-    gpu.set_sync_each(true);
-    let cache = PtxCache::default_location();
-    if !a.json {
-        eprintln!("{}", gpu.info());
-    }
-    let mut results: Vec<check::CheckResult> = vec![];
-    let mut errors: Vec<String> = host_failures.clone();
-    let mut report = |r: Result<check::CheckResult, cuda::CudaError>, what: &str| match r {
-        Ok(r) => {
-            if !a.json {
-                println!(
-                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}{}{}",
-                    match (r.passed, r.resolved) {
-                        (false, _) => "FAIL",
-                        (true, true) => "ok  ",
-                        (true, false) => "--  ",
-                    },
-                    r.what,
-                    r.max_rel_err,
-                    r.tol,
-                    r.worst,
-                    r.logits_vs_f64_model
-                        .map(|v| format!("; logits {v:.2e} from the unrounded f64 model"))
-                        .unwrap_or_default(),
-                    match (r.precision_noise, r.grad_tol) {
-                        (Some(n), Some(g)) if !r.resolved => format!(
-                            "; unresolved: two correct computations of this step at this precision differ by {n:.1e} at these shapes (held to {g:.1e}, it would pass a wrong step); its launches are checked one by one"
-                        ),
-                        (Some(n), Some(g)) if g > r.tol => format!(
-                            "; held to {g:.1e}: two correct computations of this step at this precision differ by {n:.1e}"
-                        ),
-                        _ => String::new(),
-                    }
-                );
-            }
-            results.push(r);
-        }
-        Err(e) => {
-            if !a.json {
-                println!("ERR  {what}: {e}");
-            }
-            errors.push(format!("{what}: {e}"));
-        }
-    };
+    Ok(nets)
+}
+
+/// Each job's schedule (`None` where it does not build: the check reports that itself).
+pub fn job_schedules(
+    a: &SelftestArgs,
+    nets: &[(String, Graph)],
+    jobs: &[Job],
+) -> Vec<Option<(schedule::Schedule, Fusion)>> {
+    jobs.iter()
+        .map(|j| {
+            bench::bench_schedule_of(
+                &nets[j.net].1,
+                j.mode,
+                a.batch,
+                j.precision,
+                j.unfused,
+                &j.tiles,
+                j.layout,
+            )
+            .ok()
+        })
+        .collect()
+}
+
+/// The modules the selftest's checks load: one per job's schedule, and the augmentation
+/// kernel's (f32, as `check_augment` runs it).
+pub fn selftest_sources(built: &[Option<(schedule::Schedule, Fusion)>]) -> Vec<exec::ModuleSource> {
+    built
+        .iter()
+        .flatten()
+        .filter_map(|(s, f)| exec::module_source(s, f).ok())
+        .chain(std::iter::once(exec::ModuleSource {
+            text: wrnc_runtime::cuda::augment::source(Precision::F32),
+            wgmma: false,
+        }))
+        .collect()
+}
+
+/// One selftest comparison (see [`selftest_jobs`]).
+pub struct Job {
+    label: String,
+    net: usize,
+    mode: Mode,
+    precision: Precision,
+    unfused: bool,
+    layout: Layout,
+    tiles: schedule::Tiles,
+    /// Launch by launch only (no whole-step comparison).
+    launches_only: bool,
+}
+
+/// Every comparison of `wrnc selftest` with `a`'s flags on a GPU of compute capability `cc`,
+/// listed first so that all their modules compile at once (and so that `wrnc precompile`
+/// finds the same list without a GPU). Adds to `nets` the built-in networks some checks use.
+pub fn selftest_jobs(
+    a: &SelftestArgs,
+    nets: &mut Vec<(String, Graph)>,
+    cc: (i32, i32),
+) -> anyhow::Result<Vec<Job>> {
     // Every comparison, listed first so that all their modules compile at once, on all
     // cores: each precision's own layout (NCHW in f32, NHWC in bf16) for every network, the
     // other one too for the built-in networks; then every other tensor-core tile on the first
     // built-in network's fused training step (forward, data and weight gradient convolutions).
-    struct Job {
-        label: String,
-        net: usize,
-        mode: Mode,
-        precision: Precision,
-        unfused: bool,
-        layout: Layout,
-        tiles: schedule::Tiles,
-        /// Launch by launch only (no whole-step comparison).
-        launches_only: bool,
-    }
     let mut jobs = vec![];
     for (ni, (name, _)) in nets.iter().enumerate() {
         for precision in [Precision::F32, Precision::Bf16] {
@@ -780,7 +769,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     // Hopper's warpgroup MMA (`--wgmma`) on a Hopper GPU: the fused training step and
     // inference at the default tile (n32 per warpgroup), launch by launch and whole, and the
     // training step's launches at 128x128 (n128), with 2 stages and with 4 (dynamic)
-    if gpu.info().compute_capability == (9, 0) {
+    if cc == (9, 0) {
         vec8_checks.extend([
             (Mode::Train, TcTile::DEFAULT, false, 0, true, false),
             (Mode::Infer, TcTile::DEFAULT, false, 0, true, false),
@@ -792,7 +781,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     // than its tensor): the weights, and the activations of the stride-1 convs, by TMA; the
     // fused training step and inference at the default tile, launch by launch and whole, and
     // a 4-stage 128x64 ring that keeps a wgmma in flight while TMA refills a slot
-    if gpu.info().compute_capability == (9, 0) {
+    if cc == (9, 0) {
         nets.push(("tmaa".into(), builtin_in("3x16x16", TMAA_NET)?));
         let net = nets.len() - 1;
         for (mode, tile, stages, launches_only) in [
@@ -848,7 +837,7 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             false,
         ),
     ];
-    if gpu.info().compute_capability == (9, 0) {
+    if cc == (9, 0) {
         tf32_checks.extend([
             (F32Math::Tf32, Mode::Train, TcTile::DEFAULT, 0, false, true),
             (F32Math::Tf32, Mode::Infer, TcTile::DEFAULT, 0, false, true),
@@ -925,27 +914,125 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             .into());
         }
     }
+    Ok(jobs)
+}
+
+pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
+    check_range(a.batch, "batch", 64)?;
+    let mut nets = selftest_nets(&a)?;
+    // host-side checks: every schedule builds, validates, and reads nothing unwritten
+    let mut host_failures = vec![];
+    for (name, g) in &nets {
+        for mode in [Mode::Train, Mode::Infer] {
+            for unfused in [false, true] {
+                for (precision, layout) in [
+                    (Precision::F32, Layout::Nchw),
+                    (Precision::F32, Layout::Nhwc),
+                    (Precision::Bf16, Layout::Nchw),
+                    (Precision::Bf16, Layout::Nhwc),
+                ] {
+                    let opts = Options {
+                        tiles: Default::default(),
+                        layout,
+                        mode,
+                        batch: a.batch,
+                        precision,
+                        fusion: Fusion {
+                            unfused,
+                            disabled: vec![],
+                        },
+                    };
+                    let r = schedule::build(g, &opts)
+                        .map_err(|e| e.message)
+                        .and_then(|s| s.validate().map(|_| s))
+                        .and_then(|s| layout::check_written_before_read(&s));
+                    if let Err(e) = r {
+                        host_failures.push(format!(
+                            "{name} {mode:?} unfused={unfused} {} {layout:?}: {e}",
+                            precision.name()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if a.device == DeviceArg::Cpu {
+        for f in &host_failures {
+            println!("FAIL {f}");
+        }
+        println!(
+            "host-side checks of {} networks: {}; the GPU comparison was not run (--device cpu)",
+            nets.len(),
+            if host_failures.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+        if !host_failures.is_empty() {
+            anyhow::bail!("{} host-side checks failed", host_failures.len());
+        }
+        return Ok(());
+    }
+    let gpu = match Gpu::open(a.gpu) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("selftest: cannot run on the GPU: {e}");
+            anyhow::bail!(
+                "selftest needs a usable CUDA GPU (use `wrnc selftest --device cpu` for the host-side checks only)"
+            );
+        }
+    };
+    let mut gpu = gpu;
+    // name the failing kernel on a fault
+    gpu.set_sync_each(true);
+    let cache = ModuleCache::default_location();
+    if !a.json {
+        eprintln!("{}", gpu.info());
+    }
+    let mut results: Vec<check::CheckResult> = vec![];
+    let mut errors: Vec<String> = host_failures.clone();
+    let mut report = |r: Result<check::CheckResult, cuda::CudaError>, what: &str| match r {
+        Ok(r) => {
+            if !a.json {
+                println!(
+                    "{} {:<48} max rel err {:.2e} (tol {:.0e}) worst: {}{}{}",
+                    match (r.passed, r.resolved) {
+                        (false, _) => "FAIL",
+                        (true, true) => "ok  ",
+                        (true, false) => "--  ",
+                    },
+                    r.what,
+                    r.max_rel_err,
+                    r.tol,
+                    r.worst,
+                    r.logits_vs_f64_model
+                        .map(|v| format!("; logits {v:.2e} from the unrounded f64 model"))
+                        .unwrap_or_default(),
+                    match (r.precision_noise, r.grad_tol) {
+                        (Some(n), Some(g)) if !r.resolved => format!(
+                            "; unresolved: two correct computations of this step at this precision differ by {n:.1e} at these shapes (held to {g:.1e}, it would pass a wrong step); its launches are checked one by one"
+                        ),
+                        (Some(n), Some(g)) if g > r.tol => format!(
+                            "; held to {g:.1e}: two correct computations of this step at this precision differ by {n:.1e}"
+                        ),
+                        _ => String::new(),
+                    }
+                );
+            }
+            results.push(r);
+        }
+        Err(e) => {
+            if !a.json {
+                println!("ERR  {what}: {e}");
+            }
+            errors.push(format!("{what}: {e}"));
+        }
+    };
+    let jobs = selftest_jobs(&a, &mut nets, gpu.info().compute_capability)?;
     // every job's schedule, built once here for its module and the check below
-    let built: Vec<Option<(schedule::Schedule, Fusion)>> = jobs
-        .iter()
-        .map(|j| {
-            bench::bench_schedule_of(
-                &nets[j.net].1,
-                j.mode,
-                a.batch,
-                j.precision,
-                j.unfused,
-                &j.tiles,
-                j.layout,
-            )
-            .ok()
-        })
-        .collect();
-    let sources: Vec<exec::ModuleSource> = built
-        .iter()
-        .flatten()
-        .filter_map(|(s, f)| exec::module_source(s, f).ok())
-        .collect();
+    let built = job_schedules(&a, &nets, &jobs);
+    let sources = selftest_sources(&built);
     // a wgmma check whose schedule has no wgmma kernel, a tma check none of whose launches
     // passes a tensor map, or a stages check none of whose launches uses dynamic shared
     // memory, would check nothing of it

@@ -6,6 +6,7 @@
 mod export_cmd;
 mod gpu_cmd;
 mod net;
+mod precompile_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -129,6 +130,14 @@ enum Cmd {
     Selftest {
         #[command(flatten)]
         args: gpu_cmd::SelftestArgs,
+    },
+    /// Compile, without a GPU, the modules a `bench`, `selftest` or `run` would compile on a
+    /// GPU of architecture --arch, into the module cache ($WRNC_CACHE_DIR, else
+    /// ~/.cache/wrnc): carried to the GPU machine, they load there without NVRTC or the JIT
+    /// (when its NVRTC has this one's version).
+    Precompile {
+        #[command(flatten)]
+        args: precompile_cmd::PrecompileArgs,
     },
     /// Export the inference graph as ONNX (opset 17) with trained or fresh weights; write the
     /// CPU backend's logits for an input, or the weights as a checkpoint (docs/interop.md).
@@ -533,6 +542,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench { net, args } => gpu_cmd::bench(net::load(&net)?, args)?,
         Cmd::Selftest { args } => gpu_cmd::selftest(args)?,
+        Cmd::Precompile { args } => {
+            precompile_cmd::precompile(args, |n| net::load(n).map_err(Into::into))?
+        }
         Cmd::Export { net, args } => export_cmd::run(net::load(&net)?, args)?,
         Cmd::Plot { file, o } => {
             wrnc_runtime::plot::plot(&file, &o).map_err(|e| UserError(format!("error: {e}")))?;

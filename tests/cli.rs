@@ -43,6 +43,40 @@ fn check(args: &[&str], code: i32, contains: &str) {
 #[test]
 fn commands_and_exit_codes() {
     check(&["compile", "--list-passes"], 0, "bn_relu_prologue");
+    // `precompile`: what it needs to know before compiling anything
+    check(
+        &["precompile", "--arch", "sm_9", "bench", "WRN-10-1"],
+        2,
+        "--arch `sm_9` is not a GPU architecture such as sm_90",
+    );
+    check(
+        &["precompile", "--arch", "sm_90a", "bench", "WRN-10-1"],
+        2,
+        "wgmma modules get sm_90a by themselves",
+    );
+    check(
+        &["precompile", "run", "WRN-10-1"],
+        2,
+        "say what to precompile",
+    );
+    check(
+        &["precompile", "run", "WRN-10-1", "--train", "imagenet"],
+        2,
+        "unknown data set `imagenet`",
+    );
+    check(
+        &[
+            "precompile",
+            "bench",
+            "WRN-10-1",
+            "--precision",
+            "bf16",
+            "--tf32",
+        ],
+        2,
+        "error:",
+    );
+    check(&["precompile", "bench", "WRN-1O-1"], 2, "WRN-1O-1");
     check(&["compile"], 2, "<NET>");
     check(&["info", "WRN-28-10"], 0, "parameters   36.5M (36479194)");
     check(&["info", "WRN-28-10"], 0, "MACs/image   5.24G");
@@ -559,6 +593,98 @@ fn compile_emits_ptxas_resources() {
 
 /// `wrnc compile NET --emit cuda | head`: a reader that stops early ends wrnc quietly, as it
 /// ends other Unix tools, instead of a panic ("failed printing to stdout: Broken pipe").
+/// `wrnc precompile` without a GPU: CUBINs (ELF images) for the architecture asked, keyed
+/// by it; with `--tiles auto` the tile search's candidates and a note that the picked tiles
+/// compile on the GPU; a second call finds everything cached; no cache is an error.
+#[test]
+fn precompile_fills_the_cache_with_cubins() {
+    if let Err(e) = wrnc_runtime::nvrtc::library() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and NVRTC is missing: {e}"
+        );
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_wrnc"));
+        c.args(args)
+            .env("WRNC_CACHE_DIR", &cache)
+            .env_remove("WRNC_NO_CACHE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run wrnc")
+    };
+    let args = [
+        "precompile",
+        "--arch",
+        "sm_80",
+        "bench",
+        "WRN-10-1",
+        "--batch",
+        "2",
+        "--precision",
+        "bf16",
+        "--fused-only",
+        "--no-infer",
+        "--json",
+    ];
+    let o = run(&args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // the default `--tiles auto`: one module per candidate tile (the bench's one schedule)
+    assert_eq!(v["modules"], 6, "{v}");
+    assert_eq!(v["compiled"], 6, "{v}");
+    assert!(
+        v["notes"][0].as_str().unwrap().contains("--tiles auto"),
+        "{v}"
+    );
+    let entries: Vec<_> = std::fs::read_dir(cache.join("cubin"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 6, "{entries:?}");
+    for e in &entries {
+        assert!(e.to_string_lossy().contains("-sm_80-nvrtc"), "{e:?}");
+        assert!(std::fs::read(e).unwrap().starts_with(b"\x7fELF"), "{e:?}");
+    }
+    let o = run(&args, &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["compiled"].clone(), v["cached"].clone()),
+        (0.into(), 6.into()),
+        "{v}"
+    );
+    // a fixed tile: the bench's own modules, text output
+    let o = run(
+        &[
+            "precompile",
+            "bench",
+            "WRN-10-1",
+            "--batch",
+            "2",
+            "--precision",
+            "bf16",
+            "--tiles",
+            "128x64",
+        ],
+        &[],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("6 modules for sm_90 (6 compiled now, 0 already cached)"),
+        "{t}"
+    );
+    assert!(!t.contains("note:"), "{t}");
+    let o = run(&args, &[("WRNC_NO_CACHE", "1")]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("caching is off"), "{}", text(&o));
+}
+
 #[test]
 fn a_reader_that_stops_early_is_not_a_panic() {
     use std::io::Read;

@@ -387,7 +387,7 @@ fn no_kernel_of_wrn_28_10_spills() {
 
 /// `precompile_for` compiles a run's modules on several threads at once (as `wrnc selftest`,
 /// `wrnc bench` and the tile search do before their first executor): each cache entry is the
-/// PTX that NVRTC gives the same source compiled alone, duplicates compile once, and a second
+/// CUBIN that NVRTC gives the same source compiled alone, duplicates compile once, and a second
 /// call finds everything cached.
 #[test]
 fn precompiling_on_threads_matches_one_by_one() {
@@ -415,7 +415,7 @@ fn precompiling_on_threads_matches_one_by_one() {
     }
     sources.push(sources[0].clone());
     let dir = tempfile::tempdir().unwrap();
-    let cache = wrnc_runtime::cuda::cache::PtxCache::new(Some(dir.path().to_path_buf()));
+    let cache = wrnc_runtime::cuda::cache::ModuleCache::new(Some(dir.path().to_path_buf()));
     let p = wrnc_runtime::cuda::exec::precompile_for("sm_90", &cache, sources.clone(), 4).unwrap();
     assert_eq!((p.modules, p.compiled, p.threads), (4, 4, 4), "{p:?}");
     let version = nvrtc::version().unwrap();
@@ -423,7 +423,9 @@ fn precompiling_on_threads_matches_one_by_one() {
         assert!(!src.wgmma);
         let key = wrnc_runtime::cuda::cache::key(&src.text, "sm_90", version);
         let cached = cache.get(&key).expect("an entry per source");
-        assert_eq!(cached, nvrtc::compile_ptx(&src.text, "sm_90").unwrap());
+        // machine code for sm_90, as NVRTC makes it again
+        assert!(cached.starts_with(nvrtc::CUBIN_MAGIC));
+        assert_eq!(cached, nvrtc::compile_cubin(&src.text, "sm_90").unwrap());
     }
     let again = wrnc_runtime::cuda::exec::precompile_for("sm_90", &cache, sources, 4).unwrap();
     assert_eq!((again.modules, again.compiled), (4, 0), "{again:?}");

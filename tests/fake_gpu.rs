@@ -661,7 +661,7 @@ fn fake_driver_catches_a_write_past_an_allocation() {
     use wrnc_runtime::cuda::{device::Gpu, exec::load_source, layout::ArgValue};
     fake();
     let gpu = Gpu::open(0).expect("the fake GPU opens");
-    let cache = wrnc_runtime::cuda::cache::PtxCache::new(None);
+    let cache = wrnc_runtime::cuda::cache::ModuleCache::new(None);
     let src = "extern \"C\" __global__ void fill(float* __restrict__ y, int n) {\n    int i = threadIdx.x;\n    if (i <= n) y[i] = 1.0f;\n}\n";
     let m = load_source(&gpu, &cache, src, &["fill".to_string()]).expect("module loads");
     let buf = gpu.alloc(5 * 4, "y", 1).unwrap();
@@ -901,4 +901,104 @@ fn tma_bench_runs_on_the_fake_hopper() {
     let (code, err) = bench_once(tmp.path(), V8_NET, "f32", &["--tma"]).unwrap_err();
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--tma"), "{err}");
+}
+
+/// `wrnc precompile` compiles, without a GPU, exactly the modules that `bench`, `selftest` and
+/// `run` then load: after it, each command with the same flags finds every module in the
+/// cache, so it adds no entry (a module it compiled itself would be a new one). The fake's
+/// NVRTC reports NVRTC's version as the real one does, and the cache keys only the source,
+/// the architecture and that version, so this is the match the GPU machine relies on.
+#[test]
+fn precompiled_modules_are_the_ones_the_commands_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let net = tmp.path().join("v8.net");
+    std::fs::write(&net, V8_NET).unwrap();
+    let net = net.to_str().unwrap();
+    let tiny = tmp.path().join("tiny.net");
+    std::fs::write(&tiny, TINY).unwrap();
+    let tiny = tiny.to_str().unwrap();
+    let data = tmp.path().join("data");
+    write_cifar10(&data, 2);
+    let data = data.to_str().unwrap();
+    let cache = tmp.path().join("cache");
+    let env = [("WRNC_CACHE_DIR", cache.to_str().unwrap())];
+    let entries = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(cache.join("cubin"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let bench = [
+        "bench",
+        net,
+        "--batch",
+        "2",
+        "--precision",
+        "bf16",
+        "--wgmma",
+        "--tiles",
+        "default",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--json",
+    ];
+    let selftest = ["selftest", "--quick", "--only", "vec8 wgmma", "--json"];
+    let run = [
+        "run",
+        tiny,
+        "--train",
+        "cifar10",
+        "--data",
+        data,
+        "--subset",
+        "10",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--device",
+        "cuda",
+        "--quiet",
+    ];
+    let mut before = 0;
+    for cmd in [&bench[..], &selftest[..], &run[..]] {
+        let mut a = vec!["precompile"];
+        a.extend_from_slice(cmd);
+        if !a.contains(&"--json") {
+            a.push("--json");
+        }
+        let p = json(&wrnc(&a, &env));
+        let n = p["modules"].as_u64().unwrap() as usize;
+        assert!(n >= 2, "{p}");
+        assert_eq!(
+            p["compiled"].as_u64(),
+            Some(n as u64 - p["cached"].as_u64().unwrap()),
+            "{p}"
+        );
+        let filled = entries();
+        assert!(filled.len() > before, "{} {filled:?}", cmd[0]);
+        before = filled.len();
+        ok(&wrnc(cmd, &env));
+        assert_eq!(
+            entries(),
+            filled,
+            "`{}` compiled a module precompile did not",
+            cmd[0]
+        );
+    }
+    // the bench's wgmma modules are keyed for sm_90a, the rest for sm_90
+    let all = entries();
+    assert!(all.iter().any(|e| e.contains("-sm_90a-")), "{all:?}");
+    assert!(all.iter().any(|e| e.contains("-sm_90-")), "{all:?}");
+    // the cache holds them as CUBINs: ELF images
+    for e in &all {
+        let b = std::fs::read(cache.join("cubin").join(e)).unwrap();
+        assert!(b.starts_with(b"\x7fELF"), "{e}");
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::passes::Mode;
 use wrnc_runtime::cuda::bench::{hyper, prepare};
-use wrnc_runtime::cuda::cache::PtxCache;
+use wrnc_runtime::cuda::cache::ModuleCache;
 use wrnc_runtime::cuda::device::Gpu;
 
 fn bench(c: &mut Criterion) {
@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
     let src = wrnc_grammar::Source::inline(format!("network {expr}"));
     let graph = wrnc_grammar::build(&src).unwrap_or_else(|d| panic!("{expr}: {}", d.message));
     let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("{e}"));
-    let cache = PtxCache::default_location();
+    let cache = ModuleCache::default_location();
     for mode in [Mode::Train, Mode::Infer] {
         let mut group = c.benchmark_group(format!(
             "{}-{}-b{batch}-{}{}",

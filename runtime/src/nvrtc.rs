@@ -1,4 +1,5 @@
-//! NVRTC, loaded at run time: CUDA C source -> PTX, with no CUDA toolkit at build time.
+//! NVRTC, loaded at run time: CUDA C source -> PTX, or -> machine code (a CUBIN, NVRTC running
+//! ptxas for a real architecture), with no CUDA toolkit at build time and no GPU.
 //!
 //! The library is searched in this order (the first that loads wins):
 //! 1. the path in the `WRNC_NVRTC` environment variable (a file), when set;
@@ -66,6 +67,8 @@ struct Api {
     log: unsafe extern "C" fn(Prog, *mut c_char) -> R,
     ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
     ptx: unsafe extern "C" fn(Prog, *mut c_char) -> R,
+    cubin_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
+    cubin: unsafe extern "C" fn(Prog, *mut c_char) -> R,
     destroy: unsafe extern "C" fn(*mut Prog) -> R,
     error_string: unsafe extern "C" fn(R) -> *const c_char,
 }
@@ -132,6 +135,8 @@ fn load() -> Result<Api, NvrtcError> {
             log: sym!(b"nvrtcGetProgramLog\0"),
             ptx_size: sym!(b"nvrtcGetPTXSize\0"),
             ptx: sym!(b"nvrtcGetPTX\0"),
+            cubin_size: sym!(b"nvrtcGetCUBINSize\0"),
+            cubin: sym!(b"nvrtcGetCUBIN\0"),
             destroy: sym!(b"nvrtcDestroyProgram\0"),
             error_string: sym!(b"nvrtcGetErrorString\0"),
             path,
@@ -223,7 +228,46 @@ fn virtual_arch(arch: &str) -> Result<String, NvrtcError> {
 /// (`sm_80`, `sm_90`, ...). On a compile error the message carries NVRTC's program log.
 pub fn compile_ptx(src: &str, arch: &str) -> Result<String, NvrtcError> {
     let varch = virtual_arch(arch)?;
-    compile(src, arch, &[format!("--gpu-architecture={varch}")], true).map(|(_, ptx)| ptx)
+    compile(
+        src,
+        arch,
+        &[format!("--gpu-architecture={varch}")],
+        Output::Ptx,
+    )
+    .map(|(_, ptx)| String::from_utf8_lossy(&ptx[..ptx.len().saturating_sub(1)]).into_owned())
+}
+
+/// The real architecture of `arch`: `compute_90` / `sm_90` -> `sm_90`, `sm_90a` -> `sm_90a`.
+fn real_arch(arch: &str) -> Result<String, NvrtcError> {
+    Ok(format!("sm_{}", &virtual_arch(arch)?["compute_".len()..]))
+}
+
+/// Compiles CUDA C `src` to machine code for the real architecture of `arch` (`sm_90`,
+/// `sm_90a`, `sm_80`; a `compute_XY` means `sm_XY`): NVRTC runs ptxas itself, so the driver
+/// loads the result without a JIT step, and no GPU is needed to make it. The CUBIN is an ELF
+/// image (it starts with [`CUBIN_MAGIC`]) that loads only on a GPU of exactly that
+/// architecture, through a driver at least as new as this NVRTC.
+pub fn compile_cubin(src: &str, arch: &str) -> Result<Vec<u8>, NvrtcError> {
+    let real = real_arch(arch)?;
+    compile(
+        src,
+        arch,
+        &[format!("--gpu-architecture={real}")],
+        Output::Cubin,
+    )
+    .map(|(_, c)| c)
+}
+
+/// The first bytes of every CUBIN ([`compile_cubin`]): an ELF image.
+pub const CUBIN_MAGIC: &[u8] = b"\x7fELF";
+
+/// What [`compile`] returns beside the log.
+#[derive(Clone, Copy, PartialEq)]
+enum Output {
+    Nothing,
+    /// PTX text with its terminating NUL.
+    Ptx,
+    Cubin,
 }
 
 /// What ptxas reports for one kernel: its registers per thread, spilled bytes, stack frame and
@@ -251,7 +295,7 @@ pub struct KernelResources {
 /// `compute_XY` is taken as `sm_XY`) with `ptxas -v`, and returns each kernel's resources in
 /// the order ptxas reports them. No GPU is needed: NVRTC runs ptxas itself.
 pub fn ptxas_resources(src: &str, arch: &str) -> Result<Vec<KernelResources>, NvrtcError> {
-    let real = format!("sm_{}", &virtual_arch(arch)?["compute_".len()..]);
+    let real = real_arch(arch)?;
     let (log, _) = compile(
         src,
         arch,
@@ -259,7 +303,7 @@ pub fn ptxas_resources(src: &str, arch: &str) -> Result<Vec<KernelResources>, Nv
             format!("--gpu-architecture={real}"),
             "--ptxas-options=-v".into(),
         ],
-        false,
+        Output::Nothing,
     )?;
     Ok(parse_ptxas_log(&log))
 }
@@ -316,14 +360,14 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     out
 }
 
-/// One NVRTC compilation of `src` with `extra` options: the program log, and the PTX when
-/// `want_ptx`. On a compile error the message carries the log.
+/// One NVRTC compilation of `src` with `extra` options: the program log, and what `want`
+/// names (empty for [`Output::Nothing`]). On a compile error the message carries the log.
 fn compile(
     src: &str,
     arch: &str,
     extra: &[String],
-    want_ptx: bool,
-) -> Result<(String, String), NvrtcError> {
+    want: Output,
+) -> Result<(String, Vec<u8>), NvrtcError> {
     let a = api()?;
     let csrc = CString::new(src).map_err(|_| NvrtcError::Nul)?;
     let name = CString::new("wrnc.cu").expect("no NUL");
@@ -374,22 +418,24 @@ fn compile(
             log: format!("{e}\n{log}"),
         })?;
     }
-    if !want_ptx {
-        return Ok((log, String::new()));
-    }
-    let mut n = 0usize;
-    // SAFETY: live, compiled program; the buffer has the size NVRTC reported.
-    let ptx = unsafe {
-        check(a, (a.ptx_size)(guard.1, &mut n), "nvrtcGetPTXSize")?;
-        let mut buf = vec![0u8; n];
-        check(
-            a,
-            (a.ptx)(guard.1, buf.as_mut_ptr() as *mut c_char),
-            "nvrtcGetPTX",
-        )?;
-        String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned()
+    let (size, get, what) = match want {
+        Output::Nothing => return Ok((log, vec![])),
+        Output::Ptx => (a.ptx_size, a.ptx, ("nvrtcGetPTXSize", "nvrtcGetPTX")),
+        Output::Cubin => (
+            a.cubin_size,
+            a.cubin,
+            ("nvrtcGetCUBINSize", "nvrtcGetCUBIN"),
+        ),
     };
-    Ok((log, ptx))
+    let mut n = 0usize;
+    // SAFETY: a compiled program; the buffer is the size NVRTC asked for.
+    let out = unsafe {
+        check(a, size(guard.1, &mut n), what.0)?;
+        let mut buf = vec![0u8; n];
+        check(a, get(guard.1, buf.as_mut_ptr() as *mut c_char), what.1)?;
+        buf
+    };
+    Ok((log, out))
 }
 
 #[cfg(test)]

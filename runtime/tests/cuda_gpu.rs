@@ -5,7 +5,7 @@ use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::Mode;
 use wrnc_compiler::schedule::Layout;
-use wrnc_runtime::cuda::{self, augment, cache::PtxCache, check, device::Gpu};
+use wrnc_runtime::cuda::{self, augment, cache::ModuleCache, check, device::Gpu};
 
 fn gpu() -> Option<Gpu> {
     match Gpu::open(0) {
@@ -38,7 +38,7 @@ fn augmentation_kernel_compiles_with_nvrtc() {
 #[test]
 fn augmentation_matches_the_cpu_bit_for_bit() {
     let Some(gpu) = gpu() else { return };
-    let r = check::check_augment(&gpu, &PtxCache::new(None)).unwrap();
+    let r = check::check_augment(&gpu, &ModuleCache::new(None)).unwrap();
     assert!(r.passed, "{r:?}");
 }
 
@@ -46,7 +46,7 @@ fn augmentation_matches_the_cpu_bit_for_bit() {
 fn small_wrn_matches_the_cpu_reference() {
     let Some(gpu) = gpu() else { return };
     let g = graph("conv(3x3, 4) residual { pre bn relu body conv(3x3, 6, stride=2) bn relu dropout(0.3) conv(3x3, 6) shortcut proj } bn relu gap fc");
-    let cache = PtxCache::new(None);
+    let cache = ModuleCache::new(None);
     for mode in [Mode::Train, Mode::Infer] {
         for unfused in [false, true] {
             for p in [Precision::F32, Precision::Bf16] {

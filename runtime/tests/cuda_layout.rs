@@ -9,7 +9,7 @@ use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, Options, ScalarArg, Schedule};
-use wrnc_runtime::cuda::cache::{self, PtxCache};
+use wrnc_runtime::cuda::cache::{self, ModuleCache};
 use wrnc_runtime::cuda::exec::{bf16_to_f32, decode, encode, f32_to_bf16};
 use wrnc_runtime::cuda::layout::{self, ArgValue, Hyper, Layout, Place, ALIGN, SHARED};
 
@@ -328,33 +328,33 @@ fn cache_keys_separate_source_arch_and_nvrtc_version() {
 #[test]
 fn cache_compiles_once_then_hits_and_ignores_garbage() {
     let dir = tempfile::tempdir().unwrap();
-    let c = PtxCache::new(Some(dir.path().to_path_buf()));
+    let c = ModuleCache::new(Some(dir.path().to_path_buf()));
     let calls = std::cell::Cell::new(0);
     let compile = |src: &str, arch: &str| {
         calls.set(calls.get() + 1);
-        Ok(format!(".version 8.0\n// {src} {arch}\n"))
+        Ok(format!("\x7fELF {src} {arch}").into_bytes())
     };
     let a = c.get_or_compile("k1", "sm_90", (13, 0), compile).unwrap();
     assert!(!a.hit && a.warning.is_none());
     let b = c.get_or_compile("k1", "sm_90", (13, 0), compile).unwrap();
     assert!(b.hit);
-    assert_eq!(a.ptx, b.ptx);
+    assert_eq!(a.image, b.image);
     let _ = c.get_or_compile("k1", "sm_80", (13, 0), compile).unwrap();
     assert_eq!(calls.get(), 2);
-    // a damaged entry is not PTX: it misses and is replaced
+    // a damaged entry is not a CUBIN (no ELF magic): it misses and is replaced
     std::fs::write(c.path(&a.key).unwrap(), "garbage").unwrap();
     let d = c.get_or_compile("k1", "sm_90", (13, 0), compile).unwrap();
     assert!(!d.hit);
     assert_eq!(calls.get(), 3);
     // no temporary files are left behind
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("ptx"))
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("cubin"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // no cache folder: always compiles, never fails
-    let none = PtxCache::new(None);
+    let none = ModuleCache::new(None);
     let e = none
         .get_or_compile("k1", "sm_90", (13, 0), compile)
         .unwrap();

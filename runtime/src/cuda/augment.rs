@@ -143,7 +143,7 @@ impl Augmenter {
         gpu: &Gpu,
         precision: Precision,
         capacity: usize,
-        cache: &super::cache::PtxCache,
+        cache: &super::cache::ModuleCache,
     ) -> Result<Augmenter, CudaError> {
         let module = super::exec::load_source(gpu, cache, &source(precision), &[KERNEL.into()])?;
         let indices = gpu.alloc(4 * capacity.max(1) as u64, "the batch indices", 0)?;

@@ -7,7 +7,7 @@ use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, Layout, Options, Schedule, Tiles};
 
-use super::cache::PtxCache;
+use super::cache::ModuleCache;
 use super::device::Gpu;
 use super::exec::{Executor, Shared};
 use super::layout::Hyper;
@@ -133,7 +133,7 @@ pub fn bench_schedule_of(
 #[allow(clippy::too_many_arguments)]
 pub fn prepare(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     graph: &Graph,
     mode: Mode,
     batch: u32,
@@ -171,7 +171,7 @@ pub fn prepare(
 #[allow(clippy::too_many_arguments)]
 pub fn bench_schedule(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     graph: &Graph,
     mode: Mode,
     batch: u32,

@@ -1,23 +1,27 @@
-//! On-disk cache of NVRTC output (PTX), so a network's kernels compile once per machine.
+//! On-disk cache of compiled kernels (CUBIN: machine code for the GPU's own architecture),
+//! so a network's kernels compile once per machine and load without the driver's JIT.
 //!
-//! Folder: `$WRNC_CACHE_DIR` if set, else `$XDG_CACHE_HOME/wrnc`, else `~/.cache/wrnc`; PTX
-//! files go in its `ptx/` subfolder. `WRNC_NO_CACHE=1` turns the cache off.
+//! Folder: `$WRNC_CACHE_DIR` if set, else `$XDG_CACHE_HOME/wrnc`, else `~/.cache/wrnc`;
+//! modules go in its `cubin/` subfolder. `WRNC_NO_CACHE=1` turns the cache off.
 //!
-//! Key: MD5 of the CUDA source, the target architecture and NVRTC's version (a new NVRTC or
-//! another GPU generation never reuses stale PTX). Files are written atomically (temporary
-//! file + rename), so a crash never leaves a truncated entry under a valid name; an entry
-//! that exists but fails to load is removed and recompiled by the caller. Cache failures
-//! (read-only disk, no home) are never fatal: the kernels are compiled without it.
+//! Key: MD5 of the CUDA source, the target architecture (`sm_90`, `sm_90a`) and NVRTC's
+//! version (a new NVRTC or another GPU generation never reuses a stale module). The key
+//! depends on nothing else, so `wrnc precompile` fills a cache for a GPU on a machine without
+//! one, and that cache serves the GPU machine when its NVRTC has the same version. Files are
+//! written atomically (temporary file + rename), so a crash never leaves a truncated entry
+//! under a valid name; an entry that is not a CUBIN is a miss, and one that fails to load is
+//! removed and recompiled by the caller. Cache failures (read-only disk, no home) are never
+//! fatal: the kernels are compiled without it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use md5::{Digest, Md5};
 
-use crate::nvrtc::NvrtcError;
+use crate::nvrtc::{NvrtcError, CUBIN_MAGIC};
 
 /// Bumped when the entry format changes.
-const FORMAT: &str = "ptx1";
+const FORMAT: &str = "cubin1";
 
 /// The cache folder per the module docs, or `None` when caching is off or no folder is known.
 pub fn default_dir() -> Option<PathBuf> {
@@ -58,25 +62,25 @@ pub fn key(source: &str, arch: &str, version: (i32, i32)) -> String {
     format!("{FORMAT}-{hex}-{arch}-nvrtc{}.{}", version.0, version.1)
 }
 
-/// A PTX cache in one folder (or none: every lookup misses, every store is dropped).
+/// A module cache in one folder (or none: every lookup misses, every store is dropped).
 #[derive(Debug, Clone)]
-pub struct PtxCache {
+pub struct ModuleCache {
     dir: Option<PathBuf>,
 }
 
-impl PtxCache {
-    pub fn new(dir: Option<PathBuf>) -> PtxCache {
-        PtxCache {
-            dir: dir.map(|d| d.join("ptx")),
+impl ModuleCache {
+    pub fn new(dir: Option<PathBuf>) -> ModuleCache {
+        ModuleCache {
+            dir: dir.map(|d| d.join("cubin")),
         }
     }
 
     /// The cache per [`default_dir`].
-    pub fn default_location() -> PtxCache {
-        PtxCache::new(default_dir())
+    pub fn default_location() -> ModuleCache {
+        ModuleCache::new(default_dir())
     }
 
-    /// The cache's root folder (the PTX lives in its `ptx/`), or `None` without a cache.
+    /// The cache's root folder (the modules live in its `cubin/`), or `None` without a cache.
     pub fn root(&self) -> Option<PathBuf> {
         self.dir
             .as_ref()
@@ -85,22 +89,22 @@ impl PtxCache {
     }
 
     pub fn path(&self, key: &str) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(format!("{key}.ptx")))
+        self.dir.as_ref().map(|d| d.join(format!("{key}.cubin")))
     }
 
-    pub fn get(&self, key: &str) -> Option<String> {
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         let p = self.path(key)?;
-        let s = std::fs::read_to_string(p).ok()?;
-        // PTX always has a `.version` directive: anything else is not an entry of ours
-        s.contains(".version").then_some(s)
+        let b = std::fs::read(p).ok()?;
+        // a CUBIN is an ELF image: anything else is not an entry of ours
+        b.starts_with(CUBIN_MAGIC).then_some(b)
     }
 
     /// Stores an entry atomically. Errors are returned for the caller to report, not fail on.
-    pub fn put(&self, key: &str, ptx: &str) -> Result<(), String> {
+    pub fn put(&self, key: &str, image: &[u8]) -> Result<(), String> {
         let (Some(dir), Some(path)) = (&self.dir, self.path(key)) else {
             return Ok(());
         };
-        write_atomic(dir, &path, ptx.as_bytes())
+        write_atomic(dir, &path, image)
             .map_err(|e| format!("cannot write the kernel cache {}: {e}", path.display()))
     }
 
@@ -110,28 +114,29 @@ impl PtxCache {
         }
     }
 
-    /// The PTX of `source` for `arch`: from the cache, else from `compile` (then stored).
-    /// Returns the PTX, whether it came from the cache, and a warning when storing failed.
+    /// The module (CUBIN) of `source` for `arch`: from the cache, else from `compile` (then
+    /// stored). Returns the image, whether it came from the cache, and a warning when storing
+    /// failed.
     pub fn get_or_compile(
         &self,
         source: &str,
         arch: &str,
         version: (i32, i32),
-        compile: impl FnOnce(&str, &str) -> Result<String, NvrtcError>,
+        compile: impl FnOnce(&str, &str) -> Result<Vec<u8>, NvrtcError>,
     ) -> Result<Compiled, NvrtcError> {
         let k = key(source, arch, version);
-        if let Some(ptx) = self.get(&k) {
+        if let Some(image) = self.get(&k) {
             return Ok(Compiled {
-                ptx,
+                image,
                 key: k,
                 hit: true,
                 warning: None,
             });
         }
-        let ptx = compile(source, arch)?;
-        let warning = self.put(&k, &ptx).err();
+        let image = compile(source, arch)?;
+        let warning = self.put(&k, &image).err();
         Ok(Compiled {
-            ptx,
+            image,
             key: k,
             hit: false,
             warning,
@@ -139,10 +144,11 @@ impl PtxCache {
     }
 }
 
-/// What [`PtxCache::get_or_compile`] returns.
+/// What [`ModuleCache::get_or_compile`] returns.
 #[derive(Debug, Clone)]
 pub struct Compiled {
-    pub ptx: String,
+    /// The CUBIN ([`crate::nvrtc::compile_cubin`]).
+    pub image: Vec<u8>,
     pub key: String,
     pub hit: bool,
     pub warning: Option<String>,

@@ -21,7 +21,7 @@ use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, F32Math, Layout, Options, Tiles};
 
 use super::augment::{Augmenter, DeviceDataset};
-use super::cache::PtxCache;
+use super::cache::ModuleCache;
 use super::device::Gpu;
 use super::exec::{Executor, Shared};
 use super::layout::Hyper;
@@ -376,7 +376,7 @@ fn start(graph: &Graph, batch: usize) -> Result<Start, CudaError> {
 #[allow(clippy::too_many_arguments)]
 fn executor(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     graph: &Graph,
     mode: Mode,
     precision: Precision,
@@ -424,7 +424,7 @@ fn executor(
 #[allow(clippy::too_many_arguments)]
 pub fn check_launches(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     label: &str,
     graph: &Graph,
     mode: Mode,
@@ -501,7 +501,7 @@ pub fn check_launches(
 #[allow(clippy::too_many_arguments)]
 pub fn check_graph(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     label: &str,
     graph: &Graph,
     mode: Mode,
@@ -777,7 +777,7 @@ pub fn check_graph(
 
 /// The augmentation kernel against [`make_batch`], bit for bit (f32), on a small synthetic
 /// data set, with and without augmentation.
-pub fn check_augment(gpu: &Gpu, cache: &PtxCache) -> Result<CheckResult, CudaError> {
+pub fn check_augment(gpu: &Gpu, cache: &ModuleCache) -> Result<CheckResult, CudaError> {
     let (n, c, h, w) = (37usize, 3usize, 11usize, 9usize);
     let mut r = SplitMix64(3);
     let ds = Dataset {

@@ -385,12 +385,10 @@ impl Gpu {
             })
     }
 
-    /// JIT-loads `ptx` and looks up `names`.
-    pub fn load_module(&self, ptx: &str, names: &[String]) -> Result<Module, CudaError> {
+    /// Loads `image` (a CUBIN from [`crate::nvrtc::compile_cubin`] for this GPU's
+    /// architecture; PTX text, NUL-terminated, would be JIT-compiled) and looks up `names`.
+    pub fn load_module(&self, image: &[u8], names: &[String]) -> Result<Module, CudaError> {
         self.ctx.bind()?;
-        let image = CString::new(ptx).map_err(|_| CudaError::Module {
-            detail: "the PTX contains a NUL byte".into(),
-        })?;
         let mut log = vec![0u8; 16 * 1024];
         let mut opts: [c_int; 2] = [
             driver::JIT_ERROR_LOG_BUFFER,
@@ -401,7 +399,8 @@ impl Gpu {
             log.len() as usize as *mut c_void,
         ];
         let mut module: Handle = std::ptr::null_mut();
-        // SAFETY: NUL-terminated image; option arrays of 2 with a log buffer of the given size.
+        // SAFETY: a whole image (an ELF's own headers give its size); option arrays of 2 with
+        // a log buffer of the given size.
         let r = unsafe {
             (self.api().module_load_data_ex)(
                 &mut module,
@@ -417,9 +416,18 @@ impl Gpu {
                 .trim_end_matches('\0')
                 .trim()
                 .to_string();
-            let hint = if r == driver::ERROR_UNSUPPORTED_PTX_VERSION {
+            let hint = if [
+                driver::ERROR_UNSUPPORTED_PTX_VERSION,
+                driver::ERROR_INVALID_IMAGE,
+                driver::ERROR_NO_BINARY_FOR_GPU,
+            ]
+            .contains(&r)
+            {
                 format!(
-                    "; the PTX comes from an NVRTC newer than the driver (CUDA {}.{}): install the NVRTC of the driver's CUDA version (see WRNC_NVRTC)",
+                    "; the module was compiled for {} by NVRTC {}, and the driver is CUDA {}.{}: install the NVRTC of the driver's CUDA version (see WRNC_NVRTC)",
+                    self.info.arch(),
+                    crate::nvrtc::version()
+                        .map_or("(unknown)".into(), |(a, b)| format!("{a}.{b}")),
                     self.info.driver_version / 1000,
                     self.info.driver_version % 1000 / 10
                 )

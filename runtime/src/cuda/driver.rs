@@ -31,6 +31,10 @@ pub const ERROR_NO_DEVICE: CuResult = 100;
 pub const ERROR_INSUFFICIENT_DRIVER: CuResult = 35;
 /// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`.
 pub const ERROR_UNSUPPORTED_PTX_VERSION: CuResult = 222;
+/// `CUDA_ERROR_INVALID_IMAGE`: e.g. a CUBIN from a newer toolkit than the driver.
+pub const ERROR_INVALID_IMAGE: CuResult = 200;
+/// `CUDA_ERROR_NO_BINARY_FOR_GPU`: a CUBIN for another architecture.
+pub const ERROR_NO_BINARY_FOR_GPU: CuResult = 209;
 
 /// `CU_DEVICE_ATTRIBUTE_*` values used here.
 pub mod attr {

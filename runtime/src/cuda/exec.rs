@@ -13,7 +13,7 @@ use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, Dtype, Options, Role, Schedule};
 use wrnc_compiler::schedule::{HYPER_LEN, HYPER_NONFINITE};
 
-use super::cache::PtxCache;
+use super::cache::ModuleCache;
 use super::device::{DeviceBuffer, Gpu, GraphExec, Module};
 use super::layout::{self, Hyper, Layout, Place};
 use super::CudaError;
@@ -98,7 +98,7 @@ fn describe(s: &Schedule, fusion: &Fusion) -> String {
 }
 
 impl Executor {
-    /// Compiles (through the PTX cache), loads and lays out `s`, binding its shared buffers
+    /// Compiles (through the module cache), loads and lays out `s`, binding its shared buffers
     /// in `shared` (allocating those not there yet, zero-filled). The optimizer table is
     /// uploaded; everything else starts zero.
     pub fn new(
@@ -106,7 +106,7 @@ impl Executor {
         s: Schedule,
         fusion: &Fusion,
         shared: &mut Shared,
-        cache: &PtxCache,
+        cache: &ModuleCache,
     ) -> Result<Executor, CudaError> {
         s.validate().map_err(CudaError::Plan)?;
         let what = describe(&s, fusion);
@@ -619,8 +619,11 @@ impl ModuleSource {
 pub struct Precompiled {
     /// Distinct modules asked for.
     pub modules: usize,
-    /// Of those, how many NVRTC compiled now (the rest were cached already).
+    /// Of those, how many NVRTC compiled now.
     pub compiled: usize,
+    /// Of those, how many were in the cache already (the rest failed to compile: their
+    /// executors compile them again and report the error).
+    pub cached: usize,
     /// Threads used.
     pub threads: usize,
     pub seconds: f64,
@@ -628,12 +631,12 @@ pub struct Precompiled {
 
 /// Compiles the distinct `sources` into `cache` for `gpu`, on up to `threads` threads at once
 /// (NVRTC compiles separate programs concurrently), so that the executors built next find
-/// their PTX cached instead of compiling one module after another. A source that fails to
+/// their modules cached instead of compiling one after another. A source that fails to
 /// compile is skipped: its executor compiles it again and reports the error itself. Without
 /// a cache (`WRNC_NO_CACHE`) nothing is done.
 pub fn precompile(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     sources: Vec<ModuleSource>,
     threads: usize,
 ) -> Result<Precompiled, CudaError> {
@@ -643,7 +646,7 @@ pub fn precompile(
 /// [`precompile`] for an architecture such as `sm_90` (no GPU needed: NVRTC alone).
 pub fn precompile_for(
     arch: &str,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     sources: Vec<ModuleSource>,
     threads: usize,
 ) -> Result<Precompiled, CudaError> {
@@ -669,7 +672,7 @@ pub fn precompile_for(
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((a, src)) = todo.get(i) else { break };
-                if let Ok(c) = cache.get_or_compile(src, a, version, crate::nvrtc::compile_ptx) {
+                if let Ok(c) = cache.get_or_compile(src, a, version, crate::nvrtc::compile_cubin) {
                     if !c.hit {
                         compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -679,6 +682,11 @@ pub fn precompile_for(
     });
     Ok(Precompiled {
         modules: distinct.len(),
+        cached: if cache.root().is_some() {
+            distinct.len() - todo.len()
+        } else {
+            0
+        },
         compiled: compiled.into_inner(),
         threads,
         seconds: t0.elapsed().as_secs_f64(),
@@ -698,23 +706,23 @@ pub fn compile_threads() -> usize {
 /// dropped and compiled afresh once.
 fn load_cached(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     arch: &str,
     source: &str,
     names: &[String],
 ) -> Result<(Module, bool), CudaError> {
     let version = crate::nvrtc::version()?;
-    let c = cache.get_or_compile(source, arch, version, crate::nvrtc::compile_ptx)?;
+    let c = cache.get_or_compile(source, arch, version, crate::nvrtc::compile_cubin)?;
     if let Some(w) = &c.warning {
         eprintln!("warning: {w}");
     }
-    match gpu.load_module(&c.ptx, names) {
+    match gpu.load_module(&c.image, names) {
         Ok(m) => Ok((m, c.hit)),
         Err(e) if c.hit => {
             cache.remove(&c.key);
-            let ptx = crate::nvrtc::compile_ptx(source, arch)?;
-            let _ = cache.put(&c.key, &ptx);
-            gpu.load_module(&ptx, names)
+            let image = crate::nvrtc::compile_cubin(source, arch)?;
+            let _ = cache.put(&c.key, &image);
+            gpu.load_module(&image, names)
                 .map(|m| (m, false))
                 .map_err(|e2| CudaError::Module {
                     detail: format!("{e2} (the cached copy failed too: {e})"),
@@ -727,7 +735,7 @@ fn load_cached(
 /// Compiles and loads a standalone CUDA source of wrnc's own (e.g. the augmentation kernel).
 pub fn load_source(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     source: &str,
     names: &[String],
 ) -> Result<Module, CudaError> {

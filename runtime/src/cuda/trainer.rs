@@ -23,7 +23,7 @@ use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, F32Math, Layout, Options, Tiles, TF32_WITH_BF16};
 
 use super::augment::{Augmenter, DeviceDataset};
-use super::cache::PtxCache;
+use super::cache::ModuleCache;
 use super::device::{DeviceBuffer, Gpu, GraphExec};
 use super::exec::{Executor, Shared};
 use super::layout::Hyper;
@@ -81,7 +81,7 @@ pub struct GpuTrainer {
     fusion: Fusion,
     batch: usize,
     eval_batch: usize,
-    cache: PtxCache,
+    cache: ModuleCache,
     shared: Shared,
     /// Training steps by batch size (the full batch, and the last partial one when needed).
     steps: BTreeMap<usize, Executor>,
@@ -133,18 +133,10 @@ impl GpuTrainer {
             return Err(cfg_err(TF32_WITH_BF16));
         }
         let gpu = Gpu::open(ordinal)?;
-        let cache = PtxCache::default_location();
+        let cache = ModuleCache::default_location();
         let aug = Augmenter::new(&gpu, precision, batch.max(eval_batch), &cache)?;
         let (tiles, tile_report) = if precision == Precision::Bf16 || f32_math.tensor_cores() {
-            let base = |mode, batch: usize| Options {
-                mode,
-                batch: batch as u32,
-                precision,
-                fusion: fusion.clone(),
-                tiles: Tiles::default().with_f32_math(f32_math),
-                layout,
-            };
-            let bases = [base(Mode::Train, batch), base(Mode::Infer, eval_batch)];
+            let bases = Self::tile_bases(batch, eval_batch, precision, &fusion, f32_math, layout);
             let (t, r) = choose_tiles(&gpu, &cache, graph, &bases, tiles)?;
             (t, Some(r))
         } else {
@@ -195,16 +187,60 @@ impl GpuTrainer {
     fn build(&self, mode: Mode, batch: usize) -> Result<schedule::Schedule, GpuTrainError> {
         schedule::build(
             &self.graph,
-            &Options {
-                tiles: self.tiles.clone(),
-                layout: self.layout,
+            &Self::options(
+                &self.tiles,
+                self.layout,
                 mode,
-                batch: batch as u32,
-                precision: self.precision,
-                fusion: self.fusion.clone(),
-            },
+                batch,
+                self.precision,
+                &self.fusion,
+            ),
         )
         .map_err(|e| cfg_err(e.message))
+    }
+
+    /// The options of every schedule a trainer builds: its training steps (the full batch and
+    /// a partial last one), and inference at the evaluation batch. `wrnc precompile run`
+    /// builds the same.
+    pub fn options(
+        tiles: &Tiles,
+        layout: Layout,
+        mode: Mode,
+        batch: usize,
+        precision: Precision,
+        fusion: &Fusion,
+    ) -> Options {
+        Options {
+            tiles: tiles.clone(),
+            layout,
+            mode,
+            batch: batch as u32,
+            precision,
+            fusion: fusion.clone(),
+        }
+    }
+
+    /// The bases whose tiles a trainer chooses together ([`choose_tiles`]): the training step
+    /// at `batch` and inference at `eval_batch`.
+    pub fn tile_bases(
+        batch: usize,
+        eval_batch: usize,
+        precision: Precision,
+        fusion: &Fusion,
+        f32_math: F32Math,
+        layout: Layout,
+    ) -> [Options; 2] {
+        let base = |mode, batch| {
+            Self::options(
+                &Tiles::default().with_f32_math(f32_math),
+                layout,
+                mode,
+                batch,
+                precision,
+                fusion,
+            )
+        };
+        [base(Mode::Train, batch), base(Mode::Infer, eval_batch)]
     }
 
     fn step_executor(&mut self, batch: usize) -> Result<&Executor, GpuTrainError> {

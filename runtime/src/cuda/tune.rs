@@ -23,7 +23,7 @@ use wrnc_compiler::graph::Graph;
 use wrnc_compiler::schedule::{self, Options, TcTile, Tiles};
 
 use super::bench::hyper;
-use super::cache::PtxCache;
+use super::cache::ModuleCache;
 use super::device::Gpu;
 use super::exec::{Executor, Shared};
 use super::CudaError;
@@ -89,7 +89,7 @@ pub struct TuneReport {
 /// pipeline stages ([`Tiles::stages`]).
 pub fn cache_path(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     wgmma: bool,
     tma: bool,
     stages: u32,
@@ -133,35 +133,156 @@ fn load(path: &Option<PathBuf>) -> BTreeMap<String, Choice> {
         .unwrap_or_default()
 }
 
+/// The tensor-core engine the bases ask for (`wgmma`, `tma`, `stages`, the f32 engine): the
+/// search times candidate tiles on it.
+struct Engine {
+    wgmma: bool,
+    tma: bool,
+    stages: u32,
+    f32_math: schedule::F32Math,
+}
+
+impl Engine {
+    fn of(bases: &[Options]) -> Engine {
+        Engine {
+            wgmma: bases.iter().any(|o| o.tiles.wgmma),
+            tma: bases.iter().any(|o| o.tiles.tma),
+            stages: bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0),
+            f32_math: bases
+                .iter()
+                .map(|o| o.tiles.f32_math())
+                .find(|m| m.tensor_cores())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `o`'s schedule with `tiles` on this engine.
+    fn build(
+        &self,
+        graph: &Graph,
+        o: &Options,
+        tiles: Tiles,
+    ) -> Result<schedule::Schedule, CudaError> {
+        let tiles = Tiles {
+            wgmma: self.wgmma,
+            tma: self.tma,
+            stages: self.stages,
+            ..tiles
+        }
+        .with_f32_math(self.f32_math);
+        schedule::build(graph, &Options { tiles, ..o.clone() })
+            .map_err(|e| CudaError::Plan(e.message))
+    }
+}
+
+/// The search's schedules: for each candidate tile (in [`TcTile::CANDIDATES`] order) and
+/// base, the schedule with every GEMM at that tile, and which of its launches time which of
+/// the `missing` keys (each key and tile timed once: in the first schedule holding it). With
+/// `smem_optin` (the GPU's limit per block), a candidate whose ring needs more shared memory
+/// than that is left out (the kernels beside a dynamic ring declare at most 4 KiB statically:
+/// `codegen_nvrtc`).
+#[allow(clippy::type_complexity)]
+fn search_runs<'a>(
+    graph: &Graph,
+    bases: &'a [Options],
+    missing: &[&String],
+    smem_optin: Option<u64>,
+) -> Result<
+    Vec<(
+        TcTile,
+        &'a Options,
+        schedule::Schedule,
+        Vec<(usize, String)>,
+    )>,
+    CudaError,
+> {
+    let engine = Engine::of(bases);
+    let mut runs = vec![];
+    let mut planned: Vec<(String, TcTile)> = vec![];
+    for t in TcTile::CANDIDATES {
+        for o in bases {
+            let s = engine.build(graph, o, Tiles::all(t))?;
+            if smem_optin.is_some_and(|optin| {
+                s.launches
+                    .iter()
+                    .any(|l| l.shared > 0 && l.shared as u64 + 4096 > optin)
+            }) {
+                continue;
+            }
+            let todo: Vec<(usize, String)> = s
+                .tile_keys()
+                .into_iter()
+                .filter(|(_, k)| {
+                    let fresh = missing.contains(&k) && !planned.contains(&(k.clone(), t));
+                    if fresh {
+                        planned.push((k.clone(), t));
+                    }
+                    fresh
+                })
+                .collect();
+            if !todo.is_empty() {
+                runs.push((t, o, s, todo));
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// The modules a tile search for `bases` of `graph` compiles when no GEMM is cached (no GPU
+/// needed; `wrnc precompile`): the candidate schedules of [`search_runs`], every candidate
+/// kept. The modules built afterwards, at the tiles the search picks, depend on its timings.
+pub fn search_sources(
+    graph: &Graph,
+    bases: &[Options],
+) -> Result<Vec<super::exec::ModuleSource>, CudaError> {
+    let engine = Engine::of(bases);
+    let mut keys: Vec<String> = vec![];
+    for o in bases {
+        for (_, k) in engine.build(graph, o, Tiles::default())?.tile_keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    let missing: Vec<&String> = keys.iter().collect();
+    search_runs(graph, bases, &missing, None)?
+        .iter()
+        .map(|(_, o, s, _)| super::exec::module_source(s, &o.fusion))
+        .collect()
+}
+
+/// The tiles [`choose_tiles`] gives `bases` without searching: every GEMM at the default or
+/// the fixed tile, on the bases' engine; `None` for [`TileMode::Auto`].
+pub fn fixed_tiles(bases: &[Options], mode: TileMode) -> Option<Tiles> {
+    let t = match mode {
+        TileMode::Default => TcTile::DEFAULT,
+        TileMode::Fixed(t) => t,
+        TileMode::Auto => return None,
+    };
+    let e = Engine::of(bases);
+    Some(
+        Tiles {
+            wgmma: e.wgmma,
+            tma: e.tma,
+            stages: e.stages,
+            ..Tiles::all(t)
+        }
+        .with_f32_math(e.f32_math),
+    )
+}
+
 /// The tiles for the schedules `bases` of `graph` (their `tiles` are ignored) on `gpu`, as
 /// `mode` says; see the module documentation.
 pub fn choose_tiles(
     gpu: &Gpu,
-    cache: &PtxCache,
+    cache: &ModuleCache,
     graph: &Graph,
     bases: &[Options],
     mode: TileMode,
 ) -> Result<(Tiles, TuneReport), CudaError> {
-    // the engine (`wgmma`, `tma`, `stages`) is the bases'; the search times candidates on it
-    let wgmma = bases.iter().any(|o| o.tiles.wgmma);
-    let tma = bases.iter().any(|o| o.tiles.tma);
-    let stages = bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0);
-    let f32_math = bases
-        .iter()
-        .map(|o| o.tiles.f32_math())
-        .find(|m| m.tensor_cores())
-        .unwrap_or_default();
-    let build = |o: &Options, tiles: Tiles| {
-        let tiles = Tiles {
-            wgmma,
-            tma,
-            stages,
-            ..tiles
-        }
-        .with_f32_math(f32_math);
-        schedule::build(graph, &Options { tiles, ..o.clone() })
-            .map_err(|e| CudaError::Plan(e.message))
-    };
+    let engine = Engine::of(bases);
+    let (wgmma, tma, stages, f32_math) = (engine.wgmma, engine.tma, engine.stages, engine.f32_math);
+    let build = |o: &Options, tiles: Tiles| engine.build(graph, o, tiles);
     let mut keys = vec![];
     for o in bases {
         for (_, k) in build(o, Tiles::default())?.tile_keys() {
@@ -189,18 +310,9 @@ pub fn choose_tiles(
         TileMode::Fixed(t) => Some(t),
         TileMode::Auto => None,
     };
-    if let Some(t) = fixed {
+    if let (Some(t), Some(tiles)) = (fixed, fixed_tiles(bases, mode)) {
         report.tiles = keys.iter().map(|k| (k.clone(), t.to_string())).collect();
-        return Ok((
-            Tiles {
-                wgmma,
-                tma,
-                stages,
-                ..Tiles::all(t)
-            }
-            .with_f32_math(f32_math),
-            report,
-        ));
+        return Ok((tiles, report));
     }
     let mut cached = load(&path);
     let missing: Vec<&String> = keys
@@ -215,38 +327,8 @@ pub fn choose_tiles(
         let t0 = std::time::Instant::now();
         // times[key][candidate] = median microseconds
         let mut times: BTreeMap<String, BTreeMap<TcTile, f64>> = BTreeMap::new();
-        // which schedule times which GEMM with which tile: the first schedule holding it
-        let mut runs = vec![];
-        let mut planned: Vec<(String, TcTile)> = vec![];
-        for t in TcTile::CANDIDATES {
-            for o in bases {
-                let s = build(o, Tiles::all(t))?;
-                // a candidate whose ring (`--stages`) needs more shared memory than this GPU
-                // gives a block is not timed (the kernels beside a dynamic ring declare at
-                // most 4 KiB statically: `codegen_nvrtc`)
-                let optin = gpu.info().smem_optin_bytes as u64;
-                if s.launches
-                    .iter()
-                    .any(|l| l.shared > 0 && l.shared as u64 + 4096 > optin)
-                {
-                    continue;
-                }
-                let todo: Vec<(usize, String)> = s
-                    .tile_keys()
-                    .into_iter()
-                    .filter(|(_, k)| {
-                        let fresh = missing.contains(&k) && !planned.contains(&(k.clone(), t));
-                        if fresh {
-                            planned.push((k.clone(), t));
-                        }
-                        fresh
-                    })
-                    .collect();
-                if !todo.is_empty() {
-                    runs.push((t, o, s, todo));
-                }
-            }
-        }
+        let optin = gpu.info().smem_optin_bytes as u64;
+        let runs = search_runs(graph, bases, &missing, Some(optin))?;
         // every candidate module compiled at once, on all cores, before any is timed
         let sources = runs
             .iter()
