@@ -2,6 +2,7 @@
 # THE script for a lent GPU machine. Run from the repository root:
 #
 #   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
+#                                    (and, on the build machine before the carry: precompile)
 #                                    (default: info selftest tiles bench train assemble)
 #
 # Inputs (carried with the working tree):
@@ -54,6 +55,15 @@ TILES_TIMEOUT=${TILES_TIMEOUT:-540}
 # bench/rehearse_gpu.sh runs this script on the fake GPU with small values of the above
 mkdir -p "$OUT" "$RAW" "$RESULTS"
 export WRNC_CACHE_DIR=${WRNC_CACHE_DIR:-$PWD/gpu-carry/cache}
+# the modules `precompile` compiled on the build machine (gpu-carry/cache.tar.xz), unpacked
+# into the cache once: they load without NVRTC or the driver's JIT where this machine's NVRTC
+# has the build machine's version (else every entry misses and the modules compile here)
+if [ -z "${PRECOMPILE_ARCH:-}" ] && [ -f gpu-carry/cache.tar.xz ] && [ ! -d "$WRNC_CACHE_DIR/cubin" ]; then
+    mkdir -p "$WRNC_CACHE_DIR"
+    if tar -xJf gpu-carry/cache.tar.xz -C "$WRNC_CACHE_DIR"; then
+        echo "[run_gpu $(date -u +%H:%M:%S)] unpacked $(ls "$WRNC_CACHE_DIR/cubin" | wc -l) precompiled modules ($(cat gpu-carry/cache.nvrtc 2>/dev/null)) into $WRNC_CACHE_DIR" | tee -a "$OUT/run_gpu.log"
+    fi
+fi
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(info selftest tiles bench train assemble)
@@ -61,8 +71,22 @@ stages=("$@")
 log() { echo "[run_gpu $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/run_gpu.log"; }
 keep() { cp -f "$@" "$RAW/" 2>/dev/null || true; }
 # run NAME TIMEOUT CMD...: stdout -> $OUT/NAME.out, stderr -> $OUT/NAME.err, rc -> $OUT/NAME.rc
+# With PRECOMPILE_ARCH set (stage `precompile`, on a machine without a GPU) a `wrnc bench`,
+# `wrnc selftest` or `wrnc run` becomes `wrnc precompile --arch $PRECOMPILE_ARCH` of the same
+# command line (the modules it would compile, into WRNC_CACHE_DIR), and nothing else runs.
 run() {
     local name=$1 t=$2; shift 2
+    if [ -n "${PRECOMPILE_ARCH:-}" ]; then
+        if [ "$1" = "$WRNC" ] && [[ " bench selftest run " == *" ${2:-} "* ]]; then
+            log "$name: precompile for $PRECOMPILE_ARCH: ${*:2}"
+            "$WRNC" precompile --arch "$PRECOMPILE_ARCH" "${@:2}" >"$OUT/$name.out" 2>"$OUT/$name.err"
+            local prc=$?
+            log "$name: precompile rc=$prc: $(grep -E 'modules for|"modules"|error' "$OUT/$name.out" "$OUT/$name.err" | head -n 2 | tr '\n' ' ')"
+            return $prc
+        fi
+        log "$name: not run (precompile): $*"
+        return 0
+    fi
     log "$name: $* (timeout ${t}s)"
     local t0=$SECONDS
     timeout -k 5 "$t" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
@@ -419,6 +443,30 @@ stage_train_bf16() {
     keep "$OUT/train_bf16_metrics.jsonl"
 }
 
+# ON THE BUILD MACHINE (no GPU), before the carry: every module that `session` and `issue6`
+# (and `train_bf16`) compile on the GPU, compiled now for PRECOMPILE_ARCH (default sm_90: H100,
+# H200) by this machine's NVRTC, and packed as gpu-carry/cache.tar.xz (with the NVRTC version
+# in gpu-carry/cache.nvrtc); the device call unpacks it (above). The stages run in precompile
+# mode (`run`), with no time limit, into a scratch OUT.
+stage_precompile() {
+    local tmp rc
+    tmp=$(mktemp -d)
+    # a cache of its own: gpu-carry gets only the archive (the carry's 64 MiB)
+    WRNC_CACHE_DIR=$tmp/cache PRECOMPILE_ARCH=${PRECOMPILE_ARCH:-sm_90} OUT=$tmp/out RESULTS=$tmp/results RAW=$tmp/raw \
+        SESSION_SECONDS=100000000 SESSION_RESERVE=0 SELFTEST_JOBS=${SELFTEST_JOBS:-2} \
+        SELFTEST_COMPILE_JOBS=${SELFTEST_COMPILE_JOBS:-1} bash "$0" session issue6 train_bf16
+    rc=$?
+    grep -E "precompile rc=[^0]" "$tmp/out/run_gpu.log" && rc=1
+    # the NVRTC that made them, as `wrnc precompile --json` reported it
+    python3 -c "import json,sys; print('nvrtc', json.load(open(sys.argv[1]))['nvrtc'])" \
+        "$tmp/out/selftest_quick.out" >gpu-carry/cache.nvrtc || rc=1
+    tar -cf - -C "$tmp/cache" cubin | xz -T0 -6 >gpu-carry/cache.tar.xz.tmp &&
+        mv -f gpu-carry/cache.tar.xz.tmp gpu-carry/cache.tar.xz || rc=1
+    log "precompile: $(ls "$tmp/cache/cubin" | wc -l) modules, $(du -sh "$tmp/cache/cubin" | cut -f1) -> gpu-carry/cache.tar.xz $(du -h gpu-carry/cache.tar.xz | cut -f1) ($(cat gpu-carry/cache.nvrtc)); log $tmp/out/run_gpu.log; rc=$rc"
+    cp -f "$tmp/out/run_gpu.log" "$OUT/precompile_run_gpu.log" 2>/dev/null
+    return $rc
+}
+
 stage_assemble() {
     RESULTS="$RESULTS" python3 - "$OUT" "$RAW" <<'PY'
 import json, os, sys, datetime, re, subprocess
@@ -604,8 +652,9 @@ PY
 for s in "${stages[@]}"; do
     case "$s" in
         info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
+        precompile) stage_precompile || exit 1 ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

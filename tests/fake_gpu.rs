@@ -967,6 +967,7 @@ fn precompiled_modules_are_the_ones_the_commands_load() {
         "--quiet",
     ];
     let mut before = 0;
+    let mut modules = vec![];
     for cmd in [&bench[..], &selftest[..], &run[..]] {
         let mut a = vec!["precompile"];
         a.extend_from_slice(cmd);
@@ -976,6 +977,7 @@ fn precompiled_modules_are_the_ones_the_commands_load() {
         let p = json(&wrnc(&a, &env));
         let n = p["modules"].as_u64().unwrap() as usize;
         assert!(n >= 2, "{p}");
+        modules.push(n);
         assert_eq!(
             p["compiled"].as_u64(),
             Some(n as u64 - p["cached"].as_u64().unwrap()),
@@ -994,6 +996,29 @@ fn precompiled_modules_are_the_ones_the_commands_load() {
     }
     // the bench's wgmma modules are keyed for sm_90a, the rest for sm_90
     let all = entries();
+    // an entry the driver refuses (here: an ELF header and garbage, as a CUBIN from another
+    // toolkit might be) is said, compiled again and replaced; the command still succeeds
+    for e in &all {
+        std::fs::write(cache.join("cubin").join(e), b"\x7fELF not a module").unwrap();
+    }
+    let o = wrnc(&bench, &env);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("did not load") && err.contains("compiling it again"),
+        "{err}"
+    );
+    assert_eq!(entries(), all);
+    let bench_modules = all
+        .iter()
+        .filter(|e| {
+            std::fs::read(cache.join("cubin").join(e.as_str())).unwrap() != b"\x7fELF not a module"
+        })
+        .count();
+    assert_eq!(
+        bench_modules, modules[0],
+        "the bench's modules are rewritten"
+    );
     assert!(all.iter().any(|e| e.contains("-sm_90a-")), "{all:?}");
     assert!(all.iter().any(|e| e.contains("-sm_90-")), "{all:?}");
     // the cache holds them as CUBINs: ELF images

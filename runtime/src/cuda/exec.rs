@@ -719,6 +719,11 @@ fn load_cached(
     match gpu.load_module(&c.image, names) {
         Ok(m) => Ok((m, c.hit)),
         Err(e) if c.hit => {
+            // (e.g. a module precompiled elsewhere that this driver refuses): said, not fatal
+            eprintln!(
+                "warning: the cached module {} did not load ({e}); compiling it again",
+                c.key
+            );
             cache.remove(&c.key);
             let image = crate::nvrtc::compile_cubin(source, arch)?;
             let _ = cache.put(&c.key, &image);
