@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
 #                                    (and, on the build machine before the carry: precompile)
 #                                    (default: info selftest tiles bench train assemble)
 #
@@ -29,6 +29,8 @@
 # `assemble` also runs on any machine with python3, over the raw folders fetched back:
 #   bench/run_gpu.sh assemble            (reads $OUT and bench/results/raw)
 set -u
+# this script by a path that survives the `cd` (stage `precompile` runs it again)
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 WRNC=${WRNC:-gpu-carry/wrnc}
 # wrnc reads DIR/{train,test}.tar.xz without unpacking (runtime/src/data/folder.rs), so the
@@ -55,15 +57,6 @@ TILES_TIMEOUT=${TILES_TIMEOUT:-540}
 # bench/rehearse_gpu.sh runs this script on the fake GPU with small values of the above
 mkdir -p "$OUT" "$RAW" "$RESULTS"
 export WRNC_CACHE_DIR=${WRNC_CACHE_DIR:-$PWD/gpu-carry/cache}
-# the modules `precompile` compiled on the build machine (gpu-carry/cache.tar.xz), unpacked
-# into the cache once: they load without NVRTC or the driver's JIT where this machine's NVRTC
-# has the build machine's version (else every entry misses and the modules compile here)
-if [ -z "${PRECOMPILE_ARCH:-}" ] && [ -f gpu-carry/cache.tar.xz ] && [ ! -d "$WRNC_CACHE_DIR/cubin" ]; then
-    mkdir -p "$WRNC_CACHE_DIR"
-    if tar -xJf gpu-carry/cache.tar.xz -C "$WRNC_CACHE_DIR"; then
-        echo "[run_gpu $(date -u +%H:%M:%S)] unpacked $(ls "$WRNC_CACHE_DIR/cubin" | wc -l) precompiled modules ($(cat gpu-carry/cache.nvrtc 2>/dev/null)) into $WRNC_CACHE_DIR" | tee -a "$OUT/run_gpu.log"
-    fi
-fi
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(info selftest tiles bench train assemble)
@@ -99,7 +92,25 @@ run() {
     return $rc
 }
 
+# the modules `precompile` compiled on the build machine (gpu-carry/cache.tar.xz), unpacked
+# into the cache once per machine (the marker), by the GPU stages only (every one calls
+# find_nvrtc): they load without compiling or the driver's JIT where this machine's NVRTC has
+# the build machine's version (else every entry misses and the modules compile here). Entries
+# already there are kept; a file an interrupted unpack cut short is a miss (`is_cubin`).
+unpack_cache() {
+    [ -z "${PRECOMPILE_ARCH:-}" ] && [ -f gpu-carry/cache.tar.xz ] || return 0
+    [ -f "$WRNC_CACHE_DIR/cubin/.unpacked" ] && return 0
+    mkdir -p "$WRNC_CACHE_DIR"
+    if tar --skip-old-files -xJf gpu-carry/cache.tar.xz -C "$WRNC_CACHE_DIR"; then
+        touch "$WRNC_CACHE_DIR/cubin/.unpacked"
+        log "unpacked $(ls "$WRNC_CACHE_DIR/cubin" | wc -l) precompiled modules (made by $(cat gpu-carry/cache.nvrtc 2>/dev/null)) into $WRNC_CACHE_DIR; this machine's NVRTC: $(ls /usr/local/cuda/lib64/libnvrtc.so.* 2>/dev/null | tr '\n' ' ')"
+    else
+        log "unpacking gpu-carry/cache.tar.xz failed: the modules compile here"
+    fi
+}
+
 find_nvrtc() {
+    unpack_cache
     # the driver's CUDA version decides which NVRTC is safe (PTX newer than the driver fails)
     if [ -z "${WRNC_NVRTC:-}" ]; then
         for c in /usr/local/cuda/lib64/libnvrtc.so.13 /usr/local/cuda-13*/lib64/libnvrtc.so.13 \
@@ -208,7 +219,7 @@ stage_first() {
 
 # ONE call that does what the must-shows need, in priority order, inside SESSION_SECONDS
 # (default 570; set it from the device's budget left): `first` (measured alone); the optional
-# benches (tf32, fusion, wgmma, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
+# benches (tf32, tf32wg, tuned, fusion, wgmma, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
 # (240 s) for the rest; then the CIFAR-10 training run (foreground) and the examples'
 # selftest (background, the slowest first) side by side until one deadline 25 s before the
 # budget ends (the selftest is CPU-bound: its f64 reference and NVRTC; neither run's speed is
@@ -236,6 +247,13 @@ stage_session() {
     # which issue 5's f32 ratio needs (docs/gpu.md, "What fusion can buy a step")
     if [ "${BENCH_TF32WG:-1}" = 1 ] && room "${TF32WG_TIMEOUT:-150}"; then
         stage_tf32wg
+        assemble_pack
+    fi
+    # bf16 at the tiles a search on this GPU picks (first's bf16 is at the default tile): the
+    # search's candidate modules come precompiled (`precompile`), only the picked tiles'
+    # modules compile here
+    if [ "${BENCH_TUNED:-1}" = 1 ] && room "${TUNED_TIMEOUT:-150}"; then
+        stage_tuned
         assemble_pack
     fi
     # fused against unfused where the arithmetic says fusion can show 1.3x (docs/gpu.md, "What
@@ -278,6 +296,19 @@ stage_session() {
         wait "$st"
     fi
     assemble_pack
+}
+
+# bf16 at searched tiles (--tiles auto: every GEMM timed with each candidate tile on this GPU,
+# the fastest kept and cached in WRNC_CACHE_DIR/tiles), fused only; the tile cache file is
+# kept with the results
+stage_tuned() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_bf16_tuned "${TUNED_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+        --fused-only --tiles auto $BENCH_ARGS --json
+    for f in "$WRNC_CACHE_DIR"/tiles/*.json; do
+        [ -f "$f" ] && cp -f "$f" "$OUT/tile_cache_$(basename "$f")" && keep "$OUT/tile_cache_$(basename "$f")"
+    done
 }
 
 # bf16 with --wgmma (sm_90 only), fused only: the same bench as bench_wrnc_bf16 otherwise
@@ -454,16 +485,22 @@ stage_precompile() {
     # a cache of its own: gpu-carry gets only the archive (the carry's 64 MiB)
     WRNC_CACHE_DIR=$tmp/cache PRECOMPILE_ARCH=${PRECOMPILE_ARCH:-sm_90} OUT=$tmp/out RESULTS=$tmp/results RAW=$tmp/raw \
         SESSION_SECONDS=100000000 SESSION_RESERVE=0 SELFTEST_JOBS=${SELFTEST_JOBS:-2} \
-        SELFTEST_COMPILE_JOBS=${SELFTEST_COMPILE_JOBS:-1} bash "$0" session issue6 train_bf16
+        SELFTEST_COMPILE_JOBS=${SELFTEST_COMPILE_JOBS:-1} bash "$SELF" session issue6 train_bf16
     rc=$?
     grep -E "precompile rc=[^0]" "$tmp/out/run_gpu.log" && rc=1
     # the NVRTC that made them, as `wrnc precompile --json` reported it
     python3 -c "import json,sys; print('nvrtc', json.load(open(sys.argv[1]))['nvrtc'])" \
         "$tmp/out/selftest_quick.out" >gpu-carry/cache.nvrtc || rc=1
-    tar -cf - -C "$tmp/cache" cubin | xz -T0 -6 >gpu-carry/cache.tar.xz.tmp &&
-        mv -f gpu-carry/cache.tar.xz.tmp gpu-carry/cache.tar.xz || rc=1
-    log "precompile: $(ls "$tmp/cache/cubin" | wc -l) modules, $(du -sh "$tmp/cache/cubin" | cut -f1) -> gpu-carry/cache.tar.xz $(du -h gpu-carry/cache.tar.xz | cut -f1) ($(cat gpu-carry/cache.nvrtc)); log $tmp/out/run_gpu.log; rc=$rc"
+    tar -cf - -C "$tmp/cache" cubin | xz -T0 -6 >gpu-carry/cache.tar.xz.tmp
+    if [ "${PIPESTATUS[0]}${PIPESTATUS[1]}" = 00 ]; then
+        mv -f gpu-carry/cache.tar.xz.tmp gpu-carry/cache.tar.xz
+    else
+        rm -f gpu-carry/cache.tar.xz.tmp
+        rc=1
+    fi
+    log "precompile: $(ls "$tmp/cache/cubin" | wc -l) modules, $(du -sh "$tmp/cache/cubin" | cut -f1) -> gpu-carry/cache.tar.xz $(du -h gpu-carry/cache.tar.xz | cut -f1) ($(cat gpu-carry/cache.nvrtc)); the nested log: $OUT/precompile_run_gpu.log; rc=$rc"
     cp -f "$tmp/out/run_gpu.log" "$OUT/precompile_run_gpu.log" 2>/dev/null
+    rm -rf "$tmp"
     return $rc
 }
 
@@ -554,6 +591,15 @@ if wg:
     out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
     out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
     out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
+tu = load("bench_wrnc_bf16_tuned.out")
+if tu:
+    out["bf16"]["train_step_ms"]["wrnc_fused_tuned"] = wr(tu, "train_step_ms", "fused")
+    out["bf16"]["infer_ms"]["wrnc_fused_tuned"] = wr(tu, "infer_ms", "fused")
+    out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_tuned=wr(tu, "latency_b1_ms", "fused"))
+    out["bf16"]["train_tflops_tuned"] = (tu.get("train_tflops") or {}).get("fused")
+    t = tu.get("tiles") or {}
+    out["bf16"]["tiles_tuned"] = {"searched": t.get("searched"), "gemms": t.get("gemms"), "search_s": t.get("search_s"),
+                                  "tiles": t.get("tiles")}
 for eng in ["tf32x3", "tf32", "tf32wg"]:
     x3 = load(f"bench_wrnc_f32_{eng}.out")
     if x3:
@@ -651,10 +697,10 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
         precompile) stage_precompile || exit 1 ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

@@ -33,8 +33,9 @@
 // WRNC_FAKE_REAL_NVRTC, when set to a real libnvrtc, makes nvrtcCompileProgram also compile
 // the source with it (same options, but a real architecture `sm_XY` taken as `compute_XY`:
 // PTX only, without ptxas's time), so the fake never accepts what NVRTC would refuse.
-// The fake's "CUBIN" (nvrtcGetCUBIN) is ELF's 4 magic bytes, then its "PTX": wrnc's module
-// cache keeps only entries that start like an ELF image, and cuModuleLoadDataEx skips them.
+// The fake's "CUBIN" (nvrtcGetCUBIN) is a 64-byte ELF64 header for EM_CUDA with no program or
+// section headers, then its "PTX": wrnc's module cache keeps only entries whose ELF header
+// holds together, and cuModuleLoadDataEx skips that header.
 // WRNC_FAKE_STATS=FILE: at exit the process writes its counts there, one `name value` a line:
 // `captures` (graphs captured), `graph_launches`, `graph_kernels` (kernels those ran) and
 // `stream_kernels` (kernels launched outside graphs), so tests can see how work was submitted.
@@ -74,8 +75,17 @@ constexpr std::size_t GUARD = 256;  // guard bytes before and after every alloca
 constexpr unsigned char GUARD_BYTE = 0xa5;
 // carries a `.version` line, as every PTX does (wrnc's PTX cache checks for it)
 const char* MARKER = "//WRNC-FAKE-PTX\n.version 0.0 // the CUDA source follows\n";
-// what the fake's CUBIN starts with, as a real one does
-const char* ELF_MAGIC = "\x7f" "ELF";
+// what the fake's CUBIN starts with: an ELF64 little-endian header for EM_CUDA (190) whose
+// program and section header tables are empty
+std::string elf_header() {
+    std::string h(64, '\0');
+    h[0] = 0x7f, h[1] = 'E', h[2] = 'L', h[3] = 'F';
+    h[4] = 2, h[5] = 1, h[6] = 1;  // 64-bit, little endian, version 1
+    h[16] = 2;                      // ET_EXEC
+    h[18] = (char)190;              // e_machine EM_CUDA
+    h[52] = 64;                     // e_ehsize
+    return h;
+}
 
 std::recursive_mutex g_mu;
 CUresult g_sticky = OK;  // an illegal address poisons the context, as on a GPU
@@ -583,7 +593,7 @@ API CUresult cuModuleLoadDataEx(void** mod, const void* image, unsigned nopt, in
     std::lock_guard l(g_mu);
     if (g_sticky) return g_sticky;
     const char* text = (const char*)image;
-    if (std::strncmp(text, ELF_MAGIC, 4) == 0) text += 4;
+    if (std::strncmp(text, "\x7f" "ELF", 4) == 0) text += 64;
     const std::size_t ml = std::strlen(MARKER);
     if (std::strncmp(text, MARKER, ml) != 0) {
         set_log("this image is not from the fake NVRTC (set WRNC_NVRTC to the fake library too)", nopt, opts, vals);
@@ -848,12 +858,12 @@ API int nvrtcGetPTX(void* prog, char* out) {
     return 0;
 }
 API int nvrtcGetCUBINSize(void* prog, std::size_t* n) {
-    *n = 4 + std::strlen(MARKER) + ((NvrtcProg*)prog)->src.size() + 1;
+    *n = 64 + std::strlen(MARKER) + ((NvrtcProg*)prog)->src.size() + 1;
     return 0;
 }
 API int nvrtcGetCUBIN(void* prog, char* out) {
-    std::string s = std::string(ELF_MAGIC) + MARKER + ((NvrtcProg*)prog)->src;
-    std::memcpy(out, s.c_str(), s.size() + 1);
+    std::string s = elf_header() + MARKER + ((NvrtcProg*)prog)->src;
+    std::memcpy(out, s.data(), s.size() + 1);
     return 0;
 }
 API int nvrtcDestroyProgram(void** prog) {

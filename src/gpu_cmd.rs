@@ -124,7 +124,7 @@ pub struct SelftestArgs {
     pub json: bool,
 }
 
-fn check_range(batch: u32, what: &str, max: u32) -> Result<(), UserError> {
+pub(crate) fn check_range(batch: u32, what: &str, max: u32) -> Result<(), UserError> {
     if batch == 0 || batch > max {
         return Err(UserError(format!(
             "error: {what} {batch} is out of range (1 to {max})"

@@ -133,7 +133,7 @@ enum Cmd {
     },
     /// Compile, without a GPU, the modules a `bench`, `selftest` or `run` would compile on a
     /// GPU of architecture --arch, into the module cache ($WRNC_CACHE_DIR, else
-    /// ~/.cache/wrnc): carried to the GPU machine, they load there without NVRTC or the JIT
+    /// ~/.cache/wrnc): carried to the GPU machine, they load there without compiling or the JIT
     /// (when its NVRTC has this one's version).
     Precompile {
         #[command(flatten)]

@@ -2,16 +2,18 @@
 //! `wrnc selftest` or `wrnc run` would compile on a GPU of a given architecture, into the
 //! module cache (`runtime::cuda::cache`). The cache's key is the source, the architecture and
 //! NVRTC's version, nothing of the machine, so the folder, carried to the GPU machine
-//! (`WRNC_CACHE_DIR`), serves those commands there without NVRTC or the driver's JIT, as long
-//! as that machine's NVRTC has the same version (else every entry misses and they compile as
-//! usual).
+//! (`WRNC_CACHE_DIR`), serves those commands there without compiling (NVRTC is still loaded
+//! there, for its version) or the driver's JIT, as long as that machine's NVRTC has the same
+//! version (else every entry misses and they compile as usual).
 //!
 //! What cannot be known without the GPU is left to it: with `--tiles auto` the modules at the
-//! tiles the search picks (the search's own candidate modules are precompiled).
+//! tiles the search picks (the search's own candidate modules are precompiled). `run` reads
+//! the training data's size (for the partial last batch's module) where `--data` can be read,
+//! else takes the data set's official size and says so.
 
-use crate::gpu_cmd::{self, BenchArgs, SelftestArgs};
+use crate::gpu_cmd::{self, BenchArgs, DeviceArg, SelftestArgs};
 use crate::net::{Loaded, UserError};
-use crate::train_cmd::RunArgs;
+use crate::train_cmd::{self, RunArgs};
 use wrnc_compiler::ast::Precision;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{self, F32Math};
@@ -73,14 +75,30 @@ fn compute_capability(arch: &str) -> Result<(i32, i32), UserError> {
     ))
 }
 
-/// Training images of a data set's train split (its official size).
-fn train_images(dataset: &str) -> Result<usize, UserError> {
-    match dataset {
-        "cifar10" | "cifar100" => Ok(50_000),
-        "svhn" => Ok(73_257),
-        other => Err(UserError(format!(
-            "error: unknown data set `{other}`\n  = help: valid data sets are cifar10, cifar100, svhn"
-        ))),
+/// The training images `wrnc run --train DATASET` would read: the data at `--data` (else
+/// `$WRNC_DATA`, else `./data/<dataset>`), limited by `--subset`; where it cannot be read, the
+/// data set's official size, with a note saying so.
+fn train_images(args: &RunArgs, dataset: &str) -> Result<(usize, Option<String>), UserError> {
+    use wrnc_compiler::ast::Dataset as Kind;
+    let k = train_cmd::kind(dataset)?;
+    let dir = train_cmd::data_dir(args, k);
+    match train_cmd::load_split(k, &dir, wrnc_runtime::data::Split::Train, args.subset) {
+        Ok(d) => Ok((d.n, None)),
+        Err(e) => {
+            let official = match k {
+                Kind::Svhn => 73_257,
+                _ => 50_000,
+            };
+            let n = args.subset.unwrap_or(usize::MAX).min(official);
+            Ok((
+                n,
+                Some(format!(
+                    "the training data could not be read ({}): the partial last batch is taken from {n} images (the official size{})",
+                    e.0.trim_start_matches("error: "),
+                    if args.subset.is_some() { ", or --subset" } else { "" }
+                )),
+            ))
+        }
     }
 }
 
@@ -89,6 +107,8 @@ pub fn precompile(
     load: impl Fn(&str) -> anyhow::Result<Loaded>,
 ) -> anyhow::Result<()> {
     let cc = compute_capability(&a.arch)?;
+    // as the GPU names itself (`sm_90`, whatever the spelling given)
+    let arch = format!("sm_{}{}", cc.0, cc.1);
     let cache = ModuleCache::default_location();
     let Some(root) = cache.root() else {
         return Err(UserError(
@@ -117,26 +137,37 @@ pub fn precompile(
             (sources, args.json)
         }
         What::Selftest { args } => {
-            let mut nets = gpu_cmd::selftest_nets(&args)?;
-            let jobs = gpu_cmd::selftest_jobs(&args, &mut nets, cc)?;
-            let built = gpu_cmd::job_schedules(&args, &nets, &jobs);
-            (gpu_cmd::selftest_sources(&built), args.json)
+            gpu_cmd::check_range(args.batch, "batch", 64)?;
+            if args.device == DeviceArg::Cpu {
+                notes.push("--device cpu: the selftest compiles nothing".into());
+                (vec![], args.json)
+            } else {
+                let mut nets = gpu_cmd::selftest_nets(&args)?;
+                let jobs = gpu_cmd::selftest_jobs(&args, &mut nets, cc)?;
+                let built = gpu_cmd::job_schedules(&args, &nets, &jobs);
+                (gpu_cmd::selftest_sources(&built), args.json)
+            }
         }
         What::Run { net, args } => {
             let l = load(&net)?;
-            let (sources, note) = run_sources(&l, &args)?;
-            notes.extend(note);
-            (sources, args.json)
+            if args.device == Some(train_cmd::Device::Cpu) {
+                notes.push("--device cpu: the run compiles nothing".into());
+                (vec![], args.json)
+            } else {
+                let (sources, more) = run_sources(&l, &args)?;
+                notes.extend(more);
+                (sources, args.json)
+            }
         }
     };
     let threads = exec::compile_threads();
-    let p = exec::precompile_for(&a.arch, &cache, sources, threads)
+    let p = exec::precompile_for(&arch, &cache, sources, threads)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "arch": a.arch,
+                "arch": arch,
                 "compute_capability": [cc.0, cc.1],
                 "nvrtc": wrnc_runtime::nvrtc::version().ok().map(|(x, y)| format!("{x}.{y}")),
                 "cache": root.display().to_string(),
@@ -152,7 +183,7 @@ pub fn precompile(
         println!(
             "{} modules for {} ({} compiled now, {} already cached) in {:.1} s on {} threads, in {}",
             p.modules,
-            a.arch,
+            arch,
             p.compiled,
             p.cached,
             p.seconds,
@@ -163,11 +194,11 @@ pub fn precompile(
             println!("note: {n}");
         }
     }
-    // a module that did not compile is not cached: say so, as its command would fail there
+    // a module that did not compile, or could not be stored, is not in the cache: say so
     let failed = p.modules - p.compiled - p.cached;
     if failed > 0 {
         anyhow::bail!(
-            "{failed} of {} modules did not compile (the command itself, or `wrnc compile --emit ptx`, says why)",
+            "{failed} of {} modules are not in the cache: they did not compile (the command itself, or `wrnc compile --emit ptx`, says why) or could not be written (a warning above says so)",
             p.modules
         );
     }
@@ -178,15 +209,18 @@ fn auto_note() -> String {
     "--tiles auto: the tile search's candidate modules are compiled; the modules at the tiles it picks depend on its timings and compile on the GPU (or pass --tiles default / a tile)".into()
 }
 
-/// The modules of `wrnc run NET --train DATASET` (or `--eval`) on the GPU.
-fn run_sources(l: &Loaded, args: &RunArgs) -> anyhow::Result<(Vec<ModuleSource>, Option<String>)> {
+/// The modules of `wrnc run NET --train DATASET` (or `--eval`) on the GPU, and notes on
+/// what was assumed.
+fn run_sources(l: &Loaded, args: &RunArgs) -> anyhow::Result<(Vec<ModuleSource>, Vec<String>)> {
+    let mut notes = vec![];
     let precision = l.precision_or(args.precision);
     let f32_math = F32Math::from_flags(args.tf32, args.tf32x3)
         .map_err(|e| UserError(format!("error: {e}")))?;
     if f32_math.tensor_cores() && precision == Precision::Bf16 {
         return Err(UserError(format!("error: {}", schedule::TF32_WITH_BF16)).into());
     }
-    // as `wrnc run`: evaluation alone builds its trainer at 256 and 256
+    // as `wrnc run`: the training step at the batch, its partial last batch, evaluation at
+    // 256; evaluation alone builds its trainer at 256 and 256
     let (batch, tail, eval_batch) =
         match (&args.train, &args.eval) {
             (Some(ds), _) => {
@@ -195,11 +229,15 @@ fn run_sources(l: &Loaded, args: &RunArgs) -> anyhow::Result<(Vec<ModuleSource>,
                     .batch_size
                     .or(s.batch.map(|v| v.value as usize))
                     .unwrap_or(128);
-                let n = train_images(ds)?.min(args.subset.unwrap_or(usize::MAX));
+                if batch == 0 {
+                    return Err(UserError("error: --batch-size must be at least 1".into()).into());
+                }
+                let (n, note) = train_images(args, ds)?;
+                notes.extend(note);
                 (batch, n % batch, 256)
             }
             (None, Some(ds)) => {
-                train_images(ds)?;
+                train_cmd::kind(ds)?;
                 (256, 0, 256)
             }
             (None, None) => return Err(UserError(
@@ -208,9 +246,6 @@ fn run_sources(l: &Loaded, args: &RunArgs) -> anyhow::Result<(Vec<ModuleSource>,
             )
             .into()),
         };
-    if batch == 0 {
-        return Err(UserError("error: --batch-size must be at least 1".into()).into());
-    }
     let fusion = Fusion::default();
     let bases =
         GpuTrainer::tile_bases(batch, eval_batch, precision, &fusion, f32_math, args.layout);
@@ -226,7 +261,8 @@ fn run_sources(l: &Loaded, args: &RunArgs) -> anyhow::Result<(Vec<ModuleSource>,
     }];
     let Some(tiles) = tiles else {
         sources.extend(tune::search_sources(&l.graph, &bases)?);
-        return Ok((sources, Some(auto_note())));
+        notes.push(auto_note());
+        return Ok((sources, notes));
     };
     let mut shapes = vec![(Mode::Train, batch), (Mode::Infer, eval_batch)];
     if tail != 0 {
@@ -238,5 +274,5 @@ fn run_sources(l: &Loaded, args: &RunArgs) -> anyhow::Result<(Vec<ModuleSource>,
             .map_err(|e| UserError(format!("error: {}", e.message)))?;
         sources.push(exec::module_source(&s, &fusion)?);
     }
-    Ok((sources, None))
+    Ok((sources, notes))
 }

@@ -93,7 +93,7 @@ pub enum Device {
     Cuda,
 }
 
-fn kind(name: &str) -> Result<Kind, UserError> {
+pub(crate) fn kind(name: &str) -> Result<Kind, UserError> {
     match Kind::from_name(name) {
         Some(Kind::Imagenet) => Err(UserError("error: training on ImageNet is not supported by `wrnc run` (CIFAR-10, CIFAR-100, SVHN are)".into())),
         Some(k) => Ok(k),
@@ -101,7 +101,7 @@ fn kind(name: &str) -> Result<Kind, UserError> {
     }
 }
 
-fn data_dir(args: &RunArgs, k: Kind) -> PathBuf {
+pub(crate) fn data_dir(args: &RunArgs, k: Kind) -> PathBuf {
     args.data
         .clone()
         .unwrap_or_else(|| match std::env::var_os("WRNC_DATA") {
@@ -110,7 +110,7 @@ fn data_dir(args: &RunArgs, k: Kind) -> PathBuf {
         })
 }
 
-fn load_split(
+pub(crate) fn load_split(
     k: Kind,
     dir: &Path,
     split: Split,

@@ -996,10 +996,17 @@ fn precompiled_modules_are_the_ones_the_commands_load() {
     }
     // the bench's wgmma modules are keyed for sm_90a, the rest for sm_90
     let all = entries();
-    // an entry the driver refuses (here: an ELF header and garbage, as a CUBIN from another
-    // toolkit might be) is said, compiled again and replaced; the command still succeeds
+    // an entry the driver refuses (here: a whole ELF header for EM_CUDA and garbage, as a
+    // CUBIN from another toolkit might be) is said, compiled again and replaced; the command
+    // still succeeds
+    let mut refused = vec![0u8; 64];
+    refused[..4].copy_from_slice(b"\x7fELF");
+    refused[4] = 2;
+    refused[5] = 1;
+    refused[18] = 190;
+    refused.extend_from_slice(b"not a module");
     for e in &all {
-        std::fs::write(cache.join("cubin").join(e), b"\x7fELF not a module").unwrap();
+        std::fs::write(cache.join("cubin").join(e), &refused).unwrap();
     }
     let o = wrnc(&bench, &env);
     ok(&o);
@@ -1011,9 +1018,7 @@ fn precompiled_modules_are_the_ones_the_commands_load() {
     assert_eq!(entries(), all);
     let bench_modules = all
         .iter()
-        .filter(|e| {
-            std::fs::read(cache.join("cubin").join(e.as_str())).unwrap() != b"\x7fELF not a module"
-        })
+        .filter(|e| std::fs::read(cache.join("cubin").join(e.as_str())).unwrap() != refused)
         .count();
     assert_eq!(
         bench_modules, modules[0],
@@ -1021,9 +1026,9 @@ fn precompiled_modules_are_the_ones_the_commands_load() {
     );
     assert!(all.iter().any(|e| e.contains("-sm_90a-")), "{all:?}");
     assert!(all.iter().any(|e| e.contains("-sm_90-")), "{all:?}");
-    // the cache holds them as CUBINs: ELF images
+    // the cache holds them as CUBINs (the fake's: a bare ELF header, then its source)
     for e in &all {
         let b = std::fs::read(cache.join("cubin").join(e)).unwrap();
-        assert!(b.starts_with(b"\x7fELF"), "{e}");
+        assert!(wrnc_runtime::nvrtc::is_cubin(&b), "{e}");
     }
 }

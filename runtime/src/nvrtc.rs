@@ -261,6 +261,31 @@ pub fn compile_cubin(src: &str, arch: &str) -> Result<Vec<u8>, NvrtcError> {
 /// The first bytes of every CUBIN ([`compile_cubin`]): an ELF image.
 pub const CUBIN_MAGIC: &[u8] = b"\x7fELF";
 
+/// `EM_CUDA`, the ELF machine of a CUBIN.
+const EM_CUDA: u16 = 190;
+
+/// Whether `b` is a whole CUBIN as far as its ELF header tells: 64-bit little-endian ELF for
+/// `EM_CUDA`, whose program and section header tables (at the end of NVRTC's CUBINs) lie
+/// inside `b`. A file cut short (an interrupted copy or unpack) fails this, so it is never
+/// handed to the driver, which reads an image by its header's sizes.
+pub fn is_cubin(b: &[u8]) -> bool {
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    if b.len() < 64 || !b.starts_with(CUBIN_MAGIC) || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    if u16_at(18) != EM_CUDA as u64 {
+        return false;
+    }
+    let fits = |off: u64, entsize: u64, num: u64| {
+        entsize
+            .checked_mul(num)
+            .and_then(|n| n.checked_add(off))
+            .is_some_and(|end| end <= b.len() as u64)
+    };
+    fits(u64_at(32), u16_at(54), u16_at(56)) && fits(u64_at(40), u16_at(58), u16_at(60))
+}
+
 /// What [`compile`] returns beside the log.
 #[derive(Clone, Copy, PartialEq)]
 enum Output {

@@ -325,6 +325,42 @@ fn cache_keys_separate_source_arch_and_nvrtc_version() {
     assert!(k.contains("sm_90") && k.contains("nvrtc13.0"), "{k}");
 }
 
+/// A CUBIN as far as its ELF header tells (`nvrtc::is_cubin`): ELF64, little endian, EM_CUDA,
+/// the section header table (`shnum` entries of 64 bytes at `shoff`) then `body`.
+fn elf(shoff: u64, shnum: u16, body: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = 2;
+    h[5] = 1;
+    h[18..20].copy_from_slice(&190u16.to_le_bytes());
+    h[40..48].copy_from_slice(&shoff.to_le_bytes());
+    h[58..60].copy_from_slice(&64u16.to_le_bytes());
+    h[60..62].copy_from_slice(&shnum.to_le_bytes());
+    h.extend_from_slice(body);
+    h
+}
+
+#[test]
+fn cubins_are_whole_elf_images_for_cuda() {
+    use wrnc_runtime::nvrtc::is_cubin;
+    let body = vec![0u8; 128];
+    assert!(is_cubin(&elf(64, 2, &body)));
+    // cut short: the section headers lie past the end
+    assert!(!is_cubin(&elf(64, 3, &body)));
+    assert!(!is_cubin(&elf(64, 2, &body)[..150]));
+    assert!(!is_cubin(&elf(u64::MAX, 2, &body)));
+    // another machine, 32-bit, big endian, not ELF, too short
+    let mut x86 = elf(64, 2, &body);
+    x86[18] = 62;
+    assert!(!is_cubin(&x86));
+    for (at, v) in [(4, 1u8), (5, 2), (0, b'E')] {
+        let mut b = elf(64, 2, &body);
+        b[at] = v;
+        assert!(!is_cubin(&b), "byte {at} = {v}");
+    }
+    assert!(!is_cubin(b"\x7fELF"));
+}
+
 #[test]
 fn cache_compiles_once_then_hits_and_ignores_garbage() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,7 +368,7 @@ fn cache_compiles_once_then_hits_and_ignores_garbage() {
     let calls = std::cell::Cell::new(0);
     let compile = |src: &str, arch: &str| {
         calls.set(calls.get() + 1);
-        Ok(format!("\x7fELF {src} {arch}").into_bytes())
+        Ok(elf(0, 0, format!("{src} {arch}").as_bytes()))
     };
     let a = c.get_or_compile("k1", "sm_90", (13, 0), compile).unwrap();
     assert!(!a.hit && a.warning.is_none());
@@ -341,11 +377,19 @@ fn cache_compiles_once_then_hits_and_ignores_garbage() {
     assert_eq!(a.image, b.image);
     let _ = c.get_or_compile("k1", "sm_80", (13, 0), compile).unwrap();
     assert_eq!(calls.get(), 2);
-    // a damaged entry is not a CUBIN (no ELF magic): it misses and is replaced
+    // a damaged entry is not a CUBIN (no ELF header, or one cut short): it misses and is
+    // replaced
     std::fs::write(c.path(&a.key).unwrap(), "garbage").unwrap();
     let d = c.get_or_compile("k1", "sm_90", (13, 0), compile).unwrap();
     assert!(!d.hit);
     assert_eq!(calls.get(), 3);
+    std::fs::write(c.path(&a.key).unwrap(), elf(64, 4, &[0; 100])).unwrap();
+    assert!(
+        !c.get_or_compile("k1", "sm_90", (13, 0), compile)
+            .unwrap()
+            .hit
+    );
+    assert_eq!(calls.get(), 4);
     // no temporary files are left behind
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("cubin"))
         .unwrap()
@@ -359,7 +403,7 @@ fn cache_compiles_once_then_hits_and_ignores_garbage() {
         .get_or_compile("k1", "sm_90", (13, 0), compile)
         .unwrap();
     assert!(!e.hit);
-    assert_eq!(calls.get(), 4);
+    assert_eq!(calls.get(), 5);
     // compile errors pass through
     let err = c
         .get_or_compile("k9", "sm_90", (13, 0), |_, _| {

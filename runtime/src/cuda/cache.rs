@@ -9,8 +9,9 @@
 //! depends on nothing else, so `wrnc precompile` fills a cache for a GPU on a machine without
 //! one, and that cache serves the GPU machine when its NVRTC has the same version. Files are
 //! written atomically (temporary file + rename), so a crash never leaves a truncated entry
-//! under a valid name; an entry that is not a CUBIN is a miss, and one that fails to load is
-//! removed and recompiled by the caller. Cache failures (read-only disk, no home) are never
+//! under a valid name; an entry that is not a whole CUBIN (`nvrtc::is_cubin`: say, a copy cut
+//! short) is a miss, and one whose image the driver refuses is removed and recompiled by the
+//! caller. Cache failures (read-only disk, no home) are never
 //! fatal: the kernels are compiled without it.
 
 use std::io::Write;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use md5::{Digest, Md5};
 
-use crate::nvrtc::{NvrtcError, CUBIN_MAGIC};
+use crate::nvrtc::{is_cubin, NvrtcError};
 
 /// Bumped when the entry format changes.
 const FORMAT: &str = "cubin1";
@@ -95,8 +96,8 @@ impl ModuleCache {
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         let p = self.path(key)?;
         let b = std::fs::read(p).ok()?;
-        // a CUBIN is an ELF image: anything else is not an entry of ours
-        b.starts_with(CUBIN_MAGIC).then_some(b)
+        // a whole CUBIN, else not an entry of ours (a miss)
+        is_cubin(&b).then_some(b)
     }
 
     /// Stores an entry atomically. Errors are returned for the caller to report, not fail on.

@@ -416,15 +416,9 @@ impl Gpu {
                 .trim_end_matches('\0')
                 .trim()
                 .to_string();
-            let hint = if [
-                driver::ERROR_UNSUPPORTED_PTX_VERSION,
-                driver::ERROR_INVALID_IMAGE,
-                driver::ERROR_NO_BINARY_FOR_GPU,
-            ]
-            .contains(&r)
-            {
+            let hint = if driver::IMAGE_ERRORS.contains(&r) {
                 format!(
-                    "; the module was compiled for {} by NVRTC {}, and the driver is CUDA {}.{}: install the NVRTC of the driver's CUDA version (see WRNC_NVRTC)",
+                    "; the module was compiled for {} by NVRTC {}, and the driver is CUDA {}.{}: use an NVRTC no newer than the driver's CUDA (see WRNC_NVRTC), and precompile (`wrnc precompile --arch`) for this GPU's architecture",
                     self.info.arch(),
                     crate::nvrtc::version()
                         .map_or("(unknown)".into(), |(a, b)| format!("{a}.{b}")),
@@ -434,7 +428,8 @@ impl Gpu {
             } else {
                 String::new()
             };
-            return Err(CudaError::Module {
+            return Err(CudaError::ModuleImage {
+                code: r,
                 detail: format!("cuModuleLoadDataEx: {name}: {msg}{hint}\n{jit}"),
             });
         }

@@ -35,6 +35,16 @@ pub const ERROR_UNSUPPORTED_PTX_VERSION: CuResult = 222;
 pub const ERROR_INVALID_IMAGE: CuResult = 200;
 /// `CUDA_ERROR_NO_BINARY_FOR_GPU`: a CUBIN for another architecture.
 pub const ERROR_NO_BINARY_FOR_GPU: CuResult = 209;
+/// `CUDA_ERROR_INVALID_PTX`.
+pub const ERROR_INVALID_PTX: CuResult = 218;
+/// What the driver says of a module image it cannot use (as opposed to, say, no memory left):
+/// a cached module refused with one of these is compiled again.
+pub const IMAGE_ERRORS: [CuResult; 4] = [
+    ERROR_INVALID_IMAGE,
+    ERROR_NO_BINARY_FOR_GPU,
+    ERROR_INVALID_PTX,
+    ERROR_UNSUPPORTED_PTX_VERSION,
+];
 
 /// `CU_DEVICE_ATTRIBUTE_*` values used here.
 pub mod attr {

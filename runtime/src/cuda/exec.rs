@@ -619,7 +619,7 @@ impl ModuleSource {
 pub struct Precompiled {
     /// Distinct modules asked for.
     pub modules: usize,
-    /// Of those, how many NVRTC compiled now.
+    /// Of those, how many NVRTC compiled now and the cache stored.
     pub compiled: usize,
     /// Of those, how many were in the cache already (the rest failed to compile: their
     /// executors compile them again and report the error).
@@ -672,8 +672,11 @@ pub fn precompile_for(
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((a, src)) = todo.get(i) else { break };
+                // compiled and stored (one that could not be written is said and not counted)
                 if let Ok(c) = cache.get_or_compile(src, a, version, crate::nvrtc::compile_cubin) {
-                    if !c.hit {
+                    if let Some(w) = &c.warning {
+                        eprintln!("warning: {w}");
+                    } else if !c.hit {
                         compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
@@ -702,8 +705,8 @@ pub fn compile_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Compiles `source` through the cache and loads it; a cached entry that fails to load is
-/// dropped and compiled afresh once.
+/// Compiles `source` through the cache and loads it; a cached entry whose image the driver
+/// refuses ([`super::driver::IMAGE_ERRORS`]) is dropped and compiled afresh once.
 fn load_cached(
     gpu: &Gpu,
     cache: &ModuleCache,
@@ -718,8 +721,11 @@ fn load_cached(
     }
     match gpu.load_module(&c.image, names) {
         Ok(m) => Ok((m, c.hit)),
-        Err(e) if c.hit => {
-            // (e.g. a module precompiled elsewhere that this driver refuses): said, not fatal
+        // the driver refused the image itself (not, say, for want of memory): e.g. a module
+        // precompiled elsewhere for another driver; said, not fatal
+        Err(e @ CudaError::ModuleImage { code, .. })
+            if c.hit && super::driver::IMAGE_ERRORS.contains(&code) =>
+        {
             eprintln!(
                 "warning: the cached module {} did not load ({e}); compiling it again",
                 c.key

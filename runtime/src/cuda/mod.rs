@@ -77,6 +77,9 @@ pub enum CudaError {
     Fault { during: String, detail: String },
     #[error("loading the compiled kernels failed: {detail}")]
     Module { detail: String },
+    /// The driver refused a module image (`cuModuleLoadDataEx` returned `code`).
+    #[error("{detail}")]
+    ModuleImage { code: i32, detail: String },
     #[error("{0}")]
     Plan(String),
     #[error("{0}")]

@@ -228,27 +228,24 @@ fn search_runs<'a>(
     Ok(runs)
 }
 
-/// The modules a tile search for `bases` of `graph` compiles when no GEMM is cached (no GPU
-/// needed; `wrnc precompile`): the candidate schedules of [`search_runs`], every candidate
-/// kept. The modules built afterwards, at the tiles the search picks, depend on its timings.
+/// The modules a tile search for `bases` of `graph` may compile (no GPU needed; `wrnc
+/// precompile`): every candidate tile's schedule of every base, a superset of
+/// [`search_runs`]'s whatever the tile cache holds and whichever candidates the GPU's shared
+/// memory rules out. The modules built afterwards, at the tiles the search picks, depend on
+/// its timings.
 pub fn search_sources(
     graph: &Graph,
     bases: &[Options],
 ) -> Result<Vec<super::exec::ModuleSource>, CudaError> {
     let engine = Engine::of(bases);
-    let mut keys: Vec<String> = vec![];
-    for o in bases {
-        for (_, k) in engine.build(graph, o, Tiles::default())?.tile_keys() {
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
+    let mut sources = vec![];
+    for t in TcTile::CANDIDATES {
+        for o in bases {
+            let s = engine.build(graph, o, Tiles::all(t))?;
+            sources.push(super::exec::module_source(&s, &o.fusion)?);
         }
     }
-    let missing: Vec<&String> = keys.iter().collect();
-    search_runs(graph, bases, &missing, None)?
-        .iter()
-        .map(|(_, o, s, _)| super::exec::module_source(s, &o.fusion))
-        .collect()
+    Ok(sources)
 }
 
 /// The tiles [`choose_tiles`] gives `bases` without searching: every GEMM at the default or
