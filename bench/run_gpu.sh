@@ -298,6 +298,14 @@ stage_session() {
     assemble_pack
 }
 
+# the tile caches (every GEMM's times per tile), kept with the results
+keep_tile_caches() {
+    local f
+    for f in "$WRNC_CACHE_DIR"/tiles/*.json; do
+        [ -f "$f" ] && cp -f "$f" "$OUT/tile_cache_$(basename "$f")" && keep "$OUT/tile_cache_$(basename "$f")"
+    done
+}
+
 # bf16 at searched tiles (--tiles auto: every GEMM timed with each candidate tile on this GPU,
 # the fastest kept and cached in WRNC_CACHE_DIR/tiles), fused only; the tile cache file is
 # kept with the results
@@ -306,9 +314,7 @@ stage_tuned() {
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_tuned "${TUNED_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --fused-only --tiles auto $BENCH_ARGS --json
-    for f in "$WRNC_CACHE_DIR"/tiles/*.json; do
-        [ -f "$f" ] && cp -f "$f" "$OUT/tile_cache_$(basename "$f")" && keep "$OUT/tile_cache_$(basename "$f")"
-    done
+    keep_tile_caches
 }
 
 # bf16 with --wgmma (sm_90 only), fused only: the same bench as bench_wrnc_bf16 otherwise
@@ -425,9 +431,7 @@ stage_tiles() {
     # cache file (every GEMM's times per tile) is kept with the results
     run tiles "$TILES_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --warmup 0 --iters 1 --tiles auto --json
-    for f in "$WRNC_CACHE_DIR"/tiles/*.json; do
-        [ -f "$f" ] && cp -f "$f" "$OUT/tile_cache_$(basename "$f")" && keep "$OUT/tile_cache_$(basename "$f")"
-    done
+    keep_tile_caches
 }
 
 stage_bench() {
@@ -585,18 +589,16 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         "fusion": (b or {}).get("fusion"),
         "matmul_tflops": (pt.get("matmul_tflops") or {}).get(prec),
     }
-wg = load("bench_wrnc_bf16_wgmma.out")
-if wg:
-    out["bf16"]["train_step_ms"]["wrnc_fused_wgmma"] = wr(wg, "train_step_ms", "fused")
-    out["bf16"]["infer_ms"]["wrnc_fused_wgmma"] = wr(wg, "infer_ms", "fused")
-    out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_wgmma=wr(wg, "latency_b1_ms", "fused"))
-    out["bf16"]["train_tflops_wgmma"] = (wg.get("train_tflops") or {}).get("fused")
+# the fused-only bf16 benches beside `first`'s: on wgmma, and at searched tiles
+for eng in ["wgmma", "tuned"]:
+    b = load(f"bench_wrnc_bf16_{eng}.out")
+    if b:
+        out["bf16"]["train_step_ms"][f"wrnc_fused_{eng}"] = wr(b, "train_step_ms", "fused")
+        out["bf16"]["infer_ms"][f"wrnc_fused_{eng}"] = wr(b, "infer_ms", "fused")
+        out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, **{f"fused_{eng}": wr(b, "latency_b1_ms", "fused")})
+        out["bf16"][f"train_tflops_{eng}"] = (b.get("train_tflops") or {}).get("fused")
 tu = load("bench_wrnc_bf16_tuned.out")
 if tu:
-    out["bf16"]["train_step_ms"]["wrnc_fused_tuned"] = wr(tu, "train_step_ms", "fused")
-    out["bf16"]["infer_ms"]["wrnc_fused_tuned"] = wr(tu, "infer_ms", "fused")
-    out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, fused_tuned=wr(tu, "latency_b1_ms", "fused"))
-    out["bf16"]["train_tflops_tuned"] = (tu.get("train_tflops") or {}).get("fused")
     t = tu.get("tiles") or {}
     out["bf16"]["tiles_tuned"] = {"searched": t.get("searched"), "gemms": t.get("gemms"), "search_s": t.get("search_s"),
                                   "tiles": t.get("tiles")}
