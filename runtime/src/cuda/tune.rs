@@ -230,7 +230,7 @@ fn search_runs<'a>(
 
 /// The modules a tile search for `bases` of `graph` may compile (no GPU needed; `wrnc
 /// precompile`): every candidate tile's schedule of every base, a superset of
-/// [`search_runs`]'s whatever the tile cache holds and whichever candidates the GPU's shared
+/// `search_runs`'s whatever the tile cache holds and whichever candidates the GPU's shared
 /// memory rules out. The modules built afterwards, at the tiles the search picks, depend on
 /// its timings.
 pub fn search_sources(
