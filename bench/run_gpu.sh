@@ -231,59 +231,40 @@ stage_session() {
     end=$((t0 + budget - 25))
     reserve=${SESSION_RESERVE:-240}
     left() { echo $((end - $(date +%s))); }
-    # an optional stage runs only if its limit still leaves the reserve
-    room() { [ $(($(left) - $1)) -ge "$reserve" ]; }
+    # optional ENABLED TIMEOUT STAGE: the stage, then assemble_pack, if ENABLED is 1 and its
+    # limit TIMEOUT still leaves the reserve
+    optional() {
+        [ "$1" = 1 ] && [ $(($(left) - $2)) -ge "$reserve" ] || return 0
+        "$3"
+        assemble_pack
+    }
     unpack_data &
     local unpack=$!
     stage_first
     # f32 storage with the convolutions in plain TF32 (--tf32: what PyTorch's f32 convolutions
     # run as by default), fused and unfused: issue 5's f32 ratio with the convolutions at
     # tensor-core speed, and the f32 standing against PyTorch on the same arithmetic
-    if [ "${BENCH_TF32:-1}" = 1 ] && room "${TF32_TIMEOUT:-150}"; then
-        stage_tf32
-        assemble_pack
-    fi
+    optional "${BENCH_TF32:-1}" "${TF32_TIMEOUT:-150}" stage_tf32
     # the same with Hopper's warpgroup MMA (--tf32 --wgmma, sm_90 only): TF32 at wgmma's rate,
     # which issue 5's f32 ratio needs (docs/gpu.md, "What fusion can buy a step")
-    if [ "${BENCH_TF32WG:-1}" = 1 ] && room "${TF32WG_TIMEOUT:-150}"; then
-        stage_tf32wg
-        assemble_pack
-    fi
+    optional "${BENCH_TF32WG:-1}" "${TF32WG_TIMEOUT:-150}" stage_tf32wg
     # bf16 at the tiles a search on this GPU picks (first's bf16 is at the default tile): the
     # search's candidate modules come precompiled (`precompile`), only the picked tiles'
     # modules compile here
-    if [ "${BENCH_TUNED:-1}" = 1 ] && room "${TUNED_TIMEOUT:-150}"; then
-        stage_tuned
-        assemble_pack
-    fi
+    optional "${BENCH_TUNED:-1}" "${TUNED_TIMEOUT:-150}" stage_tuned
     # fused against unfused where the arithmetic says fusion can show 1.3x (docs/gpu.md, "What
     # fusion can buy a step"): PreResNet-164's f32 training step
-    if [ "${BENCH_FUSION:-1}" = 1 ] && room "${FUSION_TIMEOUT:-120}"; then
-        stage_fusion
-        assemble_pack
-    fi
+    optional "${BENCH_FUSION:-1}" "${FUSION_TIMEOUT:-120}" stage_fusion
     # Hopper's warpgroup MMA (issue 6's sm_90 step), fused, beside `first`'s mma.sync figures
-    if [ "${BENCH_WGMMA:-1}" = 1 ] && room "${WGMMA_TIMEOUT:-120}"; then
-        WGMMA_TILES=${WGMMA_TILES:-default} stage_wgmma
-        assemble_pack
-    fi
+    WGMMA_TILES=${WGMMA_TILES:-default} optional "${BENCH_WGMMA:-1}" "${WGMMA_TIMEOUT:-120}" stage_wgmma
     # f32 on the tensor cores as 3xTF32 (--tf32x3), fused and unfused: issue 5's f32 ratio
     # with the convolutions at tensor-core speed, beside `first`'s FMA-engine figures
-    if [ "${BENCH_TF32X3:-1}" = 1 ] && room "${TF32X3_TIMEOUT:-150}"; then
-        stage_tf32x3
-        assemble_pack
-    fi
+    optional "${BENCH_TF32X3:-1}" "${TF32X3_TIMEOUT:-150}" stage_tf32x3
     # the weight operand by TMA (--tma, sm_90), when asked: off by default, like `deep`
-    if [ "${BENCH_TMA:-0}" = 1 ] && room "${TMA_TIMEOUT:-120}"; then
-        stage_tma
-        assemble_pack
-    fi
+    optional "${BENCH_TMA:-0}" "${TMA_TIMEOUT:-120}" stage_tma
     # deep pipelines in dynamic shared memory (--stages 4), when asked: off by default so the
     # training run and the examples' selftest keep their time
-    if [ "${BENCH_DEEP:-0}" = 1 ] && room "${DEEP_TIMEOUT:-120}"; then
-        stage_deep
-        assemble_pack
-    fi
+    optional "${BENCH_DEEP:-0}" "${DEEP_TIMEOUT:-120}" stage_deep
     wait "$unpack"
     local l
     l=$(left)
