@@ -97,12 +97,12 @@ fn commands_and_exit_codes() {
     check(
         &["info", "WRN-28-10", "--precision", "bf16"],
         0,
-        "DRAM/step    9.49 GiB fused, 16.56 GiB unfused (estimate, batch 128, bf16)",
+        "DRAM/step    8.24 GiB fused, 14.56 GiB unfused (estimate, batch 128, bf16)",
     );
     check(
         &["info", "WRN-28-10"],
         0,
-        "DRAM/step    16.86 GiB fused, 31.13 GiB unfused (estimate, batch 128, f32)",
+        "DRAM/step    14.37 GiB fused, 27.14 GiB unfused (estimate, batch 128, f32)",
     );
     check(
         &["info", "WRN-28-10", "--precision", "f16"],

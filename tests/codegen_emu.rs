@@ -769,6 +769,21 @@ const RESNEXT: &str = "conv(3x3, 4) bn relu
 const STEM: &str =
     "conv(3x3, 4, stride=2, bias) bn relu maxpool(3x3, stride=2, pad=1) bn relu gap fc";
 
+/// Residual blocks whose body reads the shortcut's tensor itself (`x + conv(x)`, no
+/// pre-activation), then a pre-activation one: in the first, the block's conv writes its data
+/// gradient into the shortcut's gradient while reading the add's, so `residual_grad_alias`
+/// must keep those two apart; the second's shortcut shares the add's gradient.
+#[test]
+fn residual_body_reading_the_shortcut_step() {
+    let _ = check_step(
+        "shortcut-read",
+        "conv(3x3, 4)
+         residual { body conv(3x3, 4) }
+         residual { body bn relu conv(3x3, 4) }
+         bn relu gap fc",
+    );
+}
+
 #[test]
 fn resnext_grouped_step_and_infer() {
     let _ = check_step("resnext", RESNEXT);

@@ -71,6 +71,10 @@ pub struct Fuse {
     pub bwd_from: Option<usize>,
     /// Conv: its data-gradient epilogue applies this BN chain's masks and reductions.
     pub bwd_for: Option<usize>,
+    /// Add (train): the operand whose gradient buffer *is* this add's (no copy-accumulate in
+    /// the add's backward; the operand's other contributions accumulate into it in place).
+    /// Set by `residual_grad_alias`, which checks that this is exact (see there).
+    pub grad_alias: Option<usize>,
 }
 
 /// One graph node with its fusion annotations.
@@ -259,6 +263,9 @@ impl fmt::Display for Plan {
             if let Some(b) = u.bwd_for {
                 write!(f, " bwd_for=%{b}")?;
             }
+            if let Some(r) = u.grad_alias {
+                write!(f, " grad_alias=%{r}")?;
+            }
             writeln!(f)?;
         }
         Ok(())
@@ -276,6 +283,7 @@ pub const PIPELINE: &[(&str, Pass)] = &[
     ("residual_add_epilogue", fuse_residual_add_epilogue),
     ("bn_stats_epilogue", fuse_bn_stats_epilogue),
     ("backward", fuse_backward),
+    ("residual_grad_alias", alias_residual_grad),
 ];
 
 /// Names of every pass, in pipeline order.
@@ -589,6 +597,61 @@ fn fuse_backward(p: &mut Plan) -> bool {
     changed
 }
 
+// residual_grad_alias (train mode):
+//   y = a + r  =>  dL/dr = dL/dy + (the contributions of r's other users)
+// so r's gradient buffer can *be* y's: no kernel copies dL/dy into a buffer of r's own (a
+// read and a write of a whole activation), and r's other contributions are accumulated into
+// it in place, each of them when its user's backward runs. The backward runs the nodes in
+// reverse order, so this is exact when every one of those contributions comes after every
+// read of dL/dy, and of the gradients further up that share the buffer: with `floor(y)` the
+// lowest node index whose backward reads one of them (y itself; the conv whose residual
+// epilogue computes y, which reads dL/dy as its output gradient; the floor of the add that y
+// is aliased into), every other user u of r must have u < floor(y). That also keeps out a
+// conv of the add's own block that reads r (u = the conv: not below itself) and two operands
+// of one kernel in one buffer. r must hold a gradient buffer of its own (materialised, not
+// the input); a residual-fused add's conv operand already shares y's (residual_add_epilogue),
+// so the other operand is r; an add computed by its own kernel aliases one operand, and its
+// backward copies dL/dy into the other before any contribution to r.
+fn alias_residual_grad(p: &mut Plan) -> bool {
+    if p.mode != Mode::Train {
+        return false;
+    }
+    let n = p.nodes.len();
+    // floor of the add each node's gradient is aliased into, for adds below it
+    let mut floor_up: Vec<Option<usize>> = vec![None; n];
+    let mut changed = false;
+    for y in (0..n).rev() {
+        if !matches!(p.nodes[y].op, Op::Add) || p.nodes[y].fuse.grad_alias.is_some() {
+            continue;
+        }
+        let c = p.nodes[y].fuse.computed_by;
+        let floor = [Some(y), c, floor_up[y]]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap();
+        let ins = p.nodes[y].inputs.clone();
+        if ins[0] == ins[1] {
+            continue;
+        }
+        // the later operand first (the block's body), unless the conv computing y is it
+        let r = ins.iter().rev().copied().find(|&r| {
+            Some(r) != c
+                && !matches!(p.nodes[r].op, Op::Input)
+                && !p.nodes[r].fuse.inlined
+                && !p.nodes[r].fuse.removed
+                && p.value_node(r) == Some(r)
+                && p.nodes[r].users.iter().all(|&u| u == y || u < floor)
+        });
+        if let Some(r) = r {
+            p.nodes[y].fuse.grad_alias = Some(r);
+            floor_up[r] = Some(floor);
+            changed = true;
+        }
+    }
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,7 +738,7 @@ plan t (Train)
   %3 = relu(%2) 4x8x8 [2] inlined
   %4 = dropout(%3) 4x8x8 [3] inlined
   %5 = conv(%4) 4x8x8 [4] prologue(src=%1 bn=%2 relu=%3 dropout=%4) residual(add=%6 other=%1) bwd_for=%2
-  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5
+  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5 grad_alias=%1
   %7 = gap(%6) 4x1x1 [6]
   %8 = linear(%7) 10x1x1 [7]
 ",
@@ -695,7 +758,7 @@ plan t (Train)
   %3 = relu(%2) 4x8x8 [2]
   %4 = dropout(%3) 4x8x8 [3] inlined
   %5 = conv(%4) 4x8x8 [4] prologue(src=%3 dropout=%4) residual(add=%6 other=%1)
-  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5
+  %6 = add(%1, %5) 4x8x8 [5] computed_by=%5 grad_alias=%1
   %7 = gap(%6) 4x1x1 [6]
   %8 = linear(%7) 10x1x1 [7]
 ",
@@ -790,7 +853,7 @@ plan t (Infer)
   %3 = bn(%2) 4x8x8 [2.body.0] inlined bwd_from=%4
   %4 = conv(%3) 4x8x8 [2.body.1] prologue(src=%2 bn=%3) stats_for=%5 bwd_for=%3
   %5 = bn(%4) 4x8x8 [2.body.2] stats_from=%4
-  %6 = add(%2, %5) 4x8x8 [2.add]
+  %6 = add(%2, %5) 4x8x8 [2.add] grad_alias=%5
   %7 = gap(%6) 4x1x1 [3]
   %8 = linear(%7) 10x1x1 [4]",
             "\n{train}"
@@ -864,6 +927,123 @@ plan t (Infer)
                 && infer.contains("folded_bn=%2")
                 && !infer.contains("prologue"),
             "\n{infer}"
+        );
+    }
+
+    /// The adds' gradient aliases after every pass, for a graph written as lines `name op
+    /// inputs...` (ops: `conv`, `bn`, `relu`, `add`; every tensor 4x8x8; the last line feeds a
+    /// global pool and a linear layer): `add:operand` per aliased add, in node order.
+    fn check_alias(net: &str, expect: &str) {
+        let s = Shape::new(4, 8, 8);
+        let mut g = Graph::new("t", s);
+        let mut ids = std::collections::HashMap::new();
+        ids.insert("x".to_string(), g.input);
+        let mut last = g.input;
+        for line in net.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let op = match w[1] {
+                "conv" => conv(4, 4),
+                "bn" => Op::BatchNorm {
+                    c: 4,
+                    eps: 1e-5,
+                    momentum: 0.1,
+                },
+                "relu" => Op::Relu,
+                "add" => Op::Add,
+                o => panic!("op {o}"),
+            };
+            let ins: Vec<_> = w[2..].iter().map(|i| ids[*i]).collect();
+            let name = w[0].to_string();
+            last = g.push(
+                Node {
+                    op,
+                    name: name.clone(),
+                    shape: s,
+                },
+                &ins,
+            );
+            ids.insert(name, last);
+        }
+        let gp = g.push(
+            Node {
+                op: Op::GlobalAvgPool,
+                name: "gap".into(),
+                shape: Shape::new(4, 1, 1),
+            },
+            &[last],
+        );
+        g.output = g.push(
+            Node {
+                op: Op::Linear { in_f: 4, out_f: 10 },
+                name: "fc".into(),
+                shape: Shape::new(10, 1, 1),
+            },
+            &[gp],
+        );
+        g.classes = 10;
+        let mut p = Plan::new(&g, Mode::Train);
+        run(&mut p, &Fusion::default(), |_, _| {});
+        p.verify().unwrap();
+        let got: Vec<String> = p
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                n.fuse
+                    .grad_alias
+                    .map(|r| format!("{}:{}", n.name, p.nodes[r].name))
+            })
+            .collect();
+        assert_eq!(got.join(" "), expect, "\n{p}");
+    }
+
+    #[test]
+    fn residual_grad_alias() {
+        // pre-activation blocks: each add's shortcut operand shares its gradient, down the chain
+        check_alias(
+            "c0 conv x
+             b1 bn c0
+             r1 relu b1
+             c1 conv r1
+             a1 add c0 c1
+             b2 bn a1
+             r2 relu b2
+             c2 conv r2
+             a2 add a1 c2",
+            "a1:c0 a2:a1",
+        );
+        // the block's own conv reads the shortcut: its data gradient would land in the buffer
+        // it reads
+        check_alias(
+            "c0 conv x
+             c1 conv c0
+             a1 add c0 c1",
+            "",
+        );
+        // a user of the shortcut after the add: its contribution would land before the conv
+        // read the add's gradient
+        check_alias(
+            "c0 conv x
+             b1 bn c0
+             r1 relu b1
+             c1 conv r1
+             a1 add c0 c1
+             c2 conv c0
+             a2 add a1 c2",
+            "a2:a1",
+        );
+        // an add of its own kernel (no conv operand): its later operand is aliased
+        check_alias(
+            "c0 conv x
+             b1 bn c0
+             r1 relu b1
+             a1 add c0 r1",
+            "a1:r1",
+        );
+        // the same tensor twice
+        check_alias(
+            "c0 conv x
+             a1 add c0 c0",
+            "",
         );
     }
 

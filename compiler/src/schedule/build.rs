@@ -937,9 +937,15 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
     let loss = b.buffer("loss".into(), n as u64, Dtype::F32, Role::Activation);
     b.s.labels = Some(labels);
     b.s.loss = Some(loss);
-    // gradient buffers
-    for i in 0..nn {
-        let node = &plan.nodes[i];
+    // gradient buffers: the operand an add's gradient is aliased to (`residual_grad_alias`)
+    // has none of its own
+    let mut alias_of: Vec<Option<usize>> = vec![None; nn];
+    for (y, node) in plan.nodes.iter().enumerate() {
+        if let Some(r) = node.fuse.grad_alias {
+            alias_of[r] = Some(y);
+        }
+    }
+    for (i, node) in plan.nodes.iter().enumerate() {
         if matches!(node.op, Op::Input) {
             continue;
         }
@@ -954,7 +960,14 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         } else {
             true
         };
-        if own {
+        if let Some(y) = alias_of[i] {
+            if !own {
+                return Err(err(format!(
+                    "{}: the gradient of {} is aliased to it, but {} has no gradient buffer of its own",
+                    plan.nodes[y].name, node.name, node.name
+                )));
+            }
+        } else if own {
             let len = b.numel(i);
             b.grad[i] = Some(b.buffer(
                 format!("grad.{}", node.name),
@@ -964,9 +977,13 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
             ));
         }
     }
-    for i in 0..nn {
+    // from the last node down, so that an add's own alias is resolved before its operands'
+    for i in (0..nn).rev() {
         if let Some((a, _)) = plan.nodes[i].fuse.residual {
             b.grad[i] = b.grad[a];
+        }
+        if let Some(y) = alias_of[i] {
+            b.grad[i] = b.grad[y];
         }
     }
     {
@@ -1112,8 +1129,14 @@ fn grad_dst(b: &B, x: usize) -> Option<(BufArg, ScalarArg)> {
         return None;
     }
     let g = b.grad[x].unwrap_or_else(|| panic!("no gradient buffer for {}", b.plan.nodes[x].name));
-    let accum = b.written[g] as i32;
-    Some((b.whole(g, Access::ReadWrite), ScalarArg::I32(accum)))
+    // the first contribution only writes (the kernels read `dst` only when `accum` is 1)
+    let accum = b.written[g];
+    let access = if accum {
+        Access::ReadWrite
+    } else {
+        Access::Write
+    };
+    Some((b.whole(g, access), ScalarArg::I32(accum as i32)))
 }
 
 fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Result<()> {
@@ -1485,8 +1508,8 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
         }
         Op::Add => {
             for &x in &node.inputs.clone() {
-                if fu.computed_by == Some(x) {
-                    continue; // the conv's output gradient is this one (aliased)
+                if fu.computed_by == Some(x) || fu.grad_alias == Some(x) {
+                    continue; // the operand's gradient is this one (aliased)
                 }
                 if let Some((dst, acc)) = grad_dst(b, x) {
                     b.launch(
