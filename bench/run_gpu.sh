@@ -152,7 +152,8 @@ stage_selftest() {
     find_nvrtc
     # built-in small networks of every family first (fast, JSON), then every example
     # (human-readable lines, streamed, so a timeout still leaves the checks done so far)
-    run selftest_quick 150 "$WRNC" selftest --device cuda --quick --json
+    run selftest_quick 150 "$WRNC" selftest --device cuda --quick --json --probe-dump "$OUT/wgmma_probe.json"
+    keep "$OUT/wgmma_probe.json"
     run selftest "$SELFTEST_TIMEOUT" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
 }
 
@@ -208,7 +209,11 @@ assemble_pack() {
 stage_first() {
     stage_info
     pack
-    run selftest_quick "${FIRST_SELFTEST_TIMEOUT:-100}" "$WRNC" selftest --device cuda --quick --json
+    # (on sm_90 the wgmma layout probe's images and raw accumulators go to wgmma_probe.json:
+    # if the hardware reads wgmma otherwise than wrnc, how it reads it is worked out from them)
+    run selftest_quick "${FIRST_SELFTEST_TIMEOUT:-100}" "$WRNC" selftest --device cuda --quick --json \
+        --probe-dump "$OUT/wgmma_probe.json"
+    keep "$OUT/wgmma_probe.json"
     # bf16 at the default tile: a tile search on a fresh machine (its time unknown until a GPU
     # runs it) could eat the bench's whole limit, and `--json` prints only at the end
     BENCH_TIMEOUT=${FIRST_BENCH_TIMEOUT:-140} BENCH_BF16_NCHW=0 BENCH_BF16_TILES=${FIRST_TILES:-default} \

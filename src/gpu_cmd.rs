@@ -122,6 +122,11 @@ pub struct SelftestArgs {
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
+    /// On an sm_90 GPU: write the layout probes' runs to FILE (JSON): the warpgroup-MMA probe's
+    /// shared-memory images and raw accumulators, the TMA probe's landed boxes; to work out
+    /// without a GPU how the hardware read or landed them.
+    #[arg(long, value_name = "FILE")]
+    pub probe_dump: Option<PathBuf>,
 }
 
 pub(crate) fn check_range(batch: u32, what: &str, max: u32) -> Result<(), UserError> {
@@ -611,9 +616,20 @@ pub fn job_schedules(
         .collect()
 }
 
-/// The modules the selftest's checks load: one per job's schedule, and the augmentation
-/// kernel's (f32, as `check_augment` runs it).
-pub fn selftest_sources(built: &[Option<(schedule::Schedule, Fusion)>]) -> Vec<exec::ModuleSource> {
+/// The modules the selftest's checks load on a GPU of compute capability `cc`: one per job's
+/// schedule, the augmentation kernel's (f32, as `check_augment` runs it), and on sm_90 the
+/// warpgroup-MMA and TMA layout probes'.
+pub fn selftest_sources(
+    built: &[Option<(schedule::Schedule, Fusion)>],
+    cc: (i32, i32),
+) -> Vec<exec::ModuleSource> {
+    let probes = (cc == (9, 0)).then(|| {
+        [
+            wrnc_compiler::codegen::cuda::wgmma_probe_source(),
+            wrnc_compiler::codegen::cuda::tma_probe_source(),
+        ]
+        .map(|text| exec::ModuleSource { text, wgmma: true })
+    });
     built
         .iter()
         .flatten()
@@ -622,6 +638,7 @@ pub fn selftest_sources(built: &[Option<(schedule::Schedule, Fusion)>]) -> Vec<e
             text: wrnc_runtime::cuda::augment::source(Precision::F32),
             wgmma: false,
         }))
+        .chain(probes.into_iter().flatten())
         .collect()
 }
 
@@ -1032,7 +1049,8 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
     let jobs = selftest_jobs(&a, &mut nets, gpu.info().compute_capability)?;
     // every job's schedule, built once here for its module and the check below
     let built = job_schedules(&a, &nets, &jobs);
-    let sources = selftest_sources(&built);
+    let cc = gpu.info().compute_capability;
+    let sources = selftest_sources(&built, cc);
     // a wgmma check whose schedule has no wgmma kernel, a tma check none of whose launches
     // passes a tensor map, or a stages check none of whose launches uses dynamic shared
     // memory, would check nothing of it
@@ -1086,6 +1104,26 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         Err(e) => eprintln!("warning: precompiling failed: {e}"),
     }
     report(check::check_augment(&gpu, &cache), "augmentation");
+    // on a Hopper GPU: does the hardware read wgmma's operands, and land TMA's boxes, as the
+    // convolutions assume?
+    if cc == (9, 0) {
+        let mut dump = serde_json::Map::new();
+        report(
+            cuda::probe::check_wgmma_probe(&gpu, &cache, &mut dump),
+            "wgmma layout probe",
+        );
+        report(
+            cuda::probe::check_tma_probe(&gpu, &cache, &mut dump),
+            "TMA layout probe",
+        );
+        if let Some(p) = &a.probe_dump {
+            match cuda::probe::write_dump(&gpu, p, dump) {
+                Ok(()) if !a.json => eprintln!("probe runs written to {}", p.display()),
+                Ok(()) => {}
+                Err(e) => eprintln!("warning: could not write {}: {e}", p.display()),
+            }
+        }
+    }
     // after a kernel fault the context is unusable: every later check would fail at its first
     // driver call without naming anything, so the run stops at the one that names the kernel
     let mut poisoned = None;

@@ -145,7 +145,7 @@ pub fn precompile(
                 let mut nets = gpu_cmd::selftest_nets(&args)?;
                 let jobs = gpu_cmd::selftest_jobs(&args, &mut nets, cc)?;
                 let built = gpu_cmd::job_schedules(&args, &nets, &jobs);
-                (gpu_cmd::selftest_sources(&built), args.json)
+                (gpu_cmd::selftest_sources(&built, cc), args.json)
             }
         }
         What::Run { net, args } => {

@@ -436,6 +436,23 @@ fn precompiling_on_threads_matches_one_by_one() {
 /// (such as serialized `wgmma`) and at most 48 KiB of static shared memory for WRN-28-10's
 /// training step and inference in bf16.
 #[test]
+fn layout_probes_compile_for_sm_90a_without_spills() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    for (src, name) in [
+        (cuda::wgmma_probe_source(), cuda::WGMMA_PROBE_KERNEL),
+        (cuda::tma_probe_source(), cuda::TMA_PROBE_KERNEL),
+    ] {
+        let r = nvrtc::ptxas_resources(&src, "sm_90a").unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].name, name);
+        assert_no_spill_frame_or_note(name, &r);
+    }
+}
+
+#[test]
 fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
     if !nvrtc_available() {
         return;

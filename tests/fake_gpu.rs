@@ -215,6 +215,87 @@ fn selftest_passes_on_the_fake_gpu() {
     );
 }
 
+/// The bytes a hex string (the probe dump's) spells.
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|j| u8::from_str_radix(&hex[2 * j..2 * j + 2], 16).unwrap())
+        .collect()
+}
+
+/// The layout probes on the fake Hopper: every `wgmma` configuration gives exactly what wrnc's
+/// reading of it says, and every TMA box lands where wrnc reads it (the emulation does both
+/// so); the dump holds what that was decided on, and the probes tell that reading from wrong
+/// ones (no 64-byte swizzle; for wgmma also one XORing one chunk bit only, the 32-byte mode).
+#[test]
+fn layout_probes_pass_and_tell_readings_apart() {
+    use wrnc_runtime::cuda::probe;
+    let dir = std::env::temp_dir().join(format!("wrnc-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dump = dir.join("probe.json");
+    let o = wrnc(
+        &[
+            "selftest",
+            "--quick",
+            "--only",
+            "vec8 wgmma tile 64x64 infer fused bf16",
+            "--json",
+            "--probe-dump",
+            dump.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let v = json(&o);
+    for probe in ["wgmma layout probe", "TMA layout probe"] {
+        let c = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["what"].as_str().unwrap().starts_with(probe))
+            .unwrap_or_else(|| panic!("no {probe} in {v}"));
+        assert_eq!(c["passed"], true, "{c}");
+    }
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&dump).unwrap()).unwrap();
+    // TMA: every box landed where wrnc reads it, and not where an unswizzled copy would put it
+    let tma = d["tma"].as_array().unwrap();
+    assert_eq!(tma.len(), 3);
+    for (i, r) in tma.iter().enumerate() {
+        let landed = unhex(r["landed"].as_str().unwrap());
+        assert_eq!(landed, probe::tma_expected(i), "box {i}");
+        assert_ne!(
+            landed,
+            probe::tma_expected_by(i, |a| a),
+            "box {i}: unswizzled"
+        );
+    }
+    // the box over the edges: zeros where it hangs over, elements elsewhere
+    let edge = probe::tma_expected(2);
+    assert!(edge.iter().any(|&b| b != 0) && edge.chunks(2).any(|c| c == [0, 0]));
+    let runs = d["wgmma"].as_array().unwrap();
+    assert_eq!(runs.len(), 5);
+    for (i, r) in runs.iter().enumerate() {
+        let img = unhex(r["image"].as_str().unwrap());
+        assert_eq!(img, probe::image(i));
+        let out: Vec<f32> = r["out"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(out, probe::expected(i, &img), "run {i}");
+        assert_ne!(
+            out,
+            probe::expected_by(i, &img, |a| a),
+            "run {i}: unswizzled"
+        );
+        assert_ne!(
+            out,
+            probe::expected_by(i, &img, |a| a ^ (((a >> 7) & 1) << 4)),
+            "run {i}: 32-byte swizzle"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The examples' path of selftest (without `--quick`): an example network from a folder, shrunk
 /// to 8x8, every launch alone and whole steps (each from the same state, held to its measured
 /// resolution) in both precisions, train and infer, fused and unfused. (The whole selftest of

@@ -752,3 +752,16 @@ pub fn load_source(
 ) -> Result<Module, CudaError> {
     load_cached(gpu, cache, &gpu.info().arch(), source, names).map(|(m, _)| m)
 }
+
+/// [`load_source`] for a module that uses Hopper's `wgmma` when `wgmma` (compiled for
+/// `sm_90a` on an sm_90 GPU, as [`ModuleSource::arch`]).
+pub fn load_source_wgmma(
+    gpu: &Gpu,
+    cache: &ModuleCache,
+    source: &str,
+    names: &[String],
+    wgmma: bool,
+) -> Result<Module, CudaError> {
+    let arch = schedule::nvrtc_arch(&gpu.info().arch(), wgmma);
+    load_cached(gpu, cache, &arch, source, names).map(|(m, _)| m)
+}

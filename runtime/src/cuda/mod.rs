@@ -25,6 +25,7 @@ pub mod device;
 pub mod driver;
 pub mod exec;
 pub mod layout;
+pub mod probe;
 pub mod trainer;
 pub mod tune;
 
