@@ -148,12 +148,21 @@ PY
     find_nvrtc
 }
 
+# the layout probes' dump (selftest --probe-dump, sm_90 only), kept, and which readings of
+# wgmma and landings of TMA explain it (scripts/probe_analyze.py: wrnc's, or which instead)
+analyze_probes() {
+    [ -f "$OUT/wgmma_probe.json" ] || return 0
+    timeout 120 python3 scripts/probe_analyze.py "$OUT/wgmma_probe.json" >"$OUT/probe_analysis.txt" 2>&1
+    log "probes: $(tail -n 1 "$OUT/probe_analysis.txt")"
+    keep "$OUT/wgmma_probe.json" "$OUT/probe_analysis.txt"
+}
+
 stage_selftest() {
     find_nvrtc
     # built-in small networks of every family first (fast, JSON), then every example
     # (human-readable lines, streamed, so a timeout still leaves the checks done so far)
     run selftest_quick 150 "$WRNC" selftest --device cuda --quick --json --probe-dump "$OUT/wgmma_probe.json"
-    keep "$OUT/wgmma_probe.json"
+    analyze_probes
     run selftest "$SELFTEST_TIMEOUT" "$WRNC" selftest --device cuda --examples "$EXAMPLES"
 }
 
@@ -213,7 +222,7 @@ stage_first() {
     # if the hardware reads wgmma otherwise than wrnc, how it reads it is worked out from them)
     run selftest_quick "${FIRST_SELFTEST_TIMEOUT:-100}" "$WRNC" selftest --device cuda --quick --json \
         --probe-dump "$OUT/wgmma_probe.json"
-    keep "$OUT/wgmma_probe.json"
+    analyze_probes
     # bf16 at the default tile: a tile search on a fresh machine (its time unknown until a GPU
     # runs it) could eat the bench's whole limit, and `--json` prints only at the end
     BENCH_TIMEOUT=${FIRST_BENCH_TIMEOUT:-140} BENCH_BF16_NCHW=0 BENCH_BF16_TILES=${FIRST_TILES:-default} \

@@ -293,6 +293,48 @@ fn layout_probes_pass_and_tell_readings_apart() {
             "run {i}: 32-byte swizzle"
         );
     }
+    // scripts/probe_analyze.py names the reading that explains a dump: wrnc's for this one,
+    // and "no swizzle" for one whose registers are made as an unswizzled reading gives them
+    let analyze = |path: &Path| -> Option<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        match Command::new("python3")
+            .arg(root.join("scripts/probe_analyze.py"))
+            .arg(path)
+            .output()
+        {
+            Ok(o) => {
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                Some(String::from_utf8_lossy(&o.stdout).into_owned())
+            }
+            Err(e) if std::env::var_os("CI").is_some() => panic!("CI has no python3: {e}"),
+            Err(e) => {
+                eprintln!("skipping probe_analyze.py: no python3 ({e})");
+                None
+            }
+        }
+    };
+    if let Some(t) = analyze(&dump) {
+        assert_eq!(
+            t.matches("A swz64, B swz64, fragments mma").count(),
+            5,
+            "{t}"
+        );
+        assert!(t.contains("every run as wrnc reads it"), "{t}");
+        let mut wrong = d.clone();
+        for (i, r) in wrong["wgmma"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+        {
+            r["out"] = serde_json::json!(probe::expected_by(i, &probe::image(i), |a| a));
+        }
+        let wrong_path = dir.join("unswizzled.json");
+        std::fs::write(&wrong_path, wrong.to_string()).unwrap();
+        let t = analyze(&wrong_path).unwrap();
+        assert_eq!(t.matches("A none, B none, fragments mma").count(), 5, "{t}");
+        assert!(t.contains("5 runs not as wrnc reads them"), "{t}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
