@@ -1104,26 +1104,6 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
         Err(e) => eprintln!("warning: precompiling failed: {e}"),
     }
     report(check::check_augment(&gpu, &cache), "augmentation");
-    // on a Hopper GPU: does the hardware read wgmma's operands, and land TMA's boxes, as the
-    // convolutions assume?
-    if cc == (9, 0) {
-        let mut dump = serde_json::Map::new();
-        report(
-            cuda::probe::check_wgmma_probe(&gpu, &cache, &mut dump),
-            "wgmma layout probe",
-        );
-        report(
-            cuda::probe::check_tma_probe(&gpu, &cache, &mut dump),
-            "TMA layout probe",
-        );
-        if let Some(p) = &a.probe_dump {
-            match cuda::probe::write_dump(&gpu, p, dump) {
-                Ok(()) if !a.json => eprintln!("probe runs written to {}", p.display()),
-                Ok(()) => {}
-                Err(e) => eprintln!("warning: could not write {}: {e}", p.display()),
-            }
-        }
-    }
     // after a kernel fault the context is unusable: every later check would fail at its first
     // driver call without naming anything, so the run stops at the one that names the kernel
     let mut poisoned = None;
@@ -1167,6 +1147,27 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
             if let Some(e) = sticky {
                 poisoned = Some(e);
                 break 'jobs;
+            }
+        }
+    }
+    // on a Hopper GPU: does the hardware read wgmma's operands, and land TMA's boxes, as the
+    // convolutions assume? Last, so that a probe that faults (which leaves the context
+    // unusable) costs no other check; not after a fault
+    if cc == (9, 0) && poisoned.is_none() {
+        let mut dump = serde_json::Map::new();
+        report(
+            cuda::probe::check_wgmma_probe(&gpu, &cache, &mut dump),
+            "wgmma layout probe",
+        );
+        report(
+            cuda::probe::check_tma_probe(&gpu, &cache, &mut dump),
+            "TMA layout probe",
+        );
+        if let Some(p) = &a.probe_dump {
+            match cuda::probe::write_dump(&gpu, p, dump) {
+                Ok(()) if !a.json => eprintln!("probe runs written to {}", p.display()),
+                Ok(()) => {}
+                Err(e) => eprintln!("warning: could not write {}: {e}", p.display()),
             }
         }
     }
