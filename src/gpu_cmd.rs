@@ -1170,6 +1170,11 @@ pub fn selftest(a: SelftestArgs) -> anyhow::Result<()> {
                 Err(e) => eprintln!("warning: could not write {}: {e}", p.display()),
             }
         }
+    } else if let Some(p) = &a.probe_dump {
+        eprintln!(
+            "note: the layout probes did not run (they need an sm_90 GPU and a run without a fault); {} not written",
+            p.display()
+        );
     }
     if let Some(e) = &poisoned {
         let left = total_checks - ran;
