@@ -159,7 +159,7 @@ pub fn check_wgmma_probe(
             n,
             k_byte,
             mismatches,
-            image: img.iter().map(|b| format!("{b:02x}")).collect(),
+            image: hex(&img),
             out,
         });
     }
@@ -293,7 +293,7 @@ pub fn check_tma_probe(
             c0,
             c1,
             mismatches,
-            landed: got.iter().map(|b| format!("{b:02x}")).collect(),
+            landed: hex(&got),
         });
     }
     let total: usize = runs.iter().map(|r| r.mismatches).sum();
@@ -345,4 +345,9 @@ pub fn write_dump(
 ) -> std::io::Result<()> {
     runs.insert("device".into(), serde_json::json!(gpu.info()));
     std::fs::write(path, serde_json::Value::Object(runs).to_string())
+}
+
+/// `bytes` as lower-case hex, two digits each (the dump's images and landed boxes).
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
