@@ -88,6 +88,11 @@ pub struct BenchArgs {
     /// fp32 FMAs.
     #[arg(long, conflicts_with = "tf32x3")]
     pub tf32: bool,
+    /// The data gradients of strided convolutions over every tap, masked (the baseline of
+    /// phase order, which runs each output phase over only the taps that reach it: about a
+    /// quarter of them at stride 2, same results).
+    #[arg(long)]
+    pub dense_dgrad: bool,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -201,6 +206,7 @@ pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, UserError> {
                     wgmma,
                     tma: a.tma,
                     stages: a.stages.unwrap_or(0),
+                    dense_dgrad: a.dense_dgrad,
                     ..Default::default()
                 }
                 .with_f32_math(f32_math),
@@ -270,13 +276,20 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         t.wgmma = wgmma;
         t.tma = a.tma;
         t.stages = a.stages.unwrap_or(0);
+        t.dense_dgrad = a.dense_dgrad;
         let t = t.with_f32_math(f32_math);
         if !a.json {
             eprintln!("{}", tile_summary(&r));
         }
         (t, Some(r))
     } else {
-        (Default::default(), None)
+        (
+            schedule::Tiles {
+                dense_dgrad: a.dense_dgrad,
+                ..Default::default()
+            },
+            None,
+        )
     };
     // every module measured below compiled at once, on all cores
     let sources = bench_sources(&l.graph, &a, &plan, &tiles)?;
@@ -391,6 +404,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "tma": a.tma,
         "tf32x3": a.tf32x3,
         "tf32": a.tf32,
+        "dense_dgrad": a.dense_dgrad,
         "stages": a.stages,
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},

@@ -111,6 +111,10 @@ enum Cmd {
         /// later) instead of as fp32 FMAs.
         #[arg(long, conflicts_with = "tf32x3")]
         tf32: bool,
+        /// The data gradients of strided convolutions over every tap, masked, instead of in
+        /// phase order (each output phase over only the taps that reach it).
+        #[arg(long)]
+        dense_dgrad: bool,
     },
     /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
@@ -340,6 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stages,
             tf32x3,
             tf32,
+            dense_dgrad,
         } => {
             let wgmma = wgmma || tma;
             if list_passes {
@@ -364,6 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     stages: stages.unwrap_or(0),
                     tf32x3,
                     tf32,
+                    dense_dgrad,
                     ..Default::default()
                 },
                 layout,

@@ -418,6 +418,8 @@ struct Prec {
     tf32x3: bool,
     /// f32 convs on the tensor cores in plain TF32 (`Tiles::tf32`).
     tf32: bool,
+    /// Strided data gradients over every tap, not in phase order (`Tiles::dense_dgrad`).
+    dense_dgrad: bool,
 }
 
 const F32: Prec = Prec {
@@ -431,6 +433,7 @@ const F32: Prec = Prec {
     tma: false,
     tf32x3: false,
     tf32: false,
+    dense_dgrad: false,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -457,6 +460,7 @@ const BF16: Prec = Prec {
     tma: false,
     tf32x3: false,
     tf32: false,
+    dense_dgrad: false,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -485,6 +489,7 @@ fn build_tiled(
             tma: false,
             tf32x3: false,
             tf32: false,
+            dense_dgrad: false,
         },
     )
 }
@@ -499,6 +504,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         tma,
         tf32x3,
         tf32,
+        dense_dgrad,
         ..
     } = prec;
     let opts = Options {
@@ -509,6 +515,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
             tma,
             tf32x3,
             tf32,
+            dense_dgrad,
             ..Tiles::all(tile)
         },
         mode,
@@ -1927,4 +1934,98 @@ fn cancelling_bn_sums_pass_and_a_missing_term_fails() {
         "a missing term: {:.2e} (tolerance {:.0e})",
         first.rel, F32.kernel
     );
+}
+
+/// Two strided pre-activation blocks whose convs and 1x1 projections halve 16x16 to 8x8 and
+/// 8x8 to 4x4 (64 and 128 channels: whole TMA boxes of 32 output channels in one tap, and
+/// at least 64 input channels, the 64-column tile's box).
+const PHASES: &str = "conv(3x3, 64)
+     residual { pre bn relu body conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj }
+     residual { pre bn relu body conv(3x3, 128, stride=2) bn relu dropout(0.3) conv(3x3, 128) shortcut proj }
+     bn relu gap fc";
+
+/// The data gradients of strided convs in phase order (`ConvGeom::phases`): every one of
+/// [`PHASES`]' (3x3 and 1x1, stride 2) is `_ph` unless `dense_dgrad` asks otherwise, and none
+/// other is. At batch 2 a phase of the 16x16 input is 128 rows, so 64- and 128-row blocks lie
+/// in one phase and reduce over 1, 2 or 4 of the 9 taps (the 1x1 projection's over 1 or none);
+/// one of the 8x8 input is 32 rows, so every block straddles phases and keeps all the taps.
+/// On every engine (fp32 FMAs in NCHW, bf16 `mma.sync` with vector loads, 3xTF32, plain TF32
+/// on wgmma, bf16 wgmma with the weights by TMA, whose box columns skip taps too), the step is
+/// checked launch by launch against the reference and whole against the CPU model; on the
+/// FMA and `mma.sync` engines the emulated step's gradients and updated parameters are the
+/// same bits as with every tap (the skipped products are exact zeros).
+#[test]
+fn strided_data_gradient_in_phase_order() {
+    let g = graph_in("input 3x16x16", PHASES);
+    let t = |rows, cols| TcTile { rows, cols };
+    let engines = [
+        ("f32", F32, true),
+        ("bf16", BF16, true),
+        (
+            "x3",
+            Prec {
+                tf32x3: true,
+                layout: Layout::Auto,
+                kernel: 1e-5,
+                ..F32
+            },
+            false,
+        ),
+        (
+            "tf32-wg",
+            // (kernel tolerance 1e-4: on these 576-long reductions a prologue output one f32
+            // ulp from the reference's sometimes rounds to the other TF32 neighbour, 2^-11 of
+            // that operand; measured 2.7e-5 in a forward and a weight gradient, not `_ph`)
+            Prec {
+                wgmma: true,
+                tile: t(128, 64),
+                kernel: 1e-4,
+                ..TF32_NHWC
+            },
+            false,
+        ),
+        (
+            "bf16-wg-tma",
+            Prec {
+                wgmma: true,
+                tma: true,
+                tile: t(64, 64),
+                stages: 4,
+                ..BF16
+            },
+            false,
+        ),
+    ];
+    for (name, prec, same_bits) in engines {
+        let s = build_in(&g, Mode::Train, false, prec);
+        let dense = build_in(&g, Mode::Train, false, Prec { dense_dgrad: true, ..prec });
+        let (mut strided, mut tma) = (0, 0);
+        for (k, kd) in s.kernels.iter().zip(&dense.kernels) {
+            let Some(cg) = k.spec.conv_geom() else { continue };
+            let want = matches!(k.spec, KernelSpec::ConvBwdData { .. }) && cg.stride > 1;
+            assert_eq!(cg.phases, want, "{name}: {}", k.name);
+            assert_eq!(k.name.contains("_ph"), want, "{name}: {}", k.name);
+            assert!(!kd.spec.conv_geom().unwrap().phases, "{name}: {}", kd.name);
+            strided += want as usize;
+            // whole boxes of 32 output channels: phase order costs no kernel its TMA
+            assert_eq!(cg.tma, kd.spec.conv_geom().unwrap().tma, "{name}: {}", k.name);
+            tma += (want && cg.tma) as usize;
+        }
+        assert_eq!(strided, 4, "{name}: the 3x3 and 1x1 strided data gradients");
+        if prec.tma {
+            assert_eq!(tma, 4, "{name}: strided data gradients with TMA");
+        }
+        let _ = check_step_of(&format!("phases-{name}"), g.clone(), prec);
+        if same_bits {
+            let r = reference(&g, Mode::Train);
+            let run = |s: &Schedule, tag: &str| {
+                let (out, _) = run_schedule_traced(tag, s, &inputs(s, &r), HYPER, false);
+                (out["grads"].clone(), out["params"].clone())
+            };
+            assert!(
+                run(&s, &format!("phases-{name}-bits")) == run(&dense, &format!("phases-{name}-dense")),
+                "{name}: phase order changed the step's bits"
+            );
+        }
+    }
 }

@@ -433,6 +433,56 @@ fn split_red(nhwc: bool, kk: &str, cv: &str, ch: &str) -> String {
     }
 }
 
+/// The per-block constants of a data gradient in phase order ([`ConvGeom::phases`]), for a
+/// block of `rows` GEMM rows. Phase `ph` (`0..S*S`) is the input pixels `(ih, iw)` with
+/// `ih % S == ph / S` and `iw % S == ph % S`, `PS_` rows each, rows `(ni, ih / S, iw / S)` in
+/// order ([`dgrad_pixel`]).
+///
+/// Algebra: `dx[ih][iw] = sum_{kh,kw} dy[(ih + P - kh) / S][(iw + P - kw) / S] w[kh][kw]`
+/// over the taps for which `ih + P - kh` and `iw + P - kw` are multiples of `S` (the others
+/// read no `dy`: the gather masks them to zero). For a pixel of phase `ph` those are
+/// `kh = rh, rh + S, ...` below `KS` with `rh = (ph / S + P) mod S`, and likewise `kw` from
+/// `rw`: `PH_CH x PH_CW` taps, tap `t` being `(PH_KH0 + PH_ST (t / PH_CW), PH_KW0 + PH_ST
+/// (t % PH_CW))`. A block whose rows lie in one phase reduces over those `PH_NT` taps only
+/// (a product of a skipped tap is an exact zero, so the sum is the same bits, its remaining
+/// terms in the same order); a block straddling two phases keeps every tap (`PH_ST = 1`,
+/// `PH_CW = KS`: [`split_red`]'s order), masked as without phases.
+fn phase_consts(rows: u32) -> String {
+    format!(
+        r#"    const int HP_ = IH / S, WP_ = IW / S, PS_ = n * HP_ * WP_;
+    const int m0_ = blockIdx.x * {rows}, m1_ = (m0_ + {rows} < n * IH * IW ? m0_ + {rows} : n * IH * IW) - 1;
+    const int ph_ = m0_ / PS_;
+    const bool uni_ = ph_ == m1_ / PS_;
+    const int rh_ = (ph_ / S + P) % S, rw_ = (ph_ % S + P) % S;
+    const int PH_ST = uni_ ? S : 1, PH_KH0 = uni_ ? rh_ : 0, PH_KW0 = uni_ ? rw_ : 0;
+    const int PH_CH = uni_ ? (rh_ < KS ? (KS - rh_ + S - 1) / S : 0) : KS;
+    const int PH_CW = uni_ ? (rw_ < KS ? (KS - rw_ + S - 1) / S : 0) : KS;
+    const int PH_NT = PH_CH * PH_CW;
+"#
+    )
+}
+
+/// Declares the input pixel `ni`, `ih`, `iw` of a data gradient's GEMM row `m`: `(ni, ih, iw)`
+/// in order, or in phase order ([`phase_consts`]).
+fn dgrad_pixel(phases: bool, m: &str) -> String {
+    if phases {
+        format!("const int pq_ = {m} / PS_, pr_ = {m} % PS_, pt_ = pr_ / WP_, iw = (pr_ % WP_) * S + pq_ % S, ih = (pt_ % HP_) * S + pq_ / S, ni = pt_ / HP_;")
+    } else {
+        format!("const int iw = {m} % IW, t = {m} / IW, ih = t % IH, ni = t / IH;")
+    }
+}
+
+/// [`split_red`] of a data gradient in phase order: `kk` as output channel `ocg` and the
+/// block's tap `t2` ([`phase_consts`]), `(kh, kw, c)` order (NHWC) or `(c, kh, kw)`.
+fn phase_red(nhwc: bool) -> String {
+    let tap = "kw = PH_KW0 + PH_ST * (t2 % PH_CW), kh = PH_KH0 + PH_ST * (t2 / PH_CW)";
+    if nhwc {
+        format!("const int ocg = kk % OCG, t2 = kk / OCG, {tap};")
+    } else {
+        format!("const int t2 = kk % PH_NT, ocg = kk / PH_NT, {tap};")
+    }
+}
+
 /// Splits an elementwise kernel's flat index `i` over an `[N, CC, HH, WW]` tensor into `ni`,
 /// `c`, `h`, `w` (declared), in the layout's order.
 fn split_flat(nhwc: bool, c: &str, cc: &str, h: &str, hh: &str, w: &str, ww: &str) -> String {
@@ -1149,6 +1199,10 @@ struct VecOps {
     /// `tma`): with the stage's first reduction index `kx_` in scope, declares the box's
     /// coordinates `c0_` to `c3_` ([`KernelSpec::act_box`]).
     tma_a: Option<String>,
+    /// With `tma`: the weight's column of reduction index `KX_` (the stage's first), when it
+    /// is not `KX_` itself (a data gradient in phase order, [`ConvGeom::phases`], whose
+    /// reduction skips taps); the stage's 32 indices lie in one tap.
+    b_col: Option<String>,
     /// The stage ring in shared memory ([`ConvGeom::async_smem`] for this pass).
     smem: AsyncSmem,
     a: VecOperand,
@@ -1306,7 +1360,8 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
                 )
             });
             format!(
-                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                wrnc_tma_load_4d(Bs_ + ({slot}) * {bs}, &tmw, {kx}, blockIdx.y * {c}, g, 0, bar_);\n{a}            }}\n",
+                "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                wrnc_tma_load_4d(Bs_ + ({slot}) * {bs}, &tmw, {col}, blockIdx.y * {c}, g, 0, bar_);\n{a}            }}\n",
+                col = v.b_col.as_ref().map_or(kx.to_string(), |c| c.replace("KX_", kx)),
                 bytes = c * 64 + if tma_a.is_some() { r * 64 } else { 0 },
                 bs = c * 32,
             )
@@ -1892,6 +1947,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 wgmma: g.wgmma,
                 tma: g.tma,
                 tma_a: g.tma_a.then(|| tma_a_coords(true, g.tile.rows)),
+                b_col: None,
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "x",
@@ -1977,32 +2033,52 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             )
         }
         ConvBwdData { g, chain } => {
-            let consts = format!(
+            let ph = g.phases;
+            let mut consts = format!(
                 "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G;\n",
                 g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
             );
+            if ph {
+                consts.push_str(&phase_consts(g.block_tile().0));
+            }
             let nh = g.nhwc;
-            let a = format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW)\n                    v = wrnc_ld(dy, {});\n",
-                split_red(nh, "kk", "ocg", "OCG"),
+            // the reduction index `kk` as output channel and tap: every tap, or the phase's
+            let red = |nh: bool| {
+                if ph {
+                    phase_red(nh)
+                } else {
+                    split_red(nh, "kk", "ocg", "OCG")
+                }
+            };
+            let a = format!("                {}\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                if (ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW)\n                    v = wrnc_ld(dy, {});\n",
+                dgrad_pixel(ph, "mm"),
+                red(nh),
                 at(nh, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW"));
-            let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", split_red(nh, "kk", "ocg", "OCG"));
+            let b = format!("                {}\n                v = w[(((g * OCG + ocg) * ICG + jj) * KS + kh) * KS + kw];\n", red(nh));
             let vec = g.vec.then(|| VecOps {
                 kmajor: true,
                 wgmma: g.wgmma,
                 tma: g.tma,
                 tma_a: g.tma_a.then(|| tma_a_coords(false, g.tile.rows)),
+                b_col: ph.then(|| "((PH_KH0 + PH_ST * (((KX_) / OCG) / PH_CW)) * KS + PH_KW0 + PH_ST * (((KX_) / OCG) % PH_CW)) * OCG + (KX_) % OCG".to_string()),
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "dy",
-                addr: format!("                const int iw = mm % IW, t = mm / IW, ih = t % IH, ni = t / IH;\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
-                    split_red(true, "kk", "ocg", "OCG"),
+                addr: format!("                {}\n                {}\n                const int ohn = ih + P - kh, own = iw + P - kw;\n                ok_ = ohn >= 0 && own >= 0 && ohn % S == 0 && own % S == 0 && ohn / S < OH && own / S < OW;\n                if (ok_) src_ = dy + ({});\n",
+                    dgrad_pixel(ph, "mm"),
+                    red(true),
                     at(true, "ni", "g * OCG + ocg", "OC", "ohn / S", "OH", "own / S", "OW")),
                 pro: String::new(),
                 },
                 // the packed `[g][i][kh][kw][o]` weight: a row `jj` of B is contiguous in `kk`
+                // (in phase order, within a tap)
                 b: VecOperand {
                     base: "w",
-                    addr: "                ok_ = true;\n                src_ = w + (g * ICG + jj) * (OCG * KS * KS) + kk;\n".into(),
+                    addr: if ph {
+                        format!("                {}\n                ok_ = true;\n                src_ = w + (g * ICG + jj) * (OCG * KS * KS) + (kh * KS + kw) * OCG + ocg;\n", red(true))
+                    } else {
+                        "                ok_ = true;\n                src_ = w + (g * ICG + jj) * (OCG * KS * KS) + kk;\n".into()
+                    },
                     pro: String::new(),
                 },
             });
@@ -2016,7 +2092,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             } else {
                 ("", String::new(), "idx")
             };
-            let mut e = format!("    const int ic = g * ICG + j;\n    int idx = 0{ldecl};\n    if (valid) {{\n        const int iw = m % IW, t = m / IW, ih = t % IH, ni = t / IH;\n        idx = {};\n{lset}    }}\n",
+            let mut e = format!("    const int ic = g * ICG + j;\n    int idx = 0{ldecl};\n    if (valid) {{\n        {}\n        idx = {};\n{lset}    }}\n",
+                dgrad_pixel(ph, "m"),
                 at(nh, "ni", "ic", "IC", "ih", "IH", "iw", "IW"));
             if chain.any() {
                 e.push_str("    float gv = 0.0f, xh = 0.0f;\n    if (valid) {\n        const float xv = wrnc_ld(xpre, idx);\n");
@@ -2044,7 +2121,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 &Gemm {
                     m: "n * IH * IW".into(),
                     ncols: "ICG".into(),
-                    k: "OCG * KS * KS".into(),
+                    k: if ph { "OCG * PH_NT" } else { "OCG * KS * KS" }.into(),
                     a,
                     b,
                     vec,
@@ -2088,6 +2165,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 wgmma: g.wgmma,
                 tma: false,
                 tma_a: None,
+                b_col: None,
                 smem: g.async_smem(false),
                 a: VecOperand {
                     base: "dy",

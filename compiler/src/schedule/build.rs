@@ -167,12 +167,23 @@ impl<'a> B<'a> {
         note: String,
     ) -> crate::Result<()> {
         let mut spec = spec;
+        // a strided conv's data gradient in phase order (before the tile's lookup: it is part
+        // of the kernel's identity, so of its tile key)
+        if let KernelSpec::ConvBwdData { g, .. } = &mut spec {
+            g.phases = !self.tiles.dense_dgrad && g.phases_fit();
+        }
         let tile = self.tile_for(&spec, &scalars);
         let kmajor = matches!(
             spec,
             KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
         );
         let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols);
+        let phase_box_fits = match &spec {
+            KernelSpec::ConvBwdData { g, .. } => spec
+                .weight_gemm(&scalars)
+                .is_some_and(|(red, _)| (red / u64::from(g.k * g.k)).is_multiple_of(32)),
+            _ => true,
+        };
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
             // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says;
@@ -181,6 +192,11 @@ impl<'a> B<'a> {
             // TMA (bf16's forward and data gradient) where no box is larger than its tensor
             // (CUDA requires it, [`TmapArg`]); elsewhere the operands come by `cp.async`
             g.tma = self.tiles.tma && g.wgmma && kmajor && !g.f32_operands() && weight_box_fits;
+            // in phase order a stage's 32 reduction indices must lie in one tap for the
+            // weight's TMA box to be one box: the output channels per group a multiple of 32
+            if g.phases && !phase_box_fits {
+                g.tma = false;
+            }
             g.stages = if g.vec { self.tiles.stages } else { 0 };
         }
         // the activation operand by TMA where the tile is a box of the image (after the above:
@@ -382,6 +398,8 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, f32: F32Math, nhwc: bool) -> Con
         tma_a: false,
         tf32x3: tensor_cores && f32 == F32Math::Tf32x3,
         tf32: tensor_cores && f32 == F32Math::Tf32,
+        // set per launch (`gemm_launch`): it is the data gradient's alone
+        phases: false,
     }
 }
 

@@ -149,6 +149,17 @@ pub struct ConvGeom {
     /// (`reference::tf32_round`). Name suffix `_tf32` (after `_tc`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
+    /// The data gradient of a strided convolution (only `ConvBwdData`, stride `S > 1`, input
+    /// height and width multiples of `S`; see [`ConvGeom::phases_fit`]) runs its rows in phase
+    /// order: GEMM row `m` is input pixel `(ni, i S + ph / S, j S + ph % S)` of phase
+    /// `ph = m / (n (IH / S) (IW / S))`, and a block whose rows all lie in one phase reduces
+    /// over only the taps that reach that phase (`kh = (ph / S + P) mod S`, then every `S`-th;
+    /// likewise `kw`), about `1 / S^2` of them. Every other tap's `dy` index is not a multiple
+    /// of `S`, so it adds exact zeros: the skipped products change no bit of the sum (the
+    /// remaining ones are added in the same order). A block straddling two phases reduces
+    /// over every tap, masked, as without `phases`. Name suffix `_ph`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub phases: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -311,9 +322,18 @@ impl ConvGeom {
         self.tensor_cores && (self.tf32 || self.tf32x3)
     }
 
+    /// Whether the data gradient of this convolution can run in phase order
+    /// ([`ConvGeom::phases`]): a stride above 1 and an input whose height and width are
+    /// multiples of it (every phase the same number of pixels).
+    pub fn phases_fit(&self) -> bool {
+        self.stride > 1
+            && self.in_h.is_multiple_of(self.stride)
+            && self.in_w.is_multiple_of(self.stride)
+    }
+
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -344,6 +364,7 @@ impl ConvGeom {
             } else {
                 ""
             },
+            if self.phases { "_ph" } else { "" },
         )
     }
 
@@ -738,7 +759,7 @@ impl KernelSpec {
 
     /// The weight operand's GEMM shape per group as its tensor map `tmw` sees it
     /// ([`KernelSpec::tmaps`]): the reduction length and the B operand's columns.
-    fn weight_gemm(&self, scalars: &[ScalarArg]) -> Option<(u64, u64)> {
+    pub(crate) fn weight_gemm(&self, scalars: &[ScalarArg]) -> Option<(u64, u64)> {
         let (g, fwd) = match self {
             KernelSpec::ConvFwd { g, .. } => (g, true),
             KernelSpec::ConvBwdData { g, .. } => (g, false),
@@ -1550,6 +1571,7 @@ mod tests {
             stages,
             tf32x3: false,
             tf32: false,
+            phases: false,
         }
     }
 

@@ -360,6 +360,11 @@ pub struct Tiles {
     /// struct's block tiles. Off by default (refused with bf16 and with `tf32x3`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
+    /// The data gradients of strided convolutions gather every tap, masked, instead of running
+    /// in phase order ([`ConvGeom::phases`]). Off by default: phase order computes the same
+    /// bits with about `1 / S^2` of the taps; this is the baseline to measure it against.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dense_dgrad: bool,
 }
 
 /// How the convolutions of a `--precision f32` schedule compute ([`Tiles::tf32`],
@@ -452,6 +457,7 @@ impl Tiles {
             tma: false,
             tf32x3: false,
             tf32: false,
+            dense_dgrad: false,
         }
     }
 

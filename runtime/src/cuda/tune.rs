@@ -140,6 +140,7 @@ struct Engine {
     tma: bool,
     stages: u32,
     f32_math: schedule::F32Math,
+    dense_dgrad: bool,
 }
 
 impl Engine {
@@ -148,6 +149,7 @@ impl Engine {
             wgmma: bases.iter().any(|o| o.tiles.wgmma),
             tma: bases.iter().any(|o| o.tiles.tma),
             stages: bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0),
+            dense_dgrad: bases.iter().any(|o| o.tiles.dense_dgrad),
             f32_math: bases
                 .iter()
                 .map(|o| o.tiles.f32_math())
@@ -167,6 +169,7 @@ impl Engine {
             wgmma: self.wgmma,
             tma: self.tma,
             stages: self.stages,
+            dense_dgrad: self.dense_dgrad,
             ..tiles
         }
         .with_f32_math(self.f32_math);
@@ -262,6 +265,7 @@ pub fn fixed_tiles(bases: &[Options], mode: TileMode) -> Option<Tiles> {
             wgmma: e.wgmma,
             tma: e.tma,
             stages: e.stages,
+            dense_dgrad: e.dense_dgrad,
             ..Tiles::all(t)
         }
         .with_f32_math(e.f32_math),
@@ -393,6 +397,7 @@ pub fn choose_tiles(
         wgmma,
         tma,
         stages,
+        dense_dgrad: engine.dense_dgrad,
         ..Tiles::default()
     }
     .with_f32_math(f32_math);
