@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep dgrad issue6 train train_bf16 assemble
 #                                    (and, on the build machine before the carry: precompile)
 #                                    (default: info selftest tiles bench train assemble)
 #
@@ -279,6 +279,8 @@ stage_session() {
     # deep pipelines in dynamic shared memory (--stages 4), when asked: off by default so the
     # training run and the examples' selftest keep their time
     optional "${BENCH_DEEP:-0}" "${DEEP_TIMEOUT:-120}" stage_deep
+    # phase-order data gradients against every tap, when asked (two short benches)
+    optional "${BENCH_DGRAD:-0}" "$((2 * ${DGRAD_TIMEOUT:-90}))" stage_dgrad
     wait "$unpack"
     local l
     l=$(left)
@@ -396,6 +398,19 @@ stage_tma() {
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_tma "${TMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --tma --fused-only $BENCH_ARGS --json
+}
+
+# the data gradients of strided convolutions in phase order (the default) against every tap
+# (--dense-dgrad), bf16 at the default tile, fused training step only, one after the other in
+# this call: what phase order saves (WRN-28-10: 4.8% of the step's GEMM work)
+stage_dgrad() {
+    find_nvrtc
+    local v
+    for v in phases dense; do
+        # shellcheck disable=SC2086
+        run "bench_wrnc_bf16_dgrad_$v" "${DGRAD_TIMEOUT:-90}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+            --tiles default --fused-only --no-infer $([ "$v" = dense ] && echo --dense-dgrad) $BENCH_ARGS --json
+    done
 }
 
 # bf16 with --stages ${DEEP_STAGES:-4} (cp.async rings beyond 48 KiB in dynamic shared memory;
@@ -659,6 +674,10 @@ if deep:
     out["bf16"]["train_step_ms"]["wrnc_fused_deep"] = wr(deep, "train_step_ms", "fused")
     out["bf16"]["infer_ms"]["wrnc_fused_deep"] = wr(deep, "infer_ms", "fused")
     out["bf16"]["deep_stages"] = deep.get("stages")
+dgp, dgd = load("bench_wrnc_bf16_dgrad_phases.out"), load("bench_wrnc_bf16_dgrad_dense.out")
+if dgp or dgd:
+    out["bf16"]["dgrad_phases"] = {"train_step_ms": {"phases": wr(dgp, "train_step_ms", "fused"),
+                                                      "dense": wr(dgd, "train_step_ms", "fused")}}
 nchw = load("bench_wrnc_bf16_nchw.out")
 if nchw:
     out["bf16"]["train_step_ms"]["wrnc_fused_nchw"] = wr(nchw, "train_step_ms", "fused")
@@ -694,10 +713,10 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|tma|deep|issue6|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|tma|deep|dgrad|issue6|train|train_bf16|assemble) "stage_$s" ;;
         precompile) stage_precompile || exit 1 ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep dgrad issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

@@ -123,7 +123,10 @@ pub fn precompile(
             let plan = gpu_cmd::bench_plan(&args)?;
             let mut sources = vec![];
             let tiles = if plan.bases.is_empty() {
-                Some(Default::default())
+                Some(wrnc_compiler::schedule::Tiles {
+                    dense_dgrad: args.dense_dgrad,
+                    ..Default::default()
+                })
             } else {
                 tune::fixed_tiles(&plan.bases, args.tiles)
             };

@@ -315,6 +315,28 @@ fn commands_and_exit_codes() {
     );
 }
 
+/// The strided convs' data gradients run in phase order (`_ph` kernels: WRN-10-1's two
+/// stride-2 3x3 convs and their 1x1 projections), and `--dense-dgrad` gives the kernels over
+/// every tap instead.
+#[test]
+fn compile_puts_strided_data_gradients_in_phase_order() {
+    let phased = |extra: &[&str]| {
+        let mut a = vec!["compile", "WRN-10-1", "--emit", "cuda"];
+        a.extend_from_slice(extra);
+        let o = wrnc(&a);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let cu = String::from_utf8_lossy(&o.stdout).into_owned();
+        let defs = |suffix: &str| {
+            cu.lines()
+                .filter(|l| l.contains("__global__ void conv_bwd_data_") && l.contains(suffix))
+                .count()
+        };
+        (defs("_ph("), defs("s2p"))
+    };
+    assert_eq!(phased(&[]), (4, 4));
+    assert_eq!(phased(&["--dense-dgrad"]), (0, 4));
+}
+
 #[test]
 fn train_checkpoint_resume_eval_plot() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1998,17 +1998,32 @@ fn strided_data_gradient_in_phase_order() {
     ];
     for (name, prec, same_bits) in engines {
         let s = build_in(&g, Mode::Train, false, prec);
-        let dense = build_in(&g, Mode::Train, false, Prec { dense_dgrad: true, ..prec });
+        let dense = build_in(
+            &g,
+            Mode::Train,
+            false,
+            Prec {
+                dense_dgrad: true,
+                ..prec
+            },
+        );
         let (mut strided, mut tma) = (0, 0);
         for (k, kd) in s.kernels.iter().zip(&dense.kernels) {
-            let Some(cg) = k.spec.conv_geom() else { continue };
+            let Some(cg) = k.spec.conv_geom() else {
+                continue;
+            };
             let want = matches!(k.spec, KernelSpec::ConvBwdData { .. }) && cg.stride > 1;
             assert_eq!(cg.phases, want, "{name}: {}", k.name);
             assert_eq!(k.name.contains("_ph"), want, "{name}: {}", k.name);
             assert!(!kd.spec.conv_geom().unwrap().phases, "{name}: {}", kd.name);
             strided += want as usize;
             // whole boxes of 32 output channels: phase order costs no kernel its TMA
-            assert_eq!(cg.tma, kd.spec.conv_geom().unwrap().tma, "{name}: {}", k.name);
+            assert_eq!(
+                cg.tma,
+                kd.spec.conv_geom().unwrap().tma,
+                "{name}: {}",
+                k.name
+            );
             tma += (want && cg.tma) as usize;
         }
         assert_eq!(strided, 4, "{name}: the 3x3 and 1x1 strided data gradients");
@@ -2023,7 +2038,8 @@ fn strided_data_gradient_in_phase_order() {
                 (out["grads"].clone(), out["params"].clone())
             };
             assert!(
-                run(&s, &format!("phases-{name}-bits")) == run(&dense, &format!("phases-{name}-dense")),
+                run(&s, &format!("phases-{name}-bits"))
+                    == run(&dense, &format!("phases-{name}-dense")),
                 "{name}: phase order changed the step's bits"
             );
         }

@@ -1026,6 +1026,29 @@ fn tma_bench_runs_on_the_fake_hopper() {
     assert!(err.contains("--tma"), "{err}");
 }
 
+/// `wrnc bench --dense-dgrad` (the strided data gradients over every tap, the baseline of
+/// phase order) runs on the fake GPU beside the default, and the JSON says which it was.
+#[test]
+fn dense_dgrad_bench_runs_on_the_fake_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (precision, dense) in [("bf16", false), ("bf16", true), ("f32", true)] {
+        let extra: &[&str] = if dense {
+            &["--dense-dgrad", "--no-infer"]
+        } else {
+            &["--no-infer"]
+        };
+        let v =
+            bench_once(tmp.path(), V8_NET, precision, extra).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(v["dense_dgrad"], dense, "{v}");
+        assert!(
+            v["train_step_ms"]["fused"]
+                .as_f64()
+                .is_some_and(|x| x > 0.0),
+            "{precision} {dense}: {v}"
+        );
+    }
+}
+
 /// `wrnc precompile` compiles, without a GPU, exactly the modules that `bench`, `selftest` and
 /// `run` then load: after it, each command with the same flags finds every module in the
 /// cache, so it adds no entry (a module it compiled itself would be a new one). The fake's
