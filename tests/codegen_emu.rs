@@ -2045,3 +2045,57 @@ fn strided_data_gradient_in_phase_order() {
         }
     }
 }
+
+/// A tile search's choice reaches its launch: the keys of a built schedule
+/// (`Schedule::tile_keys`, what the search times and caches) are the keys the builder looks
+/// tiles up by, on every engine (the wgmma ones with TMA for weights and activations too,
+/// which the builder decides after the lookup). Each key gets a tile of its own in turn and
+/// every tensor-core conv launch must come out with the tile of its key.
+#[test]
+fn searched_tiles_reach_every_launch() {
+    let t = |rows, cols| TcTile { rows, cols };
+    for (name, input, body, prec) in [
+        ("bf16", "input 3x16x16", TMAA, BF16),
+        ("tf32", "input 3x16x16", PHASES, TF32_NHWC),
+        ("wgmma", "input 3x16x16", TMAA, Prec { wgmma: true, ..BF16 }),
+        ("tma", "input 3x16x16", TMAA, Prec { wgmma: true, tma: true, ..BF16 }),
+        ("tma-phases", "input 3x16x16", PHASES, Prec { wgmma: true, tma: true, ..BF16 }),
+    ] {
+        let g = graph_in(input, body);
+        let s = build_in(&g, Mode::Train, false, prec);
+        let keys = s.tile_keys();
+        assert!(keys.len() >= 6, "{name}: {} keys", keys.len());
+        for pick in [t(128, 64), t(64, 128)] {
+            let mut tiles = Tiles {
+                wgmma: prec.wgmma,
+                tma: prec.tma,
+                tf32: prec.tf32,
+                ..Tiles::all(TcTile::DEFAULT)
+            };
+            for (_, k) in &keys {
+                tiles.by_key.insert(k.clone(), pick);
+            }
+            let opts = Options {
+                layout: prec.layout,
+                tiles,
+                mode: Mode::Train,
+                batch: BATCH as u32,
+                precision: prec.precision,
+                fusion: Fusion {
+                    unfused: false,
+                    disabled: vec![],
+                },
+            };
+            let s2 = schedule::build(&g, &opts).unwrap();
+            let mut tma = 0;
+            for l in &s2.launches {
+                let k = &s2.kernels[l.kernel];
+                if let Some(cg) = k.spec.conv_geom().filter(|cg| cg.tensor_cores) {
+                    assert_eq!(cg.tile, pick, "{name}: {} did not get its searched tile", k.name);
+                    tma += cg.tma as usize;
+                }
+            }
+            assert_eq!(tma > 0, prec.tma, "{name}: {tma} TMA launches");
+        }
+    }
+}

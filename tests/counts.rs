@@ -147,3 +147,44 @@ fn wrn_28_10_macs() {
     assert_eq!(wrnc_compiler::analysis::human(i.macs), "5.24G");
     assert_eq!(wrnc_compiler::analysis::human(i.params), "36.5M");
 }
+
+/// The useful multiply-adds of a schedule's launches (`KernelSpec::gemm_macs`, what `wrnc bench
+/// --profile` divides by time): inference is the network's MACs per image times the batch, and
+/// a training step three GEMMs per conv and linear layer, less the stem's data gradient (the
+/// input needs none). WRN-28-10 (stride-2 data gradients in phase order), a grouped ResNeXt.
+#[test]
+fn gemm_macs_of_a_step_are_the_networks() {
+    use wrnc_compiler::passes::{Fusion, Mode};
+    use wrnc_compiler::schedule::{self, Options};
+    for net in ["WRN-28-10", "ResNeXt-29-8x64d"] {
+        let g = wrnc_grammar::build(&wrnc_grammar::Source::inline(net)).unwrap();
+        let n = 4u64;
+        let macs = |mode, unfused| {
+            let s = schedule::build(
+                &g,
+                &Options {
+                    mode,
+                    batch: n as u32,
+                    fusion: Fusion {
+                        unfused,
+                        disabled: vec![],
+                    },
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let per: Vec<u64> = s
+                .launches
+                .iter()
+                .filter_map(|l| s.kernels[l.kernel].spec.gemm_macs(&l.scalars))
+                .collect();
+            (per.iter().sum::<u64>(), per[0])
+        };
+        let want = info(&g, 1).macs;
+        for unfused in [false, true] {
+            let (infer, stem) = macs(Mode::Infer, unfused);
+            assert_eq!(infer, n * want, "{net} inference");
+            assert_eq!(macs(Mode::Train, unfused).0, 3 * n * want - stem, "{net} training");
+        }
+    }
+}

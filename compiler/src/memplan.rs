@@ -113,9 +113,14 @@ pub fn plan(s: &Schedule) -> MemPlan {
 
 /// Estimated DRAM bytes moved by one step (the per-step launches; setup excluded).
 pub fn dram_bytes(s: &Schedule) -> u64 {
-    s.launches
+    s.launches.iter().map(|l| launch_dram_bytes(s, l)).sum()
+}
+
+/// One launch's share of [`dram_bytes`]: every argument range read or written once (twice
+/// when read and written).
+pub fn launch_dram_bytes(s: &Schedule, l: &crate::schedule::Launch) -> u64 {
+    l.buffers
         .iter()
-        .flat_map(|l| &l.buffers)
         .map(|a| {
             let b = a.len * s.buffers[a.buffer].dtype.bytes();
             if a.access == Access::ReadWrite {

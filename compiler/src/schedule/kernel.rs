@@ -155,9 +155,10 @@ pub struct ConvGeom {
     /// `ph = m / (n (IH / S) (IW / S))`, and a block whose rows all lie in one phase reduces
     /// over only the taps that reach that phase (`kh = (ph / S + P) mod S`, then every `S`-th;
     /// likewise `kw`), about `1 / S^2` of them. Every other tap's `dy` index is not a multiple
-    /// of `S`, so it adds exact zeros: the skipped products change no bit of the sum (the
-    /// remaining ones are added in the same order). A block straddling two phases reduces
-    /// over every tap, masked, as without `phases`. Name suffix `_ph`.
+    /// of `S`, so it adds exact zeros: the same sum, its other terms in the same order (the
+    /// same bits on the FMA engine; the tensor cores may group the products into their
+    /// instructions differently). A block straddling two phases reduces over every tap,
+    /// masked, as without `phases`. Name suffix `_ph`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub phases: bool,
 }
@@ -715,6 +716,34 @@ impl KernelSpec {
             })
     }
 
+    /// The useful multiply-adds of a launch of this kernel with `scalars`: a convolution's
+    /// pass (forward, data or weight gradient alike) `n OH OW K^2 (IC / groups) OC`, a linear
+    /// layer's `n in_f out_f`; `None` for a kernel that is not a GEMM. Useful: what the
+    /// network's arithmetic needs (a data gradient run over every tap, `--dense-dgrad`,
+    /// executes more at stride 2; in phase order it executes this).
+    pub fn gemm_macs(&self, scalars: &[ScalarArg]) -> Option<u64> {
+        use KernelSpec::*;
+        let n = self.scalar_u64(scalars, "n");
+        match self {
+            ConvFwd { g, .. } | ConvBwdData { g, .. } | ConvBwdWeight { g, .. } => {
+                let (ic, oc) = (
+                    self.scalar_u64(scalars, "IC"),
+                    self.scalar_u64(scalars, "OC"),
+                );
+                Some(
+                    n * u64::from(g.out_h * g.out_w)
+                        * u64::from(g.k * g.k)
+                        * (ic / u64::from(g.groups.max(1)))
+                        * oc,
+                )
+            }
+            LinearFwd { in_f, out_f, .. }
+            | LinearBwdData { in_f, out_f, .. }
+            | LinearBwdWeight { in_f, out_f, .. } => Some(n * u64::from(*in_f) * u64::from(*out_f)),
+            _ => None,
+        }
+    }
+
     /// The TMA box of the activation operand (A) of a forward or data-gradient convolution
     /// with [`ConvGeom::tma`] launched with `scalars`, innermost first `[32, w, h, n]`, when
     /// one stage of A is such a box; `None` otherwise (A then arrives by `cp.async`).
@@ -1014,7 +1043,8 @@ impl KernelSpec {
     }
 
     /// The key a tensor-core convolution GEMM is tuned under (see [`super::Tiles`]): its
-    /// kernel's name at the default tile and without split-K, then the runtime sizes `IC`,
+    /// kernel's name at the default tile, without `wgmma`, stages, TMA (which the builder
+    /// decides after looking the tile up) and split-K, then the runtime sizes `IC`,
     /// `OC` and the batch, e.g. `conv_fwd_i32x32_o32x32_k3s1p1g1_tc_pro_bnrelu ic160 oc160
     /// n128`. `scalars` are the launch's (per-step scalars may be among them). `None` for
     /// every other kernel.
@@ -1028,6 +1058,10 @@ impl KernelSpec {
         g.tile = TcTile::DEFAULT;
         g.wgmma = false;
         g.stages = 0;
+        // decided by the builder after the tile's lookup (they depend on the tile): a key
+        // with them would never be the key the builder looks up
+        g.tma = false;
+        g.tma_a = false;
         if let KernelSpec::ConvBwdWeight { split_k, .. } = &mut spec {
             *split_k = 1;
         }

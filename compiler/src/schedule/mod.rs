@@ -362,7 +362,7 @@ pub struct Tiles {
     pub tf32: bool,
     /// The data gradients of strided convolutions gather every tap, masked, instead of running
     /// in phase order ([`ConvGeom::phases`]). Off by default: phase order computes the same
-    /// bits with about `1 / S^2` of the taps; this is the baseline to measure it against.
+    /// sums with about `1 / S^2` of the taps; this is the baseline to measure it against.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dense_dgrad: bool,
 }
