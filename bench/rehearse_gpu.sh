@@ -56,6 +56,11 @@ for k in ["train_step_ms", "infer_ms"]:
     assert r["bf16"][k]["wrnc_fused_tuned"] is not None, k
     assert r["bf16"][k]["wrnc_fused_deep"] is not None, k
     assert r["bf16"][k]["wrnc_fused_tma"] is not None, k
+for prec in ["f32", "bf16"]:
+    for v in ["fused", "unfused"]:
+        p = r[prec]["profile"][v]
+        assert p["kernels"] and p["gemm_tflops"] is not None, (prec, v, p)
+assert r["f32"]["profile_tf32wg"]["fused"]["kernels"], "tf32wg profile"
 for v in ["phases", "dense"]:
     assert r["bf16"]["dgrad_phases"]["train_step_ms"][v] is not None, v
 for v in ["wrnc_fused_tf32x3", "wrnc_unfused_tf32x3", "wrnc_fused_tf32", "wrnc_unfused_tf32",

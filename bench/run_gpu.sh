@@ -329,7 +329,7 @@ stage_tf32() {
     find_nvrtc
     # shellcheck disable=SC2086
     run bench_wrnc_f32_tf32 "${TF32_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 \
-        --tf32 --tiles "${TF32_TILES:-default}" --no-infer $BENCH_ARGS --json
+        --tf32 --tiles "${TF32_TILES:-default}" --no-infer --profile $BENCH_ARGS --json
 }
 
 # stage_tf32 with --wgmma (the forward and data-gradient convolutions on Hopper's warpgroup
@@ -338,7 +338,7 @@ stage_tf32wg() {
     find_nvrtc
     # shellcheck disable=SC2086
     run bench_wrnc_f32_tf32wg "${TF32WG_TIMEOUT:-150}" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 \
-        --tf32 --wgmma --tiles "${TF32_TILES:-default}" --no-infer $BENCH_ARGS --json
+        --tf32 --wgmma --tiles "${TF32_TILES:-default}" --no-infer --profile $BENCH_ARGS --json
 }
 
 # fused against unfused on a network whose step is mostly element-wise traffic (FUSION_NET,
@@ -447,10 +447,10 @@ stage_tiles() {
 stage_bench() {
     find_nvrtc
     # shellcheck disable=SC2086
-    run bench_wrnc_f32 "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 $BENCH_ARGS --json
+    run bench_wrnc_f32 "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision f32 --profile $BENCH_ARGS --json
     # shellcheck disable=SC2086
     run bench_wrnc_bf16 "$BENCH_TIMEOUT" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
-        --tiles "${BENCH_BF16_TILES:-auto}" $BENCH_ARGS --json
+        --tiles "${BENCH_BF16_TILES:-auto}" --profile $BENCH_ARGS --json
     # the tensor cores on NCHW activations too (bf16's default is NHWC): the layouts side by side
     if [ "${BENCH_BF16_NCHW:-1}" = 1 ]; then
         # shellcheck disable=SC2086
@@ -581,6 +581,16 @@ def wr(b, key, which):
     return None if not b else (b.get(key) or {}).get(which)
 def ptv(prec, variant, key):
     return ((pt.get("results") or {}).get(prec) or {}).get(variant, {}).get(key)
+def profile(b):
+    """`--profile`'s per-kernel times of every training run (fused, unfused): the step, the
+    GEMMs' time and useful TFLOP/s, and the 12 kernels that took most."""
+    res = {}
+    for r in (b or {}).get("runs") or []:
+        p = r.get("profile")
+        if r.get("mode") == "train" and p:
+            res["fused" if r.get("fused") else "unfused"] = dict(
+                {k: p.get(k) for k in ["reps", "step_ms", "gemm_ms", "gemm_tflops"]}, kernels=(p.get("kernels") or [])[:12])
+    return res or None
 out = {"device": device, "commit": commit, "date": datetime.date.today().isoformat()}
 for prec, b in [("f32", f32), ("bf16", bf16)]:
     out[prec] = {
@@ -598,6 +608,8 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         # fused against unfused: speedup, DRAM bytes removed (estimate), the time between
         "fusion": (b or {}).get("fusion"),
         "matmul_tflops": (pt.get("matmul_tflops") or {}).get(prec),
+        # where the step's time goes, kernel by kernel (`wrnc bench --profile`)
+        "profile": profile(b),
     }
 # the fused-only bf16 benches beside `first`'s: on wgmma, and at searched tiles
 for eng in ["wgmma", "tuned"]:
@@ -620,6 +632,7 @@ for eng in ["tf32x3", "tf32", "tf32wg"]:
             out["f32"]["peak_mem_mb"][f"wrnc_{which}_{eng}"] = wr(x3, "peak_mem_mb", which)
         out["f32"][f"train_tflops_{eng}"] = x3.get("train_tflops")
         out["f32"][f"fusion_{eng}"] = x3.get("fusion")
+        out["f32"][f"profile_{eng}"] = profile(x3)
 fu = load("bench_wrnc_f32_fusion.out")
 if fu:
     out["fusion_net"] = {"net": fu.get("net"), "batch": fu.get("batch"), "precision": fu.get("precision"),

@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// quarter of them at stride 2, same results).
     #[arg(long)]
     pub dense_dgrad: bool,
+    /// Also time every launch where it runs in the step (events between launches, the
+    /// median of min(--iters, 10) steps, after the timed runs), summed per kernel: time,
+    /// share, useful TFLOP/s of the GEMMs and the estimated DRAM traffic's TB/s.
+    #[arg(long)]
+    pub profile: bool,
     /// Machine-readable output (one JSON object).
     #[arg(long)]
     pub json: bool,
@@ -303,11 +308,24 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     for &mode in modes {
         for &unfused in variants {
             let r = bench::bench_schedule(
-                &gpu, &cache, &l.graph, mode, a.batch, precision, unfused, a.warmup, a.iters,
-                &tiles, a.layout,
+                &gpu,
+                &cache,
+                &l.graph,
+                mode,
+                a.batch,
+                precision,
+                unfused,
+                a.warmup,
+                a.iters,
+                &tiles,
+                a.layout,
+                if a.profile { a.iters.min(10) } else { 0 },
             )?;
             if !a.json {
                 print_run(&r);
+                if let Some(p) = &r.profile {
+                    print_profile(p);
+                }
             }
             runs.push(r);
         }
@@ -327,6 +345,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
                 a.iters,
                 &tiles,
                 a.layout,
+                0,
             )?;
             if !a.json {
                 print_run(&r);
@@ -471,6 +490,46 @@ fn print_run(r: &bench::ScheduleBench) {
         mb(r.measured_bytes),
         if r.cache_hit { ", kernels from cache" } else { "" }
     );
+}
+
+/// The kernels that take most of a profiled step (all that make up 95% of it, at least 5,
+/// at most 20), one line each, and what the GEMMs achieved together.
+fn print_profile(p: &bench::Profile) {
+    println!(
+        "  profile (median of {} steps, launch by launch): {:.3} ms, GEMMs {:.3} ms ({:.0}%){}",
+        p.reps,
+        p.step_ms,
+        p.gemm_ms,
+        100.0 * p.gemm_ms / p.step_ms.max(f64::MIN_POSITIVE),
+        p.gemm_tflops
+            .map(|t| if t >= 0.1 {
+                format!(" at {t:.1} TFLOP/s useful")
+            } else {
+                format!(" at {:.2} GFLOP/s useful", t * 1e3)
+            })
+            .unwrap_or_default()
+    );
+    let mut covered = 0.0;
+    for (i, k) in p.kernels.iter().enumerate() {
+        if i >= 20 || (i >= 5 && covered >= 0.95) {
+            println!("    ... {} more kernels", p.kernels.len() - i);
+            break;
+        }
+        covered += k.share;
+        let rate = match k.tflops {
+            Some(t) if t >= 0.1 => format!("{t:7.1} TFLOP/s"),
+            Some(t) => format!("{:7.2} GFLOP/s", t * 1e3),
+            None if k.tb_per_s >= 0.1 => format!("{:7.2} TB/s   ", k.tb_per_s),
+            None => format!("{:7.2} GB/s   ", k.tb_per_s * 1e3),
+        };
+        println!(
+            "    {:8.3} ms {:5.1}% x{:<3} {rate}  {}",
+            k.ms,
+            100.0 * k.share,
+            k.launches,
+            k.kernel
+        );
+    }
 }
 
 /// Small networks of every family, written inline (tiny inputs): always checked.

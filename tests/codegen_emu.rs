@@ -2057,9 +2057,35 @@ fn searched_tiles_reach_every_launch() {
     for (name, input, body, prec) in [
         ("bf16", "input 3x16x16", TMAA, BF16),
         ("tf32", "input 3x16x16", PHASES, TF32_NHWC),
-        ("wgmma", "input 3x16x16", TMAA, Prec { wgmma: true, ..BF16 }),
-        ("tma", "input 3x16x16", TMAA, Prec { wgmma: true, tma: true, ..BF16 }),
-        ("tma-phases", "input 3x16x16", PHASES, Prec { wgmma: true, tma: true, ..BF16 }),
+        (
+            "wgmma",
+            "input 3x16x16",
+            TMAA,
+            Prec {
+                wgmma: true,
+                ..BF16
+            },
+        ),
+        (
+            "tma",
+            "input 3x16x16",
+            TMAA,
+            Prec {
+                wgmma: true,
+                tma: true,
+                ..BF16
+            },
+        ),
+        (
+            "tma-phases",
+            "input 3x16x16",
+            PHASES,
+            Prec {
+                wgmma: true,
+                tma: true,
+                ..BF16
+            },
+        ),
     ] {
         let g = graph_in(input, body);
         let s = build_in(&g, Mode::Train, false, prec);
@@ -2091,7 +2117,11 @@ fn searched_tiles_reach_every_launch() {
             for l in &s2.launches {
                 let k = &s2.kernels[l.kernel];
                 if let Some(cg) = k.spec.conv_geom().filter(|cg| cg.tensor_cores) {
-                    assert_eq!(cg.tile, pick, "{name}: {} did not get its searched tile", k.name);
+                    assert_eq!(
+                        cg.tile, pick,
+                        "{name}: {} did not get its searched tile",
+                        k.name
+                    );
                     tma += cg.tma as usize;
                 }
             }

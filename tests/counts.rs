@@ -184,7 +184,11 @@ fn gemm_macs_of_a_step_are_the_networks() {
         for unfused in [false, true] {
             let (infer, stem) = macs(Mode::Infer, unfused);
             assert_eq!(infer, n * want, "{net} inference");
-            assert_eq!(macs(Mode::Train, unfused).0, 3 * n * want - stem, "{net} training");
+            assert_eq!(
+                macs(Mode::Train, unfused).0,
+                3 * n * want - stem,
+                "{net} training"
+            );
         }
     }
 }

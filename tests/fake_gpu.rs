@@ -1049,6 +1049,47 @@ fn dense_dgrad_bench_runs_on_the_fake_gpu() {
     }
 }
 
+/// `wrnc bench --profile`: every launch of the step timed where it runs, summed per kernel.
+/// The kernels' launches add up to the step's, their times to the profile's step (and their
+/// shares to 1); exactly the conv and linear kernels have a GEMM rate; the GEMM time is theirs.
+#[test]
+fn bench_profile_times_every_launch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = bench_once(tmp.path(), V8_NET, "f32", &["--no-infer", "--profile"])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let r = &v["runs"][0];
+    let p = &r["profile"];
+    let ks = p["kernels"].as_array().unwrap_or_else(|| panic!("{r}"));
+    let launches: u64 = ks.iter().map(|k| k["launches"].as_u64().unwrap()).sum();
+    assert_eq!(launches, r["launches"].as_u64().unwrap(), "{p}");
+    let f = |k: &Value, key: &str| k[key].as_f64().unwrap_or_else(|| panic!("{key}: {k}"));
+    let sum: f64 = ks.iter().map(|k| f(k, "ms")).sum();
+    let share: f64 = ks.iter().map(|k| f(k, "share")).sum();
+    assert!(
+        close(sum, f(p, "step_ms"), 1e-9) && close(share, 1.0, 1e-9),
+        "{p}"
+    );
+    let mut gemm = 0.0;
+    for k in ks {
+        let name = k["kernel"].as_str().unwrap();
+        let is_gemm = name.starts_with("conv_") || name.starts_with("linear_");
+        assert_eq!(k["tflops"].is_number(), is_gemm, "{k}");
+        if is_gemm {
+            gemm += f(k, "ms");
+        }
+    }
+    assert!(close(gemm, f(p, "gemm_ms"), 1e-9), "{p}");
+    assert!(p["gemm_tflops"].as_f64().is_some_and(|t| t > 0.0), "{p}");
+    // sorted, most time first
+    assert!(
+        ks.windows(2).all(|w| f(&w[0], "ms") >= f(&w[1], "ms")),
+        "{p}"
+    );
+    // without --profile, none
+    let v = bench_once(tmp.path(), V8_NET, "f32", &["--no-infer"]).unwrap();
+    assert!(v["runs"][0].get("profile").is_none(), "{v}");
+}
+
 /// `wrnc precompile` compiles, without a GPU, exactly the modules that `bench`, `selftest` and
 /// `run` then load: after it, each command with the same flags finds every module in the
 /// cache, so it adds no entry (a module it compiled itself would be a new one). The fake's

@@ -80,6 +80,87 @@ pub struct ScheduleBench {
     /// Seconds to compile (or load from the cache) and load the kernels.
     pub setup_s: f64,
     pub cache_hit: bool,
+    /// Where the step's time goes, kernel by kernel (`wrnc bench --profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+}
+
+/// A step timed launch by launch ([`Executor::profile_step`]), summed per kernel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Profile {
+    /// Steps timed (each launch's time is its median over them).
+    pub reps: usize,
+    /// The launches' medians summed: the step as launched one by one with an event between
+    /// every two (near the stream's time; a CUDA graph's replay may be shorter).
+    pub step_ms: f64,
+    /// GEMM launches' share of `step_ms` (convolutions and linear layers).
+    pub gemm_ms: f64,
+    /// Useful GEMM FLOPs of the step over `gemm_ms`.
+    pub gemm_tflops: Option<f64>,
+    /// Per kernel, most time first.
+    pub kernels: Vec<KernelTime>,
+}
+
+/// One kernel's launches in a [`Profile`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub launches: usize,
+    /// Its launches' medians summed.
+    pub ms: f64,
+    /// Of the step's `step_ms`.
+    pub share: f64,
+    /// Useful GEMM FLOPs (2 per multiply-add, `KernelSpec::gemm_macs`) over `ms`; `None`
+    /// for a kernel that is not a GEMM.
+    pub tflops: Option<f64>,
+    /// The compiler's estimate of its DRAM bytes (`memplan::launch_dram_bytes`) over `ms`.
+    pub tb_per_s: f64,
+    pub dram_bytes: u64,
+}
+
+/// Sums per-launch times (`ms[i]` for `s.launches[i]`) per kernel, with the useful FLOPs and
+/// estimated DRAM bytes of each, most time first (ties by name, so the order is
+/// deterministic).
+pub fn profile_of(s: &Schedule, ms: &[f64], reps: usize) -> Profile {
+    let mut per: std::collections::BTreeMap<&str, (usize, f64, Option<u64>, u64)> =
+        Default::default();
+    let (mut step, mut gemm, mut gemm_macs) = (0.0, 0.0, 0u64);
+    for (l, &t) in s.launches.iter().zip(ms) {
+        let k = &s.kernels[l.kernel];
+        let macs = k.spec.gemm_macs(&l.scalars);
+        let bytes = wrnc_compiler::memplan::launch_dram_bytes(s, l);
+        let e = per.entry(k.name.as_str()).or_insert((0, 0.0, None, 0));
+        e.0 += 1;
+        e.1 += t;
+        if let Some(m) = macs {
+            e.2 = Some(e.2.unwrap_or(0) + m);
+            gemm += t;
+            gemm_macs += m;
+        }
+        e.3 += bytes;
+        step += t;
+    }
+    let rate = |num: f64, ms: f64| (ms > 0.0).then(|| num / (ms * 1e-3) / 1e12);
+    let mut kernels: Vec<KernelTime> = per
+        .into_iter()
+        .map(|(name, (launches, t, macs, bytes))| KernelTime {
+            kernel: name.to_string(),
+            launches,
+            ms: t,
+            share: if step > 0.0 { t / step } else { 0.0 },
+            tflops: macs.and_then(|m| rate(2.0 * m as f64, t)),
+            tb_per_s: rate(bytes as f64, t).unwrap_or(0.0),
+            dram_bytes: bytes,
+        })
+        .collect();
+    kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.kernel.cmp(&b.kernel)));
+    Profile {
+        reps,
+        step_ms: step,
+        gemm_ms: gemm,
+        gemm_tflops: rate(2.0 * gemm_macs as f64, gemm),
+        kernels,
+    }
 }
 
 /// The hyper-parameters every benchmark step runs with (`step` feeds the RNG).
@@ -181,6 +262,7 @@ pub fn bench_schedule(
     iters: usize,
     tiles: &Tiles,
     layout: Layout,
+    profile: usize,
 ) -> Result<ScheduleBench, CudaError> {
     let (ex, setup_s, free_before) = prepare(
         gpu, cache, graph, mode, batch, precision, unfused, tiles, layout,
@@ -225,6 +307,13 @@ pub fn bench_schedule(
             None
         }
     };
+    // kernel by kernel, after the timed runs (its events do not perturb them)
+    let profile = if profile > 0 {
+        let ms = ex.profile_step(gpu, &h((warmup + iters) as u32), profile)?;
+        Some(profile_of(&ex.schedule, &ms, profile))
+    } else {
+        None
+    };
     gpu.synchronize(&what)?;
     let after = gpu.mem_info()?;
     let best = graph_t.map(|g| g.median_ms).unwrap_or(stream.median_ms);
@@ -251,5 +340,6 @@ pub fn bench_schedule(
         dram_bytes: wrnc_compiler::memplan::dram_bytes(&ex.schedule),
         setup_s,
         cache_hit: ex.cache_hit,
+        profile,
     })
 }

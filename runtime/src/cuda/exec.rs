@@ -414,6 +414,34 @@ impl Executor {
         Ok(super::bench::Timing::from_samples(v).median_ms)
     }
 
+    /// Times every launch of a step where it runs within the step: `reps` steps, each enqueued
+    /// launch by launch with a CUDA event between every two (an event recorded on the stream
+    /// between two launches adds no dependency they do not have on one stream), then per
+    /// launch the median of its `reps` times, in milliseconds. `h`'s scalars are written once,
+    /// before the first step.
+    pub fn profile_step(&self, gpu: &Gpu, h: &Hyper, reps: usize) -> Result<Vec<f64>, CudaError> {
+        let ls = &self.schedule.launches;
+        let events = (0..=ls.len())
+            .map(|_| gpu.event())
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write_hyper(gpu, h)?;
+        let mut samples = vec![Vec::with_capacity(reps); ls.len()];
+        for _ in 0..reps.max(1) {
+            gpu.record(&events[0])?;
+            for (i, l) in ls.iter().enumerate() {
+                self.launch_all(gpu, std::slice::from_ref(l), h)?;
+                gpu.record(&events[i + 1])?;
+            }
+            for (i, v) in samples.iter_mut().enumerate() {
+                v.push(gpu.elapsed_ms(&events[i], &events[i + 1])? as f64);
+            }
+        }
+        Ok(samples
+            .into_iter()
+            .map(|v| super::bench::Timing::from_samples(v).median_ms)
+            .collect())
+    }
+
     /// Enqueues one whole step / batch without writing the per-step scalars: the caller has
     /// written `h`'s with [`Executor::write_hyper`] (timing loops keep that copy out of the
     /// timed region).
