@@ -192,3 +192,63 @@ fn gemm_macs_of_a_step_are_the_networks() {
         }
     }
 }
+
+/// Issue 5's memory must-show, as planned: WRN-28-10's fused f32 training step at batch 128
+/// needs at most 60% of the unfused step's peak device memory (the memory plan's, which
+/// `wrnc bench` reports as `peak_mem_mb`) on every f32 engine: fp32 FMAs (NCHW) and the
+/// tensor cores in plain TF32 (NHWC, packed weights), with `mma.sync` and with `wgmma`.
+#[test]
+fn wrn_28_10_fused_step_plans_at_most_60_percent_of_the_unfused_memory() {
+    use wrnc_compiler::memplan::plan;
+    use wrnc_compiler::passes::{Fusion, Mode};
+    use wrnc_compiler::schedule::{self, Options, Tiles};
+    let g = wrnc_grammar::build(&wrnc_grammar::Source::inline("WRN-28-10")).unwrap();
+    for (name, tiles) in [
+        ("fma", Tiles::default()),
+        (
+            "tf32",
+            Tiles {
+                tf32: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "tf32 wgmma",
+            Tiles {
+                tf32: true,
+                wgmma: true,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let peak = |unfused| {
+            let s = schedule::build(
+                &g,
+                &Options {
+                    tiles: tiles.clone(),
+                    mode: Mode::Train,
+                    batch: 128,
+                    fusion: Fusion {
+                        unfused,
+                        disabled: vec![],
+                    },
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            plan(&s).peak_bytes as f64
+        };
+        let (f, u) = (peak(false), peak(true));
+        eprintln!(
+            "{name}: fused {:.3} GiB, unfused {:.3} GiB, {:.1}%",
+            f / (1u64 << 30) as f64,
+            u / (1u64 << 30) as f64,
+            100.0 * f / u
+        );
+        assert!(
+            f <= 0.6 * u,
+            "{name}: fused {f} bytes, unfused {u}: {:.1}%",
+            100.0 * f / u
+        );
+    }
+}
