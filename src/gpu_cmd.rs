@@ -363,11 +363,13 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
             .find(|r| r.mode == "train" && r.fused == fused)
             .map(|r| mb(r.planned_bytes))
     };
-    // A training step is three GEMMs per conv / linear (forward, data and weight gradient), an
-    // inference pass one; 2 FLOPs per MAC. Element-wise work is not counted.
+    // The useful multiply-adds of the run's GEMM launches (a training step: three GEMMs per
+    // conv / linear but the stem's data gradient; an inference pass one), 2 FLOPs each, over
+    // its time. Element-wise work is not counted.
     let macs = wrnc_compiler::analysis::info(&l.graph, 1).macs as f64;
-    let tflops = |ms: Option<f64>, gemms: f64, batch: u32| {
-        ms.map(|ms| gemms * 2.0 * macs * batch as f64 / (ms * 1e-3) / 1e12)
+    let tflops = |ms: Option<f64>, mode: &str, fused: bool| {
+        let r = runs.iter().find(|r| r.mode == mode && r.fused == fused)?;
+        ms.map(|ms| 2.0 * r.gemm_macs as f64 / (ms * 1e-3) / 1e12)
     };
     let (tf, tu) = (pick(&runs, "train", true), pick(&runs, "train", false));
     // what fusion removed and how fast the unfused step had moved it: the DRAM bytes of the
@@ -413,8 +415,8 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     let out = serde_json::json!({
         "device": gpu.info(),
         "macs_per_image": macs,
-        "train_tflops": {"fused": tflops(tf, 3.0, a.batch), "unfused": tflops(tu, 3.0, a.batch)},
-        "infer_tflops": {"fused": tflops(inf, 1.0, a.batch), "unfused": tflops(inu, 1.0, a.batch)},
+        "train_tflops": {"fused": tflops(tf, "train", true), "unfused": tflops(tu, "train", false)},
+        "infer_tflops": {"fused": tflops(inf, "infer", true), "unfused": tflops(inu, "infer", false)},
         "net": l.graph.name,
         "batch": a.batch,
         "precision": precision.name(),

@@ -1080,6 +1080,26 @@ fn bench_profile_times_every_launch() {
     }
     assert!(close(gemm, f(p, "gemm_ms"), 1e-9), "{p}");
     assert!(p["gemm_tflops"].as_f64().is_some_and(|t| t > 0.0), "{p}");
+    // the profile's GEMM work is the run's, and the step's TFLOP/s are that work over the
+    // step's time: 2 per useful multiply-add (3 GEMMs per conv but the stem's data gradient)
+    let macs = r["gemm_macs"].as_f64().unwrap();
+    assert!(
+        close(
+            f(p, "gemm_tflops") * f(p, "gemm_ms") * 1e9,
+            2.0 * macs,
+            1e-9
+        ),
+        "{p}"
+    );
+    let step = v["train_step_ms"]["fused"].as_f64().unwrap();
+    let tf = v["train_tflops"]["fused"].as_f64().unwrap();
+    assert!(close(tf * step * 1e9, 2.0 * macs, 1e-9), "{v}");
+    let per_image = v["macs_per_image"].as_f64().unwrap();
+    // (batch 4; this network's 3-channel stem is 16% of a forward pass: 799296 of 854592)
+    assert_eq!(
+        macs,
+        3.0 * 4.0 * per_image - 4.0 * (8 * 8 * 9 * 3 * 8) as f64
+    );
     // sorted, most time first
     assert!(
         ks.windows(2).all(|w| f(&w[0], "ms") >= f(&w[1], "ms")),

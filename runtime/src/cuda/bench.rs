@@ -80,6 +80,8 @@ pub struct ScheduleBench {
     /// Seconds to compile (or load from the cache) and load the kernels.
     pub setup_s: f64,
     pub cache_hit: bool,
+    /// The useful multiply-adds of the step's GEMM launches (`KernelSpec::gemm_macs`).
+    pub gemm_macs: u64,
     /// Where the step's time goes, kernel by kernel (`wrnc bench --profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Profile>,
@@ -340,6 +342,12 @@ pub fn bench_schedule(
         dram_bytes: wrnc_compiler::memplan::dram_bytes(&ex.schedule),
         setup_s,
         cache_hit: ex.cache_hit,
+        gemm_macs: ex
+            .schedule
+            .launches
+            .iter()
+            .filter_map(|l| ex.schedule.kernels[l.kernel].spec.gemm_macs(&l.scalars))
+            .sum(),
         profile,
     })
 }
