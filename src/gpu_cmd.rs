@@ -305,20 +305,19 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
             precompiled.compiled, precompiled.seconds, precompiled.threads
         );
     }
+    // one schedule measured: `mode` at `batch`, profiled over `profile` steps (0: not)
+    let measure = |mode: Mode, batch: u32, unfused: bool, profile: usize| {
+        bench::bench_schedule(
+            &gpu, &cache, &l.graph, mode, batch, precision, unfused, a.warmup, a.iters, &tiles,
+            a.layout, profile,
+        )
+    };
     for &mode in modes {
         for &unfused in variants {
-            let r = bench::bench_schedule(
-                &gpu,
-                &cache,
-                &l.graph,
+            let r = measure(
                 mode,
                 a.batch,
-                precision,
                 unfused,
-                a.warmup,
-                a.iters,
-                &tiles,
-                a.layout,
                 if a.profile { a.iters.min(10) } else { 0 },
             )?;
             if !a.json {
@@ -333,20 +332,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
     let mut latency = vec![];
     if !a.no_infer {
         for &unfused in variants {
-            let r = bench::bench_schedule(
-                &gpu,
-                &cache,
-                &l.graph,
-                Mode::Infer,
-                1,
-                precision,
-                unfused,
-                a.warmup,
-                a.iters,
-                &tiles,
-                a.layout,
-                0,
-            )?;
+            let r = measure(Mode::Infer, 1, unfused, 0)?;
             if !a.json {
                 print_run(&r);
             }
