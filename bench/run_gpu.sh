@@ -348,7 +348,7 @@ stage_fusion() {
     find_nvrtc
     # shellcheck disable=SC2086
     run bench_wrnc_f32_fusion "${FUSION_TIMEOUT:-120}" "$WRNC" bench "${FUSION_NET:-examples/preresnet-164.net}" \
-        --batch "$BATCH" --precision f32 --no-infer $BENCH_ARGS --json
+        --batch "$BATCH" --precision f32 --no-infer --profile $BENCH_ARGS --json
 }
 
 # issue 6's other must-shows, for a session after `session` (not part of it): WRN-16-4 and
@@ -638,7 +638,8 @@ if fu:
     out["fusion_net"] = {"net": fu.get("net"), "batch": fu.get("batch"), "precision": fu.get("precision"),
                          "train_step_ms": {w: wr(fu, "train_step_ms", w) for w in ["fused", "unfused"]},
                          "peak_mem_mb": {w: wr(fu, "peak_mem_mb", w) for w in ["fused", "unfused"]},
-                         "train_tflops": fu.get("train_tflops"), "fusion": fu.get("fusion")}
+                         "train_tflops": fu.get("train_tflops"), "fusion": fu.get("fusion"),
+                         "profile": profile(fu)}
 # issue 6's other networks (bf16, beside PyTorch) and inference at a large batch / batch 1
 def pt_bf16(pj, key, variant):
     r = ((pj or {}).get("results") or {}).get("bf16", {}).get(variant) or {}
