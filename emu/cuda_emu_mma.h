@@ -357,13 +357,23 @@ inline void wg_perform(const Wgmma& m) {
 
 }  // namespace wrnc_emu_mma
 
-inline unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
+namespace wrnc_emu_mma {
+// A K-major swizzled operand's descriptor: `sbo` bytes between 8-row atoms, swizzle field `mode`.
+inline unsigned long long desc(const void* base, const void* p, unsigned long long sbo, unsigned long long mode) {
     const std::ptrdiff_t off = (const unsigned char*)p - (const unsigned char*)base;
     if (off < 0 || off % 16 != 0 || off >= (1 << 18)) {
         std::fprintf(stderr, "cuda_emu_mma: wgmma operand at offset %td of shared memory\n", off);
         std::abort();
     }
-    return ((unsigned long long)off >> 4) | (1ull << 16) | ((512ull >> 4) << 32) | (2ull << 62);
+    return ((unsigned long long)off >> 4) | (1ull << 16) | ((sbo >> 4) << 32) | (mode << 62);
+}
+}  // namespace wrnc_emu_mma
+// the 64-byte swizzle (field 2, 512-byte atoms) and the 128-byte one (field 1, 1024-byte atoms)
+inline unsigned long long wrnc_wgmma_desc(const void* base, const void* p) {
+    return wrnc_emu_mma::desc(base, p, 512, 2);
+}
+inline unsigned long long wrnc_wgmma_desc128(const void* base, const void* p) {
+    return wrnc_emu_mma::desc(base, p, 1024, 1);
 }
 inline void wrnc_smem_align_check(const void* base) {
     if (reinterpret_cast<std::uintptr_t>(base) % 1024 != 0) {

@@ -75,6 +75,11 @@ pub struct BenchArgs {
     /// per group whose tiles are boxes of the image. Implies --wgmma.
     #[arg(long)]
     pub tma: bool,
+    /// bf16: the forward and data-gradient warpgroup-MMA convolutions take stages of 64
+    /// reduction indices (128-byte rows and swizzle, four k16 steps per barrier instead of
+    /// two) in dynamic shared memory. Implies --wgmma.
+    #[arg(long)]
+    pub k64: bool,
     /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic shared
     /// memory where they need more than 48 KiB (default: as many as fit in 48 KiB, at most 4).
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=8))]
@@ -179,10 +184,10 @@ pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, UserError> {
         ));
     }
     let precision = a.precision.get();
-    let wgmma = a.wgmma || a.tma;
+    let wgmma = a.wgmma || a.tma || a.k64;
     let f32_math =
         F32Math::from_flags(a.tf32, a.tf32x3).map_err(|e| UserError(format!("error: {e}")))?;
-    schedule::check_engine_flags(precision, f32_math, wgmma, a.tma, a.stages.is_some())
+    schedule::check_engine_flags(precision, f32_math, wgmma, a.tma, a.k64, a.stages.is_some())
         .map_err(|e| UserError(format!("error: {e}")))?;
     let variants = if a.fused_only {
         vec![false]
@@ -210,6 +215,7 @@ pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, UserError> {
                 tiles: schedule::Tiles {
                     wgmma,
                     tma: a.tma,
+                    k64: a.k64,
                     stages: a.stages.unwrap_or(0),
                     dense_dgrad: a.dense_dgrad,
                     ..Default::default()
@@ -280,6 +286,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         let (mut t, r) = tune::choose_tiles(&gpu, &cache, &l.graph, &plan.bases, a.tiles)?;
         t.wgmma = wgmma;
         t.tma = a.tma;
+        t.k64 = a.k64;
         t.stages = a.stages.unwrap_or(0);
         t.dense_dgrad = a.dense_dgrad;
         let t = t.with_f32_math(f32_math);
@@ -409,6 +416,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "layout": a.layout.resolve(precision, f32_math),
         "wgmma": wgmma,
         "tma": a.tma,
+        "k64": a.k64,
         "tf32x3": a.tf32x3,
         "tf32": a.tf32,
         "dense_dgrad": a.dense_dgrad,

@@ -97,6 +97,11 @@ enum Cmd {
         /// boxes of the image. Implies --wgmma.
         #[arg(long)]
         tma: bool,
+        /// bf16: the forward and data-gradient warpgroup-MMA convolutions take stages of 64
+        /// reduction indices (128-byte rows and swizzle, four k16 steps per barrier instead of
+        /// two) in dynamic shared memory. Implies --wgmma.
+        #[arg(long)]
+        k64: bool,
         /// bf16: `cp.async` pipeline stages of the NHWC convolutions (2 to 8), in dynamic
         /// shared memory where they need more than 48 KiB (default: as many as fit in 48 KiB,
         /// at most 4).
@@ -341,12 +346,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             layout,
             wgmma,
             tma,
+            k64,
             stages,
             tf32x3,
             tf32,
             dense_dgrad,
         } => {
-            let wgmma = wgmma || tma;
+            let wgmma = wgmma || tma || k64;
             if list_passes {
                 for (name, _) in wrnc_compiler::passes::PIPELINE {
                     println!("{name}");
@@ -366,6 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tiles: wrnc_compiler::schedule::Tiles {
                     wgmma,
                     tma,
+                    k64,
                     stages: stages.unwrap_or(0),
                     tf32x3,
                     tf32,
@@ -393,6 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 opts.tiles.f32_math(),
                 wgmma,
                 tma,
+                k64,
                 stages.is_some(),
             )
             .map_err(|e| UserError(format!("error: {e}")))?;
@@ -452,7 +460,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if s.uses_wgmma() && arch != "sm_90" {
                         return Err(UserError(format!(
                             "--arch {arch}: {} needs sm_90 (Hopper's warpgroup MMA)",
-                            if tma { "--tma" } else { "--wgmma" }
+                            if tma {
+                                "--tma"
+                            } else if k64 {
+                                "--k64"
+                            } else {
+                                "--wgmma"
+                            }
                         ))
                         .into());
                     }

@@ -420,6 +420,8 @@ struct Prec {
     tf32: bool,
     /// Strided data gradients over every tap, not in phase order (`Tiles::dense_dgrad`).
     dense_dgrad: bool,
+    /// bf16's forward and data-gradient `wgmma` convs with stages of 64 (`Tiles::k64`).
+    k64: bool,
 }
 
 const F32: Prec = Prec {
@@ -434,6 +436,7 @@ const F32: Prec = Prec {
     tf32x3: false,
     tf32: false,
     dense_dgrad: false,
+    k64: false,
 };
 
 /// f32 on NHWC activations: the layout checked at fp32 tolerances.
@@ -461,6 +464,7 @@ const BF16: Prec = Prec {
     tf32x3: false,
     tf32: false,
     dense_dgrad: false,
+    k64: false,
 };
 
 fn build(g: &Graph, mode: Mode, unfused: bool, precision: Precision) -> Schedule {
@@ -490,6 +494,7 @@ fn build_tiled(
             tf32x3: false,
             tf32: false,
             dense_dgrad: false,
+            k64: false,
         },
     )
 }
@@ -505,6 +510,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
         tf32x3,
         tf32,
         dense_dgrad,
+        k64,
         ..
     } = prec;
     let opts = Options {
@@ -516,6 +522,7 @@ fn build_in(g: &Graph, mode: Mode, unfused: bool, prec: Prec) -> Schedule {
             tf32x3,
             tf32,
             dense_dgrad,
+            k64,
             ..Tiles::all(tile)
         },
         mode,
@@ -1248,7 +1255,7 @@ fn check_tma(body: &str, input: &str, name: &str, tiles: &[(TcTile, u32)], act: 
         for l in &s.launches {
             let k = &s.kernels[l.kernel];
             if let Some(cg) = k.spec.conv_geom().filter(|g| g.wgmma) {
-                let fits = k.spec.weight_box_fits(&l.scalars, cg.tile.cols);
+                let fits = k.spec.weight_box_fits(&l.scalars, cg.tile.cols, cg.bk());
                 assert_eq!(cg.tma, fits, "{}", k.name);
                 fallback += !fits as usize;
             }
@@ -2127,5 +2134,102 @@ fn searched_tiles_reach_every_launch() {
             }
             assert_eq!(tma > 0, prec.tma, "{name}: {tma} TMA launches");
         }
+    }
+}
+
+/// Stages of 64 reduction indices on `wgmma` (`--k64`, `ConvGeom::k64`): rows of 128 bytes in
+/// the 128-byte swizzle mode, four k16 `wgmma` steps per stage. Exactly bf16's forward and
+/// data-gradient `wgmma` convs take them (`_k64`), with TMA boxes 64 indices wide in that
+/// swizzle; every launch against the f64 reference and the step against the CPU model; and
+/// the step's gradients and updated parameters are the same bits as with stages of 32 (the
+/// same k16 products in the same order). Cases: [`VEC`]'s 16-channel convs (reductions of
+/// 144: a partial last stage; of 16 and 72: stages of 32 and of 64 in one step) at 64x64 (4 stages, a wgmma in flight) and 128x128 (3);
+/// [`TMAA`] (64 channels per group: activation boxes of 64 channels) at 128x64; [`PHASES`]
+/// (strided data gradients in phase order, the weight's box columns skipping taps) at 128x64.
+#[test]
+fn bf16_wgmma_stages_of_64() {
+    let t = |rows, cols| TcTile { rows, cols };
+    let cases = [
+        ("vec", "input 3x6x6", VEC, t(64, 64), false),
+        ("vec", "input 3x6x6", VEC, t(128, 128), false),
+        ("tmaa", "input 3x16x16", TMAA, t(128, 64), true),
+        ("phases", "input 3x16x16", PHASES, t(128, 64), true),
+    ];
+    for (name, input, body, tile, tma) in cases {
+        let g = graph_in(input, body);
+        let prec = Prec {
+            tile,
+            wgmma: true,
+            tma,
+            k64: true,
+            ..BF16
+        };
+        let tag = format!("k64-{name}-{tile}");
+        let s = build_in(&g, Mode::Train, false, prec);
+        let s32 = build_in(&g, Mode::Train, false, Prec { k64: false, ..prec });
+        let mut wide = 0;
+        for k in &s.kernels {
+            let Some(cg) = k.spec.conv_geom() else {
+                continue;
+            };
+            let kmajor = !matches!(k.spec, KernelSpec::ConvBwdWeight { .. });
+            // (a reduction shorter than 64 keeps stages of 32)
+            let long = s
+                .launches
+                .iter()
+                .filter(|l| l.kernel == s.kernels.iter().position(|x| x.name == k.name).unwrap())
+                .all(|l| {
+                    k.spec
+                        .weight_gemm(&l.scalars)
+                        .is_some_and(|(red, _)| red >= 64)
+                });
+            assert_eq!(cg.k64, cg.wgmma && kmajor && long, "{tag}: {}", k.name);
+            assert_eq!(k.name.contains("_k64"), cg.k64, "{tag}: {}", k.name);
+            wide += cg.k64 as usize;
+            if cg.k64 {
+                assert!(k.spec.dynamic_smem() > 0, "{tag}: {}", k.name);
+            }
+        }
+        assert!(wide >= 4, "{tag}: {wide} kernels with stages of 64");
+        let (mut boxes, mut phases) = (0, 0);
+        for l in &s.launches {
+            let k = &s.kernels[l.kernel];
+            let Some(cg) = k.spec.conv_geom() else {
+                continue;
+            };
+            phases += (cg.phases && cg.tma) as usize;
+            for tm in &l.tmaps {
+                assert_eq!(
+                    (tm.swizzle, tm.box_dim[0]),
+                    (2 * cg.bk(), cg.bk()),
+                    "{tag}: {}",
+                    l.note
+                );
+                boxes += cg.k64 as usize;
+            }
+        }
+        if tma {
+            assert!(boxes >= 4, "{tag}: {boxes} TMA boxes of 64");
+        }
+        if name == "tmaa" {
+            assert!(
+                s.launches.iter().any(|l| l.tmaps.len() == 2),
+                "{tag}: no activation box"
+            );
+        }
+        if name == "phases" {
+            assert!(phases >= 4, "{tag}: {phases} phase-order launches by TMA");
+        }
+        s.validate().unwrap();
+        let _ = check_step_of(&tag, g.clone(), prec);
+        let r = reference(&g, Mode::Train);
+        let run = |s: &Schedule, tag: &str| {
+            let (out, _) = run_schedule_traced(tag, s, &inputs(s, &r), HYPER, false);
+            (out["grads"].clone(), out["params"].clone())
+        };
+        assert!(
+            run(&s, &format!("{tag}-bits")) == run(&s32, &format!("{tag}-k32")),
+            "{tag}: stages of 64 changed the step's bits"
+        );
     }
 }

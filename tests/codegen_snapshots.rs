@@ -103,6 +103,33 @@ fn tiny_wide_infer_tma() {
     insta::assert_snapshot!("tiny_wide_infer_tma_maps", maps.join("\n"));
 }
 
+/// The same network with stages of 64 (`--k64`): `_wg_k64_tma` forward kernels whose stages
+/// are rows of 128 bytes in the 128-byte swizzle (`wrnc_wgmma_desc128`, four k16 steps per
+/// stage), boxes of 64 x 64 in that swizzle, the ring in dynamic shared memory.
+#[test]
+fn tiny_wide_infer_k64() {
+    let net = "network \"w64\" { input 3x16x16 classes 3 conv(3x3, 32) residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj } bn relu gap fc }";
+    let o = Options {
+        precision: wrnc_compiler::ast::Precision::Bf16,
+        tiles: schedule::Tiles {
+            wgmma: true,
+            tma: true,
+            k64: true,
+            ..Default::default()
+        },
+        ..opts(Mode::Infer)
+    };
+    let s = schedule::build(&graph(net), &o).unwrap();
+    insta::assert_snapshot!("tiny_wide_infer_k64_cu", cuda::write(&s, &o).unwrap());
+    let maps: Vec<String> = s
+        .launches
+        .iter()
+        .filter(|l| !l.tmaps.is_empty())
+        .map(|l| format!("{}: {:?}", l.note, l.tmaps))
+        .collect();
+    insta::assert_snapshot!("tiny_wide_infer_k64_maps", maps.join("\n"));
+}
+
 #[test]
 fn tiny_wrn_schedule_json() {
     let s = schedule::build(&graph(NET), &opts(Mode::Train)).unwrap();

@@ -81,6 +81,11 @@ const WGMMA_NS: [u32; 4] = [16, 32, 64, 128];
 ///   512-byte aligned in a 1024-byte aligned `base`, the block's shared array holding `p` (the
 ///   emulation's origin; unused on the GPU). `wrnc_smem_align_check(base)` traps when `base`
 ///   is not 1024-byte aligned.
+/// - `wrnc_wgmma_desc128(base, p)`: the same in the 128-byte swizzle mode (swizzle field 1;
+///   [`ConvGeom::k64`](crate::schedule::ConvGeom::k64)): rows of 128 bytes (64 elements of
+///   K), 8-row atoms of 1024 bytes (the stride byte offset), chunk `c` of row `r` at chunk
+///   `c ^ (r % 8)` (address bits 4-6 XOR bits 7-9); `p` is an atom's start or 32, 64 or 96
+///   bytes on (the k16 steps), atoms 1024-byte aligned.
 /// - `wrnc_wgmma_m64n<N>k16(d, base, da, db)`: the warpgroup's `D (64 x N, f32) += A (64 x 16,
 ///   at da) * B (16 x N, at db, K-major: stored as N rows of K)`, issued asynchronously. Warp
 ///   `w % 4` of the warpgroup holds rows `16 (w % 4)..+16` as `N / 8` fragments of mma.sync's
@@ -123,6 +128,11 @@ __device__ __forceinline__ unsigned long long wrnc_wgmma_desc(const void* base, 
     (void)base;
     const unsigned long long a = wrnc_smem_addr(p);
     return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | ((512ull >> 4) << 32) | (2ull << 62);
+}
+__device__ __forceinline__ unsigned long long wrnc_wgmma_desc128(const void* base, const void* p) {
+    (void)base;
+    const unsigned long long a = wrnc_smem_addr(p);
+    return ((a & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
 // The address through an opaque asm: with the intrinsic, NVVM folds the test away, since it
 // trusts the declared alignment this is to check.
@@ -1203,6 +1213,9 @@ struct VecOps {
     /// is not `KX_` itself (a data gradient in phase order, [`ConvGeom::phases`], whose
     /// reduction skips taps); the stage's 32 indices lie in one tap.
     b_col: Option<String>,
+    /// Reduction indices per stage ([`ConvGeom::bk`]): 32, or 64 for bf16's K-major passes on
+    /// `wgmma` with [`ConvGeom::k64`] (rows of 128 bytes in the 128-byte swizzle mode).
+    bk: u32,
     /// The stage ring in shared memory ([`ConvGeom::async_smem`] for this pass).
     smem: AsyncSmem,
     a: VecOperand,
@@ -1280,22 +1293,29 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     let km = v.kmajor;
     let ns = v.smem.stages;
     let smem = v.smem.bytes;
+    // reduction indices per stage: 64 only for bf16's K-major passes on wgmma (`k64`: rows of
+    // 128 bytes in the 128-byte swizzle mode); `rpr` runs of 8 per row
+    let bk = v.bk;
+    debug_assert!(bk == 32 || (bk == 64 && wgk && !f32));
+    let rpr = bk / 8;
     // A shared row (halves, or floats), per operand of `n` tile rows/columns
     let (arow, brow) = match (km, f32) {
         (true, false) => (40, 40),
         (true, true) => (36, 36),
         (false, _) => (r + 8, c + 8),
     };
-    // this thread's runs of a stage: `4 n` runs for `n` rows (or columns) of 32; `rl` is the
-    // run's tile row (column), `kl` its reduction index (of the first of 8 with `kmajor`)
+    // this thread's runs of a stage: `rpr n` runs for `n` rows (or columns) of `bk`; `rl` is
+    // the run's tile row (column), `kl` its reduction index (of the first of 8 with `kmajor`)
     let runs = |n: u32, body: &str| -> String {
-        let total = n * 4;
+        let total = n * rpr;
         let guard = if total.is_multiple_of(256) {
             String::new()
         } else {
             format!("if (q < {total}) ")
         };
-        let map = if km {
+        let map = if km && bk == 64 {
+            "const int rl = q >> 3, kl = (q & 7) * 8;".to_string()
+        } else if km {
             "const int rl = q >> 2, kl = (q & 3) * 8;".to_string()
         } else {
             format!("const int kl = q / {}, rl = (q % {}) * 8;", n / 8, n / 8)
@@ -1307,9 +1327,16 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     // the shared cell of a run: `[slot][row][k]` or `[slot][k][row]`; for wgmma, rows of 64
     // bytes in the 64-byte swizzle mode ([`wgmma_cuh`]'s `wrnc_wgmma_desc`): the run's
-    // 16-byte chunk `kl / 8` of row `rl` at chunk `(kl / 8) ^ ((rl / 2) % 4)`
+    // 16-byte chunk `kl / 8` of row `rl` at chunk `(kl / 8) ^ ((rl / 2) % 4)`; with `k64`
+    // rows of 128 bytes in the 128-byte swizzle mode (`wrnc_wgmma_desc128`): chunk `kl / 8`
+    // at chunk `(kl / 8) ^ (rl % 8)`
     let cell = |arr: &str, n: u32, slot: &str| -> String {
-        if wgk {
+        if wgk && bk == 64 {
+            format!(
+                "&{arr}[({slot}) * {} + rl * 64 + (((kl >> 3) ^ (rl & 7)) << 3)]",
+                n * 64
+            )
+        } else if wgk {
             format!(
                 "&{arr}[({slot}) * {} + rl * 32 + (((kl >> 3) ^ ((rl >> 1) & 3)) << 3)]",
                 n * 32
@@ -1345,25 +1372,26 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         (&v.a, "As_", r, "mm", "blockIdx.x", "M"),
         (&v.b, "Bs_", c, "jj", "blockIdx.y", "NC"),
     ];
-    // B by TMA: one box of 32 reduction indices x `c` rows, landing in the 64-byte swizzle
-    // mode exactly as the `cp.async` runs would (`cell`), on the slot's mbarrier
+    // B by TMA: one box of `bk` reduction indices x `c` rows, landing in the 64-byte (128-byte
+    // with `k64`) swizzle mode exactly as the `cp.async` runs would (`cell`), on the slot's
+    // mbarrier
     let tma = wg && v.tma;
-    // A by TMA as well: one box of the stage's tap, 32 channels x the tile's pixels, landing
-    // as the `cp.async` runs would, on the same mbarrier
+    // A by TMA as well: one box of the stage's tap, `bk` channels x the tile's pixels,
+    // landing as the `cp.async` runs would, on the same mbarrier
     let tma_a = v.tma_a.as_deref().filter(|_| tma);
     let issue = |kx: &str, slot: &str| -> String {
         let tma_b = if tma {
             let a = tma_a.map_or(String::new(), |coords| {
                 format!(
                     "                {{\n                    const int kx_ = {kx};\n{coords}                    wrnc_tma_load_4d(As_ + ({slot}) * {as_}, &tmx, c0_, c1_, c2_, c3_, bar_);\n                }}\n",
-                    as_ = r * 32,
+                    as_ = r * bk,
                 )
             });
             format!(
                 "            if (tid == 0) {{\n                unsigned long long* bar_ = &bars_[{slot}];\n                wrnc_mbar_expect_tx(bar_, {bytes});\n                wrnc_tma_load_4d(Bs_ + ({slot}) * {bs}, &tmw, {col}, blockIdx.y * {c}, g, 0, bar_);\n{a}            }}\n",
                 col = v.b_col.as_ref().map_or(kx.to_string(), |c| c.replace("KX_", kx)),
-                bytes = c * 64 + if tma_a.is_some() { r * 64 } else { 0 },
-                bs = c * 32,
+                bytes = c * 2 * bk + if tma_a.is_some() { r * 2 * bk } else { 0 },
+                bs = c * bk,
             )
         } else {
             String::new()
@@ -1519,7 +1547,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
             runs(
                 *n,
                 &format!(
-                    r#"            const int {idx} = {blk} * {n} + rl, kk = kb_ + kt * 32 + kl;
+                    r#"            const int {idx} = {blk} * {n} + rl, kk = kb_ + kt * {bk} + kl;
             if ({idx} < {lim} && kk < ke_) {{
             const unsigned short* src_ = {base};
             bool ok_ = false;
@@ -1560,7 +1588,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         )
     };
     let boff = match (wgk, km, f32) {
-        (true, _, false) => ns * r * 64,
+        (true, _, false) => ns * r * 2 * bk,
         (true, _, true) => ns * r * 128,
         (false, true, false) => ns * r * 80,
         (false, false, false) => ns * 64 * (r + 8),
@@ -1680,29 +1708,36 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         // tiles: half the columns each), in halves from the slot's start (rows of 32 halves;
         // whole 512-byte atoms); a k16 step is 16 halves (32 bytes) along a row, the swizzle
         // applied by the hardware to the address
+        // (with `k64` rows of 64 halves, four k16 steps, the 128-byte swizzle's descriptors)
         let (a0, b0) = if r >= 128 {
-            ("(warp >> 2) * 2048".to_string(), "0".to_string())
+            (format!("(warp >> 2) * {}", 64 * bk), "0".to_string())
         } else {
-            ("0".to_string(), format!("(warp >> 2) * {}", wtn * 32))
+            ("0".to_string(), format!("(warp >> 2) * {}", wtn * bk))
+        };
+        let desc = if bk == 64 {
+            "wrnc_wgmma_desc128"
+        } else {
+            "wrnc_wgmma_desc"
         };
         format!(
             r#"        wrnc_wgmma_fence();
         #pragma unroll
-        for (int ks = 0; ks < 2; ++ks)
-            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, wrnc_wgmma_desc(smem_, {abase} + {a0} + ks * 16), wrnc_wgmma_desc(smem_, {bbase} + {b0} + ks * 16));
+        for (int ks = 0; ks < {nks}; ++ks)
+            wrnc_wgmma_m64n{wtn}k16(&cacc[0][0][0], smem_, {desc}(smem_, {abase} + {a0} + ks * 16), {desc}(smem_, {bbase} + {b0} + ks * 16));
         wrnc_wgmma_commit();
         wrnc_wgmma_wait<{lag}>();
         wrnc_wgmma_fence_acc{wtn}(&cacc[0][0][0]);
 "#,
+            nks = bk / 16,
             abase = if tr {
                 format!("Tw_ + (kt & 1) * {}", (r + c) * 32)
             } else {
-                format!("As_ + slot_ * {}", r * 32)
+                format!("As_ + slot_ * {}", r * bk)
             },
             bbase = if tr {
                 format!("Tw_ + (kt & 1) * {} + {}", (r + c) * 32, r * 32)
             } else {
-                format!("Bs_ + slot_ * {}", c * 32)
+                format!("Bs_ + slot_ * {}", c * bk)
             },
         )
     } else {
@@ -1722,7 +1757,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     };
     format!(
         r#"{header} {{
-{consts}{decl}{prelude}{pin}{init}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + 31) / 32 : 0;
+{consts}{decl}{prelude}{pin}{init}    const int NK_ = ke_ > kb_ ? (ke_ - kb_ + {bkm}) / {bk} : 0;
     for (int s_ = 0; s_ < {pre}; ++s_) {{
         if (s_ < NK_) {{
 {first}        }}
@@ -1744,8 +1779,9 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
 {walk}"#,
         header = header(name, spec),
         consts = g.consts,
-        first = issue("kb_ + s_ * 32", "s_"),
-        next = issue("kb_ + kn_ * 32", &format!("kn_ % {ns}")),
+        first = issue(&format!("kb_ + s_ * {bk}"), "s_"),
+        next = issue(&format!("kb_ + kn_ * {bk}"), &format!("kn_ % {ns}")),
+        bkm = bk - 1,
         walk = tc_epilogue(t, grid, &g.epi),
         // the stage's generic-proxy writes (cp.async, the prologue's stores) made visible to
         // wgmma's async proxy before the barrier
@@ -1948,6 +1984,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 tma: g.tma,
                 tma_a: g.tma_a.then(|| tma_a_coords(true, g.tile.rows)),
                 b_col: None,
+                bk: g.bk(),
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "x",
@@ -2061,6 +2098,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 tma: g.tma,
                 tma_a: g.tma_a.then(|| tma_a_coords(false, g.tile.rows)),
                 b_col: ph.then(|| "((PH_KH0 + PH_ST * (((KX_) / OCG) / PH_CW)) * KS + PH_KW0 + PH_ST * (((KX_) / OCG) % PH_CW)) * OCG + (KX_) % OCG".to_string()),
+                bk: g.bk(),
                 smem: g.async_smem(true),
                 a: VecOperand {
                 base: "dy",
@@ -2166,6 +2204,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 tma: false,
                 tma_a: None,
                 b_col: None,
+                bk: 32,
                 smem: g.async_smem(false),
                 a: VecOperand {
                     base: "dy",

@@ -177,23 +177,35 @@ impl<'a> B<'a> {
             spec,
             KernelSpec::ConvFwd { .. } | KernelSpec::ConvBwdData { .. }
         );
-        let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols);
+        // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says;
+        // the weight gradient goes through a transposing pass in shared memory)
+        let wgmma = spec
+            .conv_geom()
+            .is_some_and(|g| self.tiles.wgmma && g.vec && !g.tf32x3 && tile.rows >= 64);
+        // stages of 64 reduction indices: bf16's forward and data gradient on wgmma, where the
+        // reduction is at least 64 long (a shorter one would fill half of every stage with
+        // zeros)
+        let long = spec.weight_gemm(&scalars).is_some_and(|(red, _)| red >= 64);
+        let k64 = spec
+            .conv_geom()
+            .is_some_and(|g| self.tiles.k64 && wgmma && kmajor && !g.f32_operands() && long);
+        let bk = if k64 { 64 } else { 32 };
+        let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols, bk);
         let phase_box_fits = match &spec {
             KernelSpec::ConvBwdData { g, .. } => spec
                 .weight_gemm(&scalars)
-                .is_some_and(|(red, _)| (red / u64::from(g.k * g.k)).is_multiple_of(32)),
+                .is_some_and(|(red, _)| (red / u64::from(g.k * g.k)).is_multiple_of(u64::from(bk))),
             _ => true,
         };
         if let Some(g) = spec.conv_geom_mut() {
             g.tile = tile;
-            // (bf16 or plain TF32; 3xTF32 runs `mma.sync`, which `check_engine_flags` says;
-            // the weight gradient goes through a transposing pass in shared memory)
-            g.wgmma = self.tiles.wgmma && g.vec && !g.tf32x3 && tile.rows >= 64;
+            g.wgmma = wgmma;
+            g.k64 = k64;
             // TMA (bf16's forward and data gradient) where no box is larger than its tensor
             // (CUDA requires it, [`TmapArg`]); elsewhere the operands come by `cp.async`
             g.tma = self.tiles.tma && g.wgmma && kmajor && !g.f32_operands() && weight_box_fits;
-            // in phase order a stage's 32 reduction indices must lie in one tap for the
-            // weight's TMA box to be one box: the output channels per group a multiple of 32
+            // in phase order a stage's `bk` reduction indices must lie in one tap for the
+            // weight's TMA box to be one box: the output channels per group a multiple of `bk`
             if g.phases && !phase_box_fits {
                 g.tma = false;
             }
@@ -400,6 +412,7 @@ fn geom(p: &Plan, i: usize, tensor_cores: bool, f32: F32Math, nhwc: bool) -> Con
         tf32: tensor_cores && f32 == F32Math::Tf32,
         // set per launch (`gemm_launch`): it is the data gradient's alone
         phases: false,
+        k64: false,
     }
 }
 
@@ -416,6 +429,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         opts.tiles.f32_math(),
         opts.tiles.wgmma,
         opts.tiles.tma,
+        opts.tiles.k64,
         opts.tiles.stages != 0,
     )
     .map_err(err)?;

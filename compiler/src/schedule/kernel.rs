@@ -161,6 +161,17 @@ pub struct ConvGeom {
     /// masked, as without `phases`. Name suffix `_ph`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub phases: bool,
+    /// A bf16 forward or data-gradient `wgmma` pass (only with `wgmma`, bf16 operands, and a
+    /// reduction of at least 64; see [`super::Tiles::k64`]) whose stages hold 64 reduction
+    /// indices instead of 32: rows of
+    /// 128 bytes in the 128-byte swizzle mode (chunk `c` of row `r` at chunk `c ^ (r % 8)`,
+    /// 1024-byte atoms), four `wgmma` k16 steps per stage and barrier instead of two. With
+    /// `tma` the boxes are 64 reduction indices wide (the weight's reduction at least 64, and
+    /// a stage within one tap: channels per group multiples of 64 for the activation's box
+    /// and for a data gradient in phase order). Changes no value's algebra (the same products,
+    /// the same k order). Name suffix `_k64`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub k64: bool,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -173,6 +184,11 @@ pub const STATIC_SMEM: u32 = 48 * 1024;
 /// What a tensor-core GEMM's own shared-memory array may take of [`STATIC_SMEM`]: the
 /// epilogue's reduction arrays (2 x 16 x 17 f32) and small prelude arrays need the rest.
 pub const TC_STATIC_SMEM: u32 = 46 * 1024;
+
+/// The ring a [`ConvGeom::k64`] pass takes by default (dynamic shared memory): as many
+/// stages, 2 to 4, as fit in 96 KiB (128x128: 3 stages of 32 KiB; 128x64 and 64x128: 4 of 24;
+/// 64x64: 4 of 16), so that two blocks of the largest tile share a Hopper SM's 228 KiB.
+pub const K64_SMEM: u32 = 96 * 1024;
 
 /// Channels per block of an NHWC channel reduction ([`KernelSpec::ChannelSums`],
 /// [`KernelSpec::BnBwdReduce`]): `threadIdx.x`, so a half-warp reads 16 consecutive channels
@@ -323,6 +339,16 @@ impl ConvGeom {
         self.tensor_cores && (self.tf32 || self.tf32x3)
     }
 
+    /// Reduction indices per stage of the `cp.async` ring (and per TMA box): 64 with
+    /// [`ConvGeom::k64`], else 32.
+    pub fn bk(&self) -> u32 {
+        if self.k64 {
+            64
+        } else {
+            32
+        }
+    }
+
     /// Whether the data gradient of this convolution can run in phase order
     /// ([`ConvGeom::phases`]): a stride above 1 and an input whose height and width are
     /// multiples of it (every phase the same number of pixels).
@@ -334,7 +360,7 @@ impl ConvGeom {
 
     fn tag(&self) -> String {
         format!(
-            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}{}{}",
+            "i{}x{}_o{}x{}_k{}s{}p{}g{}{}{}{}{}{}{}{}{}{}{}",
             self.in_h,
             self.in_w,
             self.out_h,
@@ -353,6 +379,7 @@ impl ConvGeom {
             if self.nhwc { "_nhwc" } else { "" },
             if self.vec { "_v8" } else { "" },
             if self.wgmma { "_wg" } else { "" },
+            if self.k64 { "_k64" } else { "" },
             if self.stages != 0 {
                 format!("_s{}", self.stages)
             } else {
@@ -379,7 +406,8 @@ impl ConvGeom {
     /// rows of `rows + 8` / `cols + 8` (either way the fragment reads of a warp, 8 rows x 4
     /// reduction indices, fall in 32 distinct banks), or for `wgmma` (plain TF32) two halves of
     /// 16 reduction indices, each in bf16's swizzled rows of 64 bytes. Stages: `stages` when
-    /// set, else as many as fit in [`TC_STATIC_SMEM`], 2 to 4.
+    /// set, else as many as fit in [`TC_STATIC_SMEM`] (in [`K64_SMEM`] with
+    /// [`ConvGeom::k64`], whose stages hold 64 reduction indices: rows of 128 bytes), 2 to 4.
     pub fn async_smem(&self, kmajor: bool) -> AsyncSmem {
         let t = self.tile;
         let stage_bytes = if self.f32_operands() {
@@ -392,7 +420,8 @@ impl ConvGeom {
                 128 * (t.rows + t.cols + 16)
             }
         } else if self.wgmma && kmajor && t.rows >= 64 {
-            (t.rows + t.cols) * 64
+            // rows of 64 or (`k64`) 128 bytes, the swizzle's
+            (t.rows + t.cols) * 2 * self.bk()
         } else if kmajor {
             (t.rows + t.cols) * 80
         } else {
@@ -407,6 +436,8 @@ impl ConvGeom {
         };
         let stages = if self.stages != 0 {
             self.stages
+        } else if self.k64 {
+            (K64_SMEM / stage_bytes).clamp(2, 4)
         } else {
             ((TC_STATIC_SMEM.saturating_sub(2 * transposed)) / stage_bytes).clamp(2, 4)
         };
@@ -745,12 +776,12 @@ impl KernelSpec {
     }
 
     /// The TMA box of the activation operand (A) of a forward or data-gradient convolution
-    /// with [`ConvGeom::tma`] launched with `scalars`, innermost first `[32, w, h, n]`, when
+    /// with [`ConvGeom::tma`] launched with `scalars`, innermost first `[bk, w, h, n]`, when
     /// one stage of A is such a box; `None` otherwise (A then arrives by `cp.async`).
     ///
-    /// A stage is 32 reduction indices `(kh, kw, c)` with `c` fastest, so it is one tap's
-    /// 32 consecutive channels when the channels per group (`ICG` forward, `OCG` data
-    /// gradient) are a multiple of 32. Its rows are the tile's `rows` consecutive pixels `m`
+    /// A stage is `bk` ([`ConvGeom::bk`]: 32, or 64 with `k64`) reduction indices `(kh, kw,
+    /// c)` with `c` fastest, so it is one tap's `bk` consecutive channels when the channels
+    /// per group (`ICG` forward, `OCG` data gradient) are a multiple of `bk`. Its rows are the tile's `rows` consecutive pixels `m`
     /// of the GEMM's image grid (`OH x OW` forward, `IH x IW` data gradient), which are a box
     /// of the NHWC tensor when they are part of one image row (`W % rows == 0`), whole rows
     /// of one image (`rows % W == 0`, `(H W) % rows == 0`) or whole images (`rows % (H W) ==
@@ -767,17 +798,17 @@ impl KernelSpec {
             }
             _ => return None,
         };
-        let r = g.tile.rows;
+        let (r, bk) = (g.tile.rows, g.bk());
         let cg = ch / g.groups as u64;
-        if g.stride != 1 || cg == 0 || !cg.is_multiple_of(32) || w == 0 || h == 0 {
+        if g.stride != 1 || cg == 0 || !cg.is_multiple_of(u64::from(bk)) || w == 0 || h == 0 {
             return None;
         }
         let bx = if w.is_multiple_of(r) {
-            [32, r, 1, 1]
+            [bk, r, 1, 1]
         } else if r.is_multiple_of(w) && (h * w).is_multiple_of(r) {
-            [32, w, r / w, 1]
+            [bk, w, r / w, 1]
         } else if r.is_multiple_of(h * w) {
-            [32, w, h, r / (h * w)]
+            [bk, w, h, r / (h * w)]
         } else {
             return None;
         };
@@ -788,7 +819,7 @@ impl KernelSpec {
 
     /// The weight operand's GEMM shape per group as its tensor map `tmw` sees it
     /// ([`KernelSpec::tmaps`]): the reduction length and the B operand's columns.
-    pub(crate) fn weight_gemm(&self, scalars: &[ScalarArg]) -> Option<(u64, u64)> {
+    pub fn weight_gemm(&self, scalars: &[ScalarArg]) -> Option<(u64, u64)> {
         let (g, fwd) = match self {
             KernelSpec::ConvFwd { g, .. } => (g, true),
             KernelSpec::ConvBwdData { g, .. } => (g, false),
@@ -807,23 +838,24 @@ impl KernelSpec {
         })
     }
 
-    /// Whether the weight's tensor map for a tile of `cols` columns has a box no larger than
-    /// its tensor ([`TmapArg`]): a reduction of at least 32 and at least `cols` columns per
-    /// group. Elsewhere the weights come by `cp.async`.
-    pub fn weight_box_fits(&self, scalars: &[ScalarArg], cols: u32) -> bool {
+    /// Whether the weight's tensor map for a tile of `cols` columns and stages of `bk`
+    /// reduction indices has a box no larger than its tensor ([`TmapArg`]): a reduction of at
+    /// least `bk` and at least `cols` columns per group. Elsewhere the weights come by
+    /// `cp.async`.
+    pub fn weight_box_fits(&self, scalars: &[ScalarArg], cols: u32, bk: u32) -> bool {
         self.weight_gemm(scalars)
-            .is_some_and(|(red, rows)| red >= 32 && rows >= u64::from(cols))
+            .is_some_and(|(red, rows)| red >= u64::from(bk) && rows >= u64::from(cols))
     }
 
     /// The tensor maps a launch of this kernel with `buffers` and `scalars` passes
-    /// ([`KernelSpec::tmap_params`]), in the 64-byte swizzle mode the `wgmma` engine's stages
-    /// use.
+    /// ([`KernelSpec::tmap_params`]), in the swizzle mode the `wgmma` engine's stages use: 64
+    /// bytes, or 128 with [`ConvGeom::k64`].
     ///
     /// - `tmw`: the packed `[g][row][k]` weight the pass reads ([`KernelSpec::PackWeight`]):
     ///   `dims = [k, rows per group, groups, 1]` with `k` the reduction length (`ICG * K * K`
     ///   forward, `OCG * K * K` for the data gradient) and `rows` the B operand's columns
-    ///   (`OCG` forward, `ICG` data gradient); the box is a stage's B tile, 32 reduction
-    ///   indices (64 bytes) of `tile.cols` rows.
+    ///   (`OCG` forward, `ICG` data gradient); the box is a stage's B tile, [`ConvGeom::bk`]
+    ///   reduction indices (64 or 128 bytes) of `tile.cols` rows.
     /// - `tmx` ([`ConvGeom::tma_a`]): the NHWC activation operand (`x` forward, `dy` data
     ///   gradient), `dims = [C, W, H, n]`, with the box of [`KernelSpec::act_box`].
     pub fn tmaps(&self, buffers: &[BufArg], scalars: &[ScalarArg]) -> Vec<TmapArg> {
@@ -845,8 +877,8 @@ impl KernelSpec {
         let mut maps = vec![TmapArg {
             buffer: w,
             dims: [red, rows, g.groups as u64, 1],
-            box_dim: [32, g.tile.cols, 1, 1],
-            swizzle: 64,
+            box_dim: [g.bk(), g.tile.cols, 1, 1],
+            swizzle: 2 * g.bk(),
         }];
         if g.tma_a {
             let (name, c, h, wd) = if fwd {
@@ -862,7 +894,7 @@ impl KernelSpec {
                     buffer: a,
                     dims: [c, wd as u64, h as u64, int("n")],
                     box_dim: bx,
-                    swizzle: 64,
+                    swizzle: 2 * g.bk(),
                 });
             }
         }
@@ -1057,6 +1089,7 @@ impl KernelSpec {
         }
         g.tile = TcTile::DEFAULT;
         g.wgmma = false;
+        g.k64 = false;
         g.stages = 0;
         // decided by the builder after the tile's lookup (they depend on the tile): a key
         // with them would never be the key the builder looks up
@@ -1606,6 +1639,7 @@ mod tests {
             tf32x3: false,
             tf32: false,
             phases: false,
+            k64: false,
         }
     }
 

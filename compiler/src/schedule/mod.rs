@@ -365,6 +365,12 @@ pub struct Tiles {
     /// sums with about `1 / S^2` of the taps; this is the baseline to measure it against.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dense_dgrad: bool,
+    /// With `wgmma`: the bf16 forward and data-gradient warpgroup-MMA convolutions take
+    /// stages of 64 reduction indices (rows of 128 bytes, 128-byte swizzle; four k16 `wgmma`
+    /// steps per barrier instead of two) in dynamic shared memory ([`ConvGeom::k64`]). Off by
+    /// default; meaningless without `wgmma`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub k64: bool,
 }
 
 /// How the convolutions of a `--precision f32` schedule compute ([`Tiles::tf32`],
@@ -414,7 +420,7 @@ pub const TF32_WITH_BF16: &str = "--tf32 and --tf32x3 move the f32 convolutions 
 
 /// Whether the engine flags go together with `precision` and the f32 engine `f32`: `--wgmma`
 /// runs the bf16 and the plain TF32 (`--tf32`) tensor-core convolutions, not 3xTF32's; `--tma`
-/// (`tma`) loads bf16 operands only; `--stages` (`stages`) sets the `cp.async` pipelines,
+/// (`tma`) loads bf16 operands only, and `--k64` (`k64`) widens bf16's stages only; `--stages` (`stages`) sets the `cp.async` pipelines,
 /// which bf16 and the TF32 engines (`--tf32`, `--tf32x3`) have and the fp32 FMA engine does
 /// not; TF32 is for f32. The one check behind the compiler's and the CLI's errors.
 pub fn check_engine_flags(
@@ -422,9 +428,14 @@ pub fn check_engine_flags(
     f32: F32Math,
     wgmma: bool,
     tma: bool,
+    k64: bool,
     stages: bool,
 ) -> Result<(), String> {
     match precision {
+        Precision::F32 if k64 => Err(
+            "--k64 widens the stages of the bf16 warpgroup-MMA convolutions, which run only with --precision bf16"
+                .into(),
+        ),
         Precision::F32 if tma => Err(
             "--tma loads the bf16 tensor-core convolutions' operands, which run only with --precision bf16"
                 .into(),
@@ -458,6 +469,7 @@ impl Tiles {
             tf32x3: false,
             tf32: false,
             dense_dgrad: false,
+            k64: false,
         }
     }
 
@@ -465,6 +477,11 @@ impl Tiles {
     pub fn check(&self) -> Result<(), String> {
         if self.tma && !self.wgmma {
             return Err("--tma feeds Hopper's warpgroup MMA: it needs --wgmma".to_string());
+        }
+        if self.k64 && !self.wgmma {
+            return Err(
+                "--k64 widens the stages of Hopper's warpgroup MMA: it needs --wgmma".to_string(),
+            );
         }
         if self.tf32 && self.tf32x3 {
             return Err(TF32_AND_TF32X3.to_string());

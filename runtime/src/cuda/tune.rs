@@ -85,13 +85,14 @@ pub struct TuneReport {
 }
 
 /// The cache file for `gpu` under the PTX cache's folder, one per engine: `-wgmma` for
-/// Hopper's warpgroup MMA, `-tma` for its weights by TMA ([`Tiles::tma`]), `-s<n>` for `n`
-/// pipeline stages ([`Tiles::stages`]).
+/// Hopper's warpgroup MMA, `-tma` for its weights by TMA ([`Tiles::tma`]), `-k64` for its
+/// stages of 64 ([`Tiles::k64`]), `-s<n>` for `n` pipeline stages ([`Tiles::stages`]).
 pub fn cache_path(
     gpu: &Gpu,
     cache: &ModuleCache,
     wgmma: bool,
     tma: bool,
+    k64: bool,
     stages: u32,
 ) -> Option<PathBuf> {
     let info = gpu.info();
@@ -114,9 +115,10 @@ pub fn cache_path(
     let (ma, mi) = info.compute_capability;
     cache.root().map(|d| {
         d.join("tiles").join(format!(
-            "{slug}-sm{ma}{mi}{}{}{}.json",
+            "{slug}-sm{ma}{mi}{}{}{}{}.json",
             if wgmma { "-wgmma" } else { "" },
             if tma { "-tma" } else { "" },
+            if k64 { "-k64" } else { "" },
             if stages != 0 {
                 format!("-s{stages}")
             } else {
@@ -133,11 +135,12 @@ fn load(path: &Option<PathBuf>) -> BTreeMap<String, Choice> {
         .unwrap_or_default()
 }
 
-/// The tensor-core engine the bases ask for (`wgmma`, `tma`, `stages`, the f32 engine): the
-/// search times candidate tiles on it.
+/// The tensor-core engine the bases ask for (`wgmma`, `tma`, `k64`, `stages`, the f32
+/// engine): the search times candidate tiles on it.
 struct Engine {
     wgmma: bool,
     tma: bool,
+    k64: bool,
     stages: u32,
     f32_math: schedule::F32Math,
     dense_dgrad: bool,
@@ -148,6 +151,7 @@ impl Engine {
         Engine {
             wgmma: bases.iter().any(|o| o.tiles.wgmma),
             tma: bases.iter().any(|o| o.tiles.tma),
+            k64: bases.iter().any(|o| o.tiles.k64),
             stages: bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0),
             dense_dgrad: bases.iter().any(|o| o.tiles.dense_dgrad),
             f32_math: bases
@@ -168,6 +172,7 @@ impl Engine {
         let tiles = Tiles {
             wgmma: self.wgmma,
             tma: self.tma,
+            k64: self.k64,
             stages: self.stages,
             dense_dgrad: self.dense_dgrad,
             ..tiles
@@ -264,6 +269,7 @@ pub fn fixed_tiles(bases: &[Options], mode: TileMode) -> Option<Tiles> {
         Tiles {
             wgmma: e.wgmma,
             tma: e.tma,
+            k64: e.k64,
             stages: e.stages,
             dense_dgrad: e.dense_dgrad,
             ..Tiles::all(t)
@@ -292,7 +298,7 @@ pub fn choose_tiles(
             }
         }
     }
-    let path = cache_path(gpu, cache, wgmma, tma, stages);
+    let path = cache_path(gpu, cache, wgmma, tma, engine.k64, stages);
     let mut report = TuneReport {
         mode: match mode {
             TileMode::Auto => "auto".into(),
@@ -396,6 +402,7 @@ pub fn choose_tiles(
     let mut tiles = Tiles {
         wgmma,
         tma,
+        k64: engine.k64,
         stages,
         dense_dgrad: engine.dense_dgrad,
         ..Tiles::default()
