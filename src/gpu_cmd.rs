@@ -866,21 +866,31 @@ pub fn selftest_jobs(
     // the tensor memory accelerator (`--tma`) on its own network (TMAA_NET: no box larger
     // than its tensor): the weights, and the activations of the stride-1 convs, by TMA; the
     // fused training step and inference at the default tile, launch by launch and whole, and
-    // a 4-stage 128x64 ring that keeps a wgmma in flight while TMA refills a slot
+    // a 4-stage 128x64 ring that keeps a wgmma in flight while TMA refills a slot; then the
+    // same with stages of 64 (`--k64`: rows of 128 bytes in the 128-byte swizzle, boxes of
+    // 64): the step and inference at the default tile (4 stages, a wgmma in flight), and the
+    // step's launches at 128x64 with 3 stages (none in flight)
     if cc == (9, 0) {
         nets.push(("tmaa".into(), builtin_in("3x16x16", TMAA_NET)?));
         let net = nets.len() - 1;
-        for (mode, tile, stages, launches_only) in [
-            (Mode::Train, TcTile::DEFAULT, 0, false),
-            (Mode::Infer, TcTile::DEFAULT, 0, false),
-            (Mode::Train, t128x64, 4, true),
+        for (mode, tile, stages, launches_only, k64) in [
+            (Mode::Train, TcTile::DEFAULT, 0, false, false),
+            (Mode::Infer, TcTile::DEFAULT, 0, false, false),
+            (Mode::Train, t128x64, 4, true, false),
+            (Mode::Train, TcTile::DEFAULT, 0, false, true),
+            (Mode::Infer, TcTile::DEFAULT, 0, false, true),
+            (Mode::Train, t128x64, 3, true, true),
         ] {
             jobs.push(Job {
-                label: if stages == 0 {
-                    format!("tmaa wgmma tma tile {tile}")
-                } else {
-                    format!("tmaa wgmma tma stages {stages} tile {tile}")
-                },
+                label: format!(
+                    "tmaa wgmma tma{}{} tile {tile}",
+                    if k64 { " k64" } else { "" },
+                    if stages != 0 {
+                        format!(" stages {stages}")
+                    } else {
+                        String::new()
+                    }
+                ),
                 net,
                 mode,
                 precision: Precision::Bf16,
@@ -889,6 +899,7 @@ pub fn selftest_jobs(
                 tiles: schedule::Tiles {
                     wgmma: true,
                     tma: true,
+                    k64,
                     stages,
                     ..schedule::Tiles::all(tile)
                 },

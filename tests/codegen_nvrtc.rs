@@ -496,6 +496,67 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
     }
 }
 
+/// Stages of 64 (`Tiles::k64`): WRN-28-10's bf16 training step at every tile of at least 64
+/// rows, with operands by `cp.async` and by TMA, compiles for `sm_90a` with `_k64` kernels
+/// (four k16 steps on the 128-byte swizzle's descriptors), no spills, no stack frame, no
+/// ptxas note (no serialized `wgmma`), and each `_k64` kernel's ring in dynamic shared memory
+/// at most [`schedule::K64_SMEM`] plus the alignment slack.
+#[test]
+fn k64_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
+    if !nvrtc_available() {
+        return;
+    }
+    let _g = one_at_a_time();
+    let g = graph("WRN-28-10");
+    for tile in schedule::TcTile::CANDIDATES
+        .into_iter()
+        .filter(|t| t.rows >= 64)
+    {
+        for tma in [false, true] {
+            let opts = Options {
+                mode: Mode::Train,
+                batch: 128,
+                precision: Precision::Bf16,
+                tiles: schedule::Tiles {
+                    wgmma: true,
+                    tma,
+                    k64: true,
+                    ..schedule::Tiles::all(tile)
+                },
+                ..Options::default()
+            };
+            let s = schedule::build(&g, &opts).unwrap();
+            let what = format!("{tile} tma {tma}");
+            let src = cuda::write(&s, &opts).unwrap();
+            assert!(src.contains("wrnc_wgmma_desc128(smem_, As_"), "{what}");
+            let r = nvrtc::ptxas_resources(&src, &s.nvrtc_arch("sm_90"))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let wide: Vec<_> = r.iter().filter(|k| k.name.contains("_k64")).collect();
+            assert!(
+                wide.len() >= 8,
+                "{what}: {} kernels with stages of 64",
+                wide.len()
+            );
+            assert_no_spill_frame_or_note(&what, &r);
+            for k in s.kernels.iter().filter(|k| k.name.contains("_k64")) {
+                let d = k.spec.dynamic_smem();
+                assert!(
+                    d > schedule::TC_STATIC_SMEM && d <= schedule::K64_SMEM + 1024,
+                    "{what}: {}: {d}",
+                    k.name
+                );
+            }
+            let most = wide.iter().max_by_key(|k| k.registers).unwrap();
+            eprintln!(
+                "{what}: {} kernels with stages of 64, most registers {} ({})",
+                wide.len(),
+                most.registers,
+                most.name
+            );
+        }
+    }
+}
+
 /// ptxas's verdict on every kernel of a module (`what` names it in a failure): no spills, no
 /// stack frame (a wgmma's accumulators in local memory), no note (ptxas serializes wgmma,
 /// C7515, when it cannot keep the accumulators in place).

@@ -153,6 +153,13 @@ fn selftest_passes_on_the_fake_gpu() {
         })
         .count();
     assert!(tmaa >= 1, "{tmaa} tmaa checks");
+    // stages of 64 (`--k64`) on the same network: training and inference at the default
+    // tile, launch by launch and whole, and 3 stages of 128x64's training launches
+    let k64 = checks
+        .iter()
+        .filter(|c| c["what"].as_str().unwrap_or_default().contains(" k64 "))
+        .count();
+    assert!(k64 >= 5, "{k64} k64 checks");
     // f32 convolutions as 3xTF32 (`--tf32x3`): training and inference, launch by launch and
     // whole, two more tiles' training launches and the unfused step, at f32's tolerance
     let x3: Vec<_> = checks
@@ -1024,6 +1031,37 @@ fn tma_bench_runs_on_the_fake_hopper() {
     let (code, err) = bench_once(tmp.path(), V8_NET, "f32", &["--tma"]).unwrap_err();
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--tma"), "{err}");
+}
+
+/// `wrnc bench --k64` (stages of 64 reduction indices on wgmma, implying `--wgmma`) runs on
+/// the fake Hopper with and without `--tma`, its rings in dynamic shared memory, with 64-wide
+/// boxes in the 128-byte swizzle (the fake driver refuses a box whose row is not the
+/// swizzle's), and the JSON says so; with f32 it is refused.
+#[test]
+fn k64_bench_runs_on_the_fake_hopper() {
+    let tmp = tempfile::tempdir().unwrap();
+    for extra in [&["--k64"][..], &["--k64", "--tma"][..]] {
+        let v = bench_once(tmp.path(), WIDE_NET, "bf16", extra).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            (&v["k64"], &v["wgmma"]),
+            (&Value::Bool(true), &Value::Bool(true)),
+            "{v}"
+        );
+        for part in ["train_step_ms", "infer_ms"] {
+            assert!(
+                v[part]["fused"].as_f64().is_some_and(|x| x > 0.0),
+                "{extra:?} {part}: {v}"
+            );
+        }
+        if extra.contains(&"--tma") {
+            for r in v["runs"].as_array().unwrap() {
+                assert!(r["tma_launches"].as_u64().unwrap() >= 2, "{r}");
+            }
+        }
+    }
+    let (code, err) = bench_once(tmp.path(), V8_NET, "f32", &["--k64"]).unwrap_err();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--k64"), "{err}");
 }
 
 /// `wrnc bench --dense-dgrad` (the strided data gradients over every tap, the baseline of

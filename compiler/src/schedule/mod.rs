@@ -22,7 +22,7 @@ pub use build::{build, lower, sgd_table};
 pub use kernel::{channel_reduce_shape, NHWC_RED_CH, NHWC_RED_LANES};
 pub use kernel::{
     Access, AsyncSmem, BufParam, ConvGeom, ElemKind, EpilogueFlags, KernelSpec, PrologueFlags,
-    ScalarKind, TcTile, MAX_STAGES, STATIC_SMEM, TC_STATIC_SMEM,
+    ScalarKind, TcTile, K64_SMEM, MAX_STAGES, STATIC_SMEM, TC_STATIC_SMEM,
 };
 
 use crate::ast::Precision;
