@@ -33,11 +33,11 @@ fi
 [ -x target/release/wrnc ] || cargo build --release
 tiny='network "tiny" { conv(3x3, 8, stride=2) residual { body bn relu conv(3x3, 8) } bn relu gap fc }'
 OUT="$out/gpu-out" RESULTS="$out/results" WRNC=target/release/wrnc WRNC_DATA_DIR="$data" \
-BENCH_NET="$tiny" BENCH_BATCH=4 BENCH_ARGS="--warmup 1 --iters 2" BENCH_TIMEOUT=1200 WGMMA_TIMEOUT=1200 TF32_TIMEOUT=1200 TF32WG_TIMEOUT=1200 TUNED_TIMEOUT=1200 FUSION_NET="$tiny" FUSION_TIMEOUT=1200 TF32X3_TIMEOUT=1200 TMA_TIMEOUT=1200 DEEP_TIMEOUT=1200 DGRAD_TIMEOUT=1200 \
+BENCH_NET="$tiny" BENCH_BATCH=4 BENCH_ARGS="--warmup 1 --iters 2" BENCH_TIMEOUT=1200 WGMMA_TIMEOUT=1200 TF32_TIMEOUT=1200 TF32WG_TIMEOUT=1200 TUNED_TIMEOUT=1200 FUSION_NET="$tiny" FUSION_TIMEOUT=1200 TF32X3_TIMEOUT=1200 TMA_TIMEOUT=1200 K64_TIMEOUT=1200 DEEP_TIMEOUT=1200 DGRAD_TIMEOUT=1200 \
 TRAIN_NET="$tiny" TRAIN_EPOCHS=1 TRAIN_SECONDS=1200 \
 TRAIN_ARGS="--batch-size 16 --subset 64 --test-subset 64" \
 WRNC_FAKE_HOME="$out/fake" WRNC_CACHE_DIR="$out/cache" \
-    bash scripts/fakegpu.sh bash bench/run_gpu.sh info bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep dgrad train train_bf16 assemble
+    bash scripts/fakegpu.sh bash bench/run_gpu.sh info bench tf32 tf32wg tuned fusion wgmma k64 tf32x3 tma deep dgrad train train_bf16 assemble
 # What the GPU session's results file must hold.
 python3 - "$out/results" <<'PY'
 import glob, json, sys
@@ -53,6 +53,7 @@ for prec in ["f32", "bf16"]:
             assert r[prec][k][v] is not None, (prec, k, v)
 for k in ["train_step_ms", "infer_ms"]:
     assert r["bf16"][k]["wrnc_fused_wgmma"] is not None, k
+    assert r["bf16"][k]["wrnc_fused_k64"] is not None, k
     assert r["bf16"][k]["wrnc_fused_tuned"] is not None, k
     assert r["bf16"][k]["wrnc_fused_deep"] is not None, k
     assert r["bf16"][k]["wrnc_fused_tma"] is not None, k
@@ -61,6 +62,7 @@ for prec in ["f32", "bf16"]:
         p = r[prec]["profile"][v]
         assert p["kernels"] and p["gemm_tflops"] is not None, (prec, v, p)
 assert r["f32"]["profile_tf32wg"]["fused"]["kernels"], "tf32wg profile"
+assert r["bf16"]["profile_k64"]["fused"]["kernels"], "k64 profile"
 for v in ["phases", "dense"]:
     assert r["bf16"]["dgrad_phases"]["train_step_ms"][v] is not None, v
 for v in ["wrnc_fused_tf32x3", "wrnc_unfused_tf32x3", "wrnc_fused_tf32", "wrnc_unfused_tf32",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep dgrad issue6 train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 k64 tma deep dgrad issue6 train train_bf16 assemble
 #                                    (and, on the build machine before the carry: precompile)
 #                                    (default: info selftest tiles bench train assemble)
 #
@@ -233,7 +233,7 @@ stage_first() {
 
 # ONE call that does what the must-shows need, in priority order, inside SESSION_SECONDS
 # (default 570; set it from the device's budget left): `first` (measured alone); the optional
-# benches (tf32, tf32wg, tuned, fusion, wgmma, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
+# benches (tf32, tf32wg, tuned, fusion, wgmma, k64, tf32x3; tma and deep when asked) only while they leave SESSION_RESERVE
 # (240 s) for the rest; then the CIFAR-10 training run (foreground) and the examples'
 # selftest (background, the slowest first) side by side until one deadline 25 s before the
 # budget ends (the selftest is CPU-bound: its f64 reference and NVRTC; neither run's speed is
@@ -271,6 +271,9 @@ stage_session() {
     optional "${BENCH_FUSION:-1}" "${FUSION_TIMEOUT:-120}" stage_fusion
     # Hopper's warpgroup MMA (issue 6's sm_90 step), fused, beside `first`'s mma.sync figures
     WGMMA_TILES=${WGMMA_TILES:-default} optional "${BENCH_WGMMA:-1}" "${WGMMA_TIMEOUT:-120}" stage_wgmma
+    # the same with stages of 64 and both operands by TMA where they fit (--k64 --tma), the
+    # training step profiled kernel by kernel: the wgmma engine as designed to run fastest
+    optional "${BENCH_K64:-1}" "${K64_TIMEOUT:-120}" stage_k64
     # f32 on the tensor cores as 3xTF32 (--tf32x3), fused and unfused: issue 5's f32 ratio
     # with the convolutions at tensor-core speed, beside `first`'s FMA-engine figures
     optional "${BENCH_TF32X3:-1}" "${TF32X3_TIMEOUT:-150}" stage_tf32x3
@@ -398,6 +401,16 @@ stage_tma() {
     # shellcheck disable=SC2086
     run bench_wrnc_bf16_tma "${TMA_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
         --tma --fused-only $BENCH_ARGS --json
+}
+
+# bf16 with --k64 --tma (wgmma stages of 64 reduction indices in the 128-byte swizzle, the
+# operands by TMA where their boxes fit; sm_90 only) at the default tile, fused only, the
+# training step profiled (--profile)
+stage_k64() {
+    find_nvrtc
+    # shellcheck disable=SC2086
+    run bench_wrnc_bf16_k64 "${K64_TIMEOUT:-120}" "$WRNC" bench "$NET" --batch "$BATCH" --precision bf16 \
+        --k64 --tma --tiles "${K64_TILES:-default}" --fused-only --profile $BENCH_ARGS --json
 }
 
 # the data gradients of strided convolutions in phase order (the default) against every tap
@@ -611,14 +624,18 @@ for prec, b in [("f32", f32), ("bf16", bf16)]:
         # where the step's time goes, kernel by kernel (`wrnc bench --profile`)
         "profile": profile(b),
     }
-# the fused-only bf16 benches beside `first`'s: on wgmma, and at searched tiles
-for eng in ["wgmma", "tuned"]:
+# the fused-only bf16 benches beside `first`'s: on wgmma, with stages of 64, and at searched
+# tiles
+for eng in ["wgmma", "k64", "tuned"]:
     b = load(f"bench_wrnc_bf16_{eng}.out")
     if b:
         out["bf16"]["train_step_ms"][f"wrnc_fused_{eng}"] = wr(b, "train_step_ms", "fused")
         out["bf16"]["infer_ms"][f"wrnc_fused_{eng}"] = wr(b, "infer_ms", "fused")
         out["bf16"]["latency_b1_ms"] = dict(out["bf16"]["latency_b1_ms"] or {}, **{f"fused_{eng}": wr(b, "latency_b1_ms", "fused")})
         out["bf16"][f"train_tflops_{eng}"] = (b.get("train_tflops") or {}).get("fused")
+k64 = load("bench_wrnc_bf16_k64.out")
+if k64:
+    out["bf16"]["profile_k64"] = profile(k64)
 tu = load("bench_wrnc_bf16_tuned.out")
 if tu:
     t = tu.get("tiles") or {}
@@ -727,10 +744,10 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|tma|deep|dgrad|issue6|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|k64|tma|deep|dgrad|issue6|train|train_bf16|assemble) "stage_$s" ;;
         precompile) stage_precompile || exit 1 ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 tma deep dgrad issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 k64 tma deep dgrad issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"
