@@ -7,14 +7,17 @@ For every wgmma run of the dump (a shared-memory image of random small integers 
 accumulator registers one `wgmma` left, runtime/src/cuda/probe.rs) it recomputes the registers
 under each combination of candidate readings and prints those that give every register
 exactly; likewise for each TMA box, the candidate landings that give every byte. wrnc's own
-reading is `A swz64, B swz64, fragments mma` (wgmma) and `swz64` (TMA); the selftest already
+reading is `A swz64, B swz64, fragments mma` for runs in rows of 64 bytes, `A swz128, B
+swz128, fragments mma` for rows of 128 (`--k64`), and `swz64` or `swz128` (TMA, the map's
+swizzle); the selftest already
 says whether that one holds, this says what holds instead.
 
-Candidates (every address is a byte offset inside the operand's region, rows of 64 bytes):
-- an operand's element (row, k) at `swz(row * 64 + k_byte + k * size)`, `swz` one of the
-  swizzle modes (none, 32, 64 or 128 bytes: chunk bits 4.. XORed with bits 7..), or with its
-  8-row atoms 1024 bytes apart (`swz64-sbo1024`), or, for B only, N-major (`nmajor`:
-  element (k, n) at `k * 32 + n * size`, unswizzled);
+Candidates (every address is a byte offset inside the operand's region, rows of W bytes, the
+run's `row`: 64 or 128):
+- an operand's element (row, k) at `swz(row * W + k_byte + k * size)`, `swz` one of the
+  swizzle modes (none, 32, 64 or 128 bytes: chunk bits 4.. XORed with bits 7..), or in W's
+  swizzle with its 8-row atoms twice as far apart (`swzW-sbo2x`), or, for B only, N-major
+  (`nmajor`: element (k, n) at `k * 32 + n * size`, unswizzled);
 - the accumulators in mma.sync's C layout per warp (`mma`: what wrnc assumes) or with rows and
   columns of each 8x8 block exchanged (`mma-t`).
 Pure Python (no numpy): the GPU machine has Python, this needs nothing else.
@@ -24,22 +27,22 @@ import json
 import struct
 import sys
 
-PROBE_B = 4096
-
-
 def swizzle(bits):
     """The swizzle of `bits` chunk bits: bits 4.. XORed with bits 7.. (0: none)."""
     mask = (1 << bits) - 1
     return lambda a: a ^ (((a >> 7) & mask) << 4)
 
 
-READINGS = {
-    "none": lambda r, kb: r * 64 + kb,
-    "swz32": lambda r, kb: swizzle(1)(r * 64 + kb),
-    "swz64": lambda r, kb: swizzle(2)(r * 64 + kb),
-    "swz128": lambda r, kb: swizzle(3)(r * 64 + kb),
-    "swz64-sbo1024": lambda r, kb: swizzle(2)((r // 8) * 1024 + (r % 8) * 64 + kb),
-}
+def readings(w):
+    """The candidate readings of an operand in rows of `w` bytes: (row, byte in row) -> byte."""
+    own = {64: 2, 128: 3}[w]
+    return {
+        "none": lambda r, kb: r * w + kb,
+        "swz32": lambda r, kb: swizzle(1)(r * w + kb),
+        "swz64": lambda r, kb: swizzle(2)(r * w + kb),
+        "swz128": lambda r, kb: swizzle(3)(r * w + kb),
+        f"swz{w}-sbo2x": lambda r, kb: swizzle(own)((r // 8) * 16 * w + (r % 8) * w + kb),
+    }
 
 
 def element(img, at, tf32):
@@ -63,14 +66,17 @@ def position(frag, t, i, j):
 def wgmma_matches(run):
     img = bytes.fromhex(run["image"])
     tf32, n, kbyte = run["tf32"], run["n"], run["k_byte"]
+    # (dumps from before rows of 128 bytes: rows of 64, B at 4096)
+    w, probe_b = run.get("row", 64), run.get("b_offset", 4096)
     size, ks = (4, 8) if tf32 else (2, 16)
     out = run["out"]
     regs = n // 2
     found = []
-    b_readings = dict(READINGS)
+    a_readings = readings(w)
+    b_readings = dict(a_readings)
     b_readings["nmajor"] = None
     for (an, af), (bn, bf), frag in itertools.product(
-        READINGS.items(), b_readings.items(), ["mma", "mma-t"]
+        a_readings.items(), b_readings.items(), ["mma", "mma-t"]
     ):
         a = {}
         for r in range(64):
@@ -80,7 +86,7 @@ def wgmma_matches(run):
         for c in range(n):
             for k in range(ks):
                 at = (k * 32 + c * size) if bf is None else bf(c, kbyte + k * size)
-                b[c, k] = element(img, PROBE_B + at, tf32)
+                b[c, k] = element(img, probe_b + at, tf32)
         ok = True
         for t in range(128):
             for i in range(regs // 4):
@@ -102,9 +108,11 @@ def wgmma_matches(run):
     return found
 
 
-def tma_matches(run, dims=(96, 40), box=(32, 16)):
+def tma_matches(run, dims=(96, 40)):
     landed = bytes.fromhex(run["landed"])
     c0, c1 = run["c0"], run["c1"]
+    # a box of rows of the map's swizzle (dumps from before the 128-byte one: 64)
+    box = (run.get("swizzle", 64) // 2, 16)
     found = []
     for name, f in [("none", swizzle(0)), ("swz32", swizzle(1)), ("swz64", swizzle(2)), ("swz128", swizzle(3))]:
         want = bytearray(len(landed))
@@ -127,14 +135,17 @@ def main():
     print(f"device: {d.get('device', {}).get('name', '?')}")
     bad = 0
     for run in d.get("wgmma", []):
-        what = f"wgmma {'tf32' if run['tf32'] else 'bf16'} m64n{run['n']} at byte {run['k_byte']}"
+        w = run.get("row", 64)
+        what = f"wgmma {'tf32' if run['tf32'] else 'bf16'} m64n{run['n']} in {w}-byte rows at byte {run['k_byte']}"
         found = wgmma_matches(run)
-        bad += "A swz64, B swz64, fragments mma" not in found
+        bad += f"A swz{w}, B swz{w}, fragments mma" not in found
         print(f"{what}: {'; '.join(found) if found else 'no candidate reading explains it'}")
     for run in d.get("tma", []):
         found = tma_matches(run)
-        bad += "swz64" not in found
-        print(f"TMA box at ({run['c0']}, {run['c1']}): {', '.join(found) if found else 'no candidate landing explains it'}")
+        sw = run.get("swizzle", 64)
+        bad += f"swz{sw}" not in found
+        print(f"TMA box at ({run['c0']}, {run['c1']}) in the {sw}-byte swizzle: "
+              f"{', '.join(found) if found else 'no candidate landing explains it'}")
     print("every run as wrnc reads it" if bad == 0 else f"{bad} runs not as wrnc reads them")
 
 

@@ -264,7 +264,8 @@ fn layout_probes_pass_and_tell_readings_apart() {
     let d: Value = serde_json::from_str(&std::fs::read_to_string(&dump).unwrap()).unwrap();
     // TMA: every box landed where wrnc reads it, and not where an unswizzled copy would put it
     let tma = d["tma"].as_array().unwrap();
-    assert_eq!(tma.len(), 3);
+    // three boxes in the 64-byte swizzle, three (64 wide) in the 128-byte one
+    assert_eq!(tma.len(), 6);
     for (i, r) in tma.iter().enumerate() {
         let landed = unhex(r["landed"].as_str().unwrap());
         assert_eq!(landed, probe::tma_expected(i), "box {i}");
@@ -273,12 +274,24 @@ fn layout_probes_pass_and_tell_readings_apart() {
             probe::tma_expected_by(i, |a| a),
             "box {i}: unswizzled"
         );
+        if r["swizzle"] == 128 {
+            assert_eq!(landed.len(), 2048, "box {i}");
+            assert_ne!(
+                landed,
+                probe::tma_expected_by(i, probe::swizzle64),
+                "box {i}: the 64-byte swizzle"
+            );
+        }
     }
-    // the box over the edges: zeros where it hangs over, elements elsewhere
-    let edge = probe::tma_expected(2);
-    assert!(edge.iter().any(|&b| b != 0) && edge.chunks(2).any(|c| c == [0, 0]));
+    // the boxes over the edges: zeros where they hang over, elements elsewhere
+    for i in [2, 5] {
+        let edge = probe::tma_expected(i);
+        assert!(edge.iter().any(|&b| b != 0) && edge.chunks(2).any(|c| c == [0, 0]));
+    }
     let runs = d["wgmma"].as_array().unwrap();
-    assert_eq!(runs.len(), 5);
+    // rows of 64 bytes (5 configurations) and of 128 (3: `--k64`'s stages)
+    assert_eq!(runs.len(), 8);
+    assert_eq!(runs.iter().filter(|r| r["row"] == 128).count(), 3);
     for (i, r) in runs.iter().enumerate() {
         let img = unhex(r["image"].as_str().unwrap());
         assert_eq!(img, probe::image(i));
@@ -299,6 +312,13 @@ fn layout_probes_pass_and_tell_readings_apart() {
             probe::expected_by(i, &img, |a| a ^ (((a >> 7) & 1) << 4)),
             "run {i}: 32-byte swizzle"
         );
+        // and the other of the two swizzles wrnc uses
+        let other = if r["row"] == 128 {
+            probe::expected_by(i, &img, probe::swizzle64)
+        } else {
+            probe::expected_by(i, &img, probe::swizzle128)
+        };
+        assert_ne!(out, other, "run {i}: the other swizzle");
     }
     // scripts/probe_analyze.py names the reading that explains a dump: wrnc's for this one,
     // and "no swizzle" for one whose registers are made as an unswizzled reading gives them
@@ -326,6 +346,11 @@ fn layout_probes_pass_and_tell_readings_apart() {
             5,
             "{t}"
         );
+        assert_eq!(
+            t.matches("A swz128, B swz128, fragments mma").count(),
+            3,
+            "{t}"
+        );
         assert!(t.contains("every run as wrnc reads it"), "{t}");
         let mut wrong = d.clone();
         for (i, r) in wrong["wgmma"]
@@ -339,8 +364,8 @@ fn layout_probes_pass_and_tell_readings_apart() {
         let wrong_path = dir.join("unswizzled.json");
         std::fs::write(&wrong_path, wrong.to_string()).unwrap();
         let t = analyze(&wrong_path).unwrap();
-        assert_eq!(t.matches("A none, B none, fragments mma").count(), 5, "{t}");
-        assert!(t.contains("5 runs not as wrnc reads them"), "{t}");
+        assert_eq!(t.matches("A none, B none, fragments mma").count(), 8, "{t}");
+        assert!(t.contains("8 runs not as wrnc reads them"), "{t}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -223,32 +223,38 @@ __device__ __forceinline__ void wrnc_wgmma_fence_acc{n}(float* d) {{
 }
 
 /// The configurations of the warpgroup-MMA layout probe ([`wgmma_probe_source`]), in the
-/// kernel's `config` order: `(tf32, n, k_byte)`: one `wgmma.mma_async.m64n<n>k16` (bf16) or
-/// `k8` (`tf32`) whose descriptors start `k_byte` bytes into the rows (0, or 32: the
-/// convolutions' second k-step).
-pub const WGMMA_PROBES: [(bool, u32, u32); 5] = [
-    (false, 16, 0),
-    (false, 16, 32),
-    (false, 128, 0),
-    (true, 16, 0),
-    (true, 16, 32),
+/// kernel's `config` order: `(tf32, n, k_byte, row)`: one `wgmma.mma_async.m64n<n>k16` (bf16)
+/// or `k8` (`tf32`) on operands in rows of `row` bytes in that swizzle mode (64:
+/// `wrnc_wgmma_desc`; 128: `wrnc_wgmma_desc128`, the stages of `--k64`) whose descriptors
+/// start `k_byte` bytes into the rows (0, or 32: the second k-step of a 64-byte row; 64 and
+/// 96 the third and fourth of a 128-byte one).
+pub const WGMMA_PROBES: [(bool, u32, u32, u32); 8] = [
+    (false, 16, 0, 64),
+    (false, 16, 32, 64),
+    (false, 128, 0, 64),
+    (true, 16, 0, 64),
+    (true, 16, 32, 64),
+    (false, 16, 0, 128),
+    (false, 16, 96, 128),
+    (false, 128, 64, 128),
 ];
 
 /// The probe kernel's name.
 pub const WGMMA_PROBE_KERNEL: &str = "wrnc_probe_wgmma";
 
-/// Bytes of the probe's shared-memory image: A (64 rows of 64 bytes) at 0, B (up to 128 rows
-/// of 64 bytes) at [`WGMMA_PROBE_B`].
-pub const WGMMA_PROBE_BYTES: u32 = 4096 + 8192;
+/// Bytes of the probe's shared-memory image: A (64 rows of up to 128 bytes) at 0, B (up to 128
+/// rows of up to 128 bytes) at [`WGMMA_PROBE_B`].
+pub const WGMMA_PROBE_BYTES: u32 = 8192 + 16384;
 
 /// Where B starts in the probe's shared-memory image.
-pub const WGMMA_PROBE_B: u32 = 4096;
+pub const WGMMA_PROBE_B: u32 = 8192;
 
 /// A module with one kernel, `wrnc_probe_wgmma(img, out, config)` (one warpgroup: 128
 /// threads, one block), that checks this module's reading of `wgmma` against the hardware
 /// (sm_90a): it copies the [`WGMMA_PROBE_BYTES`] bytes at `img` verbatim into a 1024-byte
 /// aligned shared array, runs the one `wgmma` of [`WGMMA_PROBES`]`[config]` on it through
-/// the helpers the convolutions use (`wgmma_cuh`: `wrnc_wgmma_desc`, the 64-byte swizzle),
+/// the helpers the convolutions use (`wgmma_cuh`: `wrnc_wgmma_desc`, the 64-byte swizzle, or
+/// `wrnc_wgmma_desc128`, the 128-byte one),
 /// A's descriptor at byte `k_byte`, B's at `WGMMA_PROBE_B + k_byte`, accumulators from zero,
 /// and writes each thread's accumulator registers as they are: `out[t * n / 2 + i] = d[i]`.
 /// The host decodes them with the fragment layout the convolutions assume, so both the
@@ -268,8 +274,13 @@ pub fn wgmma_probe_source() -> String {
     switch (config) {{"
     )
     .unwrap();
-    for (c, (tf32, n, k)) in WGMMA_PROBES.iter().enumerate() {
+    for (c, (tf32, n, k, row)) in WGMMA_PROBES.iter().enumerate() {
         let regs = n / 2;
+        let desc = if *row == 128 {
+            "wrnc_wgmma_desc128"
+        } else {
+            "wrnc_wgmma_desc"
+        };
         let f = if *tf32 {
             format!("wrnc_wgmma_tf32_m64n{n}k8")
         } else {
@@ -282,7 +293,7 @@ pub fn wgmma_probe_source() -> String {
 #pragma unroll
         for (int i = 0; i < {regs}; ++i) d[i] = 0.0f;
         wrnc_wgmma_fence();
-        {f}(d, smem_, wrnc_wgmma_desc(smem_, smem_ + {k}), wrnc_wgmma_desc(smem_, smem_ + {b}));
+        {f}(d, smem_, {desc}(smem_, smem_ + {k}), {desc}(smem_, smem_ + {b}));
         wrnc_wgmma_commit();
         wrnc_wgmma_wait<0>();
         wrnc_wgmma_fence_acc{n}(d);
@@ -309,30 +320,45 @@ fn probe_module(what: &str) -> String {
 }
 
 /// The tensor-memory-accelerator probe's tensor (bf16, innermost first) and box: the
-/// weights' form (`[k, rows, 1, 1]`, a box of `[32, rows]`: rows of 64 bytes, 64-byte swizzle).
+/// weights' form (`[k, rows, 1, 1]`, a box of `[32, rows]`: rows of 64 bytes, 64-byte swizzle;
+/// or, for the 128-byte swizzle of `--k64`, [`tma_probe_box`]`(128)`: `[64, rows]`).
 pub const TMA_PROBE_DIMS: [u64; 4] = [96, 40, 1, 1];
-/// See [`TMA_PROBE_DIMS`].
+/// See [`TMA_PROBE_DIMS`]: the box in the 64-byte swizzle.
 pub const TMA_PROBE_BOX: [u32; 4] = [32, 16, 1, 1];
-/// The box corners `(c0, c1)` the TMA probe loads, in its kernel's `config` order: the
-/// origin, one inside (the second 32 of the reduction, rows 8 on), and one hanging over both
-/// far edges (the elements outside land as zeros).
-pub const TMA_PROBES: [(i32, i32); 3] = [(0, 0), (32, 8), (80, 32)];
+/// The box of the TMA probe in the swizzle of `swizzle` bytes (64 or 128): rows of that many
+/// bytes, 16 of them.
+pub const fn tma_probe_box(swizzle: u32) -> [u32; 4] {
+    [swizzle / 2, 16, 1, 1]
+}
+/// The boxes `(c0, c1, swizzle)` the TMA probe loads, in its kernel's `config` order: in the
+/// 64-byte swizzle the origin, one inside (the second 32 of the reduction, rows 8 on), and
+/// one hanging over both far edges (the elements outside land as zeros); then likewise in
+/// the 128-byte swizzle, boxes 64 wide.
+pub const TMA_PROBES: [(i32, i32, u32); 6] = [
+    (0, 0, 64),
+    (32, 8, 64),
+    (80, 32, 64),
+    (0, 0, 128),
+    (32, 8, 128),
+    (48, 32, 128),
+];
 /// The TMA probe kernel's name.
 pub const TMA_PROBE_KERNEL: &str = "wrnc_probe_tma";
 
-/// A module with one kernel, `wrnc_probe_tma(map, out, c0, c1)` (one block of 32 threads):
-/// thread 0 loads the box of the tensor map `map` (the host encodes [`TMA_PROBE_DIMS`],
-/// [`TMA_PROBE_BOX`], 64-byte swizzle) at `(c0, c1, 0, 0)` into a 1024-byte aligned shared
-/// array through the helpers the convolutions use (`wgmma_cuh`: `wrnc_mbar_*`,
-/// `wrnc_tma_load_4d`), and the block copies the box's bytes out as they landed. The host
-/// compares them with where wrnc assumes TMA puts each element (`runtime/src/cuda/probe.rs`).
+/// A module with one kernel, `wrnc_probe_tma(map, out, c0, c1, bytes)` (one block of 32
+/// threads): thread 0 loads the box of the tensor map `map` (the host encodes
+/// [`TMA_PROBE_DIMS`] and a box of [`tma_probe_box`] in that swizzle, `bytes` bytes) at `(c0,
+/// c1, 0, 0)` into a 1024-byte aligned shared array through the helpers the convolutions use
+/// (`wgmma_cuh`: `wrnc_mbar_*`, `wrnc_tma_load_4d`), and the block copies the box's bytes out
+/// as they landed. The host compares them with where wrnc assumes TMA puts each element
+/// (`runtime/src/cuda/probe.rs`).
 pub fn tma_probe_source() -> String {
-    let bytes = TMA_PROBE_BOX.iter().product::<u32>() * 2;
+    let most = tma_probe_box(128).iter().product::<u32>() * 2;
     let mut s = probe_module("TMA");
     writeln!(
         s,
-        "\nextern \"C\" __global__ void {TMA_PROBE_KERNEL}(const __grid_constant__ wrnc_tmap map, unsigned char* __restrict__ out, int c0, int c1) {{
-    __shared__ __align__(1024) unsigned char smem_[{bytes}];
+        "\nextern \"C\" __global__ void {TMA_PROBE_KERNEL}(const __grid_constant__ wrnc_tmap map, unsigned char* __restrict__ out, int c0, int c1, int bytes) {{
+    __shared__ __align__(1024) unsigned char smem_[{most}];
     __shared__ __align__(8) unsigned long long bar_;
     wrnc_smem_align_check(smem_);
     if (threadIdx.x == 0) {{
@@ -341,11 +367,11 @@ pub fn tma_probe_source() -> String {
     }}
     __syncthreads();
     if (threadIdx.x == 0) {{
-        wrnc_mbar_expect_tx(&bar_, {bytes});
+        wrnc_mbar_expect_tx(&bar_, bytes);
         wrnc_tma_load_4d(smem_, &map, c0, c1, 0, 0, &bar_);
     }}
     wrnc_mbar_wait(&bar_, 0);
-    for (int i = threadIdx.x; i < {bytes}; i += blockDim.x) out[i] = smem_[i];
+    for (int i = threadIdx.x; i < bytes; i += blockDim.x) out[i] = smem_[i];
 }}"
     )
     .unwrap();

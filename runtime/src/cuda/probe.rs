@@ -5,8 +5,10 @@
 //! Each configuration of [`WGMMA_PROBES`] runs one `wgmma` on a shared-memory image of random
 //! small integers (exact in bf16 and TF32, and their sums of products exact in f32), and the
 //! host computes what it must give if the descriptor is read as wrnc reads it: element
-//! `(row, k)` of a K-major operand at byte `row * 64 + k_byte + k * size` of its region, that
-//! address's 16-byte chunk bits (4-5) XORed with its bits 7-8 (the 64-byte swizzle), and
+//! `(row, k)` of a K-major operand at byte `row * W + k_byte + k * size` of its region (`W`
+//! the configuration's row: 64 or 128 bytes), that address's 16-byte chunk bits XORed with
+//! its bits 7 and up (bits 4-5 with 7-8 in the 64-byte swizzle, 4-6 with 7-9 in the
+//! 128-byte one), and
 //! accumulator `d[4 i + j]` of thread `t` at row `16 (t / 32 % 4) + t % 32 / 4 + 8 (j / 2)`,
 //! column `8 i + 2 (t % 4) + j % 2`. Every accumulator must match exactly. Where one does not,
 //! the image and the raw registers of every configuration can be written to a file
@@ -16,7 +18,7 @@
 use std::path::Path;
 
 use wrnc_compiler::codegen::cuda::{
-    tma_probe_source, wgmma_probe_source, TMA_PROBES, TMA_PROBE_BOX, TMA_PROBE_DIMS,
+    tma_probe_box, tma_probe_source, wgmma_probe_source, TMA_PROBES, TMA_PROBE_DIMS,
     TMA_PROBE_KERNEL, WGMMA_PROBES, WGMMA_PROBE_B, WGMMA_PROBE_BYTES, WGMMA_PROBE_KERNEL,
 };
 
@@ -33,10 +35,15 @@ pub fn swizzle64(addr: u32) -> u32 {
     addr ^ (((addr >> 7) & 3) << 4)
 }
 
+/// The same in the 128-byte swizzle: chunk bits 4-6 XORed with bits 7-9.
+pub fn swizzle128(addr: u32) -> u32 {
+    addr ^ (((addr >> 7) & 7) << 4)
+}
+
 /// The probe's shared-memory image for configuration `config` (deterministic): every element
 /// slot a random integer in -3..=3, as bf16 or f32 by the configuration.
 pub fn image(config: usize) -> Vec<u8> {
-    let (tf32, _, _) = WGMMA_PROBES[config];
+    let (tf32, ..) = WGMMA_PROBES[config];
     let mut r = SplitMix64(0x5eed_0000 + config as u64);
     let size = if tf32 { 4 } else { 2 };
     let mut img = Vec::with_capacity(WGMMA_PROBE_BYTES as usize);
@@ -64,19 +71,23 @@ fn element(img: &[u8], at: u32, tf32: bool) -> f64 {
 /// The accumulators `out[t * n / 2 + i]` configuration `config` must give on `img`, by the
 /// reading described in the module docs.
 pub fn expected(config: usize, img: &[u8]) -> Vec<f32> {
-    expected_by(config, img, swizzle64)
+    if WGMMA_PROBES[config].3 == 128 {
+        expected_by(config, img, swizzle128)
+    } else {
+        expected_by(config, img, swizzle64)
+    }
 }
 
-/// [`expected`] with the operands' byte addresses mapped by `swizzle` instead of
-/// [`swizzle64`] (a reading the probe must tell from wrnc's).
+/// [`expected`] with the operands' byte addresses mapped by `swizzle` instead of the
+/// configuration's ([`swizzle64`], [`swizzle128`]): a reading the probe must tell from wrnc's.
 pub fn expected_by(config: usize, img: &[u8], swizzle: impl Fn(u32) -> u32) -> Vec<f32> {
-    let (tf32, n, k_byte) = WGMMA_PROBES[config];
+    let (tf32, n, k_byte, row) = WGMMA_PROBES[config];
     let (size, ks) = if tf32 { (4, 8) } else { (2, 16) };
-    let a = |r: u32, k: u32| element(img, swizzle(r * 64 + k_byte + k * size), tf32);
+    let a = |r: u32, k: u32| element(img, swizzle(r * row + k_byte + k * size), tf32);
     let b = |col: u32, k: u32| {
         element(
             img,
-            WGMMA_PROBE_B + swizzle(col * 64 + k_byte + k * size),
+            WGMMA_PROBE_B + swizzle(col * row + k_byte + k * size),
             tf32,
         )
     };
@@ -102,6 +113,10 @@ pub struct ProbeRun {
     pub tf32: bool,
     pub n: u32,
     pub k_byte: u32,
+    /// The operands' rows (and swizzle) in bytes: 64 or 128.
+    pub row: u32,
+    /// Where B starts in the image ([`WGMMA_PROBE_B`]).
+    pub b_offset: u32,
     /// Accumulators that differ from [`expected`].
     pub mismatches: usize,
     /// The shared-memory image, hex.
@@ -127,7 +142,7 @@ pub fn check_wgmma_probe(
     let img_buf = gpu.alloc(WGMMA_PROBE_BYTES as u64, "wgmma probe", 0)?;
     let out_buf = gpu.alloc(128 * 64 * 4, "wgmma probe", 0)?;
     let mut runs = vec![];
-    for (c, &(tf32, n, k_byte)) in WGMMA_PROBES.iter().enumerate() {
+    for (c, &(tf32, n, k_byte, row)) in WGMMA_PROBES.iter().enumerate() {
         let img = image(c);
         gpu.upload(img_buf.ptr(), &img)?;
         gpu.launch(
@@ -158,6 +173,8 @@ pub fn check_wgmma_probe(
             tf32,
             n,
             k_byte,
+            row,
+            b_offset: WGMMA_PROBE_B,
             mismatches,
             image: hex(&img),
             out,
@@ -169,10 +186,11 @@ pub fn check_wgmma_probe(
         .filter(|r| r.mismatches > 0)
         .map(|r| {
             format!(
-                "{} m64n{}k{} at byte {}: {} of {}",
+                "{} m64n{}k{} in {}-byte rows at byte {}: {} of {}",
                 if r.tf32 { "tf32" } else { "bf16" },
                 r.n,
                 if r.tf32 { 8 } else { 16 },
+                r.row,
                 r.k_byte,
                 r.mismatches,
                 r.out.len()
@@ -204,16 +222,21 @@ pub fn tma_tensor() -> Vec<u8> {
 }
 
 /// The bytes TMA probe `config` must land, by wrnc's reading (module docs): box element
-/// `(i0, i1)` at byte `swizzle64((i1 * box0 + i0) * 2)`, holding tensor element
-/// `(c0 + i0, c1 + i1)` or zero outside the tensor.
+/// `(i0, i1)` at byte `swizzle64((i1 * box0 + i0) * 2)` (or `swizzle128` for a configuration
+/// in the 128-byte swizzle), holding tensor element `(c0 + i0, c1 + i1)` or zero outside the
+/// tensor.
 pub fn tma_expected(config: usize) -> Vec<u8> {
-    tma_expected_by(config, swizzle64)
+    if TMA_PROBES[config].2 == 128 {
+        tma_expected_by(config, swizzle128)
+    } else {
+        tma_expected_by(config, swizzle64)
+    }
 }
 
 /// [`tma_expected`] with the landing address mapped by `swizzle`.
 pub fn tma_expected_by(config: usize, swizzle: impl Fn(u32) -> u32) -> Vec<u8> {
-    let (c0, c1) = TMA_PROBES[config];
-    let [b0, b1, ..] = TMA_PROBE_BOX;
+    let (c0, c1, sw) = TMA_PROBES[config];
+    let [b0, b1, ..] = tma_probe_box(sw);
     let [d0, d1, ..] = TMA_PROBE_DIMS;
     let mut out = vec![0u8; (b0 * b1 * 2) as usize];
     for i1 in 0..b1 {
@@ -236,6 +259,8 @@ pub fn tma_expected_by(config: usize, swizzle: impl Fn(u32) -> u32) -> Vec<u8> {
 pub struct TmaProbeRun {
     pub c0: i32,
     pub c1: i32,
+    /// The map's swizzle in bytes (64 or 128); the box is [`tma_probe_box`] of it.
+    pub swizzle: u32,
     /// Bytes that differ from [`tma_expected`].
     pub mismatches: usize,
     /// The landed bytes, hex.
@@ -260,10 +285,12 @@ pub fn check_tma_probe(
     let tensor = tma_tensor();
     let t_buf = gpu.alloc(tensor.len() as u64, "TMA probe", 0)?;
     gpu.upload(t_buf.ptr(), &tensor)?;
-    let bytes = (TMA_PROBE_BOX.iter().product::<u32>() * 2) as usize;
-    let out_buf = gpu.alloc(bytes as u64, "TMA probe", 0)?;
+    let most = (tma_probe_box(128).iter().product::<u32>() * 2) as usize;
+    let out_buf = gpu.alloc(most as u64, "TMA probe", 0)?;
     let mut runs = vec![];
-    for (c, &(c0, c1)) in TMA_PROBES.iter().enumerate() {
+    for (c, &(c0, c1, swizzle)) in TMA_PROBES.iter().enumerate() {
+        let box_dim = tma_probe_box(swizzle);
+        let bytes = (box_dim.iter().product::<u32>() * 2) as usize;
         gpu.launch(
             &module,
             0,
@@ -274,12 +301,13 @@ pub fn check_tma_probe(
                 ArgValue::TensorMap {
                     addr: t_buf.ptr(),
                     dims: TMA_PROBE_DIMS,
-                    box_dim: TMA_PROBE_BOX,
-                    swizzle: 64,
+                    box_dim,
+                    swizzle,
                 },
                 ArgValue::Ptr(out_buf.ptr()),
                 ArgValue::I32(c0),
                 ArgValue::I32(c1),
+                ArgValue::I32(bytes as i32),
             ],
             TMA_PROBE_KERNEL,
             "TMA layout probe",
@@ -292,6 +320,7 @@ pub fn check_tma_probe(
         runs.push(TmaProbeRun {
             c0,
             c1,
+            swizzle,
             mismatches,
             landed: hex(&got),
         });
@@ -303,8 +332,12 @@ pub fn check_tma_probe(
         .filter(|r| r.mismatches > 0)
         .map(|r| {
             format!(
-                "box at ({}, {}): {} of {bytes} bytes",
-                r.c0, r.c1, r.mismatches
+                "box at ({}, {}) in the {}-byte swizzle: {} of {} bytes",
+                r.c0,
+                r.c1,
+                r.swizzle,
+                r.mismatches,
+                r.landed.len() / 2
             )
         })
         .collect();
