@@ -233,11 +233,26 @@ fn main() -> ExitCode {
                 eprintln!("{}", u.0.trim_end());
                 ExitCode::from(2)
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", chain_message(&e));
                 ExitCode::from(1)
             }
         }
     }
+}
+
+/// An error and its causes, `: `-separated, leaving out a cause whose text the message
+/// already holds (an error that prints its source, such as `path: io error`, would otherwise
+/// repeat it).
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn batch_or(batch: Option<u32>, l: &net::Loaded) -> Result<u32, UserError> {

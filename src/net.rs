@@ -47,7 +47,7 @@ impl std::error::Error for UserError {}
 pub fn source(arg: &str) -> Result<Source, UserError> {
     let path = Path::new(arg);
     let looks_like_path = arg.ends_with(".net") || arg.contains('/') && !arg.contains('{');
-    if path.is_file() || looks_like_path {
+    if path.exists() || looks_like_path {
         let meta = std::fs::metadata(path)
             .map_err(|e| UserError(format!("error: cannot read `{arg}`: {e}")))?;
         if meta.is_dir() {
@@ -61,8 +61,23 @@ pub fn source(arg: &str) -> Result<Source, UserError> {
                 meta.len()
             )));
         }
-        let bytes = std::fs::read(path)
-            .map_err(|e| UserError(format!("error: cannot read `{arg}`: {e}")))?;
+        // at most MAX_FILE + 1 bytes, whatever the metadata says: a device or a pipe has no
+        // length (`/dev/zero` would be read for ever)
+        let mut bytes = vec![];
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(
+                std::fs::File::open(path)
+                    .map_err(|e| UserError(format!("error: cannot read `{arg}`: {e}")))?,
+                MAX_FILE + 1,
+            ),
+            &mut bytes,
+        )
+        .map_err(|e| UserError(format!("error: cannot read `{arg}`: {e}")))?;
+        if bytes.len() as u64 > MAX_FILE {
+            return Err(UserError(format!(
+                "error: `{arg}` holds more than {MAX_FILE} bytes; a .net file is at most that"
+            )));
+        }
         wrnc_grammar::source_from_bytes(arg, &bytes).map_err(|d| UserError(d.render()))
     } else {
         Ok(Source::inline(arg))

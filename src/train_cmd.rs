@@ -14,7 +14,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DATASET", conflicts_with = "eval")]
     pub train: Option<String>,
     /// Evaluate trained weights (--weights) on this data set's test split.
-    #[arg(long, value_name = "DATASET", requires = "weights")]
+    #[arg(
+        long,
+        value_name = "DATASET",
+        requires = "weights",
+        conflicts_with_all = ["epochs", "lr", "subset", "metrics", "checkpoint", "resume", "max_steps", "no_augment"]
+    )]
     pub eval: Option<String>,
     /// Weights to evaluate: a checkpoint file or folder.
     #[arg(long)]
@@ -211,6 +216,7 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    check_ranges(&args)?;
     let s = &l.file.settings;
     let seed = args.seed.or(s.seed.map(|v| v.value)).unwrap_or(1);
     if let Some(ds_name) = &args.eval {
@@ -442,6 +448,35 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         }
         if let Some(p) = &report.checkpoint {
             println!("checkpoint: {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// The flags that set what a `.net` file's settings set are held to the same ranges
+/// (`compiler::expand`'s `check_settings`): `--lr` positive and at most 100, `--epochs` 1 to
+/// 100000, `--seed` at most 2^32 - 1.
+fn check_ranges(args: &RunArgs) -> Result<(), UserError> {
+    if let Some(lr) = args.lr {
+        if !(lr.is_finite() && lr > 0.0 && lr <= 100.0) {
+            return Err(UserError(format!(
+                "error: --lr {lr:e} is out of range: it must be positive and at most 100 (as a file's `lr`)"
+            )));
+        }
+    }
+    if let Some(e) = args.epochs {
+        if !(1..=100_000).contains(&e) {
+            return Err(UserError(format!(
+                "error: --epochs {e} is out of range: 1 to 100000 (as a file's `epochs`)"
+            )));
+        }
+    }
+    if let Some(seed) = args.seed {
+        if seed > u64::from(u32::MAX) {
+            return Err(UserError(format!(
+                "error: --seed {seed} is out of range: 0 to {} (as a file's `seed`)",
+                u32::MAX
+            )));
         }
     }
     Ok(())

@@ -315,6 +315,123 @@ fn commands_and_exit_codes() {
     );
 }
 
+/// Inputs a review found mishandled, one `check` each: a device read as a .net file or a
+/// metrics file (read for ever before), flags held to the ranges a file's settings are, `--eval`
+/// with training flags, `--resume` with nothing to resume or with weights alone, a plot to a
+/// folder, a file error said once, a tiny `stochastic_depth`, and activations past 2^64 bytes.
+#[test]
+fn reviewed_inputs_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    check(&["info", "/dev/zero"], 2, "holds more than 16777216 bytes");
+    check(&["check", "/dev/urandom"], 2, "holds more than");
+    check(
+        &["plot", "/dev/zero", "-o", &p("x.png")],
+        2,
+        "not a metrics file",
+    );
+    let run = |extra: &[&str]| {
+        let mut a = vec!["run", "WRN-10-1", "--train", "cifar10", "--device", "cpu"];
+        a.extend(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let check_run = |extra: &[&str], code, want: &str| {
+        let a = run(extra);
+        check(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            code,
+            want,
+        );
+    };
+    check_run(&["--lr", "1e30"], 2, "--lr 1e30 is out of range");
+    check_run(
+        &["--epochs", "100001"],
+        2,
+        "--epochs 100001 is out of range",
+    );
+    check_run(
+        &["--seed", "4294967296"],
+        2,
+        "--seed 4294967296 is out of range",
+    );
+    check(
+        &[
+            "run",
+            "WRN-10-1",
+            "--eval",
+            "cifar10",
+            "--weights",
+            "w",
+            "--epochs",
+            "3",
+        ],
+        2,
+        "cannot be used with",
+    );
+    // --resume: no checkpoint yet, then a file of weights alone
+    let data = tmp.path().join("data");
+    write_cifar10(&data, 8);
+    let ck = p("ck");
+    let resume = |ck: &str| {
+        run(&[
+            "--data",
+            data.to_str().unwrap(),
+            "--checkpoint",
+            ck,
+            "--resume",
+            "--quiet",
+        ])
+    };
+    let a = resume(&ck);
+    check(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        2,
+        "no checkpoint to resume from",
+    );
+    let weights = p("w.safetensors");
+    check(&["export", "WRN-10-1", "--save-weights", &weights], 0, "");
+    std::fs::create_dir_all(&ck).unwrap();
+    std::fs::copy(&weights, tmp.path().join("ck/last.safetensors")).unwrap();
+    let a = resume(&ck);
+    check(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        2,
+        "holds weights only",
+    );
+    // a file error says its reason once
+    let a = run(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--metrics",
+        "/proc/x/m.jsonl",
+        "--quiet",
+    ]);
+    let o = wrnc(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let t = text(&o);
+    assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
+    // a plot to a folder
+    let m = p("m.jsonl");
+    std::fs::write(&m, "{\"epoch\":1,\"train_loss\":1.0,\"train_acc\":0.5,\"test_loss\":1.0,\"test_acc\":0.5,\"lr\":0.1,\"seconds\":1.0,\"images_per_s\":10}\n").unwrap();
+    std::fs::create_dir_all(tmp.path().join("d.png")).unwrap();
+    check(&["plot", &m, "-o", &p("d.png")], 2, "it is a directory");
+    check(&["plot", &m, "-o", &p("new/dir/c.svg")], 0, "wrote");
+    // a survival below 1e-6 is not rounded to 0
+    let sd = p("sd.net");
+    std::fs::write(&sd, "network WRN-10-1\nstochastic_depth 1e-8\n").unwrap();
+    check(&["info", &sd], 0, "parameters");
+    // activations past 2^64 bytes are not wrapped round
+    check(
+        &[
+            "info",
+            "network \"x\" { input 65536x4096x4096 repeat 3 { relu } gap fc }",
+            "--batch",
+            "1048576",
+        ],
+        0,
+        "16 EiB or more",
+    );
+}
+
 /// The strided convs' data gradients run in phase order (`_ph` kernels: WRN-10-1's two
 /// stride-2 3x3 convs and their 1x1 projections), and `--dense-dgrad` gives the kernels over
 /// every tap instead.

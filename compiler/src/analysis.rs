@@ -65,7 +65,14 @@ pub fn info(g: &Graph, batch: u32) -> Info {
             Op::BatchNorm { .. } => i.bn_layers += 1,
             _ => {}
         }
-        i.activation_bytes += node.shape.numel() * batch as u64 * 4;
+        // (saturating: the grammar's limits allow a network and batch whose total passes 2^64
+        // bytes, which is then shown as the largest figure, never wrapped round)
+        i.activation_bytes = i.activation_bytes.saturating_add(
+            node.shape
+                .numel()
+                .saturating_mul(batch as u64)
+                .saturating_mul(4),
+        );
     }
     i
 }
@@ -87,7 +94,13 @@ pub fn human(n: u64) -> String {
 /// Bytes in binary units: `1.50 GiB`.
 pub fn human_bytes(n: u64) -> String {
     let f = n as f64;
-    if f >= (1u64 << 30) as f64 {
+    if n == u64::MAX {
+        "16 EiB or more".to_string()
+    } else if f >= (1u64 << 50) as f64 {
+        format!("{:.2} PiB", f / (1u64 << 50) as f64)
+    } else if f >= (1u64 << 40) as f64 {
+        format!("{:.2} TiB", f / (1u64 << 40) as f64)
+    } else if f >= (1u64 << 30) as f64 {
         format!("{:.2} GiB", f / (1u64 << 30) as f64)
     } else if f >= (1u64 << 20) as f64 {
         format!("{:.1} MiB", f / (1u64 << 20) as f64)

@@ -121,11 +121,12 @@ fn check_settings(s: &Settings) -> Result<()> {
                 return Err(Error::new(sch.span, "step fractions must increase and lie in (0, 1]")
                     .help("e.g. step(0.3, 0.6, 0.8; gamma 0.2): multiply by 0.2 at 30%, 60% and 80% of the epochs"));
             }
-            if !(gamma.is_finite() && *gamma > 0.0) {
+            if !(gamma.is_finite() && *gamma > 0.0 && *gamma <= 1.0) {
                 return Err(Error::new(
                     sch.span,
-                    format!("gamma {gamma} must be positive"),
-                ));
+                    format!("gamma {gamma} is out of range"),
+                )
+                .help("gamma must lie in (0, 1]: a step schedule multiplies the rate by it at each step, e.g. 0.2"));
             }
         }
     }
@@ -517,8 +518,14 @@ fn apply_stochastic_depth(body: &mut [Layer], p_last: f64) {
         if let LayerKind::Residual(r) = &mut layer.kind {
             l += 1;
             let p = 1.0 - (l as f64 / total as f64) * (1.0 - p_last);
-            // Rounded so that the printed form parses back to the same value.
-            r.survival = Some((p * 1e6).round() / 1e6);
+            // Rounded so that the printed form parses back to the same value: to 6 decimals,
+            // or below 0.001 to 6 significant digits (6 decimals would round a small
+            // `stochastic_depth` to a survival of 0)
+            r.survival = Some(if p >= 1e-3 {
+                (p * 1e6).round() / 1e6
+            } else {
+                format!("{p:.5e}").parse().unwrap_or(p)
+            });
         }
     }
 }

@@ -21,6 +21,7 @@ pub(crate) fn describe(r: Rule) -> Option<&'static str> {
         family_name => "a family name",
         fam_word => "a number",
         kernel_list => "`B(..)`",
+        fam_dataset => "a dataset name",
         number | digits => "a number",
         name => "a name",
         boolean => "`true` or `false`",

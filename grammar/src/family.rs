@@ -70,7 +70,18 @@ pub(crate) fn family(src: &Source, p: Pair<Rule>) -> Result<FamilySpec, Diagnost
                     .collect();
                 segs.push(Seg::Kernels(ks, span_of(&q)));
             }
-            Rule::name => data = Some(dataset(src, &q)?),
+            Rule::fam_dataset if q.as_str().contains('@') => {
+                return Err(Diagnostic::new(
+                    src,
+                    span_of(&q),
+                    format!(
+                        "`@{}` names more than one dataset; a network has one",
+                        q.as_str()
+                    ),
+                )
+                .with_help("e.g. `WRN-28-10@cifar100`"))
+            }
+            Rule::fam_dataset => data = Some(dataset(src, &q)?),
             _ => {
                 return Err(Diagnostic::new(
                     src,

@@ -120,10 +120,25 @@ impl MetricsWriter {
 /// Reads every complete line of a metrics file (blank lines skipped). A malformed line is an
 /// error naming its number (1-based), except a last line cut short by a crash.
 pub fn read(path: &Path) -> Result<Vec<EpochMetrics>, MetricsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::Io {
+    // at most MAX_READ bytes, whatever the file is (`/dev/zero` has no end)
+    const MAX_READ: u64 = 256 << 20;
+    let io = |source| MetricsError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(File::open(path).map_err(io)?, MAX_READ + 1),
+        &mut text,
+    )
+    .map_err(io)?;
+    if text.len() as u64 > MAX_READ {
+        return Err(MetricsError::Parse {
+            path: path.to_path_buf(),
+            line: text.lines().count(),
+            message: format!("more than {MAX_READ} bytes: not a metrics file"),
+        });
+    }
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::with_capacity(lines.len());

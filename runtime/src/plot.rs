@@ -27,6 +27,8 @@ pub enum PlotError {
     Format { path: PathBuf },
     #[error("{}: drawing failed: {message}", path.display())]
     Draw { path: PathBuf, message: String },
+    #[error("cannot write {}: {message}", path.display())]
+    Output { path: PathBuf, message: String },
 }
 
 fn register_font() -> Result<(), String> {
@@ -49,6 +51,31 @@ pub fn plot(metrics_file: &Path, out: &Path) -> Result<(), PlotError> {
     plot_metrics(&ms, out)
 }
 
+/// Makes `out`'s folder and checks that `out` can be written, before drawing: the drawing
+/// backends report a path that cannot be written in their own words, late.
+fn writable(out: &Path) -> Result<(), PlotError> {
+    let err = |e: std::io::Error| PlotError::Output {
+        path: out.to_path_buf(),
+        message: e.to_string(),
+    };
+    if out.is_dir() {
+        return Err(PlotError::Output {
+            path: out.to_path_buf(),
+            message: "it is a directory".into(),
+        });
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(out)
+        .map(drop)
+        .map_err(err)
+}
+
 /// Draws already-read metrics to `out` (`.png` or `.svg`).
 pub fn plot_metrics(ms: &[EpochMetrics], out: &Path) -> Result<(), PlotError> {
     let draw_err = |message: String| PlotError::Draw {
@@ -56,6 +83,7 @@ pub fn plot_metrics(ms: &[EpochMetrics], out: &Path) -> Result<(), PlotError> {
         message,
     };
     register_font().map_err(draw_err)?;
+    writable(out)?;
     let ext = out
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())

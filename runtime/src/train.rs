@@ -475,7 +475,29 @@ pub fn train_with<B: Backend>(
             .checkpoint
             .as_ref()
             .ok_or_else(|| TrainError::Config("--resume needs --checkpoint DIR".into()))?;
-        let ck = checkpoint::load(&checkpoint::resolve(dir)).map_err(TrainError::from)?;
+        let file = checkpoint::resolve(dir);
+        if !file.exists() {
+            return Err(TrainError::Config(format!(
+                "--resume: no checkpoint to resume from: `{}` does not exist (a run with \
+                 --checkpoint {} writes it)",
+                file.display(),
+                dir.display()
+            ))
+            .into());
+        }
+        let ck = checkpoint::load(&file).map_err(TrainError::from)?;
+        // a training checkpoint has taken steps and holds momentum; weights alone (`wrnc
+        // export --save-weights`, a PyTorch state_dict) have neither
+        if ck.meta.step == 0 && ck.momentum.is_empty() {
+            return Err(TrainError::Config(format!(
+                "--resume: `{}` holds weights only, no training state (step, seed, momentum); \
+                 resume from a checkpoint `wrnc run --checkpoint` wrote, or evaluate these \
+                 weights with --eval DATASET --weights {}",
+                file.display(),
+                file.display()
+            ))
+            .into());
+        }
         let (params, buffers) =
             checkpoint::state_for(backend.graph(), ck.tensors).map_err(TrainError::from)?;
         backend.load_state(params, buffers, ck.momentum)?;
