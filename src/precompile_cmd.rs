@@ -200,10 +200,17 @@ pub fn precompile(
     // a module that did not compile, or could not be stored, is not in the cache: say so
     let failed = p.modules - p.compiled - p.cached;
     if failed > 0 {
-        anyhow::bail!(
-            "{failed} of {} modules are not in the cache: they did not compile (the command itself, or `wrnc compile --emit ptx`, says why) or could not be written (a warning above says so)",
-            p.modules
-        );
+        match &p.first_error {
+            Some(e) => anyhow::bail!(
+                "{failed} of {} modules are not in the cache: they did not compile; the first: {}",
+                p.modules,
+                e.lines().take(6).collect::<Vec<_>>().join("\n")
+            ),
+            None => anyhow::bail!(
+                "{failed} of {} modules are not in the cache: they could not be written (a warning above says why)",
+                p.modules
+            ),
+        }
     }
     Ok(())
 }

@@ -741,11 +741,10 @@ fn compile_emits_ptxas_resources() {
     }
 }
 
-/// `wrnc compile NET --emit cuda | head`: a reader that stops early ends wrnc quietly, as it
-/// ends other Unix tools, instead of a panic ("failed printing to stdout: Broken pipe").
 /// `wrnc precompile` without a GPU: CUBINs (ELF images) for the architecture asked, keyed
 /// by it; with `--tiles auto` the tile search's candidates and a note that the picked tiles
-/// compile on the GPU; a second call finds everything cached; no cache is an error.
+/// compile on the GPU; a second call finds everything cached; no cache is an error; an
+/// architecture NVRTC refuses says NVRTC's reason.
 #[test]
 fn precompile_fills_the_cache_with_cubins() {
     if let Err(e) = wrnc_runtime::nvrtc::library() {
@@ -836,8 +835,19 @@ fn precompile_fills_the_cache_with_cubins() {
     let o = run(&args, &[("WRNC_NO_CACHE", "1")]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("caching is off"), "{}", text(&o));
+    let mut bad = args.to_vec();
+    bad[2] = "sm_10";
+    let o = run(&bad, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("did not compile; the first: NVRTC compilation failed for sm_10"),
+        "{}",
+        text(&o)
+    );
 }
 
+/// `wrnc compile NET --emit cuda | head`: a reader that stops early ends wrnc quietly, as it
+/// ends other Unix tools, instead of a panic ("failed printing to stdout: Broken pipe").
 #[test]
 fn a_reader_that_stops_early_is_not_a_panic() {
     use std::io::Read;

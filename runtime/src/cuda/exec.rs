@@ -655,6 +655,10 @@ pub struct Precompiled {
     /// Threads used.
     pub threads: usize,
     pub seconds: f64,
+    /// The first compile error, if a source failed (the others are the same kind, or are
+    /// said when their executors compile them again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
 }
 
 /// Compiles the distinct `sources` into `cache` for `gpu`, on up to `threads` threads at once
@@ -695,17 +699,24 @@ pub fn precompile_for(
     let threads = threads.clamp(1, todo.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let compiled = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = std::sync::Mutex::new(None::<String>);
     std::thread::scope(|sc| {
         for _ in 0..threads {
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((a, src)) = todo.get(i) else { break };
                 // compiled and stored (one that could not be written is said and not counted)
-                if let Ok(c) = cache.get_or_compile(src, a, version, crate::nvrtc::compile_cubin) {
-                    if let Some(w) = &c.warning {
-                        eprintln!("warning: {w}");
-                    } else if !c.hit {
-                        compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match cache.get_or_compile(src, a, version, crate::nvrtc::compile_cubin) {
+                    Ok(c) => {
+                        if let Some(w) = &c.warning {
+                            eprintln!("warning: {w}");
+                        } else if !c.hit {
+                            compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        let mut f = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        f.get_or_insert_with(|| e.to_string());
                     }
                 }
             });
@@ -721,6 +732,7 @@ pub fn precompile_for(
         compiled: compiled.into_inner(),
         threads,
         seconds: t0.elapsed().as_secs_f64(),
+        first_error: first_error.into_inner().unwrap_or_else(|p| p.into_inner()),
     })
 }
 
