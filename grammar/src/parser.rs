@@ -269,7 +269,19 @@ impl<'s> Cx<'s> {
         };
         for q in p.into_inner() {
             match q.as_rule() {
-                Rule::string => net.name = Some(unescape(q.as_str())),
+                Rule::string => {
+                    // a name is printed by every command and written into generated code:
+                    // no control characters (a terminal escape, a carriage return)
+                    if let Some(c) = q.as_str().chars().find(|c| c.is_control()) {
+                        return Err(self
+                            .err(
+                                span(&q),
+                                format!("a network name may not hold the control character {c:?}"),
+                            )
+                            .with_help("use printable characters, e.g. \"wrn-28-10-mine\""));
+                    }
+                    net.name = Some(unescape(q.as_str()))
+                }
                 Rule::input_decl => {
                     if let Some(first) = &net.input {
                         return Err(self.twice("input", span(&q), first.span));
