@@ -57,9 +57,15 @@ fn model_from_checkpoint(graph: &Graph, path: &Path) -> anyhow::Result<Model> {
 fn read_input(path: &Path, graph: &Graph) -> anyhow::Result<Tensor> {
     let s = graph.input_shape();
     let image = s.numel() * 4;
-    let len = std::fs::metadata(path)
-        .map_err(|e| user(format!("error: cannot read `{}`: {e}", path.display())))?
-        .len();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| user(format!("error: cannot read `{}`: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(user(format!(
+            "error: `{}` is not a file: --input takes a file of raw f32 images",
+            path.display()
+        )));
+    }
+    let len = meta.len();
     if len == 0 || len % image != 0 || len > MAX_INPUT_BYTES {
         return Err(user(format!(
             "error: `{}` is {len} bytes; expected a whole number (at least 1) of {s} f32 images \

@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(long, value_enum)]
         precision: Option<gpu_cmd::PrecisionArg>,
     },
-    /// Parse and verify a network; print nothing else.
+    /// Parse and verify a network; print `ok:` and its name, nothing else (errors as
+    /// everywhere: with line and column, exit code 2).
     Check { net: String },
     /// Write the compiler's outputs for a network.
     Compile {

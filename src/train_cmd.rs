@@ -124,9 +124,13 @@ pub(crate) fn load_split(
     let mut ds = data::load(k, dir, split).map_err(|e| UserError(format!("error: {e}")))?;
     if let Some(n) = limit {
         if n == 0 {
-            return Err(UserError(
-                "error: a subset must hold at least 1 image".into(),
-            ));
+            return Err(UserError(format!(
+                "error: {} 0: a subset must hold at least 1 image",
+                match split {
+                    Split::Train => "--subset",
+                    Split::Test => "--test-subset",
+                }
+            )));
         }
         let n = n.min(ds.n);
         ds.images.truncate(n * ds.image_len());

@@ -415,6 +415,22 @@ fn reviewed_inputs_get_clear_errors() {
     std::fs::create_dir_all(tmp.path().join("d.png")).unwrap();
     check(&["plot", &m, "-o", &p("d.png")], 2, "it is a directory");
     check(&["plot", &m, "-o", &p("new/dir/c.svg")], 0, "wrote");
+    // a byte-order mark is not text; a folder is no input file
+    let bom = p("bom.net");
+    std::fs::write(&bom, b"\xEF\xBB\xBFnetwork WRN-10-1\n").unwrap();
+    check(&["check", &bom], 0, "ok: WRN-10-1");
+    check(
+        &[
+            "export",
+            "WRN-10-1",
+            "--input",
+            &p("d.png"),
+            "--logits",
+            &p("l.bin"),
+        ],
+        2,
+        "is not a file",
+    );
     // a survival below 1e-6 is not rounded to 0
     let sd = p("sd.net");
     std::fs::write(&sd, "network WRN-10-1\nstochastic_depth 1e-8\n").unwrap();

@@ -223,6 +223,8 @@ pub fn source_from_bytes(name: &str, bytes: &[u8]) -> Result<Source, Diagnostic>
         );
         return Err(d);
     }
+    // a UTF-8 byte-order mark (some editors write one) is not part of the text
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     match std::str::from_utf8(bytes) {
         Ok(text) => {
             let src = Source::new(name, text);
