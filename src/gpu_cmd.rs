@@ -638,6 +638,13 @@ fn examples(dir: &Path, side: Option<u32>) -> anyhow::Result<Vec<(String, Graph)
         .filter(|p| p.extension().is_some_and(|x| x == "net"))
         .collect();
     files.sort();
+    if files.is_empty() {
+        return Err(UserError(format!(
+            "error: the examples folder `{}` holds no .net file (pass --examples DIR, or --quick for the built-in networks alone)",
+            dir.display()
+        ))
+        .into());
+    }
     let mut v = vec![];
     for f in files {
         let l = crate::net::load(&f.display().to_string())?;

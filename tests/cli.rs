@@ -318,7 +318,8 @@ fn commands_and_exit_codes() {
 /// Inputs a review found mishandled, one `check` each: a device read as a .net file or a
 /// metrics file (read for ever before), flags held to the ranges a file's settings are, `--eval`
 /// with training flags, `--resume` with nothing to resume or with weights alone, a plot to a
-/// folder, a file error said once, a tiny `stochastic_depth`, and activations past 2^64 bytes.
+/// folder, a file error said once, a byte-order mark, a folder as `--input`, an empty
+/// examples folder, a tiny `stochastic_depth`, and activations past 2^64 bytes.
 #[test]
 fn reviewed_inputs_get_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -430,6 +431,13 @@ fn reviewed_inputs_get_clear_errors() {
         ],
         2,
         "is not a file",
+    );
+    // an examples folder without networks is not a passing selftest
+    std::fs::create_dir_all(tmp.path().join("empty")).unwrap();
+    check(
+        &["selftest", "--device", "cpu", "--examples", &p("empty")],
+        2,
+        "holds no .net file",
     );
     // a survival below 1e-6 is not rounded to 0
     let sd = p("sd.net");
