@@ -1237,7 +1237,7 @@ struct VecOps {
     tma_a: Option<String>,
     /// With `tma`: the weight's column of reduction index `KX_` (the stage's first), when it
     /// is not `KX_` itself (a data gradient in phase order, [`ConvGeom::phases`], whose
-    /// reduction skips taps); the stage's 32 indices lie in one tap.
+    /// reduction skips taps); the stage's `bk` indices lie in one tap.
     b_col: Option<String>,
     /// Reduction indices per stage ([`ConvGeom::bk`]): 32, or 64 for bf16's K-major passes on
     /// `wgmma` with [`ConvGeom::k64`] (rows of 128 bytes in the 128-byte swizzle mode).
@@ -1262,7 +1262,8 @@ struct VecOperand {
 
 /// The tensor-core GEMM of the vector-loading convolutions ([`ConvGeom::vec`]): both operands
 /// arrive by `cp.async` (16 bytes global -> shared, no registers) into a ring of
-/// shared-memory stages of 32 reduction indices ([`ConvGeom::async_smem`]), so the loads of
+/// shared-memory stages of 32 reduction indices (64 with [`ConvGeom::k64`];
+/// [`ConvGeom::async_smem`]), so the loads of
 /// the next `stages - 1` stages are in flight while the tensor cores work on the current one.
 /// A ring larger than static shared memory allows lives in the launch's dynamic shared memory
 /// (`wrnc_dyn_smem()`; [`KernelSpec::dynamic_smem`] bytes), which changes no address within
@@ -1322,7 +1323,12 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
     // reduction indices per stage: 64 only for bf16's K-major passes on wgmma (`k64`: rows of
     // 128 bytes in the 128-byte swizzle mode); `rpr` runs of 8 per row
     let bk = v.bk;
-    debug_assert!(bk == 32 || (bk == 64 && wgk && !f32));
+    // (stages of 64 only on that path, and never with split-K, whose slices are whole
+    // 32-steps: a slice could start inside a stage's tap)
+    assert!(
+        bk == 32 || (bk == 64 && wgk && !f32 && g.split_k <= 1),
+        "{name}: stages of {bk} outside bf16's unsplit K-major wgmma passes"
+    );
     let rpr = bk / 8;
     // A shared row (halves, or floats), per operand of `n` tile rows/columns
     let (arow, brow) = match (km, f32) {
@@ -1850,7 +1856,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
 
 /// The coordinates `c0_` to `c3_` (channel, x, y, image) of the TMA box of a stage of the
 /// activation operand ([`KernelSpec::act_box`]) whose first reduction index is `kx_`: tap
-/// `(kha_, kwa_)`, channels `ca_..ca_ + 32` of group `g`, the tile's first pixel `m0_` moved
+/// `(kha_, kwa_)`, channels `ca_..ca_ + bk` of group `g`, the tile's first pixel `m0_` moved
 /// by the tap, `(kw - P, kh - P)` forward (`x`) or `(P - kw, P - kh)` in the data gradient
 /// (`dy`; stride 1 only, so every tap is a whole shifted box). The channel and tap are those
 /// of `split_red`'s `(kh, kw, c)` order; off-image coordinates land as the padding's zeros.

@@ -398,7 +398,8 @@ impl ConvGeom {
 
     /// The shared memory of this convolution's `cp.async` GEMM (meaningful with `vec`) for a
     /// pass whose operands are stored K-contiguous (`kmajor`: forward and data gradient) or
-    /// not (weight gradient). A stage holds 32 reduction indices of both operands: rows of 64
+    /// not (weight gradient). A stage holds 32 reduction indices (64 with [`ConvGeom::k64`],
+    /// whose rows are 128 bytes) of both operands: rows of 64
     /// bytes in the 64-byte swizzle mode, unpadded (`wgmma`), K-contiguous rows of 32 + 8 halves, or 32
     /// rows of `rows + 8` / `cols + 8` halves (the 8 halves of padding keep rows 16-byte
     /// aligned and put the 8 rows an `ldmatrix` reads in distinct banks). With f32 operands

@@ -367,7 +367,8 @@ pub struct Tiles {
     pub dense_dgrad: bool,
     /// With `wgmma`: the bf16 forward and data-gradient warpgroup-MMA convolutions take
     /// stages of 64 reduction indices (rows of 128 bytes, 128-byte swizzle; four k16 `wgmma`
-    /// steps per barrier instead of two) in dynamic shared memory ([`ConvGeom::k64`]). Off by
+    /// steps per barrier instead of two), by default rings of up to 96 KiB in dynamic shared
+    /// memory ([`ConvGeom::k64`]). Off by
     /// default; meaningless without `wgmma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub k64: bool,
