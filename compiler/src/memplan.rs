@@ -72,31 +72,28 @@ pub fn plan(s: &Schedule) -> MemPlan {
     let bytes = |i: usize| align(s.buffers[i].len * s.buffers[i].dtype.bytes());
     let mut order: Vec<usize> = (0..nb).filter(|&i| live[i].is_some()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(bytes(i)), i));
-    let mut placed: Vec<(usize, u64)> = Vec::new();
+    // placed buffers by offset: first fit walks them upwards, over those live at the same
+    // time, and stops at the first gap that holds the buffer (the lowest such offset)
+    let mut placed: Vec<(u64, usize)> = Vec::new();
     let mut offsets = vec![None; nb];
     let mut arena = 0u64;
     for &i in &order {
         let (f, l) = live[i].unwrap();
         let size = bytes(i);
-        // intervals of address space taken by buffers live at the same time, sorted
-        let mut busy: Vec<(u64, u64)> = placed
-            .iter()
-            .filter(|&&(j, _)| {
-                let (f2, l2) = live[j].unwrap();
-                f2 <= l && f <= l2
-            })
-            .map(|&(j, o)| (o, o + bytes(j)))
-            .collect();
-        busy.sort();
         let mut at = 0u64;
-        for (b0, b1) in busy {
-            if at + size <= b0 {
+        for &(o, j) in &placed {
+            let (f2, l2) = live[j].unwrap();
+            if !(f2 <= l && f <= l2) {
+                continue;
+            }
+            if at + size <= o {
                 break;
             }
-            at = at.max(b1);
+            at = at.max(o + bytes(j));
         }
         offsets[i] = Some(at);
-        placed.push((i, at));
+        let k = placed.partition_point(|&(o, _)| o <= at);
+        placed.insert(k, (at, i));
         arena = arena.max(at + size);
     }
     let persistent_bytes: u64 = (0..nb).filter(|&i| persistent[i]).map(bytes).sum();
