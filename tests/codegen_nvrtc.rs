@@ -29,6 +29,24 @@ fn nvrtc_available() -> bool {
     }
 }
 
+/// WRN-28-10's graph, with this file's NVRTC lock held; `None` (skipped, said) without NVRTC.
+fn wrn_28_10_for_nvrtc() -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    wrnc_compiler::graph::Graph,
+)> {
+    if !nvrtc_available() {
+        return None;
+    }
+    Some((one_at_a_time(), graph("WRN-28-10")))
+}
+
+/// The tiles `wgmma` takes: those of at least 64 rows.
+fn wgmma_tiles() -> impl Iterator<Item = schedule::TcTile> {
+    schedule::TcTile::CANDIDATES
+        .into_iter()
+        .filter(|t| t.rows >= 64)
+}
+
 fn graph(text: &str) -> wrnc_compiler::graph::Graph {
     wrnc_grammar::build(&wrnc_grammar::Source::inline(text))
         .unwrap_or_else(|d| panic!("{text}\n{d:?}"))
@@ -454,15 +472,10 @@ fn layout_probes_compile_for_sm_90a_without_spills() {
 
 #[test]
 fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
-    if !nvrtc_available() {
+    let Some((_g, g)) = wrn_28_10_for_nvrtc() else {
         return;
-    }
-    let _g = one_at_a_time();
-    let g = graph("WRN-28-10");
-    for tile in schedule::TcTile::CANDIDATES
-        .into_iter()
-        .filter(|t| t.rows >= 64)
-    {
+    };
+    for tile in wgmma_tiles() {
         for mode in [Mode::Train, Mode::Infer] {
             let opts = Options {
                 mode,
@@ -503,15 +516,10 @@ fn wgmma_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
 /// at most [`schedule::K64_SMEM`] plus the alignment slack.
 #[test]
 fn k64_kernels_of_wrn_28_10_compile_for_sm_90a_without_spills() {
-    if !nvrtc_available() {
+    let Some((_g, g)) = wrn_28_10_for_nvrtc() else {
         return;
-    }
-    let _g = one_at_a_time();
-    let g = graph("WRN-28-10");
-    for tile in schedule::TcTile::CANDIDATES
-        .into_iter()
-        .filter(|t| t.rows >= 64)
-    {
+    };
+    for tile in wgmma_tiles() {
         for tma in [false, true] {
             let opts = Options {
                 mode: Mode::Train,

@@ -82,52 +82,41 @@ fn tiny_wrn_cuda_infer_tf32() {
 /// (`_tmaa`, a box of one 8x8 image), and the launches' tensor maps.
 #[test]
 fn tiny_wide_infer_tma() {
-    let net = "network \"w64\" { input 3x16x16 classes 3 conv(3x3, 32) residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj } bn relu gap fc }";
-    let o = Options {
-        precision: wrnc_compiler::ast::Precision::Bf16,
-        tiles: schedule::Tiles {
-            wgmma: true,
-            tma: true,
-            ..Default::default()
-        },
-        ..opts(Mode::Infer)
-    };
-    let s = schedule::build(&graph(net), &o).unwrap();
-    insta::assert_snapshot!("tiny_wide_infer_tma_cu", cuda::write(&s, &o).unwrap());
-    let maps: Vec<String> = s
-        .launches
-        .iter()
-        .filter(|l| !l.tmaps.is_empty())
-        .map(|l| format!("{}: {:?}", l.note, l.tmaps))
-        .collect();
-    insta::assert_snapshot!("tiny_wide_infer_tma_maps", maps.join("\n"));
+    wide_infer_snapshots("tiny_wide_infer_tma", false);
 }
 
 /// The same network with stages of 64 (`--k64`): `_wg_k64_tma` forward kernels whose stages
 /// are rows of 128 bytes in the 128-byte swizzle (`wrnc_wgmma_desc128`, four k16 steps per
-/// stage), boxes of 64 x 64 in that swizzle, the ring in dynamic shared memory.
+/// stage), boxes of 64 x 64 in that swizzle, the ring in dynamic shared memory; the 1x1
+/// projection (a reduction of 32) keeps stages of 32.
 #[test]
 fn tiny_wide_infer_k64() {
+    wide_infer_snapshots("tiny_wide_infer_k64", true);
+}
+
+/// The CUDA (`<name>_cu`) and the launches' tensor maps (`<name>_maps`) of the 32/64-channel
+/// network's bf16 inference with `--tma` (and `--k64` where `k64`).
+fn wide_infer_snapshots(name: &str, k64: bool) {
     let net = "network \"w64\" { input 3x16x16 classes 3 conv(3x3, 32) residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj } bn relu gap fc }";
     let o = Options {
         precision: wrnc_compiler::ast::Precision::Bf16,
         tiles: schedule::Tiles {
             wgmma: true,
             tma: true,
-            k64: true,
+            k64,
             ..Default::default()
         },
         ..opts(Mode::Infer)
     };
     let s = schedule::build(&graph(net), &o).unwrap();
-    insta::assert_snapshot!("tiny_wide_infer_k64_cu", cuda::write(&s, &o).unwrap());
+    insta::assert_snapshot!(format!("{name}_cu"), cuda::write(&s, &o).unwrap());
     let maps: Vec<String> = s
         .launches
         .iter()
         .filter(|l| !l.tmaps.is_empty())
         .map(|l| format!("{}: {:?}", l.note, l.tmaps))
         .collect();
-    insta::assert_snapshot!("tiny_wide_infer_k64_maps", maps.join("\n"));
+    insta::assert_snapshot!(format!("{name}_maps"), maps.join("\n"));
 }
 
 #[test]
