@@ -328,6 +328,18 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
         eval_batch: 256,
     };
     let quiet = args.quiet || args.json;
+    // more outputs than the data has classes trains (the extra ones are never a label), but is
+    // seldom meant: `WRN-28-10@cifar100` on CIFAR-10
+    if (l.graph.classes as usize) > train_ds.classes && !quiet {
+        eprintln!(
+            "note: {} has {} outputs, {} has {} classes: {} outputs are never a label (the network's `@dataset` or `classes` may not be the one meant)",
+            l.graph.name,
+            l.graph.classes,
+            k.name(),
+            train_ds.classes,
+            l.graph.classes as usize - train_ds.classes
+        );
+    }
     if !quiet {
         eprintln!(
             "training {} on {} ({} train, {} test images) for {} epochs, batch {}, lr {}",

@@ -399,6 +399,25 @@ fn reviewed_inputs_get_clear_errors() {
         2,
         "holds weights only",
     );
+    // a network with more outputs than the data has classes: said
+    check(
+        &[
+            "run",
+            "WRN-10-1@cifar100",
+            "--train",
+            "cifar10",
+            "--device",
+            "cpu",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+        ],
+        0,
+        "90 outputs are never a label",
+    );
     // a file error says its reason once
     let a = run(&[
         "--data",
