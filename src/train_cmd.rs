@@ -398,6 +398,12 @@ pub fn run(l: Loaded, args: RunArgs) -> anyhow::Result<()> {
                     f32_math.flag()
                 );
             }
+            if args.layout != wrnc_compiler::schedule::Layout::Auto && !quiet {
+                eprintln!(
+                    "note: --layout {} applies on the GPU; the CPU backend keeps NCHW",
+                    args.layout.name()
+                );
+            }
             let mut model: Model = Model::new(l.graph.clone(), seed)?;
             train::train(&mut model, &train_ds, Some(&test_ds), &cfg, &mut on_event)
         }

@@ -418,6 +418,26 @@ fn reviewed_inputs_get_clear_errors() {
         0,
         "90 outputs are never a label",
     );
+    check(
+        &[
+            "run",
+            "WRN-10-1",
+            "--train",
+            "cifar10",
+            "--device",
+            "cpu",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--layout",
+            "nhwc",
+        ],
+        0,
+        "--layout nhwc applies on the GPU",
+    );
     // a file error says its reason once
     let a = run(&[
         "--data",
