@@ -406,6 +406,7 @@ fn broken_image_folders_are_named_errors() {
             setup: |d| std::fs::create_dir_all(d.join("test/unicorn")).unwrap(),
             expect: &[
                 "found 11 class folders",
+                "in train/ and test/ together",
                 "unicorn",
                 "cifar10 has 10 classes",
             ],

@@ -85,9 +85,13 @@ pub(crate) fn load(kind: DatasetKind, source: &Source, split: Split) -> Result<D
         return Err(DataError::invalid(
             &where_,
             format!(
-                "found {} class folders ({}), but {} has {} classes",
+                "found {} class folders ({}){}, but {} has {} classes",
                 class_names.len(),
                 preview(&class_names),
+                match source {
+                    Source::Dir(_) => " in train/ and test/ together",
+                    Source::TarXz(_) => "",
+                },
                 kind.name(),
                 kind.classes()
             ),
