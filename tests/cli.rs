@@ -399,43 +399,21 @@ fn reviewed_inputs_get_clear_errors() {
         2,
         "holds weights only",
     );
-    // a network with more outputs than the data has classes: said
-    check(
-        &[
-            "run",
-            "WRN-10-1@cifar100",
-            "--train",
-            "cifar10",
-            "--device",
-            "cpu",
-            "--data",
-            data.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--max-steps",
-            "1",
-        ],
-        0,
-        "90 outputs are never a label",
-    );
-    check(
-        &[
-            "run",
-            "WRN-10-1",
-            "--train",
-            "cifar10",
-            "--device",
-            "cpu",
-            "--data",
-            data.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--max-steps",
-            "1",
-            "--layout",
-            "nhwc",
-        ],
-        0,
+    // one step on the CPU, and what it says: more outputs than the data has classes, and a
+    // GPU-only layout
+    let one_step = |net: &str, extra: &[&str], want: &str| {
+        let d = data.to_str().unwrap();
+        let mut a = vec![
+            "run", net, "--train", "cifar10", "--device", "cpu", "--data", d,
+        ];
+        a.extend(["--epochs", "1", "--max-steps", "1"]);
+        a.extend(extra);
+        check(&a, 0, want);
+    };
+    one_step("WRN-10-1@cifar100", &[], "90 outputs are never a label");
+    one_step(
+        "WRN-10-1",
+        &["--layout", "nhwc"],
         "--layout nhwc applies on the GPU",
     );
     // a file error says its reason once
