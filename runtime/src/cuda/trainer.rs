@@ -295,6 +295,9 @@ impl GpuTrainer {
                 Ok(g) => {
                     self.graphs.insert(n, (*h, g));
                 }
+                // a fault of an earlier step that surfaces here is the run's error, not the
+                // capture's: no fallback, and no warning that would hide it
+                Err(e) if e.poisons_context() => return Err(e.into()),
                 Err(e) => {
                     eprintln!("warning: CUDA graph capture failed, launching on the stream: {e}");
                     self.use_graphs = false;
