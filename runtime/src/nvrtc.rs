@@ -3,12 +3,14 @@
 //!
 //! The library is searched in this order (the first that loads wins):
 //! 1. the path in the `WRNC_NVRTC` environment variable (a file), when set;
-//! 2. `libnvrtc.so.13`, then `libnvrtc.so.12`, then `libnvrtc.so`, by the dynamic loader's
-//!    own search (`LD_LIBRARY_PATH`, the `ldconfig` cache, the system directories);
-//! 3. the pip package `nvidia-cuda-nvrtc`: the folders `nvidia/cu13/lib` (13.x wheels) and
-//!    `nvidia/cuda_nvrtc/lib` (12.x wheels) beside the `nvidia` package that
-//!    `python3 -c "import nvidia"` finds;
-//! 4. `/usr/local/cuda/lib64`.
+//! 2. NVRTC 13 wherever it is, before NVRTC 12 anywhere (so a CUDA 12 library on the loader's
+//!    path does not shadow the 13.x wheel that `wrnc precompile` used, whose version is part
+//!    of every module cache key), each major version in this order: `libnvrtc.so.<major>` by
+//!    the dynamic loader's own search (`LD_LIBRARY_PATH`, the `ldconfig` cache, the system
+//!    directories), then the pip package `nvidia-cuda-nvrtc` (the folders `nvidia/cu13/lib`
+//!    of 13.x wheels and `nvidia/cuda_nvrtc/lib` beside the `nvidia` package that `python3 -c
+//!    "import nvidia"` finds), then `/usr/local/cuda/lib64`;
+//! 3. `libnvrtc.so` by the loader's search, then in `/usr/local/cuda/lib64`.
 //!
 //! For a candidate given as a path, `libnvrtc-builtins.so.*` from the same folder is loaded
 //! first (globally), because NVRTC looks for it only on the loader's path.
@@ -79,28 +81,34 @@ pub fn candidates() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("WRNC_NVRTC") {
         v.push(PathBuf::from(p));
     }
-    for n in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
-        v.push(PathBuf::from(n));
-    }
-    if let Ok(out) = std::process::Command::new("python3")
+    let pip: Vec<PathBuf> = std::process::Command::new("python3")
         .args([
             "-c",
             "import nvidia, os; print('\\n'.join(nvidia.__path__))",
         ])
         .stderr(std::process::Stdio::null())
         .output()
-    {
-        for dir in String::from_utf8_lossy(&out.stdout).lines() {
-            let dir = PathBuf::from(dir.trim());
-            for sub in [
-                "cu13/lib/libnvrtc.so.13",
-                "cuda_nvrtc/lib/libnvrtc.so.12",
-                "cuda_nvrtc/lib/libnvrtc.so.13",
-            ] {
-                v.push(dir.join(sub));
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|d| PathBuf::from(d.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (major, subs) in [
+        (13, &["cu13/lib", "cuda_nvrtc/lib"][..]),
+        (12, &["cuda_nvrtc/lib"][..]),
+    ] {
+        let file = format!("libnvrtc.so.{major}");
+        v.push(PathBuf::from(&file));
+        for dir in &pip {
+            for sub in subs {
+                v.push(dir.join(sub).join(&file));
             }
         }
+        v.push(PathBuf::from("/usr/local/cuda/lib64").join(&file));
     }
+    v.push(PathBuf::from("libnvrtc.so"));
     v.push(PathBuf::from("/usr/local/cuda/lib64/libnvrtc.so"));
     v
 }
@@ -466,6 +474,24 @@ fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NVRTC 13 (what `wrnc precompile` compiles with, in every cache key) anywhere comes
+    /// before NVRTC 12 anywhere, and the unversioned names last.
+    #[test]
+    fn nvrtc_13_is_searched_before_12() {
+        let mut c: Vec<String> = candidates()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        if std::env::var_os("WRNC_NVRTC").is_some() {
+            c.remove(0);
+        }
+        let last = |suffix: &str| c.iter().rposition(|p| p.ends_with(suffix)).unwrap();
+        let first = |suffix: &str| c.iter().position(|p| p.ends_with(suffix)).unwrap();
+        assert!(last(".so.13") < first(".so.12"), "{c:?}");
+        assert!(last(".so.12") < first(".so"), "{c:?}");
+        assert!(c.contains(&"/usr/local/cuda/lib64/libnvrtc.so.13".to_string()));
+    }
 
     #[test]
     fn ptxas_log() {
