@@ -37,7 +37,7 @@ BENCH_NET="$tiny" BENCH_BATCH=4 BENCH_ARGS="--warmup 1 --iters 2" BENCH_TIMEOUT=
 TRAIN_NET="$tiny" TRAIN_EPOCHS=1 TRAIN_SECONDS=1200 \
 TRAIN_ARGS="--batch-size 16 --subset 64 --test-subset 64" \
 WRNC_FAKE_HOME="$out/fake" WRNC_CACHE_DIR="$out/cache" \
-    bash scripts/fakegpu.sh bash bench/run_gpu.sh info bench tf32 tf32wg tuned fusion wgmma k64 tf32x3 tma deep dgrad train train_bf16 assemble
+    bash scripts/fakegpu.sh bash bench/run_gpu.sh info bench tf32 tf32wg tuned fusion wgmma k64 tf32x3 tma deep dgrad splitk train train_bf16 assemble
 # What the GPU session's results file must hold.
 python3 - "$out/results" <<'PY'
 import glob, json, sys
@@ -65,6 +65,8 @@ assert r["f32"]["profile_tf32wg"]["fused"]["kernels"], "tf32wg profile"
 assert r["bf16"]["profile_k64"]["fused"]["kernels"], "k64 profile"
 for v in ["phases", "dense"]:
     assert r["bf16"]["dgrad_phases"]["train_step_ms"][v] is not None, v
+for v in ["split", "whole"]:
+    assert r["bf16"]["split_k_b1"]["infer_ms"][v] is not None, v
 for v in ["wrnc_fused_tf32x3", "wrnc_unfused_tf32x3", "wrnc_fused_tf32", "wrnc_unfused_tf32",
           "wrnc_fused_tf32wg", "wrnc_unfused_tf32wg"]:
     assert r["f32"]["train_step_ms"][v] is not None, v

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE script for a lent GPU machine. Run from the repository root:
 #
-#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 k64 tma deep dgrad issue6 train train_bf16 assemble
+#   bench/run_gpu.sh [STAGE...]      stages: info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 k64 tma deep dgrad splitk issue6 train train_bf16 assemble
 #                                    (and, on the build machine before the carry: precompile)
 #                                    (default: info selftest tiles bench train assemble)
 #
@@ -284,6 +284,8 @@ stage_session() {
     optional "${BENCH_DEEP:-0}" "${DEEP_TIMEOUT:-120}" stage_deep
     # phase-order data gradients against every tap, when asked (two short benches)
     optional "${BENCH_DGRAD:-0}" "$((2 * ${DGRAD_TIMEOUT:-90}))" stage_dgrad
+    # batch-1 inference with split-K against without, when asked (two short benches)
+    optional "${BENCH_SPLITK:-0}" "$((2 * ${SPLITK_TIMEOUT:-90}))" stage_splitk
     wait "$unpack"
     local l
     l=$(left)
@@ -426,6 +428,19 @@ stage_dgrad() {
     done
 }
 
+# batch-1 inference with split-K (the default: the small grids' long reductions cut over
+# more blocks, `_sk<N>` + `splitk_epilogue`) against without (--no-split-k), bf16 at the
+# default tile, fused only, one after the other in this call: what split-K does to the latency
+stage_splitk() {
+    find_nvrtc
+    local v
+    for v in split whole; do
+        # shellcheck disable=SC2086
+        run "bench_wrnc_bf16_b1_$v" "${SPLITK_TIMEOUT:-90}" "$WRNC" bench "$NET" --batch 1 --precision bf16 \
+            --tiles default --fused-only --no-train $([ "$v" = whole ] && echo --no-split-k) $BENCH_ARGS --json
+    done
+}
+
 # bf16 with --stages ${DEEP_STAGES:-4} (cp.async rings beyond 48 KiB in dynamic shared memory;
 # its own tile search and cache), fused only: the same bench as bench_wrnc_bf16 otherwise
 stage_deep() {
@@ -511,7 +526,7 @@ stage_precompile() {
     tmp=$(mktemp -d)
     # a cache of its own: gpu-carry gets only the archive (the carry's 64 MiB)
     WRNC_CACHE_DIR=$tmp/cache PRECOMPILE_ARCH=${PRECOMPILE_ARCH:-sm_90} OUT=$tmp/out RESULTS=$tmp/results RAW=$tmp/raw \
-        SESSION_SECONDS=100000000 SESSION_RESERVE=0 SELFTEST_JOBS=${SELFTEST_JOBS:-2} \
+        SESSION_SECONDS=100000000 SESSION_RESERVE=0 SELFTEST_JOBS=${SELFTEST_JOBS:-2} BENCH_SPLITK=1 \
         SELFTEST_COMPILE_JOBS=${SELFTEST_COMPILE_JOBS:-1} bash "$SELF" session issue6 train_bf16
     rc=$?
     grep -E "precompile rc=[^0]" "$tmp/out/run_gpu.log" && rc=1
@@ -709,6 +724,10 @@ dgp, dgd = load("bench_wrnc_bf16_dgrad_phases.out"), load("bench_wrnc_bf16_dgrad
 if dgp or dgd:
     out["bf16"]["dgrad_phases"] = {"train_step_ms": {"phases": wr(dgp, "train_step_ms", "fused"),
                                                       "dense": wr(dgd, "train_step_ms", "fused")}}
+b1s, b1w = load("bench_wrnc_bf16_b1_split.out"), load("bench_wrnc_bf16_b1_whole.out")
+if b1s or b1w:
+    out["bf16"]["split_k_b1"] = {"infer_ms": {"split": wr(b1s, "infer_ms", "fused"),
+                                              "whole": wr(b1w, "infer_ms", "fused")}}
 nchw = load("bench_wrnc_bf16_nchw.out")
 if nchw:
     out["bf16"]["train_step_ms"]["wrnc_fused_nchw"] = wr(nchw, "train_step_ms", "fused")
@@ -744,10 +763,10 @@ PY
 
 for s in "${stages[@]}"; do
     case "$s" in
-        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|k64|tma|deep|dgrad|issue6|train|train_bf16|assemble) "stage_$s" ;;
+        info|first|session|selftest|selftest_par|tiles|bench|tf32|tf32wg|tuned|fusion|wgmma|tf32x3|k64|tma|deep|dgrad|splitk|issue6|train|train_bf16|assemble) "stage_$s" ;;
         precompile) stage_precompile || exit 1 ;;
         all) stage_info; stage_selftest; stage_tiles; stage_bench; stage_train; stage_train_bf16; stage_assemble ;;
-        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 k64 tma deep dgrad issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
+        *) echo "unknown stage $s (info first session selftest selftest_par tiles bench tf32 tf32wg tuned fusion wgmma tf32x3 k64 tma deep dgrad splitk issue6 train train_bf16 assemble all precompile)" >&2; exit 2 ;;
     esac
 done
 log "done: ${stages[*]}"

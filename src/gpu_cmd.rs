@@ -98,6 +98,12 @@ pub struct BenchArgs {
     /// quarter of them at stride 2, same results).
     #[arg(long)]
     pub dense_dgrad: bool,
+    /// No split-K: the tensor-core weight gradients and the small-batch inference
+    /// convolutions each run their whole reduction in one block per output tile (the baseline
+    /// of split-K, which cuts a long reduction over more blocks when the grid alone would
+    /// leave the GPU idle).
+    #[arg(long)]
+    pub no_split_k: bool,
     /// Also time every launch where it runs in the step (events between launches, the
     /// median of min(--iters, 10) steps, after the timed runs), summed per kernel: time,
     /// share, useful TFLOP/s of the GEMMs and the estimated DRAM traffic's TB/s.
@@ -218,6 +224,7 @@ pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, UserError> {
                     k64: a.k64,
                     stages: a.stages.unwrap_or(0),
                     dense_dgrad: a.dense_dgrad,
+                    no_split_k: a.no_split_k,
                     ..Default::default()
                 }
                 .with_f32_math(f32_math),
@@ -289,6 +296,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         t.k64 = a.k64;
         t.stages = a.stages.unwrap_or(0);
         t.dense_dgrad = a.dense_dgrad;
+        t.no_split_k = a.no_split_k;
         let t = t.with_f32_math(f32_math);
         if !a.json {
             eprintln!("{}", tile_summary(&r));
@@ -298,6 +306,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         (
             schedule::Tiles {
                 dense_dgrad: a.dense_dgrad,
+                no_split_k: a.no_split_k,
                 ..Default::default()
             },
             None,
@@ -420,6 +429,7 @@ pub fn bench(l: Loaded, a: BenchArgs) -> anyhow::Result<()> {
         "tf32x3": a.tf32x3,
         "tf32": a.tf32,
         "dense_dgrad": a.dense_dgrad,
+        "no_split_k": a.no_split_k,
         "stages": a.stages,
         "train_step_ms": {"fused": pick(&runs, "train", true), "unfused": pick(&runs, "train", false)},
         "infer_ms": {"fused": pick(&runs, "infer", true), "unfused": pick(&runs, "infer", false)},

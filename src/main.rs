@@ -121,6 +121,10 @@ enum Cmd {
         /// phase order (each output phase over only the taps that reach it).
         #[arg(long)]
         dense_dgrad: bool,
+        /// No split-K: no GEMM cuts its reduction over more blocks (the tensor-core weight
+        /// gradients, the small-batch inference convolutions).
+        #[arg(long)]
+        no_split_k: bool,
     },
     /// Train or evaluate a network: on the GPU where one is usable, else on the CPU reference backend.
     Run {
@@ -298,7 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 match &compiled {
                     Ok(c) => {
                         let c = serde_json::to_value(c)?;
-                        for k in ["launches", "dram_bytes", "peak_bytes"] {
+                        for k in ["launches", "dram_bytes", "infer_dram_bytes", "peak_bytes"] {
                             v[k] = c[k].clone();
                         }
                     }
@@ -324,19 +328,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(c) => {
                         println!("launches     training step {} fused, {} unfused; inference {} fused, {} unfused",
                             c.launches.train_fused, c.launches.train_unfused, c.launches.infer_fused, c.launches.infer_unfused);
-                        println!(
-                            "DRAM/step    {} fused, {} unfused (estimate, batch {}, {})",
-                            human_bytes(c.dram_bytes.fused),
-                            human_bytes(c.dram_bytes.unfused),
-                            i.batch,
-                            precision.name()
-                        );
-                        println!(
-                            "peak memory  {} fused, {} unfused (training step, {})",
-                            human_bytes(c.peak_bytes.fused),
-                            human_bytes(c.peak_bytes.unfused),
-                            precision.name()
-                        );
+                        let (b, p) = (i.batch, precision.name());
+                        for (label, v, what) in [
+                            (
+                                "DRAM/step   ",
+                                c.dram_bytes,
+                                format!("estimate, batch {b}, {p}"),
+                            ),
+                            (
+                                "DRAM/infer  ",
+                                c.infer_dram_bytes,
+                                format!("estimate, a batch of {b}, {p}; setup excluded"),
+                            ),
+                            ("peak memory ", c.peak_bytes, format!("training step, {p}")),
+                        ] {
+                            println!(
+                                "{label} {} fused, {} unfused ({what})",
+                                human_bytes(v.fused),
+                                human_bytes(v.unfused)
+                            );
+                        }
                     }
                     Err(e) => println!("compiled     not available: {}", e.message),
                 }
@@ -367,6 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tf32x3,
             tf32,
             dense_dgrad,
+            no_split_k,
         } => {
             let wgmma = wgmma || tma || k64;
             if list_passes {
@@ -393,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tf32x3,
                     tf32,
                     dense_dgrad,
+                    no_split_k,
                     ..Default::default()
                 },
                 layout,

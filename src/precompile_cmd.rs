@@ -125,6 +125,7 @@ pub fn precompile(
             let tiles = if plan.bases.is_empty() {
                 Some(wrnc_compiler::schedule::Tiles {
                     dense_dgrad: args.dense_dgrad,
+                    no_split_k: args.no_split_k,
                     ..Default::default()
                 })
             } else {

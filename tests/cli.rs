@@ -104,6 +104,13 @@ fn commands_and_exit_codes() {
         0,
         "DRAM/step    14.37 GiB fused, 27.14 GiB unfused (estimate, batch 128, f32)",
     );
+    // inference: the folded BNs, adds and ReLUs in the conv epilogues, the weights packed in
+    // setup, and at batch 1 the split-K convs' partial sums (written, then read back once)
+    check(
+        &["info", "WRN-28-10", "--precision", "bf16", "--batch", "1"],
+        0,
+        "DRAM/infer   219.5 MiB fused, 241.2 MiB unfused (estimate, a batch of 1, bf16; setup excluded)",
+    );
     check(
         &["info", "WRN-28-10", "--precision", "f16"],
         2,
@@ -493,6 +500,49 @@ fn compile_puts_strided_data_gradients_in_phase_order() {
     };
     assert_eq!(phased(&[]), (4, 4));
     assert_eq!(phased(&["--dense-dgrad"]), (0, 4));
+}
+
+/// Split-K: WRN-16-4's bf16 inference at batch 1 splits its 64-wide and wider convs'
+/// reductions (`_sk<N>` kernels, each followed by a `splitk_epilogue`), its training step the
+/// weight gradients'; `--no-split-k` splits none.
+#[test]
+fn compile_splits_long_reductions_unless_told_not_to() {
+    let split = |extra: &[&str]| {
+        let mut a = vec![
+            "compile",
+            "WRN-16-4",
+            "--precision",
+            "bf16",
+            "--emit",
+            "cuda",
+        ];
+        a.extend_from_slice(extra);
+        let o = wrnc(&a);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let cu = String::from_utf8_lossy(&o.stdout).into_owned();
+        let defs = |what: &str| {
+            cu.lines()
+                .filter(|l| l.contains("__global__ void") && l.contains(what))
+                .count()
+        };
+        (
+            defs("conv_fwd_") - defs("_sk"),
+            defs("_sk"),
+            defs("splitk_epilogue"),
+        )
+    };
+    let infer = ["--infer", "--batch", "1"];
+    let (whole, sk, epilogues) = split(&infer);
+    assert!(
+        sk >= 3 && epilogues >= 2 && whole >= 1,
+        "{whole} {sk} {epilogues}"
+    );
+    assert_eq!(
+        split(&[&infer[..], &["--no-split-k"]].concat()),
+        (whole + sk, 0, 0)
+    );
+    assert!(split(&[]).1 > 0);
+    assert_eq!(split(&["--no-split-k"]).1, 0);
 }
 
 #[test]

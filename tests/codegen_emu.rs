@@ -12,7 +12,7 @@ use wrnc_compiler::ast::Precision;
 use wrnc_compiler::graph::Graph;
 use wrnc_compiler::passes::{Fusion, Mode};
 use wrnc_compiler::schedule::{
-    self, Access, Dtype, KernelSpec, Launch, Layout, Options, Schedule, TcTile, Tiles,
+    self, Access, Dtype, KernelSpec, Launch, Layout, Options, ScalarArg, Schedule, TcTile, Tiles,
 };
 use wrnc_runtime::cpu::{Mode as CpuMode, Model};
 use wrnc_runtime::init::SplitMix64;
@@ -708,7 +708,11 @@ fn check_infer(name: &str, body: &str) {
 /// Inference, unfused then fused, in `prec`: every kernel in isolation, then the logits
 /// against the CPU model (f64, eval mode).
 fn check_infer_in(name: &str, body: &str, prec: Prec) {
-    let g = graph(body);
+    check_infer_of(name, &graph(body), prec)
+}
+
+fn check_infer_of(name: &str, g: &Graph, prec: Prec) {
+    let g = g.clone();
     let r = reference(&g, Mode::Infer);
     for unfused in [true, false] {
         let tag = format!(
@@ -765,15 +769,171 @@ fn wrn_infer() {
     check_infer("wrn", WRN);
 }
 
+/// 64-channel convolutions on 8x8 images at batch 2: their inference GEMMs are two blocks of
+/// 64x64 over a reduction of 576 (18 steps of 32), so they split in two (`split_k_for`); and
+/// a grouped one, 64 channels per group.
+const SPLIT: &str = "conv(3x3, 16) bn relu conv(3x3, 64) bn relu conv(3x3, 64)
+     residual { body bn relu conv(3x3, 64) bn relu conv(3x3, 64) }
+     bn relu conv(1x1, 128) bn relu conv(3x3, 128, groups=2)
+     bn relu gap fc";
+
+/// TF32 with a kernel tolerance of 1e-3: a BN prologue's f32 arithmetic can put an operand
+/// on the other side of a TF32 rounding boundary than the f64 reference's does (one TF32 step
+/// is 2^-11 relative; 64-channel 1x1 convs of [`SPLIT`] meet one, 7e-5 of the output).
+const TF32_LOOSE: Prec = Prec {
+    kernel: 1e-3,
+    ..TF32
+};
+
+/// Split-K inference (the tensor cores, small grids): the split convs write partial sums,
+/// `SplitKEpilogue` adds them and applies the folded BN's bias and the ReLU, or the residual;
+/// every launch against the f64 reference (slices cut in the launch's reduction order, NHWC
+/// and NCHW) and the logits against the CPU model, on `mma.sync` (bf16 NHWC and NCHW, TF32)
+/// and on `wgmma` (bf16), with both operands by TMA too (a slice's stages start at multiples
+/// of 32: each box stays in one tap).
 #[test]
-fn resnet_zeropad_step() {
-    let _ = check_step(
-        "resnet",
-        "conv(3x3, 4) bn relu
+fn split_k_inference() {
+    let g = graph_in("input 3x8x8", SPLIT);
+    let s = build_in(&g, Mode::Infer, false, BF16);
+    let names: Vec<&str> = s
+        .launches
+        .iter()
+        .map(|l| s.kernels[l.kernel].name.as_str())
+        .collect();
+    let split = |k: &KernelSpec| matches!(k, KernelSpec::ConvFwd { split_k, .. } if *split_k > 1);
+    // the convs with reductions of 576 per group split (the three of 64 channels, the grouped
+    // one), those of 27, 144 and 64 (the stem, the conv from 16 channels, the 1x1) do not
+    for l in &s.launches {
+        let k = &s.kernels[l.kernel];
+        if let KernelSpec::ConvFwd { g, .. } = k.spec {
+            let ic = match l.scalars[1] {
+                ScalarArg::I32(v) => v as u32,
+                _ => unreachable!(),
+            };
+            let kdim = ic / g.groups * g.k * g.k;
+            assert_eq!(split(&k.spec), kdim == 576, "{}: {names:?}", k.name);
+        }
+    }
+    assert_eq!(
+        s.kernels.iter().filter(|k| split(&k.spec)).count(),
+        4,
+        "{names:?}"
+    );
+    // inference packs its weights once, in setup
+    let packs = |ls: &[Launch]| {
+        ls.iter()
+            .filter(|l| matches!(s.kernels[l.kernel].spec, KernelSpec::PackWeight { .. }))
+            .count()
+    };
+    assert!(packs(&s.setup) >= 5 && packs(&s.launches) == 0, "{names:?}");
+    for tag in [
+        "splitk_epilogue_nhwc",
+        "splitk_epilogue_bias_relu_nhwc",
+        "splitk_epilogue_res_nhwc",
+    ] {
+        assert!(names.contains(&tag), "{tag}: {names:?}");
+    }
+    // training never splits a forward conv
+    let t = build_in(&g, Mode::Train, false, BF16);
+    assert!(!t.kernels.iter().any(|k| split(&k.spec)));
+    for (tag, prec) in [
+        ("split", BF16),
+        ("split-nchw", BF16_NCHW),
+        ("split-tf32", TF32_LOOSE),
+        (
+            "split-wgmma",
+            Prec {
+                wgmma: true,
+                ..BF16
+            },
+        ),
+        (
+            "split-tma",
+            Prec {
+                wgmma: true,
+                tma: true,
+                ..BF16
+            },
+        ),
+        (
+            "split-tf32-wgmma",
+            Prec {
+                wgmma: true,
+                layout: Layout::Auto,
+                ..TF32_LOOSE
+            },
+        ),
+    ] {
+        check_infer_of(tag, &g, prec);
+    }
+    // with TMA the split convs take tensor maps for both operands (stride 1, 64 channels per
+    // group, a tile of 64 pixels is one 8x8 image), the grouped one too
+    let s = build_in(
+        &g,
+        Mode::Infer,
+        false,
+        Prec {
+            wgmma: true,
+            tma: true,
+            ..BF16
+        },
+    );
+    let tma_split = s
+        .launches
+        .iter()
+        .filter(|l| split(&s.kernels[l.kernel].spec) && l.tmaps.len() == 2)
+        .count();
+    assert_eq!(
+        tma_split,
+        4,
+        "{:?}",
+        s.launches.iter().map(|l| &l.note).collect::<Vec<_>>()
+    );
+}
+
+const RESNET: &str = "conv(3x3, 4) bn relu
          residual { body conv(3x3, 4) bn relu conv(3x3, 4) bn post relu }
          residual { body conv(3x3, 6, stride=2) bn relu conv(3x3, 6) bn shortcut zeropad post relu }
-         gap fc",
+         gap fc";
+
+#[test]
+fn resnet_zeropad_step() {
+    let _ = check_step("resnet", RESNET);
+}
+
+/// Post-activation inference: every BN folds into its conv, the first block's add and the
+/// ReLUs after the folded BNs and after that add go into the conv epilogues (`_relu`), so the
+/// fused schedule has no ReLU kernel but the one after the zero-padding block's add; each
+/// kernel against the f64 reference and the logits against the CPU model, in f32 and bf16.
+#[test]
+fn resnet_infer_relu_and_residual_epilogues() {
+    let s = build(&graph(RESNET), Mode::Infer, false, Precision::F32);
+    let names: Vec<&str> = s
+        .launches
+        .iter()
+        .map(|l| s.kernels[l.kernel].name.as_str())
+        .collect();
+    let count = |p: &str| names.iter().filter(|n| n.starts_with(p)).count();
+    assert_eq!(count("relu_fwd"), 1, "{names:?}");
+    assert_eq!(count("add_fwd"), 1, "{names:?}");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("conv_fwd") && n.ends_with("_bias_relu"))
+            .count(),
+        3,
+        "{names:?}"
     );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("conv_fwd") && n.ends_with("_bias_res_relu"))
+            .count(),
+        1,
+        "{names:?}"
+    );
+    check_infer("resnet", RESNET);
+    check_infer_in("resnet", RESNET, BF16);
 }
 
 const RESNEXT: &str = "conv(3x3, 4) bn relu

@@ -357,30 +357,39 @@ fn no_kernel_of_wrn_28_10_spills() {
     let g = graph("network WRN-28-10\ndropout 0.3");
     let default = schedule::TcTile::DEFAULT;
     let mut cases = vec![
-        (Mode::Train, Precision::F32, "sm_80", default),
-        (Mode::Train, Precision::Bf16, "sm_80", default),
-        (Mode::Train, Precision::Bf16, "sm_90", default),
-        (Mode::Infer, Precision::Bf16, "sm_90", default),
+        (Mode::Train, Precision::F32, "sm_80", default, 128),
+        (Mode::Train, Precision::Bf16, "sm_80", default, 128),
+        (Mode::Train, Precision::Bf16, "sm_90", default, 128),
+        (Mode::Infer, Precision::Bf16, "sm_90", default, 128),
+        // batch 1: every forward conv but the stem and the 1x1 projections split-K
+        (Mode::Infer, Precision::Bf16, "sm_90", default, 1),
     ];
     // and every other tensor-core tile's bf16 training step
     for t in schedule::TcTile::CANDIDATES
         .into_iter()
         .filter(|t| !t.is_default())
     {
-        cases.push((Mode::Train, Precision::Bf16, "sm_90", t));
+        cases.push((Mode::Train, Precision::Bf16, "sm_90", t, 128));
     }
-    for (mode, precision, arch, tile) in cases {
+    for (mode, precision, arch, tile, batch) in cases {
         let opts = Options {
             mode,
-            batch: 128,
+            batch,
             precision,
             tiles: schedule::Tiles::all(tile),
             ..Options::default()
         };
         let s = schedule::build(&g, &opts).unwrap();
+        let split = s.kernels.iter().filter(|k| k.name.contains("_sk")).count();
+        // (split-K weight gradients in bf16 training, split-K forward convs at batch 1)
+        let tc_train = mode == Mode::Train && precision == Precision::Bf16;
+        assert_eq!(split > 0, tc_train || batch == 1, "{mode:?} batch {batch}");
         let src = cuda::write(&s, &opts).unwrap();
         let r = nvrtc::ptxas_resources(&src, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
-        let tag = format!("{mode:?} {} {arch} tile {tile}", precision.name());
+        let tag = format!(
+            "{mode:?} {} {arch} tile {tile} batch {batch}",
+            precision.name()
+        );
         assert_eq!(r.len(), s.kernels.len(), "{tag}: one report per kernel");
         for k in &r {
             assert!(

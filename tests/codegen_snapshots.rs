@@ -95,7 +95,7 @@ fn tiny_wide_infer_k64() {
 }
 
 /// The CUDA (`<name>_cu`) and the launches' tensor maps (`<name>_maps`) of the 32/64-channel
-/// network's bf16 inference with `--tma` (and `--k64` where `k64`).
+/// network's bf16 inference at batch 512 with `--tma` (and `--k64` where `k64`).
 fn wide_infer_snapshots(name: &str, k64: bool) {
     let net = "network \"w64\" { input 3x16x16 classes 3 conv(3x3, 32) residual { body bn relu conv(3x3, 64, stride=2) bn relu conv(3x3, 64) shortcut proj } bn relu gap fc }";
     let o = Options {
@@ -106,6 +106,9 @@ fn wide_infer_snapshots(name: &str, k64: bool) {
             k64,
             ..Default::default()
         },
+        // a batch at which no forward conv splits its reduction (split-K convs take no TMA):
+        // the 8x8 convs' grids are 512 blocks
+        batch: 512,
         ..opts(Mode::Infer)
     };
     let s = schedule::build(&graph(net), &o).unwrap();
@@ -153,6 +156,7 @@ fn wrn_28_10_summary() {
     let s = wrnc_compiler::memplan::summarize(&g, 128, Default::default()).unwrap();
     assert!(s.launches.train_fused < s.launches.train_unfused);
     assert!(s.dram_bytes.fused < s.dram_bytes.unfused);
+    assert!(s.infer_dram_bytes.fused < s.infer_dram_bytes.unfused);
     assert!(s.peak_bytes.fused < s.peak_bytes.unfused);
     insta::assert_snapshot!(
         "wrn_28_10_summary_batch128",

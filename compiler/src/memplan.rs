@@ -149,6 +149,9 @@ pub struct Summary {
     pub launches: Launches,
     /// Estimated DRAM bytes of one training step.
     pub dram_bytes: FusedUnfused,
+    /// Estimated DRAM bytes of one inference batch (its setup launches excluded: they run
+    /// once after the parameters change).
+    pub infer_dram_bytes: FusedUnfused,
     /// Peak device bytes of one training step (parameters, gradients, momentum included).
     pub peak_bytes: FusedUnfused,
 }
@@ -183,6 +186,10 @@ pub fn summarize(graph: &Graph, batch: u32, precision: Precision) -> crate::Resu
         dram_bytes: FusedUnfused {
             fused: dram_bytes(&tf),
             unfused: dram_bytes(&tu),
+        },
+        infer_dram_bytes: FusedUnfused {
+            fused: dram_bytes(&inf),
+            unfused: dram_bytes(&inu),
         },
         peak_bytes: FusedUnfused {
             fused: plan(&tf).peak_bytes,

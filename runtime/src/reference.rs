@@ -398,7 +398,7 @@ pub fn launch(
     scalars: &[f64],
 ) -> Result<Vec<Option<Vec<f64>>>, String> {
     let Some(base) = spec.as_nchw() else {
-        return launch_nchw(spec, n, bufs, scalars);
+        return launch_nchw(spec, n, bufs, scalars, false);
     };
     let (params, snames) = spec.signature();
     if params.len() != bufs.len() || snames.len() != scalars.len() {
@@ -450,7 +450,8 @@ pub fn launch(
         .iter()
         .map(|(x, _)| sc(x).ok_or(format!("{}: no scalar {x}", spec.name())))
         .collect::<Result<Vec<f64>, String>>()?;
-    let mut out = launch_nchw(&base, n, &nb, &bsc)?;
+    // (a split-K conv's slices are ranges of the NHWC reduction order)
+    let mut out = launch_nchw(&base, n, &nb, &bsc, true)?;
     for (p, o) in params.iter().zip(out.iter_mut()) {
         if let (Some(chw), Some(v)) = (shape(p.name), o.as_mut()) {
             *v = permute_layout(v, chw, false)?;
@@ -459,11 +460,14 @@ pub fn launch(
     Ok(out)
 }
 
+/// [`launch`] on NCHW arguments; `red_nhwc`: the launch is NHWC, so a conv's reduction runs
+/// `(kh, kw, c)` (else `(c, kh, kw)`), which decides a split-K forward conv's slices.
 fn launch_nchw(
     spec: &KernelSpec,
     n: usize,
     bufs: &[Vec<f64>],
     scalars: &[f64],
+    red_nhwc: bool,
 ) -> Result<Vec<Option<Vec<f64>>>, String> {
     use KernelSpec::*;
     let (params, sparams) = spec.signature();
@@ -486,7 +490,12 @@ fn launch_nchw(
         }
     };
     match *spec {
-        ConvFwd { g, pro, epi } => {
+        ConvFwd {
+            g,
+            pro,
+            epi,
+            split_k,
+        } => {
             let (ic, oc) = (dim("IC")?, dim("OC")?);
             if ic % g.groups as usize != 0 || oc % g.groups as usize != 0 {
                 return Err(format!("{}: groups do not divide {ic} / {oc}", spec.name()));
@@ -499,26 +508,64 @@ fn launch_nchw(
                 return Err("conv weight length".into());
             }
             tc_operand(&g, &mut w);
-            let w = &w[..];
-            let mut op = conv_op(&g, ic, oc);
-            op.bias = epi.bias;
-            let mut y =
-                conv::conv2d_forward(&x, &op, w, epi.bias.then(|| a.buf("bias")).transpose()?);
-            if epi.residual {
-                let r = a.buf("res")?;
-                if r.len() != y.data.len() {
-                    return Err("residual length".into());
+            if split_k > 1 {
+                // slice s: the weights whose reduction index (in the launch's order) lies in
+                // [s chunk, (s + 1) chunk), zero elsewhere; no epilogue
+                let (icg, kk) = (ic / g.groups as usize, (g.k * g.k) as usize);
+                let kdim = icg * kk;
+                let sk = split_k as usize;
+                let chunk = kdim.div_ceil(32 * sk) * 32;
+                let red = |i: usize| {
+                    let (c, tap) = (i / kk % icg, i % kk);
+                    if red_nhwc {
+                        tap * icg + c
+                    } else {
+                        c * kk + tap
+                    }
+                };
+                let op = conv_op(&g, ic, oc);
+                let mut parts = Vec::with_capacity(sk * n * oc * (g.out_h * g.out_w) as usize);
+                for s in 0..sk {
+                    let ws: Vec<f64> = w
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| {
+                            let r = red(i);
+                            if r >= s * chunk && r < (s + 1) * chunk {
+                                v
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    parts.extend(conv::conv2d_forward(&x, &op, &ws, None).data);
                 }
-                y.data = add_into(&y.data, r);
-            }
-            if epi.stats {
-                let prior = a.buf("stats")?;
-                if prior.len() != 4 * oc {
-                    return Err("conv stats length".into());
+                out.push(("y", parts));
+            } else {
+                let w = &w[..];
+                let mut op = conv_op(&g, ic, oc);
+                op.bias = epi.bias;
+                let mut y =
+                    conv::conv2d_forward(&x, &op, w, epi.bias.then(|| a.buf("bias")).transpose()?);
+                if epi.residual {
+                    let r = a.buf("res")?;
+                    if r.len() != y.data.len() {
+                        return Err("residual length".into());
+                    }
+                    y.data = add_into(&y.data, r);
                 }
-                out.push(("stats", stats_of(&y.data, n, oc, prior)));
+                if epi.relu {
+                    y = ew::relu(&y);
+                }
+                if epi.stats {
+                    let prior = a.buf("stats")?;
+                    if prior.len() != 4 * oc {
+                        return Err("conv stats length".into());
+                    }
+                    out.push(("stats", stats_of(&y.data, n, oc, prior)));
+                }
+                out.push(("y", y.data));
             }
-            out.push(("y", y.data));
         }
         ConvBwdData { g, chain } => {
             let (ic, oc) = (dim("IC")?, dim("OC")?);
@@ -600,6 +647,39 @@ fn launch_nchw(
                 }
                 out.push(("dw", parts));
             }
+        }
+        SplitKEpilogue { epi, .. } => {
+            let (count, splits, c, hw) = (dim("count")?, dim("splits")?, dim("C")?, dim("HW")?);
+            let part = a.buf("part")?;
+            if part.len() < count * splits || a.buf("y")?.len() != count {
+                return Err("split-K buffer lengths".into());
+            }
+            let bias = if epi.bias { Some(a.buf("bias")?) } else { None };
+            let res = if epi.residual {
+                Some(a.buf("res")?)
+            } else {
+                None
+            };
+            if bias.is_some_and(|b| b.len() != c) || res.is_some_and(|r| r.len() != count) {
+                return Err("split-K epilogue argument lengths".into());
+            }
+            let y = (0..count)
+                .map(|i| {
+                    let mut v: f64 = (0..splits).map(|s| part[s * count + i]).sum();
+                    if let Some(b) = bias {
+                        v += b[i / hw % c];
+                    }
+                    if let Some(r) = res {
+                        v += r[i];
+                    }
+                    if epi.relu {
+                        // as the ReLU kernel (NaN to 0)
+                        v = if v > 0.0 { v } else { 0.0 };
+                    }
+                    v
+                })
+                .collect();
+            out.push(("y", y));
         }
         SplitKReduce => {
             let (count, splits) = (dim("count")?, dim("splits")?);

@@ -11,7 +11,7 @@
 
 use crate::ast::Precision;
 use crate::schedule::{
-    Access, AsyncSmem, ElemKind, KernelSpec, Options, ScalarKind, Schedule, TcTile,
+    Access, AsyncSmem, ElemKind, EpilogueFlags, KernelSpec, Options, ScalarKind, Schedule, TcTile,
 };
 use std::fmt::Write;
 
@@ -421,6 +421,23 @@ fn elementwise(name: &str, spec: &KernelSpec, count: &str, consts: &str, body: &
         "{} {{\n{consts}    const int total = {count};\n    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {{\n{body}    }}\n}}\n",
         header(name, spec)
     )
+}
+
+/// A forward conv's epilogue ([`EpilogueFlags`] but the statistics) on its sum `out`: the
+/// bias of channel `ch`, the residual at element `idx`, the ReLU (as the ReLU kernel). One
+/// definition for the conv's own epilogue and for a split-K conv's [`KernelSpec::SplitKEpilogue`].
+fn conv_epilogue(epi: &EpilogueFlags, ch: &str, idx: &str) -> String {
+    let mut e = String::new();
+    if epi.bias {
+        e.push_str(&format!("        out += bias[{ch}];\n"));
+    }
+    if epi.residual {
+        e.push_str(&format!("        out += wrnc_ld(res, {idx});\n"));
+    }
+    if epi.relu {
+        e.push_str("        out = out > 0.0f ? out : 0.0f;\n");
+    }
+    e
 }
 
 /// `out = accum ? out + v : v` for activation gradients.
@@ -1991,7 +2008,12 @@ fn column_atomics(s0: &str, s1: &str, col: &str, cols: &str, valid_col: &str) ->
 pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     use KernelSpec::*;
     match *spec {
-        ConvFwd { g, pro, epi } => {
+        ConvFwd {
+            g,
+            pro,
+            epi,
+            split_k,
+        } => {
             let consts = format!(
                 "    const int IH = {}, IW = {}, OH = {}, OW = {}, KS = {}, S = {}, P = {}, G = {};\n    const int ICG = IC / G, OCG = OC / G, KDIM = ICG * KS * KS;\n",
                 g.in_h, g.in_w, g.out_h, g.out_w, g.k, g.stride, g.pad, g.groups
@@ -2047,21 +2069,21 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 "                v = w[(g * OCG + jj) * KDIM + kk];\n".to_string()
             };
             let mut e = format!("    const int oc = g * OCG + j;\n    float out = acc;\n    if (valid) {{\n        const int ow = m % OW, t = m / OW, oh = t % OH, ni = t / OH;\n        const int idx = {};\n", at(nh, "ni", "oc", "OC", "oh", "OH", "ow", "OW"));
-            if epi.bias {
-                e.push_str("        out += bias[oc];\n");
-            }
-            if epi.residual {
-                e.push_str("        out += wrnc_ld(res, idx);\n");
-            }
-            e.push_str("        wrnc_st(y, idx, out);\n    }\n");
-            if epi.stats {
-                // Statistics of the stored values (what the BN reads), compensated: `stats` is
-                // [sum | sumsq | sum_lo | sumsq_lo]; each block adds its
-                // column sums (in double) with wrnc_atomic_add_comp, whose lo part collects the
-                // exact rounding error of every atomic add. Plain fp32 atomics lose the sum of
-                // a (near) zero-mean channel entirely once thousands of blocks add into it.
-                e.push_str(
-                    r#"    {
+            if split_k > 1 {
+                // split-K: slice `slice_` stores its partial sum, in f32, at the element's
+                // index in the `slice_`-th copy of the output (`SplitKEpilogue` applies `epi`)
+                e.push_str("        y[slice_ * (n * OC * OH * OW) + idx] = out;\n    }\n");
+            } else {
+                e.push_str(&conv_epilogue(&epi, "oc", "idx"));
+                e.push_str("        wrnc_st(y, idx, out);\n    }\n");
+                if epi.stats {
+                    // Statistics of the stored values (what the BN reads), compensated: `stats` is
+                    // [sum | sumsq | sum_lo | sumsq_lo]; each block adds its
+                    // column sums (in double) with wrnc_atomic_add_comp, whose lo part collects the
+                    // exact rounding error of every atomic add. Plain fp32 atomics lose the sum of
+                    // a (near) zero-mean channel entirely once thousands of blocks add into it.
+                    e.push_str(
+                        r#"    {
         __shared__ float R0[16][17];
         __shared__ float R1[16][17];
         const float sv = valid ? wrnc_stored(out) : 0.0f;
@@ -2076,7 +2098,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         }
     }
 "#,
-                );
+                    );
+                }
             }
             gemm(
                 name,
@@ -2097,7 +2120,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     tf32: tf32_products(&g),
                     tile: g.tile,
                     wide: true,
-                    split_k: 1,
+                    split_k,
                 },
             )
         }
@@ -2752,6 +2775,14 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     format!("{src}        wp[i] = wrnc_bf16_bits(w[src]);\n")
                 },
             )
+        }
+        SplitKEpilogue { epi, nhwc } => {
+            let body = format!(
+                "        float out = 0.0f;\n        for (int k = 0; k < splits; ++k) out += part[k * count + i];\n        const int c = {};\n{}        (void)c;\n        wrnc_st(y, i, out);\n",
+                if nhwc { "i % C" } else { "i / HW % C" },
+                conv_epilogue(&epi, "c", "i")
+            );
+            elementwise(name, spec, "count", "", &body)
         }
         SplitKReduce => elementwise(
             name,

@@ -55,8 +55,11 @@ pub struct Fuse {
     /// Conv: writes `conv + other` straight into this Add node's output
     /// (`(add, other operand)`); the conv's own output is never written.
     pub residual: Option<(usize, usize)>,
-    /// Add: computed by this conv's epilogue.
+    /// Add or ReLU: computed by this conv's epilogue.
     pub computed_by: Option<usize>,
+    /// Conv (inference): its epilogue applies this ReLU last (after the bias and the residual)
+    /// and writes the ReLU's output; the values before it are never written.
+    pub epi_relu: Option<usize>,
     /// Conv: its epilogue accumulates per-channel sum / sum of squares of the value it writes
     /// for this BN (atomics into the BN's stats slot).
     pub stats_for: Option<usize>,
@@ -143,10 +146,26 @@ impl Plan {
         if n.fuse.removed {
             return self.value_node(n.inputs[0]);
         }
-        if n.fuse.inlined || n.fuse.residual.is_some() || n.fuse.folded_bn.is_some() {
+        if n.fuse.inlined {
+            return None;
+        }
+        // a conv's epilogue chain (the conv, a folded BN, a fused add, a ReLU): only the
+        // last of them is written
+        let w = self.writer(i);
+        if self.is_conv(w) && self.epilogue_out(w) != i {
             return None;
         }
         Some(i)
+    }
+
+    /// The node whose value conv `c`'s kernel writes: its epilogue ReLU, else its fused add,
+    /// else its folded BN, else the conv itself.
+    pub fn epilogue_out(&self, c: usize) -> usize {
+        let f = &self.nodes[c].fuse;
+        f.epi_relu
+            .or(f.residual.map(|(a, _)| a))
+            .or(f.folded_bn)
+            .unwrap_or(c)
     }
 
     /// The node whose kernel writes node `i`'s buffer (the conv for a fused Add or folded BN).
@@ -178,11 +197,12 @@ impl Plan {
             for &u in &n.users {
                 let un = &self.nodes[u];
                 let reads_via_prologue = un.fuse.prologue.is_some();
+                // (a user in the same epilogue chain is computed by the same kernel)
+                let same_kernel = self.is_conv(self.writer(u)) && self.writer(u) == self.writer(i);
                 if !reads_via_prologue
                     && !n.fuse.inlined
                     && self.value_node(i).is_none()
-                    && n.fuse.residual.is_none()
-                    && n.fuse.folded_bn.is_none()
+                    && !same_kernel
                 {
                     return Err(format!(
                         "{} read by {} but not materialised",
@@ -245,6 +265,9 @@ impl fmt::Display for Plan {
             if let Some(c) = u.computed_by {
                 write!(f, " computed_by=%{c}")?;
             }
+            if let Some(r) = u.epi_relu {
+                write!(f, " epi_relu=%{r}")?;
+            }
             if let Some(b) = u.stats_for {
                 write!(f, " stats_for=%{b}")?;
             }
@@ -281,6 +304,7 @@ pub const PIPELINE: &[(&str, Pass)] = &[
     ("bn_relu_prologue", fuse_bn_relu_prologue),
     ("dropout_epilogue", fuse_dropout_epilogue),
     ("residual_add_epilogue", fuse_residual_add_epilogue),
+    ("relu_epilogue", fuse_relu_epilogue),
     ("bn_stats_epilogue", fuse_bn_stats_epilogue),
     ("backward", fuse_backward),
     ("residual_grad_alias", alias_residual_grad),
@@ -498,8 +522,11 @@ fn fuse_dropout_epilogue(p: &mut Plan) -> bool {
 
 // residual_add_epilogue:
 //   add(conv(x, W), r) = conv'(x, W)  with epilogue  y = acc + r   (and add(r, conv(..)) alike)
-// when the conv's only user is the add and `r` is computed before the conv. Backward: the conv's
-// output gradient *is* the add's (aliased), only `r` gets a copy-accumulate.
+//   add(bn(conv(x, W)), r) = conv'(x, W * s)  with epilogue  y = acc + b' + r   (inference: the
+//     BN folded into the conv by `inference`, its bias b' added first, as bn(..) + r)
+// when the conv's (or its folded BN's) only user is the add and `r` is computed before the conv.
+// Backward (training, never folded): the conv's output gradient *is* the add's (aliased), only
+// `r` gets a copy-accumulate.
 fn fuse_residual_add_epilogue(p: &mut Plan) -> bool {
     let mut changed = false;
     for a in 0..p.nodes.len() {
@@ -512,11 +539,14 @@ fn fuse_residual_add_epilogue(p: &mut Plan) -> bool {
         }
         // prefer the later conv (the block's last conv), so the other operand already exists
         for (ci, oi) in [(1usize, 0usize), (0, 1)] {
-            let (c, o) = (ins[ci], ins[oi]);
+            let (x, o) = (ins[ci], ins[oi]);
+            // the conv that writes operand x: x itself, or the conv x (a BN) is folded into
+            let c = p.writer(x);
             if p.is_conv(c)
-                && p.nodes[c].users == [a]
+                && p.epilogue_out(c) == x
+                && p.nodes[x].users == [a]
                 && p.nodes[c].fuse.residual.is_none()
-                && p.nodes[c].fuse.folded_bn.is_none()
+                && p.nodes[c].fuse.epi_relu.is_none()
                 && p.nodes[c].fuse.stats_for.is_none()
                 && o < c
                 && p.value_node(o).is_some()
@@ -526,6 +556,39 @@ fn fuse_residual_add_epilogue(p: &mut Plan) -> bool {
                 changed = true;
                 break;
             }
+        }
+    }
+    changed
+}
+
+// relu_epilogue (inference):
+//   relu(e(conv(x, W))) = conv'(x, W)  with epilogue  y = relu(e(acc))
+// where e is what the conv's epilogue already computes (a folded BN's bias, a fused residual
+// add; relu(v) = v > 0 ? v : 0, as the ReLU kernel) and the ReLU is the only user of e's value:
+// that value is never written, the ReLU has no kernel, and the conv writes the ReLU's output.
+// Rounding to bf16 storage keeps signs and zeros, so relu(round(v)) = round(relu(v)): the same
+// bits as the ReLU kernel. Inference only (in training a conv is followed by a BN, not a ReLU,
+// in every family; its BN is folded only in inference).
+fn fuse_relu_epilogue(p: &mut Plan) -> bool {
+    if p.mode != Mode::Infer {
+        return false;
+    }
+    let mut changed = false;
+    for r in 0..p.nodes.len() {
+        if !matches!(p.nodes[r].op, Op::Relu) || p.nodes[r].fuse != Fuse::default() {
+            continue;
+        }
+        let v = p.nodes[r].inputs[0];
+        let c = p.writer(v);
+        if p.is_conv(c)
+            && p.epilogue_out(c) == v
+            && v != p.output
+            && p.nodes[v].users == [r]
+            && p.nodes[c].fuse.stats_for.is_none()
+        {
+            p.nodes[c].fuse.epi_relu = Some(r);
+            p.nodes[r].fuse.computed_by = Some(c);
+            changed = true;
         }
     }
     changed
@@ -861,8 +924,88 @@ plan t (Infer)
         let infer = plan_of(&pyramid(), Mode::Infer);
         assert!(
             infer.contains("%3 = bn(%2) 4x8x8 [2.body.0] inlined\n")
-                && infer.contains("prologue(src=%2 bn=%3) folded_bn=%5"),
+                && infer.contains("prologue(src=%2 bn=%3) residual(add=%6 other=%2) folded_bn=%5")
+                && infer.contains("%6 = add(%2, %5) 4x8x8 [2.add] computed_by=%4\n"),
             "\n{infer}"
+        );
+    }
+
+    /// A post-activation block (ResNet's): relu(bn(conv(relu(bn(conv(x))))) + x).
+    fn post_activation() -> Graph {
+        net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", bn(4), &[1]),
+            ("2", Op::Relu, &[2]),
+            ("3.body.0", conv(4, 4), &[3]),
+            ("3.body.1", bn(4), &[4]),
+            ("3.body.2", Op::Relu, &[5]),
+            ("3.body.3", conv(4, 4), &[6]),
+            ("3.body.4", bn(4), &[7]),
+            ("3.add", Op::Add, &[8, 3]),
+            ("3.post.0", Op::Relu, &[9]),
+            ("4", Op::GlobalAvgPool, &[10]),
+            ("5", Op::Linear { in_f: 4, out_f: 10 }, &[11]),
+        ])
+    }
+
+    #[test]
+    fn infer_folds_the_residual_add_and_the_relu_into_the_conv() {
+        assert_eq!(
+            plan_of(&post_activation(), Mode::Infer).trim(),
+            "plan t (Infer)
+  %0 = input() 3x8x8 [input]
+  %1 = conv(%0) 4x8x8 [0] epi_relu=%3 folded_bn=%2
+  %2 = bn(%1) 4x8x8 [1] folded_into=%1
+  %3 = relu(%2) 4x8x8 [2] computed_by=%1
+  %4 = conv(%3) 4x8x8 [3.body.0] epi_relu=%6 folded_bn=%5
+  %5 = bn(%4) 4x8x8 [3.body.1] folded_into=%4
+  %6 = relu(%5) 4x8x8 [3.body.2] computed_by=%4
+  %7 = conv(%6) 4x8x8 [3.body.3] residual(add=%9 other=%3) epi_relu=%10 folded_bn=%8
+  %8 = bn(%7) 4x8x8 [3.body.4] folded_into=%7
+  %9 = add(%8, %3) 4x8x8 [3.add] computed_by=%7
+  %10 = relu(%9) 4x8x8 [3.post.0] computed_by=%7
+  %11 = gap(%10) 4x1x1 [4]
+  %12 = linear(%11) 10x1x1 [5]"
+        );
+        // training: nothing is folded, and no ReLU goes into an epilogue
+        let train = plan_of(&post_activation(), Mode::Train);
+        assert!(
+            !train.contains("epi_relu") && !train.contains("residual"),
+            "\n{train}"
+        );
+        // without the residual pass the add stays, and so does the ReLU after it
+        let mut p = Plan::new(&post_activation(), Mode::Infer);
+        let fusion = Fusion {
+            unfused: false,
+            disabled: vec!["residual_add_epilogue".into()],
+        };
+        run(&mut p, &fusion, |_, _| {});
+        p.verify().unwrap();
+        let got = p.to_string();
+        assert!(
+            got.contains("%9 = add(%8, %3) 4x8x8 [3.add]\n")
+                && got.contains("%10 = relu(%9) 4x8x8 [3.post.0]\n")
+                && got.contains("[3.body.3] folded_bn=%8\n")
+                && got.contains("epi_relu=%6"),
+            "\n{got}"
+        );
+    }
+
+    #[test]
+    fn a_relu_whose_input_has_another_reader_stays_a_kernel() {
+        // bn(conv) feeds the ReLU and the add: its value is written, and the ReLU reads it
+        let g = net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", bn(4), &[1]),
+            ("2", Op::Relu, &[2]),
+            ("3", Op::Add, &[2, 3]),
+            ("4", Op::GlobalAvgPool, &[4]),
+            ("5", Op::Linear { in_f: 4, out_f: 10 }, &[5]),
+        ]);
+        let got = plan_of(&g, Mode::Infer);
+        assert!(
+            got.contains("%3 = relu(%2) 4x8x8 [2]\n") && !got.contains("epi_relu"),
+            "\n{got}"
         );
     }
 

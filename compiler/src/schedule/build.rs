@@ -186,9 +186,12 @@ impl<'a> B<'a> {
         // reduction is at least 64 long (a shorter one would fill half of every stage with
         // zeros)
         let long = spec.weight_gemm(&scalars).is_some_and(|(red, _)| red >= 64);
-        let k64 = spec
-            .conv_geom()
-            .is_some_and(|g| self.tiles.k64 && wgmma && kmajor && !g.f32_operands() && long);
+        // a split-K forward conv's slices start at multiples of 32 reduction indices: stages of
+        // 32 (a stage of 64 could straddle two taps)
+        let split = matches!(spec, KernelSpec::ConvFwd { split_k, .. } if split_k > 1);
+        let k64 = spec.conv_geom().is_some_and(|g| {
+            self.tiles.k64 && wgmma && kmajor && !g.f32_operands() && long && !split
+        });
         let bk = if k64 { 64 } else { 32 };
         let weight_box_fits = spec.weight_box_fits(&scalars, tile.cols, bk);
         let phase_box_fits = match &spec {
@@ -254,7 +257,9 @@ impl<'a> B<'a> {
     /// [`KernelSpec::PackWeight`] from the f32 OIHW weight `w` into a bf16 (f32 for a TF32
     /// conv, [`ConvGeom::f32_operands`]) scratch buffer named
     /// `pack.<conv>.<pass>` and returns that buffer (read); `w` itself when `g` is not `vec`.
-    /// The copy lives from this launch to the conv's, so the memory plan reuses its bytes.
+    /// In training the copy lives from this launch to the conv's, so the memory plan reuses
+    /// its bytes. In inference the (folded) weights only change with the parameters, so the
+    /// pack is a setup launch, run once after they change, and the copy persists.
     fn conv_weight(
         &mut self,
         w: BufArg,
@@ -278,7 +283,9 @@ impl<'a> B<'a> {
             Role::Scratch,
         );
         let out = self.whole(wp, Access::Write);
-        self.launch(
+        let in_setup = self.in_setup;
+        self.in_setup = self.plan.mode == Mode::Infer;
+        let packed = self.launch(
             KernelSpec::PackWeight {
                 k: g.k,
                 groups: g.groups,
@@ -299,8 +306,15 @@ impl<'a> B<'a> {
                 ScalarArg::I32(conv.in_c as i32),
             ],
             format!("{node} {pass} weight pack"),
-        )?;
+        );
+        self.in_setup = in_setup;
+        packed?;
         Ok(self.whole(wp, Access::Read))
+    }
+
+    /// The scratch buffer (f32, `len`) of a split-K GEMM's partial sums, `splitk.<node>`.
+    fn splitk_part(&mut self, node: &str, len: u64) -> usize {
+        self.buffer(format!("splitk.{node}"), len, Dtype::F32, Role::Scratch)
     }
 
     fn arg(&self, b: usize, access: Access) -> BufArg {
@@ -363,10 +377,12 @@ impl<'a> B<'a> {
     }
 }
 
-/// Slices of the tensor-core weight gradient's pixel reduction (`pixels` long) for an
-/// `rows x cols` output per group in blocks of `tile`: enough for about 264 blocks (two per SM of
-/// a 132-SM GPU), each slice keeping at least 8 steps of 32, at most 32 slices; fewer while the
-/// grid's z or the partial buffer's `int` indices would overflow. 1 means no split.
+/// Slices of a tensor-core GEMM's reduction (`pixels` long: the weight gradient's pixels, an
+/// inference forward conv's `IC/g * k * k`) for an `rows x cols` output per group in blocks of
+/// `tile`, `wlen` outputs in all: enough for about 264 blocks (two per SM of a 132-SM GPU),
+/// each slice keeping at least 8 steps of 32, at most 32 slices; fewer while the grid's z or
+/// the partial buffer's `int` indices would overflow; then as few as give every slice the same
+/// whole steps (`ceil(steps / s)` each), so that no slice is empty. 1 means no split.
 fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: TcTile) -> u32 {
     let blocks = rows.div_ceil(tile.rows as u64).max(1)
         * cols.div_ceil(tile.cols as u64).max(1)
@@ -378,7 +394,10 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
     while s > 1 && (s * groups as u64 > 65_535 || s * wlen > i32::MAX as u64) {
         s -= 1;
     }
-    s as u32
+    // slices are `ceil(steps / s)` steps each (the kernels' and the reference's chunk): the
+    // fewest slices of that length, so none is left without work
+    let steps = pixels.div_ceil(32).max(1);
+    steps.div_ceil(steps.div_ceil(s)) as u32
 }
 
 /// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`, or f32
@@ -701,14 +720,10 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     bias: conv.bias || folded.is_some(),
                     residual: fu.residual.is_some(),
                     stats: fu.stats_for.is_some(),
+                    relu: fu.epi_relu.is_some(),
                 };
-                let y = if let Some((a, _)) = fu.residual {
-                    b.val(a)
-                } else if let Some(bn) = folded {
-                    b.val(bn)
-                } else {
-                    b.val(i)
-                };
+                // the last node of the epilogue chain: its ReLU, add, folded BN, or the conv
+                let y = b.val(plan.epilogue_out(i));
                 let xb = b.val(src);
                 let mut args = vec![b.arg(y, Access::Write), b.arg(xb, Access::Read)];
                 let w = if folded.is_some() {
@@ -752,19 +767,70 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 if let Some(d) = pro.and_then(|p| p.dropout) {
                     sc.extend(b.rng(d, b.dropout_p(d)));
                 }
-                b.gemm_launch(
-                    KernelSpec::ConvFwd {
-                        g,
-                        pro: pflags,
-                        epi,
-                    },
-                    n as u64 * (g.out_h * g.out_w) as u64,
-                    (conv.out_c / g.groups) as u64,
-                    g.groups,
-                    args,
-                    sc,
-                    format!("{name} fwd"),
-                )?;
+                let rows = n as u64 * (g.out_h * g.out_w) as u64;
+                let cols = (conv.out_c / g.groups) as u64;
+                let spec = |split_k| KernelSpec::ConvFwd {
+                    g,
+                    pro: pflags,
+                    epi,
+                    split_k,
+                };
+                // inference on the tensor cores: a grid too small for the GPU (small batches)
+                // splits its reduction (the tile is the unsplit conv's: the split is not in
+                // the tile key)
+                let split_k = if !train
+                    && g.tensor_cores
+                    && !epi.stats
+                    && !pflags.dropout
+                    && !b.tiles.no_split_k
+                {
+                    let kdim = (conv.in_c / g.groups * g.k * g.k) as u64;
+                    split_k_for(rows, cols, g.groups, kdim, count, b.tile_for(&spec(1), &sc))
+                } else {
+                    1
+                };
+                if split_k > 1 {
+                    // the slices' partial convolutions into a scratch buffer, then one
+                    // launch sums them in slice order and applies the epilogue
+                    let part = b.splitk_part(&name, split_k as u64 * count);
+                    let n_conv = 3 + usize::from(pflags.affine);
+                    let mut epi_args = args.split_off(n_conv);
+                    let yarg = std::mem::replace(&mut args[0], b.whole(part, Access::Write));
+                    b.gemm_launch(
+                        spec(split_k),
+                        rows,
+                        cols,
+                        g.groups * split_k,
+                        args,
+                        sc,
+                        format!("{name} fwd (split-K {split_k})"),
+                    )?;
+                    epi_args.insert(0, b.whole(part, Access::Read));
+                    epi_args.insert(0, yarg);
+                    b.launch(
+                        KernelSpec::SplitKEpilogue { epi, nhwc: b.nhwc },
+                        B::elem_grid(count),
+                        [ELEM_BLOCK, 1, 1],
+                        epi_args,
+                        vec![
+                            ScalarArg::I32(count as i32),
+                            ScalarArg::I32(split_k as i32),
+                            ScalarArg::I32(conv.out_c as i32),
+                            ScalarArg::I32((g.out_h * g.out_w) as i32),
+                        ],
+                        format!("{name} fwd split-K sum"),
+                    )?;
+                } else {
+                    b.gemm_launch(
+                        spec(1),
+                        rows,
+                        cols,
+                        g.groups,
+                        args,
+                        sc,
+                        format!("{name} fwd"),
+                    )?;
+                }
             }
             Op::BatchNorm { c, eps, momentum } => {
                 let x = node.inputs[0];
@@ -852,7 +918,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 }
             }
             Op::Relu | Op::Dropout { .. } | Op::DropPath { .. } => {
-                if fu.inlined || fu.removed {
+                if fu.inlined || fu.removed || fu.computed_by.is_some() {
                     continue;
                 }
                 let (xb, yb) = (b.val(node.inputs[0]), b.val(i));
@@ -1255,7 +1321,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 },
                 &sc,
             );
-            let split_k = if g.tensor_cores {
+            let split_k = if g.tensor_cores && !b.tiles.no_split_k {
                 split_k_for(ocg, kdim, g.groups, pixels, wlen, g.tile)
             } else {
                 1
@@ -1264,12 +1330,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             // second launch sums them in slice order into the gradient.
             let mut reduce = None;
             if split_k > 1 {
-                let part = b.buffer(
-                    format!("splitk.{name}"),
-                    split_k as u64 * wlen,
-                    Dtype::F32,
-                    Role::Scratch,
-                );
+                let part = b.splitk_part(&name, split_k as u64 * wlen);
                 let dw = std::mem::replace(&mut args[0], b.whole(part, Access::Write));
                 reduce = Some((dw, part));
             }

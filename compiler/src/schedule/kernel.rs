@@ -491,6 +491,9 @@ pub struct EpilogueFlags {
     pub residual: bool,
     /// Per-channel sum and sum of squares of the result, atomically added into `stats`.
     pub stats: bool,
+    /// `relu(..)` of the sum, last (a fused ReLU, inference): `v > 0 ? v : 0`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relu: bool,
 }
 
 impl EpilogueFlags {
@@ -505,6 +508,9 @@ impl EpilogueFlags {
         if self.stats {
             s.push_str("_stats");
         }
+        if self.relu {
+            s.push_str("_relu");
+        }
         s
     }
 }
@@ -514,10 +520,18 @@ impl EpilogueFlags {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum KernelSpec {
     /// `y = epi(conv(pro(x), w))`, tiled implicit GEMM (M = n*OH*OW pixels, N = OC/g, K = IC/g*k*k).
+    /// With `split_k > 1` (tensor cores, inference, no `epi.stats`) the reduction is cut into
+    /// `split_k` slices of whole 32-steps in the layout's reduction order (`(kh, kw, c)` NHWC,
+    /// `(c, kh, kw)` NCHW), slice `s` covering `[s * chunk, (s + 1) * chunk)` with `chunk =
+    /// ceil(K / (32 split_k)) * 32`; `y` (f32) then holds `split_k` partial convolutions one
+    /// after another, without `epi`, and [`KernelSpec::SplitKEpilogue`] sums them and applies
+    /// `epi` (the flags stay in the spec, so in its name and tile key).
     ConvFwd {
         g: ConvGeom,
         pro: PrologueFlags,
         epi: EpilogueFlags,
+        #[serde(skip_serializing_if = "is_one")]
+        split_k: u32,
     },
     /// `dx (+)= conv_transpose(dy, w)`; with `chain`, the epilogue applies a BN chain's
     /// dReLU / dropout masks (recomputed from the pre-activation `x`) and accumulates dBN's
@@ -677,6 +691,14 @@ pub enum KernelSpec {
     Zero,
     /// `dw[i] = sum_{s < splits} part[s * count + i]`, in slice order (deterministic).
     SplitKReduce,
+    /// A split-K forward convolution's end: `y[i] = epi(sum_{s < splits} part[s * count + i])`
+    /// in slice order, `epi` as [`KernelSpec::ConvFwd`]'s (bias of the element's channel, the
+    /// residual, the ReLU; never statistics). Channel of `i`: `i % C` NHWC, `i / HW % C` NCHW.
+    SplitKEpilogue {
+        epi: EpilogueFlags,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        nhwc: bool,
+    },
     /// Inference BN folding: `w' = w * s[o]`, `b' = (b - mean) * s + beta`.
     FoldBn {
         bias: bool,
@@ -790,13 +812,26 @@ impl KernelSpec {
     /// by `(kw - P, kh - P)` (forward) or `(P - kw, P - kh)` (data gradient) pixels, and TMA's
     /// zero fill outside the tensor is the conv's zero padding.
     pub fn act_box(&self, scalars: &[ScalarArg]) -> Option<[u32; 4]> {
-        let (g, ch, h, w) = match self {
-            KernelSpec::ConvFwd { g, .. } if g.tma => {
-                (g, self.scalar_u64(scalars, "IC"), g.out_h, g.out_w)
-            }
-            KernelSpec::ConvBwdData { g, .. } if g.tma => {
-                (g, self.scalar_u64(scalars, "OC"), g.in_h, g.in_w)
-            }
+        // the GEMM's image grid `h x w`, and the image `th x tw` of the tensor the map covers
+        // (x forward, dy in the data gradient): at stride 1 they differ when the padding is
+        // not `(k - 1) / 2`, and no box may be larger than its tensor
+        let (g, ch, h, w, th, tw) = match self {
+            KernelSpec::ConvFwd { g, .. } if g.tma => (
+                g,
+                self.scalar_u64(scalars, "IC"),
+                g.out_h,
+                g.out_w,
+                g.in_h,
+                g.in_w,
+            ),
+            KernelSpec::ConvBwdData { g, .. } if g.tma => (
+                g,
+                self.scalar_u64(scalars, "OC"),
+                g.in_h,
+                g.in_w,
+                g.out_h,
+                g.out_w,
+            ),
             _ => return None,
         };
         let (r, bk) = (g.tile.rows, g.bk());
@@ -815,7 +850,8 @@ impl KernelSpec {
         };
         // no box larger than the tensor ([`TmapArg`]): not more images than the batch has
         let n = self.scalar_u64(scalars, "n");
-        (bx.iter().all(|&d| d <= 256) && u64::from(bx[3]) <= n).then_some(bx)
+        (bx.iter().all(|&d| d <= 256) && bx[1] <= tw && bx[2] <= th && u64::from(bx[3]) <= n)
+            .then_some(bx)
     }
 
     /// The weight operand's GEMM shape per group as its tensor map `tmw` sees it
@@ -960,7 +996,8 @@ impl KernelSpec {
             | AvgPool { nhwc, .. }
             | AvgPoolBwd { nhwc, .. }
             | GlobalAvgPool { nhwc }
-            | GlobalAvgPoolBwd { nhwc } => Some(nhwc),
+            | GlobalAvgPoolBwd { nhwc }
+            | SplitKEpilogue { nhwc, .. } => Some(nhwc),
             _ => None,
         }
     }
@@ -1035,6 +1072,14 @@ impl KernelSpec {
             LinearBwdData { in_f, hw, .. } => vec![("dx", [(in_f / hw) as usize, hw as usize, 1])],
             ChannelSums { .. } => vec![("x", hw(sc("C")?)?)],
             BnApply { .. } => vec![("y", hw(sc("C")?)?), ("x", hw(sc("C")?)?)],
+            SplitKEpilogue { epi, .. } => {
+                let t = hw(sc("C")?)?;
+                let mut v = vec![("y", t), ("part", t)];
+                if epi.residual {
+                    v.push(("res", t));
+                }
+                v
+            }
             BnBwdReduce { .. } => vec![("dy", hw(sc("C")?)?), ("x", hw(sc("C")?)?)],
             BnBwdApply { .. } => {
                 let t = hw(sc("C")?)?;
@@ -1096,7 +1141,9 @@ impl KernelSpec {
         // with them would never be the key the builder looks up
         g.tma = false;
         g.tma_a = false;
-        if let KernelSpec::ConvBwdWeight { split_k, .. } = &mut spec {
+        if let KernelSpec::ConvBwdWeight { split_k, .. } | KernelSpec::ConvFwd { split_k, .. } =
+            &mut spec
+        {
             *split_k = 1;
         }
         let (_, names) = spec.signature();
@@ -1129,13 +1176,23 @@ impl KernelSpec {
             }
         };
         match self {
-            ConvFwd { g, pro, epi } => {
+            ConvFwd {
+                g,
+                pro,
+                epi,
+                split_k,
+            } => {
                 let p = if pro.any() {
                     format!("_pro_{}", pro.tag())
                 } else {
                     String::new()
                 };
-                format!("conv_fwd_{}{}{}", g.tag(), p, epi.tag())
+                let sk = if *split_k > 1 {
+                    format!("_sk{split_k}")
+                } else {
+                    String::new()
+                };
+                format!("conv_fwd_{}{}{}{}", g.tag(), p, epi.tag(), sk)
             }
             ConvBwdData { g, chain } => {
                 let p = if chain.any() {
@@ -1217,6 +1274,7 @@ impl KernelSpec {
             SgdMultiTensor => "sgd_multi_tensor".into(),
             Zero => "zero_fill".into(),
             SplitKReduce => "splitk_reduce".into(),
+            SplitKEpilogue { epi, nhwc } => format!("splitk_epilogue{}{}", epi.tag(), nh(*nhwc)),
             FoldBn { bias } => format!("fold_bn{}", if *bias { "_bias" } else { "" }),
             PackWeight {
                 k,
@@ -1265,11 +1323,28 @@ impl KernelSpec {
             }
         };
         let (mut bufs, mut sc): (Vec<BufParam>, Vec<(&'static str, ScalarKind)>) = match self {
-            ConvFwd { g, pro, epi } => {
-                let mut v = vec![b!("y", Write, Act), b!("x", Read, Act), conv_w(g)];
+            ConvFwd {
+                g,
+                pro,
+                epi,
+                split_k,
+            } => {
+                // split-K: the partial convolutions (f32), without the epilogue's arguments
+                let split = *split_k > 1;
+                let y = BufParam {
+                    name: "y",
+                    access: Access::Write,
+                    elem: if split { ElemKind::F32 } else { ElemKind::Act },
+                };
+                let mut v = vec![y, b!("x", Read, Act), conv_w(g)];
                 if pro.affine {
                     v.push(b!("affine", Read, F32));
                 }
+                let epi = if split {
+                    EpilogueFlags::default()
+                } else {
+                    *epi
+                };
                 if epi.bias {
                     v.push(b!("bias", Read, F32));
                 }
@@ -1567,6 +1642,24 @@ impl KernelSpec {
                 vec![b!("dw", Write, F32), b!("part", Read, F32)],
                 vec![("count", S::I32), ("splits", S::I32)],
             ),
+            SplitKEpilogue { epi, .. } => {
+                let mut v = vec![b!("y", Write, Act), b!("part", Read, F32)];
+                if epi.bias {
+                    v.push(b!("bias", Read, F32));
+                }
+                if epi.residual {
+                    v.push(b!("res", Read, Act));
+                }
+                (
+                    v,
+                    vec![
+                        ("count", S::I32),
+                        ("splits", S::I32),
+                        ("C", S::I32),
+                        ("HW", S::I32),
+                    ],
+                )
+            }
             FoldBn { bias, .. } => {
                 let mut v = vec![
                     b!("w_out", Write, F32),
@@ -1684,6 +1777,7 @@ mod tests {
             g: geom(128, 128, stages, false),
             pro: Default::default(),
             epi: Default::default(),
+            split_k: 1,
         };
         assert!(spec(4).name().contains("_v8_s4"), "{}", spec(4).name());
         assert!(!spec(0).name().contains("_s"), "{}", spec(0).name());
@@ -1698,7 +1792,7 @@ mod tests {
     }
 
     /// [`KernelSpec::act_box`], one line per case: `(pass, image, k, stride, groups, channels
-    /// in, channels out, tile rows) -> box`. The forward pass tiles the output image, the data
+    /// in, channels out, tile rows, padding) -> box`. The forward pass tiles the output image, the data
     /// gradient the input one; channels per group of A (in forward, out in the data gradient)
     /// must be a multiple of 32.
     #[test]
@@ -1714,9 +1808,10 @@ mod tests {
             ic: i32,
             oc: i32,
             rows: u32,
+            pad: u32,
             want: Option<[u32; 4]>,
         ) {
-            let out = (hw + 2 * (k / 2) - k) / stride + 1;
+            let out = (hw + 2 * pad - k) / stride + 1;
             let g = ConvGeom {
                 in_h: hw,
                 in_w: hw,
@@ -1724,7 +1819,7 @@ mod tests {
                 out_w: out,
                 k,
                 stride,
-                pad: k / 2,
+                pad,
                 groups,
                 tma: true,
                 ..geom(rows, 64, 0, true)
@@ -1734,6 +1829,7 @@ mod tests {
                     g,
                     pro: Default::default(),
                     epi: Default::default(),
+                    split_k: 1,
                 }
             } else {
                 KernelSpec::ConvBwdData {
@@ -1746,27 +1842,32 @@ mod tests {
             assert_eq!(
                 spec.act_box(&scalars),
                 want,
-                "fwd={fwd} {hw}x{hw} k{k}s{stride}g{groups} {ic}->{oc} rows {rows}"
+                "fwd={fwd} {hw}x{hw} k{k}s{stride}p{pad}g{groups} {ic}->{oc} rows {rows}"
             );
         }
         let (f, d) = (true, false);
-        check(f, 32, 3, 1, 1, 160, 160, 64, Some([32, 32, 2, 1])); // two rows
-        check(f, 32, 3, 1, 1, 160, 160, 128, Some([32, 32, 4, 1]));
-        check(f, 16, 1, 1, 1, 320, 320, 64, Some([32, 16, 4, 1]));
-        check(f, 8, 3, 1, 1, 640, 640, 64, Some([32, 8, 8, 1])); // one image
-        check(f, 8, 3, 1, 1, 640, 640, 128, Some([32, 8, 8, 2])); // two images
-        check(f, 4, 3, 1, 1, 64, 64, 32, Some([32, 4, 4, 2])); // the whole batch of 2
-        check(f, 4, 3, 1, 1, 64, 64, 128, None); // 8 images: a box larger than the batch
-        check(f, 128, 3, 1, 1, 32, 32, 64, Some([32, 64, 1, 1])); // part of a row
-        check(f, 8, 3, 1, 2, 64, 64, 64, Some([32, 8, 8, 1])); // 32 channels per group
-        check(f, 32, 3, 1, 1, 16, 160, 64, None); // 16 channels in
-        check(d, 32, 3, 1, 1, 16, 160, 64, Some([32, 32, 2, 1])); // ...but 160 out
-        check(d, 32, 3, 1, 1, 160, 48, 64, None);
-        check(f, 8, 3, 1, 4, 64, 64, 64, None); // 16 channels per group
-        check(f, 32, 3, 2, 1, 160, 320, 64, None); // stride 2
-        check(d, 32, 3, 2, 1, 160, 320, 64, None);
-        check(f, 6, 3, 1, 1, 32, 32, 64, None); // 36 pixels an image: no box of 64
-        check(f, 24, 3, 1, 1, 32, 32, 64, None); // rows of 24: no box of 64
-        check(f, 512, 1, 1, 1, 32, 32, 64, Some([32, 64, 1, 1]));
+        check(f, 32, 3, 1, 1, 160, 160, 64, 1, Some([32, 32, 2, 1])); // two rows
+        check(f, 32, 3, 1, 1, 160, 160, 128, 1, Some([32, 32, 4, 1]));
+        check(f, 16, 1, 1, 1, 320, 320, 64, 0, Some([32, 16, 4, 1]));
+        check(f, 8, 3, 1, 1, 640, 640, 64, 1, Some([32, 8, 8, 1])); // one image
+        check(f, 8, 3, 1, 1, 640, 640, 128, 1, Some([32, 8, 8, 2])); // two images
+        check(f, 4, 3, 1, 1, 64, 64, 32, 1, Some([32, 4, 4, 2])); // the whole batch of 2
+        check(f, 4, 3, 1, 1, 64, 64, 128, 1, None); // 8 images: a box larger than the batch
+        check(f, 128, 3, 1, 1, 32, 32, 64, 1, Some([32, 64, 1, 1])); // part of a row
+        check(f, 8, 3, 1, 2, 64, 64, 64, 1, Some([32, 8, 8, 1])); // 32 channels per group
+        check(f, 32, 3, 1, 1, 16, 160, 64, 1, None); // 16 channels in
+        check(d, 32, 3, 1, 1, 16, 160, 64, 1, Some([32, 32, 2, 1])); // ...but 160 out
+        check(d, 32, 3, 1, 1, 160, 48, 64, 1, None);
+        check(f, 8, 3, 1, 4, 64, 64, 64, 1, None); // 16 channels per group
+        check(f, 32, 3, 2, 1, 160, 320, 64, 1, None); // stride 2
+        check(d, 32, 3, 2, 1, 160, 320, 64, 1, None);
+        check(f, 6, 3, 1, 1, 32, 32, 64, 1, None); // 36 pixels an image: no box of 64
+        check(f, 24, 3, 1, 1, 32, 32, 64, 1, None); // rows of 24: no box of 64
+                                                    // padding other than (k - 1) / 2: the grid and the mapped image differ in size
+        check(f, 10, 3, 1, 1, 32, 32, 64, 0, Some([32, 8, 8, 1])); // 8x8 of x's 10x10
+        check(d, 8, 3, 1, 1, 32, 32, 64, 0, None); // an 8x8 grid on dy's 6x6
+        check(f, 6, 1, 1, 1, 32, 32, 64, 1, None); // an 8x8 grid on x's 6x6
+        check(d, 8, 3, 1, 1, 32, 32, 64, 2, Some([32, 8, 8, 1])); // 8x8 of dy's 10x10
+        check(f, 512, 1, 1, 1, 32, 32, 64, 0, Some([32, 64, 1, 1]));
     }
 }

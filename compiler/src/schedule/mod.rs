@@ -372,6 +372,11 @@ pub struct Tiles {
     /// default; meaningless without `wgmma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub k64: bool,
+    /// No GEMM splits its reduction (split-K): the tensor-core weight gradients and the
+    /// inference forward convolutions at small batches each run their whole reduction in one
+    /// block per output tile. Off by default; the baseline to measure split-K against.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_split_k: bool,
 }
 
 /// How the convolutions of a `--precision f32` schedule compute ([`Tiles::tf32`],
@@ -471,6 +476,7 @@ impl Tiles {
             tf32: false,
             dense_dgrad: false,
             k64: false,
+            no_split_k: false,
         }
     }
 

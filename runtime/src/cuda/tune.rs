@@ -86,7 +86,9 @@ pub struct TuneReport {
 
 /// The cache file for `gpu` under the PTX cache's folder, one per engine: `-wgmma` for
 /// Hopper's warpgroup MMA, `-tma` for its weights by TMA ([`Tiles::tma`]), `-k64` for its
-/// stages of 64 ([`Tiles::k64`]), `-s<n>` for `n` pipeline stages ([`Tiles::stages`]).
+/// stages of 64 ([`Tiles::k64`]), `-s<n>` for `n` pipeline stages ([`Tiles::stages`]),
+/// `-nosk` without split-K ([`Tiles::no_split_k`]). A split-K GEMM is timed as its partial
+/// launch (the summing launch after it is not part of its time).
 pub fn cache_path(
     gpu: &Gpu,
     cache: &ModuleCache,
@@ -94,6 +96,7 @@ pub fn cache_path(
     tma: bool,
     k64: bool,
     stages: u32,
+    no_split_k: bool,
 ) -> Option<PathBuf> {
     let info = gpu.info();
     let slug: String = info
@@ -115,7 +118,7 @@ pub fn cache_path(
     let (ma, mi) = info.compute_capability;
     cache.root().map(|d| {
         d.join("tiles").join(format!(
-            "{slug}-sm{ma}{mi}{}{}{}{}.json",
+            "{slug}-sm{ma}{mi}{}{}{}{}{}.json",
             if wgmma { "-wgmma" } else { "" },
             if tma { "-tma" } else { "" },
             if k64 { "-k64" } else { "" },
@@ -123,7 +126,9 @@ pub fn cache_path(
                 format!("-s{stages}")
             } else {
                 String::new()
-            }
+            },
+            // a tile timed on split-K launches is not the one for the whole reductions
+            if no_split_k { "-nosk" } else { "" }
         ))
     })
 }
@@ -144,6 +149,7 @@ struct Engine {
     stages: u32,
     f32_math: schedule::F32Math,
     dense_dgrad: bool,
+    no_split_k: bool,
 }
 
 impl Engine {
@@ -154,6 +160,7 @@ impl Engine {
             k64: bases.iter().any(|o| o.tiles.k64),
             stages: bases.iter().map(|o| o.tiles.stages).max().unwrap_or(0),
             dense_dgrad: bases.iter().any(|o| o.tiles.dense_dgrad),
+            no_split_k: bases.iter().any(|o| o.tiles.no_split_k),
             f32_math: bases
                 .iter()
                 .map(|o| o.tiles.f32_math())
@@ -175,6 +182,7 @@ impl Engine {
             k64: self.k64,
             stages: self.stages,
             dense_dgrad: self.dense_dgrad,
+            no_split_k: self.no_split_k,
             ..tiles
         }
         .with_f32_math(self.f32_math);
@@ -272,6 +280,7 @@ pub fn fixed_tiles(bases: &[Options], mode: TileMode) -> Option<Tiles> {
             k64: e.k64,
             stages: e.stages,
             dense_dgrad: e.dense_dgrad,
+            no_split_k: e.no_split_k,
             ..Tiles::all(t)
         }
         .with_f32_math(e.f32_math),
@@ -298,7 +307,15 @@ pub fn choose_tiles(
             }
         }
     }
-    let path = cache_path(gpu, cache, wgmma, tma, engine.k64, stages);
+    let path = cache_path(
+        gpu,
+        cache,
+        wgmma,
+        tma,
+        engine.k64,
+        stages,
+        engine.no_split_k,
+    );
     let mut report = TuneReport {
         mode: match mode {
             TileMode::Auto => "auto".into(),
@@ -405,6 +422,7 @@ pub fn choose_tiles(
         k64: engine.k64,
         stages,
         dense_dgrad: engine.dense_dgrad,
+        no_split_k: engine.no_split_k,
         ..Tiles::default()
     }
     .with_f32_math(f32_math);
