@@ -4,7 +4,8 @@
 //!
 //! The search builds the schedule once per candidate tile with every GEMM at that tile
 //! ([`Tiles::all`]), loads it, and times each GEMM launch alone with CUDA events (one launch
-//! to warm up, then the median of [`REPS`]). Buffers hold whatever the allocation held:
+//! to warm up, then the median of [`REPS`]; a split-K GEMM with the launch that sums its
+//! slices, whose cost grows with the split). Buffers hold whatever the allocation held:
 //! timing does not depend on the values (no data-dependent control flow in these kernels).
 //! Then each GEMM gets its fastest tile; a tie keeps the earlier candidate (the default
 //! first). Keys ([`wrnc_compiler::schedule::KernelSpec::tile_key`]) name the kernel, its
@@ -20,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use wrnc_compiler::graph::Graph;
-use wrnc_compiler::schedule::{self, Options, TcTile, Tiles};
+use wrnc_compiler::schedule::{self, KernelSpec, Options, TcTile, Tiles};
 
 use super::bench::hyper;
 use super::cache::ModuleCache;
@@ -87,8 +88,7 @@ pub struct TuneReport {
 /// The cache file for `gpu` under the PTX cache's folder, one per engine: `-wgmma` for
 /// Hopper's warpgroup MMA, `-tma` for its weights by TMA ([`Tiles::tma`]), `-k64` for its
 /// stages of 64 ([`Tiles::k64`]), `-s<n>` for `n` pipeline stages ([`Tiles::stages`]),
-/// `-nosk` without split-K ([`Tiles::no_split_k`]). A split-K GEMM is timed as its partial
-/// launch (the summing launch after it is not part of its time).
+/// `-nosk` without split-K ([`Tiles::no_split_k`]).
 pub fn cache_path(
     gpu: &Gpu,
     cache: &ModuleCache,
@@ -378,8 +378,22 @@ pub fn choose_tiles(
                     continue;
                 }
             };
+            // a split-K GEMM's time includes the launch after it that sums its slices
+            let time = |li: usize| -> Result<f64, CudaError> {
+                let mut us = ex.time_launch(gpu, &hyper(0), li, REPS)?;
+                let sums = ex.schedule.launches.get(li + 1).is_some_and(|l| {
+                    matches!(
+                        ex.schedule.kernels[l.kernel].spec,
+                        KernelSpec::SplitKReduce | KernelSpec::SplitKEpilogue { .. }
+                    )
+                });
+                if sums {
+                    us += ex.time_launch(gpu, &hyper(0), li + 1, REPS)?;
+                }
+                Ok(us)
+            };
             for (li, k) in todo {
-                match ex.time_launch(gpu, &hyper(0), li, REPS) {
+                match time(li) {
                     Ok(us) => {
                         times.entry(k).or_default().insert(t, us);
                     }
