@@ -109,7 +109,7 @@ fn commands_and_exit_codes() {
     check(
         &["info", "WRN-28-10", "--precision", "bf16", "--batch", "1"],
         0,
-        "DRAM/infer   219.5 MiB fused, 241.2 MiB unfused (estimate, a batch of 1, bf16; setup excluded)",
+        "DRAM/infer   219.2 MiB fused, 241.2 MiB unfused (estimate, a batch of 1, bf16; setup excluded)",
     );
     check(
         &["info", "WRN-28-10", "--precision", "f16"],

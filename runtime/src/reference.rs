@@ -926,9 +926,18 @@ fn launch_nchw(
             };
             out.push(("dx", a.accum("accum", "dx", d.data)?));
         }
-        GlobalAvgPool { .. } => {
+        GlobalAvgPool { pro, .. } => {
             let rows = dim("rows")?;
-            let x = t4(a.buf("x")?, [rows, 1, dim("HW")?, 1])?;
+            let mut x = t4(a.buf("x")?, [rows, 1, dim("HW")?, 1])?;
+            if pro.any() {
+                // the prologue per row's channel: the rows viewed as [n, C, HW, 1]
+                let c = dim("C")?;
+                if rows % c != 0 {
+                    return Err("gap rows are not images of C channels".into());
+                }
+                x = prologue(&t4(&x.data, [rows / c, c, dim("HW")?, 1])?, &pro, &a)?;
+                x = t4(&x.data, [rows, 1, dim("HW")?, 1])?;
+            }
             out.push(("y", pool::global_avg_pool(&x).data));
         }
         GlobalAvgPoolBwd { .. } => {

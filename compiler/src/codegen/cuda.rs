@@ -2672,17 +2672,35 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 ),
             )
         }
-        GlobalAvgPool { nhwc } => elementwise(
-            name,
-            spec,
-            "rows",
-            "",
-            if nhwc {
-                "        const int ni = i / C, c = i % C;\n        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) s += wrnc_ld(x, (ni * HW + p_) * C + c);\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n"
+        GlobalAvgPool { nhwc, pro } => {
+            // row `i` is image `i / C`'s channel `i % C` in either layout
+            let (head, at) = if nhwc {
+                (
+                    "        const int ni = i / C, c = i % C;\n",
+                    "(ni * HW + p_) * C + c",
+                )
+            } else if pro.any() {
+                ("        const int c = i % C;\n", "i * HW + p_")
             } else {
-                "        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) s += wrnc_ld(x, i * HW + p_);\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n"
-            },
-        ),
+                ("", "i * HW + p_")
+            };
+            // the inlined BN (and ReLU) on each value read, as a conv's prologue applies it
+            let ic = if pro.any() {
+                "        const int ic = c, IC = C;\n"
+            } else {
+                ""
+            };
+            elementwise(
+                name,
+                spec,
+                "rows",
+                "",
+                &format!(
+                    "{head}{ic}        float s = 0.0f;\n        for (int p_ = 0; p_ < HW; ++p_) {{\n            float xv = wrnc_ld(x, {at});\n{}            s += xv;\n        }}\n        wrnc_st(y, i, s * (1.0f / (float)HW));\n",
+                    prologue(&pro, "0")
+                ),
+            )
+        }
         GlobalAvgPoolBwd { nhwc } => elementwise(
             name,
             spec,

@@ -28,7 +28,8 @@ pub enum Mode {
     Train,
 }
 
-/// A conv's input transform, applied as each input element is loaded (never stored):
+/// A conv's (in inference also a global average pooling's) input transform, applied as each
+/// input element is loaded (never stored):
 /// `x -> drop(relu(x * scale[c] + shift[c]))`, zero padding applied after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ProloguePlan {
@@ -400,6 +401,7 @@ fn fuse_inference(p: &mut Plan) -> bool {
 //   conv(drop(relu(bn(x))), W) = conv'(x, W)   where conv' loads  drop(relu(x * s[c] + t[c]))
 //   conv(drop(bn(x)), W)       = conv'(x, W)   where conv' loads  drop(x * s[c] + t[c])
 //   conv(bn(x), W)             = conv'(x, W)   where conv' loads  x * s[c] + t[c]
+//   gap(relu(bn(x)))           = gap'(x)       where gap' reads   relu(x * s[c] + t[c])  (eval)
 //   s = gamma * rstd, t = beta - mean * s  (batch statistics in training, running in eval).
 // The ReLU and the (train-mode) dropout are each optional: PyramidNet's residual body starts
 // `bn conv`, a BN feeding a conv directly. Zero padding is applied after the transform in every
@@ -456,9 +458,16 @@ fn fuse_bn_relu_prologue(p: &mut Plan) -> bool {
         if users.is_empty() || last == p.output {
             continue;
         }
-        if !users.iter().all(|&u| {
-            p.is_conv(u) && p.nodes[u].fuse.prologue.is_none() && p.nodes[u].inputs[0] == last
-        }) {
+        // inference: global average pooling of the chain reads it through the same transform
+        let pool = p.mode == Mode::Infer
+            && users.len() == 1
+            && matches!(p.nodes[users[0]].op, Op::GlobalAvgPool)
+            && p.nodes[users[0]].fuse == Fuse::default();
+        if !pool
+            && !users.iter().all(|&u| {
+                p.is_conv(u) && p.nodes[u].fuse.prologue.is_none() && p.nodes[u].inputs[0] == last
+            })
+        {
             continue;
         }
         for &u in &users {
@@ -988,6 +997,36 @@ plan t (Infer)
                 && got.contains("[3.body.3] folded_bn=%8\n")
                 && got.contains("epi_relu=%6"),
             "\n{got}"
+        );
+    }
+
+    /// The network's last BN-ReLU, read by the global pooling alone: in inference the pooling
+    /// reads the BN's input through the transform; in training both stay kernels (the backward
+    /// of a pooling prologue is not fused).
+    #[test]
+    fn a_bn_relu_before_global_pooling_is_inlined_in_inference() {
+        let g = net(&[
+            ("0", conv(3, 4), &[0]),
+            ("1", Op::Relu, &[1]),
+            ("2", conv(4, 4), &[2]),
+            ("3", Op::Add, &[1, 3]),
+            ("4", bn(4), &[4]),
+            ("5", Op::Relu, &[5]),
+            ("6", Op::GlobalAvgPool, &[6]),
+            ("7", Op::Linear { in_f: 4, out_f: 10 }, &[7]),
+        ]);
+        let infer = plan_of(&g, Mode::Infer);
+        assert!(
+            infer.contains("%5 = bn(%4) 4x8x8 [4] inlined\n")
+                && infer.contains("%6 = relu(%5) 4x8x8 [5] inlined\n")
+                && infer.contains("%7 = gap(%6) 4x1x1 [6] prologue(src=%4 bn=%5 relu=%6)\n"),
+            "\n{infer}"
+        );
+        let train = plan_of(&g, Mode::Train);
+        assert!(
+            train.contains("%7 = gap(%6) 4x1x1 [6]\n")
+                && !train.contains("%6 = relu(%5) 4x8x8 [5] inlined"),
+            "\n{train}"
         );
     }
 

@@ -983,9 +983,19 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 let (spec, shape_sc) = fwd_spatial(plan, i, b.nhwc);
                 let yb = b.val(i);
                 let mut args = vec![b.arg(yb, Access::Write)];
-                for &x in &node.inputs {
-                    let xb = b.val(x);
+                if let Some(p) = fu.prologue {
+                    // global pooling of an inlined BN(-ReLU) chain: it reads the chain's input
+                    let xb = b.val(p.src);
                     args.push(b.arg(xb, Access::Read));
+                    if let Some(bn) = p.bn {
+                        let aff = b.bn_buf(bn, "affine", Role::Saved);
+                        args.push(b.arg(aff, Access::Read));
+                    }
+                } else {
+                    for &x in &node.inputs {
+                        let xb = b.val(x);
+                        args.push(b.arg(xb, Access::Read));
+                    }
                 }
                 let (grid, first) = if let KernelSpec::GlobalAvgPool { .. } = spec {
                     let rows = n as u64 * shape.c as u64;
@@ -1208,14 +1218,23 @@ fn fwd_spatial(plan: &Plan, i: usize, nhwc: bool) -> (KernelSpec, Vec<ScalarArg>
             KernelSpec::Concat { nhwc },
             v(&[x.c, plan.nodes[node.inputs[1]].shape.c, x.h * x.w]),
         ),
-        Op::GlobalAvgPool => (
-            KernelSpec::GlobalAvgPool { nhwc },
-            if nhwc {
-                v(&[x.h * x.w, x.c])
-            } else {
-                v(&[x.h * x.w])
-            },
-        ),
+        Op::GlobalAvgPool => {
+            // an inlined BN(-ReLU) chain read through the pooling (inference)
+            let p = node.fuse.prologue;
+            let pro = PrologueFlags {
+                affine: p.is_some_and(|p| p.bn.is_some()),
+                relu: p.is_some_and(|p| p.relu.is_some()),
+                dropout: false,
+            };
+            (
+                KernelSpec::GlobalAvgPool { nhwc, pro },
+                if nhwc || pro.any() {
+                    v(&[x.h * x.w, x.c])
+                } else {
+                    v(&[x.h * x.w])
+                },
+            )
+        }
         _ => unreachable!(),
     }
 }
@@ -1627,7 +1646,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 KernelSpec::ZeroPad { nhwc } => KernelSpec::ZeroPadBwd { nhwc },
                 KernelSpec::MaxPool { pool, nhwc } => KernelSpec::MaxPoolBwd { pool, nhwc },
                 KernelSpec::AvgPool { pool, nhwc } => KernelSpec::AvgPoolBwd { pool, nhwc },
-                KernelSpec::GlobalAvgPool { nhwc } => KernelSpec::GlobalAvgPoolBwd { nhwc },
+                KernelSpec::GlobalAvgPool { nhwc, .. } => KernelSpec::GlobalAvgPoolBwd { nhwc },
                 _ => unreachable!(),
             };
             let mut args = vec![dst, dya];

@@ -666,10 +666,14 @@ pub enum KernelSpec {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         nhwc: bool,
     },
-    /// Mean over `HW` values per row (`rows = n * C`; with `nhwc` the runtime `C` too).
+    /// Mean over `HW` values per row (`rows = n * C`; with `nhwc` or a prologue the runtime `C`
+    /// too). With `pro` (inference: a BN, and the ReLU after it, inlined) each value is
+    /// `relu(x * scale[c] + shift[c])` (`affine` = `[scale | shift]`) as it is read.
     GlobalAvgPool {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         nhwc: bool,
+        #[serde(skip_serializing_if = "no_prologue")]
+        pro: PrologueFlags,
     },
     GlobalAvgPoolBwd {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -995,7 +999,7 @@ impl KernelSpec {
             | MaxPoolBwd { nhwc, .. }
             | AvgPool { nhwc, .. }
             | AvgPoolBwd { nhwc, .. }
-            | GlobalAvgPool { nhwc }
+            | GlobalAvgPool { nhwc, .. }
             | GlobalAvgPoolBwd { nhwc }
             | SplitKEpilogue { nhwc, .. } => Some(nhwc),
             _ => None,
@@ -1267,7 +1271,14 @@ impl KernelSpec {
             MaxPoolBwd { pool: p, nhwc } => format!("maxpool_bwd_{}{}", pool(p), nh(*nhwc)),
             AvgPool { pool: p, nhwc } => format!("avgpool_fwd_{}{}", pool(p), nh(*nhwc)),
             AvgPoolBwd { pool: p, nhwc } => format!("avgpool_bwd_{}{}", pool(p), nh(*nhwc)),
-            GlobalAvgPool { nhwc } => format!("gap_fwd{}", nh(*nhwc)),
+            GlobalAvgPool { nhwc, pro } => {
+                let p = if pro.any() {
+                    format!("_pro_{}", pro.tag())
+                } else {
+                    String::new()
+                };
+                format!("gap_fwd{p}{}", nh(*nhwc))
+            }
             GlobalAvgPoolBwd { nhwc } => format!("gap_bwd{}", nh(*nhwc)),
             ToNhwc => "to_nhwc".into(),
             SoftmaxXent { classes } => format!("softmax_xent_{classes}"),
@@ -1593,11 +1604,14 @@ impl KernelSpec {
                     .chain([("accum0", S::I32), ("accum1", S::I32)])
                     .collect(),
             ),
-            GlobalAvgPool { nhwc } => (
-                vec![b!("y", Write, Act), b!("x", Read, Act)],
+            GlobalAvgPool { nhwc, pro } => (
+                [b!("y", Write, Act), b!("x", Read, Act)]
+                    .into_iter()
+                    .chain(pro.affine.then_some(b!("affine", Read, F32)))
+                    .collect(),
                 [("rows", S::I32), ("HW", S::I32)]
                     .into_iter()
-                    .chain(nhwc.then_some(("C", S::I32)))
+                    .chain((*nhwc || pro.any()).then_some(("C", S::I32)))
                     .collect(),
             ),
             GlobalAvgPoolBwd { nhwc } => (
@@ -1702,6 +1716,10 @@ fn conv_w(g: &ConvGeom) -> BufParam {
     } else {
         b!("w", Read, F32)
     }
+}
+
+fn no_prologue(p: &PrologueFlags) -> bool {
+    !p.any()
 }
 
 fn is_one(v: &u32) -> bool {
