@@ -480,20 +480,29 @@ fn reviewed_inputs_get_clear_errors() {
     );
 }
 
+/// The `__global__` lines of the CUDA that `wrnc compile NET --emit cuda ARGS...` prints.
+fn kernel_defs(net: &str, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["compile", net, "--emit", "cuda"];
+    a.extend_from_slice(args);
+    let o = wrnc(&a);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains("__global__ void"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// The strided convs' data gradients run in phase order (`_ph` kernels: WRN-10-1's two
 /// stride-2 3x3 convs and their 1x1 projections), and `--dense-dgrad` gives the kernels over
 /// every tap instead.
 #[test]
 fn compile_puts_strided_data_gradients_in_phase_order() {
     let phased = |extra: &[&str]| {
-        let mut a = vec!["compile", "WRN-10-1", "--emit", "cuda"];
-        a.extend_from_slice(extra);
-        let o = wrnc(&a);
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-        let cu = String::from_utf8_lossy(&o.stdout).into_owned();
+        let k = kernel_defs("WRN-10-1", extra);
         let defs = |suffix: &str| {
-            cu.lines()
-                .filter(|l| l.contains("__global__ void conv_bwd_data_") && l.contains(suffix))
+            k.iter()
+                .filter(|l| l.contains("void conv_bwd_data_") && l.contains(suffix))
                 .count()
         };
         (defs("_ph("), defs("s2p"))
@@ -508,23 +517,8 @@ fn compile_puts_strided_data_gradients_in_phase_order() {
 #[test]
 fn compile_splits_long_reductions_unless_told_not_to() {
     let split = |extra: &[&str]| {
-        let mut a = vec![
-            "compile",
-            "WRN-16-4",
-            "--precision",
-            "bf16",
-            "--emit",
-            "cuda",
-        ];
-        a.extend_from_slice(extra);
-        let o = wrnc(&a);
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-        let cu = String::from_utf8_lossy(&o.stdout).into_owned();
-        let defs = |what: &str| {
-            cu.lines()
-                .filter(|l| l.contains("__global__ void") && l.contains(what))
-                .count()
-        };
+        let k = kernel_defs("WRN-16-4", &[&["--precision", "bf16"][..], extra].concat());
+        let defs = |what: &str| k.iter().filter(|l| l.contains(what)).count();
         (
             defs("conv_fwd_") - defs("_sk"),
             defs("_sk"),
