@@ -97,12 +97,12 @@ fn commands_and_exit_codes() {
     check(
         &["info", "WRN-28-10", "--precision", "bf16"],
         0,
-        "DRAM/step    8.24 GiB fused, 14.56 GiB unfused (estimate, batch 128, bf16)",
+        "DRAM/step    8.11 GiB fused, 14.56 GiB unfused (estimate, batch 128, bf16)",
     );
     check(
         &["info", "WRN-28-10"],
         0,
-        "DRAM/step    14.37 GiB fused, 27.14 GiB unfused (estimate, batch 128, f32)",
+        "DRAM/step    14.23 GiB fused, 27.14 GiB unfused (estimate, batch 128, f32)",
     );
     // inference: the folded BNs, adds and ReLUs in the conv epilogues, the weights packed in
     // setup, and at batch 1 the split-K convs' partial sums (written, then read back once)

@@ -730,7 +730,10 @@ fn launch_nchw(
             }
             out.push(("out", v));
         }
-        BnFinalizeTrain { centered } => {
+        BnFinalizeTrain {
+            centered,
+            zero_dsums,
+        } => {
             let c = dim("C")?;
             let (st, gamma, beta, run) = (
                 a.buf("stats")?,
@@ -776,6 +779,10 @@ fn launch_nchw(
             out.push(("saved", saved));
             out.push(("affine", affine));
             out.push(("running", running));
+            if zero_dsums {
+                // the BN's [dgamma | dbeta], cleared for the backward's atomics
+                out.push(("dsums", vec![0.0; 2 * c]));
+            }
         }
         BnFinalizeEval => {
             let c = dim("C")?;

@@ -578,8 +578,15 @@ struct Gemm<'a> {
     /// (`a` and `b` unused); `None`: operands are gathered one element per thread by `a`, `b`.
     vec: Option<VecOps>,
     /// uses `m`, `j`, `g`, `acc`, `valid`, `tx`, `ty` (a 16x16 thread block, one output per
-    /// thread); may use `__syncthreads` (every thread reaches it)
+    /// thread); never `__syncthreads` (a block's threads run it a different number of times
+    /// only through `valid`, but the walk gives the barriers to [`ColSums`])
     epi: String,
+    /// Per-column sums of the epilogue's outputs over the block's rows (BN statistics, the
+    /// data gradient's dBN sums), reduced once per column of the tile ([`walk_rows`]).
+    sums: Option<ColSums>,
+    /// The output's contiguous index is the row `m` (NCHW activations), not the column `j`:
+    /// the epilogue's walk gives consecutive threads consecutive rows ([`walk_rows`]).
+    out_m_fast: bool,
     consts: &'a str,
     /// Tensor-core loads only: which index of an operand tile consecutive threads walk, so the
     /// gather is coalesced (`true`: A's row `mm` / B's reduction `kk`; `false`: the other).
@@ -666,7 +673,17 @@ fn gemm(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         k = g.k,
         a = g.a,
         b = g.b,
-        epi = g.epi
+        epi = match &g.sums {
+            None => g.epi.clone(),
+            Some(cs) => format!(
+                "    {{\n    {t} s0_ = 0, s1_ = 0;\n    {{\n{epi}    s0_ += ({t})({s0});\n    s1_ += ({t})({s1});\n    }}\n{flush}    }}\n",
+                t = cs.ty,
+                epi = g.epi,
+                s0 = cs.s0,
+                s1 = cs.s1,
+                flush = col_flush(cs, false)
+            ),
+        }
     )
 }
 
@@ -779,8 +796,7 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
 ///
 /// The epilogue is [`gemm`]'s, unchanged, run as in [`gemm_tc`]: the accumulators go through
 /// shared memory `Cs` (the operand tiles' memory, free after the reduction's last barrier), and
-/// the block walks its 64x64 tile as sixteen 16x16 sub-tiles with one output per thread, a
-/// `__syncthreads` ending each.
+/// the block walks its 64x64 tile 16x16 outputs at a time, one per thread ([`walk_rows`]).
 fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let st = stages(g, 64, 64, 16, "K", false, "");
     format!(
@@ -824,27 +840,126 @@ fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
         first = (st.gather)("0"),
         next = (st.gather)("(k0 + 16)"),
         store = st.store,
-        walk = walk_tile(64, 64, &g.epi),
+        walk = walk_tile(64, 64, g),
+    )
+}
+
+/// Column sums of two per-output values over a block's rows, which an epilogue hands to one
+/// thread per column: statistics of a conv's outputs, the sums a data gradient's dBN needs.
+///
+/// Algebra: for a tile column `j`, `a0 = sum_m s0(m, j)` over the block's rows `m` (`s0` is
+/// zero where not `valid`), likewise `a1`; only the order of the adds is the walk's: each
+/// thread `(ty, tx)` sums its rows `ty + 16 i` in `ty_` precision, the two threads of a warp
+/// with equal `tx` add by a shuffle, and thread row 0 adds the 8 warps' partials, so a tile
+/// column costs one `flush` (its atomics) and two barriers, whatever the tile's rows.
+struct ColSums {
+    /// The accumulators' type: `double` (the compensated statistics) or `float`.
+    ty: &'static str,
+    /// Per-output contributions in the epilogue's scope, zero where not `valid`.
+    s0: String,
+    s1: String,
+    /// Run by thread row 0 (`ty == 0`) once per tile column `j`, valid or not, with the
+    /// column's sums `a0`, `a1`.
+    flush: String,
+}
+
+/// The walk over `rows x c` outputs of `Cs` (the tile's rows from `m0`, an expression), one
+/// output per thread of the 16x16 block at a time, each running [`Gemm::epi`] with `m`, `j`,
+/// `acc`, `valid`. Consecutive threads (`tx`) take consecutive columns, or, with
+/// [`Gemm::out_m_fast`], consecutive rows, so that a warp's stores fall in few sectors either way.
+/// Without [`Gemm::sums`], sub-tile by sub-tile and no barrier. With [`ColSums`], column group
+/// by column group (16 columns), the rows within a group accumulated per thread, the group's
+/// column sums then reduced across the block and flushed ([`col_flush`]).
+fn walk_rows(rows: u32, c: u32, m0: &str, g: &Gemm) -> String {
+    let sc = c / 16;
+    let rg = rows / 16;
+    let (rt, ct) = if g.out_m_fast {
+        ("tx", "ty")
+    } else {
+        ("ty", "tx")
+    };
+    let epi = &g.epi;
+    match &g.sums {
+        None => format!(
+            r#"    for (int sub = 0; sub < {subs}; ++sub) {{
+    const int m = {m0} + (sub / {sc}) * 16 + {rt}, j = blockIdx.y * {c} + (sub % {sc}) * 16 + {ct};
+    const bool valid = m < M && j < NC;
+    const float acc = Cs[(sub / {sc}) * 16 + {rt}][(sub % {sc}) * 16 + {ct}];
+{epi}    }}
+"#,
+            subs = rg * sc
+        ),
+        Some(cs) => format!(
+            r#"    for (int cg_ = 0; cg_ < {sc}; ++cg_) {{
+    const int j = blockIdx.y * {c} + cg_ * 16 + {ct};
+    {t} s0_ = 0, s1_ = 0;
+    for (int rg_ = 0; rg_ < {rg}; ++rg_) {{
+    const int m = {m0} + rg_ * 16 + {rt};
+    const bool valid = m < M && j < NC;
+    const float acc = Cs[rg_ * 16 + {rt}][cg_ * 16 + {ct}];
+{epi}    s0_ += ({t})({s0});
+    s1_ += ({t})({s1});
+    }}
+{flush}    }}
+"#,
+            t = cs.ty,
+            s0 = cs.s0,
+            s1 = cs.s1,
+            flush = col_flush(cs, g.out_m_fast),
+        ),
+    }
+}
+
+/// The block's reduction of one column group's per-thread sums `s0_`, `s1_` ([`ColSums`]).
+/// Columns across `tx`: threads `ty` and `ty ^ 1` (lanes `l` and `l ^ 16` of one warp) add by a
+/// shuffle, the even rows store the 8 warps' partials, and thread row 0 adds them in warp order
+/// and runs the flush; two barriers (the shared arrays are reused by the next group). Columns
+/// across `ty` (`m_fast`): a column's 16 threads are one half-warp, which adds by shuffles, and
+/// its lane `tx == 0` runs the flush; no barrier.
+fn col_flush(cs: &ColSums, m_fast: bool) -> String {
+    if m_fast {
+        return format!(
+            r#"    {{
+        {t} a0 = s0_, a1 = s1_;
+        for (int o_ = 8; o_ > 0; o_ >>= 1) {{
+            a0 += __shfl_xor_sync(0xffffffffu, a0, o_);
+            a1 += __shfl_xor_sync(0xffffffffu, a1, o_);
+        }}
+        if (tx == 0) {{
+{flush}        }}
+    }}
+"#,
+            t = cs.ty,
+            flush = cs.flush,
+        );
+    }
+    format!(
+        r#"    {{
+        __shared__ {t} R0_[8][16];
+        __shared__ {t} R1_[8][16];
+        {t} a0 = s0_ + __shfl_xor_sync(0xffffffffu, s0_, 16);
+        {t} a1 = s1_ + __shfl_xor_sync(0xffffffffu, s1_, 16);
+        if ((ty & 1) == 0) {{ R0_[ty >> 1][tx] = a0; R1_[ty >> 1][tx] = a1; }}
+        __syncthreads();
+        if (ty == 0) {{
+            a0 = R0_[0][tx];
+            a1 = R1_[0][tx];
+            for (int w_ = 1; w_ < 8; ++w_) {{ a0 += R0_[w_][tx]; a1 += R1_[w_][tx]; }}
+{flush}        }}
+        __syncthreads();
+    }}
+"#,
+        t = cs.ty,
+        flush = cs.flush,
     )
 }
 
 /// The end of a register-tiled GEMM ([`gemm_rt`], [`gemm_tc`]) once its `r x c` accumulators
-/// are in shared `Cs`: a barrier, then the block walks `Cs` as 16x16 sub-tiles with one output
-/// per thread (`m`, `j`, `acc`, `valid` as in [`gemm`]), running the epilogue `epi` and a
-/// `__syncthreads` after each (the epilogue's column reductions reuse their shared arrays).
-fn walk_tile(r: u32, c: u32, epi: &str) -> String {
-    let sc = c / 16;
+/// are in shared `Cs`: a barrier, then the block walks `Cs` ([`walk_rows`]).
+fn walk_tile(r: u32, c: u32, g: &Gemm) -> String {
     format!(
-        r#"    __syncthreads();
-    for (int sub = 0; sub < {subs}; ++sub) {{
-    const int m = blockIdx.x * {r} + (sub / {sc}) * 16 + ty, j = blockIdx.y * {c} + (sub % {sc}) * 16 + tx;
-    const bool valid = m < M && j < NC;
-    const float acc = Cs[(sub / {sc}) * 16 + ty][(sub % {sc}) * 16 + tx];
-{epi}    __syncthreads();
-    }}
-}}
-"#,
-        subs = (r / 16) * sc
+        "    __syncthreads();\n{}}}\n",
+        walk_rows(r, c, &format!("blockIdx.x * {r}"), g)
     )
 }
 
@@ -923,7 +1038,7 @@ fn tc_prelude(t: TcTile, g: &Gemm, grid: WarpGrid) -> String {
 /// ([`TcTile::cs_halves`]) does this per half of its rows: the warps holding that half write it,
 /// the block walks it, and a barrier frees `Cs` for the next half. Either way every output
 /// reaches the same epilogue code once, with the same `m`, `j` and `acc`.
-fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
+fn tc_epilogue(t: TcTile, grid: WarpGrid, g: &Gemm) -> String {
     let (r, c) = (t.rows, t.cols);
     let (wr, wc) = (grid.wr, grid.wc);
     let (wtm, wtn) = (r / wr, c / wc);
@@ -940,11 +1055,10 @@ fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
             Cs[r0 + 8][c0 + 1] = cacc[i][jn][3];
         }}
 {walk}"#,
-            walk = walk_tile(r, c, epi)
+            walk = walk_tile(r, c, g)
         );
     }
     let hr = r / halves;
-    let sc = c / 16;
     format!(
         r#"    for (int h_ = 0; h_ < {halves}; ++h_) {{
     if (wm * {wtm} / {hr} == h_) {{
@@ -958,16 +1072,11 @@ fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
             }}
     }}
     __syncthreads();
-    for (int sub = 0; sub < {subs}; ++sub) {{
-    const int m = blockIdx.x * {r} + h_ * {hr} + (sub / {sc}) * 16 + ty, j = blockIdx.y * {c} + (sub % {sc}) * 16 + tx;
-    const bool valid = m < M && j < NC;
-    const float acc = Cs[(sub / {sc}) * 16 + ty][(sub % {sc}) * 16 + tx];
-{epi}    __syncthreads();
-    }}
+{walk}    __syncthreads();
     }}
 }}
 "#,
-        subs = (hr / 16) * sc
+        walk = walk_rows(hr, c, &format!("blockIdx.x * {r} + h_ * {hr}"), g)
     )
 }
 
@@ -988,9 +1097,9 @@ fn tc_epilogue(t: TcTile, grid: WarpGrid, epi: &str) -> String {
 /// The epilogue is [`gemm`]'s, unchanged: the accumulators go through shared memory `Cs` (the
 /// operand tiles' memory, free once the reduction's last barrier is passed) and the block then
 /// walks its tile as `R/16 x C/16` sub-tiles of 16x16 with one output per thread (`m`, `j`,
-/// `acc`, `valid` as in [`gemm`]), so bias, residual, compensated statistics, BN chains and
-/// accumulation are the same code on both engines. A `__syncthreads` ends each sub-tile, since
-/// the epilogue's column reductions reuse their shared arrays.
+/// `acc`, `valid` as in [`gemm`]; [`walk_rows`]), so bias, residual, compensated statistics, BN
+/// chains and accumulation are the same code on both engines; column sums ([`ColSums`]) are
+/// reduced once per tile column, not per sub-tile.
 fn gemm_tc(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     let t = g.tile;
     let (r, c) = (t.rows, t.cols);
@@ -1053,7 +1162,7 @@ fn tc_frame(
         first = (st.gather)("kb_"),
         next = (st.gather)("(k0 + 32)"),
         store = st.store,
-        walk = tc_epilogue(t, WarpGrid::mma(t), &g.epi),
+        walk = tc_epilogue(t, WarpGrid::mma(t), g),
         prelude = tc_prelude(t, g, WarpGrid::mma(t)),
         ae = st.ae,
         be = st.be,
@@ -1831,7 +1940,7 @@ fn gemm_tc_async(name: &str, spec: &KernelSpec, g: &Gemm, v: &VecOps) -> String 
         first = issue(&format!("kb_ + s_ * {bk}"), "s_"),
         next = issue(&format!("kb_ + kn_ * {bk}"), &format!("kn_ % {ns}")),
         bkm = bk - 1,
-        walk = tc_epilogue(t, grid, &g.epi),
+        walk = tc_epilogue(t, grid, g),
         // the stage's generic-proxy writes (cp.async, the prologue's stores) made visible to
         // wgmma's async proxy before the barrier
         fence = if wg {
@@ -1983,27 +2092,6 @@ fn nhwc_channel_reduce(
     )
 }
 
-/// Column (channel) sums of two per-thread values over the block's 16 rows, one atomicAdd per
-/// column: `dst[col] += sum s0`, `dst[cols + col] += sum s1`.
-fn column_atomics(s0: &str, s1: &str, col: &str, cols: &str, valid_col: &str) -> String {
-    format!(
-        r#"    {{
-        __shared__ float R0[16][17];
-        __shared__ float R1[16][17];
-        R0[ty][tx] = {s0};
-        R1[ty][tx] = {s1};
-        __syncthreads();
-        if (ty == 0 && {valid_col}) {{
-            float a0 = 0.0f, a1 = 0.0f;
-            for (int r = 0; r < 16; ++r) {{ a0 += R0[r][tx]; a1 += R1[r][tx]; }}
-            atomicAdd(&sums_[{col}], a0);
-            atomicAdd(&sums_[{cols} + {col}], a1);
-        }}
-    }}
-"#
-    )
-}
-
 /// The code of one kernel.
 pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     use KernelSpec::*;
@@ -2076,31 +2164,21 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             } else {
                 e.push_str(&conv_epilogue(&epi, "oc", "idx"));
                 e.push_str("        wrnc_st(y, idx, out);\n    }\n");
-                if epi.stats {
-                    // Statistics of the stored values (what the BN reads), compensated: `stats` is
-                    // [sum | sumsq | sum_lo | sumsq_lo]; each block adds its
-                    // column sums (in double) with wrnc_atomic_add_comp, whose lo part collects the
-                    // exact rounding error of every atomic add. Plain fp32 atomics lose the sum of
-                    // a (near) zero-mean channel entirely once thousands of blocks add into it.
-                    e.push_str(
-                        r#"    {
-        __shared__ float R0[16][17];
-        __shared__ float R1[16][17];
-        const float sv = valid ? wrnc_stored(out) : 0.0f;
-        R0[ty][tx] = sv;
-        R1[ty][tx] = sv * sv;
-        __syncthreads();
-        if (ty == 0 && j < NC) {
-            double a0 = 0.0, a1 = 0.0;
-            for (int r = 0; r < 16; ++r) { a0 += (double)R0[r][tx]; a1 += (double)R1[r][tx]; }
-            wrnc_atomic_add_comp(&stats[oc], &stats[2 * OC + oc], a0);
-            wrnc_atomic_add_comp(&stats[OC + oc], &stats[3 * OC + oc], a1);
-        }
-    }
-"#,
-                    );
-                }
             }
+            // Statistics of the stored values (what the BN reads), compensated: `stats` is
+            // [sum | sumsq | sum_lo | sumsq_lo]; each block adds its column sums (in double)
+            // with wrnc_atomic_add_comp, whose lo part collects the exact rounding error of
+            // every atomic add. Plain fp32 atomics lose the sum of a (near) zero-mean channel
+            // entirely once thousands of blocks add into it.
+            let sums = (split_k <= 1 && epi.stats).then(|| {
+                e.push_str("    const float sv_ = valid ? wrnc_stored(out) : 0.0f;\n");
+                ColSums {
+                    ty: "double",
+                    s0: "sv_".into(),
+                    s1: "sv_ * sv_".into(),
+                    flush: "            if (j < NC) {\n                const int oc = g * OCG + j;\n                wrnc_atomic_add_comp(&stats[oc], &stats[2 * OC + oc], a0);\n                wrnc_atomic_add_comp(&stats[OC + oc], &stats[3 * OC + oc], a1);\n            }\n".into(),
+                }
+            });
             gemm(
                 name,
                 spec,
@@ -2112,6 +2190,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     vec,
                     epi: e,
+                    sums,
+                    out_m_fast: !nh,
                     consts: &consts,
                     // NCHW: a patch row's pixels are contiguous; NHWC: its channels
                     a_m_fast: !nh,
@@ -2201,8 +2281,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 if chain.relu {
                     e.push_str("        d = a > 0.0f ? d : 0.0f;\n");
                 }
-                e.push_str("        gv = d;\n        xh = (xv - saved[ic]) * saved[IC + ic];\n        wrnc_st(dx, idx, gv);\n    }\n    float* sums_ = sums;\n");
-                e.push_str(&column_atomics("gv * xh", "gv", "ic", "IC", "j < NC"));
+                e.push_str("        gv = d;\n        xh = (xv - saved[ic]) * saved[IC + ic];\n        wrnc_st(dx, idx, gv);\n    }\n");
             } else {
                 e.push_str("    if (valid) {\n");
                 e.push_str(&acc_store("dx", "idx", "acc", "accum"));
@@ -2219,6 +2298,15 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     vec,
                     epi: e,
+                    // dBN's sums `[sum d x_hat | sum d]` of the chain's gradient, one atomic
+                    // per column of the tile
+                    sums: chain.any().then(|| ColSums {
+                        ty: "float",
+                        s0: "gv * xh".into(),
+                        s1: "gv".into(),
+                        flush: "            if (j < NC) {\n                atomicAdd(&sums[g * ICG + j], a0);\n                atomicAdd(&sums[IC + g * ICG + j], a1);\n            }\n".into(),
+                    }),
+                    out_m_fast: !nh,
                     consts: &consts,
                     a_m_fast: !nh,
                     b_k_fast: g.k > 1,
@@ -2307,6 +2395,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     b,
                     vec,
                     epi: e,
+                    sums: None,
+                    out_m_fast: false,
                     consts: &consts,
                     // NCHW: pixels are contiguous; NHWC: channels (`dy`'s rows, `x`'s columns)
                     a_m_fast: nh,
@@ -2330,6 +2420,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b: "                v = w[jj * IN + kk];\n".into(),
                 vec: None,
                 epi: "    if (valid) wrnc_st(y, m * OUT + j, acc + bias[j]);\n".into(),
+                sums: None,
+                out_m_fast: false,
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
                 b_k_fast: false,
@@ -2354,6 +2446,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     "    if (valid) {{\n{}    }}\n",
                     acc_store("dx", &format!("m * IN + {}", feat(hw, "j")), "acc", "accum")
                 ),
+                sums: None,
+                out_m_fast: false,
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
                 b_k_fast: false,
@@ -2375,6 +2469,8 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 b: format!("                v = wrnc_ld(x, kk * IN + {});\n", feat(hw, "jj")),
                 vec: None,
                 epi: "    if (valid) dw[m * IN + j] = acc;\n".into(),
+                sums: None,
+                out_m_fast: false,
                 consts: &format!("    const int IN = {in_f}, OUT = {out_f};\n"),
                 a_m_fast: false,
                 b_k_fast: false,
@@ -2442,11 +2538,14 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             }
         )
         }
-        BnFinalizeTrain { centered } => format!(
+        BnFinalizeTrain {
+            centered,
+            zero_dsums,
+        } => format!(
             r#"{} {{
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
-    const double inv = 1.0 / (double)count;
+{}    const double inv = 1.0 / (double)count;
 {}    const float mean = (float)mean_d;
     const float var = (float)(var_d > 0.0 ? var_d : 0.0);
     const float rstd = rsqrtf(var + eps);
@@ -2461,6 +2560,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
 }}
 "#,
             header(name, spec),
+            if zero_dsums {
+                "    dsums[ch] = 0.0f;\n    dsums[C + ch] = 0.0f;\n"
+            } else {
+                ""
+            },
             if centered {
                 "    const double mean_d = (double)stats[ch] * inv;\n    const double var_d = (double)stats[C + ch] * inv;\n"
             } else {

@@ -4,8 +4,11 @@
 //! then, given a directory `DIR`:
 //! - reads `DIR/hyper.txt` (`seed step lr momentum weight_decay nesterov label_smoothing`,
 //!   whitespace separated; all zero when absent),
-//! - allocates every buffer zero-filled and loads `DIR/in/<buffer name>.bin` (raw
-//!   little-endian elements, exactly the buffer's size) where present,
+//! - allocates every buffer zero-filled, but the gradients (`Role::Grad`) NaN-filled, and
+//!   loads `DIR/in/<buffer name>.bin` (raw little-endian elements, exactly the buffer's size)
+//!   where present: a step must write every gradient before the optimizer reads it, never
+//!   count on the allocation's zeros (the runtime's gradients hold the last step's),
+//!   so a kernel that adds into a gradient nobody cleared fails its check,
 //! - writes `step` and `lr` into the `hyper` buffer (`Role::Hyper`), as the runtime does,
 //! - runs the setup launches, then the step's launches in order (a tensor-map argument is
 //!   encoded from its buffer by `wrnc_emu_tmap`, as the runtime encodes it with
@@ -32,6 +35,10 @@ pub fn driver(s: &Schedule) -> String {
     for b in &s.buffers {
         write!(o, "{}ull, ", b.len * b.dtype.bytes()).unwrap();
     }
+    o.push_str("};\nstatic const unsigned char FILL[] = {");
+    for b in &s.buffers {
+        write!(o, "{}, ", if b.role == Role::Grad { "0xff" } else { "0" }).unwrap();
+    }
     o.push_str("};\n");
     writeln!(o, "static const int NB = {};", s.buffers.len()).unwrap();
     o.push_str(
@@ -52,7 +59,7 @@ int main(int argc, char** argv) {
     }
     B.resize(NB);
     for (int i = 0; i < NB; ++i) {
-        B[i].assign(BYTES[i] ? BYTES[i] : 1, 0);
+        B[i].assign(BYTES[i] ? BYTES[i] : 1, FILL[i]);
         std::string p = dir + "/in/" + NAMES[i] + ".bin";
         if (FILE* f = fopen(p.c_str(), "rb")) {
             size_t got = fread(B[i].data(), 1, BYTES[i], f);

@@ -878,10 +878,20 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                         b.arg(affine, Access::Write),
                         b.slice(state_buf, st, 2 * c as u64, Access::ReadWrite),
                     ];
+                    // a conv's data gradient adds this BN's [dgamma | dbeta] with atomics
+                    // (`fuse.bwd_for`): zeroed here, before the backward, each step
+                    let zero_dsums = plan.nodes.iter().any(|x| x.fuse.bwd_for == Some(i));
+                    let mut args = args;
+                    if zero_dsums {
+                        let (goff, _) = b.param_off[&format!("{name}.weight")];
+                        let grads = grads.ok_or_else(|| err("training without gradients"))?;
+                        args.push(b.slice(grads, goff, 2 * c as u64, Access::Write));
+                    }
                     let cnt = (n as u64 * hw as u64) as i32;
                     b.launch(
                         KernelSpec::BnFinalizeTrain {
                             centered: fu.stats_from.is_none(),
+                            zero_dsums,
                         },
                         [ceil_div(c as u64, 256), 1, 1],
                         [256, 1, 1],
@@ -1119,17 +1129,6 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
 
     // ---------------------------------------------------------------- backward
     let grads = grads.unwrap();
-    if plan.nodes.iter().any(|x| x.fuse.bwd_for.is_some()) {
-        let a = b.arg(grads, Access::Write);
-        b.launch(
-            KernelSpec::Zero,
-            B::elem_grid(off),
-            [ELEM_BLOCK, 1, 1],
-            vec![a],
-            vec![ScalarArg::I32(off as i32)],
-            "zero grads".into(),
-        )?;
-    }
     for i in (0..nn).rev() {
         backward_node(&mut b, i, params, grads)?;
     }

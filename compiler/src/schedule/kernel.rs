@@ -583,9 +583,15 @@ pub enum KernelSpec {
         nhwc: bool,
     },
     /// From `stats = [sum | sumsq]` (or `[sum | sum (x - mean)^2]` when `centered`): saved
-    /// `[mean | rstd]`, affine `[scale | shift]`, running statistics update.
+    /// `[mean | rstd]`, affine `[scale | shift]`, running statistics update. With `zero_dsums`
+    /// it also zeroes `dsums`, the BN's `[dgamma | dbeta]` gradients, which a data-gradient
+    /// conv ([`KernelSpec::ConvBwdData`] with a chain) later adds into with atomics: the
+    /// forward clears what the backward accumulates, instead of a launch zeroing every
+    /// gradient. Name suffix `_zd`.
     BnFinalizeTrain {
         centered: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        zero_dsums: bool,
     },
     /// From running statistics: affine `[scale | shift]`.
     BnFinalizeEval,
@@ -1233,9 +1239,13 @@ impl KernelSpec {
                     nh(*nhwc)
                 )
             }
-            BnFinalizeTrain { centered } => format!(
-                "bn_finalize_train{}",
-                if *centered { "_centered" } else { "" }
+            BnFinalizeTrain {
+                centered,
+                zero_dsums,
+            } => format!(
+                "bn_finalize_train{}{}",
+                if *centered { "_centered" } else { "" },
+                if *zero_dsums { "_zd" } else { "" }
             ),
             BnFinalizeEval => "bn_finalize_eval".into(),
             BnApply { nhwc } => format!("bn_apply{}", nh(*nhwc)),
@@ -1435,15 +1445,18 @@ impl KernelSpec {
                 vec![b!("out", Write, F32), b!("x", Read, Act)],
                 vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)],
             ),
-            BnFinalizeTrain { .. } => (
-                vec![
+            BnFinalizeTrain { zero_dsums, .. } => (
+                [
                     b!("stats", Read, F32),
                     b!("gamma", Read, F32),
                     b!("beta", Read, F32),
                     b!("saved", Write, F32),
                     b!("affine", Write, F32),
                     b!("running", ReadWrite, F32),
-                ],
+                ]
+                .into_iter()
+                .chain(zero_dsums.then(|| b!("dsums", Write, F32)))
+                .collect(),
                 vec![
                     ("C", S::I32),
                     ("count", S::I32),
