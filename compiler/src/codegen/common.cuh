@@ -29,6 +29,39 @@ __device__ __forceinline__ void wrnc_st(act_t* p, int i, float v) { p[i] = v; }
 __device__ __forceinline__ float wrnc_stored(float v) { return v; }
 #endif
 
+// 16 bytes of activations (16 / sizeof(act_t) consecutive elements) as one vector load or
+// store at p + i, which must be 16-byte aligned (wrnc_aligned16): the vector path of the
+// memory-bound kernels. Elements are read and written through v.e with wrnc_ld / wrnc_st.
+#define WRNC_V16 (16 / (int)sizeof(act_t))
+__device__ __forceinline__ bool wrnc_aligned16(const void* p) {
+    return ((unsigned long long)p & 15ull) == 0;
+}
+#ifndef WRNC_MMA_EMU
+union wrnc_v16 {
+    uint4 u;
+    act_t e[WRNC_V16];
+};
+__device__ __forceinline__ void wrnc_ld_v16(wrnc_v16& v, const act_t* p, int i) {
+    v.u = *reinterpret_cast<const uint4*>(p + i);
+}
+__device__ __forceinline__ void wrnc_st_v16(act_t* p, int i, const wrnc_v16& v) {
+    *reinterpret_cast<uint4*>(p + i) = v.u;
+}
+#else
+union wrnc_v16 {
+    unsigned char b[16];
+    act_t e[WRNC_V16];
+};
+inline void wrnc_ld_v16(wrnc_v16& v, const act_t* p, int i) {
+    wrnc_emu_mma::check_align(p + i, "16-byte vector load");
+    __builtin_memcpy(v.b, p + i, 16);
+}
+inline void wrnc_st_v16(act_t* p, int i, const wrnc_v16& v) {
+    wrnc_emu_mma::check_align(p + i, "16-byte vector store");
+    __builtin_memcpy(p + i, v.b, 16);
+}
+#endif
+
 // The NCHW flat index of element i of an NHWC activation with C channels and HW pixels per
 // image: the index a dropout mask is drawn at in either layout.
 __device__ __forceinline__ int nchw_index(int i, int C, int HW) {

@@ -2650,23 +2650,63 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             },
             chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" })
         ),
-        BnBwdApply { chain, nhwc } => elementwise(
-            name,
-            spec,
-            "n * C * HW",
-            "    const float inv_m = 1.0f / (float)(n * HW);\n",
-            &format!(
-                "        const int ch = {};\n        const int idx = i;\n{}        const float xv = wrnc_ld(x, idx);\n        float d = wrnc_ld(dy, idx);\n{}        const float rstd = saved[C + ch];\n        const float xh = (xv - saved[ch]) * rstd;\n        const float r = gamma[ch] * rstd * (d - dbeta[ch] * inv_m - xh * dgamma[ch] * inv_m);\n{}",
+        // Memory-bound: where the channel count (NHWC) or the pixel count (NCHW) is a multiple
+        // of a 16-byte vector's elements and the three tensors are 16-byte aligned, each
+        // thread takes whole vectors (one 16-byte load per tensor, one store); else, and for
+        // the same values, one element at a time. Either way each element is the same
+        // per-element code on the same operands.
+        BnBwdApply { chain, nhwc } => {
+            let elem = |ch: &str, xv: &str, d: &str, store: &str| {
+                format!(
+                    "        const int ch = {ch};\n        const int idx = i;\n{}        const float xv = {xv};\n        float d = {d};\n{}        const float rstd = saved[C + ch];\n        const float xh = (xv - saved[ch]) * rstd;\n        const float r = gamma[ch] * rstd * (d - dbeta[ch] * inv_m - xh * dgamma[ch] * inv_m);\n{store}        (void)idx;\n",
+                    if nhwc && chain.dropout {
+                        "        const int lidx = nchw_index(i, C, HW);\n"
+                    } else {
+                        ""
+                    },
+                    chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" }),
+                )
+            };
+            let scalar = elem(
                 if nhwc { "i % C" } else { "(i / HW) % C" },
-                if nhwc && chain.dropout {
-                    "        const int lidx = nchw_index(i, C, HW);\n"
-                } else {
-                    ""
-                },
-                chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" }),
-                acc_store("dx", "i", "r", "accum")
-            ),
-        ),
+                "wrnc_ld(x, idx)",
+                "wrnc_ld(dy, idx)",
+                &acc_store("dx", "i", "r", "accum"),
+            );
+            let vector = elem(
+                if nhwc { "ch0_ + e_" } else { "ch0_" },
+                "wrnc_ld(xs_.e, e_)",
+                "wrnc_ld(ds_.e, e_)",
+                "        { float o_ = r; if (accum) o_ += wrnc_ld(os_.e, e_); wrnc_st(os_.e, e_, o_); }\n",
+            );
+            format!(
+                r#"{header} {{
+    const float inv_m = 1.0f / (float)(n * HW);
+    const int total = n * C * HW;
+    if ({per} % WRNC_V16 == 0 && wrnc_aligned16(dx) && wrnc_aligned16(dy) && wrnc_aligned16(x)) {{
+    for (int v_ = blockIdx.x * blockDim.x + threadIdx.x; v_ < total / WRNC_V16; v_ += gridDim.x * blockDim.x) {{
+        const int i0_ = v_ * WRNC_V16, ch0_ = {ch0};
+        wrnc_v16 xs_, ds_, os_;
+        wrnc_ld_v16(xs_, x, i0_);
+        wrnc_ld_v16(ds_, dy, i0_);
+        if (accum) wrnc_ld_v16(os_, dx, i0_);
+        #pragma unroll
+        for (int e_ = 0; e_ < WRNC_V16; ++e_) {{
+        const int i = i0_ + e_;
+{vector}        }}
+        wrnc_st_v16(dx, i0_, os_);
+    }}
+    return;
+    }}
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {{
+{scalar}    }}
+}}
+"#,
+                header = header(name, spec),
+                per = if nhwc { "C" } else { "HW" },
+                ch0 = if nhwc { "i0_ % C" } else { "(i0_ / HW) % C" },
+            )
+        }
         Relu => elementwise(name, spec, "count", "", "        const float v = wrnc_ld(x, i);\n        wrnc_st(y, i, v > 0.0f ? v : 0.0f);\n"),
         ReluBwd => elementwise(name, spec, "count", "", &acc_store("dx", "i", "wrnc_ld(y, i) > 0.0f ? wrnc_ld(dy, i) : 0.0f", "accum")),
         // the mask index is the element's NCHW index in either layout
