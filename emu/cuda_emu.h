@@ -57,7 +57,20 @@ struct dim3 {
 };
 using uint3 = dim3;
 
+// Defined for the generated code: under the emulation, vector loads and stores go through
+// memcpy with an alignment check (wrnc_emu::check_align16) instead of CUDA's uint4.
+#define WRNC_CUDA_EMU 1
+
 namespace wrnc_emu {
+
+// Aborts with a message when p is not 16-byte aligned (what a misaligned vector access or
+// ldmatrix row would fault on in CUDA).
+inline void check_align16(const void* p, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "cuda_emu: %s address %p is not 16-byte aligned\n", what, p);
+        std::abort();
+    }
+}
 
 // Bumped by everything that can let a waiting thread go on (an arrival at a barrier, a thread
 // that finishes, an mbarrier's arrival or bytes): a whole round of a block's threads that

@@ -61,12 +61,7 @@ inline float b_elem(const Slot* s, unsigned int k, unsigned int n) {
     return bf(s[lane].b[k / 8], k & 1);
 }
 
-inline void check_align(const void* p, const char* what) {
-    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
-        std::fprintf(stderr, "cuda_emu_mma: %s address %p is not 16-byte aligned\n", what, p);
-        std::abort();
-    }
-}
+inline void check_align(const void* p, const char* what) { wrnc_emu::check_align16(p, what); }
 
 inline wrnc_emu::Barrier& warp_bar() {
     return *wrnc_emu::tl_block->warp_bars[wrnc_emu::tl_linear / 32];

@@ -36,7 +36,7 @@ __device__ __forceinline__ float wrnc_stored(float v) { return v; }
 __device__ __forceinline__ bool wrnc_aligned16(const void* p) {
     return ((unsigned long long)p & 15ull) == 0;
 }
-#ifndef WRNC_MMA_EMU
+#ifndef WRNC_CUDA_EMU
 union wrnc_v16 {
     uint4 u;
     act_t e[WRNC_V16];
@@ -53,11 +53,11 @@ union wrnc_v16 {
     act_t e[WRNC_V16];
 };
 inline void wrnc_ld_v16(wrnc_v16& v, const act_t* p, int i) {
-    wrnc_emu_mma::check_align(p + i, "16-byte vector load");
+    wrnc_emu::check_align16(p + i, "16-byte vector load");
     __builtin_memcpy(v.b, p + i, 16);
 }
 inline void wrnc_st_v16(act_t* p, int i, const wrnc_v16& v) {
-    wrnc_emu_mma::check_align(p + i, "16-byte vector store");
+    wrnc_emu::check_align16(p + i, "16-byte vector store");
     __builtin_memcpy(p + i, v.b, 16);
 }
 #endif
