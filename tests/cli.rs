@@ -97,7 +97,7 @@ fn commands_and_exit_codes() {
     check(
         &["info", "WRN-28-10", "--precision", "bf16"],
         0,
-        "DRAM/step    8.11 GiB fused, 14.56 GiB unfused (estimate, batch 128, bf16)",
+        "DRAM/step    8.11 GiB fused, 14.57 GiB unfused (estimate, batch 128, bf16)",
     );
     check(
         &["info", "WRN-28-10"],
@@ -333,6 +333,19 @@ fn reviewed_inputs_get_clear_errors() {
     let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     check(&["info", "/dev/zero"], 2, "holds more than 16777216 bytes");
     check(&["check", "/dev/urandom"], 2, "holds more than");
+    // 13107 x 160x32x32 is under 2^31 but its grid-stride loops would step past it
+    check(
+        &[
+            "compile",
+            "WRN-28-10",
+            "--batch",
+            "13107",
+            "--emit",
+            "schedule",
+        ],
+        2,
+        "elements exceed the 2146435071 (2^31 - 2^20) that 32-bit indexing allows",
+    );
     check(
         &["plot", "/dev/zero", "-o", &p("x.png")],
         2,

@@ -605,9 +605,10 @@ fn launch_nchw(
                     per_channel(xs, |i| gv[i].abs()),
                 ]
                 .concat();
-                SUM_L1.set(Some(
+                SUM_L1.set(vec![(
+                    "sums",
                     prior.iter().zip(&l1).map(|(p, t)| p.abs() + t).collect(),
-                ));
+                )]);
                 out.push(("sums", add_into(prior, &[sg, sb].concat())));
                 out.push(("dx", gv));
             } else {
@@ -805,15 +806,33 @@ fn launch_nchw(
             };
             out.push(("y", prologue(&x, &pro, &a)?.data));
         }
-        BnBwdReduce { chain, .. } => {
+        BnBwdReduce { chain, split, .. } => {
             let (c, hw) = (dim("C")?, dim("HW")?);
             let shape = [n, c, hw, 1];
             let x = t4(a.buf("x")?, shape)?;
             let d = chain_mask(&x, a.buf("dy")?.to_vec(), &chain, &a)?;
             let saved = a.buf("saved")?;
             let xh = |i: usize| (x.data[i] - saved[(i / hw) % c]) * saved[c + (i / hw) % c];
-            out.push(("dgamma", per_channel(shape, |i| d[i] * xh(i))));
-            out.push(("dbeta", per_channel(shape, |i| d[i])));
+            let dgamma = per_channel(shape, |i| d[i] * xh(i));
+            let dbeta = per_channel(shape, |i| d[i]);
+            if split {
+                // added with f32 atomics, one block's double sum at a time, to what is there
+                // (zeroed by the forward's finalize): held to the terms' magnitudes (SUM_L1)
+                let (pg, pb) = (a.buf("dgamma")?, a.buf("dbeta")?);
+                let l1g = per_channel(shape, |i| (d[i] * xh(i)).abs());
+                let l1b = per_channel(shape, |i| d[i].abs());
+                let with_prior =
+                    |p: &[f64], l1: Vec<f64>| p.iter().zip(l1).map(|(p, t)| p.abs() + t).collect();
+                SUM_L1.set(vec![
+                    ("dgamma", with_prior(pg, l1g)),
+                    ("dbeta", with_prior(pb, l1b)),
+                ]);
+                out.push(("dgamma", add_into(pg, &dgamma)));
+                out.push(("dbeta", add_into(pb, &dbeta)));
+            } else {
+                out.push(("dgamma", dgamma));
+                out.push(("dbeta", dbeta));
+            }
         }
         BnBwdApply { chain, .. } => {
             let (c, hw) = (dim("C")?, dim("HW")?);
@@ -1088,7 +1107,8 @@ thread_local! {
     /// 1x1 convolution from another BN in training mode is exactly 0 in exact arithmetic:
     /// pyramidnet-272-200-bottleneck's `76.body.0`), the exact sum is rounding noise and
     /// an f32 sum's error, at most a few ulps of this, is not relative to the sum itself.
-    static SUM_L1: std::cell::RefCell<Option<Vec<f64>>> = const { std::cell::RefCell::new(None) };
+    /// Per output argument (`sums`; a split dBN reduction's `dgamma`, `dbeta`).
+    static SUM_L1: std::cell::RefCell<Vec<(&'static str, Vec<f64>)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The floor of a `sums` part is its largest [`SUM_L1`] over this: loose enough for an f32
@@ -1368,7 +1388,7 @@ pub fn check_kernels_with(
         let k = &s.kernels[l.kernel];
         let sc: Vec<f64> = l.scalars.iter().map(|&x| scalar(x, h)).collect();
         RELU_TIES.set((None, 0));
-        SUM_L1.set(None);
+        SUM_L1.set(Vec::new());
         let mut want = launch(&k.spec, s.batch as usize, &gather(l, &cur), &sc)
             .map_err(|e| format!("launch {li} ({}): {e}", l.note))?;
         let sum_l1 = SUM_L1.take();
@@ -1447,9 +1467,9 @@ pub fn check_kernels_with(
                 // under 1e-4 of the floor; a term dropped or of the wrong sign moves it by
                 // `|term|`, about 64/n of the floor
                 let l1 = sum_l1
-                    .as_ref()
-                    .filter(|l1| p.name == "sums" && l1.len() == w.len())
-                    .map_or(0.0, |l1| {
+                    .iter()
+                    .find(|(name, l1)| *name == p.name && l1.len() == w.len())
+                    .map_or(0.0, |(_, l1)| {
                         l1[r.clone()].iter().fold(0f64, |m, v| m.max(*v)) / SUM_L1_SHARE
                     });
                 let (g, w) = (&got[r.clone()], &w[r]);

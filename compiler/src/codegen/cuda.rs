@@ -2060,7 +2060,7 @@ fn nhwc_channel_reduce(
             .collect();
         format!(
             r#"{setup}{decl}    if (ch < C)
-    for (int q = lane; q < total; q += {LANES}) {{
+    for (int q = q0_ + lane; q < q1_; q += {LANES}) {{
 {body}    }}
 {publish}    __syncthreads();
     if (lane == 0 && ch < C) {{
@@ -2083,6 +2083,9 @@ fn nhwc_channel_reduce(
     const int cl = threadIdx.x, lane = threadIdx.y;
     const int ch = blockIdx.x * {CH} + cl;
     const int total = n * HW;
+    // this block's pixels: all of them, or range blockIdx.y of gridDim.y (a split reduction)
+    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
+    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
     (void)mean_;
 {first}{second_code}}}
 "#,
@@ -2594,7 +2597,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         // Sums in double, like ChannelSums: dbeta of a BN whose output gradient has (nearly)
         // zero mean per channel is ill-conditioned.
-        BnBwdReduce { chain, nhwc: true } => nhwc_channel_reduce(
+        BnBwdReduce {
+            chain,
+            nhwc: true,
+            split,
+        } => nhwc_channel_reduce(
             name,
             spec,
             &NhwcPass {
@@ -2610,18 +2617,25 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                     },
                     chain_code(&chain, "ch", "lidx")
                 ),
-                store: "        dbeta[ch] = (float)t_[0];\n        dgamma[ch] = (float)t_[1];\n",
+                store: if split {
+                    "        atomicAdd(&dbeta[ch], (float)t_[0]);\n        atomicAdd(&dgamma[ch], (float)t_[1]);\n"
+                } else {
+                    "        dbeta[ch] = (float)t_[0];\n        dgamma[ch] = (float)t_[1];\n"
+                },
             },
             None,
         ),
-        BnBwdReduce { chain, nhwc } => format!(
+        BnBwdReduce { chain, nhwc, split } => format!(
             r#"{} {{
     __shared__ double sh[32];
     const int ch = blockIdx.x;
     const int total = n * HW;
+    // this block's pixels: all of them, or range blockIdx.y of gridDim.y (a split reduction)
+    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
+    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
     const double mean = saved[ch], rstd = saved[C + ch];
     double sg = 0.0, sgx = 0.0;
-    for (int i = threadIdx.x; i < total; i += blockDim.x) {{
+    for (int i = q0_ + (int)threadIdx.x; i < q1_; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
         const int idx = {};
 {}        const float xv = wrnc_ld(x, idx);
@@ -2632,9 +2646,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     sg = wrnc_block_sum_d(sg, sh);
     sgx = wrnc_block_sum_d(sgx, sh);
     if (threadIdx.x == 0) {{
-        dgamma[ch] = (float)sgx;
-        dbeta[ch] = (float)sg;
-    }}
+{}    }}
 }}
 "#,
             header(name, spec),
@@ -2648,7 +2660,12 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
             } else {
                 ""
             },
-            chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" })
+            chain_code(&chain, "ch", if nhwc { "lidx" } else { "idx" }),
+            if split {
+                "        atomicAdd(&dgamma[ch], (float)sgx);\n        atomicAdd(&dbeta[ch], (float)sg);\n"
+            } else {
+                "        dgamma[ch] = (float)sgx;\n        dbeta[ch] = (float)sg;\n"
+            }
         ),
         // Memory-bound: where the channel count (NHWC) or the pixel count (NCHW) is a multiple
         // of a 16-byte vector's elements and the three tensors are 16-byte aligned, each

@@ -23,6 +23,9 @@ pub fn build(graph: &Graph, opts: &Options) -> crate::Result<Schedule> {
 
 const ELEM_BLOCK: u32 = 256;
 const MAX_ELEM_GRID: u64 = 4096;
+/// The most elements a tensor may have: its grid-stride loops' indices, up to the count plus
+/// one stride of `MAX_ELEM_GRID * ELEM_BLOCK`, must stay within an i32.
+pub const MAX_INDEXED: u64 = i32::MAX as u64 - MAX_ELEM_GRID * ELEM_BLOCK as u64;
 const TILE: u32 = 16;
 
 fn ceil_div(a: u64, b: u64) -> u64 {
@@ -497,12 +500,14 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
         nhwc: layout == Layout::Nhwc,
     };
 
-    // sizes: every element index must fit an i32
+    // sizes: every element index must fit an i32, and so must the index a grid-stride loop
+    // steps to past the end (`i += gridDim.x * blockDim.x`, at most MAX_ELEM_GRID *
+    // ELEM_BLOCK), or its last step wraps negative and reads before the buffer
     for node in &plan.nodes {
         let total = node.shape.numel().checked_mul(n as u64);
-        if total.is_none_or(|t| t > i32::MAX as u64) {
+        if total.is_none_or(|t| t > MAX_INDEXED) {
             return Err(err(format!(
-                "{}: {} x {} elements exceed the 2^31 limit of 32-bit indexing; use a smaller batch",
+                "{}: {} x {} elements exceed the {MAX_INDEXED} (2^31 - 2^20) that 32-bit indexing allows; use a smaller batch",
                 node.name, n, node.shape
             )));
         }
@@ -878,9 +883,12 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                         b.arg(affine, Access::Write),
                         b.slice(state_buf, st, 2 * c as u64, Access::ReadWrite),
                     ];
-                    // a conv's data gradient adds this BN's [dgamma | dbeta] with atomics
-                    // (`fuse.bwd_for`): zeroed here, before the backward, each step
-                    let zero_dsums = plan.nodes.iter().any(|x| x.fuse.bwd_for == Some(i));
+                    // a conv's data gradient (`fuse.bwd_for`), or a split dBN reduction, adds
+                    // this BN's [dgamma | dbeta] with atomics: zeroed here, before the
+                    // backward, each step
+                    let zero_dsums = plan.nodes.iter().any(|x| x.fuse.bwd_for == Some(i))
+                        || (fu.bwd_from.is_none()
+                            && bwd_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64) > 1);
                     let mut args = args;
                     if zero_dsums {
                         let (goff, _) = b.param_off[&format!("{name}.weight")];
@@ -1500,9 +1508,24 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             let dgamma = b.param(&format!("{name}.weight"), Access::Write, grads);
             let dbeta = b.param(&format!("{name}.bias"), Access::Write, grads);
             if fu.bwd_from.is_none() {
+                // pixel ranges over gridDim.y, summed with atomics into the [dgamma | dbeta]
+                // that the forward's finalize zeroed (`zero_dsums`, the same test)
+                let splits = bwd_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64);
+                let split = splits > 1;
+                let sums = if split {
+                    Access::ReadWrite
+                } else {
+                    Access::Write
+                };
                 let mut args = vec![
-                    dgamma,
-                    dbeta,
+                    BufArg {
+                        access: sums,
+                        ..dgamma
+                    },
+                    BufArg {
+                        access: sums,
+                        ..dbeta
+                    },
                     dya,
                     b.whole(xb, Access::Read),
                     b.whole(saved, Access::Read),
@@ -1523,8 +1546,9 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     KernelSpec::BnBwdReduce {
                         chain,
                         nhwc: b.nhwc,
+                        split,
                     },
-                    grid,
+                    [grid[0], splits, 1],
                     block,
                     args,
                     sc,

@@ -202,6 +202,24 @@ pub const NHWC_RED_LANES: u32 = 32;
 /// per channel (each reads its channel's contiguous planes); NHWC one block of
 /// [`NHWC_RED_CH`] x [`NHWC_RED_LANES`] threads per [`NHWC_RED_CH`] channels, since one
 /// channel of an NHWC tensor is strided by `c` elements.
+/// Blocks a dBN reduction ([`KernelSpec::BnBwdReduce`]) aims for: two per SM of a 132-SM
+/// Hopper (one block per channel, or per [`NHWC_RED_CH`] channels, is 1 to 40 blocks for
+/// WRN-28-10's BNs, most of the GPU idle while they read 4 to 84 MB).
+pub const RED_TARGET_BLOCKS: u64 = 264;
+/// The fewest pixels a split dBN reduction gives one block (8 per lane of an NHWC block).
+pub const RED_MIN_PIXELS: u64 = 256;
+
+/// Pixel ranges (`gridDim.y`) of the dBN reduction of a BN over `c` channels and `pixels`
+/// (= n * h * w) pixels: enough that the grid has about [`RED_TARGET_BLOCKS`] blocks, none
+/// with fewer than [`RED_MIN_PIXELS`] pixels; 1 (no split) where that is 1.
+pub fn bwd_reduce_splits(nhwc: bool, c: u64, pixels: u64) -> u64 {
+    let blocks = channel_reduce_shape(nhwc, c).0[0].max(1);
+    RED_TARGET_BLOCKS
+        .div_ceil(blocks)
+        .min(pixels / RED_MIN_PIXELS)
+        .max(1)
+}
+
 pub fn channel_reduce_shape(nhwc: bool, c: u64) -> ([u64; 3], [u32; 3]) {
     if nhwc {
         (
@@ -601,11 +619,16 @@ pub enum KernelSpec {
         nhwc: bool,
     },
     /// dBN reductions `dgamma = sum g * xhat`, `dbeta = sum g`, where `g` is `dy`, or, with a
-    /// chain, `dy` through the recomputed dropout / ReLU masks.
+    /// chain, `dy` through the recomputed dropout / ReLU masks. With `split` the pixels are
+    /// cut into `gridDim.y` ranges ([`bwd_reduce_splits`]): each block sums its range in
+    /// double and adds the result to `dgamma`, `dbeta` with f32 atomics (`dgamma +=`), which
+    /// the BN's [`KernelSpec::BnFinalizeTrain`] zeroed (`zero_dsums`) in the forward.
     BnBwdReduce {
         chain: PrologueFlags,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         nhwc: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        split: bool,
     },
     /// `dx (+)= gamma * rstd * (g - dbeta / m - xhat * dgamma / m)`, `m = n * hw`.
     BnBwdApply {
@@ -1249,13 +1272,17 @@ impl KernelSpec {
             ),
             BnFinalizeEval => "bn_finalize_eval".into(),
             BnApply { nhwc } => format!("bn_apply{}", nh(*nhwc)),
-            BnBwdReduce { chain, nhwc } => {
+            BnBwdReduce { chain, nhwc, split } => {
                 let p = if chain.any() {
                     format!("_chain_{}", chain.tag())
                 } else {
                     String::new()
                 };
-                format!("bn_bwd_reduce{p}{}", nh(*nhwc))
+                format!(
+                    "bn_bwd_reduce{p}{}{}",
+                    nh(*nhwc),
+                    if *split { "_split" } else { "" }
+                )
             }
             BnBwdApply { chain, nhwc } => {
                 let p = if chain.any() {
@@ -1481,10 +1508,19 @@ impl KernelSpec {
                 ],
                 vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)],
             ),
-            BnBwdReduce { chain, .. } => {
+            BnBwdReduce { chain, split, .. } => {
+                let sum = |name| BufParam {
+                    name,
+                    access: if *split {
+                        Access::ReadWrite
+                    } else {
+                        Access::Write
+                    },
+                    elem: ElemKind::F32,
+                };
                 let mut v = vec![
-                    b!("dgamma", Write, F32),
-                    b!("dbeta", Write, F32),
+                    sum("dgamma"),
+                    sum("dbeta"),
                     b!("dy", Read, Act),
                     b!("x", Read, Act),
                     b!("saved", Read, F32),
@@ -1742,6 +1778,28 @@ fn is_one(v: &u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pixel ranges of a dBN reduction: (nhwc, channels, pixels) -> ranges.
+    #[test]
+    fn bwd_reduce_split_counts() {
+        let check = |nhwc, c, pixels, want| {
+            assert_eq!(
+                bwd_reduce_splits(nhwc, c, pixels),
+                want,
+                "{nhwc} {c} {pixels}"
+            )
+        };
+        // WRN-28-10 at batch 128: the stem's BN (16 channels, 131072 pixels), stage 3's
+        check(true, 16, 131072, 264);
+        check(true, 640, 8192, 7);
+        check(false, 16, 131072, 17);
+        check(false, 640, 8192, 1);
+        // the tests' tiny images: no split below two ranges of RED_MIN_PIXELS
+        check(true, 4, 72, 1);
+        check(true, 4, 511, 1);
+        check(true, 4, 512, 2);
+        check(false, 300, 1 << 20, 1);
+    }
 
     fn geom(rows: u32, cols: u32, stages: u32, wgmma: bool) -> ConvGeom {
         ConvGeom {

@@ -19,7 +19,10 @@ mod build;
 mod kernel;
 
 pub use build::{build, lower, sgd_table};
-pub use kernel::{channel_reduce_shape, NHWC_RED_CH, NHWC_RED_LANES};
+pub use kernel::{
+    bwd_reduce_splits, channel_reduce_shape, NHWC_RED_CH, NHWC_RED_LANES, RED_MIN_PIXELS,
+    RED_TARGET_BLOCKS,
+};
 pub use kernel::{
     Access, AsyncSmem, BufParam, ConvGeom, ElemKind, EpilogueFlags, KernelSpec, PrologueFlags,
     ScalarKind, TcTile, K64_SMEM, MAX_STAGES, STATIC_SMEM, TC_STATIC_SMEM,
