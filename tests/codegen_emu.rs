@@ -1488,14 +1488,15 @@ fn bf16_nchw_wrn_step_and_infer() {
     check_infer_in("wrn", WRN, BF16_NCHW);
 }
 
-/// dBN reductions split over pixel ranges (`_split`): each block adds its range's sums with
-/// f32 atomics to the `[dgamma | dbeta]` that the BN's finalize zeroed in the forward
-/// (`_zd`). 16x16 images at batch 2 are 512 pixels, two ranges of 256; the pre-activation BN
+/// BN statistics and dBN reductions split over pixel ranges (`_split`): each block adds its
+/// range's sums, the statistics as compensated pairs into the slot "zero bn_stats" cleared,
+/// the dBN sums with f32 atomics to the `[dgamma | dbeta]` that the BN's finalize zeroed in
+/// the forward (`_zd`). 16x16 images at batch 2 are 512 pixels, two ranges of 256; the pre-activation BN
 /// (two consumers) and the last one (read by the pooling) reduce on their own. Every kernel in
 /// isolation (the split ones held to their terms' magnitudes), then the whole step, in both
 /// layouts and in bf16.
 #[test]
-fn split_bn_backward_reductions() {
+fn split_bn_reductions() {
     const NET: &str = "conv(3x3, 4)
          residual { pre bn relu body conv(3x3, 6) bn relu conv(3x3, 6) shortcut proj }
          bn relu gap fc";
@@ -1503,17 +1504,25 @@ fn split_bn_backward_reductions() {
     for prec in [F32, F32_NHWC, BF16] {
         for unfused in [true, false] {
             let s = build_in(&g, Mode::Train, unfused, prec);
-            let split: Vec<&str> = s
-                .launches
-                .iter()
-                .map(|l| s.kernels[l.kernel].name.as_str())
-                .filter(|k| k.starts_with("bn_bwd_reduce") && k.ends_with("_split"))
-                .collect();
-            let want = if unfused { 3 } else { 2 };
+            let split = |prefix: &str| {
+                s.launches
+                    .iter()
+                    .map(|l| s.kernels[l.kernel].name.as_str())
+                    .filter(|k| k.starts_with(prefix) && k.ends_with("_split"))
+                    .count()
+            };
+            // unfused: every BN's statistics and dBN sums; fused: the conv epilogues take the
+            // statistics, and the dBN sums of all but the two BNs without one conv to do them
+            let (stats, dbn) = if unfused { (3, 3) } else { (0, 2) };
             assert_eq!(
-                split.len(),
-                want,
-                "split dBN reductions (unfused: {unfused}): {split:?}"
+                split("channel_sums_sq"),
+                stats,
+                "split statistics (unfused: {unfused})"
+            );
+            assert_eq!(
+                split("bn_bwd_reduce"),
+                dbn,
+                "split dBN sums (unfused: {unfused})"
             );
         }
         let _ = check_step_of("split-red", g.clone(), prec);

@@ -181,14 +181,17 @@ pub fn encode(v: &[f64], dtype: Dtype) -> Vec<u8> {
 /// running mean / variance, dgamma / dbeta) are two parts, anything else one.
 pub fn parts(spec: &KernelSpec, arg: &str, len: usize) -> Vec<(String, std::ops::Range<usize>)> {
     let halves: Option<[&str; 2]> = match (spec, arg) {
-        (KernelSpec::ChannelSums { squares: true, .. }, "out") => Some(["sum", "m2"]),
-        (KernelSpec::ConvFwd { .. }, "stats") if len.is_multiple_of(4) => {
+        (KernelSpec::ConvFwd { .. }, "stats")
+        | (KernelSpec::ChannelSums { split: true, .. }, "out")
+            if len.is_multiple_of(4) =>
+        {
             let q = len / 4;
             return vec![
                 (format!("{arg}.sum"), 0..q),
                 (format!("{arg}.sumsq"), q..2 * q),
             ];
         }
+        (KernelSpec::ChannelSums { squares: true, .. }, "out") => Some(["sum", "m2"]),
         (_, "saved") => Some(["mean", "rstd"]),
         (_, "affine") => Some(["scale", "shift"]),
         (_, "running") => Some(["running_mean", "running_var"]),
@@ -714,6 +717,12 @@ fn launch_nchw(
             let dy = t4(a.buf("dy")?, [n, o, 1, 1])?;
             let w0 = vec![0.0; i * o];
             out.push(("dw", linear::linear_backward(&x, &w0, &dy, i, o).1));
+        }
+        ChannelSums { split: true, .. } => {
+            // compensated pairs `[sum | sumsq | lo | lo]` added to what is there; compared in
+            // their canonical form (`canonical_stats`)
+            let x = a.buf("x")?;
+            out.push(("out", stats_of(x, n, dim("C")?, a.buf("out")?)));
         }
         ChannelSums { squares, .. } => {
             let (c, hw) = (dim("C")?, dim("HW")?);
@@ -1437,7 +1446,9 @@ pub fn check_kernels_with(
             let Some(w) = w else { continue };
             let mut got =
                 got_bufs[&a.buffer][a.offset as usize..(a.offset + a.len) as usize].to_vec();
-            if matches!(k.spec, KernelSpec::ConvFwd { .. }) && p.name == "stats" {
+            if matches!(k.spec, KernelSpec::ConvFwd { .. }) && p.name == "stats"
+                || matches!(k.spec, KernelSpec::ChannelSums { split: true, .. }) && p.name == "out"
+            {
                 got = canonical_stats(&got);
             }
             let nearer;

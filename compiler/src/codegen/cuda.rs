@@ -2486,7 +2486,54 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
         ),
         // Accumulates in double (see wrnc_block_sum_d): the sum of a zero-mean channel is
         // ill-conditioned, and these kernels are memory-bound, so the wider adds cost nothing.
-        ChannelSums { squares, nhwc: true } => nhwc_channel_reduce(
+        // Split (BN statistics over pixel ranges): one pass of plain sums and squares in
+        // double per block, added as compensated pairs; the finalize takes
+        // var = sumsq / m - mean^2 in double, as from a conv epilogue's statistics.
+        ChannelSums {
+            nhwc: true,
+            split: true,
+            ..
+        } => nhwc_channel_reduce(
+            name,
+            spec,
+            &NhwcPass {
+                sums: &["s", "sq"],
+                setup: "",
+                body: "        const double v = (double)wrnc_ld(x, q * C + ch);\n        s += v;\n        sq += v * v;\n",
+                store: "        wrnc_atomic_add_comp(&out[ch], &out[2 * C + ch], t_[0]);\n        wrnc_atomic_add_comp(&out[C + ch], &out[3 * C + ch], t_[1]);\n",
+            },
+            None,
+        ),
+        ChannelSums {
+            nhwc: false,
+            split: true,
+            ..
+        } => format!(
+            r#"{} {{
+    __shared__ double sh[32];
+    const int ch = blockIdx.x;
+    const int total = n * HW;
+    // this block's pixels: range blockIdx.y of gridDim.y
+    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
+    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
+    double s = 0.0, sq = 0.0;
+    for (int i = q0_ + (int)threadIdx.x; i < q1_; i += blockDim.x) {{
+        const int ni = i / HW, p_ = i - ni * HW;
+        const double v = (double)wrnc_ld(x, (ni * C + ch) * HW + p_);
+        s += v;
+        sq += v * v;
+    }}
+    s = wrnc_block_sum_d(s, sh);
+    sq = wrnc_block_sum_d(sq, sh);
+    if (threadIdx.x == 0) {{
+        wrnc_atomic_add_comp(&out[ch], &out[2 * C + ch], s);
+        wrnc_atomic_add_comp(&out[C + ch], &out[3 * C + ch], sq);
+    }}
+}}
+"#,
+            header(name, spec)
+        ),
+        ChannelSums { squares, nhwc: true, .. } => nhwc_channel_reduce(
             name,
             spec,
             &NhwcPass {
@@ -2502,7 +2549,11 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
                 store: "        out[C + ch] = (float)t_[0];\n",
             }),
         ),
-        ChannelSums { squares, nhwc: false } => {
+        ChannelSums {
+            squares,
+            nhwc: false,
+            ..
+        } => {
             let xi = "(ni * C + ch) * HW + p_";
             format!(
             r#"{} {{

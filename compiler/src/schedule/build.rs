@@ -28,6 +28,16 @@ const MAX_ELEM_GRID: u64 = 4096;
 pub const MAX_INDEXED: u64 = i32::MAX as u64 - MAX_ELEM_GRID * ELEM_BLOCK as u64;
 const TILE: u32 = 16;
 
+/// Whether a BN of `plan` sums its statistics over pixel ranges ([`channel_reduce_splits`]):
+/// it has no conv epilogue doing it (`fuse.stats_from`) and its shape splits.
+fn stats_split(plan: &Plan, nhwc: bool, n: u64) -> bool {
+    plan.nodes.iter().any(|x| {
+        matches!(x.op, Op::BatchNorm { .. })
+            && x.fuse.stats_from.is_none()
+            && channel_reduce_splits(nhwc, x.shape.c as u64, n * (x.shape.h * x.shape.w) as u64) > 1
+    })
+}
+
 fn ceil_div(a: u64, b: u64) -> u64 {
     a.div_ceil(b)
 }
@@ -667,7 +677,9 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
 
     // ---------------------------------------------------------------- forward
     if let Some(sb) = stats_buf {
-        if plan.nodes.iter().any(|x| x.fuse.stats_for.is_some()) {
+        if plan.nodes.iter().any(|x| x.fuse.stats_for.is_some())
+            || stats_split(plan, b.nhwc, n as u64)
+        {
             let a = b.arg(sb, Access::Write);
             b.launch(
                 KernelSpec::Zero,
@@ -843,10 +855,18 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                 if train {
                     let so = b.stats_off[&i];
                     let sb = stats_buf.unwrap();
+                    // statistics over pixel ranges, compensated pairs added into the slot
+                    // "zero bn_stats" cleared (`stats_split`, the same test)
+                    let splits = channel_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64);
+                    let split = fu.stats_from.is_none() && splits > 1;
                     if fu.stats_from.is_none() {
                         let xb = b.val(x);
                         let args = vec![
-                            b.slice(sb, so, 2 * c as u64, Access::Write),
+                            if split {
+                                b.slice(sb, so, 4 * c as u64, Access::ReadWrite)
+                            } else {
+                                b.slice(sb, so, 2 * c as u64, Access::Write)
+                            },
                             b.arg(xb, Access::Read),
                         ];
                         let (grid, block) = channel_reduce_shape(b.nhwc, c as u64);
@@ -854,8 +874,9 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                             KernelSpec::ChannelSums {
                                 squares: true,
                                 nhwc: b.nhwc,
+                                split,
                             },
-                            grid,
+                            [grid[0], if split { splits } else { 1 }, 1],
                             block,
                             args,
                             vec![
@@ -870,11 +891,16 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     let affine = b.bn_buf(i, "affine", Role::Saved);
                     let st = b.state_off[&i];
                     let args = vec![
-                        // compensated pairs from a conv epilogue, centred sums otherwise
+                        // compensated pairs from a conv epilogue or a split reduction, centred
+                        // sums otherwise
                         b.slice(
                             sb,
                             so,
-                            if fu.stats_from.is_some() { 4 } else { 2 } * c as u64,
+                            if fu.stats_from.is_some() || split {
+                                4
+                            } else {
+                                2
+                            } * c as u64,
                             Access::Read,
                         ),
                         b.param(&format!("{name}.weight"), Access::Read, params),
@@ -888,7 +914,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     // backward, each step
                     let zero_dsums = plan.nodes.iter().any(|x| x.fuse.bwd_for == Some(i))
                         || (fu.bwd_from.is_none()
-                            && bwd_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64) > 1);
+                            && channel_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64) > 1);
                     let mut args = args;
                     if zero_dsums {
                         let (goff, _) = b.param_off[&format!("{name}.weight")];
@@ -898,7 +924,7 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     let cnt = (n as u64 * hw as u64) as i32;
                     b.launch(
                         KernelSpec::BnFinalizeTrain {
-                            centered: fu.stats_from.is_none(),
+                            centered: fu.stats_from.is_none() && !split,
                             zero_dsums,
                         },
                         [ceil_div(c as u64, 256), 1, 1],
@@ -1395,6 +1421,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                     KernelSpec::ChannelSums {
                         squares: false,
                         nhwc: b.nhwc,
+                        split: false,
                     },
                     grid,
                     block,
@@ -1510,7 +1537,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
             if fu.bwd_from.is_none() {
                 // pixel ranges over gridDim.y, summed with atomics into the [dgamma | dbeta]
                 // that the forward's finalize zeroed (`zero_dsums`, the same test)
-                let splits = bwd_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64);
+                let splits = channel_reduce_splits(b.nhwc, c as u64, ni as u64 * hw as u64);
                 let split = splits > 1;
                 let sums = if split {
                     Access::ReadWrite
@@ -1740,6 +1767,7 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 KernelSpec::ChannelSums {
                     squares: false,
                     nhwc: false,
+                    split: false,
                 },
                 [out_f as u64, 1, 1],
                 blk,

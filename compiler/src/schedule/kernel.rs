@@ -198,21 +198,19 @@ pub const NHWC_RED_CH: u32 = 16;
 /// `l, l + 32, ...`, and the block adds the lanes in lane order.
 pub const NHWC_RED_LANES: u32 = 32;
 
-/// Grid and block of a per-channel reduction over `c` channels: NCHW one block of 256 threads
-/// per channel (each reads its channel's contiguous planes); NHWC one block of
-/// [`NHWC_RED_CH`] x [`NHWC_RED_LANES`] threads per [`NHWC_RED_CH`] channels, since one
-/// channel of an NHWC tensor is strided by `c` elements.
-/// Blocks a dBN reduction ([`KernelSpec::BnBwdReduce`]) aims for: two per SM of a 132-SM
-/// Hopper (one block per channel, or per [`NHWC_RED_CH`] channels, is 1 to 40 blocks for
-/// WRN-28-10's BNs, most of the GPU idle while they read 4 to 84 MB).
-pub const RED_TARGET_BLOCKS: u64 = 264;
-/// The fewest pixels a split dBN reduction gives one block (8 per lane of an NHWC block).
+/// Blocks a split per-channel reduction (BN statistics, [`KernelSpec::ChannelSums`]; dBN,
+/// [`KernelSpec::BnBwdReduce`]) aims for: four per SM of a 132-SM Hopper, since these are
+/// memory-bound and want many loads in flight. One block per channel (NCHW) or per
+/// [`NHWC_RED_CH`] channels (NHWC) is 1 to 640 blocks for WRN-28-10's BNs, most of the GPU
+/// idle while the small counts read 4 to 84 MB.
+pub const RED_TARGET_BLOCKS: u64 = 528;
+/// The fewest pixels a split channel reduction gives one block (8 per lane of an NHWC block).
 pub const RED_MIN_PIXELS: u64 = 256;
 
-/// Pixel ranges (`gridDim.y`) of the dBN reduction of a BN over `c` channels and `pixels`
-/// (= n * h * w) pixels: enough that the grid has about [`RED_TARGET_BLOCKS`] blocks, none
+/// Pixel ranges (`gridDim.y`) of a BN's statistics or dBN reduction over `c` channels and
+/// `pixels` (= n * h * w) pixels: enough that the grid has about [`RED_TARGET_BLOCKS`] blocks, none
 /// with fewer than [`RED_MIN_PIXELS`] pixels; 1 (no split) where that is 1.
-pub fn bwd_reduce_splits(nhwc: bool, c: u64, pixels: u64) -> u64 {
+pub fn channel_reduce_splits(nhwc: bool, c: u64, pixels: u64) -> u64 {
     let blocks = channel_reduce_shape(nhwc, c).0[0].max(1);
     RED_TARGET_BLOCKS
         .div_ceil(blocks)
@@ -220,6 +218,11 @@ pub fn bwd_reduce_splits(nhwc: bool, c: u64, pixels: u64) -> u64 {
         .max(1)
 }
 
+/// Grid and block of a per-channel reduction over `c` channels: NCHW one block of 256 threads
+/// per channel (each reads its channel's contiguous planes); NHWC one block of
+/// [`NHWC_RED_CH`] x [`NHWC_RED_LANES`] threads per [`NHWC_RED_CH`] channels, since one
+/// channel of an NHWC tensor is strided by `c` elements. A split reduction adds
+/// [`channel_reduce_splits`] pixel ranges as `gridDim.y`.
 pub fn channel_reduce_shape(nhwc: bool, c: u64) -> ([u64; 3], [u32; 3]) {
     if nhwc {
         (
@@ -594,11 +597,17 @@ pub enum KernelSpec {
     /// `out[ch] = sum_{n,p} x[n,ch,p]` (and, with `squares`, the centred second moment
     /// `out[c + ch] = sum (x - mean)^2`, two passes): BN batch statistics and bias gradients.
     /// Deterministic. NCHW: one block per channel. NHWC: [`channel_reduce_shape`] (a block of
-    /// [`NHWC_RED_CH`] consecutive channels, read as contiguous runs).
+    /// [`NHWC_RED_CH`] consecutive channels, read as contiguous runs). With `split` (BN
+    /// statistics only, `squares`) the pixels are cut into `gridDim.y` ranges
+    /// ([`channel_reduce_splits`]) and each block adds its range's sum and sum of squares
+    /// (one pass, in double) to `out = [sum | sumsq | sum_lo | sumsq_lo]`, compensated pairs
+    /// as a conv epilogue's statistics are (`wrnc_atomic_add_comp`), into a zeroed slot.
     ChannelSums {
         squares: bool,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         nhwc: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        split: bool,
     },
     /// From `stats = [sum | sumsq]` (or `[sum | sum (x - mean)^2]` when `centered`): saved
     /// `[mean | rstd]`, affine `[scale | shift]`, running statistics update. With `zero_dsums`
@@ -620,7 +629,7 @@ pub enum KernelSpec {
     },
     /// dBN reductions `dgamma = sum g * xhat`, `dbeta = sum g`, where `g` is `dy`, or, with a
     /// chain, `dy` through the recomputed dropout / ReLU masks. With `split` the pixels are
-    /// cut into `gridDim.y` ranges ([`bwd_reduce_splits`]): each block sums its range in
+    /// cut into `gridDim.y` ranges ([`channel_reduce_splits`]): each block sums its range in
     /// double and adds the result to `dgamma`, `dbeta` with f32 atomics (`dgamma +=`), which
     /// the BN's [`KernelSpec::BnFinalizeTrain`] zeroed (`zero_dsums`) in the forward.
     BnBwdReduce {
@@ -1255,11 +1264,16 @@ impl KernelSpec {
             LinearBwdWeight { in_f, out_f, hw } => {
                 format!("linear_bwd_weight_{in_f}x{out_f}{}", lin(*hw))
             }
-            ChannelSums { squares, nhwc } => {
+            ChannelSums {
+                squares,
+                nhwc,
+                split,
+            } => {
                 format!(
-                    "channel_sums{}{}",
+                    "channel_sums{}{}{}",
                     if *squares { "_sq" } else { "" },
-                    nh(*nhwc)
+                    nh(*nhwc),
+                    if *split { "_split" } else { "" }
                 )
             }
             BnFinalizeTrain {
@@ -1467,6 +1481,10 @@ impl KernelSpec {
                     b!("x", Read, Act),
                 ],
                 vec![("n", S::I32)],
+            ),
+            ChannelSums { split: true, .. } => (
+                vec![b!("out", ReadWrite, F32), b!("x", Read, Act)],
+                vec![("n", S::I32), ("C", S::I32), ("HW", S::I32)],
             ),
             ChannelSums { .. } => (
                 vec![b!("out", Write, F32), b!("x", Read, Act)],
@@ -1781,24 +1799,25 @@ mod tests {
 
     /// Pixel ranges of a dBN reduction: (nhwc, channels, pixels) -> ranges.
     #[test]
-    fn bwd_reduce_split_counts() {
+    fn channel_reduce_split_counts() {
         let check = |nhwc, c, pixels, want| {
             assert_eq!(
-                bwd_reduce_splits(nhwc, c, pixels),
+                channel_reduce_splits(nhwc, c, pixels),
                 want,
                 "{nhwc} {c} {pixels}"
             )
         };
         // WRN-28-10 at batch 128: the stem's BN (16 channels, 131072 pixels), stage 3's
-        check(true, 16, 131072, 264);
-        check(true, 640, 8192, 7);
-        check(false, 16, 131072, 17);
+        check(true, 16, 131072, 512);
+        check(true, 640, 8192, 14);
+        check(false, 16, 131072, 33);
         check(false, 640, 8192, 1);
         // the tests' tiny images: no split below two ranges of RED_MIN_PIXELS
         check(true, 4, 72, 1);
         check(true, 4, 511, 1);
         check(true, 4, 512, 2);
-        check(false, 300, 1 << 20, 1);
+        check(false, 300, 1 << 20, 2);
+        check(false, 600, 1 << 20, 1);
     }
 
     fn geom(rows: u32, cols: u32, stages: u32, wgmma: bool) -> ConvGeom {

@@ -20,7 +20,7 @@ mod kernel;
 
 pub use build::{build, lower, sgd_table};
 pub use kernel::{
-    bwd_reduce_splits, channel_reduce_shape, NHWC_RED_CH, NHWC_RED_LANES, RED_MIN_PIXELS,
+    channel_reduce_shape, channel_reduce_splits, NHWC_RED_CH, NHWC_RED_LANES, RED_MIN_PIXELS,
     RED_TARGET_BLOCKS,
 };
 pub use kernel::{
