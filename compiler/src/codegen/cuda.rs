@@ -2083,10 +2083,7 @@ fn nhwc_channel_reduce(
     const int cl = threadIdx.x, lane = threadIdx.y;
     const int ch = blockIdx.x * {CH} + cl;
     const int total = n * HW;
-    // this block's pixels: all of them, or range blockIdx.y of gridDim.y (a split reduction)
-    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
-    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
-    (void)mean_;
+{PIXEL_RANGE}    (void)mean_;
 {first}{second_code}}}
 "#,
         header = header(name, spec),
@@ -2094,6 +2091,14 @@ fn nhwc_channel_reduce(
         first = pass(first),
     )
 }
+
+/// A per-channel reduction's pixels `[q0_, q1_)` of `total`: all of them, or range
+/// `blockIdx.y` of `gridDim.y` (a split reduction, [`crate::schedule::channel_reduce_splits`]).
+const PIXEL_RANGE: &str =
+    "    // this block's pixels: all of them, or range blockIdx.y of gridDim.y (a split reduction)
+    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
+    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
+";
 
 /// The code of one kernel.
 pub fn kernel(name: &str, spec: &KernelSpec) -> String {
@@ -2513,10 +2518,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     __shared__ double sh[32];
     const int ch = blockIdx.x;
     const int total = n * HW;
-    // this block's pixels: range blockIdx.y of gridDim.y
-    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
-    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
-    double s = 0.0, sq = 0.0;
+{PIXEL_RANGE}    double s = 0.0, sq = 0.0;
     for (int i = q0_ + (int)threadIdx.x; i < q1_; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
         const double v = (double)wrnc_ld(x, (ni * C + ch) * HW + p_);
@@ -2681,10 +2683,7 @@ pub fn kernel(name: &str, spec: &KernelSpec) -> String {
     __shared__ double sh[32];
     const int ch = blockIdx.x;
     const int total = n * HW;
-    // this block's pixels: all of them, or range blockIdx.y of gridDim.y (a split reduction)
-    const int per_ = (total + (int)gridDim.y - 1) / (int)gridDim.y;
-    const int q0_ = (int)blockIdx.y * per_, q1_ = q0_ + per_ < total ? q0_ + per_ : total;
-    const double mean = saved[ch], rstd = saved[C + ch];
+{PIXEL_RANGE}    const double mean = saved[ch], rstd = saved[C + ch];
     double sg = 0.0, sgx = 0.0;
     for (int i = q0_ + (int)threadIdx.x; i < q1_; i += blockDim.x) {{
         const int ni = i / HW, p_ = i - ni * HW;
