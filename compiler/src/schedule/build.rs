@@ -392,25 +392,66 @@ impl<'a> B<'a> {
 
 /// Slices of a tensor-core GEMM's reduction (`pixels` long: the weight gradient's pixels, an
 /// inference forward conv's `IC/g * k * k`) for an `rows x cols` output per group in blocks of
-/// `tile`, `wlen` outputs in all: enough for about 264 blocks (two per SM of a 132-SM GPU),
-/// each slice keeping at least 8 steps of 32, at most 32 slices; fewer while the grid's z or
+/// `tile`, `wlen` outputs in all; 1 means no split.
+///
+/// First the fewest slices for about [`SPLIT_K_MIN_BLOCKS`] blocks (two per SM of a
+/// [`GPU_SMS`]-SM GPU), each slice keeping at least 8 steps of 32, at most 32 slices. Where
+/// that splits at all, more slices (up to 32, still 8 steps each) are taken where
+/// [`split_k_cost`] says the grid's last wave then costs less than the partial sums' extra
+/// traffic: a grid just over a multiple of the SMs (276 blocks, 2.09 per SM) runs as long as
+/// 3 blocks per SM, so WRN-28-10's 160-wide 3x3 weight gradients (69 blocks of 64x64, 4096
+/// steps) take 17 slices (1173 blocks, 8.9 per SM) instead of 4. Fewer while the grid's z or
 /// the partial buffer's `int` indices would overflow; then as few as give every slice the same
-/// whole steps (`ceil(steps / s)` each), so that no slice is empty. 1 means no split.
+/// whole steps (`ceil(steps / s)` each), so that no slice is empty.
 fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: TcTile) -> u32 {
     let blocks = rows.div_ceil(tile.rows as u64).max(1)
         * cols.div_ceil(tile.cols as u64).max(1)
         * groups.max(1) as u64;
-    let mut s = 264u64
-        .div_ceil(blocks)
-        .min(pixels.div_ceil(32) / 8)
-        .clamp(1, 32);
-    while s > 1 && (s * groups as u64 > 65_535 || s * wlen > i32::MAX as u64) {
-        s -= 1;
-    }
+    let steps = pixels.div_ceil(32).max(1);
+    let fits = |s: u64| s * groups as u64 <= 65_535 && s * wlen <= i32::MAX as u64;
     // slices are `ceil(steps / s)` steps each (the kernels' and the reference's chunk): the
     // fewest slices of that length, so none is left without work
-    let steps = pixels.div_ceil(32).max(1);
-    steps.div_ceil(steps.div_ceil(s)) as u32
+    let even = |s: u64| steps.div_ceil(steps.div_ceil(s));
+    let most = (steps / 8).clamp(1, 32);
+    let mut s = SPLIT_K_MIN_BLOCKS.div_ceil(blocks).min(most).max(1);
+    while s > 1 && !fits(s) {
+        s -= 1;
+    }
+    let mut s = even(s);
+    if s > 1 {
+        let cost = |s| split_k_cost(blocks, steps, s, wlen, tile);
+        for t in s + 1..=most {
+            let t = even(t);
+            if fits(t) && cost(t) < cost(s) {
+                s = t;
+            }
+        }
+    }
+    s as u32
+}
+
+/// Blocks a split-K grid aims for at least: two per SM of a [`GPU_SMS`]-SM GPU.
+pub const SPLIT_K_MIN_BLOCKS: u64 = 2 * GPU_SMS;
+
+/// Bytes of DRAM traffic that cost as much time as one multiply-add pair (2 flops) of bf16
+/// `mma.sync` work, as flops per byte: a Hopper's dense bf16 rate over its DRAM bandwidth
+/// (989 TFLOP/s over 3.35 TB/s (H100 SXM) or 4.8 TB/s (H200): 295 or 206), taken low
+/// (`mma.sync` runs below the dense peak), so that split-K's extra traffic is not
+/// underestimated.
+const FLOPS_PER_BYTE: u64 = 200;
+
+/// A model of a split-K GEMM's time, in flops of one SM (the busiest): `blocks` output tiles
+/// of `tile`, `steps` steps of 32 reduction indices, `s` slices of `ceil(steps / s)` steps,
+/// `wlen` outputs. Blocks of equal work spread over [`GPU_SMS`] SMs, so the busiest SM runs
+/// `ceil(blocks s / SMS)` of them (the last wave's quantization). With `s > 1` the slices
+/// write `s wlen` f32 partial sums that the summing launch reads back: `8 s wlen` bytes at
+/// [`FLOPS_PER_BYTE`], shared by the SMs. Only compares splits of one GEMM; it is no
+/// prediction of time.
+fn split_k_cost(blocks: u64, steps: u64, s: u64, wlen: u64, tile: TcTile) -> u64 {
+    let step_flops = 2 * 32 * tile.rows as u64 * tile.cols as u64;
+    let per_sm = (blocks * s).div_ceil(GPU_SMS) * steps.div_ceil(s) * step_flops;
+    let partials = if s > 1 { 8 * s * wlen } else { 0 };
+    per_sm + partials * FLOPS_PER_BYTE / GPU_SMS
 }
 
 /// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`, or f32
@@ -1798,4 +1839,42 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `split_k_for` on a weight gradient: `rows x cols` (OC x IC k k), `pixels` (N H W) long,
+    /// at `tile`; one line per case.
+    fn check(rows: u64, cols: u64, pixels: u64, tile: (u32, u32), expect: u32) {
+        let tile = TcTile {
+            rows: tile.0,
+            cols: tile.1,
+        };
+        let s = split_k_for(rows, cols, 1, pixels, rows * cols, tile);
+        assert_eq!(s, expect, "{rows}x{cols} over {pixels} at {tile}");
+    }
+
+    #[test]
+    fn split_k_counts() {
+        // WRN-28-10 at batch 128, 64x64: 69 blocks would take 4 slices for 264 blocks (276,
+        // 2.09 per SM: a last wave of 12); 17 (1173 blocks, 8.9 per SM) balance the SMs
+        check(160, 1440, 131072, (64, 64), 17);
+        // 225 blocks: 2 slices would be 450 (3.4 per SM), 4 are 900 (6.8)
+        check(320, 2880, 32768, (64, 64), 4);
+        // 900 blocks already: no split
+        check(640, 5760, 8192, (64, 64), 1);
+        // 3 blocks: at most 32 slices
+        check(160, 16, 131072, (64, 64), 32);
+        // 128x128: 24 blocks x 11 slices is 264, two per SM exactly: kept
+        check(160, 1440, 131072, (128, 128), 11);
+        // too short to split (16 steps: 8 per slice at most, 2 slices)
+        check(64, 64, 512, (64, 64), 2);
+        check(64, 64, 255, (64, 64), 1);
+        // an inference forward conv at batch 1 (WRN-28-10's 160-wide stage: 1024 pixels x
+        // 160, a reduction of 1440 = 45 steps): 5 slices of 9 steps
+        let t = TcTile::DEFAULT;
+        assert_eq!(split_k_for(1024, 160, 1, 1440, 1024 * 160, t), 5);
+    }
 }

@@ -198,12 +198,19 @@ pub const NHWC_RED_CH: u32 = 16;
 /// `l, l + 32, ...`, and the block adds the lanes in lane order.
 pub const NHWC_RED_LANES: u32 = 32;
 
+/// Streaming multiprocessors of the GPU the schedules' grids are sized for (an H100 SXM or an
+/// H200, both 132; a schedule must not depend on the device it runs on, so that modules
+/// compiled ahead of time match): split-K GEMMs ([`super::SPLIT_K_MIN_BLOCKS`]) and split per-channel
+/// reductions ([`RED_TARGET_BLOCKS`]) fill this many SMs. Another GPU runs the same grids,
+/// balanced a little worse.
+pub const GPU_SMS: u64 = 132;
+
 /// Blocks a split per-channel reduction (BN statistics, [`KernelSpec::ChannelSums`]; dBN,
-/// [`KernelSpec::BnBwdReduce`]) aims for: four per SM of a 132-SM Hopper, since these are
+/// [`KernelSpec::BnBwdReduce`]) aims for: four per SM of a [`GPU_SMS`]-SM Hopper, since these are
 /// memory-bound and want many loads in flight. One block per channel (NCHW) or per
 /// [`NHWC_RED_CH`] channels (NHWC) is 1 to 640 blocks for WRN-28-10's BNs, most of the GPU
 /// idle while the small counts read 4 to 84 MB.
-pub const RED_TARGET_BLOCKS: u64 = 528;
+pub const RED_TARGET_BLOCKS: u64 = 4 * GPU_SMS;
 /// The fewest pixels a split channel reduction gives one block (8 per lane of an NHWC block).
 pub const RED_MIN_PIXELS: u64 = 256;
 
