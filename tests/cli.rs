@@ -97,7 +97,7 @@ fn commands_and_exit_codes() {
     check(
         &["info", "WRN-28-10", "--precision", "bf16"],
         0,
-        "DRAM/step    8.38 GiB fused, 14.84 GiB unfused (estimate, batch 128, bf16)",
+        "DRAM/step    8.39 GiB fused, 14.84 GiB unfused (estimate, batch 128, bf16)",
     );
     check(
         &["info", "WRN-28-10"],

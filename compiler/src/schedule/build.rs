@@ -395,8 +395,8 @@ impl<'a> B<'a> {
 /// `tile`, `wlen` outputs in all; 1 means no split.
 ///
 /// First the fewest slices for about [`SPLIT_K_MIN_BLOCKS`] blocks (two per SM of a
-/// [`GPU_SMS`]-SM GPU), each slice keeping at least 8 steps of 32, at most 32 slices. Where
-/// that splits at all, more slices (up to 32, still 8 steps each) are taken where
+/// [`GPU_SMS`]-SM GPU), each slice keeping at least 8 steps of 32, at most [`SPLIT_K_MAX`]
+/// slices. Where that splits at all, more slices (within the same limits) are taken where
 /// [`split_k_cost`] says the grid's last wave then costs less than the partial sums' extra
 /// traffic: a grid just over a multiple of the SMs (276 blocks, 2.09 per SM) runs as long as
 /// 3 blocks per SM, so WRN-28-10's 160-wide 3x3 weight gradients (69 blocks of 64x64, 4096
@@ -412,7 +412,7 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
     // slices are `ceil(steps / s)` steps each (the kernels' and the reference's chunk): the
     // fewest slices of that length, so none is left without work
     let even = |s: u64| steps.div_ceil(steps.div_ceil(s));
-    let most = (steps / 8).clamp(1, 32);
+    let most = (steps / 8).clamp(1, SPLIT_K_MAX);
     let mut s = SPLIT_K_MIN_BLOCKS.div_ceil(blocks).min(most).max(1);
     while s > 1 && !fits(s) {
         s -= 1;
@@ -432,6 +432,11 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
 
 /// Blocks a split-K grid aims for at least: two per SM of a [`GPU_SMS`]-SM GPU.
 pub const SPLIT_K_MIN_BLOCKS: u64 = 2 * GPU_SMS;
+
+/// The most slices a split-K GEMM takes: enough for a one-block output over a long reduction
+/// (a weight gradient from 16 channels, 4096 steps at batch 128) to fill 2 blocks per SM;
+/// the partial sums' traffic ([`split_k_cost`]) keeps large outputs far below it.
+pub const SPLIT_K_MAX: u64 = 128;
 
 /// Bytes of DRAM traffic that cost as much time as one multiply-add pair (2 flops) of bf16
 /// `mma.sync` work, as flops per byte: a Hopper's dense bf16 rate over its DRAM bandwidth
@@ -1865,8 +1870,16 @@ mod tests {
         check(320, 2880, 32768, (64, 64), 4);
         // 900 blocks already: no split
         check(640, 5760, 8192, (64, 64), 1);
-        // 3 blocks: at most 32 slices
-        check(160, 16, 131072, (64, 64), 32);
+        // 3 blocks: 88 slices, 264 blocks
+        check(160, 16, 131072, (64, 64), 88);
+        // WRN-16-4's 64-wide 3x3 weight gradients: 9 blocks x 44 slices, 3 per SM (32 slices,
+        // the former limit, made 288 blocks, 2.18 per SM)
+        check(64, 576, 131072, (64, 64), 44);
+        // a one-block output over a long reduction: the limit
+        check(16, 16, 1 << 20, (64, 64), 128);
+        // a large output: the partial sums' traffic outweighs the balance (3 slices, 432
+        // blocks, not 11, 1584)
+        check(256, 2304, 8192, (64, 64), 3);
         // 128x128: 24 blocks x 11 slices is 264, two per SM exactly: kept
         check(160, 1440, 131072, (128, 128), 11);
         // too short to split (16 steps: 8 per slice at most, 2 slices)

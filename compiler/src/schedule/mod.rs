@@ -18,7 +18,7 @@
 mod build;
 mod kernel;
 
-pub use build::{build, lower, sgd_table, SPLIT_K_MIN_BLOCKS};
+pub use build::{build, lower, sgd_table, SPLIT_K_MAX, SPLIT_K_MIN_BLOCKS};
 pub use kernel::{
     channel_reduce_shape, channel_reduce_splits, GPU_SMS, NHWC_RED_CH, NHWC_RED_LANES,
     RED_MIN_PIXELS, RED_TARGET_BLOCKS,
