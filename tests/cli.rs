@@ -102,7 +102,7 @@ fn commands_and_exit_codes() {
     check(
         &["info", "WRN-28-10"],
         0,
-        "DRAM/step    14.23 GiB fused, 27.14 GiB unfused (estimate, batch 128, f32)",
+        "DRAM/step    14.89 GiB fused, 27.80 GiB unfused (estimate, batch 128, f32)",
     );
     // inference: the folded BNs, adds and ReLUs in the conv epilogues, the weights packed in
     // setup, and at batch 1 the split-K convs' partial sums (written, then read back once)

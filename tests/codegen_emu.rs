@@ -1640,13 +1640,33 @@ fn bf16_tensor_core_weight_gradient_split_k() {
         .kernels
         .iter()
         .any(|k| k.spec == schedule::KernelSpec::SplitKReduce));
-    // fp32 (no tensor cores) never splits
-    let s32 = build(&g, Mode::Train, false, Precision::F32);
-    assert!(!s32
-        .kernels
-        .iter()
-        .any(|k| k.spec == schedule::KernelSpec::SplitKReduce));
     let _ = check_step_of("splitk", g, BF16);
+}
+
+/// Split-K of the fp32 FMA engine's weight gradient (`gemm_rt`, 64x64 tiles), NCHW and NHWC:
+/// the same 800-pixel reduction in 3 slices, every launch against the f64 reference, the whole
+/// step against the CPU model.
+#[test]
+fn fma_weight_gradient_split_k() {
+    let g = graph_in(
+        "input 3x20x20",
+        "conv(3x3, 8) bn relu conv(3x3, 8) bn relu gap fc",
+    );
+    for prec in [F32, F32_NHWC] {
+        let s = build_in(&g, Mode::Train, false, prec);
+        let splits: Vec<u32> = s
+            .kernels
+            .iter()
+            .filter_map(|k| match k.spec {
+                schedule::KernelSpec::ConvBwdWeight { g, split_k, .. } if !g.tensor_cores => {
+                    Some(split_k)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(splits.contains(&3), "split-K factors {splits:?}");
+        let _ = check_step_of("splitk_fma", g.clone(), prec);
+    }
 }
 
 /// BN statistics accumulated by a conv epilogue across many blocks (2048 rows per channel here,

@@ -604,8 +604,9 @@ struct Gemm<'a> {
     /// convolutions), else 16x16 tiles of one output per thread ([`gemm`], the small linear
     /// layers).
     wide: bool,
-    /// Slices of the reduction (tensor cores only): `blockIdx.z = g * split_k + slice_`, and
-    /// slice `slice_` reduces `[kb_, ke_)`, whole 32-steps of `ceil(K / (32 split_k))` each.
+    /// Slices of the reduction (the tensor-core engines and [`gemm_rt`]): `blockIdx.z = g *
+    /// split_k + slice_`, and slice `slice_` reduces `[kb_, ke_)`, whole 32-steps of `ceil(K /
+    /// (32 split_k))` each.
     split_k: u32,
 }
 
@@ -797,8 +798,33 @@ fn stages(g: &Gemm, r: u32, c: u32, bk: u32, kend: &str, k_inner: bool, round: &
 /// The epilogue is [`gemm`]'s, unchanged, run as in [`gemm_tc`]: the accumulators go through
 /// shared memory `Cs` (the operand tiles' memory, free after the reduction's last barrier), and
 /// the block walks its 64x64 tile 16x16 outputs at a time, one per thread ([`walk_rows`]).
+///
+/// Split-K ([`Gemm::split_k`], the weight gradient): as on the tensor cores, `blockIdx.z = g *
+/// split_k + slice_`, and the block reduces only `[kb_, ke_)`, whole 32-steps of `ceil(K / (32
+/// split_k))` each (operands zero from `ke_` on); the epilogue writes the slice's partial sums.
 fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
-    let st = stages(g, 64, 64, 16, "K", false, "");
+    let split = g.split_k > 1;
+    let (kb, ke) = if split { ("kb_", "ke_") } else { ("0", "K") };
+    let st = stages(g, 64, 64, 16, ke, false, "");
+    let slices = if split {
+        format!(
+            r#"    const int SPLIT_ = {sk};
+    const int g = blockIdx.z / SPLIT_, slice_ = blockIdx.z % SPLIT_;
+    const int M = {m}, NC = {ncols}, K = {k};
+    const int KCH_ = ((K + 32 * SPLIT_ - 1) / (32 * SPLIT_)) * 32;
+    const int kb_ = slice_ * KCH_, ke_ = K < kb_ + KCH_ ? K : kb_ + KCH_;
+"#,
+            sk = g.split_k,
+            m = g.m,
+            ncols = g.ncols,
+            k = g.k,
+        )
+    } else {
+        format!(
+            "    const int g = blockIdx.z;\n    const int M = {}, NC = {}, K = {};\n",
+            g.m, g.ncols, g.k
+        )
+    };
     format!(
         r#"{header} {{
 {consts}    __shared__ __align__(16) float smem_[64 * 65];
@@ -806,17 +832,15 @@ fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
     float (*Bs)[65] = reinterpret_cast<float (*)[65]>(smem_ + 16 * 65);
     float (*Cs)[65] = reinterpret_cast<float (*)[65]>(smem_);
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
-    const int g = blockIdx.z;
-    const int M = {m}, NC = {ncols}, K = {k};
-    float cacc[4][4];
+{slices}    float cacc[4][4];
     for (int i = 0; i < 4; ++i)
         for (int jn = 0; jn < 4; ++jn) cacc[i][jn] = 0.0f;
     float pa_[{ae}], pb_[{be}];
     {{
 {first}    }}
-    for (int k0 = 0; k0 < K; k0 += 16) {{
+    for (int k0 = {kb}; k0 < {ke}; k0 += 16) {{
 {store}        __syncthreads();
-        if (k0 + 16 < K) {{
+        if (k0 + 16 < {ke}) {{
 {next}        }}
         for (int t = 0; t < 16; ++t) {{
             float av[4], bv[4];
@@ -832,12 +856,9 @@ fn gemm_rt(name: &str, spec: &KernelSpec, g: &Gemm) -> String {
 {walk}"#,
         header = header(name, spec),
         consts = g.consts,
-        m = g.m,
-        ncols = g.ncols,
-        k = g.k,
         ae = st.ae,
         be = st.be,
-        first = (st.gather)("0"),
+        first = (st.gather)(kb),
         next = (st.gather)("(k0 + 16)"),
         store = st.store,
         walk = walk_tile(64, 64, g),

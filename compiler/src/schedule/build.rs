@@ -403,7 +403,15 @@ impl<'a> B<'a> {
 /// steps) take 17 slices (1173 blocks, 8.9 per SM) instead of 4. Fewer while the grid's z or
 /// the partial buffer's `int` indices would overflow; then as few as give every slice the same
 /// whole steps (`ceil(steps / s)` each), so that no slice is empty.
-fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: TcTile) -> u32 {
+fn split_k_for(
+    rows: u64,
+    cols: u64,
+    groups: u32,
+    pixels: u64,
+    wlen: u64,
+    tile: TcTile,
+    tensor_cores: bool,
+) -> u32 {
     let blocks = rows.div_ceil(tile.rows as u64).max(1)
         * cols.div_ceil(tile.cols as u64).max(1)
         * groups.max(1) as u64;
@@ -419,7 +427,12 @@ fn split_k_for(rows: u64, cols: u64, groups: u32, pixels: u64, wlen: u64, tile: 
     }
     let mut s = even(s);
     if s > 1 {
-        let cost = |s| split_k_cost(blocks, steps, s, wlen, tile);
+        let per_byte = if tensor_cores {
+            FLOPS_PER_BYTE_TC
+        } else {
+            FLOPS_PER_BYTE_FMA
+        };
+        let cost = |s| split_k_cost(blocks, steps, s, wlen, tile, per_byte);
         for t in s + 1..=most {
             let t = even(t);
             if fits(t) && cost(t) < cost(s) {
@@ -443,20 +456,24 @@ pub const SPLIT_K_MAX: u64 = 128;
 /// (989 TFLOP/s over 3.35 TB/s (H100 SXM) or 4.8 TB/s (H200): 295 or 206), taken low
 /// (`mma.sync` runs below the dense peak), so that split-K's extra traffic is not
 /// underestimated.
-const FLOPS_PER_BYTE: u64 = 200;
+const FLOPS_PER_BYTE_TC: u64 = 200;
+
+/// The same for the fp32 FMA engine (64x64 tiles of [`TcTile::DEFAULT`]'s size): 67 TFLOP/s
+/// of fp32 FMAs over 3.35 TB/s, 20.
+const FLOPS_PER_BYTE_FMA: u64 = 20;
 
 /// A model of a split-K GEMM's time, in flops of one SM (the busiest): `blocks` output tiles
 /// of `tile`, `steps` steps of 32 reduction indices, `s` slices of `ceil(steps / s)` steps,
 /// `wlen` outputs. Blocks of equal work spread over [`GPU_SMS`] SMs, so the busiest SM runs
 /// `ceil(blocks s / SMS)` of them (the last wave's quantization). With `s > 1` the slices
 /// write `s wlen` f32 partial sums that the summing launch reads back: `8 s wlen` bytes at
-/// [`FLOPS_PER_BYTE`], shared by the SMs. Only compares splits of one GEMM; it is no
+/// `per_byte` flops a byte ([`FLOPS_PER_BYTE_TC`], [`FLOPS_PER_BYTE_FMA`]), shared by the SMs. Only compares splits of one GEMM; it is no
 /// prediction of time.
-fn split_k_cost(blocks: u64, steps: u64, s: u64, wlen: u64, tile: TcTile) -> u64 {
+fn split_k_cost(blocks: u64, steps: u64, s: u64, wlen: u64, tile: TcTile, per_byte: u64) -> u64 {
     let step_flops = 2 * 32 * tile.rows as u64 * tile.cols as u64;
     let per_sm = (blocks * s).div_ceil(GPU_SMS) * steps.div_ceil(s) * step_flops;
     let partials = if s > 1 { 8 * s * wlen } else { 0 };
-    per_sm + partials * FLOPS_PER_BYTE / GPU_SMS
+    per_sm + partials * per_byte / GPU_SMS
 }
 
 /// Conv `i`'s geometry; on the tensor cores when `tensor_cores` (`--precision bf16`, or f32
@@ -848,7 +865,15 @@ pub fn lower(plan: &Plan, opts: &Options) -> crate::Result<Schedule> {
                     && !b.tiles.no_split_k
                 {
                     let kdim = (conv.in_c / g.groups * g.k * g.k) as u64;
-                    split_k_for(rows, cols, g.groups, kdim, count, b.tile_for(&spec(1), &sc))
+                    split_k_for(
+                        rows,
+                        cols,
+                        g.groups,
+                        kdim,
+                        count,
+                        b.tile_for(&spec(1), &sc),
+                        true,
+                    )
                 } else {
                     1
                 };
@@ -1419,8 +1444,10 @@ fn backward_node(b: &mut B, i: usize, params: usize, grads: usize) -> crate::Res
                 },
                 &sc,
             );
-            let split_k = if g.tensor_cores && !b.tiles.no_split_k {
-                split_k_for(ocg, kdim, g.groups, pixels, wlen, g.tile)
+            // on every engine: the fp32 FMA engine's 64x64 tiles leave the GPU as idle
+            // (WRN-28-10's 160-wide 3x3 weight gradients: 69 blocks on 132 SMs)
+            let split_k = if !b.tiles.no_split_k {
+                split_k_for(ocg, kdim, g.groups, pixels, wlen, g.tile, g.tensor_cores)
             } else {
                 1
             };
@@ -1857,7 +1884,7 @@ mod tests {
             rows: tile.0,
             cols: tile.1,
         };
-        let s = split_k_for(rows, cols, 1, pixels, rows * cols, tile);
+        let s = split_k_for(rows, cols, 1, pixels, rows * cols, tile, true);
         assert_eq!(s, expect, "{rows}x{cols} over {pixels} at {tile}");
     }
 
@@ -1888,6 +1915,9 @@ mod tests {
         // an inference forward conv at batch 1 (WRN-28-10's 160-wide stage: 1024 pixels x
         // 160, a reduction of 1440 = 45 steps): 5 slices of 9 steps
         let t = TcTile::DEFAULT;
-        assert_eq!(split_k_for(1024, 160, 1, 1440, 1024 * 160, t), 5);
+        assert_eq!(split_k_for(1024, 160, 1, 1440, 1024 * 160, t, true), 5);
+        // the fp32 FMA engine: partial sums cost less against its slower arithmetic, so a
+        // large output splits further (8 slices, 1152 blocks, 8.7 per SM, not 3)
+        assert_eq!(split_k_for(256, 2304, 1, 8192, 256 * 2304, t, false), 8);
     }
 }

@@ -569,7 +569,7 @@ pub enum KernelSpec {
         chain: PrologueFlags,
     },
     /// `dw = sum_{n,oh,ow} dy * pro(x)` (the prologue recomputes the activation). With
-    /// `split_k > 1` (tensor cores only) the pixel reduction is cut into `split_k` slices of
+    /// `split_k > 1` (any engine) the pixel reduction is cut into `split_k` slices of
     /// whole 32-steps, slice `s` covering flat pixels `[s * chunk, (s + 1) * chunk)` with
     /// `chunk = ceil(n*OH*OW / (32 split_k)) * 32`, and `dw` holds `split_k` partial gradients one
     /// after another; [`KernelSpec::SplitKReduce`] sums them.

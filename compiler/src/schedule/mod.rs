@@ -375,8 +375,8 @@ pub struct Tiles {
     /// default; meaningless without `wgmma`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub k64: bool,
-    /// No GEMM splits its reduction (split-K): the tensor-core weight gradients and the
-    /// inference forward convolutions at small batches each run their whole reduction in one
+    /// No GEMM splits its reduction (split-K): the weight gradients (every engine) and the
+    /// tensor-core inference forward convolutions at small batches each run their whole reduction in one
     /// block per output tile. Off by default; the baseline to measure split-K against.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub no_split_k: bool,
