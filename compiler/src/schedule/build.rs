@@ -448,7 +448,7 @@ pub const SPLIT_K_MIN_BLOCKS: u64 = 2 * GPU_SMS;
 
 /// The most slices a split-K GEMM takes: enough for a one-block output over a long reduction
 /// (a weight gradient from 16 channels, 4096 steps at batch 128) to fill 2 blocks per SM;
-/// the partial sums' traffic ([`split_k_cost`]) keeps large outputs far below it.
+/// the partial sums' traffic (`split_k_cost`) keeps large outputs far below it.
 pub const SPLIT_K_MAX: u64 = 128;
 
 /// Bytes of DRAM traffic that cost as much time as one multiply-add pair (2 flops) of bf16
