@@ -98,7 +98,7 @@ pub struct BenchArgs {
     /// quarter of them at stride 2, same results).
     #[arg(long)]
     pub dense_dgrad: bool,
-    /// No split-K: the tensor-core weight gradients and the small-batch inference
+    /// No split-K: the weight gradients (every engine) and the small-batch inference
     /// convolutions each run their whole reduction in one block per output tile (the baseline
     /// of split-K, which cuts a long reduction over more blocks when the grid alone would
     /// leave the GPU idle).

@@ -121,8 +121,8 @@ enum Cmd {
         /// phase order (each output phase over only the taps that reach it).
         #[arg(long)]
         dense_dgrad: bool,
-        /// No split-K: no GEMM cuts its reduction over more blocks (the tensor-core weight
-        /// gradients, the small-batch inference convolutions).
+        /// No split-K: no GEMM cuts its reduction over more blocks (the weight gradients of
+        /// every engine, the small-batch inference convolutions).
         #[arg(long)]
         no_split_k: bool,
     },

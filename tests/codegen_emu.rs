@@ -1644,14 +1644,19 @@ fn bf16_tensor_core_weight_gradient_split_k() {
 }
 
 /// Split-K of the fp32 FMA engine's weight gradient (`gemm_rt`, 64x64 tiles), NCHW and NHWC:
-/// the same 800-pixel reduction in 3 slices, every launch against the f64 reference, the whole
-/// step against the CPU model.
+/// the same 800-pixel reduction in 3 slices (288, 288, 224 pixels), and at 17x17 a 578-pixel
+/// one in 2 (320 and 258: the last slice ends 2 pixels into a 16-step of the FMA loop, the
+/// operands' `kk < ke_` mask zeroing the rest; the other slices end at multiples of 32);
+/// every launch against the f64 reference, the whole step against the CPU model.
 #[test]
 fn fma_weight_gradient_split_k() {
-    let g = graph_in(
-        "input 3x20x20",
-        "conv(3x3, 8) bn relu conv(3x3, 8) bn relu gap fc",
-    );
+    for (input, slices) in [("input 3x20x20", 3), ("input 3x17x17", 2)] {
+        fma_split_k_case(input, slices);
+    }
+}
+
+fn fma_split_k_case(input: &str, slices: u32) {
+    let g = graph_in(input, "conv(3x3, 8) bn relu conv(3x3, 8) bn relu gap fc");
     for prec in [F32, F32_NHWC] {
         let s = build_in(&g, Mode::Train, false, prec);
         let splits: Vec<u32> = s
@@ -1664,7 +1669,10 @@ fn fma_weight_gradient_split_k() {
                 _ => None,
             })
             .collect();
-        assert!(splits.contains(&3), "split-K factors {splits:?}");
+        assert!(
+            splits.contains(&slices),
+            "{input}: split-K factors {splits:?}"
+        );
         let _ = check_step_of("splitk_fma", g.clone(), prec);
     }
 }

@@ -383,7 +383,11 @@ fn no_kernel_of_wrn_28_10_spills() {
         let split = s.kernels.iter().filter(|k| k.name.contains("_sk")).count();
         // (split-K weight gradients in training on every engine, split-K forward convs at
         // batch 1)
-        assert_eq!(split > 0, mode == Mode::Train || batch == 1, "{mode:?} batch {batch}");
+        assert_eq!(
+            split > 0,
+            mode == Mode::Train || batch == 1,
+            "{mode:?} batch {batch}"
+        );
         let src = cuda::write(&s, &opts).unwrap();
         let r = nvrtc::ptxas_resources(&src, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let tag = format!(

@@ -390,8 +390,8 @@ impl<'a> B<'a> {
     }
 }
 
-/// Slices of a tensor-core GEMM's reduction (`pixels` long: the weight gradient's pixels, an
-/// inference forward conv's `IC/g * k * k`) for an `rows x cols` output per group in blocks of
+/// Slices of a GEMM's reduction (`pixels` long: the weight gradient's pixels on any engine, a
+/// tensor-core inference forward conv's `IC/g * k * k`) for an `rows x cols` output per group in blocks of
 /// `tile`, `wlen` outputs in all; 1 means no split.
 ///
 /// First the fewest slices for about [`SPLIT_K_MIN_BLOCKS`] blocks (two per SM of a
